@@ -1,0 +1,23 @@
+# The two set-up commands of the README are `make demo` and `make test`.
+PY ?= python3
+.PHONY: install demo test lint unit bench
+
+install:
+	bash scripts/install.sh
+
+demo: install
+	bash scripts/demo.sh
+
+lint:
+	ruff check reconciler tests bench
+	ruff format --check reconciler tests bench
+	mypy
+
+unit:
+	$(PY) -m pytest -q tests/unit
+
+test: install lint
+	$(PY) -m pytest -q -p no:cacheprovider -ra tests
+
+bench: install
+	$(PY) bench/run_all.py

@@ -1,0 +1,93 @@
+"""The observed side: what a host really is, parsed into typed models.
+
+``reconciler.observe`` builds one script per host, runs it in one round trip, splits its framed
+output and parses each part into these. ``reconciler.plan`` compares them with ``Desired``.
+Raw text is kept only where a diff must be shown; comparisons use the canonical forms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+
+@dataclass(frozen=True)
+class FileState:
+    path: str
+    exists: bool
+    kind: str = "file"  # "file", "link", "dir", "other"
+    sha256: str | None = None  # of the content, for regular files
+    mode: int | None = None  # permission bits (e.g. 0o644)
+    owner: str | None = None
+    group: str | None = None
+    link_target: str | None = None  # for symlinks (readlink, as written)
+    content: bytes | None = None  # fetched only when the hash differs (second round trip)
+
+
+@dataclass(frozen=True)
+class IptablesState:
+    """``iptables-save`` output canonicalised: per table, the chain policies and the rules in
+    order, each rule normalised (counters dropped, option order as iptables-save prints it)."""
+
+    tables: Mapping[str, tuple[tuple[tuple[str, str], ...], tuple[str, ...]]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )  # table -> ((chain, policy)...), (rule lines "-A CHAIN ...",...)
+    raw: str = ""
+
+
+@dataclass(frozen=True)
+class LinkState:
+    name: str
+    kind: str  # "ipip", "veth", "tun", ...
+    local: str | None = None
+    remote: str | None = None
+    addresses: tuple[str, ...] = ()  # "10.99.0.11/32 peer 10.99.0.12/32" style, canonical
+    up: bool = False
+
+
+@dataclass(frozen=True)
+class XfrmPolicy:
+    src: str
+    dst: str
+    dir: str  # in | out | fwd
+    proto: str | None = None  # upper-layer protocol selector (e.g. "ipencap")
+    tmpl: tuple[str, ...] = ()  # e.g. ("esp/transport", "ah/transport")
+
+
+@dataclass(frozen=True)
+class IpsecState:
+    daemon_running: bool = False
+    loaded_connections: tuple[str, ...] = ()  # swanctl --list-conns names
+    established_ike: tuple[str, ...] = ()  # connection names with an ESTABLISHED IKE_SA
+    installed_children: tuple[str, ...] = ()  # child names with INSTALLED CHILD_SAs
+    policies: tuple[XfrmPolicy, ...] = ()
+
+
+@dataclass(frozen=True)
+class PackageState:
+    name: str
+    installed: bool
+    version: str | None = None
+
+
+@dataclass(frozen=True)
+class ServiceState:
+    name: str
+    running: bool
+    enabled: bool | None = None  # None when the manager cannot tell (no systemd)
+
+
+@dataclass(frozen=True)
+class Observed:
+    host: str
+    files: Mapping[str, FileState] = field(default_factory=lambda: MappingProxyType({}))
+    iptables: IptablesState | None = None
+    links: tuple[LinkState, ...] = ()
+    ipsec: IpsecState = field(default_factory=IpsecState)
+    packages: Mapping[str, PackageState] = field(default_factory=lambda: MappingProxyType({}))
+    services: Mapping[str, ServiceState] = field(default_factory=lambda: MappingProxyType({}))
+    init_system: str = "unknown"  # "systemd" or "sysv" (PID 1 is not systemd)
+    inventory: tuple[str, ...] = ()  # paths this reconciler managed before (for prune)
+    kernel: Mapping[str, bool] = field(default_factory=lambda: MappingProxyType({}))  # e.g. {"ipip": False}
+    errors: tuple[str, ...] = ()  # parts of the observation that failed, with the reason

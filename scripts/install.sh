@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs what reconciler, its lab and its tests need on a fresh Debian 12 machine (as root).
+# Idempotent: a second run installs nothing new.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  git openssh-server openssh-client iproute2 iptables procps psmisc util-linux kmod
+  strongswan-charon strongswan-swanctl strongswan-pki strongswan-starter
+  libstrongswan-standard-plugins libstrongswan-extra-plugins libcharon-extra-plugins
+  apache2 libapache2-mod-jk apparmor apparmor-utils
+  iputils-ping tcpdump curl dpkg-dev python3-venv sqlite3
+)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  # policy-rc.d keeps the machine's own sshd/apache2/strongswan from being started by dpkg.
+  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  rm -f /usr/sbin/policy-rc.d
+fi
+
+PY=${PYTHON:-python3}
+"$PY" -m pip install -q --disable-pip-version-check -e '.[test]'
