@@ -7,7 +7,7 @@ from collections.abc import Callable
 from reconciler.domains import apache, apparmor, files, firewall, ipsec, packages, tunnels
 from reconciler.errors import RenderError
 from reconciler.fleet.model import Fleet, Host
-from reconciler.resources import Desired, Fragment
+from reconciler.resources import Desired, Fragment, Handler, Package, Service
 
 DomainRenderer = Callable[[Fleet, Host], Fragment]
 
@@ -36,7 +36,7 @@ def render_all(fleet: Fleet) -> dict[str, Desired]:
 
 def merge(host: str, fragments: list[tuple[str, Fragment]], warnings: tuple[str, ...] = ()) -> Desired:
     paths: dict[str, str] = {}
-    handlers: dict[str, object] = {}
+    handlers: dict[str, Handler] = {}
     firewall_from: str | None = None
     problems: list[str] = []
     for name, frag in fragments:
@@ -57,32 +57,24 @@ def merge(host: str, fragments: list[tuple[str, Fragment]], warnings: tuple[str,
     if problems:
         raise RenderError(f"host {host}: " + "; ".join(problems))
 
-    def collect(attr: str) -> list[object]:
-        out: list[object] = []
-        for _, frag in fragments:
-            out.extend(getattr(frag, attr))
-        return out
-
-    files = sorted(collect("files"), key=lambda f: f.path)  # type: ignore[attr-defined]
-    links = sorted(collect("links"), key=lambda f: f.path)  # type: ignore[attr-defined]
-    packages: dict[str, object] = {}
-    for p in collect("packages"):
-        packages.setdefault(p.name, p)  # type: ignore[attr-defined]
-    services: dict[str, object] = {}
-    for s in collect("services"):
-        services.setdefault(s.name, s)  # type: ignore[attr-defined]
-    firewall_rules = next((f.firewall for _, f in fragments if f.firewall is not None), None)
+    frags = [f for _, f in fragments]
+    packages: dict[str, Package] = {}
+    for p in (p for f in frags for p in f.packages):
+        packages.setdefault(p.name, p)
+    services: dict[str, Service] = {}
+    for s in (s for f in frags for s in f.services):
+        services.setdefault(s.name, s)
     return Desired(
         host=host,
-        files=tuple(files),  # type: ignore[arg-type]
-        links=tuple(links),  # type: ignore[arg-type]
-        keypairs=tuple(sorted(collect("keypairs"), key=lambda k: k.name)),  # type: ignore[attr-defined]
-        handlers=tuple(sorted(handlers.values(), key=lambda h: h.name)),  # type: ignore[attr-defined]
-        firewall=firewall_rules,
-        tunnels=tuple(sorted(collect("tunnels"), key=lambda t: t.name)),  # type: ignore[attr-defined]
-        packages=tuple(sorted(packages.values(), key=lambda p: p.name)),  # type: ignore[attr-defined]
-        services=tuple(sorted(services.values(), key=lambda s: s.name)),  # type: ignore[attr-defined]
-        pending=tuple(collect("pending")),  # type: ignore[arg-type]
-        owned_dirs=tuple(sorted(set(collect("owned_dirs")))),  # type: ignore[arg-type]
+        files=tuple(sorted((x for f in frags for x in f.files), key=lambda x: x.path)),
+        links=tuple(sorted((x for f in frags for x in f.links), key=lambda x: x.path)),
+        keypairs=tuple(sorted((x for f in frags for x in f.keypairs), key=lambda x: x.name)),
+        handlers=tuple(sorted(handlers.values(), key=lambda h: h.name)),
+        firewall=next((f.firewall for f in frags if f.firewall is not None), None),
+        tunnels=tuple(sorted((x for f in frags for x in f.tunnels), key=lambda x: x.name)),
+        packages=tuple(sorted(packages.values(), key=lambda p: p.name)),
+        services=tuple(sorted(services.values(), key=lambda s: s.name)),
+        pending=tuple(x for f in frags for x in f.pending),
+        owned_dirs=tuple(sorted({x for f in frags for x in f.owned_dirs})),
         warnings=warnings,
     )
