@@ -40,12 +40,12 @@ def merge(host: str, fragments: list[tuple[str, Fragment]], warnings: tuple[str,
     firewall_from: str | None = None
     problems: list[str] = []
     for name, frag in fragments:
-        for p in [f.path for f in frag.files] + [lk.path for lk in frag.links]:
-            if p in paths and paths[p] != name:
-                problems.append(f"{p} is rendered by both {paths[p]} and {name}")
-            elif p in paths:
-                problems.append(f"{p} is rendered twice by {name}")
-            paths[p] = name
+        for path in [f.path for f in frag.files] + [lk.path for lk in frag.links]:
+            if path in paths and paths[path] != name:
+                problems.append(f"{path} is rendered by both {paths[path]} and {name}")
+            elif path in paths:
+                problems.append(f"{path} is rendered twice by {name}")
+            paths[path] = name
         for h in frag.handlers:
             if h.name in handlers and handlers[h.name] != h:
                 problems.append(f"handler {h.name} declared differently twice")
@@ -59,11 +59,11 @@ def merge(host: str, fragments: list[tuple[str, Fragment]], warnings: tuple[str,
 
     frags = [f for _, f in fragments]
     packages: dict[str, Package] = {}
-    for p in (p for f in frags for p in f.packages):
-        packages.setdefault(p.name, p)
+    for pkg in (x for f in frags for x in f.packages):
+        packages.setdefault(pkg.name, pkg)
     services: dict[str, Service] = {}
-    for s in (s for f in frags for s in f.services):
-        services.setdefault(s.name, s)
+    for svc in (x for f in frags for x in f.services):
+        services.setdefault(svc.name, svc)
     return Desired(
         host=host,
         files=tuple(sorted((x for f in frags for x in f.files), key=lambda x: x.path)),
