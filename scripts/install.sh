@@ -9,7 +9,7 @@ APT_PACKAGES=(
   strongswan-charon strongswan-swanctl strongswan-pki strongswan-starter
   libstrongswan-standard-plugins libstrongswan-extra-plugins libcharon-extra-plugins
   apache2 libapache2-mod-jk apparmor apparmor-utils
-  iputils-ping tcpdump curl dpkg-dev python3-venv sqlite3
+  iputils-ping tcpdump curl dpkg-dev python3-venv sqlite3 iptables-persistent debconf-utils
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -18,6 +18,8 @@ done
 if [ "${#missing[@]}" -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
+  # iptables-persistent must not save this machine's rules during install.
+  printf 'iptables-persistent iptables-persistent/autosave_v4 boolean false\niptables-persistent iptables-persistent/autosave_v6 boolean false\n' | debconf-set-selections
   # policy-rc.d keeps the machine's own sshd/apache2/strongswan from being started by dpkg.
   printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
