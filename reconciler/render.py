@@ -77,4 +77,7 @@ def merge(host: str, fragments: list[tuple[str, Fragment]], warnings: tuple[str,
         pending=tuple(x for f in frags for x in f.pending),
         owned_dirs=tuple(sorted({x for f in frags for x in f.owned_dirs})),
         warnings=warnings,
+        addresses=tuple(
+            sorted((x for f in frags for x in f.addresses), key=lambda x: (x.interface, x.address))
+        ),
     )

@@ -115,6 +115,16 @@ class Tunnel:
 
 
 @dataclass(frozen=True)
+class Address:
+    """An address that must be on an interface (mesh mode ``tunnel``: the host's internal /32
+    on ``lo``, protected by tunnel-mode IPsec between internal /32s)."""
+
+    interface: str  # e.g. "lo"
+    address: str  # CIDR, e.g. "10.99.0.11/32"
+    domain: Domain = Domain.TUNNELS
+
+
+@dataclass(frozen=True)
 class Package:
     name: str
     state: str = "present"  # "present" or "purged"
@@ -157,6 +167,7 @@ class Fragment:
     packages: tuple[Package, ...] = ()
     services: tuple[Service, ...] = ()
     pending: tuple[Pending, ...] = ()
+    addresses: tuple[Address, ...] = ()  # kernel addresses (added for mesh mode ``tunnel``)
     # absolute directories whose files the domain fully owns: files there that are not
     # rendered are pruned (e.g. /etc/swanctl/conf.d)
     owned_dirs: tuple[str, ...] = ()
@@ -178,6 +189,7 @@ class Desired:
     pending: tuple[Pending, ...] = ()
     owned_dirs: tuple[str, ...] = ()
     warnings: tuple[str, ...] = field(default=())
+    addresses: tuple[Address, ...] = ()
 
     def handler(self, name: str) -> Handler:
         for h in self.handlers:
