@@ -1,0 +1,309 @@
+"""The reconcile loop: dedupe, one in flight per host, backoff, terminal errors, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from reconciler.errors import FleetInvalid, Problem, Terminal, Transient
+from reconciler.loop import ALL, Backoff, KeyedQueue, Outcome, ReconcileLoop, Target
+from reconciler.store import HostState, Store
+
+HOSTS = ("db1", "db2", "web1", "web2", "web3")
+
+
+class FakeSource:
+    """A repo whose HEAD moves on each push; refresh reads HEAD like a real fetch would."""
+
+    def __init__(self, hosts: tuple[str, ...] = HOSTS) -> None:
+        self.head = 1
+        self.hosts = hosts
+        self.fetches = 0
+        self.fetch_delay = 0.005
+
+    def push(self) -> None:
+        self.head += 1
+
+    async def refresh(self) -> Target:
+        self.fetches += 1
+        await asyncio.sleep(self.fetch_delay)
+        return Target(commit=f"c{self.head:03d}", fleet=None, hosts=self.hosts)
+
+
+class Recorder:
+    """A reconcile step that records concurrency and what it converged each host to."""
+
+    def __init__(self, delay: float = 0.02) -> None:
+        self.delay = delay
+        self.in_flight: dict[str, int] = defaultdict(int)
+        self.max_in_flight: dict[str, int] = defaultdict(int)
+        self.calls: dict[str, list[str]] = defaultdict(list)
+        self.reasons: dict[str, list[frozenset[str]]] = defaultdict(list)
+        self.applied: dict[str, str] = {}
+        self.fail: dict[str, list[BaseException]] = defaultdict(list)
+        self.call_times: dict[str, list[float]] = defaultdict(list)
+
+    async def step(self, host: str, target: Target, reasons: frozenset[str]) -> Outcome:
+        self.in_flight[host] += 1
+        self.max_in_flight[host] = max(self.max_in_flight[host], self.in_flight[host])
+        self.calls[host].append(target.commit)
+        self.reasons[host].append(reasons)
+        self.call_times[host].append(time.monotonic())
+        try:
+            await asyncio.sleep(self.delay)
+            if self.fail[host]:
+                raise self.fail[host].pop(0)
+            self.applied[host] = target.commit
+            return Outcome(reason="ok")
+        finally:
+            self.in_flight[host] -= 1
+
+
+def make_loop(rec: Recorder, src: FakeSource, store: Store | None = None, **kw: object) -> ReconcileLoop:
+    return ReconcileLoop(
+        reconcile=rec.step,
+        refresh=src.refresh,
+        store=store,
+        concurrency=kw.pop("concurrency", 4),  # type: ignore[arg-type]
+        backoff=kw.pop("backoff", Backoff(base=0.05, maximum=0.2, rng=random.Random(1))),  # type: ignore[arg-type]
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    s = Store(tmp_path / "state.db")
+    yield s  # type: ignore[misc]
+    s.close()
+
+
+async def test_keyed_queue_merges_and_keeps_one_follow_up() -> None:
+    q = KeyedQueue("t")
+    assert q.put("a", ["x"])
+    assert not q.put("a", ["y"])  # merged into the queued entry
+    item = await q.get()
+    assert item == ("a", frozenset({"x", "y"}))
+    for i in range(50):  # in flight: everything collapses into one follow-up
+        q.put("a", [f"r{i}"])
+    assert q.depth == 1
+    q.done("a")
+    again = await q.get()
+    assert again is not None and again[0] == "a" and len(again[1]) == 50
+    q.done("a")
+    assert q.depth == 0
+
+
+async def test_push_storm_converges_to_last_commit_one_in_flight_per_host(store: Store) -> None:
+    src, rec = FakeSource(), Recorder(delay=0.03)
+    loop = make_loop(rec, src, store)
+    loop.start()
+    max_depth = 0
+    for _ in range(100):  # 100 pushes, each announced by a webhook-like fetch request
+        src.push()
+        loop.request_fetch(reason="webhook")
+        max_depth = max(max_depth, loop.hosts.depth)
+        await asyncio.sleep(0.001)
+    await loop.wait_idle(timeout=20)
+    await loop.stop(grace=1)
+
+    last = f"c{src.head:03d}"
+    assert all(rec.applied[h] == last for h in HOSTS), rec.applied
+    assert max(rec.max_in_flight.values()) == 1
+    assert max_depth <= len(HOSTS)  # at most one queued entry per host
+    # Nowhere near one reconcile per push: dedupe collapsed the storm.
+    assert max(len(c) for c in rec.calls.values()) <= 10, {h: len(c) for h, c in rec.calls.items()}
+    assert src.fetches <= 60
+    for h in HOSTS:
+        st = store.host(h)
+        assert st.state is HostState.READY and st.applied_commit == last == st.attempted_commit
+
+
+async def test_transient_failure_backs_off_with_jitter_then_recovers(store: Store) -> None:
+    src, rec = FakeSource(hosts=("db1",)), Recorder(delay=0.0)
+    rec.fail["db1"] = [Transient("connection refused"), Transient("connection refused")]
+    loop = make_loop(rec, src, store, backoff=Backoff(base=0.1, maximum=1.0, rng=random.Random(7)))
+    loop.start()
+    await asyncio.sleep(0.05)
+    assert store.host("db1").state is HostState.STALLED
+    assert "connection refused" in store.host("db1").reason
+    # Requests during the backoff do not bypass it.
+    for _ in range(10):
+        loop.request(ALL, "poll")
+    await loop.wait_idle(timeout=5)
+    await loop.stop(grace=1)
+    times = rec.call_times["db1"]
+    assert len(times) == 3
+    first_gap, second_gap = times[1] - times[0], times[2] - times[1]
+    assert 0.05 <= first_gap < 0.3  # uniform in [0.05, 0.1] plus scheduling slack
+    assert 0.1 <= second_gap < 0.5  # uniform in [0.1, 0.2]
+    st = store.host("db1")
+    assert st.state is HostState.READY and st.applied_commit == "c001"
+    assert [e.kind for e in store.events(host="db1")].count("failed") == 2
+
+
+async def test_backoff_delay_is_capped_and_jittered() -> None:
+    b = Backoff(base=1, maximum=8, rng=random.Random(3))
+    delays = [b.delay(n) for n in range(1, 10)]
+    assert 0.5 <= delays[0] <= 1
+    assert all(4 <= d <= 8 for d in delays[4:])
+    assert len({round(d, 6) for d in delays[4:]}) > 1  # jitter, not a fixed value
+
+
+async def test_terminal_error_waits_for_a_new_commit(store: Store) -> None:
+    src, rec = FakeSource(hosts=("db1", "web1")), Recorder(delay=0.0)
+    rec.fail["db1"] = [Terminal("host key refused for db1")]
+    loop = make_loop(rec, src, store)
+    loop.start()
+    await loop.wait_idle(timeout=5)
+    assert store.host("db1").state is HostState.STALLED
+    assert "waiting for a new commit" in store.host("db1").reason
+    assert store.host("web1").state is HostState.READY  # one failed host never stops the others
+    calls_before = len(rec.calls["db1"])
+    for _ in range(5):  # polls and drift ticks on the same commit change nothing
+        loop.request_fetch(reason="poll")
+        loop.request(ALL, "drift")
+        await asyncio.sleep(0.01)
+    await loop.wait_idle(timeout=5)
+    assert len(rec.calls["db1"]) == calls_before
+    assert loop.host_info("db1")["waiting_for_new_commit"] is True
+    src.push()  # a new commit: tried again
+    loop.request_fetch(reason="webhook")
+    await loop.wait_idle(timeout=5)
+    await loop.stop(grace=1)
+    assert rec.calls["db1"][-1] == "c002"
+    assert store.host("db1").state is HostState.READY
+
+
+async def test_fleet_invalid_is_terminal() -> None:
+    assert issubclass(FleetInvalid, Terminal)
+    err = FleetInvalid([Problem("hosts/db1.yaml", 3, 1, "name", "bad")])
+    assert "hosts/db1.yaml:3" in str(err)
+
+
+async def test_explicit_resync_overrides_terminal_wait(store: Store) -> None:
+    src, rec = FakeSource(hosts=("db1",)), Recorder(delay=0.0)
+    rec.fail["db1"] = [Terminal("host key refused")]
+    loop = make_loop(rec, src, store)
+    loop.start()
+    await loop.wait_idle(timeout=5)
+    loop.request_fetch(then=(ALL,), force=True, reason="sighup")  # the admin fixed known_hosts
+    await loop.wait_idle(timeout=5)
+    await loop.stop(grace=1)
+    assert len(rec.calls["db1"]) == 2
+    assert store.host("db1").state is HostState.READY
+
+
+async def test_drift_timer_requests_every_host() -> None:
+    src, rec = FakeSource(hosts=("db1", "db2")), Recorder(delay=0.0)
+    loop = make_loop(rec, src, drift_interval=0.05)
+    loop.start()
+    await asyncio.sleep(0.2)
+    await loop.stop(grace=1)
+    for h in ("db1", "db2"):
+        assert sum("drift" in r for r in rec.reasons[h]) >= 2
+
+
+async def test_poll_timer_fetches_and_converges_new_commit() -> None:
+    src, rec = FakeSource(hosts=("db1",)), Recorder(delay=0.0)
+    loop = make_loop(rec, src, poll_interval=0.03)
+    loop.start()
+    await asyncio.sleep(0.05)
+    src.push()  # no webhook: only the poll notices
+    await asyncio.sleep(0.15)
+    await loop.stop(grace=1)
+    assert rec.applied["db1"] == "c002"
+
+
+async def test_fetch_failure_backs_off_and_keeps_current_target() -> None:
+    src, rec = FakeSource(hosts=("db1",)), Recorder(delay=0.0)
+    real_refresh = src.refresh
+    failures = {"n": 0}
+
+    async def flaky() -> Target:
+        if src.head > 1 and failures["n"] < 2:
+            failures["n"] += 1
+            raise Transient("git fetch: connection refused")
+        return await real_refresh()
+
+    loop = ReconcileLoop(
+        reconcile=rec.step, refresh=flaky, concurrency=1, backoff=Backoff(base=0.02, maximum=0.05)
+    )
+    loop.start()
+    await loop.wait_idle(timeout=5)
+    src.push()
+    loop.request_fetch(reason="webhook")
+    await loop.wait_idle(timeout=5)
+    await loop.stop(grace=1)
+    assert failures["n"] == 2
+    assert rec.applied["db1"] == "c002"
+
+
+async def test_stop_lets_in_flight_finish_within_grace(store: Store) -> None:
+    src, rec = FakeSource(hosts=("db1",)), Recorder(delay=0.3)
+    loop = make_loop(rec, src, store)
+    loop.start()
+    await asyncio.sleep(0.1)  # db1 is in flight now
+    assert loop.hosts.in_flight == ("db1",)
+    t0 = time.monotonic()
+    await loop.stop(grace=5)
+    assert time.monotonic() - t0 < 1.0
+    assert store.host("db1").state is HostState.READY
+    assert loop.request(ALL, "poll") == 0  # no new work after stop
+
+
+async def test_stop_cancels_after_grace_and_marks_host(store: Store, tmp_path: Path) -> None:
+    src, rec = FakeSource(hosts=("db1",)), Recorder(delay=30)
+    loop = make_loop(rec, src, store)
+    loop.start()
+    await asyncio.sleep(0.1)
+    t0 = time.monotonic()
+    await loop.stop(grace=0.2)
+    assert time.monotonic() - t0 < 1.0
+    st = store.host("db1")
+    assert st.state is HostState.STALLED and "cancelled" in st.reason
+    assert "db1" not in rec.applied
+
+
+async def test_sigterm_handler_drains_then_stops(store: Store) -> None:
+    src, rec = FakeSource(hosts=("db1", "db2")), Recorder(delay=0.2)
+    loop = make_loop(rec, src, store)
+    aio = asyncio.get_running_loop()
+    stopped = asyncio.Event()
+
+    async def on_term() -> None:
+        await loop.stop(grace=5)
+        stopped.set()
+
+    aio.add_signal_handler(signal.SIGTERM, lambda: aio.create_task(on_term()))
+    try:
+        loop.start()
+        await asyncio.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.wait_for(stopped.wait(), timeout=5)
+    finally:
+        aio.remove_signal_handler(signal.SIGTERM)
+    assert all(store.host(h).state is HostState.READY for h in ("db1", "db2"))
+
+
+async def test_restart_resumes_interrupted_host(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    s1 = Store(path)
+    s1.mark_reconciling("db1", "c001")  # the process died here
+    s1.close()
+    s2 = Store(path)
+    assert s2.interrupted_hosts == ("db1",)
+    assert s2.host("db1").state is HostState.STALLED
+    src, rec = FakeSource(hosts=("db1",)), Recorder(delay=0.0)
+    loop = make_loop(rec, src, s2)
+    loop.start()
+    await loop.wait_idle(timeout=5)
+    await loop.stop(grace=1)
+    assert s2.host("db1").state is HostState.READY
+    s2.close()
