@@ -122,7 +122,7 @@ def canonical_rule(line: str) -> str:
     for opt in BASIC:
         out += basic.get(opt, [])
     out += rest
-    return shlex.join(out)
+    return " ".join(t if t == "!" else shlex.quote(t) for t in out)
 
 
 def _basic_value(opt: str, arg: str) -> str:
