@@ -1,0 +1,219 @@
+"""History repo: real git, real manifest script and tar run locally (no SSH) on a temp tree."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from reconciler.history import HistoryError, HistoryRepo, commit_subject
+from reconciler.snapshot import PathPolicy, Snapshot, is_builtin_secret, take_snapshot
+
+CANARY = "CANARY-s3cr3t-7f1d"
+
+
+@dataclass(frozen=True)
+class Result:
+    exit_status: int
+    stdout: bytes
+    stderr: bytes
+
+
+class LocalRunner:
+    """Runs the snapshot's own commands on this machine (the same sh/find/tar a host runs)."""
+
+    host = "local"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def run(
+        self, argv: Sequence[str], *, stdin: bytes | None = None, timeout: float | None = None
+    ) -> Result:
+        self.calls += 1
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await proc.communicate(stdin or b"")
+        return Result(proc.returncode or 0, out, err)
+
+    async def run_script(
+        self,
+        script: str,
+        *,
+        args: Sequence[str] = (),
+        stdin_after: bytes | None = None,
+        timeout: float | None = None,
+    ) -> Result:
+        return await self.run(["sh", "-c", script, "sh", *args], stdin=stdin_after, timeout=timeout)
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", f"--git-dir={repo}", *args], check=True, capture_output=True, text=True
+    ).stdout
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    root = tmp_path / "etc"
+    (root / "ssl" / "private").mkdir(parents=True)
+    (root / "hosts").write_text("127.0.0.1 localhost\n")
+    (root / "motd").write_text("hello\n")
+    (root / "shadow").write_text(f"root:{CANARY}:19000:0:99999:7:::\n")
+    os.chmod(root / "shadow", 0o640)
+    (root / "ssl" / "private" / "site.key").write_text(f"-----BEGIN PRIVATE KEY-----\n{CANARY}\n")
+    os.symlink("/usr/share/zoneinfo/UTC", root / "localtime")
+    (root / "ignored.cache").write_text("x\n")
+    return root
+
+
+async def record(
+    repo: HistoryRepo, runner: LocalRunner, policy: PathPolicy, msg: str = ""
+) -> tuple[Snapshot, object]:
+    prev = await repo.recorded(runner.host)
+    snap = await take_snapshot(runner, policy, lambda p: prev[p].sha256 if p in prev else None)
+    prep = await repo.prepare(snap, prev)
+    info = await repo.commit(prep, msg or commit_subject(prep.changes, policy.roots))
+    return snap, (prep, info)
+
+
+def policy_for(root: Path) -> PathPolicy:
+    return PathPolicy(roots=(str(root),), exclude=("*.cache",), secret_globs=(f"{root}/shadow",))
+
+
+async def test_first_snapshot_then_incremental_diff(tmp_path: Path, tree: Path) -> None:
+    repo = HistoryRepo.open(tmp_path / "hist", tmp_path / "state")
+    assert stat.S_IMODE((tmp_path / "hist").stat().st_mode) == 0o700
+    runner = LocalRunner()
+    policy = policy_for(tree)
+    snap, (prep, info) = await record(repo, runner, policy)
+    assert info is not None
+    assert runner.calls == 2  # manifest + one tar stream
+    assert snap.fetched == 2  # hosts, motd: never the secrets
+    assert f"{tree}/ignored.cache" not in prep.meta  # type: ignore[attr-defined]
+    files = git(repo.path, "ls-tree", "-r", "--name-only", "main")
+    assert f"hosts/local{tree}/hosts" in files and "meta/local.json" in files
+    meta = git(repo.path, "show", "main:meta/local.json")
+    assert '"mode": "0640"' in meta and '"owner": "' in meta
+    assert git(repo.path, "cat-file", "-p", f"main:hosts/local{tree}/localtime") == "/usr/share/zoneinfo/UTC"
+
+    # nothing changed: no fetch, no commit
+    runner.calls = 0
+    snap, (prep, info) = await record(repo, runner, policy)
+    assert info is None and snap.fetched == 0 and runner.calls == 1
+
+    # one edit, one new file, one removed file, a secret change, a mode change
+    (tree / "hosts").write_text("127.0.0.1 localhost\n192.0.2.7 db\n")
+    (tree / "new.conf").write_text("new\n")
+    (tree / "motd").unlink()
+    (tree / "shadow").write_text(f"root:{CANARY}-2:19000:0:99999:7:::\n")
+    os.chmod(tree / "ssl" / "private", 0o750)
+    snap, (prep, info) = await record(repo, runner, policy)
+    assert snap.fetched == 2  # hosts + new.conf only
+    ch = prep.changes  # type: ignore[attr-defined]
+    assert ch.new == (f"{tree}/new.conf",)
+    assert ch.removed == (f"{tree}/motd",)
+    assert set(ch.changed) == {f"{tree}/hosts", f"{tree}/shadow", f"{tree}/ssl/private"}
+    assert ch.secret_changed == (f"{tree}/shadow",)
+    assert commit_subject(ch, policy.roots) == f"local: 3 changed, 1 new, 1 removed in {tree}"
+    diff = await repo.diff(info.sha, "local")  # type: ignore[attr-defined]
+    assert "+192.0.2.7 db" in diff and "+new" in diff and "-hello" in diff
+    assert "shadow" not in diff and CANARY not in diff
+    assert git(repo.path, "log", "-1", "--format=%an <%ae>") == "reconciler <reconciler@localhost>\n"
+
+    # the secret never reached git, in any commit, in any form
+    everything = git(repo.path, "log", "-p", "--all")
+    assert CANARY not in everything
+    assert "hmac-sha256:" in everything
+    objects = subprocess.run(
+        ["git", f"--git-dir={repo.path}", "cat-file", "--batch-all-objects", "--batch"],
+        capture_output=True,
+        check=True,
+    ).stdout
+    assert CANARY.encode() not in objects
+
+    # recovery helpers: commits of a host, changes rebuilt from git alone
+    commits = await repo.host_commits("local")
+    assert len(commits) == 2 and commits[-1] == info.sha  # type: ignore[attr-defined]
+    rebuilt = await repo.changes_in(info.sha, "local")  # type: ignore[attr-defined]
+    assert rebuilt == ch
+
+
+async def test_stale_lock_is_loud(tmp_path: Path, tree: Path) -> None:
+    repo = HistoryRepo.open(tmp_path / "hist", tmp_path / "state")
+    runner = LocalRunner()
+    await record(repo, runner, policy_for(tree))
+    (tree / "hosts").write_text("changed\n")
+    (repo.path / "index.lock").write_text("")
+    with pytest.raises(HistoryError, match="stale lock"):
+        await record(repo, runner, policy_for(tree))
+    (repo.path / "index.lock").unlink()
+    (repo.path / "refs" / "heads" / "main.lock").write_text("")
+    with pytest.raises(HistoryError):
+        await record(repo, runner, policy_for(tree))
+    (repo.path / "refs" / "heads" / "main.lock").unlink()
+    _, (_, info) = await record(repo, runner, policy_for(tree))
+    assert info is not None
+
+
+async def test_commit_is_idempotent_by_tree(tmp_path: Path, tree: Path) -> None:
+    repo = HistoryRepo.open(tmp_path / "hist", tmp_path / "state")
+    runner = LocalRunner()
+    await record(repo, runner, policy_for(tree))
+    (tree / "hosts").write_text("changed\n")
+    prev = await repo.recorded("local")
+    snap = await take_snapshot(runner, policy_for(tree), lambda p: prev[p].sha256 if p in prev else None)
+    prep = await repo.prepare(snap, prev)
+    first = await repo.commit(prep, "x")
+    assert first is not None
+    # the same prepared state again (a scan restarted after its commit): no second commit
+    prep2 = await repo.prepare(snap, await repo.recorded("local"))
+    assert await repo.commit(prep2, "x") is None
+    assert len(await repo.host_commits("local")) == 2
+
+
+async def test_hosts_commit_concurrently(tmp_path: Path, tree: Path) -> None:
+    repo = HistoryRepo.open(tmp_path / "hist", tmp_path / "state")
+
+    class Named(LocalRunner):
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self.host = name  # type: ignore[misc]
+
+    await asyncio.gather(*(record(repo, Named(f"h{i}"), policy_for(tree)) for i in range(5)))
+    assert sorted(git(repo.path, "ls-tree", "--name-only", "main", "hosts/").split()) == [
+        f"hosts/h{i}" for i in range(5)
+    ]
+    assert git(repo.path, "rev-list", "--count", "main").strip() == "5"
+
+
+async def test_key_lives_outside_repo_and_is_private(tmp_path: Path) -> None:
+    HistoryRepo.open(tmp_path / "hist", tmp_path / "state")
+    key = tmp_path / "state" / "history.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert not list((tmp_path / "hist").rglob("history.key"))
+
+
+def test_builtin_secrets() -> None:
+    for p in (
+        "/etc/shadow",
+        "/etc/gshadow-",
+        "/etc/ssh/ssh_host_ed25519_key",
+        "/etc/ssl/private/a.pem",
+        "/etc/swanctl/private/k.pem",
+        "/etc/racoon/ipsec.key",
+        "/etc/x/private/y",
+    ):
+        assert is_builtin_secret(p), p
+    for p in ("/etc/ssh/ssh_host_ed25519_key.pub", "/etc/hosts", "/etc/ssl/certs/a.pem", "/etc/private"):
+        assert not is_builtin_secret(p), p
