@@ -1,0 +1,216 @@
+"""strongSwan (IKEv2, swanctl) rendering of the mesh: one connection file per peer.
+
+Files (all in directories Debian's strongSwan already reads):
+- ``/etc/swanctl/conf.d/mesh-<peer>.conf``: the connection to one peer (Debian's default
+  swanctl.conf has ``include conf.d/*.conf``; the engine stages temp files as dotfiles, which
+  the glob never sees). The directory is owned: a connection whose peer left is pruned.
+- ``/etc/swanctl/pubkey/<peer>.pem``: the peer's raw public key from ``Fleet.public_keys``.
+- ``/etc/strongswan.d/charon/kernel-libipsec.conf``: the userspace datapath on or off.
+- ``/etc/strongswan.d/charon-reconciler-log.conf``: a charon file log (charon logs nowhere by
+  default on a host without syslog/journald).
+
+Authentication is ``pubkey`` with raw public keys on both sides; the IKE identities are the
+public addresses (``id``), which become the subjects of the raw keys.
+"""
+
+from __future__ import annotations
+
+from reconciler.domains.keys import SWANCTL_DIR, strongswan_keypair, swanctl_public_key
+from reconciler.fleet.model import Datapath, Fleet, Host, MeshMode
+from reconciler.resources import Domain, FileResource, Fragment, Handler, Service, Validator
+
+CONF_DIR = f"{SWANCTL_DIR}/conf.d"
+LIBIPSEC_CONF = "/etc/strongswan.d/charon/kernel-libipsec.conf"
+LOG_CONF = "/etc/strongswan.d/charon-reconciler-log.conf"
+CHARON_LOG = "/var/log/charon.log"
+CHARON = "/usr/lib/ipsec/charon"
+CHARON_PID = "/run/charon.pid"
+CHARON_VICI = "/run/charon.vici"
+SYSTEMD_UNIT = "strongswan"  # Debian 12: strongswan.service runs charon-systemd
+
+HANDLER = "charon"  # reload swanctl config into the running charon
+RESTART_HANDLER = "charon-restart"  # plugin settings (strongswan.d) need a new charon
+
+LOAD_ALL = ("swanctl", "--load-all", "--noprompt")
+STATUS = ("swanctl", "--stats")
+
+# Fixed scripts (no fleet data in them): start charon without systemd and load the config
+# (charon alone loads nothing); restart through systemd when it is PID 1, by pid file otherwise.
+_WAIT_VICI = f"i=0; while [ ! -S {CHARON_VICI} ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done"
+_START_SCRIPT = (
+    f"setsid -f {CHARON} </dev/null >/dev/null 2>&1 && {_WAIT_VICI}; swanctl --load-all --noprompt >/dev/null"
+)
+_STOP_SCRIPT = (
+    f'[ -s {CHARON_PID} ] || exit 0; kill "$(cat {CHARON_PID})" 2>/dev/null; '
+    f"i=0; while [ -e {CHARON_PID} ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; "
+    f"rm -f {CHARON_VICI}"
+)
+_RESTART_SCRIPT = (
+    f"if [ -d /run/systemd/system ]; then exec systemctl restart {SYSTEMD_UNIT}.service; fi; "
+    f"{_STOP_SCRIPT}; {_START_SCRIPT}"
+)
+
+
+def connection_name(peer: Host) -> str:
+    return f"mesh-{peer.name}"
+
+
+def child_name(fleet: Fleet, peer: Host) -> str:
+    suffix = "ipip" if fleet.mesh.mode is MeshMode.IPIP else "net"
+    return f"mesh-{peer.name}-{suffix}"
+
+
+def initiates(host: Host, peer: Host) -> bool:
+    """With libipsec (no trap policies) exactly one side of a pair starts the CHILD_SA: the
+    host whose name sorts first."""
+    return host.name < peer.name
+
+
+def _header(fleet: Fleet, host: Host, what: str) -> str:
+    return (
+        f"# Rendered by reconciler (fleet {fleet.name}) for {host.name}: {what}.\n"
+        "# Local changes are reverted: edit the fleet repository instead.\n"
+    )
+
+
+def connection_conf(fleet: Fleet, host: Host, peer: Host) -> str:
+    mesh = fleet.mesh
+    life = mesh.lifetimes
+    libipsec = mesh.datapath is Datapath.LIBIPSEC
+    lines = [
+        "connections {",
+        f"    {connection_name(peer)} {{",
+        "        version = 2",
+        f"        local_addrs = {host.public_address}",
+        f"        remote_addrs = {peer.public_address}",
+        f"        proposals = {','.join(mesh.ike_proposals)}",
+        f"        rekey_time = {life.ike_rekey_seconds}s",
+        f"        dpd_delay = {mesh.dpd_seconds}s",
+        "        mobike = no",
+        "        local {",
+        "            auth = pubkey",
+        f"            id = {host.public_address}",
+        f"            pubkeys = {host.name}.pem",
+        "        }",
+        "        remote {",
+        "            auth = pubkey",
+        f"            id = {peer.public_address}",
+        f"            pubkeys = {peer.name}.pem",
+        "        }",
+        "        children {",
+        f"            {child_name(fleet, peer)} {{",
+    ]
+    child: list[str] = []
+    if mesh.mode is MeshMode.IPIP:
+        # transport mode protecting only IP-IP (protocol 4) between the public addresses
+        child += ["mode = transport", "local_ts = dynamic[ipencap]", "remote_ts = dynamic[ipencap]"]
+    else:
+        child += [
+            "mode = tunnel",
+            f"local_ts = {host.internal_address}/32",
+            f"remote_ts = {peer.internal_address}/32",
+        ]
+    child.append(f"esp_proposals = {','.join(mesh.esp_proposals)}")
+    child.append(f"rekey_time = {life.child_rekey_seconds}s")
+    child.append(f"life_time = {life.child_rekey_seconds * 11 // 10}s")
+    if life.child_rekey_bytes > 0:
+        child.append(f"rekey_bytes = {life.child_rekey_bytes}")
+        child.append(f"life_bytes = {life.child_rekey_bytes * 11 // 10}")
+    if not libipsec:
+        # kernel XFRM: trap policies on both sides; traffic starts the SA, and the policy
+        # keeps protected traffic from ever leaving in clear
+        child += ["start_action = trap", "dpd_action = trap"]
+    elif initiates(host, peer):
+        child += ["start_action = start", "dpd_action = restart", "close_action = start"]
+    else:
+        child += ["start_action = none"]
+    lines += [f"                {c}" for c in child]
+    lines += ["            }", "        }", "    }", "}"]
+    what = f"IKEv2 connection to {peer.name} (mode {mesh.mode.value}, datapath {mesh.datapath.value})"
+    return _header(fleet, host, what) + "\n".join(lines) + "\n"
+
+
+def libipsec_conf(fleet: Fleet, host: Host) -> str:
+    on = fleet.mesh.datapath is Datapath.LIBIPSEC
+    what = "userspace ESP over TUN ipsec0 " + ("on (datapath libipsec)" if on else "off (datapath kernel)")
+    return _header(fleet, host, what) + f"kernel-libipsec {{\n    load = {'yes' if on else 'no'}\n}}\n"
+
+
+def log_conf(fleet: Fleet, host: Host) -> str:
+    return _header(fleet, host, "charon log file") + (
+        "charon {\n"
+        "    filelog {\n"
+        "        reconciler {\n"
+        f"            path = {CHARON_LOG}\n"
+        "            time_format = %b %e %T\n"
+        "            ike_name = yes\n"
+        "            append = yes\n"
+        "            default = 1\n"
+        "            flush_line = yes\n"
+        "        }\n"
+        "    }\n"
+        "}\n"
+    )
+
+
+def charon_service() -> Service:
+    return Service(
+        name=SYSTEMD_UNIT,
+        start=("sh", "-c", _START_SCRIPT),
+        stop=("sh", "-c", _STOP_SCRIPT),
+        status=STATUS,
+        log_path=CHARON_LOG,
+        needs_package="strongswan-swanctl",
+    )
+
+
+def handlers() -> tuple[Handler, ...]:
+    return (
+        Handler(name=HANDLER, reload=LOAD_ALL, only_if_running=STATUS),
+        Handler(name=RESTART_HANDLER, reload=("sh", "-c", _RESTART_SCRIPT), only_if_running=STATUS),
+    )
+
+
+def render(fleet: Fleet, host: Host, ready: tuple[tuple[Host, str], ...]) -> Fragment:
+    """The strongSwan part of the ipsec domain for the peers whose keys are ``ready``."""
+    pem_check = Validator(
+        argv=("openssl", "pkey", "-pubin", "-in", "{path}", "-noout"), needs_command="openssl"
+    )
+    files: list[FileResource] = []
+    for peer, key in ready:
+        files.append(
+            FileResource(
+                path=f"{CONF_DIR}/{connection_name(peer)}.conf",
+                content=connection_conf(fleet, host, peer).encode(),
+                domain=Domain.IPSEC,
+                handler=HANDLER,
+                needs_package="strongswan-swanctl",
+            )
+        )
+        files.append(
+            FileResource(
+                path=swanctl_public_key(peer.name),
+                content=key.encode(),
+                domain=Domain.IPSEC,
+                handler=HANDLER,
+                validators=(pem_check,),
+                needs_package="strongswan-swanctl",
+            )
+        )
+    for path, text in ((LIBIPSEC_CONF, libipsec_conf(fleet, host)), (LOG_CONF, log_conf(fleet, host))):
+        files.append(
+            FileResource(
+                path=path,
+                content=text.encode(),
+                domain=Domain.IPSEC,
+                handler=RESTART_HANDLER,
+                needs_package="strongswan-charon",
+            )
+        )
+    return Fragment(
+        files=tuple(sorted(files, key=lambda f: f.path)),
+        keypairs=(strongswan_keypair(host),),
+        handlers=handlers(),
+        services=(charon_service(),),
+        owned_dirs=(CONF_DIR,),
+    )

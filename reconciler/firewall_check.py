@@ -1,0 +1,268 @@
+"""Evaluate an iptables-restore ``filter`` table for one packet, conservatively.
+
+Used to refuse a rendered ruleset that would lock out management SSH. The evaluator knows the
+matches the firewall domain renders (addresses, interfaces with ``+``, protocols, tcp/udp
+ports, conntrack/state, policy, icmp, comment, limit) and is pessimistic about everything
+else: a rule it cannot decide is assumed to match when it would drop the packet and assumed not
+to match when it would accept it. So "admitted" is only answered when it is certain. Pure.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from enum import Enum
+from ipaddress import IPv4Address, IPv4Network
+
+PROTOCOLS = {"0": "all", "1": "icmp", "4": "ipencap", "6": "tcp", "17": "udp", "50": "esp", "51": "ah"}
+ICMP_TYPES = {"echo-request": 8, "echo-reply": 0}
+TERMINAL_DROP = ("DROP", "REJECT")
+NON_TERMINAL = ("LOG", "NFLOG", "ULOG", "MARK", "CONNMARK", "NOTRACK", "CT", "TRACE", "AUDIT")
+
+
+class Tri(Enum):
+    NO = 0
+    YES = 1
+    MAYBE = 2
+
+
+def _and(a: Tri, b: Tri) -> Tri:
+    if Tri.NO in (a, b):
+        return Tri.NO
+    if Tri.MAYBE in (a, b):
+        return Tri.MAYBE
+    return Tri.YES
+
+
+@dataclass(frozen=True)
+class Packet:
+    src: IPv4Address
+    dst: IPv4Address
+    proto: str  # tcp, udp, icmp, esp, ah, ipencap
+    sport: int | None = None
+    dport: int | None = None
+    in_iface: str | None = None  # INPUT/FORWARD
+    out_iface: str | None = None  # OUTPUT/FORWARD
+    ctstate: str = "NEW"
+    syn: bool = False
+    ipsec: bool = False  # arrived decrypted / leaves to be encrypted
+    icmp_type: int | None = None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    accepted: bool
+    line: int | None  # 1-based line in the ruleset of the deciding rule; None = chain policy
+    rule: str | None
+    reason: str
+
+
+@dataclass
+class Table:
+    policies: dict[str, str] = field(default_factory=dict)
+    rules: dict[str, list[tuple[int, list[str]]]] = field(default_factory=dict)
+
+
+class ParseError(ValueError):
+    pass
+
+
+def parse_filter(text: str) -> Table:
+    """The ``*filter`` table of an iptables-restore text."""
+    table = Table()
+    current: str | None = None
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("*"):
+            current = line[1:]
+            continue
+        if current != "filter":
+            continue
+        if line == "COMMIT":
+            current = None
+            continue
+        if line.startswith(":"):
+            parts = line[1:].split()
+            if len(parts) < 2:
+                raise ParseError(f"line {number}: bad chain line")
+            table.policies[parts[0]] = parts[1]
+            table.rules.setdefault(parts[0], [])
+            continue
+        try:
+            words = shlex.split(line)
+        except ValueError as err:
+            raise ParseError(f"line {number}: {err}") from err
+        if len(words) < 2 or words[0] not in ("-A", "--append"):
+            raise ParseError(f"line {number}: only -A rules are understood")
+        chain = words[1]
+        if chain not in table.rules:
+            raise ParseError(f"line {number}: chain {chain} was not declared")
+        table.rules[chain].append((number, words[2:]))
+    return table
+
+
+def _iface(pattern: str, name: str | None) -> Tri:
+    if name is None:
+        return Tri.MAYBE
+    if pattern.endswith("+"):
+        return Tri.YES if name.startswith(pattern[:-1]) else Tri.NO
+    return Tri.YES if name == pattern else Tri.NO
+
+
+def _ports(spec: str, value: int | None) -> Tri:
+    if value is None:
+        return Tri.NO
+    if ":" in spec:
+        lo, hi = spec.split(":", 1)
+        return Tri.YES if int(lo or 0) <= value <= int(hi or 65535) else Tri.NO
+    return Tri.YES if int(spec) == value else Tri.NO
+
+
+def _proto(name: str) -> str:
+    return PROTOCOLS.get(name, name)
+
+
+def match(words: list[str], pkt: Packet) -> tuple[Tri, str, list[str]]:
+    """(does the rule match, its target, the target's arguments)."""
+    result = Tri.YES
+    target = ""
+    target_args: list[str] = []
+    module = ""
+    i = 0
+    negate = False
+    while i < len(words):
+        w = words[i]
+        arg = words[i + 1] if i + 1 < len(words) else ""
+        if w == "!":
+            negate = True
+            i += 1
+            continue
+        step = 2
+        t: Tri
+        if w in ("-j", "--jump", "-g", "--goto"):
+            target = arg
+            target_args = words[i + 2 :]
+            if w in ("-g", "--goto"):
+                result = _and(result, Tri.MAYBE)
+            break
+        if w in ("-s", "--source"):
+            t = Tri.YES if pkt.src in IPv4Network(arg, strict=False) else Tri.NO
+        elif w in ("-d", "--destination"):
+            t = Tri.YES if pkt.dst in IPv4Network(arg, strict=False) else Tri.NO
+        elif w in ("-i", "--in-interface"):
+            t = _iface(arg, pkt.in_iface)
+        elif w in ("-o", "--out-interface"):
+            t = _iface(arg, pkt.out_iface)
+        elif w in ("-p", "--protocol"):
+            p = _proto(arg)
+            t = Tri.YES if p in ("all", pkt.proto) else Tri.NO
+        elif w in ("-m", "--match"):
+            module = arg
+            t = Tri.YES
+        elif w in ("--sport", "--source-port") and module in ("tcp", "udp"):
+            t = _ports(arg, pkt.sport)
+        elif w in ("--dport", "--destination-port") and module in ("tcp", "udp"):
+            t = _ports(arg, pkt.dport)
+        elif w == "--syn" and module == "tcp":
+            t = Tri.YES if pkt.syn else Tri.NO
+            step = 1
+        elif w in ("--ctstate", "--state") and module in ("conntrack", "state"):
+            t = Tri.YES if pkt.ctstate in arg.split(",") else Tri.NO
+        elif w == "--dir" and module == "policy":
+            t = Tri.YES  # the direction is the chain's; checked with --pol
+        elif w == "--pol" and module == "policy":
+            t = Tri.YES if (arg == "ipsec") == pkt.ipsec else Tri.NO
+        elif w == "--icmp-type" and module == "icmp":
+            wanted = ICMP_TYPES.get(arg)
+            if wanted is None:
+                wanted = int(arg.split("/")[0]) if arg.split("/")[0].isdigit() else -1
+            t = Tri.YES if pkt.icmp_type == wanted else Tri.NO
+        elif module == "comment" and w == "--comment":
+            t = Tri.YES
+        elif module == "limit" and w in ("--limit", "--limit-burst"):
+            t = Tri.MAYBE
+        else:
+            # unknown option: we cannot tell; it may or may not take an argument
+            t = Tri.MAYBE
+            step = 2 if arg and not arg.startswith("-") else 1
+        if negate:
+            t = {Tri.YES: Tri.NO, Tri.NO: Tri.YES, Tri.MAYBE: Tri.MAYBE}[t]
+            negate = False
+        result = _and(result, t)
+        i += step
+    return result, target, target_args
+
+
+def evaluate(table: Table, chain: str, pkt: Packet, depth: int = 0) -> Verdict | None:
+    """The verdict of ``chain`` for ``pkt``; None if a user chain returns without one."""
+    if depth > 16:
+        return Verdict(False, None, None, "chains nest too deep")
+    for number, words in table.rules.get(chain, []):
+        m, target, _ = match(words, pkt)
+        if m is Tri.NO or target == "" or target in NON_TERMINAL:
+            continue
+        rule = f"-A {chain} " + " ".join(shlex.quote(w) for w in words)
+        if target in TERMINAL_DROP:
+            return Verdict(False, number, rule, f"{target} at line {number}")
+        if target == "ACCEPT":
+            if m is Tri.YES:
+                return Verdict(True, number, rule, f"ACCEPT at line {number}")
+            continue
+        if target == "RETURN":
+            if m is Tri.YES:
+                return None
+            continue
+        if target in table.rules:
+            sub = evaluate(table, target, pkt, depth + 1)
+            if sub is None:
+                continue
+            if not sub.accepted or m is Tri.YES:
+                return sub
+            continue
+        # an unknown terminating target: it might drop
+        return Verdict(False, number, rule, f"unknown target {target} at line {number}")
+    if depth > 0:
+        return None
+    policy = table.policies.get(chain, "ACCEPT")
+    return Verdict(policy == "ACCEPT", None, None, f"{chain} policy {policy}")
+
+
+def verdict(text: str, chain: str, pkt: Packet) -> Verdict:
+    result = evaluate(parse_filter(text), chain, pkt)
+    assert result is not None  # depth 0 always ends with the policy
+    return result
+
+
+def ssh_admitted(
+    text: str, *, source: IPv4Address, address: IPv4Address, port: int, interface: str
+) -> list[Verdict]:
+    """The verdicts that would refuse a management SSH session from ``source`` to
+    ``address:port`` arriving on ``interface`` (empty list = admitted): the SYN in INPUT and
+    the SYN-ACK leaving through OUTPUT."""
+    syn = Packet(
+        src=source,
+        dst=address,
+        proto="tcp",
+        sport=50000,
+        dport=port,
+        in_iface=interface,
+        ctstate="NEW",
+        syn=True,
+    )
+    reply = Packet(
+        src=address,
+        dst=source,
+        proto="tcp",
+        sport=port,
+        dport=50000,
+        out_iface=interface,
+        ctstate="ESTABLISHED",
+    )
+    bad = []
+    for chain, pkt in (("INPUT", syn), ("OUTPUT", reply)):
+        v = verdict(text, chain, pkt)
+        if not v.accepted:
+            bad.append(v)
+    return bad
