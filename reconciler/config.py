@@ -83,9 +83,9 @@ class SourceConfig:
     verify: VerifyMode = VerifyMode.NONE
     allowed_signers: Path | None = None  # OpenSSH allowed-signers file (verify: ssh)
     openpgp_keys: Path | None = None  # armored public keys, one file (verify: openpgp)
-    # Commit from which every commit must be signed; older history is trusted as is.
-    # Empty: every commit reachable from HEAD must be signed.
-    trust_from: str = ""
+    # Every commit after this one must be signed; it and its ancestors are trusted as they are.
+    # Empty: every commit reachable from the branch head must be signed.
+    signed_after: str = ""
     ssh_key: Path | None = None  # private key for ssh:// fetch URLs
     ssh_known_hosts: Path | None = None  # known_hosts for the git server (never accept-new)
     fetch_timeout: float = 120.0
@@ -274,7 +274,7 @@ _SOURCE: dict[str, Parser] = {
     "verify": lambda v, w: _parse_enum(VerifyMode, v, w),
     "allowed_signers": _parse_opt_path,
     "openpgp_keys": _parse_opt_path,
-    "trust_from": _parse_str,
+    "signed_after": _parse_str,
     "ssh_key": _parse_opt_path,
     "ssh_known_hosts": _parse_opt_path,
     "fetch_timeout": parse_duration,
@@ -474,8 +474,8 @@ def _check(cfg: Config) -> None:
         raise ConfigError("source.allowed_signers: required when source.verify is ssh")
     if src.verify is VerifyMode.OPENPGP and src.openpgp_keys is None:
         raise ConfigError("source.openpgp_keys: required when source.verify is openpgp")
-    if src.trust_from and not re.fullmatch(r"[0-9a-f]{7,64}", src.trust_from):
-        raise ConfigError("source.trust_from: expected a commit id (hex)")
+    if src.signed_after and not re.fullmatch(r"[0-9a-f]{7,64}", src.signed_after):
+        raise ConfigError("source.signed_after: expected a commit id (hex)")
     if cfg.backoff_max < cfg.backoff_base:
         raise ConfigError("backoff_max: must be at least backoff_base")
 
