@@ -95,6 +95,7 @@ class RacoonProposal:
     sa_authentication_algorithm: str = "hmac_sha256"
     compression_algorithm: str = "deflate"
     use_ah: bool = True  # the seed's ``esp/transport//require ah/transport//require``
+    exchange_mode: str = "main"  # phase 1 ``exchange_mode``: main (aggressive only for legacy hosts)
 
 
 @dataclass(frozen=True)

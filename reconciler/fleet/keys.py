@@ -1,0 +1,106 @@
+"""Public keys of the hosts (``keys/<host>.pub``): parse and judge them.
+
+Two formats: a PEM ``PUBLIC KEY`` (strongSwan raw public keys, ``swanctl/pubkey``) or racoon's
+plain-RSA line ``: PUB 0s<base64>`` (cut from ``plainrsa-gen`` output, with or without the
+leading ``#``). The base64 holds an RFC 3110 RSA key: exponent length, exponent, modulus.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+MIN_RSA_BITS = 2048
+MIN_EC_BITS = 256
+MAX_KEY_FILE_BYTES = 64 * 1024
+
+KeyFormat = Literal["pem", "racoon"]
+
+_RACOON = re.compile(r"#?[ \t]*:[ \t]*PUB[ \t]+0s([A-Za-z0-9+/=]+)[ \t]*")
+_PEM = re.compile(r"-----BEGIN PUBLIC KEY-----\n[A-Za-z0-9+/=\n]+-----END PUBLIC KEY-----\n?")
+
+
+@dataclass(frozen=True)
+class PublicKey:
+    format: KeyFormat
+    text: str  # normalised: the PEM block with a final newline, or ": PUB 0s..."
+    algorithm: str  # rsa | ec | ed25519 | ed448
+    bits: int
+    exponent: int | None = None  # RSA only
+
+
+class KeyFileError(ValueError):
+    """A key file that cannot be used (the message says why)."""
+
+
+def parse_public_key(data: bytes) -> PublicKey:
+    if len(data) > MAX_KEY_FILE_BYTES:
+        raise KeyFileError(f"key file is larger than {MAX_KEY_FILE_BYTES} bytes")
+    try:
+        text = data.decode("ascii").replace("\r\n", "\n").strip()
+    except UnicodeDecodeError:
+        raise KeyFileError("a public key file must be ASCII text") from None
+    m = _RACOON.fullmatch(text)
+    if m is not None:
+        return _racoon(m.group(1))
+    if _PEM.fullmatch(text + "\n"):
+        return _pem(text + "\n")
+    raise KeyFileError("not a PEM public key (-----BEGIN PUBLIC KEY-----) nor a racoon ': PUB 0s...' line")
+
+
+def _racoon(b64: str) -> PublicKey:
+    try:
+        raw = base64.b64decode(b64, validate=True)
+    except (binascii.Error, ValueError):
+        raise KeyFileError("the ': PUB 0s' key is not valid base64") from None
+    if len(raw) < 3:
+        raise KeyFileError("the ': PUB 0s' key is too short")
+    if raw[0] != 0:
+        elen, rest = raw[0], raw[1:]
+    else:
+        elen, rest = int.from_bytes(raw[1:3], "big"), raw[3:]
+    if elen == 0 or len(rest) <= elen:
+        raise KeyFileError("the ': PUB 0s' key is malformed (RFC 3110)")
+    exponent = int.from_bytes(rest[:elen], "big")
+    modulus = int.from_bytes(rest[elen:], "big")
+    return PublicKey("racoon", f": PUB 0s{b64}", "rsa", modulus.bit_length(), exponent)
+
+
+def _pem(text: str) -> PublicKey:
+    try:
+        key = load_pem_public_key(text.encode("ascii"))
+    except (ValueError, UnsupportedAlgorithm):
+        raise KeyFileError("the PEM public key cannot be read") from None
+    if isinstance(key, rsa.RSAPublicKey):
+        return PublicKey("pem", text, "rsa", key.key_size, key.public_numbers().e)
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return PublicKey("pem", text, "ec", key.curve.key_size)
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return PublicKey("pem", text, "ed25519", 256)
+    if isinstance(key, ed448.Ed448PublicKey):
+        return PublicKey("pem", text, "ed448", 448)
+    if isinstance(key, dsa.DSAPublicKey):
+        raise KeyFileError("DSA keys are not supported")
+    raise KeyFileError(f"unsupported key type {type(key).__name__}")
+
+
+def weaknesses(key: PublicKey) -> tuple[list[str], list[str]]:
+    """(deprecated: errors unless legacy, warnings) for a parsed key."""
+    weak: list[str] = []
+    warn: list[str] = []
+    if key.algorithm == "rsa" and key.bits < MIN_RSA_BITS:
+        weak.append(f"RSA key of {key.bits} bits is too short (at least {MIN_RSA_BITS})")
+    if key.algorithm == "ec" and key.bits < MIN_EC_BITS:
+        weak.append(f"EC key of {key.bits} bits is too short (at least {MIN_EC_BITS})")
+    if key.exponent == 3:
+        warn.append("RSA public exponent 3 (plainrsa-gen's default): regenerate with e=65537")
+    elif key.exponent is not None and (key.exponent < 3 or key.exponent % 2 == 0):
+        weak.append(f"RSA public exponent {key.exponent} is invalid")
+    return weak, warn

@@ -1,0 +1,555 @@
+"""Checks across documents, then the Fleet.
+
+Runs on schema-valid documents and collects every problem (never stops at the first): unique
+names and addresses, references, links, address plans, paths, crypto policy (with the
+``legacy_crypto`` escape hatch), keys, one-line values. Warnings are ``Problem``s with
+``severity="warning"``; they end up in ``Fleet.warnings`` when the fleet is valid.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+from reconciler.errors import Problem
+from reconciler.fleet import build, crypto
+from reconciler.fleet import model as m
+from reconciler.fleet.keys import KeyFileError, PublicKey, parse_public_key, weaknesses
+from reconciler.fleet.yamlsafe import Path, YamlDocument, format_path
+
+T = TypeVar("T")
+
+# Fields whose value is a whole file: they may hold newlines and tabs, never NUL.
+MULTILINE_FIELDS: Mapping[str, frozenset[Path]] = {
+    "ManagedFile": frozenset({("content",)}),
+    "AppArmorProfile": frozenset({("content",)}),
+}
+
+_CHAR_NAMES = {"\n": "a newline", "\r": "a carriage return", "\x00": "a NUL character", "\t": "a tab"}
+
+
+@dataclass
+class Sources:
+    """What the loader hands over: schema-valid documents by kind, and the rest of the repo."""
+
+    fleet: YamlDocument | None = None
+    docs: dict[str, list[YamlDocument]] = field(default_factory=dict)  # kind -> valid documents
+    parsed: list[tuple[str, YamlDocument]] = field(default_factory=list)  # every parsed document
+    broken: dict[str, set[str]] = field(default_factory=dict)  # kind -> names of invalid documents
+    templates: dict[str, str] = field(default_factory=dict)
+    keys: dict[str, tuple[str, bytes]] = field(default_factory=dict)  # host -> (file, bytes)
+
+
+class _Located:
+    """A model object and the document it came from."""
+
+    __slots__ = ("doc", "obj")
+
+    def __init__(self, obj: Any, doc: YamlDocument) -> None:
+        self.obj = obj
+        self.doc = doc
+
+
+class Checker:
+    def __init__(self, src: Sources) -> None:
+        self.src = src
+        self.problems: list[Problem] = []
+
+    # -- reporting
+
+    def err(self, doc: YamlDocument, path: Path, message: str, *, key: bool = False) -> None:
+        self.problems.append(doc.problem(path, message, key=key))
+
+    def warn(self, doc: YamlDocument, path: Path, message: str) -> None:
+        self.problems.append(doc.problem(path, message, severity="warning"))
+
+    def at(self, file: str, message: str, *, severity: str = "error") -> None:
+        self.problems.append(Problem(file, 1, 1, "", message, severity))
+
+    @staticmethod
+    def where(doc: YamlDocument, path: Path = ()) -> str:
+        line, col = doc.mark(path)
+        return f"{doc.file}:{line}:{col}"
+
+    # -- the whole run
+
+    def run(self) -> m.Fleet | None:
+        self.check_control_strings()
+        hosts = self.build("Host", build.host)
+        roles = self.build("Role", build.role)
+        sites = self.build("Site", build.site)
+        profiles = self.build("AppArmorProfile", build.apparmor)
+        files = self.build("ManagedFile", build.managed_file)
+        hosts_by = self.unique_names("Host", hosts)
+        roles_by = self.unique_names("Role", roles)
+        sites_by = self.unique_names("Site", sites)
+        profiles_by = self.unique_names("AppArmorProfile", profiles)
+        files_by = self.unique_names("ManagedFile", files)
+
+        settings = self.fleet_settings()
+        mesh = settings[1] if settings else None
+        self.check_hosts(hosts, roles_by, mesh)
+        self.check_roles(roles, sites_by, profiles_by, files_by)
+        self.check_sites(sites)
+        self.check_profiles(profiles)
+        self.check_files(files, hosts, roles_by, files_by)
+        links: tuple[tuple[str, str], ...] = ()
+        public_keys: dict[str, str] = {}
+        if settings is not None and mesh is not None:
+            links = self.check_mesh(mesh, hosts_by)
+            public_keys = self.check_keys(mesh, hosts_by, links)
+        if settings is None or any(p.severity == "error" for p in self.problems):
+            return None
+        name, mesh_, firewall, drift, notifications = settings
+        return m.Fleet(
+            name=name,
+            mesh=mesh_,
+            firewall=firewall,
+            hosts=tuple(sorted((x.obj for x in hosts), key=lambda h: h.name)),
+            roles=_frozen(roles_by),
+            sites=_frozen(sites_by),
+            apparmor=_frozen(profiles_by),
+            files=_frozen(files_by),
+            drift=drift,
+            notifications=notifications,
+            public_keys=MappingProxyType(dict(sorted(public_keys.items()))),
+            templates=MappingProxyType(dict(sorted(self.src.templates.items()))),
+            warnings=tuple(str(p) for p in sorted(p for p in self.problems if p.severity == "warning")),
+        )
+
+    # -- helpers
+
+    def build(self, kind: str, fn: Any) -> list[_Located]:
+        return [_Located(fn(d.data, d.file), d) for d in self.src.docs.get(kind, ())]
+
+    def unique_names(self, kind: str, items: list[_Located]) -> dict[str, Any]:
+        seen: dict[str, _Located] = {}
+        for x in items:
+            name = x.obj.name
+            first = seen.get(name)
+            if first is not None:
+                self.err(
+                    x.doc,
+                    ("name",),
+                    f"{kind} {name!r} is declared twice (also at {self.where(first.doc, ('name',))})",
+                )
+            else:
+                seen[name] = x
+        return {k: v.obj for k, v in sorted(seen.items())}
+
+    def exists(self, kind: str, name: str, known: Mapping[str, Any]) -> bool:
+        return name in known or name in self.src.broken.get(kind, set())
+
+    def network(self, doc: YamlDocument, path: Path, text: str) -> IPv4Network:
+        net = build.network(text)
+        if str(net) != text:
+            self.err(doc, path, f"{text!r} has host bits set (the network is {net})")
+        return net
+
+    # -- checks
+
+    def check_control_strings(self) -> None:
+        for kind, doc in self.src.parsed:
+            multiline = MULTILINE_FIELDS.get(kind, frozenset())
+            for path, mark, char in doc.control_strings:
+                if path in multiline:
+                    if char == "\x00":
+                        self.problems.append(
+                            Problem(doc.file, *mark, format_path(path), "contains a NUL character")
+                        )
+                    continue
+                what = _CHAR_NAMES.get(char, f"control character U+{ord(char):04X}")
+                self.problems.append(
+                    Problem(
+                        doc.file,
+                        *mark,
+                        format_path(path),
+                        f"contains {what}: values that reach config files must be one line",
+                    )
+                )
+
+    def fleet_settings(
+        self,
+    ) -> tuple[str, m.Mesh, m.FirewallPolicy, m.DriftPolicy, m.Notifications] | None:
+        doc = self.src.fleet
+        if doc is None:
+            return None
+        d = doc.data
+        self.network(doc, ("mesh", "internal_network"), d["mesh"]["internal_network"])
+        for i, src in enumerate(d["firewall"]["management_sources"]):
+            self.network(doc, ("firewall", "management_sources", i), src)
+        mesh = build.mesh(d["mesh"])
+        mail = (d.get("notifications") or {}).get("mail")
+        if mail:
+            smtp = mail.get("smtp") or {}
+            if smtp.get("password_env") and not smtp.get("username_env"):
+                self.err(
+                    doc, ("notifications", "mail", "smtp", "password_env"), "password_env needs username_env"
+                )
+            if smtp.get("username_env") and not smtp.get("password_env"):
+                self.err(
+                    doc, ("notifications", "mail", "smtp", "username_env"), "username_env needs password_env"
+                )
+            if smtp.get("password_env") and smtp.get("security", "none") == "none":
+                host = smtp.get("host", "127.0.0.1")
+                if not _is_loopback(host):
+                    self.warn(
+                        doc,
+                        ("notifications", "mail", "smtp", "security"),
+                        "SMTP credentials would cross the network in clear: use starttls or tls",
+                    )
+        drift = d.get("drift") or {}
+        for key in ("exclude", "secret_paths"):
+            for i, pattern in enumerate(drift.get(key) or ()):
+                if not any(
+                    pattern == p or pattern.startswith(p.rstrip("/") + "/")
+                    for p in drift.get("paths", ["/etc"])
+                ):
+                    self.warn(doc, ("drift", key, i), f"{pattern!r} is outside every drift path")
+        return (
+            d["name"],
+            mesh,
+            build.firewall(d["firewall"]),
+            build.drift(d.get("drift")),
+            build.notifications(d.get("notifications")),
+        )
+
+    def check_hosts(self, hosts: list[_Located], roles: Mapping[str, m.Role], mesh: m.Mesh | None) -> None:
+        public: dict[IPv4Address, _Located] = {}
+        internal: dict[IPv4Address, _Located] = {}
+        net = mesh.internal_network if mesh is not None else None
+        for x in hosts:
+            h: m.Host = x.obj
+            doc = x.doc
+            for addr, table, fld in (
+                (h.public_address, public, "public_address"),
+                (h.internal_address, internal, "internal_address"),
+            ):
+                first = table.get(addr)
+                if first is not None:
+                    self.err(
+                        doc,
+                        (fld,),
+                        f"{addr} is also the {fld.replace('_', ' ')} of {first.obj.name} "
+                        f"({self.where(first.doc, (fld,))})",
+                    )
+                else:
+                    table[addr] = x
+            if net is not None:
+                if h.internal_address not in net:
+                    self.err(
+                        doc,
+                        ("internal_address",),
+                        f"{h.internal_address} is not inside mesh.internal_network {net}",
+                    )
+                elif net.prefixlen <= 30 and h.internal_address in (
+                    net.network_address,
+                    net.broadcast_address,
+                ):
+                    self.err(
+                        doc,
+                        ("internal_address",),
+                        f"{h.internal_address} is the network or broadcast address of {net}",
+                    )
+                if h.public_address in net:
+                    self.err(
+                        doc, ("public_address",), f"{h.public_address} is inside mesh.internal_network {net}"
+                    )
+            for i, r in enumerate(h.roles):
+                if not self.exists("Role", r, roles):
+                    self.err(doc, ("roles", i), f"unknown role {r!r}{_known(roles)}")
+        for x in hosts:
+            if x.obj.public_address in internal and internal[x.obj.public_address] is not x:
+                other = internal[x.obj.public_address]
+                self.err(
+                    x.doc,
+                    ("public_address",),
+                    f"{x.obj.public_address} is the internal address of {other.obj.name}",
+                )
+
+    def check_roles(
+        self,
+        roles: list[_Located],
+        sites: Mapping[str, m.Site],
+        profiles: Mapping[str, m.AppArmorProfile],
+        files: Mapping[str, m.ManagedFile],
+    ) -> None:
+        for x in roles:
+            r: m.Role = x.obj
+            for fld, kind, known in (
+                ("sites", "Site", sites),
+                ("apparmor", "AppArmorProfile", profiles),
+                ("files", "ManagedFile", files),
+            ):
+                for i, name in enumerate(getattr(r, fld)):
+                    if not self.exists(kind, name, known):
+                        self.err(x.doc, (fld, i), f"unknown {_KIND_WORDS[kind]} {name!r}{_known(known)}")
+            both = set(r.packages) & set(r.purge_packages)
+            for i, p in enumerate(r.purge_packages):
+                if p in both:
+                    self.err(x.doc, ("purge_packages", i), f"{p!r} is both installed and purged")
+            for i, port in enumerate(x.doc.data.get("ports") or ()):
+                for j, s in enumerate(port.get("sources") or ()):
+                    self.network(x.doc, ("ports", i, "sources", j), s)
+
+    def check_sites(self, sites: list[_Located]) -> None:
+        for x in sites:
+            s: m.Site = x.obj
+            workers: set[str] = set()
+            for i, w in enumerate(s.workers):
+                if w.name in workers:
+                    self.err(x.doc, ("workers", i, "name"), f"worker {w.name!r} is declared twice")
+                workers.add(w.name)
+            for fld in ("mounts", "unmounts"):
+                for i, mount in enumerate(getattr(s, fld)):
+                    if mount.worker not in workers:
+                        self.err(
+                            x.doc, (fld, i, "worker"), f"unknown worker {mount.worker!r}{_known(workers)}"
+                        )
+            if s.header_location is not None:
+                try:
+                    re.compile(s.header_location)
+                except re.error as exc:
+                    self.err(x.doc, ("header_location",), f"not a valid regular expression: {exc}")
+            if s.tls is not None and s.tls.port == s.port:
+                self.err(x.doc, ("tls", "port"), f"tls.port {s.tls.port} is also the plain HTTP port")
+
+    def check_profiles(self, profiles: list[_Located]) -> None:
+        for x in profiles:
+            p: m.AppArmorProfile = x.obj
+            for i, mv in enumerate(p.moved_directories):
+                if mv.old == mv.new:
+                    self.err(x.doc, ("moved_directories", i, "to"), "'to' is the same directory as 'from'")
+            if p.content is None and not p.rules and not p.moved_directories:
+                self.warn(
+                    x.doc, ("name",), "profile has no content, rules or moved_directories: nothing to do"
+                )
+
+    def check_files(
+        self,
+        files: list[_Located],
+        hosts: list[_Located],
+        roles: Mapping[str, m.Role],
+        files_by: Mapping[str, m.ManagedFile],
+    ) -> None:
+        for x in files:
+            f: m.ManagedFile = x.obj
+            given = [k for k in ("content", "template", "link_target") if k in x.doc.data]
+            if len(given) != 1:
+                self.err(
+                    x.doc,
+                    (given[1],) if len(given) > 1 else ("name",),
+                    "give exactly one of content, template or link_target"
+                    + (f" (got {', '.join(given)})" if given else ""),
+                )
+            if f.template is not None and f.template not in self.src.templates:
+                self.err(x.doc, ("template",), f"template {f.template!r} not found in the repo")
+            if f.secret and f.content is not None:
+                self.warn(x.doc, ("secret",), "secret: true but the content is in the fleet repo in clear")
+            if f.link_target is not None and (f.validate or x.doc.data.get("mode") is not None):
+                self.err(x.doc, ("link_target",), "a symbolic link has no mode and nothing to validate")
+        # two files with the same path on one host
+        seen_combos: set[tuple[str, ...]] = set()
+        for hx in hosts:
+            h: m.Host = hx.obj
+            if h.roles in seen_combos:
+                continue
+            seen_combos.add(h.roles)
+            by_path: dict[str, str] = {}
+            for rname in h.roles:
+                role = roles.get(rname)
+                for fname in role.files if role else ():
+                    mf = files_by.get(fname)
+                    if mf is None:
+                        continue
+                    other = by_path.setdefault(mf.path, fname)
+                    if other != fname:
+                        self.err(
+                            hx.doc,
+                            ("roles",),
+                            f"files {other!r} and {fname!r} both write {mf.path} on this host",
+                        )
+
+    def check_mesh(self, mesh: m.Mesh, hosts: Mapping[str, m.Host]) -> tuple[tuple[str, str], ...]:
+        doc = self.src.fleet
+        assert doc is not None
+        md = doc.data["mesh"]
+        # backend / mode / datapath
+        if mesh.datapath is m.Datapath.LIBIPSEC and mesh.mode is not m.MeshMode.TUNNEL:
+            self.err(
+                doc, ("mesh", "datapath"), "datapath libipsec has no transport mode: it needs mode: tunnel"
+            )
+        if mesh.backend is m.IpsecBackend.RACOON:
+            if mesh.mode is not m.MeshMode.IPIP:
+                self.err(
+                    doc,
+                    ("mesh", "mode"),
+                    "backend racoon builds the seed's transport-mode IP-IP mesh: it needs mode: ipip",
+                )
+            if mesh.datapath is not m.Datapath.KERNEL:
+                self.err(doc, ("mesh", "datapath"), "backend racoon needs datapath: kernel")
+            self.warn(
+                doc,
+                ("mesh", "backend"),
+                "backend racoon speaks only IKEv1 (deprecated by RFC 8247; racoon is unmaintained)",
+            )
+            for k in ("ike_proposals", "esp_proposals"):
+                if k in md:
+                    self.warn(doc, ("mesh", k), f"{k} is ignored with backend racoon (see mesh.racoon)")
+        elif "racoon" in md:
+            self.warn(doc, ("mesh", "racoon"), "mesh.racoon is ignored with backend strongswan")
+        # links
+        links: list[tuple[str, str]] = []
+        if mesh.topology is m.Topology.FULL:
+            if md.get("links"):
+                self.err(doc, ("mesh", "links"), "links are only used with topology: links")
+            names = sorted(hosts)
+            links = [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
+        else:
+            seen: dict[tuple[str, str], int] = {}
+            for i, pair in enumerate(md.get("links") or ()):
+                a, b = pair
+                bad = False
+                for j, n in enumerate(pair):
+                    if n not in hosts:
+                        bad = True
+                        if n not in self.src.broken.get("Host", set()):
+                            self.err(doc, ("mesh", "links", i, j), f"unknown host {n!r}")
+                if a == b:
+                    self.err(doc, ("mesh", "links", i), f"a host cannot link to itself ({a})")
+                    continue
+                key = (a, b) if a < b else (b, a)
+                if key in seen:
+                    self.err(
+                        doc, ("mesh", "links", i), f"link {a}-{b} is listed twice (also links[{seen[key]}])"
+                    )
+                    continue
+                seen[key] = i
+                if not bad:
+                    links.append(key)
+            if not seen:
+                self.warn(doc, ("mesh", "topology"), "topology links with no links: no host talks IPsec")
+        pairs = tuple(sorted(links))
+        self.check_crypto(mesh, hosts, pairs)
+        return pairs
+
+    def legacy_block(self, hosts: Mapping[str, m.Host], names: Iterable[str]) -> list[str]:
+        """The hosts among ``names`` that are NOT marked legacy_crypto."""
+        return sorted({n for n in names if n in hosts and not hosts[n].legacy_crypto})
+
+    def judge(self, doc: YamlDocument, path: Path, message: str, blockers: list[str]) -> None:
+        if blockers:
+            listed = ", ".join(blockers[:5]) + (f" and {len(blockers) - 5} more" if len(blockers) > 5 else "")
+            self.err(
+                doc,
+                path,
+                f"{message}; allowed only when every host on the link sets legacy_crypto: true "
+                f"(not: {listed})",
+            )
+        else:
+            self.warn(doc, path, f"{message} (allowed: every host on the link is legacy_crypto)")
+
+    def check_crypto(
+        self, mesh: m.Mesh, hosts: Mapping[str, m.Host], links: Sequence[tuple[str, str]]
+    ) -> None:
+        doc = self.src.fleet
+        assert doc is not None
+        linked = {n for pair in links for n in pair}
+        blockers = self.legacy_block(hosts, linked)
+        if mesh.backend is m.IpsecBackend.STRONGSWAN:
+            for key, ike in (("ike_proposals", True), ("esp_proposals", False)):
+                for i, proposal in enumerate(getattr(mesh, key)):
+                    path: Path = ("mesh", key, i) if key in doc.data["mesh"] else ("mesh",)
+                    for f in crypto.check_proposal(proposal, ike=ike):
+                        msg = f"{proposal}: {f.message}"
+                        if f.level == "invalid":
+                            self.err(doc, path, msg)
+                        elif f.level == "weak":
+                            self.judge(doc, path, msg, blockers)
+                        else:
+                            self.warn(doc, path, msg)
+        else:
+            for f in crypto.check_racoon(mesh.racoon):
+                path = ("mesh", "racoon", f.field)
+                if f.level == "weak":
+                    self.judge(doc, path, f.message, blockers)
+                else:
+                    self.warn(doc, path, f.message)
+
+    def check_keys(
+        self, mesh: m.Mesh, hosts: Mapping[str, m.Host], links: Sequence[tuple[str, str]]
+    ) -> dict[str, str]:
+        peers: dict[str, set[str]] = {}
+        for a, b in links:
+            peers.setdefault(a, set()).add(b)
+            peers.setdefault(b, set()).add(a)
+        out: dict[str, str] = {}
+        want = "racoon" if mesh.backend is m.IpsecBackend.RACOON else "pem"
+        for host, (file, data) in sorted(self.src.keys.items()):
+            if host not in hosts:
+                if host not in self.src.broken.get("Host", set()):
+                    self.at(file, f"public key for undeclared host {host!r}")
+                continue
+            try:
+                key: PublicKey = parse_public_key(data)
+            except KeyFileError as exc:
+                self.at(file, str(exc))
+                continue
+            if key.format != want:
+                need = "a racoon ': PUB 0s...' line" if want == "racoon" else "a PEM public key"
+                self.at(file, f"backend {mesh.backend.value} needs {need}")
+                continue
+            weak, warn = weaknesses(key)
+            blockers = self.legacy_block(hosts, {host, *peers.get(host, ())})
+            for msg in weak:
+                if blockers:
+                    self.at(
+                        file,
+                        f"{msg}; allowed only when every host on its links sets legacy_crypto: true "
+                        f"(not: {', '.join(blockers[:5])})",
+                    )
+                else:
+                    self.at(file, f"{msg} (allowed: legacy_crypto)", severity="warning")
+            for msg in warn:
+                self.at(file, msg, severity="warning")
+            out[host] = key.text
+        return out
+
+
+_KIND_WORDS = {
+    "Site": "site",
+    "AppArmorProfile": "AppArmor profile",
+    "ManagedFile": "managed file",
+    "Role": "role",
+}
+
+
+def _known(names: Iterable[str]) -> str:
+    names = sorted(names)
+    if not names:
+        return " (none declared)"
+    shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+    return f" (known: {shown})"
+
+
+def _frozen(d: dict[str, T]) -> Mapping[str, T]:
+    return MappingProxyType(dict(d))
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return IPv4Address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check(src: Sources) -> tuple[m.Fleet | None, list[Problem]]:
+    checker = Checker(src)
+    fleet = checker.run()
+    return fleet, checker.problems
