@@ -87,6 +87,7 @@ def connection_conf(fleet: Fleet, host: Host, peer: Host) -> str:
         f"        rekey_time = {life.ike_rekey_seconds}s",
         f"        dpd_delay = {mesh.dpd_seconds}s",
         "        mobike = no",
+        *(["        keyingtries = 0"] if libipsec and initiates(host, peer) else []),
         "        local {",
         "            auth = pubkey",
         f"            id = {host.public_address}",
@@ -121,6 +122,7 @@ def connection_conf(fleet: Fleet, host: Host, peer: Host) -> str:
         # keeps protected traffic from ever leaving in clear
         child += ["start_action = trap", "dpd_action = trap"]
     elif initiates(host, peer):
+        # keyingtries = 0 (below): keep retrying while the responder does not answer yet
         child += ["start_action = start", "dpd_action = restart", "close_action = start"]
     else:
         child += ["start_action = none"]
