@@ -1,17 +1,127 @@
-"""`reconciler keys`: not built yet (placeholder so the CLI lists every command)."""
+"""`reconciler keys collect [REPO] [--host NAME ...]`: read each host's PUBLIC key back.
+
+Key pairs are made on the hosts by `reconciler apply` (the private key never leaves its host).
+This command reads each host's public key file (``KeyPair.public_path``, the first key pair the
+host renders) over SSH and writes it to the fleet repo as ``keys/<host>.pub`` (atomically). It
+does not commit: review the change with ``git diff keys/`` and commit it yourself (signed, as
+every fleet commit), so a public key enters the fleet only through the normal review path.
+A file that looks like a private key is refused and never written.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
+
+from reconciler.commands.plan import Reach, add_connection_args, load, make_pool, reach_from_args
+from reconciler.errors import FleetInvalid, ReconcilerError
+
+MAX_KEY_BYTES = 16 * 1024
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("keys", help="(not built yet)")
-    p.set_defaults(func=run)
+    p = sub.add_parser("keys", help="manage the hosts' IPsec public keys")
+    ksub = p.add_subparsers(dest="keys_command", metavar="ACTION")
+    ksub.required = True
+    c = ksub.add_parser("collect", help="read each host's public key into keys/<host>.pub (no commit)")
+    add_connection_args(c)
+    c.set_defaults(func=run)
+
+
+def check_public_key(text: bytes) -> str | None:
+    """Why ``text`` is not acceptable as a public key file (None when it is)."""
+    if not text.strip():
+        return "empty"
+    if len(text) > MAX_KEY_BYTES:
+        return f"larger than {MAX_KEY_BYTES} bytes"
+    if b"PRIVATE KEY" in text or b": RSA" in text and b"PrivateExponent" in text:
+        return "looks like a PRIVATE key: refused (private keys never leave the host)"
+    try:
+        text.decode("ascii")
+    except UnicodeDecodeError:
+        return "not ASCII text"
+    return None
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+async def collect(fleet: Any, hosts: list[str], pool: Any, repo: Path) -> list[tuple[str, str, bool]]:
+    """(host, message, ok) per host; writes keys/<host>.pub for each key read."""
+    from reconciler.engine import select_hosts
+    from reconciler.render import render_host
+
+    async def one(name: str) -> tuple[str, str, bool]:
+        try:
+            desired = render_host(fleet, fleet.host(name))
+        except ReconcilerError as err:
+            return name, f"render: {err}", False
+        if not desired.keypairs:
+            return name, "no key pair for this host (no IPsec peers): nothing to collect", True
+        kp = desired.keypairs[0]
+        try:
+            conn = await pool.get(name)
+            res = await conn.run(["cat", "--", kp.public_path], timeout=30)
+        except ReconcilerError as err:
+            return name, str(err), False
+        if res.exit_status != 0:
+            err_text = res.stderr.decode(errors="replace").strip()
+            return name, f"cannot read {kp.public_path} ({err_text}); run `reconciler apply` first", False
+        problem = check_public_key(res.stdout)
+        if problem:
+            return name, f"{kp.public_path}: {problem}", False
+        dest = repo / "keys" / f"{name}.pub"
+        if dest.exists() and dest.read_bytes() == res.stdout:
+            return name, f"keys/{name}.pub unchanged", True
+        write_atomic(dest, res.stdout)
+        return name, f"wrote keys/{name}.pub from {kp.public_path}", True
+
+    names = select_hosts(fleet, hosts)
+    return list(await asyncio.gather(*(one(n) for n in names)))
 
 
 def run(args: argparse.Namespace) -> int:
-    print("reconciler keys: not built yet", file=sys.stderr)
-    return 1
+    try:
+        fleet = load(args.repo)
+        reach: Reach = reach_from_args(args)
+    except FleetInvalid as err:
+        print(f"fleet {args.repo} does not validate:\n{err}", file=sys.stderr)
+        return 1
+    except ReconcilerError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+    async def main() -> list[tuple[str, str, bool]]:
+        async with make_pool(fleet, reach, args) as pool:
+            return await collect(fleet, args.host, pool, Path(args.repo))
+
+    try:
+        results = asyncio.run(main())
+    except ReconcilerError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    ok = True
+    for host, message, good in results:
+        print(f"{host}: {message}")
+        ok = ok and good
+    wrote = [h for h, m, g in results if m.startswith("wrote")]
+    if wrote:
+        print(
+            f"\nReview and commit: git -C {args.repo} diff -- keys/ && git -C {args.repo} commit -S -- keys/"
+        )
+    return 0 if ok else 1

@@ -1,17 +1,211 @@
-"""`reconciler plan`: not built yet (placeholder so the CLI lists every command)."""
+"""`reconciler plan` and `reconciler apply`.
+
+plan:  observe every selected host and print what apply would change (per host, per resource,
+       unified diffs; coloured on a terminal unless NO_COLOR). Exit 0 in sync, 2 changes
+       pending, 1 an error (a host that cannot be reached or observed is an error; the others
+       are still planned).
+apply: the same plan, then (after confirmation on a terminal, or with --yes) applies it to the
+       hosts concurrently and prints per-host results. Exit 0 when every host is applied and
+       verified (or was in sync), 1 otherwise.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from reconciler.errors import FleetInvalid, ReconcilerError
+
+MANY_HOSTS = 5  # above this, a line-based progress display on a terminal
+
+
+def add_connection_args(p: argparse.ArgumentParser) -> None:
+    """--known-hosts/--identity or --lab: how to reach the hosts with strict host keys."""
+    p.add_argument("repo", nargs="?", default=".", help="fleet repo directory (default: .)")
+    p.add_argument("--host", action="append", default=[], metavar="NAME", help="only this host (repeatable)")
+    p.add_argument("--known-hosts", metavar="FILE", help="known_hosts file with the hosts' SSH keys")
+    p.add_argument(
+        "--identity", action="append", default=[], metavar="FILE", help="SSH private key (repeatable)"
+    )
+    p.add_argument("--lab", action="store_true", help="use the lab started by `reconciler lab up`")
+    p.add_argument("--connect-timeout", type=float, default=10.0, metavar="S", help="SSH connect timeout")
+    p.add_argument("--command-timeout", type=float, default=120.0, metavar="S", help="per-command timeout")
+
+
+@dataclass(frozen=True)
+class Reach:
+    known_hosts: str | None
+    identities: tuple[str, ...]
+    address_override: dict[str, str]
+
+
+def reach_from_args(args: argparse.Namespace) -> Reach:
+    if args.lab:
+        from reconciler.lab import Lab
+
+        info = Lab.current()
+        if info is None:
+            raise ReconcilerError("--lab: no lab is running (start one with `reconciler lab up`)")
+        return Reach(str(info.known_hosts), (str(info.client_key),), {h.name: h.address for h in info.hosts})
+    return Reach(args.known_hosts, tuple(args.identity), {})
+
+
+def load(repo: str) -> Any:
+    from reconciler.fleet.load import load_fleet
+
+    return load_fleet(Path(repo))
+
+
+def make_pool(fleet: Any, reach: Reach, args: argparse.Namespace) -> Any:
+    from reconciler.connection import ConnectionPool, targets_for
+
+    targets = targets_for(
+        fleet,
+        known_hosts=reach.known_hosts,
+        client_keys=reach.identities,
+        address_override=reach.address_override or None,
+    )
+    return ConnectionPool(
+        targets,
+        connect_timeout=args.connect_timeout,
+        command_timeout=args.command_timeout,
+        max_concurrency=100,
+    )
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("plan", help="(not built yet)")
-    p.set_defaults(func=run)
+    p = sub.add_parser("plan", help="show what apply would change on each host (changes nothing)")
+    add_connection_args(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=run_plan)
+
+    a = sub.add_parser("apply", help="plan, confirm, then apply the plan to the hosts")
+    add_connection_args(a)
+    a.add_argument("--json", action="store_true", help="machine-readable output (needs --yes)")
+    a.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    a.add_argument(
+        "--firewall-window",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds before a host restores its old firewall rules unless confirmed (default 10)",
+    )
+    a.set_defaults(func=run_apply)
 
 
-def run(args: argparse.Namespace) -> int:
-    print("reconciler plan: not built yet", file=sys.stderr)
-    return 1
+def _progress(total: int) -> Any:
+    from reconciler.planview import progress_line
+
+    if total <= MANY_HOSTS or not sys.stderr.isatty():
+        return None
+    done = [0]
+
+    def show(o: Any) -> None:
+        done[0] += 1
+        print(progress_line(o, done[0], total), file=sys.stderr, flush=True)
+
+    return show
+
+
+def _prepare(args: argparse.Namespace) -> tuple[Any, Reach] | int:
+    try:
+        fleet = load(args.repo)
+        reach = reach_from_args(args)
+    except FleetInvalid as err:
+        print(f"fleet {args.repo} does not validate:\n{err}", file=sys.stderr)
+        return 1
+    except ReconcilerError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return fleet, reach
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from reconciler.engine import plan_fleet
+    from reconciler.planview import render_plan, to_json, use_color
+
+    prepared = _prepare(args)
+    if isinstance(prepared, int):
+        return prepared
+    fleet, reach = prepared
+
+    async def main() -> Any:
+        async with make_pool(fleet, reach, args) as pool:
+            total = len(args.host) or len(fleet.hosts)
+            return await plan_fleet(fleet, args.host, pool, progress=_progress(total))
+
+    try:
+        result = asyncio.run(main())
+    except ReconcilerError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if args.json:
+        sys.stdout.write(to_json(result, mode="plan"))
+    else:
+        sys.stdout.write(render_plan(result, color=use_color(sys.stdout)))
+    code: int = result.exit_code()
+    return code
+
+
+def run_apply(args: argparse.Namespace) -> int:
+    from reconciler.engine import CHANGES, apply_planned, plan_fleet
+    from reconciler.planview import render_apply, render_plan, to_json, use_color
+
+    if not args.yes and not sys.stdin.isatty():
+        print("refusing to apply: stdin is not a terminal and --yes was not given", file=sys.stderr)
+        return 1
+    prepared = _prepare(args)
+    if isinstance(prepared, int):
+        return prepared
+    fleet, reach = prepared
+    color = use_color(sys.stdout)
+
+    async def main() -> tuple[Any, Any]:
+        async with make_pool(fleet, reach, args) as pool:
+            total = len(args.host) or len(fleet.hosts)
+            planned = await plan_fleet(fleet, args.host, pool, progress=_progress(total))
+            if not args.json:
+                sys.stdout.write(render_plan(planned, color=color))
+                sys.stdout.flush()
+            changing = [o for o in planned.hosts if o.status == CHANGES]
+            if not changing:
+                return planned, None
+            if not args.yes:
+                prompt = f"\nApply these changes to {len(changing)} host(s)? Only 'yes' is accepted: "
+                answer = await asyncio.get_running_loop().run_in_executor(None, input, prompt)
+                if answer.strip() != "yes":
+                    return planned, "cancelled"
+            result = await apply_planned(
+                planned, pool, progress=_progress(len(changing)), firewall_window=args.firewall_window
+            )
+            return planned, result
+
+    try:
+        planned, result = asyncio.run(main())
+    except ReconcilerError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except EOFError:
+        print("\napply cancelled (no answer)", file=sys.stderr)
+        return 1
+    if result == "cancelled":
+        print("apply cancelled; nothing changed", file=sys.stderr)
+        return 1
+    final = planned if result is None else result
+    if args.json:
+        sys.stdout.write(to_json(final, mode="apply"))
+    else:
+        if result is None:
+            print(
+                "Nothing to apply."
+                if final.exit_code() == 0
+                else "Nothing applied (hosts with errors above)."
+            )
+        else:
+            sys.stdout.write("\n" + render_apply(result, color=color))
+    code = final.exit_code()
+    return 1 if code else 0

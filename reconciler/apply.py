@@ -1,0 +1,822 @@
+"""Run a HostPlan on its host: stage, validate, swap, reload, re-observe, verify.
+
+Phases (each one SSH round trip, in this order):
+
+1. packages: ``apt-get install``/``purge`` for the planned packages;
+2. firewall: ``reconciler.deadman`` (save, arm a rollback, load, confirm over a NEW connection);
+   a failure stops the host here (everything after depends on reachability and IKE/ESP);
+3. key pairs: generated on the host when the private key is missing (never read back);
+4. files: **stage** every new file/link as a dotfile temp next to its target
+   (``<dir>/.<name>.reconciler-<token>``, a tar on stdin; stale temps of earlier runs are
+   removed), **validate** (file validators on the staged file, handler validators on a staged
+   copy of their whole tree with every pending change applied), then **swap** (backup as a hard
+   link, chown/chmod the temp, ``mv -T`` over the target; deletes keep a backup too). On any
+   validation failure the staged temps are removed, live files stay, nothing reloads;
+5. tunnels (``ip link add ... type ipip``; a kernel without ipip is reported as a skip);
+6. reloads: each affected handler once, after all its files are swapped; on failure its files
+   are restored from the backups and it is reloaded again with the old files;
+7. services started when not running;
+8. backups removed, the inventory (``/var/lib/reconciler/inventory.json``) written;
+9. observe again and plan again: the result must be empty (``converged``).
+
+The SSH connection dropping at any point never leaves a half-written file: content only ever
+reaches a live path by ``rename``.
+"""
+
+from __future__ import annotations
+
+import io
+import posixpath
+import secrets
+import shlex
+import tarfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, cast
+
+from reconciler import deadman
+from reconciler.connection import Connection
+from reconciler.errors import ReconcilerError
+from reconciler.log import get_logger
+from reconciler.observe import observe_host
+from reconciler.plan import (
+    FILE_KINDS,
+    INVENTORY_PATH,
+    Action,
+    ActionKind,
+    HostPlan,
+    inventory_json,
+    plan_host,
+    tunnel_addresses,
+)
+from reconciler.resources import (
+    Address,
+    Desired,
+    FileResource,
+    FirewallRuleset,
+    KeyPair,
+    LinkResource,
+    Package,
+    Service,
+    Tunnel,
+    Validator,
+)
+
+log = get_logger(__name__)
+
+DEFAULT_TIMEOUT = 120.0
+
+
+class _Result(Protocol):
+    @property
+    def exit_status(self) -> int: ...
+    @property
+    def stdout(self) -> bytes: ...
+    @property
+    def stderr(self) -> bytes: ...
+
+
+class Conn(Protocol):
+    host: str
+
+    async def run(
+        self, argv: Sequence[str], *, stdin: bytes | None = None, timeout: float | None = None
+    ) -> _Result: ...
+
+    async def run_script(
+        self,
+        script: str,
+        *,
+        args: Sequence[str] = (),
+        stdin_after: bytes | None = None,
+        timeout: float | None = None,
+    ) -> _Result: ...
+
+    async def close(self) -> None: ...
+
+
+class Pool(Protocol):
+    async def get(self, host: str) -> Conn: ...
+    async def fresh(self, host: str) -> Conn: ...
+
+
+@dataclass(frozen=True)
+class ActionOutcome:
+    action: Action
+    status: str  # "done", "failed", "skipped" (not run), "n/a" (cannot apply here, e.g. no ipip)
+    message: str = ""
+
+    def as_dict(self) -> dict[str, object]:
+        return {**self.action.as_dict(), "status": self.status, "message": self.message}
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    host: str
+    ok: bool
+    outcomes: tuple[ActionOutcome, ...] = ()
+    reloaded: tuple[str, ...] = ()
+    messages: tuple[str, ...] = ()  # validator output, rollbacks, skips: what a user must read
+    rolled_back: bool = False
+    verify: HostPlan | None = field(default=None, compare=False)  # the plan after re-observing
+    converged: bool = False
+    seconds: float = 0.0
+
+    def changed(self) -> int:
+        return sum(1 for o in self.outcomes if o.status == "done" and o.action.kind is not ActionKind.RELOAD)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "host": self.host,
+            "ok": self.ok,
+            "converged": self.converged,
+            "rolled_back": self.rolled_back,
+            "reloaded": list(self.reloaded),
+            "messages": list(self.messages),
+            "outcomes": [o.as_dict() for o in self.outcomes],
+            "remaining": [a.as_dict() for a in self.verify.actions] if self.verify else [],
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def staged_path(path: str, token: str) -> str:
+    """``/etc/apache2/sites-available/.shop.conf.reconciler-<token>``: a dotfile whose name no
+    include glob (``*.conf``, apparmor.d's non-dot files) can load."""
+    d, base = posixpath.split(path)
+    return posixpath.join(d, f".{base}.reconciler-{token}")
+
+
+def backup_path(path: str, token: str) -> str:
+    d, base = posixpath.split(path)
+    return posixpath.join(d, f".{base}.reconciler-bak-{token}")
+
+
+q = shlex.quote
+
+
+class _Run:
+    """The state of one host's apply."""
+
+    def __init__(self, pool: Pool, host: str, plan: HostPlan, desired: Desired, token: str) -> None:
+        self.pool = pool
+        self.host = host
+        self.plan = plan
+        self.desired = desired
+        self.token = token
+        self.outcomes: dict[int, ActionOutcome] = {}
+        self.messages: list[str] = []
+        self.reloaded: list[str] = []
+        self.rolled_back = False
+        self.stopped: str | None = None  # why the remaining actions were skipped
+        self.failed_handlers: set[str] = set()
+        self.swapped: dict[int, bool] = {}  # action index -> had a backup
+
+    def mark(self, idx: int, status: str, message: str = "") -> None:
+        self.outcomes[idx] = ActionOutcome(self.plan.actions[idx], status, message)
+
+    def indices(self, kinds: frozenset[ActionKind] | set[ActionKind]) -> list[int]:
+        return [i for i, a in enumerate(self.plan.actions) if a.kind in kinds and i not in self.outcomes]
+
+    async def conn(self) -> Conn:
+        return await self.pool.get(self.host)
+
+
+async def apply_host(
+    conn_pool: Pool,
+    host: str,
+    plan: HostPlan,
+    desired: Desired,
+    *,
+    firewall_window: float = deadman.DEFAULT_WINDOW,
+    verify: bool = True,
+) -> ApplyResult:
+    """Run ``plan`` (the value ``plan_host`` returned) on ``host``; never raises for host errors."""
+    started = time.monotonic()
+    if not plan.actions:
+        return ApplyResult(host, True, messages=(plan.noop_reason,), converged=True, verify=plan)
+    run = _Run(conn_pool, host, plan, desired, secrets.token_hex(6))
+    phase = "start"
+    try:
+        phase = "packages"
+        await _packages(run)
+        phase = "firewall"
+        await _firewall(run, firewall_window)
+        if run.stopped is None:
+            phase = "key pairs"
+            await _keypairs(run)
+            phase = "files"
+            await _files(run)
+            phase = "tunnels"
+            await _tunnels(run)
+            await _addresses(run)
+            phase = "reloads"
+            await _reloads(run)
+            phase = "services"
+            await _services(run)
+            phase = "finish"
+            await _finish(run)
+    except ReconcilerError as err:
+        run.stopped = f"{phase}: {err}"
+        run.messages.append(
+            f"apply stopped during {phase}: {err}; live files were only ever replaced by rename "
+            "(no half-written file); the next apply removes staged temps and converges"
+        )
+    for i in range(len(plan.actions)):
+        if i not in run.outcomes:
+            run.mark(i, "skipped", run.stopped or "not run")
+
+    verify_plan: HostPlan | None = None
+    if verify and not run.rolled_back:
+        try:
+            conn = await run.conn()
+            observed = await observe_host(cast(Connection, conn), desired)
+            verify_plan = plan_host(desired, observed)
+        except ReconcilerError as err:
+            run.messages.append(f"could not observe the host again to verify: {err}")
+    converged = verify_plan is not None and not verify_plan.actions
+    ok = all(o.status in ("done", "n/a") for o in run.outcomes.values()) and not run.rolled_back
+    if ok and verify and not converged:
+        left = ", ".join(f"{a.kind} {a.resource}" for a in (verify_plan.actions if verify_plan else ()))
+        run.messages.append(f"applied, but the host still differs after re-observing: {left or 'unknown'}")
+        ok = False
+    outcomes = tuple(run.outcomes[i] for i in range(len(plan.actions)))
+    log.info(
+        "apply.done", host=host, ok=ok, converged=converged, seconds=round(time.monotonic() - started, 3)
+    )
+    return ApplyResult(
+        host=host,
+        ok=ok,
+        outcomes=outcomes,
+        reloaded=tuple(run.reloaded),
+        messages=tuple(run.messages),
+        rolled_back=run.rolled_back,
+        verify=verify_plan,
+        converged=converged,
+        seconds=time.monotonic() - started,
+    )
+
+
+def _text(res: _Result) -> str:
+    return (res.stderr + res.stdout).decode(errors="replace").strip()
+
+
+# ---------------------------------------------------------------- packages
+
+
+async def _packages(run: _Run) -> None:
+    idx = run.indices({ActionKind.INSTALL_PACKAGE, ActionKind.PURGE_PACKAGE})
+    if not idx:
+        return
+    install = [i for i in idx if run.plan.actions[i].kind is ActionKind.INSTALL_PACKAGE]
+    purge = [i for i in idx if run.plan.actions[i].kind is ActionKind.PURGE_PACKAGE]
+    conn = await run.conn()
+    env = ("env", "DEBIAN_FRONTEND=noninteractive")
+    for group, verb in ((install, "install"), (purge, "purge")):
+        if not group:
+            continue
+        names = []
+        for i in group:
+            target = run.plan.actions[i].target
+            assert isinstance(target, Package)
+            names.append(target.name)
+        argv = (*env, "apt-get", verb, "-y", "--no-install-recommends", *names)
+        res = await conn.run(argv, timeout=600)
+        for i in group:
+            if res.exit_status == 0:
+                run.mark(i, "done")
+            else:
+                run.mark(i, "failed", f"apt-get {verb} failed: {_text(res)[-2000:]}")
+        if res.exit_status != 0:
+            run.messages.append(f"apt-get {verb} {' '.join(names)} failed: {_text(res)[-2000:]}")
+
+
+# ---------------------------------------------------------------- firewall
+
+
+async def _firewall(run: _Run, window: float) -> None:
+    idx = run.indices({ActionKind.RESTORE_FIREWALL})
+    for i in idx:
+        fw = run.plan.actions[i].target
+        assert isinstance(fw, FirewallRuleset)
+        outcome = await deadman.apply_firewall(run.pool, run.host, fw, token=run.token, window=window)
+        run.messages.append(outcome.message)
+        if outcome.ok:
+            run.mark(i, "done", outcome.message)
+            continue
+        run.mark(i, "failed", outcome.message)
+        run.rolled_back = outcome.rolled_back
+        run.stopped = f"the firewall change failed ({outcome.message}); later changes depend on it"
+        if outcome.rolled_back:
+            drop = getattr(run.pool, "drop", None)
+            if drop is not None:
+                await drop(run.host)
+
+
+# ---------------------------------------------------------------- key pairs
+
+
+async def _keypairs(run: _Run) -> None:
+    idx = run.indices({ActionKind.GENERATE_KEYPAIR})
+    if not idx:
+        return
+    lines = ["set -u", "umask 077"]
+    for i in idx:
+        kp = run.plan.actions[i].target
+        assert isinstance(kp, KeyPair)
+        cmds = " && ".join(shlex.join(argv) for argv in kp.generate) or "true"
+        lines.append(
+            f"if [ -e {q(kp.private_path)} ]; then echo '@@K {i} exists'; else "
+            f"mkdir -p {q(posixpath.dirname(kp.private_path))} {q(posixpath.dirname(kp.public_path))} && "
+            f"( {cmds} ) >/tmp/.reconciler-keygen.$$ 2>&1 && [ -e {q(kp.private_path)} ] "
+            f"&& echo '@@K {i} ok' || {{ echo '@@K {i} failed'; cat /tmp/.reconciler-keygen.$$; }}; "
+            "rm -f /tmp/.reconciler-keygen.$$; fi"
+        )
+    conn = await run.conn()
+    res = await conn.run_script("\n".join(lines) + "\n", timeout=DEFAULT_TIMEOUT)
+    out = res.stdout.decode(errors="replace")
+    for i in idx:
+        if f"@@K {i} ok" in out or f"@@K {i} exists" in out:
+            run.mark(i, "done", "key pair generated on the host (private key never read)")
+        else:
+            detail = out.split(f"@@K {i} failed", 1)[-1].split("@@K ", 1)[0].strip()
+            run.mark(i, "failed", f"key generation failed: {detail[-1000:]}")
+            run.messages.append(f"{run.plan.actions[i].resource}: key generation failed: {detail[-1000:]}")
+            h = run.plan.actions[i].handler
+            if h:
+                run.failed_handlers.add(h)
+
+
+# ---------------------------------------------------------------- files
+
+
+def _file_actions(run: _Run) -> list[int]:
+    return run.indices(set(FILE_KINDS))
+
+
+def _content_actions(run: _Run, idx: list[int]) -> list[int]:
+    """Actions that put new content or a new link in place (staged)."""
+    out = []
+    for i in idx:
+        a = run.plan.actions[i]
+        if a.kind in (ActionKind.CREATE, ActionKind.UPDATE, ActionKind.RELINK):
+            out.append(i)
+    return out
+
+
+def _tar_of(run: _Run, idx: list[int]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for i in idx:
+            a = run.plan.actions[i]
+            t = a.target
+            assert a.path is not None
+            name = staged_path(a.path, run.token).lstrip("/")
+            info = tarfile.TarInfo(name)
+            info.uid = info.gid = 0
+            info.uname = info.gname = "root"
+            info.mtime = 0
+            if isinstance(t, FileResource):
+                info.size = len(t.content)
+                info.mode = t.mode if not t.secret else t.mode & 0o700
+                tar.addfile(info, io.BytesIO(t.content))
+            elif isinstance(t, LinkResource):
+                info.type = tarfile.SYMTYPE
+                info.linkname = t.target
+                info.mode = 0o777
+                tar.addfile(info)
+    return buf.getvalue()
+
+
+STAGE = r"""
+set -u
+# $@: directories holding a change: create them, drop stale temps of earlier applies
+for d in "$@"; do
+  if [ -d "$d" ]; then
+    find "$d" -maxdepth 1 -name '.*.reconciler-*' \( -type f -o -type l \) -exec rm -f {} + 2>/dev/null
+  else
+    mkdir -p "$d" || exit 10
+  fi
+done
+tar -x -f - -C / --no-same-owner -p --no-overwrite-dir || exit 11
+echo staged
+"""
+
+
+async def _files(run: _Run) -> None:
+    idx = _file_actions(run)
+    if not idx:
+        return
+    # directory in the way: refused, reported
+    staged = _content_actions(run, idx)
+    dirs = sorted({posixpath.dirname(run.plan.actions[i].path or "/") for i in idx})
+    conn = await run.conn()
+    if staged:
+        res = await conn.run_script(
+            STAGE, args=dirs, stdin_after=_tar_of(run, staged), timeout=DEFAULT_TIMEOUT
+        )
+        if res.exit_status != 0:
+            await _unstage(run, staged)
+            msg = f"staging failed (exit {res.exit_status}): {_text(res)[-2000:]}"
+            for i in idx:
+                run.mark(i, "failed", msg)
+            run.messages.append(msg)
+            _fail_handlers(run, idx)
+            return
+    # validate
+    problems = await _validate(run, idx)
+    if problems:
+        await _unstage(run, staged)
+        msg = "validation failed; live files untouched, nothing reloaded:\n" + "\n".join(problems)
+        for i in idx:
+            run.mark(i, "failed", "validation failed")
+        run.messages.append(msg)
+        _fail_handlers(run, idx)
+        return
+    await _swap(run, idx)
+
+
+def _fail_handlers(run: _Run, idx: list[int]) -> None:
+    for i in idx:
+        h = run.plan.actions[i].handler
+        if h:
+            run.failed_handlers.add(h)
+
+
+async def _unstage(run: _Run, staged: list[int]) -> None:
+    paths = [staged_path(run.plan.actions[i].path or "", run.token) for i in staged]
+    if not paths:
+        return
+    conn = await run.conn()
+    await conn.run(["rm", "-f", "--", *paths], timeout=DEFAULT_TIMEOUT)
+
+
+def _subst(text: str, *, path: str | None, tree: str | None) -> str:
+    if path is not None:
+        text = text.replace("{path}", path)
+    if tree is not None:
+        text = text.replace("{tree}", tree)
+    return text
+
+
+def _validator_cmd(v: Validator, *, path: str | None, tree_var: bool) -> str:
+    """A shell command line for one validator: every argument quoted; ``{tree}`` becomes the
+    (quoted) value of the script variable ``$tree``."""
+    marker = "\x00TREE\x00"
+    parts = []
+    for k, val in v.env:
+        parts.append(_quote_with_tree(f"{k}={_subst(val, path=path, tree=marker)}", marker))
+    argv = [_quote_with_tree(_subst(a, path=path, tree=marker), marker) for a in v.argv]
+    env = ("env " + " ".join(parts) + " ") if parts else ""
+    del tree_var
+    return env + " ".join(argv)
+
+
+def _quote_with_tree(text: str, marker: str) -> str:
+    pieces = text.split(marker)
+    return '"$tree"'.join(q(p) if p else "" for p in pieces) or "''"
+
+
+async def _validate(run: _Run, idx: list[int]) -> list[str]:
+    """Run every relevant validator in one round trip; return the failures' messages."""
+    actions = run.plan.actions
+    changed = [i for i in idx if actions[i].kind in (ActionKind.CREATE, ActionKind.UPDATE, ActionKind.RELINK)]
+    changed += [i for i in idx if actions[i].kind is ActionKind.DELETE]
+    lines = ["set -u", "rc_all=0"]
+    labels: list[str] = []
+
+    def add(label: str, body: list[str], needs: str | None) -> None:
+        n = len(labels)
+        labels.append(label)
+        guard = f"command -v {q(needs)} >/dev/null 2>&1" if needs else "true"
+        lines.append(f"if {guard}; then")
+        lines.append("  out=$( {")
+        lines.extend("    " + b for b in body)
+        lines.append("  } 2>&1 ); rc=$?")
+        lines.append(f"  echo '@@V {n}' $rc; printf '%s\\n' \"$out\"")
+        lines.append("else")
+        lines.append(f"  echo '@@V {n} skip'")
+        lines.append("fi")
+
+    # the files' own validators, on the staged file
+    for i in changed:
+        t = actions[i].target
+        if isinstance(t, FileResource):
+            for v in t.validators:
+                sp = staged_path(t.path, run.token)
+                add(
+                    f"{t.path}: {' '.join(v.argv)}",
+                    [_validator_cmd(v, path=sp, tree_var=False)],
+                    v.needs_command,
+                )
+    # handler validators on a staged copy of the whole tree
+    handlers = sorted({hn for i in changed if (hn := actions[i].handler)})
+    for name in handlers:
+        try:
+            h = run.desired.handler(name)
+        except KeyError:
+            continue
+        for v in h.validators:
+            body: list[str] = []
+            if v.tree_root:
+                root = v.tree_root.rstrip("/") or "/"
+                body.append("tmpd=$(mktemp -d /tmp/.reconciler-tree.XXXXXX) || exit 90")
+                body.append(f'tree="$tmpd"/{q(posixpath.basename(root) or "root")}')
+                body.append(f'cp -a {q(root)} "$tree" 2>/dev/null || mkdir -p "$tree"')
+                for i in changed:
+                    a = actions[i]
+                    if not a.path or not a.path.startswith(root + "/"):
+                        continue
+                    rel = a.path[len(root) + 1 :]
+                    dst = f'"$tree"/{q(rel)}'
+                    body.append(f'mkdir -p "$(dirname {dst})"')
+                    if a.kind is ActionKind.DELETE:
+                        body.append(f"rm -f {dst}")
+                    elif isinstance(a.target, LinkResource):
+                        lt = a.target.target
+                        if lt.startswith(root + "/"):
+                            lt_cmd = f'"$tree"/{q(lt[len(root) + 1 :])}'
+                        else:
+                            lt_cmd = q(lt)
+                        body.append(f"rm -f {dst}; ln -s {lt_cmd} {dst}")
+                    else:
+                        body.append(f"rm -f {dst}; cp -p {q(staged_path(a.path, run.token))} {dst}")
+                # drop staged temps copied from the live tree: the copy must hold what will be live
+                body.append("find \"$tree\" -name '.*.reconciler-*' -exec rm -f {} + 2>/dev/null")
+                body.append(f"( cd / && {_validator_cmd(v, path=None, tree_var=True)} ); vrc=$?")
+                body.append('rm -rf "$tmpd"; exit $vrc')
+                body = ["("] + ["  " + b for b in body] + [")"]
+            else:
+                body.append(f"cd / && {_validator_cmd(v, path=None, tree_var=False)}")
+            add(f"{name}: {' '.join(v.argv)}", body, v.needs_command)
+    if not labels:
+        return []
+    conn = await run.conn()
+    res = await conn.run_script("\n".join(lines) + "\n", timeout=DEFAULT_TIMEOUT)
+    out = res.stdout.decode(errors="replace")
+    problems: list[str] = []
+    chunks = out.split("@@V ")[1:]
+    seen = set()
+    for chunk in chunks:
+        head, _, body_text = chunk.partition("\n")
+        parts = head.split()
+        if len(parts) < 2 or not parts[0].isdigit():
+            continue
+        n = int(parts[0])
+        seen.add(n)
+        if n >= len(labels):
+            continue
+        if parts[1] == "skip":
+            run.messages.append(f"validator skipped ({labels[n]}): its command is not installed")
+        elif parts[1] != "0":
+            problems.append(f"{labels[n]} (exit {parts[1]}):\n{body_text.strip()[-3000:]}")
+    if len(seen) < len(labels):
+        problems.append(f"validation did not finish (exit {res.exit_status}): {_text(res)[-2000:]}")
+    return problems
+
+
+async def _swap(run: _Run, idx: list[int]) -> None:
+    actions = run.plan.actions
+    lines = ["set -u"]
+    for i in idx:
+        a = actions[i]
+        p = a.path
+        assert p is not None
+        qp, sp, bp = q(p), q(staged_path(p, run.token)), q(backup_path(p, run.token))
+        backup = (
+            f"if [ -L {qp} ]; then cp -P {qp} {bp}; elif [ -f {qp} ]; then ln {qp} {bp} 2>/dev/null "
+            f"|| cp -p {qp} {bp}; fi; [ -e {bp} ] || [ -L {bp} ] && echo '@@B {i}'"
+        )
+        t = a.target
+        if a.kind in (ActionKind.CREATE, ActionKind.UPDATE, ActionKind.RELINK):
+            meta = ""
+            if isinstance(t, FileResource):
+                meta = f"chown {q(t.owner + ':' + t.group)} {sp} && chmod {t.mode:04o} {sp} && "
+            lines.append(
+                f"if [ -d {qp} ] && [ ! -L {qp} ]; then rm -f {sp}; "
+                f"echo '@@F {i} a directory is in the way'; "
+                f"else {backup}; {meta}mv -fT {sp} {qp} && echo '@@OK {i}' || "
+                f"{{ rm -f {sp}; echo '@@F {i} could not swap'; }}; fi"
+            )
+        elif a.kind is ActionKind.CHMOD and isinstance(t, FileResource):
+            lines.append(f"chmod {t.mode:04o} {qp} && echo '@@OK {i}' || echo '@@F {i} chmod failed'")
+        elif a.kind is ActionKind.CHOWN and isinstance(t, FileResource):
+            lines.append(
+                f"chown {q(t.owner + ':' + t.group)} {qp} && echo '@@OK {i}' || echo '@@F {i} chown failed'"
+            )
+        elif a.kind is ActionKind.DELETE:
+            lines.append(
+                f"if [ -d {qp} ] && [ ! -L {qp} ]; then echo '@@F {i} is a directory, not deleted'; "
+                f"else {backup}; rm -f {qp} && echo '@@OK {i}' || echo '@@F {i} could not delete'; fi"
+            )
+        else:
+            lines.append(f"echo '@@F {i} nothing to do for {a.kind}'")
+    conn = await run.conn()
+    res = await conn.run_script("\n".join(lines) + "\n", timeout=DEFAULT_TIMEOUT)
+    out = res.stdout.decode(errors="replace").splitlines()
+    for line in out:
+        if line.startswith("@@B "):
+            run.swapped[int(line.split()[1])] = True
+    for i in idx:
+        ok_line = f"@@OK {i}"
+        fail = next((ln for ln in out if ln.startswith(f"@@F {i} ")), None)
+        if ok_line in out:
+            run.swapped.setdefault(i, False)
+            run.mark(i, "done")
+        else:
+            msg = (
+                fail[len(f"@@F {i} ") :]
+                if fail
+                else f"no answer (exit {res.exit_status}): {_text(res)[-500:]}"
+            )
+            run.mark(i, "failed", msg)
+            run.messages.append(f"{actions[i].resource}: {msg}")
+            h = actions[i].handler
+            if h:
+                run.failed_handlers.add(h)
+
+
+async def _restore(run: _Run, handler: str) -> str:
+    """Put back the files of one handler from this apply's backups."""
+    lines = ["set -u"]
+    for i, had_backup in run.swapped.items():
+        a = run.plan.actions[i]
+        if a.handler != handler or a.kind in (ActionKind.CHMOD, ActionKind.CHOWN) or not a.path:
+            continue
+        qp, bp = q(a.path), q(backup_path(a.path, run.token))
+        if had_backup:
+            lines.append(f"mv -fT {bp} {qp} || echo 'cannot restore {a.path}' >&2")
+        else:
+            lines.append(f"rm -f {qp}")
+        run.outcomes[i] = ActionOutcome(a, "failed", f"rolled back: {handler} failed to reload")
+    conn = await run.conn()
+    res = await conn.run_script("\n".join(lines) + "\n", timeout=DEFAULT_TIMEOUT)
+    return _text(res)
+
+
+# ---------------------------------------------------------------- tunnels
+
+
+TUNNEL_SCRIPT = r"""
+# $1 name $2 local $3 remote $4 address $5 peer $6 recreate(0|1)
+n=$1
+if [ "$6" = 1 ]; then ip link del "$n" 2>/dev/null; fi
+if ! out=$(ip link add "$n" type ipip local "$2" remote "$3" 2>&1); then
+  case "$out" in
+    *"Unknown device type"*|*"No such device"*) echo "@@NOIPIP $out"; exit 0;;
+  esac
+  echo "@@FAIL ip link add: $out"; exit 0
+fi
+ip addr add "$4" peer "$5" dev "$n" 2>&1 || { echo "@@FAIL ip addr add"; exit 0; }
+ip link set "$n" up 2>&1 || { echo "@@FAIL ip link set up"; exit 0; }
+echo "@@OK"
+"""
+
+
+async def _tunnels(run: _Run) -> None:
+    idx = run.indices({ActionKind.CREATE_TUNNEL, ActionKind.RECREATE_TUNNEL})
+    if not idx:
+        return
+    conn = await run.conn()
+    for i in idx:
+        a = run.plan.actions[i]
+        t = a.target
+        assert isinstance(t, Tunnel)
+        local_addr, _, peer = tunnel_addresses(t)[0].partition(" peer ")
+        recreate = "1" if a.kind is ActionKind.RECREATE_TUNNEL else "0"
+        res = await conn.run_script(
+            TUNNEL_SCRIPT, args=(t.name, t.local, t.remote, local_addr, peer, recreate), timeout=30
+        )
+        out = res.stdout.decode(errors="replace")
+        if "@@OK" in out:
+            run.mark(i, "done")
+        elif "@@NOIPIP" in out:
+            msg = (
+                f"tunnel {t.name} skipped: the kernel has no ipip module "
+                f"(ip link add type ipip: {out.split('@@NOIPIP', 1)[1].strip()})"
+            )
+            run.mark(i, "n/a", msg)
+            run.messages.append(msg)
+        else:
+            run.mark(i, "failed", out.strip() or _text(res))
+            run.messages.append(f"tunnel {t.name}: {out.strip() or _text(res)}")
+
+
+async def _addresses(run: _Run) -> None:
+    idx = run.indices({ActionKind.ADD_ADDRESS})
+    if not idx:
+        return
+    conn = await run.conn()
+    for i in idx:
+        a = run.plan.actions[i].target
+        assert isinstance(a, Address)
+        res = await conn.run(["ip", "addr", "replace", a.address, "dev", a.interface], timeout=30)
+        if res.exit_status == 0:
+            run.mark(i, "done")
+        else:
+            run.mark(i, "failed", _text(res))
+            run.messages.append(f"address {a.address} on {a.interface}: {_text(res)}")
+
+
+# ---------------------------------------------------------------- reloads and services
+
+
+async def _reload_once(run: _Run, handler: str) -> tuple[bool, str]:
+    h = run.desired.handler(handler)
+    conn = await run.conn()
+    if h.only_if_running:
+        probe = await conn.run(h.only_if_running, timeout=30)
+        if probe.exit_status != 0:
+            return True, "not running: nothing to reload"
+    if not h.reload:
+        return True, ""
+    res = await conn.run(h.reload, timeout=DEFAULT_TIMEOUT)
+    return res.exit_status == 0, _text(res)[-2000:]
+
+
+async def _reloads(run: _Run) -> None:
+    for i in run.indices({ActionKind.RELOAD}):
+        a = run.plan.actions[i]
+        name = a.handler
+        assert name is not None
+        if name in run.failed_handlers:
+            run.mark(i, "skipped", "its changes did not apply: nothing reloaded")
+            continue
+        ok, text = await _reload_once(run, name)
+        if ok:
+            run.reloaded.append(name)
+            run.mark(i, "done", text)
+            continue
+        restore_text = await _restore(run, name)
+        ok2, text2 = await _reload_once(run, name)
+        again = "reloaded with the old files" if ok2 else f"reload with the old files failed too: {text2}"
+        msg = f"reload of {name} failed: {text}; its files were restored and {again}"
+        if restore_text:
+            msg += f" ({restore_text})"
+        run.mark(i, "failed", msg)
+        run.messages.append(msg)
+        run.failed_handlers.add(name)
+
+
+async def _services(run: _Run) -> None:
+    idx = run.indices({ActionKind.START_SERVICE})
+    conn = await run.conn()
+    for i in idx:
+        s = run.plan.actions[i].target
+        assert isinstance(s, Service)
+        if run.plan.init_system == "systemd":
+            start: tuple[str, ...] = ("systemctl", "start", s.name)
+        elif s.start:
+            start = s.start
+        else:
+            start = ("service", s.name, "start")
+        res = await conn.run(start, timeout=DEFAULT_TIMEOUT)
+        if res.exit_status != 0:
+            msg = f"start of {s.name} failed (exit {res.exit_status}): {_text(res)[-1500:]}"
+            if s.log_path:
+                tail = await conn.run(["tail", "-n", "20", s.log_path], timeout=30)
+                msg += f"\n{s.log_path}:\n{tail.stdout.decode(errors='replace')}"
+            run.mark(i, "failed", msg)
+            run.messages.append(msg)
+            continue
+        if s.status:
+            # some daemons write their pid file a moment after start returns
+            wait = (
+                "i=0; while ! " + shlex.join(s.status) + " >/dev/null 2>&1; do i=$((i+1)); "
+                "[ $i -ge 40 ] && exit 1; sleep 0.25; done"
+            )
+            probe = await conn.run_script(wait, timeout=30)
+            if probe.exit_status != 0:
+                run.mark(i, "failed", f"{s.name} started but its status probe still fails")
+                run.messages.append(f"{s.name} started but its status probe still fails")
+                continue
+        run.mark(i, "done")
+
+
+async def _finish(run: _Run) -> None:
+    """Remove this apply's backups; record the inventory if every action succeeded."""
+    backups = [backup_path(run.plan.actions[i].path or "", run.token) for i, b in run.swapped.items() if b]
+    all_ok = not any(o.status in ("failed", "skipped") for o in run.outcomes.values())
+    record = [i for i in run.indices({ActionKind.RECORD_INVENTORY})]
+    conn = await run.conn()
+    if backups:
+        await conn.run(["rm", "-f", "--", *backups], timeout=DEFAULT_TIMEOUT)
+    if not all_ok:
+        for i in record:
+            run.mark(i, "skipped", "not recorded: the apply did not fully succeed")
+        return
+    d = posixpath.dirname(INVENTORY_PATH)
+    script = (
+        'set -e; d=$1; f=$2; mkdir -p "$d"; tmp="$d/.inventory.json.reconciler-$3"; '
+        'cat > "$tmp"; mv -f "$tmp" "$f"'
+    )
+    res = await conn.run_script(
+        script,
+        args=(d, INVENTORY_PATH, run.token),
+        stdin_after=inventory_json(run.plan.inventory),
+        timeout=60,
+    )
+    for i in record:
+        run.mark(i, "done" if res.exit_status == 0 else "failed", _text(res))
+    if res.exit_status != 0:
+        run.messages.append(f"could not record the inventory: {_text(res)}")

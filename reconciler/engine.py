@@ -1,0 +1,268 @@
+"""reconcile_fleet: load -> render -> connect -> observe -> plan [-> apply -> re-observe -> verify].
+
+Many hosts run concurrently; one failed host (bad render, unreachable, refused key, failed
+apply) never stops the others: its outcome carries the error. Used by ``reconciler plan``,
+``reconciler apply`` and the daemon.
+
+``plan_fleet`` only observes: every connection it uses is wrapped in a ``RecordingConnection``
+that keeps a log of the commands it ran (tests assert that plan mutates nothing).
+``apply_planned`` runs the SAME plan values ``plan_fleet`` returned (what the user confirmed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, cast
+
+from reconciler import deadman
+from reconciler.apply import ApplyResult, apply_host
+from reconciler.connection import Connection
+from reconciler.errors import ReconcilerError
+from reconciler.fleet.model import Fleet
+from reconciler.log import get_logger
+from reconciler.observe import observe_host
+from reconciler.plan import HostPlan, plan_host
+from reconciler.render import render_host
+from reconciler.resources import Desired
+
+log = get_logger(__name__)
+
+# statuses
+IN_SYNC = "in-sync"  # plan: nothing to do
+CHANGES = "changes"  # plan: changes pending
+APPLIED = "applied"  # apply: done and verified
+FAILED = "failed"  # apply: something failed (see result)
+ERROR = "error"  # could not render / connect / observe
+
+Progress = Callable[["HostOutcome"], None]
+
+
+@dataclass(frozen=True)
+class CommandRecord:
+    host: str
+    kind: str  # "run" or "script"
+    text: str  # argv joined, or the script
+    args: tuple[str, ...] = ()
+    stdin_bytes: int = 0
+
+
+class RecordingConnection:
+    """Wraps a Connection and records every command (used in plan mode, and by tests)."""
+
+    def __init__(self, conn: Any, log_: list[CommandRecord]) -> None:
+        self._conn = conn
+        self.host: str = conn.host
+        self.records = log_
+
+    async def run(
+        self, argv: Sequence[str], *, stdin: bytes | None = None, timeout: float | None = None
+    ) -> Any:
+        self.records.append(CommandRecord(self.host, "run", " ".join(argv), (), len(stdin or b"")))
+        return await self._conn.run(argv, stdin=stdin, timeout=timeout)
+
+    async def run_script(
+        self,
+        script: str,
+        *,
+        args: Sequence[str] = (),
+        stdin_after: bytes | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        self.records.append(CommandRecord(self.host, "script", script, tuple(args), len(stdin_after or b"")))
+        return await self._conn.run_script(script, args=args, stdin_after=stdin_after, timeout=timeout)
+
+    async def close(self) -> None:
+        await self._conn.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+@dataclass(frozen=True)
+class HostOutcome:
+    host: str
+    status: str
+    plan: HostPlan | None = None
+    desired: Desired | None = field(default=None, compare=False, repr=False)
+    result: ApplyResult | None = None
+    error: str | None = None
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, object]:
+        out: dict[str, object] = {"host": self.host, "status": self.status, "seconds": round(self.seconds, 3)}
+        if self.error:
+            out["error"] = self.error
+        if self.plan is not None:
+            out["plan"] = self.plan.as_dict()
+        if self.result is not None:
+            out["result"] = self.result.as_dict()
+        return out
+
+
+@dataclass(frozen=True)
+class FleetResult:
+    hosts: tuple[HostOutcome, ...]
+    commands: tuple[CommandRecord, ...] = field(default=(), compare=False, repr=False)
+    seconds: float = 0.0
+
+    def plans(self) -> list[HostPlan]:
+        return [h.plan for h in self.hosts if h.plan is not None]
+
+    def exit_code(self) -> int:
+        """0 in sync / applied, 1 any error or failure, 2 changes pending (plan)."""
+        if any(h.status in (ERROR, FAILED) for h in self.hosts):
+            return 1
+        if any(h.status == CHANGES for h in self.hosts):
+            return 2
+        return 0
+
+    def as_dict(self) -> dict[str, object]:
+        return {"hosts": [h.as_dict() for h in self.hosts], "exit_code": self.exit_code()}
+
+
+def select_hosts(fleet: Fleet, hosts: Iterable[str] | None) -> list[str]:
+    """The host names to work on (all when ``hosts`` is empty); unknown names are an error."""
+    names = list(fleet.host_names())
+    if not hosts:
+        return names
+    wanted = list(dict.fromkeys(hosts))
+    unknown = [h for h in wanted if h not in names]
+    if unknown:
+        raise ReconcilerError(f"unknown host(s): {', '.join(unknown)} (fleet has: {', '.join(names)})")
+    return wanted
+
+
+async def _plan_one(fleet: Fleet, name: str, pool: Any, records: list[CommandRecord] | None) -> HostOutcome:
+    started = time.monotonic()
+    try:
+        desired = render_host(fleet, fleet.host(name))
+    except ReconcilerError as err:
+        return HostOutcome(name, ERROR, error=f"render: {err}", seconds=time.monotonic() - started)
+    try:
+        conn = await pool.get(name)
+        if records is not None:
+            conn = RecordingConnection(conn, records)
+        observed = await observe_host(cast(Connection, conn), desired)
+        plan = plan_host(desired, observed)
+    except ReconcilerError as err:
+        return HostOutcome(name, ERROR, desired=desired, error=str(err), seconds=time.monotonic() - started)
+    except Exception as err:  # a bug must not stop the other hosts
+        log.exception("plan.crash", host=name)
+        return HostOutcome(
+            name,
+            ERROR,
+            desired=desired,
+            error=f"internal error: {type(err).__name__}: {err}",
+            seconds=time.monotonic() - started,
+        )
+    status = CHANGES if plan.changed else IN_SYNC
+    if plan.errors:
+        status = ERROR
+        return HostOutcome(
+            name,
+            status,
+            plan,
+            desired,
+            error="observation incomplete: " + "; ".join(plan.errors),
+            seconds=time.monotonic() - started,
+        )
+    return HostOutcome(name, status, plan, desired, seconds=time.monotonic() - started)
+
+
+async def plan_fleet(
+    fleet: Fleet,
+    hosts: Iterable[str] | None,
+    pool: Any,
+    *,
+    progress: Progress | None = None,
+    record: bool = True,
+) -> FleetResult:
+    """Observe and plan every selected host concurrently; nothing is changed on any host."""
+    started = time.monotonic()
+    names = select_hosts(fleet, hosts)
+    records: list[CommandRecord] | None = [] if record else None
+
+    async def one(name: str) -> HostOutcome:
+        out = await _plan_one(fleet, name, pool, records)
+        if progress is not None:
+            progress(out)
+        return out
+
+    outs = await asyncio.gather(*(one(n) for n in names))
+    return FleetResult(tuple(outs), tuple(records or ()), time.monotonic() - started)
+
+
+async def _apply_one(outcome: HostOutcome, pool: Any, firewall_window: float) -> HostOutcome:
+    if outcome.status != CHANGES or outcome.plan is None or outcome.desired is None:
+        return outcome
+    started = time.monotonic()
+    try:
+        result = await apply_host(
+            pool, outcome.host, outcome.plan, outcome.desired, firewall_window=firewall_window
+        )
+    except Exception as err:
+        log.exception("apply.crash", host=outcome.host)
+        return replace(
+            outcome,
+            status=FAILED,
+            error=f"internal error: {type(err).__name__}: {err}",
+            seconds=outcome.seconds + time.monotonic() - started,
+        )
+    status = APPLIED if result.ok else FAILED
+    error = None if result.ok else "; ".join(result.messages[-3:]) or "apply failed"
+    return replace(
+        outcome,
+        status=status,
+        result=result,
+        error=error,
+        seconds=outcome.seconds + time.monotonic() - started,
+    )
+
+
+async def apply_planned(
+    planned: FleetResult,
+    pool: Any,
+    *,
+    progress: Progress | None = None,
+    firewall_window: float = deadman.DEFAULT_WINDOW,
+) -> FleetResult:
+    """Apply the plans of ``planned`` (exactly those values) on their hosts, concurrently."""
+    started = time.monotonic()
+
+    async def one(o: HostOutcome) -> HostOutcome:
+        out = await _apply_one(o, pool, firewall_window)
+        if progress is not None and o.status == CHANGES:
+            progress(out)
+        return out
+
+    outs = await asyncio.gather(*(one(o) for o in planned.hosts))
+    return FleetResult(tuple(outs), planned.commands, planned.seconds + time.monotonic() - started)
+
+
+async def reconcile_fleet(
+    fleet: Fleet,
+    hosts: Iterable[str] | None,
+    pool: Any,
+    *,
+    apply: bool,
+    progress: Progress | None = None,
+    firewall_window: float = deadman.DEFAULT_WINDOW,
+) -> FleetResult:
+    """Plan every selected host and, with ``apply``, apply each host's plan right away
+    (a host starts applying as soon as its own plan is ready)."""
+    started = time.monotonic()
+    names = select_hosts(fleet, hosts)
+
+    async def one(name: str) -> HostOutcome:
+        out = await _plan_one(fleet, name, pool, None)
+        if apply:
+            out = await _apply_one(out, pool, firewall_window)
+        if progress is not None:
+            progress(out)
+        return out
+
+    outs = await asyncio.gather(*(one(n) for n in names))
+    return FleetResult(tuple(outs), (), time.monotonic() - started)
