@@ -1,17 +1,188 @@
-"""`reconciler lab`: not built yet (placeholder so the CLI lists every command)."""
+"""`reconciler lab up|status|down`: local test hosts in network namespaces (docs/LAB.md)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 from typing import Any
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("lab", help="(not built yet)")
+    p = sub.add_parser("lab", help="local test hosts in network namespaces (up, status, down)")
+    lab_sub = p.add_subparsers(dest="lab_command", metavar="ACTION")
+    lab_sub.required = True
+
+    up = lab_sub.add_parser("up", help="bring lab hosts up and leave them running")
+    src = up.add_mutually_exclusive_group()
+    src.add_argument(
+        "--hosts",
+        type=int,
+        default=None,
+        metavar="N",
+        help="N hosts named lab1..labN at 192.0.2.11.. (default 3)",
+    )
+    src.add_argument(
+        "--fleet",
+        type=Path,
+        default=None,
+        metavar="REPO",
+        help="one lab host per fleet host, with the fleet's names and addresses",
+    )
+    up.add_argument("--prefix", default=None, help="name prefix (rcl + up to 5 of [a-z0-9])")
+    up.add_argument(
+        "--wait",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="how long to wait for another lab to free 192.0.2.0/24 (default 600)",
+    )
+    up.add_argument("--json", action="store_true", help="print the lab's info as JSON")
+
+    st = lab_sub.add_parser("status", help="the running lab and what this kernel can do")
+    st.add_argument("--json", action="store_true")
+
+    down = lab_sub.add_parser("down", help="remove a lab (also crash leftovers)")
+    which = down.add_mutually_exclusive_group()
+    which.add_argument("--prefix", default=None, help="the lab to remove (default: the current one)")
+    which.add_argument("--all", action="store_true", help="remove every reconciler lab on this machine")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    print("reconciler lab: not built yet", file=sys.stderr)
-    return 1
+    from reconciler.lab import LabError
+
+    try:
+        if args.lab_command == "up":
+            return _up(args)
+        if args.lab_command == "status":
+            return _status(args)
+        return _down(args)
+    except LabError as exc:
+        print(f"reconciler lab: {exc}", file=sys.stderr)
+        return 1
+
+
+def _info_dict(info: Any) -> dict[str, Any]:
+    return {
+        "prefix": info.prefix,
+        "state_dir": str(info.state_dir),
+        "known_hosts": str(info.known_hosts),
+        "client_key": str(info.client_key),
+        "bridge": info.bridge,
+        "hosts": [
+            {"name": h.name, "address": h.address, "netns": h.netns, "pid": h.pid, "root": str(h.root)}
+            for h in info.hosts
+        ],
+    }
+
+
+def _up(args: argparse.Namespace) -> int:
+    from reconciler.errors import ReconcilerError
+    from reconciler.lab import Lab, LabError, LabHostSpec, specs_from_repo
+
+    if args.fleet is not None:
+        try:
+            specs = specs_from_repo(args.fleet)
+        except LabError:
+            raise
+        except ReconcilerError as exc:
+            print(f"reconciler lab: fleet {args.fleet}:\n{exc}", file=sys.stderr)
+            return 1
+    else:
+        n = 3 if args.hosts is None else args.hosts
+        if not 1 <= n <= 200:
+            print("reconciler lab: --hosts must be between 1 and 200", file=sys.stderr)
+            return 2
+        specs = [LabHostSpec(name=f"lab{i + 1}", address=f"192.0.2.{11 + i}") for i in range(n)]
+    lab = Lab.up(specs, prefix=args.prefix, lock_timeout=args.wait)
+    lab.detach()
+    info = lab.info
+    if args.json:
+        print(json.dumps(_info_dict(info), indent=2))
+        return 0
+    print(f"lab {info.prefix} is up ({len(info.hosts)} hosts, bridge {info.bridge} 192.0.2.254)")
+    for h in info.hosts:
+        print(f"  {h.name:<20} {h.address:<15} netns {h.netns}")
+    print(f"known_hosts: {info.known_hosts}")
+    print(f"client key:  {info.client_key}")
+    first = info.hosts[0]
+    print(
+        f"try: ssh -i {info.client_key} -o UserKnownHostsFile={info.known_hosts} "
+        f"-o StrictHostKeyChecking=yes root@{first.address} hostname"
+    )
+    print(f"stop: reconciler lab down --prefix {info.prefix}")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from reconciler.lab import Lab, probe_capabilities
+    from reconciler.lab.cleanup import all_prefixes
+    from reconciler.lab.lock import owner_alive, read_owner
+
+    caps = probe_capabilities()
+    current = Lab.current()
+    owner = read_owner()
+    others = [p for p in all_prefixes() if current is None or p != current.prefix]
+    if args.json:
+        out = {
+            "current": _info_dict(current) if current else None,
+            "lock_owner": (
+                {
+                    "prefix": owner.prefix,
+                    "pid": owner.pid,
+                    "detached": owner.detached,
+                    "alive": owner_alive(owner),
+                }
+                if owner
+                else None
+            ),
+            "other_labs": others,
+            "capabilities": caps.as_dict(),
+        }
+        print(json.dumps(out, indent=2))
+        return 0
+    if current:
+        print(f"current lab: {current.prefix} ({len(current.hosts)} hosts)")
+        for h in current.hosts:
+            print(f"  {h.name:<20} {h.address:<15} netns {h.netns}")
+        print(f"  known_hosts: {current.known_hosts}\n  client key:  {current.client_key}")
+    else:
+        print("current lab: none (start one with `reconciler lab up`)")
+    if owner and (current is None or owner.prefix != current.prefix):
+        state = "alive" if owner_alive(owner) else "dead (its lock is broken on the next `lab up`)"
+        print(f"lab lock held by {owner.prefix} (pid {owner.pid}): {state}")
+    if others:
+        print(f"other labs / leftovers: {', '.join(others)} (remove: reconciler lab down --prefix P)")
+    print("\nkernel capabilities for the lab:")
+    for c in caps.items:
+        print(f"  {c}")
+    return 0
+
+
+def _down(args: argparse.Namespace) -> int:
+    from reconciler.lab import Lab
+    from reconciler.lab.cleanup import down_all, down_prefix
+
+    if args.all:
+        results = down_all()
+        if not results:
+            print("no reconciler lab on this machine")
+    else:
+        prefix = args.prefix
+        if prefix is None:
+            current = Lab.current()
+            if current is None:
+                print("reconciler lab: no current lab; use --prefix P or --all", file=sys.stderr)
+                return 1
+            prefix = current.prefix
+        results = {prefix: down_prefix(prefix)}
+    failed = False
+    for prefix, left in results.items():
+        if left:
+            failed = True
+            print(f"lab {prefix}: could not remove: {', '.join(left)}", file=sys.stderr)
+        else:
+            print(f"lab {prefix} removed")
+    return 1 if failed else 0

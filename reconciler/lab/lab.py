@@ -1,0 +1,336 @@
+"""``Lab``: bring lab hosts up (in parallel), run commands inside them, take them down."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from reconciler.lab import cleanup, host, lock, network, procs
+from reconciler.lab.init_script import INIT_SCRIPT
+from reconciler.lab.model import LabError, LabHost, LabHostSpec, LabInfo
+from reconciler.lab.state import (
+    HostRecord,
+    LabState,
+    atomic_write,
+    check_prefix,
+    ensure_root,
+    lab_dir,
+    load_state,
+    new_prefix,
+)
+from reconciler.log import get_logger
+
+log = get_logger(__name__)
+
+REQUIRED_TOOLS = ("ip", "unshare", "nsenter", "pivot_root", "/usr/sbin/sshd", "mount")
+
+_live: dict[str, Lab] = {}
+_live_mutex = threading.Lock()
+
+
+def _down_live_labs() -> None:
+    """atexit / signal path: take down every lab this process brought up and did not down."""
+    with _live_mutex:
+        labs = list(_live.values())
+    for lab in labs:
+        try:
+            lab.down()
+        except Exception as exc:  # noqa: BLE001 - best effort at exit
+            log.warning("lab.exit_cleanup_failed", prefix=lab.info.prefix, error=str(exc))
+
+
+atexit.register(_down_live_labs)
+
+
+def _validate_specs(specs: Sequence[LabHostSpec]) -> None:
+    if not specs:
+        raise LabError("a lab needs at least one host")
+    if len(specs) > 250:
+        raise LabError(f"a lab has at most 250 hosts, not {len(specs)}")
+    names = [s.name for s in specs]
+    addrs = [s.address for s in specs]
+    for label, values in (("name", names), ("address", addrs)):
+        dup = sorted({v for v in values if values.count(v) > 1})
+        if dup:
+            raise LabError(f"lab hosts: duplicate {label} {', '.join(dup)}")
+
+
+def _info_from_state(state: LabState) -> LabInfo:
+    d = lab_dir(state.prefix)
+    hosts = tuple(
+        LabHost(
+            name=h.name,
+            address=h.address,
+            netns=h.netns,
+            pid=h.pid,
+            root=d / "hosts" / h.name,
+            init_pid=h.init_pid,
+            veth=h.veth,
+        )
+        for h in state.hosts
+    )
+    return LabInfo(
+        prefix=state.prefix,
+        state_dir=d,
+        known_hosts=d / "known_hosts",
+        client_key=d / "client_key",
+        hosts=hosts,
+        bridge=state.bridge,
+    )
+
+
+class Lab:
+    """A set of lab hosts. ``Lab.up(specs)`` builds one; ``lab.down()`` removes it all."""
+
+    def __init__(self, info: LabInfo, *, owned: bool) -> None:
+        self.info = info
+        self._owned = owned
+        self._down = False
+
+    # ------------------------------------------------------------------ bring-up
+
+    @classmethod
+    def up(
+        cls,
+        specs: Sequence[LabHostSpec],
+        prefix: str | None = None,
+        *,
+        lock_timeout: float = 600.0,
+        ready_timeout: float = 120.0,
+    ) -> Lab:
+        """Build the hosts and wait until every sshd answers. On any failure, remove it all."""
+        _validate_specs(specs)
+        missing = [t for t in REQUIRED_TOOLS if not _which(t)]
+        if missing:
+            raise LabError(f"the lab needs {', '.join(missing)} (not found)")
+        if os.geteuid() != 0:
+            raise LabError("the lab needs root (network and mount namespaces)")
+        prefix = check_prefix(prefix) if prefix else new_prefix()
+        ensure_root()
+        lock.acquire(prefix, lambda dead: cleanup.down_prefix(dead, release_lock=False), timeout=lock_timeout)
+        try:
+            if lab_dir(prefix).exists() or network.netns_of(prefix) or network.links_of(prefix):
+                cleanup.down_prefix(prefix, release_lock=False)
+            cls._remove_stale_labs(prefix)
+            holder = network.address_in_use()
+            if holder is not None:
+                raise LabError(
+                    f"192.0.2.254 is already on interface {holder} (not a reconciler lab); "
+                    "remove it or use another machine"
+                )
+            reserved = network.reserved_addresses()
+            clash = [f"{s.name} ({s.address}: {reserved[s.address]})" for s in specs if s.address in reserved]
+            if clash:
+                raise LabError("lab host addresses used by this machine itself: " + ", ".join(clash))
+            lab = cls._build(prefix, specs, ready_timeout)
+        except BaseException:
+            cleanup.down_prefix(prefix, release_lock=True)
+            raise
+        with _live_mutex:
+            _live[prefix] = lab
+        return lab
+
+    @staticmethod
+    def _remove_stale_labs(mine: str) -> None:
+        """Under the lock no other lab may be live: anything else left is a crash leftover."""
+        for other in cleanup.all_prefixes():
+            if other == mine:
+                continue
+            state = None
+            try:
+                state = load_state(other)
+            except LabError:
+                pass
+            if state is not None and procs.is_alive(state.owner_pid, state.owner_start) and state.detached:
+                continue  # pragma: no cover - cannot happen while we hold the lock
+            log.warning("lab.stale.remove", prefix=other)
+            cleanup.down_prefix(other, release_lock=False)
+
+    @classmethod
+    def _build(cls, prefix: str, specs: Sequence[LabHostSpec], ready_timeout: float) -> Lab:
+        t0 = time.monotonic()
+        d = lab_dir(prefix)
+        d.mkdir(mode=0o700, parents=True, exist_ok=False)
+        (d / "hosts").mkdir(mode=0o700)
+        me = os.getpid()
+        state = LabState(
+            prefix=prefix,
+            bridge=network.bridge_name(prefix),
+            owner_pid=me,
+            owner_start=procs.start_time(me),
+            hosts=[
+                HostRecord(
+                    name=s.name,
+                    address=s.address,
+                    netns=network.netns_name(prefix, s.name),
+                    veth=network.veth_name(prefix, i),
+                )
+                for i, s in enumerate(specs)
+            ],
+        )
+        state.save()  # recorded before anything exists, so a crash from here on is cleanable
+
+        init_path = d / "init.sh"
+        atomic_write(init_path, INIT_SCRIPT, 0o700)
+        client = host.new_ed25519(f"reconciler-lab-{prefix}")
+        atomic_write(d / "client_key", client.private_openssh, 0o600)
+        atomic_write(d / "client_key.pub", client.public_line + "\n", 0o644)
+        host_keys = {
+            s.name: host.prepare_host_dir(d / "hosts" / s.name, s.name, client.public_line) for s in specs
+        }
+
+        network.create(prefix, [(s.name, i, s.address) for i, s in enumerate(specs)])
+        state.iptables_rules = network.allow_forward(prefix)
+        state.save()
+        t_net = time.monotonic()
+
+        popens = []
+        for i, s in enumerate(specs):
+            rec = state.hosts[i]
+            p = host.spawn(
+                init_path,
+                d / "hosts" / s.name,
+                rec.netns,
+                s.name,
+                s.address,
+                network.peer_name(prefix, i),
+                f"{prefix}-{s.name}",
+            )
+            rec.pid = p.pid
+            rec.pid_start = procs.start_time(p.pid)
+            popens.append(p)
+        state.save()
+
+        def ready(i: int) -> None:
+            rec = state.hosts[i]
+            hdir = d / "hosts" / rec.name
+            rec.init_pid = host.find_init_pid(rec.pid)
+            host.wait_ready(rec.name, rec.address, hdir, rec.pid, rec.pid_start, ready_timeout)
+
+        with ThreadPoolExecutor(max_workers=min(32, len(specs))) as pool:
+            for fut in [pool.submit(ready, i) for i in range(len(specs))]:
+                fut.result()
+
+        known = "".join(f"{s.address} {host_keys[s.name]}\n" for s in specs)
+        atomic_write(d / "known_hosts", known, 0o644)
+        state.status = "up"
+        state.save()
+        log.info(
+            "lab.up",
+            prefix=prefix,
+            hosts=len(specs),
+            network_s=round(t_net - t0, 3),
+            total_s=round(time.monotonic() - t0, 3),
+        )
+        lab = cls(_info_from_state(state), owned=True)
+        lab._popens = popens
+        return lab
+
+    _popens: list[subprocess.Popen[bytes]] = []
+
+    # ------------------------------------------------------------------ use
+
+    def host(self, name: str) -> LabHost:
+        try:
+            return self.info.host(name)
+        except KeyError:
+            raise LabError(f"lab {self.info.prefix} has no host {name!r}") from None
+
+    def nsenter_argv(self, host_name: str) -> list[str]:
+        h = self.host(host_name)
+        if not h.init_pid or not procs.is_alive(h.init_pid):
+            raise LabError(f"lab host {host_name} is not running")
+        return [
+            "nsenter",
+            f"--target={h.init_pid}",
+            "--net",
+            "--mount",
+            "--uts",
+            "--ipc",
+            "--pid",
+            "--root",
+            "--wd",
+        ]
+
+    def exec(
+        self,
+        host_name: str,
+        argv: Sequence[str],
+        input: bytes | None = None,
+        timeout: float = 30,
+    ) -> subprocess.CompletedProcess[bytes]:
+        """Run ``argv`` inside the host (its namespaces and root), without SSH."""
+        return subprocess.run(
+            [*self.nsenter_argv(host_name), "--", *argv],
+            input=input,
+            capture_output=True,
+            timeout=timeout,
+            env=host.CLEAN_ENV,
+            check=False,
+        )
+
+    # ------------------------------------------------------------------ teardown
+
+    def down(self) -> list[str]:
+        """Remove every host, link, namespace, rule and file of this lab; idempotent.
+        Returns what could not be removed (empty on success)."""
+        if self._down:
+            return []
+        left = cleanup.down_prefix(self.info.prefix, release_lock=True)
+        for p in self._popens:
+            procs.reap(p.pid)
+        self._down = True
+        with _live_mutex:
+            _live.pop(self.info.prefix, None)
+        return left
+
+    def detach(self) -> None:
+        """Leave the lab running after this process exits (``reconciler lab up``)."""
+        lock.set_detached(self.info.prefix)
+        state = load_state(self.info.prefix)
+        if state is not None:
+            state.detached = True
+            state.save()
+        with _live_mutex:
+            _live.pop(self.info.prefix, None)
+
+    def __enter__(self) -> Lab:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+    # ------------------------------------------------------------------ lookup
+
+    @staticmethod
+    def current() -> LabInfo | None:
+        """The lab left running by ``reconciler lab up``, if any (and still alive)."""
+        owner = lock.read_owner()
+        if owner is None or not owner.prefix or not owner.detached or not lock.owner_alive(owner):
+            return None
+        state = load_state(owner.prefix)
+        if state is None or state.status != "up":
+            return None
+        return _info_from_state(state)
+
+    @staticmethod
+    def attach(prefix: str) -> Lab:
+        """A handle on an existing lab (e.g. the current one) to exec into or down it."""
+        state = load_state(prefix)
+        if state is None:
+            raise LabError(f"no lab with prefix {prefix}")
+        return Lab(_info_from_state(state), owned=False)
+
+
+def _which(tool: str) -> bool:
+    import shutil
+
+    if tool.startswith("/"):
+        return Path(tool).exists()
+    return shutil.which(tool, path=host.CLEAN_ENV["PATH"]) is not None

@@ -1,0 +1,79 @@
+"""Typed values of the lab: what to build (specs) and what was built (hosts, info)."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from reconciler.errors import ReconcilerError
+
+LAB_NETWORK = ipaddress.IPv4Network("192.0.2.0/24")
+BRIDGE_ADDRESS = ipaddress.IPv4Address("192.0.2.254")
+_HOST_NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
+
+
+class LabError(ReconcilerError):
+    """The lab could not be built, found or removed; the message says what and why."""
+
+
+@dataclass(frozen=True)
+class LabHostSpec:
+    """One host to build: its name (also its hostname) and its public address."""
+
+    name: str
+    address: str
+
+    def __post_init__(self) -> None:
+        if not _HOST_NAME.match(self.name):
+            raise LabError(f"lab host name {self.name!r}: must match [a-z][a-z0-9-]{{0,30}}")
+        try:
+            addr = ipaddress.IPv4Address(self.address)
+        except ValueError as exc:
+            raise LabError(f"lab host {self.name}: address {self.address!r} is not IPv4") from exc
+        if addr not in LAB_NETWORK or addr in (
+            BRIDGE_ADDRESS,
+            LAB_NETWORK.network_address,
+            LAB_NETWORK.broadcast_address,
+        ):
+            raise LabError(
+                f"lab host {self.name}: address {self.address} must be in {LAB_NETWORK} "
+                f"(not .0, .254 or .255)"
+            )
+
+
+@dataclass(frozen=True)
+class LabHost:
+    """A running lab host.
+
+    ``pid`` is the ``unshare`` process (SIGKILL it to stop the host); ``init_pid`` is its child,
+    PID 1 of the host (sshd), the target for ``nsenter``. ``root`` is the host's state directory
+    (``upper/`` holds every file the host changed, ``home-root/`` is its /root).
+    """
+
+    name: str
+    address: str
+    netns: str
+    pid: int
+    root: Path
+    init_pid: int = 0
+    veth: str = ""
+
+
+@dataclass(frozen=True)
+class LabInfo:
+    """Where a lab's files are; enough for the engine to reach every host with strict keys."""
+
+    prefix: str
+    state_dir: Path
+    known_hosts: Path
+    client_key: Path
+    hosts: tuple[LabHost, ...]
+    bridge: str = ""
+
+    def host(self, name: str) -> LabHost:
+        for h in self.hosts:
+            if h.name == name:
+                return h
+        raise KeyError(name)

@@ -1,0 +1,239 @@
+"""Root-namespace networking of a lab: one bridge (192.0.2.254/24), one veth per host, the
+hosts' network namespaces, and (only when the root firewall would filter bridged frames) one
+narrowly scoped FORWARD accept rule for traffic from the lab bridge to the lab bridge.
+
+Every name starts with the lab's prefix; removal touches only recorded or prefixed names.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+from reconciler.lab.model import BRIDGE_ADDRESS, LAB_NETWORK, LabError
+from reconciler.lab.state import PREFIX_RE
+from reconciler.log import get_logger
+
+log = get_logger(__name__)
+
+
+def bridge_name(prefix: str) -> str:
+    return f"{prefix}br"
+
+
+def veth_name(prefix: str, index: int) -> str:
+    return f"{prefix}h{index}"
+
+
+def peer_name(prefix: str, index: int) -> str:
+    return f"{prefix}p{index}"
+
+
+def netns_name(prefix: str, host: str) -> str:
+    return f"{prefix}-{host}"
+
+
+def _run(
+    argv: Sequence[str], *, input: bytes | None = None, check: bool = True
+) -> subprocess.CompletedProcess[bytes]:
+    proc = subprocess.run(list(argv), input=input, capture_output=True, timeout=120)
+    if check and proc.returncode != 0:
+        raise LabError(
+            f"{' '.join(argv)}: exit {proc.returncode}: {proc.stderr.decode(errors='replace').strip()}"
+        )
+    return proc
+
+
+def ip_batch(lines: Sequence[str], *, force: bool = False) -> subprocess.CompletedProcess[bytes]:
+    """Run many `ip` commands in one process (names are ours, validated, never user text)."""
+    argv = ["ip", "-force", "-batch", "-"] if force else ["ip", "-batch", "-"]
+    return _run(argv, input=("\n".join(lines) + "\n").encode(), check=not force)
+
+
+def _set_sysctl(path: str, value: str) -> None:
+    try:
+        Path(path).write_text(value)
+    except OSError:
+        pass
+
+
+def address_in_use() -> str | None:
+    """The interface that already holds 192.0.2.254 in the root namespace, if any."""
+    out = _run(["ip", "-o", "-4", "addr", "show"]).stdout.decode()
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 4 and parts[3].split("/")[0] == str(BRIDGE_ADDRESS) and not _is_lab_link(parts[1]):
+            return parts[1]
+    return None
+
+
+def create(prefix: str, hosts: Sequence[tuple[str, int, str]]) -> None:
+    """Create the bridge, and for each (host name, index, address) a netns, a veth pair and a
+    /32 route in the root namespace."""
+    br = bridge_name(prefix)
+    # noprefixroute + one /32 route per host: the machine's own uplink may sit on 192.0.2.0/24
+    # too (it does on the project machine), and a /24 route on the bridge would lose to it;
+    # /32 routes win, so traffic for a lab host never leaves through the uplink.
+    lines = [
+        f"link add {br} type bridge",
+        f"addr add {BRIDGE_ADDRESS}/{LAB_NETWORK.prefixlen} dev {br} noprefixroute",
+    ]
+    for host, i, _ in hosts:
+        ns = netns_name(prefix, host)
+        lines += [
+            f"netns add {ns}",
+            f"link add {veth_name(prefix, i)} type veth peer name {peer_name(prefix, i)} netns {ns}",
+        ]
+    ip_batch(lines)
+    _set_sysctl(f"/proc/sys/net/ipv6/conf/{br}/disable_ipv6", "1")
+    for _, i, _ in hosts:
+        _set_sysctl(f"/proc/sys/net/ipv6/conf/{veth_name(prefix, i)}/disable_ipv6", "1")
+    ip_batch(
+        [f"link set {veth_name(prefix, i)} master {br} up" for _, i, _ in hosts]
+        + [f"link set {br} up"]
+        + [f"route replace {addr}/32 dev {br} src {BRIDGE_ADDRESS}" for _, _, addr in hosts]
+    )
+
+
+def reserved_addresses() -> dict[str, str]:
+    """Addresses of 192.0.2.0/24 the machine itself uses outside any lab (its own addresses,
+    gateways): a lab host must not take them. Maps address -> what uses it."""
+    found: dict[str, str] = {}
+    out = _run(["ip", "-o", "-4", "addr", "show"]).stdout.decode()
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 4 and not _is_lab_link(parts[1]):
+            addr = parts[3].split("/")[0]
+            if ipaddress.IPv4Address(addr) in LAB_NETWORK:
+                found[addr] = f"address of {parts[1]}"
+    routes = _run(["ip", "-4", "route", "show", "table", "all"], check=False).stdout.decode()
+    for line in routes.splitlines():
+        words = line.split()
+        if "via" in words:
+            gw = words[words.index("via") + 1]
+            try:
+                if ipaddress.IPv4Address(gw) in LAB_NETWORK:
+                    found[gw] = "a gateway of the machine"
+            except ValueError:
+                continue
+    return found
+
+
+def _is_lab_link(name: str) -> bool:
+    return re.match(r"^rcl[a-z0-9]{1,5}?(br|h\d+)(@.*)?$", name) is not None
+
+
+# ------------------------------------------------------------------ root firewall
+
+
+def _bridge_filtered() -> bool:
+    try:
+        if Path("/proc/sys/net/bridge/bridge-nf-call-iptables").read_text().strip() == "1":
+            return True
+    except OSError:
+        pass
+    return False
+
+
+def forward_rule(prefix: str) -> list[str]:
+    br = bridge_name(prefix)
+    return [
+        "FORWARD",
+        "-i",
+        br,
+        "-o",
+        br,
+        "-m",
+        "comment",
+        "--comment",
+        f"reconciler-lab {prefix}",
+        "-j",
+        "ACCEPT",
+    ]
+
+
+def allow_forward(prefix: str) -> list[list[str]]:
+    """Add the bridge accept rule if bridged frames pass a FORWARD chain that could drop them."""
+    if not _bridge_filtered():
+        return []
+    proc = _run(["iptables", "-w", "5", "-S", "FORWARD"], check=False)
+    if proc.returncode != 0:
+        return []
+    rules = proc.stdout.decode().splitlines()
+    policy_accept = "-P FORWARD ACCEPT" in rules
+    if policy_accept and len(rules) == 1:
+        return []  # nothing could drop a frame: add nothing
+    rule = forward_rule(prefix)
+    _run(["iptables", "-w", "5", "-I", *rule])
+    log.info("lab.firewall.rule_added", prefix=prefix)
+    return [rule]
+
+
+def remove_forward(prefix: str, recorded: Sequence[Sequence[str]]) -> None:
+    """Remove recorded rules, and any rule carrying this prefix's comment (crash leftovers)."""
+    for rule in recorded:
+        _run(["iptables", "-w", "5", "-D", *rule], check=False)
+    proc = _run(["iptables", "-w", "5", "-S", "FORWARD"], check=False)
+    if proc.returncode != 0:
+        return
+    tag = f'"reconciler-lab {prefix}"'
+    for _ in range(10):
+        if tag not in proc.stdout.decode():
+            return
+        _run(["iptables", "-w", "5", "-D", *forward_rule(prefix)], check=False)
+        proc = _run(["iptables", "-w", "5", "-S", "FORWARD"], check=False)
+
+
+# ------------------------------------------------------------------ discovery and removal
+
+
+def list_netns() -> list[str]:
+    proc = _run(["ip", "netns", "list"], check=False)
+    return [line.split()[0] for line in proc.stdout.decode().splitlines() if line.strip()]
+
+
+def list_links() -> list[str]:
+    proc = _run(["ip", "-o", "link", "show"], check=False)
+    names = []
+    for line in proc.stdout.decode().splitlines():
+        parts = line.split(":", 2)
+        if len(parts) >= 2:
+            names.append(parts[1].strip().split("@")[0])
+    return names
+
+
+def netns_of(prefix: str) -> list[str]:
+    return [n for n in list_netns() if n.startswith(prefix + "-")]
+
+
+def links_of(prefix: str) -> list[str]:
+    pat = re.compile(rf"^{re.escape(prefix)}(br|h\d+)$")
+    return [n for n in list_links() if pat.match(n)]
+
+
+def all_prefixes_in_kernel() -> set[str]:
+    found: set[str] = set()
+    for ns in list_netns():
+        head = ns.split("-", 1)[0]
+        if "-" in ns and PREFIX_RE.match(head):
+            found.add(head)
+    for link in list_links():
+        m = re.match(r"^(rcl[a-z0-9]{1,5}?)(br|h\d+)$", link)
+        if m and PREFIX_RE.match(m.group(1)):
+            found.add(m.group(1))
+    return found
+
+
+def remove(prefix: str, netns: Sequence[str] = ()) -> None:
+    """Delete this prefix's netns (recorded and discovered) and links. Errors are ignored:
+    removal is idempotent; what is left is reported by the caller's final check."""
+    names = sorted(set(netns) | set(netns_of(prefix)))
+    links = links_of(prefix)
+    lines = [f"netns del {n}" for n in names]
+    lines += [f"link del {link}" for link in links if not link.endswith("br")]
+    lines += [f"link del {link}" for link in links if link.endswith("br")]
+    if lines:
+        ip_batch(lines, force=True)

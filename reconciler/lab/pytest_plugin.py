@@ -1,0 +1,90 @@
+"""pytest plugin: ``lab_factory`` (session) and the ``lab`` marker.
+
+Enable with ``pytest_plugins = ["reconciler.lab.pytest_plugin"]`` in tests/conftest.py.
+Tests marked ``@pytest.mark.lab`` skip, with the reason printed, when not root or when the
+tools the lab needs are missing. Every lab made through ``lab_factory`` is downed at session
+end, on failure too; SIGTERM/SIGHUP also take them down (and SIGKILL leftovers are removed by
+the next ``Lab.up`` or ``reconciler lab down``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from types import FrameType
+from typing import Any
+
+import pytest
+
+from reconciler.lab.capabilities import probe_capabilities
+from reconciler.lab.lab import Lab, _down_live_labs
+from reconciler.lab.model import LabHostSpec
+
+LabFactory = Callable[..., Lab]
+
+
+def lab_skip_reason() -> str | None:
+    """Why lab tests cannot run here, or None."""
+    if sys.platform != "linux":
+        return "the lab needs Linux network namespaces"
+    if os.geteuid() != 0:
+        return "the lab needs root (network and mount namespaces)"
+    caps = probe_capabilities()
+    for name in ("lab", "overlayfs"):
+        if not caps.has(name):
+            return caps.reason(name)
+    return None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "lab: needs root and the lab (network namespaces, sshd)")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("lab") is not None:
+        reason = lab_skip_reason()
+        if reason:
+            pytest.skip(f"lab unavailable: {reason}")
+
+
+_previous: dict[int, Any] = {}
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    _down_live_labs()
+    prev = _previous.get(signum, signal.SIG_DFL)
+    signal.signal(signum, prev if prev is not None else signal.SIG_DFL)
+    if callable(prev):
+        prev(signum, frame)
+    else:
+        os.kill(os.getpid(), signum)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            _previous[sig] = signal.signal(sig, _on_signal)
+        except (ValueError, OSError):  # not the main thread
+            pass
+
+
+@pytest.fixture(scope="session")
+def lab_factory() -> Iterator[LabFactory]:
+    """``lab_factory(specs, prefix=None) -> Lab``; all labs are downed at session end."""
+    made: list[Lab] = []
+
+    def make(specs: Sequence[LabHostSpec], prefix: str | None = None, **kwargs: Any) -> Lab:
+        reason = lab_skip_reason()
+        if reason:
+            pytest.skip(f"lab unavailable: {reason}")
+        lab = Lab.up(specs, prefix=prefix, **kwargs)
+        made.append(lab)
+        return lab
+
+    try:
+        yield make
+    finally:
+        for lab in made:
+            lab.down()
