@@ -114,11 +114,29 @@ def console_tail(hdir: Path, lines: int = 15) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def wait_ready(name: str, address: str, hdir: Path, pid: int, pid_start: int | None, timeout: float) -> None:
+def listening(init_pid: int, port: int = 22) -> bool:
+    """True when a TCP socket listens on ``port`` in the network namespace of ``init_pid``
+    (read from /proc/PID/net/tcp: no packet is sent)."""
+    try:
+        lines = Path(f"/proc/{init_pid}/net/tcp").read_text().splitlines()[1:]
+    except OSError:
+        return False
+    want = f":{port:04X}"
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 3 and fields[1].endswith(want) and fields[3] == "0A":
+            return True
+    return False
+
+
+def wait_ready(
+    name: str, address: str, hdir: Path, pid: int, pid_start: int | None, timeout: float, init_pid: int = 0
+) -> None:
+    """Wait until sshd listens (seen in /proc, no traffic) and answers with its SSH banner."""
     deadline = time.monotonic() + timeout
-    delay = 0.01
+    delay = 0.005
     while True:
-        if ssh_banner(address):
+        if (not init_pid or listening(init_pid)) and ssh_banner(address):
             return
         if not procs.is_alive(pid, pid_start):
             raise LabError(f"lab host {name}: init exited before sshd was ready:\n{console_tail(hdir)}")
@@ -128,4 +146,4 @@ def wait_ready(name: str, address: str, hdir: Path, pid: int, pid_start: int | N
                 f"{console_tail(hdir)}"
             )
         time.sleep(delay)
-        delay = min(delay * 1.5, 0.2)
+        delay = min(delay * 1.5, 0.1)

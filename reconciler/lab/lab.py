@@ -211,7 +211,7 @@ class Lab:
             rec = state.hosts[i]
             hdir = d / "hosts" / rec.name
             rec.init_pid = host.find_init_pid(rec.pid)
-            host.wait_ready(rec.name, rec.address, hdir, rec.pid, rec.pid_start, ready_timeout)
+            host.wait_ready(rec.name, rec.address, hdir, rec.pid, rec.pid_start, ready_timeout, rec.init_pid)
 
         with ThreadPoolExecutor(max_workers=min(32, len(specs))) as pool:
             for fut in [pool.submit(ready, i) for i in range(len(specs))]:
