@@ -319,11 +319,14 @@ async def _open_smtp(smtp: SmtpSettings, timeout: float) -> aiosmtplib.SMTP:
         tls_context=_TLS_CONTEXT or ssl.create_default_context(),
     )
     await client.connect()
-    if user is not None or pw is not None:
-        if smtp.security is SmtpSecurity.NONE:
-            client.close()
-            raise MailConfigError("refusing to send SMTP credentials without TLS (smtp.security: none)")
-        await client.login(user or "", pw or "")
+    try:
+        if user is not None or pw is not None:
+            if smtp.security is SmtpSecurity.NONE:
+                raise MailConfigError("refusing to send SMTP credentials without TLS (smtp.security: none)")
+            await client.login(user or "", pw or "")
+    except BaseException:
+        client.close()
+        raise
     return client
 
 
