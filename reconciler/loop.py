@@ -188,7 +188,8 @@ class ReconcileLoop:
         self._after_fetch_force = False
         self._source_failures = 0
         self._source_retry: asyncio.TimerHandle | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: list[asyncio.Task[None]] = []  # workers
+        self._timers: list[asyncio.Task[None]] = []  # poll and drift tickers
         self._stopping = False
         self.first_refresh_done = asyncio.Event()
         self.fetches = 0
@@ -214,6 +215,12 @@ class ReconcileLoop:
             and rec.terminal_commit == self._target.commit,
             "retry_scheduled": rec.retry is not None,
         }
+
+    def seed(self, target: Target) -> None:
+        """The last good target from the previous run, used until the first fetch succeeds."""
+        if self._target is None:
+            self._target = target
+            self._target_seen_at = time.monotonic()
 
     # ------------------------------------------------------------ events in
 
@@ -273,9 +280,9 @@ class ReconcileLoop:
         for i in range(self._concurrency):
             self._tasks.append(loop.create_task(self._host_worker(), name=f"host-worker-{i}"))
         if self._poll_interval > 0:
-            self._tasks.append(loop.create_task(self._ticker(self._poll_interval, self._poll), name="poll"))
+            self._timers.append(loop.create_task(self._ticker(self._poll_interval, self._poll), name="poll"))
         if self._drift_interval > 0:
-            self._tasks.append(
+            self._timers.append(
                 loop.create_task(self._ticker(self._drift_interval, self._drift_tick), name="drift-timer")
             )
         self.request_fetch(then=(ALL,), reason="startup")
@@ -302,6 +309,10 @@ class ReconcileLoop:
             self._clear_retry(rec)
         if self._source_retry is not None:
             self._source_retry.cancel()
+        for timer in self._timers:
+            timer.cancel()
+        await asyncio.gather(*self._timers, return_exceptions=True)
+        self._timers.clear()
         self.hosts.close()
         self.source.close()
         tasks = [t for t in self._tasks if not t.done()]

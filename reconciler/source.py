@@ -155,7 +155,8 @@ class Git:
 
     def __init__(self, git_dir: Path, *, extra_env: Mapping[str, str] | None = None) -> None:
         self.git_dir = git_dir
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+        # No GIT_* from our environment, and none of our own settings (secrets) for children.
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("GIT_", "RECONCILER_"))}
         env.update(
             {
                 "GIT_CONFIG_NOSYSTEM": "1",

@@ -1,0 +1,468 @@
+"""`reconciler run`: wires config, source, store, loop, server, outbox and the engine.
+
+    fleet repo --FleetSource--> newest good commit + Fleet --ReconcileLoop--> per-host step
+    webhooks / poll / drift timer / SIGHUP / sync --> the loop's deduplicating queues
+    refused commits --> Store (status, events) + Outbox (one mail per commit and reason)
+
+One daemon per state directory (an exclusive lock file). SIGTERM/SIGINT: stop taking work, let
+in-flight reconciles finish within ``shutdown_grace``, then cancel; SIGHUP: fetch and resync
+every host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import importlib
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from reconciler import __version__
+from reconciler.config import Config, RunMode, redact_url
+from reconciler.errors import ReconcilerError, Terminal, Transient
+from reconciler.log import get_logger
+from reconciler.loop import ALL, Backoff, Outcome, ReconcileLoop, ReconcileStep, Target
+from reconciler.metrics import DaemonMetrics
+from reconciler.server import HttpServer
+from reconciler.source import FleetLoader, FleetSource, Rejection, default_loader
+from reconciler.store import HostState, Store
+
+log = get_logger(__name__)
+
+OUTBOX_INTERVAL = 5.0
+SMTP_USER_VAR = "RECONCILER_SMTP_USERNAME"
+SMTP_PASSWORD_VAR = "RECONCILER_SMTP_PASSWORD"  # noqa: S105 (a variable name, not a value)
+
+
+class MailOutbox(Protocol):
+    """The part of reconciler.notify.Outbox the daemon uses."""
+
+    def enqueue(self, key: str, mail: Any, *, dedupe: Any = ()) -> bool: ...
+
+    async def deliver_due(self, smtp: Any, *, limit: int = 100, timeout: float = 30) -> Any: ...
+
+    def counts(self) -> Any: ...
+
+
+DriftStep = Callable[[str, Target, Any], Awaitable[int]]
+
+
+class StateDirLocked(Terminal):
+    pass
+
+
+def _lock_state_dir(state_dir: Path) -> int:
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(state_dir / "daemon.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StateDirLocked(f"{state_dir}: another reconciler daemon uses this state directory") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+class _Pools:
+    """One SSH connection pool per fleet commit; an old pool closes once nothing uses it."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._pools: dict[str, Any] = {}
+        self._users: dict[str, int] = {}
+        self._current = ""
+
+    def _make(self, fleet: Any) -> Any:
+        connection = importlib.import_module("reconciler.connection")
+        ssh = self.config.ssh
+        targets = connection.targets_for(
+            fleet,
+            known_hosts=str(ssh.known_hosts) if ssh.known_hosts else None,
+            client_keys=[str(p) for p in ssh.identity],
+        )
+        return connection.ConnectionPool(
+            targets,
+            connect_timeout=ssh.connect_timeout,
+            command_timeout=ssh.command_timeout,
+            max_concurrency=max(1, self.config.concurrency) * 2,
+        )
+
+    async def acquire(self, target: Target) -> Any:
+        if target.commit not in self._pools:
+            self._pools[target.commit] = self._make(target.fleet)
+            self._users[target.commit] = 0
+            previous, self._current = self._current, target.commit
+            if previous and self._users.get(previous, 0) == 0:
+                await self._close(previous)
+        self._users[target.commit] += 1
+        return self._pools[target.commit]
+
+    async def release(self, target: Target) -> None:
+        self._users[target.commit] -= 1
+        if target.commit != self._current and self._users[target.commit] == 0:
+            await self._close(target.commit)
+
+    async def _close(self, commit: str) -> None:
+        pool = self._pools.pop(commit, None)
+        self._users.pop(commit, None)
+        if pool is not None:
+            await pool.close()
+
+    async def close_all(self) -> None:
+        for commit in list(self._pools):
+            await self._close(commit)
+
+
+def classify_engine_error(status: str, error: str) -> ReconcilerError:
+    """Map an engine host outcome to Terminal (wait for a new commit) or Transient (retry)."""
+    text = error or status
+    lowered = text.lower()
+    if lowered.startswith("render:") or "host key" in lowered or "authentication" in lowered:
+        return Terminal(text)
+    return Transient(text)
+
+
+async def engine_step(
+    host: str, target: Target, pool: Any, *, apply: bool, firewall_window: float | None = None
+) -> Outcome:
+    """One host through reconciler.engine.reconcile_fleet."""
+    engine = importlib.import_module("reconciler.engine")
+    kwargs: dict[str, Any] = {"apply": apply}
+    if firewall_window is not None:
+        kwargs["firewall_window"] = firewall_window
+    result = await engine.reconcile_fleet(target.fleet, [host], pool, **kwargs)
+    out = result.hosts[0]
+    if out.status in (engine.ERROR, engine.FAILED):
+        raise classify_engine_error(out.status, out.error or "")
+    if out.status == engine.CHANGES:
+        n = len(out.plan.actions) if out.plan is not None else 0
+        return Outcome(applied=False, reason=f"plan mode: {n} change(s) pending")
+    if out.status == engine.APPLIED and out.result is not None:
+        return Outcome(applied=True, reason=f"applied {out.result.changed()} change(s)")
+    reason = out.plan.noop_reason if out.plan is not None and out.plan.noop_reason else "in sync"
+    return Outcome(applied=True, reason=reason)
+
+
+class Daemon:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        step: ReconcileStep | None = None,
+        drift: DriftStep | None = None,
+        loader: FleetLoader = default_loader,
+        outbox: MailOutbox | None = None,
+    ) -> None:
+        self.config = config
+        self.state_dir = config.state_dir
+        self._lock_fd = _lock_state_dir(self.state_dir)
+        self.store = Store(self.state_dir / "state.db")
+        self.source = FleetSource(
+            config.source,
+            self.state_dir / "fleet.git",
+            loader=loader,
+            last_good=self.store.get_meta("source.good"),
+        )
+        self.outbox = outbox if outbox is not None else self._default_outbox()
+        self._pools = _Pools(config)
+        self._custom_step = step
+        self._drift = drift
+        self.metrics = DaemonMetrics(
+            host_states=self._host_state_counts,
+            queue_depth=lambda: [
+                (("hosts",), float(self.loop.hosts.depth)),
+                (("source",), float(self.loop.source.depth)),
+            ],
+            in_flight=lambda: [
+                (("hosts",), float(len(self.loop.hosts.in_flight))),
+                (("source",), float(len(self.loop.source.in_flight))),
+            ],
+            outbox=self._outbox_counts,
+        )
+        self.loop = ReconcileLoop(
+            reconcile=self._reconcile_host,
+            refresh=self._refresh,
+            store=self.store,
+            concurrency=config.concurrency,
+            poll_interval=config.source.poll_interval,
+            drift_interval=config.drift_interval,
+            backoff=Backoff(base=config.backoff_base, maximum=config.backoff_max),
+            on_result=self._on_result,
+            on_converged=lambda commit, secs: self.metrics.push_to_converged.observe(secs),
+        )
+        self.server = HttpServer(config.server, self, self.metrics)
+        self._stop = asyncio.Event()
+        self._mail_wakeup = asyncio.Event()
+        self._started = time.time()
+
+    # ------------------------------------------------------------ mail
+
+    def _default_outbox(self) -> MailOutbox | None:
+        try:
+            notify = importlib.import_module("reconciler.notify")
+        except ImportError:  # pragma: no cover - notify ships with the package
+            return None
+        box: MailOutbox = notify.Outbox.in_state_dir(self.state_dir)
+        return box
+
+    def _mail_settings(self) -> tuple[Any, tuple[str, ...], str] | None:
+        """(fleet-model SmtpSettings, recipients, sender), config first, then the fleet's."""
+        model = importlib.import_module("reconciler.fleet.model")
+        cfg = self.config.smtp
+        fleet_mail = None
+        fleet = self.source.fleet
+        if fleet is not None and getattr(fleet, "notifications", None) is not None:
+            fleet_mail = fleet.notifications.mail
+        to = cfg.to or (tuple(fleet_mail.to) if fleet_mail is not None else ())
+        if not to:
+            return None
+        if cfg.host:
+            smtp = model.SmtpSettings(
+                host=cfg.host,
+                port=cfg.port,
+                security=model.SmtpSecurity(cfg.security.value),
+                username_env=SMTP_USER_VAR if cfg.username else None,
+                password_env=SMTP_PASSWORD_VAR if cfg.password else None,
+            )
+            sender = cfg.sender
+        elif fleet_mail is not None:
+            smtp, sender = fleet_mail.smtp, fleet_mail.sender
+        else:
+            return None
+        return smtp, tuple(to), sender
+
+    def _publish_smtp_credentials(self) -> None:
+        # notify reads credentials from named environment variables; the config may have read
+        # them from a file. Child processes never see them: source.Git scrubs RECONCILER_*.
+        if self.config.smtp.username:
+            os.environ[SMTP_USER_VAR] = self.config.smtp.username
+        if self.config.smtp.password:
+            os.environ[SMTP_PASSWORD_VAR] = self.config.smtp.password.reveal()
+
+    def mail(self, key: str, subject: str, body: str) -> bool:
+        """Queue one mail to the admins under an idempotency key; False if known or no mail."""
+        settings = self._mail_settings()
+        if settings is None or self.outbox is None:
+            log.warning("no mail recipients configured; not mailed", key=key)
+            return False
+        _, to, sender = settings
+        notify = importlib.import_module("reconciler.notify")
+        new = self.outbox.enqueue(key, notify.Mail(subject=subject, body=body, to=to, sender=sender))
+        if new:
+            self._mail_wakeup.set()
+        return bool(new)
+
+    async def _mail_worker(self) -> None:
+        while not self._stop.is_set():
+            try:
+                await asyncio.wait_for(self._mail_wakeup.wait(), OUTBOX_INTERVAL)
+            except TimeoutError:
+                pass
+            self._mail_wakeup.clear()
+            settings = self._mail_settings()
+            if settings is None or self.outbox is None:
+                continue
+            try:
+                await self.outbox.deliver_due(settings[0], timeout=self.config.smtp.timeout)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # delivery problems never stop the daemon
+                log.warning("mail delivery failed", error=type(exc).__name__)
+
+    def _outbox_counts(self) -> list[tuple[tuple[str, ...], float]]:
+        if self.outbox is None:
+            return []
+        try:
+            c = self.outbox.counts()
+        except Exception:
+            return []
+        return [(("pending",), float(c.pending)), (("sent",), float(c.sent))]
+
+    # ------------------------------------------------------------ source
+
+    async def _refresh(self) -> Target | None:
+        try:
+            st = await self.source.refresh()
+        except Exception:
+            self.metrics.fetches.inc(1, "error")
+            raise
+        self.metrics.fetches.inc(1, "ok")
+        if st.changed:
+            self.store.set_meta("source.good", st.good)
+            self.store.add_event("commit", "new good commit", commit=st.good)
+        self.store.set_meta("source.head", st.head)
+        if st.rejection is not None:
+            self._reject(st.rejection)
+        if st.fleet is None:
+            return None
+        hosts = tuple(st.fleet.host_names())
+        gone = self.store.forget_hosts_except(set(hosts))
+        if gone:
+            self.store.add_event("hosts-removed", ", ".join(gone), commit=st.good)
+        return Target(st.good, st.fleet, hosts)
+
+    def _reject(self, rejection: Rejection) -> None:
+        if not self.store.reject_commit(rejection.commit, f"{rejection.kind}: {rejection.reason}"):
+            return  # already reported (also across restarts)
+        self.metrics.rejected.inc(1, rejection.kind)
+        self.store.add_event("commit-rejected", rejection.reason, commit=rejection.commit)
+        good = self.source.good
+        subject = f"[reconciler] commit {rejection.commit[:12]} refused: {rejection.kind}"
+        body = (
+            f"The fleet repo {redact_url(self.config.source.url)} (branch {self.config.source.branch}) has\n"
+            f"head {rejection.commit}, which will not be applied:\n\n  {rejection.reason}\n\n"
+            f"Hosts stay on the last good commit: {good or '(none yet)'}.\n"
+            "Push a fixed (and, if verification is on, properly signed) commit to resume.\n"
+        )
+        self.mail(rejection.key, subject, body)
+
+    # ------------------------------------------------------------ hosts
+
+    async def _reconcile_host(self, host: str, target: Target, reasons: frozenset[str]) -> Outcome:
+        pool = await self._pools.acquire(target) if self._custom_step is None or self._drift else None
+        try:
+            if self._custom_step is not None:
+                outcome = await self._custom_step(host, target, reasons) or Outcome()
+            else:
+                outcome = await engine_step(host, target, pool, apply=self.config.mode is RunMode.APPLY)
+            if self._drift is not None and "drift" in reasons:
+                found = await self._drift(host, target, pool)
+                self.metrics.drift_scans.inc()
+                if found:
+                    self.metrics.drift.inc(found, host)
+                    self.store.add_event("drift", f"{found} drifted path(s)", host=host, commit=target.commit)
+                    outcome = Outcome(applied=outcome.applied, reason=outcome.reason, drift=found)
+            return outcome
+        finally:
+            if pool is not None:
+                await self._pools.release(target)
+
+    def _on_result(self, host: str, result: str, seconds: float) -> None:
+        self.metrics.reconciles.inc(1, result)
+        self.metrics.reconcile_duration.observe(seconds, result)
+
+    def _host_state_counts(self) -> list[tuple[tuple[str, ...], float]]:
+        counts = {s.value: 0 for s in HostState}
+        for h in self.store.hosts():
+            counts[h.state.value] += 1
+        return [((k,), float(v)) for k, v in counts.items()]
+
+    # ------------------------------------------------------------ DaemonView (HTTP)
+
+    def push_hint(self, provider: str) -> None:
+        self.loop.request_fetch(reason=f"webhook:{provider}")
+
+    def sync(self, hosts: Sequence[str]) -> tuple[int, list[str]]:
+        target = self.loop.target
+        if hosts and target is not None:
+            unknown = [h for h in hosts if h not in target.hosts]
+            if unknown:
+                return 0, unknown
+        self.loop.request_fetch(then=tuple(hosts) or (ALL,), force=True, reason="sync")
+        return (len(hosts) or (len(target.hosts) if target else 0)), []
+
+    def ready(self) -> bool:
+        return self.loop.first_refresh_done.is_set()
+
+    def status(self) -> dict[str, Any]:
+        target = self.loop.target
+        rows = {h.name: h.as_json() for h in self.store.hosts()}
+        names = list(target.hosts) if target is not None else sorted(rows)
+        hosts = []
+        for name in names:
+            row = rows.get(name) or {"name": name, "state": HostState.UNKNOWN.value, "reason": "",
+                                     "applied_commit": "", "attempted_commit": "", "last_drift_at": None,
+                                     "drift_count": 0}  # fmt: skip
+            row.update(self.loop.host_info(name))
+            hosts.append(row)
+        rejection = self.source.rejection
+        outbox = dict((k[0], v) for k, v in self._outbox_counts())
+        return {
+            "version": __version__,
+            "mode": self.config.mode.value,
+            "ready": self.ready(),
+            "started_at": self._started,
+            "source": {
+                "url": redact_url(self.config.source.url),
+                "branch": self.config.source.branch,
+                "verify": self.config.source.verify.value,
+                "head": self.source.head or self.store.get_meta("source.head"),
+                "good": self.source.good,
+                "rejection": None
+                if rejection is None
+                else {"commit": rejection.commit, "kind": rejection.kind, "reason": rejection.reason},
+            },
+            "queue": {"depth": self.loop.hosts.depth, "in_flight": list(self.loop.hosts.in_flight)},
+            "hosts": hosts,
+            "events": [e.as_json() for e in self.store.events(limit=50)],
+            "outbox": outbox,
+        }
+
+    # ------------------------------------------------------------ lifecycle
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def _install_signals(self) -> None:
+        aio = asyncio.get_running_loop()
+        aio.add_signal_handler(signal.SIGTERM, self.request_stop)
+        aio.add_signal_handler(signal.SIGINT, self.request_stop)
+        aio.add_signal_handler(
+            signal.SIGHUP, lambda: self.loop.request_fetch(then=(ALL,), force=True, reason="sighup")
+        )
+
+    def _remove_signals(self) -> None:
+        aio = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            aio.remove_signal_handler(sig)
+
+    async def run(self, *, install_signals: bool = True) -> int:
+        self._publish_smtp_credentials()
+        await self.source.prepare()
+        if self.source.good and self.source.fleet is not None:
+            fleet = self.source.fleet
+            self.loop.seed(Target(self.source.good, fleet, tuple(fleet.host_names())))
+        await self.server.start()
+        if install_signals:
+            self._install_signals()
+        mail_task = asyncio.get_running_loop().create_task(self._mail_worker(), name="mail")
+        self.loop.start()
+        log.info(
+            "daemon started",
+            version=__version__,
+            url=redact_url(self.config.source.url),
+            branch=self.config.source.branch,
+            mode=self.config.mode.value,
+            port=self.server.port,
+            last_good=self.source.good,
+        )
+        try:
+            await self._stop.wait()
+        finally:
+            log.info("daemon stopping", grace=self.config.shutdown_grace)
+            await self.loop.stop(self.config.shutdown_grace)
+            await self.server.stop()
+            mail_task.cancel()
+            await asyncio.gather(mail_task, return_exceptions=True)
+            await self._pools.close_all()
+            if install_signals:
+                self._remove_signals()
+            self.close()
+        log.info("daemon stopped")
+        return 0
+
+    def close(self) -> None:
+        self.store.close()
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+
+def run_daemon(config: Config) -> int:
+    daemon = Daemon(config)
+    return asyncio.run(daemon.run())
