@@ -23,6 +23,7 @@ Hidden files and directories (``.git``, editor swap files) and other top-level e
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
 from collections.abc import Mapping
@@ -192,16 +193,10 @@ def _load(files: dict[str, bytes], problems: list[Problem]) -> Fleet:
     problems = problems + found
     if fleet is None or any(p.severity == "error" for p in problems):
         raise FleetInvalid(problems)
-    if problems:  # warnings from reading the tree (e.g. stray files)
-        extra = tuple(str(p) for p in sorted(problems))
-        fleet = _with_warnings(fleet, extra)
+    warnings = tuple(str(p) for p in sorted(problems))
+    if warnings != fleet.warnings:  # warnings from reading the tree (e.g. stray files)
+        fleet = dataclasses.replace(fleet, warnings=warnings)
     return fleet
-
-
-def _with_warnings(fleet: Fleet, extra: tuple[str, ...]) -> Fleet:
-    import dataclasses
-
-    return dataclasses.replace(fleet, warnings=tuple(sorted(set(fleet.warnings + extra))))
 
 
 def check_files(files: Mapping[str, bytes]) -> tuple[Fleet | None, list[Problem]]:

@@ -136,7 +136,7 @@ def _message(err: ValidationError, sch: Mapping[str, Any]) -> str:
     if v == "type":
         types = [str(t) for t in (val if isinstance(val, list) else [val])]
         want = " or ".join(_TYPE_WORDS.get(t, t) for t in types)
-        return f"must be {want}, not {type_name(inst)}"
+        return f"must be {want}, not {type_name(inst)}" + (f" ({desc})" if desc else "")
     if v == "pattern":
         return f"{short(inst)} is not valid: must be {desc}" if desc else f"{short(inst)} is not valid"
     if v == "enum":

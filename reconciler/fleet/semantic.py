@@ -92,7 +92,7 @@ class Checker:
 
         settings = self.fleet_settings()
         mesh = settings[1] if settings else None
-        self.check_hosts(hosts, roles_by, mesh)
+        self.check_hosts(hosts, roles_by, mesh.internal_network if mesh else self.fallback_network())
         self.check_roles(roles, sites_by, profiles_by, files_by)
         self.check_sites(sites)
         self.check_profiles(profiles)
@@ -218,10 +218,24 @@ class Checker:
             build.notifications(d.get("notifications")),
         )
 
-    def check_hosts(self, hosts: list[_Located], roles: Mapping[str, m.Role], mesh: m.Mesh | None) -> None:
+    def fallback_network(self) -> IPv4Network | None:
+        """mesh.internal_network of a fleet.yaml that failed its schema elsewhere, if readable."""
+        for kind, doc in self.src.parsed:
+            if kind == "Fleet" and isinstance(doc.data, dict):
+                mesh = doc.data.get("mesh")
+                value = mesh.get("internal_network") if isinstance(mesh, dict) else None
+                if isinstance(value, str):
+                    try:
+                        return IPv4Network(value, strict=False)
+                    except ValueError:
+                        return None
+        return None
+
+    def check_hosts(
+        self, hosts: list[_Located], roles: Mapping[str, m.Role], net: IPv4Network | None
+    ) -> None:
         public: dict[IPv4Address, _Located] = {}
         internal: dict[IPv4Address, _Located] = {}
-        net = mesh.internal_network if mesh is not None else None
         for x in hosts:
             h: m.Host = x.obj
             doc = x.doc
@@ -262,14 +276,6 @@ class Checker:
             for i, r in enumerate(h.roles):
                 if not self.exists("Role", r, roles):
                     self.err(doc, ("roles", i), f"unknown role {r!r}{_known(roles)}")
-        for x in hosts:
-            if x.obj.public_address in internal and internal[x.obj.public_address] is not x:
-                other = internal[x.obj.public_address]
-                self.err(
-                    x.doc,
-                    ("public_address",),
-                    f"{x.obj.public_address} is the internal address of {other.obj.name}",
-                )
 
     def check_roles(
         self,
@@ -338,7 +344,7 @@ class Checker:
     ) -> None:
         for x in files:
             f: m.ManagedFile = x.obj
-            given = [k for k in ("content", "template", "link_target") if k in x.doc.data]
+            given = [k for k in x.doc.data if k in ("content", "template", "link_target")]
             if len(given) != 1:
                 self.err(
                     x.doc,
