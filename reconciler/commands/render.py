@@ -194,12 +194,17 @@ def print_text(desired: dict[str, Desired], written: list[Written], fleet_warnin
         if d.keypairs:
             extra.append("key pair made on the host: " + ", ".join(k.public_path for k in d.keypairs))
         tail = f" ({'; '.join(extra)})" if extra else ""
-        print(f"{w.host}: {len(w.files)} files, {len(w.links)} links -> {w.root}{tail}")
+        links = f", {len(w.links)} links" if w.links else ""
+        print(f"{w.host}: {len(w.files)} files{links} -> {w.root}{tail}")
         for p in d.pending:
-            print(f"{w.host}: pending: {p.subject}: {p.reason}")
+            print(f"  pending: {p.subject}: {p.reason}")
     pending = sum(len(desired[w.host].pending) for w in written)
     if pending:
-        print(f"{pending} item(s) pending; everything else was rendered.")
+        print(
+            f"{pending} item(s) pending, everything else rendered. IPsec peers wait for their public "
+            "keys: hosts make their key pairs on their first apply, `reconciler keys collect` writes "
+            "keys/<host>.pub; to preview with keys you have, use --keys DIR."
+        )
 
 
 def run(args: argparse.Namespace) -> int:

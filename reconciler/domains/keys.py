@@ -125,9 +125,8 @@ def peer_keys(fleet: Fleet, host: Host) -> PeerKeys:
                     domain=Domain.IPSEC,
                     subject=subject,
                     reason=(
-                        f"no public key for {peer.name} yet (keys/{peer.name}.pub is missing): "
-                        f"{peer.name} makes its key pair on its first apply, then run "
-                        "`reconciler keys collect` and commit the key"
+                        f"no public key yet: keys/{peer.name}.pub is missing ({peer.name} makes its "
+                        "key pair on its first apply; then run `reconciler keys collect`)"
                     ),
                 )
             )

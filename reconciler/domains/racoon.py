@@ -72,7 +72,7 @@ def racoon_conf(fleet: Fleet, host: Host, peers: tuple[Host, ...]) -> str:
         out += [
             "",
             f"remote {peer.public_address} {{",
-            "        exchange_mode main;",
+            f"        exchange_mode {rp.exchange_mode};",
             f"        lifetime time {rp.lifetime_hours} hour;",
             f"        my_identifier address {host.public_address};",
             f"        peers_identifier address {peer.public_address};",
