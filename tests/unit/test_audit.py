@@ -1,0 +1,197 @@
+"""AppArmor denials: parsing, rule suggestions, and the kernel log reader (real script, run
+locally in a private mount namespace whose /var/log is a temp dir)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from reconciler.audit import (
+    CursorStore,
+    parse_denial,
+    parse_lines,
+    profile_file,
+    read_kernel_log,
+    rule_perms,
+    suggest,
+)
+
+SEED = (
+    'Nov 25 10:00:00 db1 kernel: [ 123.456] audit(1290000000.123:42): type=1503 operation="inode_create" '
+    'requested_mask="w::" denied_mask="w::" fsuid=106 name="/data/var/mysql" pid=2345 profile="/usr/sbin/mysqld"'
+)
+MODERN = (
+    'Nov 25 10:00:01 db1 kernel: [ 124.1] audit: type=1400 audit(1700000000.1:43): apparmor="DENIED" '
+    'operation="open" class="file" profile="/usr/sbin/mysqld" name="/data/var/mysql/ibdata1" pid=2345 '
+    'comm="mysqld" requested_mask="r" denied_mask="r" fsuid=106 ouid=106'
+)
+
+
+def test_parse_old_and_new_formats() -> None:
+    d = parse_denial(SEED)
+    assert d is not None
+    assert (d.profile, d.operation, d.name, d.denied) == (
+        "/usr/sbin/mysqld",
+        "inode_create",
+        "/data/var/mysql",
+        "w::",
+    )
+    m = parse_denial(MODERN)
+    assert m is not None and (m.operation, m.name, m.denied, m.comm) == (
+        "open",
+        "/data/var/mysql/ibdata1",
+        "r",
+        "mysqld",
+    )
+    assert parse_denial(MODERN.replace('"DENIED"', '"ALLOWED"')) is None
+    assert parse_denial("Nov 25 kernel: eth0 link up") is None
+    # audit.log encodes names with spaces in hex
+    hexline = 'type=AVC msg=audit(1.2:3): apparmor="DENIED" operation="mkdir" profile="/usr/bin/x" name=2F612062 requested_mask="c" denied_mask="c"'
+    h = parse_denial(hexline)
+    assert h is not None and h.name == "/a b"
+
+
+def test_seed_case_gives_the_two_rules() -> None:
+    [s] = suggest(parse_lines([SEED]), kinds={"/data/var/mysql": "dir"})
+    assert s.local_file == "/etc/apparmor.d/local/usr.sbin.mysqld"
+    assert s.rules == ("/data/var/mysql/ r,", "/data/var/mysql/** rwk,")
+
+
+def test_file_rule_and_merging() -> None:
+    lines = [
+        MODERN,
+        MODERN,
+        MODERN.replace('requested_mask="r" denied_mask="r"', 'requested_mask="wc" denied_mask="wc"'),
+    ]
+    ds = parse_lines(lines)
+    assert len(ds) == 2  # the repeated line is one denial
+    [s] = suggest(ds, kinds={"/data/var/mysql/ibdata1": "file"})
+    assert s.rules == ("/data/var/mysql/ibdata1 rw,",)
+
+
+def test_masks_and_other_kinds() -> None:
+    assert rule_perms("w::") == "w"
+    assert rule_perms("::rw") == "rw"
+    assert rule_perms("c") == "w" and rule_perms("d") == "w"
+    assert rule_perms("a") == "a" and rule_perms("wa") == "w"
+    assert rule_perms("rk") == "rk" and rule_perms("l") == "l" and rule_perms("m") == "m"
+    assert rule_perms("x") == "ix"
+    cap = parse_denial(
+        'audit: type=1400 apparmor="DENIED" operation="capable" profile="/usr/sbin/ntpd" pid=1 comm="ntpd" capability=25 capname="sys_time"'
+    )
+    net = parse_denial(
+        'audit: type=1400 apparmor="DENIED" operation="create" profile="named" pid=1 comm="named" family="inet6" sock_type="dgram" protocol=17 requested_mask="create" denied_mask="create"'
+    )
+    assert cap is not None and net is not None
+    out = {s.profile: s for s in suggest([cap, net])}
+    assert out["/usr/sbin/ntpd"].rules == ("capability sys_time,",)
+    assert out["named"].rules == ("network inet6 dgram,",)
+    assert out["named"].local_file == "/etc/apparmor.d/local/named"
+    assert profile_file("/usr/sbin/apache2//HANDLING_UNTRUSTED_INPUT") == "usr.sbin.apache2"
+    # paths with spaces/glob characters are quoted and escaped
+    weird = parse_denial(
+        'apparmor="DENIED" operation="mkdir" profile="/usr/bin/x" name="/srv/a b*/" requested_mask="c" denied_mask="c"'
+    )
+    assert weird is not None
+    [s] = suggest([weird])
+    assert s.rules == ('"/srv/a b\\*/" r,', '"/srv/a b\\*/**" rwk,')
+
+
+@dataclass(frozen=True)
+class Result:
+    exit_status: int
+    stdout: bytes
+    stderr: bytes
+
+
+class PrivateVarLog:
+    """Runs commands in a fresh mount namespace with ``logdir`` bind-mounted on /var/log."""
+
+    host = "local"
+
+    def __init__(self, logdir: Path) -> None:
+        self.logdir = logdir
+
+    async def run(
+        self, argv: Sequence[str], *, stdin: bytes | None = None, timeout: float | None = None
+    ) -> Result:
+        wrapper = [
+            "unshare", "--mount", "--propagation", "private", "sh", "-c",
+            'mount --bind "$0" /var/log && exec "$@"', str(self.logdir), *argv,
+        ]  # fmt: skip
+        proc = await asyncio.create_subprocess_exec(
+            *wrapper,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await proc.communicate(stdin or b"")
+        return Result(proc.returncode or 0, out, err)
+
+    async def run_script(
+        self,
+        script: str,
+        *,
+        args: Sequence[str] = (),
+        stdin_after: bytes | None = None,
+        timeout: float | None = None,
+    ) -> Result:
+        return await self.run(["sh", "-c", script, "sh", *args], stdin=stdin_after)
+
+
+@pytest.fixture
+def varlog(tmp_path: Path) -> PrivateVarLog:
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare for a private /var/log")
+    probe = subprocess.run(["unshare", "--mount", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"mount namespaces unavailable: {probe.stderr.decode().strip()}")
+    d = tmp_path / "log"
+    d.mkdir()
+    return PrivateVarLog(d)
+
+
+async def test_cursor_reads_only_new_lines_and_survives_rotation(
+    varlog: PrivateVarLog, tmp_path: Path
+) -> None:
+    kern = varlog.logdir / "kern.log"
+    kern.write_text("old boot line\n" + SEED + "\n")
+    store = CursorStore(tmp_path / "state")
+    # first contact: baseline at the end, nothing reported
+    first = await read_kernel_log(varlog, store.load("h"))
+    assert first.baseline and first.lines == ()
+    store.save("h", first.cursor)
+    # appended lines (one incomplete) are read once
+    with kern.open("a") as f:
+        f.write(MODERN + "\npartial")
+    r = await read_kernel_log(varlog, store.load("h"))
+    assert r.lines == (MODERN,) and r.sources == ("kern",)
+    store.save("h", r.cursor)
+    r = await read_kernel_log(varlog, store.load("h"))
+    assert r.lines == ()
+    # rotation: the rest of the old file, then the new file from its start
+    with kern.open("a") as f:
+        f.write(" line\n")
+    kern.rename(varlog.logdir / "kern.log.1")
+    kern.write_text(SEED + "\n")
+    r = await read_kernel_log(varlog, store.load("h"))
+    assert r.lines == ("partial line", SEED)
+    store.save("h", r.cursor)
+    # truncation: start again at 0
+    kern.write_text("x\n")
+    r = await read_kernel_log(varlog, store.load("h"))
+    assert r.lines == ("x",)
+    # a file that appears after the baseline is read from its start
+    (varlog.logdir / "syslog").write_text(MODERN + "\n")
+    r = await read_kernel_log(varlog, r.cursor)
+    assert r.lines == (MODERN,) and r.sources == ("kern", "syslog")
+    # tail mode (plan): recent lines, cursor unchanged
+    t = await read_kernel_log(varlog, None, tail=True)
+    assert MODERN in t.lines
