@@ -35,6 +35,7 @@ from network_fleets import VARIANTS, example_fleet, make_host  # noqa: E402
 
 from reconciler.commands.render import render_hosts, write_desired  # noqa: E402
 from reconciler.fleet.model import Datapath, Fleet, IpsecBackend, MeshMode, frozen_map  # noqa: E402
+from reconciler.iptables import canonical_iptables  # noqa: E402
 
 PREFIX = f"rcnnet{os.getpid() % 100000}"
 CHARON = "/usr/lib/ipsec/charon"
@@ -98,6 +99,9 @@ def test_every_rendered_ruleset_passes_iptables_restore_and_round_trips(tmp_path
                 saved = run(["ip", "netns", "exec", ns, "iptables-save", "-t", "filter"])
                 assert saved.returncode == 0
                 assert rules_of(saved.stdout) == rules_of(path.read_text()), f"{variant}/{host}"
+                # and the engine's canonical form (what plan compares) agrees
+                live = canonical_iptables(saved.stdout).tables["filter"]
+                assert live == canonical_iptables(path.read_text()).tables["filter"], f"{variant}/{host}"
         # and a broken ruleset really is refused, the old rules staying
         bad = tmp_path / "bad.rules"
         bad.write_text(path.read_text().replace("COMMIT", "-A INPUT -p nosuchproto -j ACCEPT\nCOMMIT"))
