@@ -25,7 +25,8 @@ from reconciler.audit import (
 
 SEED = (
     'Nov 25 10:00:00 db1 kernel: [ 123.456] audit(1290000000.123:42): type=1503 operation="inode_create" '
-    'requested_mask="w::" denied_mask="w::" fsuid=106 name="/data/var/mysql" pid=2345 profile="/usr/sbin/mysqld"'
+    'requested_mask="w::" denied_mask="w::" fsuid=106 name="/data/var/mysql" pid=2345 '
+    'profile="/usr/sbin/mysqld"'
 )
 MODERN = (
     'Nov 25 10:00:01 db1 kernel: [ 124.1] audit: type=1400 audit(1700000000.1:43): apparmor="DENIED" '
@@ -53,7 +54,10 @@ def test_parse_old_and_new_formats() -> None:
     assert parse_denial(MODERN.replace('"DENIED"', '"ALLOWED"')) is None
     assert parse_denial("Nov 25 kernel: eth0 link up") is None
     # audit.log encodes names with spaces in hex
-    hexline = 'type=AVC msg=audit(1.2:3): apparmor="DENIED" operation="mkdir" profile="/usr/bin/x" name=2F612062 requested_mask="c" denied_mask="c"'
+    hexline = (
+        'type=AVC msg=audit(1.2:3): apparmor="DENIED" operation="mkdir" profile="/usr/bin/x" '
+        'name=2F612062 requested_mask="c" denied_mask="c"'
+    )
     h = parse_denial(hexline)
     assert h is not None and h.name == "/a b"
 
@@ -84,10 +88,12 @@ def test_masks_and_other_kinds() -> None:
     assert rule_perms("rk") == "rk" and rule_perms("l") == "l" and rule_perms("m") == "m"
     assert rule_perms("x") == "ix"
     cap = parse_denial(
-        'audit: type=1400 apparmor="DENIED" operation="capable" profile="/usr/sbin/ntpd" pid=1 comm="ntpd" capability=25 capname="sys_time"'
+        'audit: type=1400 apparmor="DENIED" operation="capable" profile="/usr/sbin/ntpd" pid=1 '
+        'comm="ntpd" capability=25 capname="sys_time"'
     )
     net = parse_denial(
-        'audit: type=1400 apparmor="DENIED" operation="create" profile="named" pid=1 comm="named" family="inet6" sock_type="dgram" protocol=17 requested_mask="create" denied_mask="create"'
+        'audit: type=1400 apparmor="DENIED" operation="create" profile="named" pid=1 comm="named" '
+        'family="inet6" sock_type="dgram" protocol=17 requested_mask="create" denied_mask="create"'
     )
     assert cap is not None and net is not None
     out = {s.profile: s for s in suggest([cap, net])}
@@ -97,7 +103,8 @@ def test_masks_and_other_kinds() -> None:
     assert profile_file("/usr/sbin/apache2//HANDLING_UNTRUSTED_INPUT") == "usr.sbin.apache2"
     # paths with spaces/glob characters are quoted and escaped
     weird = parse_denial(
-        'apparmor="DENIED" operation="mkdir" profile="/usr/bin/x" name="/srv/a b*/" requested_mask="c" denied_mask="c"'
+        'apparmor="DENIED" operation="mkdir" profile="/usr/bin/x" name="/srv/a b*/" '
+        'requested_mask="c" denied_mask="c"'
     )
     assert weird is not None
     [s] = suggest([weird])
