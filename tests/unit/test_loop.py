@@ -281,6 +281,7 @@ async def test_sigterm_handler_drains_then_stops(store: Store) -> None:
         await loop.stop(grace=5)
         stopped.set()
 
+    previous = signal.getsignal(signal.SIGTERM)  # e.g. the lab plugin's clean-up handler
     aio.add_signal_handler(signal.SIGTERM, lambda: aio.create_task(on_term()))
     try:
         loop.start()
@@ -289,6 +290,7 @@ async def test_sigterm_handler_drains_then_stops(store: Store) -> None:
         await asyncio.wait_for(stopped.wait(), timeout=5)
     finally:
         aio.remove_signal_handler(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, previous)
     assert all(store.host(h).state is HostState.READY for h in ("db1", "db2"))
 
 
