@@ -494,6 +494,18 @@ class HistoryRepo:
             )
         return out.decode().split()
 
+    async def get_ref(self, ref: str) -> str | None:
+        rc, out, _ = await self._git("rev-parse", "--verify", "-q", f"{ref}^{{commit}}", check=False)
+        return out.decode().strip() if rc == 0 else None
+
+    async def set_ref(self, ref: str, new: str, old: str | None) -> None:
+        """Move a bookkeeping ref (e.g. refs/mailed/<host>) from ``old`` to ``new``."""
+        if not ref.startswith("refs/mailed/"):
+            raise ValueError(f"not a bookkeeping ref: {ref}")
+        if new == old:
+            return
+        await self._git("update-ref", ref, new, old or "")
+
     async def message(self, commit: str) -> str:
         return (await self._git("log", "-1", "--format=%B", commit))[1].decode("utf-8", "replace")
 
@@ -557,7 +569,14 @@ def _base_env() -> dict[str, str]:
         for k, v in os.environ.items()
         if k in ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "SSH_AUTH_SOCK")
     }
-    env.update({"GIT_CONFIG_NOSYSTEM": "1", "GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"})
+    env.update(
+        {
+            "GIT_CONFIG_NOSYSTEM": "1",
+            "GIT_CONFIG_GLOBAL": os.devnull,
+            "GIT_TERMINAL_PROMPT": "0",
+            "LC_ALL": "C",
+        }
+    )
     return env
 
 
