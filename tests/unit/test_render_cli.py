@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 from test_render_network_golden import GOLDEN
 
 from reconciler.cli import main
@@ -15,6 +17,15 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "fleet-repo-example"
 KEYS = ROOT / "tests" / "fixtures" / "keys"
 HOSTS = ("db1", "db2", "web1", "web2")
+
+
+@pytest.fixture(autouse=True)
+def _keep_logging_config() -> Iterator[None]:
+    """cli.main configures structlog to write to the sys.stderr of the moment (pytest's capture
+    here, closed after the test): put the previous configuration back for later tests."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
 
 
 def render(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
