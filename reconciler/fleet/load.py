@@ -241,7 +241,10 @@ def check_files(files: Mapping[str, bytes]) -> tuple[Fleet | None, list[Problem]
         if fleet_docs[0] in src.docs.get("Fleet", ()):
             src.fleet = fleet_docs[0]
     fleet, found = semantic.check(src)
-    return fleet, problems + found
+    problems += found
+    if any(p.severity == "error" for p in problems):
+        fleet = None
+    return fleet, problems
 
 
 def _read_docs(
@@ -295,7 +298,7 @@ def _check_header(doc: YamlDocument, kind: str, problems: list[Problem]) -> bool
     if k is None:
         problems.append(doc.problem((), f"missing kind (expected {kind})"))
         ok = False
-    elif k not in schema.KINDS:
+    elif not isinstance(k, str) or k not in schema.KINDS:
         problems.append(doc.problem(("kind",), f"unknown kind {short(k)} (known: {', '.join(schema.KINDS)})"))
         ok = False
     elif k != kind:
