@@ -7,12 +7,13 @@ AppArmor parser for profiles, iptables and its persistence for the firewall). Pu
 
 from __future__ import annotations
 
-from reconciler.fleet.model import Datapath, Fleet, Host, IpsecBackend
+from reconciler.fleet.model import Datapath, Fleet, Host, IpsecBackend, MeshMode
 from reconciler.resources import Fragment, Package, Service
 
 # What each concern needs installed, on Debian 12.
 FIREWALL_PACKAGES = ("iptables", "iptables-persistent")
 STRONGSWAN_PACKAGES = ("strongswan-charon", "strongswan-swanctl", "openssl", "tcpdump")
+IPIP_PACKAGES = ("ifupdown",)  # the tunnels' persistent config is ifupdown stanzas
 LIBIPSEC_PACKAGES = ("libcharon-extra-plugins",)
 # racoon and ipsec-tools left Debian after 11: installing them fails on Debian 12, and the
 # plan says so (the legacy backend is for hosts that still have them).
@@ -35,6 +36,8 @@ def implicit_packages(fleet: Fleet, host: Host) -> tuple[str, ...]:
                 names += LIBIPSEC_PACKAGES
         else:
             names += RACOON_PACKAGES
+        if fleet.mesh.mode is MeshMode.IPIP:
+            names += IPIP_PACKAGES
     roles = fleet.roles_of(host)
     if any(r.sites for r in roles):
         names += APACHE_PACKAGES
