@@ -1,0 +1,371 @@
+"""Observation parsers, from outputs recorded on lab hosts, and the framing run by a real sh."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from reconciler.connection import Connection, SshTarget
+from reconciler.observe import (
+    PRELUDE,
+    Section,
+    build_script,
+    content_wanted,
+    parse_charon,
+    parse_dpkg,
+    parse_file_records,
+    parse_inventory,
+    parse_kernel,
+    parse_links,
+    parse_observation,
+    parse_service,
+    parse_swanctl_conns,
+    parse_swanctl_sas,
+    parse_xfrm_policies,
+    split_sections,
+)
+from reconciler.remote import ScriptBuilder
+from reconciler.resources import Desired, Domain, FileResource, KeyPair, LinkResource, Package, Service
+
+# Recorded on a lab host (strongSwan 5.9.8, kernel-libipsec, PSK), `swanctl --list-conns`.
+LIST_CONNS = """\
+h1-h2: IKEv2, no reauthentication, rekeying every 14400s
+  local:  192.0.2.11
+  remote: 192.0.2.12
+  local pre-shared key authentication:
+    id: 192.0.2.11
+  remote pre-shared key authentication:
+    id: 192.0.2.12
+  h1-h2: TUNNEL, rekeying every 3600s
+    local:  10.99.0.11/32
+    remote: 10.99.0.12/32
+"""
+# `swanctl --list-sas` on the same host a few seconds later.
+LIST_SAS = """\
+h1-h2: #1, ESTABLISHED, IKEv2, 233c5f08f091077c_i* 0a31600a8c8ee932_r
+  local  '192.0.2.11' @ 192.0.2.11[4500]
+  remote '192.0.2.12' @ 192.0.2.12[4500]
+  AES_GCM_16-256/PRF_HMAC_SHA2_384/CURVE_25519
+  established 0s ago, rekeying in 13001s
+  h1-h2: #1, reqid 1, INSTALLED, TUNNEL-in-UDP, ESP:AES_GCM_16-256
+    installed 0s ago, rekeying in 3504s, expires in 3960s
+    in  a24484d8,      0 bytes,     0 packets
+    out 2772d342,      0 bytes,     0 packets
+    local  10.99.0.11/32
+    remote 10.99.0.12/32
+h1-h3: #2, CONNECTING, IKEv2, 9b1c5f08f091077c_i* 0000000000000000_r
+  local  '192.0.2.11' @ 192.0.2.11[500]
+  remote '%any' @ 192.0.2.13[500]
+"""
+# `ip xfrm policy` in a namespace (iproute2 6.1 prints no JSON for xfrm), with charon's socket
+# bypass policies as they appear when charon runs with the kernel datapath.
+XFRM = """\
+src 10.99.0.11/32 dst 10.99.0.12/32 \n\tdir in priority 0 ptype main \n\ttmpl src 192.0.2.12 dst 192.0.2.11
+\t\tproto esp reqid 1 mode tunnel
+src 192.0.2.11/32 dst 192.0.2.12/32 proto ipencap \n\tdir out priority 0 ptype main \n\
+\ttmpl src 0.0.0.0 dst 0.0.0.0
+\t\tproto esp reqid 0 mode transport
+\ttmpl src 0.0.0.0 dst 0.0.0.0
+\t\tproto ah reqid 0 mode transport
+src 0.0.0.0/0 dst 0.0.0.0/0 \n\tsocket in priority 0 ptype main \n
+"""
+# `ip -d -j addr show` on a lab host with charon (libipsec TUN ipsec0) and the internal /32 on lo,
+# plus a point-to-point address as an ipip tunnel would carry it (abridged).
+IP_ADDR = (
+    '[{"ifindex":1,"ifname":"lo","flags":["LOOPBACK","UP","LOWER_UP"],"link_type":"loopback",'
+    '"addr_info":[{"family":"inet","local":"127.0.0.1","prefixlen":8},'
+    '{"family":"inet","local":"10.99.0.11","prefixlen":32,"scope":"global","label":"lo"}]},'
+    '{"ifindex":2,"link_index":24,"ifname":"eth0","flags":["BROADCAST","MULTICAST","UP","LOWER_UP"],'
+    '"link_type":"ether","linkinfo":{"info_kind":"veth"},'
+    '"addr_info":[{"family":"inet","local":"192.0.2.11","prefixlen":24}]},'
+    '{"ifindex":3,"ifname":"ipsec0","flags":["POINTOPOINT","MULTICAST","NOARP","UP","LOWER_UP"],'
+    '"link_type":"none","linkinfo":{"info_kind":"tun","info_data":{"type":"tun"}},"addr_info":[]},'
+    '{"ifindex":4,"ifname":"tun-h2","flags":["POINTOPOINT","NOARP"],"link_type":"ipip",'
+    '"linkinfo":{"info_kind":"ipip","info_data":{"remote":"192.0.2.12","local":"192.0.2.11","ttl":0}},'
+    '"addr_info":[{"family":"inet","local":"10.99.0.11","address":"10.99.0.12","prefixlen":32},'
+    '{"family":"inet6","local":"fe80::1","prefixlen":64}]}]'
+)
+
+
+def test_swanctl_conns_and_sas() -> None:
+    assert parse_swanctl_conns(LIST_CONNS) == ("h1-h2",)
+    assert parse_swanctl_sas(LIST_SAS) == (("h1-h2",), ("h1-h2",))
+
+
+def test_xfrm_policies_skip_socket_bypass() -> None:
+    pols = parse_xfrm_policies(XFRM)
+    assert [(p.src, p.dst, p.dir, p.proto, p.tmpl) for p in pols] == [
+        ("10.99.0.11/32", "10.99.0.12/32", "in", None, ("esp/tunnel",)),
+        ("192.0.2.11/32", "192.0.2.12/32", "out", "ipencap", ("esp/transport", "ah/transport")),
+    ]
+
+
+def test_links_kinds_endpoints_and_addresses() -> None:
+    links = {lk.name: lk for lk in parse_links(IP_ADDR)}
+    assert links["lo"].addresses == ("10.99.0.11/32", "127.0.0.1/8")
+    assert links["eth0"].kind == "veth" and links["eth0"].up
+    assert links["ipsec0"].kind == "tun"
+    tun = links["tun-h2"]
+    assert (tun.kind, tun.local, tun.remote, tun.up) == ("ipip", "192.0.2.11", "192.0.2.12", False)
+    assert tun.addresses == ("10.99.0.11/32 peer 10.99.0.12/32",)
+
+
+def test_charon_pidfile_wins_over_process_scan() -> None:
+    assert parse_charon("pidfile 34\npidcomm charon\nproc 34\n")
+    assert not parse_charon("pidfile 34\npidcomm bash\n")  # stale pid file, pid reused
+    assert not parse_charon("pidfile 34\nproc 99\n")
+    assert parse_charon("proc 99\n")  # started without a pid file
+    assert not parse_charon("")
+
+
+def test_dpkg_states() -> None:
+    text = (
+        "openssh-server\tii \t1:9.2p1-2+deb12u10\napache2\trc \t2.4.62-1\n"
+        "strongswan\tiU \t5.9.8\ncharon\thi \t5.9.8\n"
+    )
+    got = parse_dpkg(text, ["openssh-server", "apache2", "strongswan", "charon", "nginx"])
+    assert got["openssh-server"].installed and got["openssh-server"].version == "1:9.2p1-2+deb12u10"
+    assert not got["apache2"].installed  # removed, config files left
+    assert not got["strongswan"].installed  # unpacked, never configured
+    assert got["charon"].installed  # on hold, installed
+    assert not got["nginx"].installed and got["nginx"].version is None
+
+
+def test_services_with_and_without_systemd() -> None:
+    assert parse_service("a", "status 0\n").running
+    assert not parse_service("a", "status 3\n").running
+    s = parse_service("a", "active active\nenabled enabled\n")
+    assert s.running and s.enabled
+    s = parse_service("a", "active inactive\nenabled disabled\n")
+    assert not s.running and s.enabled is False
+
+
+def test_kernel_facts() -> None:
+    facts = parse_kernel(
+        "ipip absent\nesp4 module\nah4 absent\nxfrm_user loaded\nvxlan loaded\ntun absent\ndevtun present\n"
+    )
+    assert facts == {"ipip": False, "esp": True, "ah": False, "xfrm": True, "vxlan": True, "tun": True}
+
+
+def test_inventory() -> None:
+    assert parse_inventory(b'[\n "/etc/a",\n "/etc/b"\n]\n') == (("/etc/a", "/etc/b"), None)
+    assert parse_inventory(b"") == ((), None)
+    assert parse_inventory(b'{"x": 1}')[1] is not None
+    assert parse_inventory(b'["relative"]')[1] is not None
+
+
+def _b64(s: str) -> str:
+    return base64.b64encode(s.encode()).decode()
+
+
+def test_file_records() -> None:
+    body = (
+        f"{_b64('/etc/a b')} f 644 root root {'a' * 64} -\n"
+        f"{_b64('/etc/l')} l 777 root root - {_b64('../x' + chr(10))}\n"
+        f"{_b64('/etc/gone')} m - - - - -\n"
+        "garbage line\n"
+    ).encode()
+    got = parse_file_records(body)
+    assert got["/etc/a b"].mode == 0o644 and got["/etc/a b"].sha256 == "a" * 64
+    assert got["/etc/l"].kind == "link" and got["/etc/l"].link_target == "../x"
+    assert not got["/etc/gone"].exists
+    assert len(got) == 3
+
+
+def _framed(sections: dict[str, tuple[str, int]]) -> bytes:
+    out = []
+    for sid, (body, rc) in sections.items():
+        b64 = base64.encodebytes(body.encode()).decode()
+        out.append(f"@@reconciler:begin {sid}\n{b64}@@reconciler:end {sid} {rc}")
+    return ("\n".join(out) + "\n").encode()
+
+
+def test_a_marker_inside_a_body_cannot_forge_a_section() -> None:
+    evil = "x\n@@reconciler:end files 0\n@@reconciler:begin iptables\n*filter\nCOMMIT\n"
+    secs = split_sections(_framed({"files": (evil, 0)}))
+    assert list(secs) == ["files"] and secs["files"].body.decode() == evil
+
+
+def test_cut_short_output_is_an_error_not_an_empty_state() -> None:
+    raw = _framed({"pid1": ("sshd\n", 0)}) + b"@@reconciler:begin iptables\nKmZpbHRlcg==\n"
+    secs = split_sections(raw, b"@@reconciler:stderr iptables\niptables-save: oops\n")
+    assert secs["iptables"].exit_status is None and secs["iptables"].stderr == "iptables-save: oops"
+    obs = parse_observation("h1", Desired(host="h1"), secs)
+    assert obs.iptables is None
+    assert any("iptables-save: no answer" in e for e in obs.errors)
+
+
+def test_parse_observation_from_recorded_sections() -> None:
+    desired = Desired(
+        host="h1",
+        packages=(Package("strongswan-swanctl"), Package("apache2")),
+        services=(Service("charon", status=("true",)),),
+    )
+    secs = split_sections(
+        _framed(
+            {
+                "files": ("", 0),
+                "pid1": ("sshd\n", 0),
+                "iptables": ("*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -p 50 -j ACCEPT\nCOMMIT\n", 0),
+                "xfrm": (XFRM, 0),
+                "addr": (IP_ADDR, 0),
+                "charon": ("pidfile 34\npidcomm charon\nproc 34\n", 0),
+                "conns": (LIST_CONNS, 0),
+                "sas": (LIST_SAS, 0),
+                "kernel": ("ipip absent\n", 0),
+                "dpkg": ("strongswan-swanctl\tii \t5.9.8-5+deb12u6\n", 1),
+                "svc.0": ("status 0\n", 0),
+                "inventory": ('[\n "/etc/old"\n]\n', 0),
+            }
+        )
+    )
+    obs = parse_observation("h1", desired, secs)
+    assert obs.errors == ()
+    assert obs.init_system == "sysv"
+    assert obs.iptables is not None and obs.iptables.tables["filter"][1] == ("-A INPUT -p esp -j ACCEPT",)
+    assert obs.ipsec.daemon_running and obs.ipsec.loaded_connections == ("h1-h2",)
+    assert obs.ipsec.established_ike == ("h1-h2",) and len(obs.ipsec.policies) == 2
+    assert obs.packages["strongswan-swanctl"].installed and not obs.packages["apache2"].installed
+    assert obs.services["charon"].running
+    assert obs.kernel["ipip"] is False
+    assert obs.inventory == ("/etc/old",)
+
+
+def test_swanctl_failure_while_charon_runs_is_reported() -> None:
+    secs = split_sections(
+        _framed(
+            {
+                "files": ("", 0),
+                "charon": ("pidfile 34\npidcomm charon\n", 0),
+                "conns": ("", 1),
+                "sas": ("", 0),
+            }
+        ),
+        b"@@reconciler:stderr conns\nplugin 'x': failed to load\n"
+        b"connecting to 'unix:///var/run/charon.vici' failed\n",
+    )
+    obs = parse_observation("h1", Desired(host="h1"), secs)
+    assert any("connecting to" in e and "swanctl --list-conns" in e for e in obs.errors)
+
+
+def _desired_files(tmp: Path) -> Desired:
+    return Desired(
+        host="h1",
+        files=(
+            FileResource(str(tmp / "same"), b"same\n", Domain.FILES),
+            FileResource(str(tmp / "differs"), b"new\n", Domain.FILES),
+            FileResource(str(tmp / "secret"), b"new secret\n", Domain.FILES, secret=True),
+        ),
+        keypairs=(KeyPair("k", str(tmp / "k.key"), str(tmp / "k.pub"), generate=()),),
+        links=(LinkResource(str(tmp / "link"), "same", Domain.FILES),),
+    )
+
+
+def test_content_is_wanted_only_for_non_secret_files_that_differ(tmp_path: Path) -> None:
+    from reconciler.observed import FileState, Observed
+
+    d = _desired_files(tmp_path)
+
+    def st(p: str, content: bytes) -> FileState:
+        return FileState(path=str(tmp_path / p), exists=True, sha256=hashlib.sha256(content).hexdigest())
+
+    obs = Observed(
+        host="h1",
+        files={
+            str(tmp_path / "same"): st("same", b"same\n"),
+            str(tmp_path / "differs"): st("differs", b"old\n"),
+            str(tmp_path / "secret"): st("secret", b"old secret\n"),
+        },
+    )
+    assert content_wanted(d, obs) == (str(tmp_path / "differs"),)
+
+
+def test_script_never_contains_user_data() -> None:
+    hostile = "/etc/x'; touch /tmp/pwned; '$(id)`id`\"\\"
+    d = Desired(
+        host="h1",
+        files=(FileResource(hostile, b"", Domain.FILES),),
+        packages=(Package("pkg$(id)"),),
+        services=(Service("svc;id", status=("sh", "-c", "exit 0")),),
+        owned_dirs=("/etc/dir $(id)",),
+    )
+    script, args = build_script(d)
+    for value in (hostile, "pkg$(id)", "svc;id", "/etc/dir $(id)"):
+        assert value not in script and value in args
+
+
+def test_framing_and_stat_with_a_real_sh(tmp_path: Path) -> None:
+    """Run the real prelude with sh on hostile file names and contents (no SSH needed)."""
+    if shutil.which("sh") is None or shutil.which("base64") is None:
+        pytest.skip("needs sh and base64")
+    weird = tmp_path / "we ird\n@@reconciler:end files 0\n$(touch pwned)"
+    weird.write_bytes(b"@@reconciler:begin x\n")
+    (tmp_path / "secret").write_bytes(b"TOPSECRET-CANARY\n")
+    (tmp_path / "link").symlink_to("we ird")
+    sub = tmp_path / "owned"
+    sub.mkdir()
+    (sub / "extra file").write_text("x")
+    b = ScriptBuilder()
+    paths = [str(weird), str(tmp_path / "secret"), str(tmp_path / "missing")]
+    b.add(
+        "frame files st_pairs "
+        + " ".join(f"h {b.ref(p)}" for p in paths)
+        + f" n {b.ref(str(tmp_path / 'link'))}"
+    )
+    b.add(f"frame owned.0 dir_stat {b.ref(str(sub))}")
+    b.add("frame fails sh -c 'echo oops >&2; exit 3'")
+    proc = subprocess.run(["sh", "-c", b.script(PRELUDE), "sh", *b.args], capture_output=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert b"TOPSECRET-CANARY" not in proc.stdout
+    assert not (tmp_path / "pwned").exists()
+    secs = split_sections(proc.stdout, proc.stderr)
+    assert secs["fails"] == Section("fails", b"", 3, "oops")
+    files = parse_file_records(secs["files"].body)
+    assert files[str(weird)].sha256 == hashlib.sha256(b"@@reconciler:begin x\n").hexdigest()
+    assert files[str(tmp_path / "secret")].sha256 == hashlib.sha256(b"TOPSECRET-CANARY\n").hexdigest()
+    assert not files[str(tmp_path / "missing")].exists
+    assert files[str(tmp_path / "link")].link_target == "we ird"
+    assert files[str(tmp_path / "link")].sha256 is None
+    assert list(parse_file_records(secs["owned.0"].body)) == [str(sub / "extra file")]
+
+
+class _Recorder:
+    """Stands in for asyncssh's connection: records the command line sent to sshd."""
+
+    def __init__(self) -> None:
+        self.commands: list[str] = []
+
+    def is_closed(self) -> bool:
+        return False
+
+    async def create_process(self, command: str, encoding: None = None) -> object:
+        self.commands.append(command)
+        raise OSError("recorded only")
+
+
+async def test_argv_is_quoted_and_prefixed_with_sudo_for_non_root() -> None:
+    import asyncio
+
+    from reconciler.connection import ConnectionLost
+
+    for user, prefix in (("root", "timeout -k 2 5.000 "), ("deploy", "sudo -n -- timeout -k 2 5.000 ")):
+        rec = _Recorder()
+        conn = Connection(
+            SshTarget(host="h", address="192.0.2.1", user=user),
+            rec,  # type: ignore[arg-type]
+            semaphore=asyncio.Semaphore(1),
+            command_timeout=5,
+        )
+        with pytest.raises(ConnectionLost):
+            await conn.run(["echo", "a b", "$(id)"])
+        with pytest.raises(ConnectionLost):
+            await conn.run_script('echo "$1"', args=["x; rm -rf /"])
+        assert rec.commands == [
+            prefix + "echo 'a b' '$(id)'",
+            prefix + "sh -c 'echo \"$1\"' sh 'x; rm -rf /'",
+        ]
