@@ -24,6 +24,7 @@ from reconciler.log import get_logger
 
 log = get_logger(__name__)
 OWNER_FILE = "owner.json"
+QUEUE_FILE = "waiters.json"
 
 
 @dataclass(frozen=True)
@@ -81,31 +82,66 @@ def owner_alive(owner: Owner) -> bool:
     return False
 
 
+def _read_queue() -> list[tuple[int, int | None]]:
+    try:
+        data = json.loads((LAB_ROOT / QUEUE_FILE).read_text())
+        return [(int(e[0]), e[1]) for e in data]
+    except (FileNotFoundError, ValueError, TypeError, IndexError):
+        return []
+
+
+def _write_queue(queue: list[tuple[int, int | None]]) -> None:
+    atomic_write(LAB_ROOT / QUEUE_FILE, json.dumps([list(e) for e in queue]) + "\n")
+
+
+def _queue_turn(me: tuple[int, int | None], *, join: bool) -> bool:
+    """Keep the waiters' queue (FIFO, dead waiters dropped); True when ``me`` is first."""
+    queue = [e for e in _read_queue() if procs.is_alive(e[0], e[1])]
+    if me not in queue and join:
+        queue.append(me)
+    _write_queue(queue)
+    return bool(queue) and queue[0] == me
+
+
+def _leave_queue(me: tuple[int, int | None]) -> None:
+    _write_queue([e for e in _read_queue() if e != me and procs.is_alive(e[0], e[1])])
+
+
 def acquire(prefix: str, break_dead: Callable[[str], object], timeout: float = 600.0) -> None:
-    """Make this process the owner for ``prefix``; wait while a live lab holds the lock."""
+    """Make this process the owner for ``prefix``; wait (first come, first served) while a
+    live lab holds the lock; break the lock of a dead owner after removing its leftovers."""
     me = Owner(prefix, os.getpid(), procs.start_time(os.getpid()))
+    ticket = (me.pid, me.start)
     deadline = time.monotonic() + timeout
     announced = False
-    while True:
+    try:
+        while True:
+            with _flocked():
+                cur = read_owner()
+                if cur is not None and cur.prefix and cur.pid == me.pid and not cur.detached:
+                    raise LabError(f"this process already owns lab {cur.prefix}: down it before a new one")
+                first = _queue_turn(ticket, join=True)
+                if first and (cur is None or not owner_alive(cur)):
+                    if cur is not None and cur.prefix:
+                        log.warning("lab.lock.break", dead_prefix=cur.prefix, dead_pid=cur.pid)
+                        break_dead(cur.prefix)
+                    _write_owner(me)
+                    return
+            if not announced:
+                log.info(
+                    "lab.lock.wait",
+                    owner_prefix=cur.prefix if cur else None,
+                    owner_pid=cur.pid if cur else None,
+                )
+                announced = True
+            if time.monotonic() > deadline:
+                who = f"another lab ({cur.prefix}, pid {cur.pid})" if cur else "earlier waiters"
+                hint = f"; run `reconciler lab down --prefix {cur.prefix}` if it is stale" if cur else ""
+                raise LabError(f"{who} kept 192.0.2.0/24 busy for {timeout:.0f}s{hint}")
+            time.sleep(0.25)
+    finally:
         with _flocked():
-            cur = read_owner()
-            if cur is not None and cur.prefix and cur.pid == me.pid and not cur.detached:
-                raise LabError(f"this process already owns lab {cur.prefix}: down it before a new one")
-            if cur is None or not owner_alive(cur):
-                if cur is not None and cur.prefix:
-                    log.warning("lab.lock.break", dead_prefix=cur.prefix, dead_pid=cur.pid)
-                    break_dead(cur.prefix)
-                _write_owner(me)
-                return
-        if not announced:
-            log.info("lab.lock.wait", owner_prefix=cur.prefix, owner_pid=cur.pid)
-            announced = True
-        if time.monotonic() > deadline:
-            raise LabError(
-                f"another lab ({cur.prefix}, pid {cur.pid}) has owned 192.0.2.0/24 for "
-                f"{timeout:.0f}s; run `reconciler lab down --prefix {cur.prefix}` if it is stale"
-            )
-        time.sleep(0.5)
+            _leave_queue(ticket)
 
 
 def set_detached(prefix: str) -> None:
