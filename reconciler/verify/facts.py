@@ -1,0 +1,255 @@
+"""What verify reads from a host, in one SSH round trip: fixed shell scripts (no fleet data
+in their text: every value is a positional argument) whose output is split into framed
+sections by a random per-run token, so no log line or config can forge a frame.
+
+Read-only except for two things, both documented in docs/VERIFY.md: the charon log cursor
+(``/var/lib/reconciler/verify/charon-log.cursor``, so the next run reads only new lines) and
+the kernel-ESP probe, which runs ``ip xfrm state add`` in a throw-away network namespace
+(``unshare --net``) and so never touches the host's own IPsec state.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Protocol
+
+CURSOR_PATH = "/var/lib/reconciler/verify/charon-log.cursor"
+LOG_TAIL_BYTES = 262144  # read at most this much new log per run
+STDERR_BYTES = 4096
+
+
+class Runner(Protocol):
+    """The part of ``reconciler.connection.Connection`` verify uses."""
+
+    host: str
+
+    async def run_script(
+        self,
+        script: str,
+        *,
+        args: Sequence[str] = (),
+        stdin_after: bytes | None = None,
+        timeout: float | None = None,
+    ) -> _Result: ...
+
+
+class _Result(Protocol):
+    exit_status: int
+    stdout: bytes
+    stderr: bytes
+
+
+@dataclass(frozen=True)
+class Section:
+    name: str
+    rc: int
+    out: str
+    err: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.rc == 0
+
+
+Sections = Mapping[str, Section]
+
+
+def empty_sections() -> Sections:
+    return MappingProxyType({})
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """The framed sections read from one host (facts), and its datapath probe if one ran.
+    ``error`` is set when the host could not be read at all (unreachable, timeout)."""
+
+    host: str
+    sections: Sections = field(default_factory=empty_sections)
+    probe: Sections = field(default_factory=empty_sections)
+    error: str | None = None
+    probe_error: str | None = None
+
+    def get(self, name: str) -> Section | None:
+        return self.sections.get(name)
+
+
+# A shell function shared by the scripts: run "$@" as section $1, framed by the token.
+_PRELUDE = r"""
+set -u
+tok=$1; shift
+d=$(mktemp -d /tmp/.reconciler-verify.XXXXXX) || exit 97
+trap 'rm -rf "$d"' EXIT
+sec() {
+  n=$1; shift
+  printf '%s BEGIN %s\n' "$tok" "$n"
+  "$@" 2>"$d/err"; rc=$?
+  printf '\n%s STDERR %s\n' "$tok" "$n"
+  head -c STDERR_BYTES "$d/err"
+  printf '\n%s END %s %s\n' "$tok" "$n" "$rc"
+}
+""".replace("STDERR_BYTES", str(STDERR_BYTES))
+
+# Facts: charon, swanctl views, keys, firewall, links, charon log (from the cursor), kernel ESP
+# probe, HTTP header probes of the sites, AppArmor parse of the profiles.
+FACTS_SCRIPT = (
+    _PRELUDE
+    + r"""
+iface=$1; priv=$2; pubdir=$3; cursor=$4; log=$5; readlog=$6; espprobe=$7; ipsec=$8; nsites=$9
+shift 9
+charon_pid() { p=$(cat /run/charon.pid 2>/dev/null) && [ -n "$p" ] && kill -0 "$p" && echo "$p"; }
+own_key() { openssl pkey -in "$1" -pubout -outform DER >"$d/own.der" && sha256sum <"$d/own.der"; }
+peer_keys() {
+  for f in "$1"/*.pem; do
+    [ -e "$f" ] || continue
+    if openssl pkey -pubin -in "$f" -outform DER >"$d/k.der" 2>/dev/null; then
+      printf '%s %s\n' "${f##*/}" "$(sha256sum <"$d/k.der" | cut -d' ' -f1)"
+    else
+      printf '%s unreadable\n' "${f##*/}"
+    fi
+  done
+}
+read_log() {
+  [ -f "$1" ] || { echo "NOLOG"; return 0; }
+  ino=$(stat -c %i "$1"); size=$(stat -c %s "$1"); off=0
+  if [ -r "$2" ] && read -r cino coff <"$2"; then
+    if [ "$cino" = "$ino" ] && [ "$coff" -le "$size" ] 2>/dev/null; then off=$coff; fi
+  fi
+  start=$off
+  if [ $((size - off)) -gt LOG_TAIL_BYTES ]; then start=$((size - LOG_TAIL_BYTES)); fi
+  echo "CURSOR $ino $off $size $start"
+  tail -c +$((start + 1)) "$1" | head -c $((size - start))
+  if [ "$3" = 1 ]; then
+    mkdir -p "${2%/*}" && printf '%s %s\n' "$ino" "$size" >"$2.tmp" && mv -f "$2.tmp" "$2"
+  fi
+}
+esp_probe() {
+  unshare --net ip xfrm state add src 192.0.2.1 dst 192.0.2.2 proto esp spi 0x00000101 \
+    mode tunnel enc 'cbc(aes)' 0x000102030405060708090a0b0c0d0e0f \
+    auth-trunc 'hmac(sha256)' 0x000102030405060708090a0b0c0d0e0f000102030405060708090a0b0c0d0e0f 128
+}
+http_head() {
+  command -v curl >/dev/null 2>&1 || { echo "NO-CURL"; return 0; }
+  curl -sS -k -o /dev/null -D - --max-time 5 -H "Host: $2" "$1"
+}
+aa_state() {
+  printf 'enabled=%s\n' "$(cat /sys/module/apparmor/parameters/enabled 2>/dev/null || echo absent)"
+  if [ -r /sys/kernel/security/apparmor/profiles ]; then cat /sys/kernel/security/apparmor/profiles; fi
+}
+aa_parse() {
+  command -v apparmor_parser >/dev/null 2>&1 || { echo "NO-PARSER"; return 0; }
+  apparmor_parser -Q -K "$1"
+}
+if [ "$ipsec" = 1 ]; then
+  sec charon charon_pid
+  sec stats swanctl --stats
+  sec conns swanctl --list-conns --pretty
+  sec sas swanctl --list-sas --pretty
+  sec ownkey own_key "$priv"
+  sec peerkeys peer_keys "$pubdir"
+  sec links ip -o link show
+  advance=0; [ "$readlog" = 1 ] && advance=1
+  [ "$readlog" != 0 ] && sec log read_log "$log" "$cursor" "$advance"
+  [ "$espprobe" = 1 ] && sec kernel_esp esp_probe
+fi
+sec iptables iptables-save -t filter
+sec iface ip -o addr show dev "$iface"
+i=0
+while [ "$i" -lt "$nsites" ]; do
+  sec "http:$1" http_head "$2" "$3"
+  shift 3; i=$((i + 1))
+done
+if [ "$#" -gt 0 ]; then sec apparmor aa_state; fi
+for p in "$@"; do sec "aa:$p" aa_parse "$p"; done
+true
+"""
+).replace("LOG_TAIL_BYTES", str(LOG_TAIL_BYTES))
+
+
+def new_token() -> str:
+    return "RCNV" + secrets.token_hex(8)
+
+
+def split_sections(stdout: bytes, token: str) -> dict[str, Section]:
+    """Framed sections of a script's output. A section without its END line (the script was
+    cut off) is kept with rc -1."""
+    text = stdout.decode("utf-8", errors="replace")
+    out: dict[str, Section] = {}
+    name: str | None = None
+    body: list[str] = []
+    err: list[str] = []
+    in_err = False
+    begin, mid, end = f"{token} BEGIN ", f"{token} STDERR ", f"{token} END "
+    for line in text.split("\n"):
+        if line.startswith(begin):
+            name, body, err, in_err = line[len(begin) :], [], [], False
+            continue
+        if name is None:
+            continue
+        if line.startswith(mid):
+            in_err = True
+            continue
+        if line.startswith(end):
+            rest = line[len(end) :].rsplit(" ", 1)
+            rc = int(rest[1]) if len(rest) == 2 and rest[1].lstrip("-").isdigit() else -1
+            out[name] = Section(name, rc, _trim(body), _trim(err))
+            name = None
+            continue
+        (err if in_err else body).append(line)
+    if name is not None:
+        out[name] = Section(name, -1, _trim(body), _trim(err))
+    return out
+
+
+def _trim(lines: list[str]) -> str:
+    # sec() prints one newline before STDERR/END so markers always start a line
+    text = "\n".join(lines)
+    return text[:-1] if text.endswith("\n") else text
+
+
+@dataclass(frozen=True)
+class FactsRequest:
+    """What to read on one host."""
+
+    interface: str
+    private_key: str = ""
+    pubkey_dir: str = ""
+    ipsec: bool = True
+    read_log: bool = True
+    advance_cursor: bool = True
+    esp_probe: bool = False
+    sites: tuple[tuple[str, str, str], ...] = ()  # (site name, URL, Host header)
+    profiles: tuple[str, ...] = ()  # AppArmor profile paths
+    log_path: str = "/var/log/charon.log"
+    cursor_path: str = CURSOR_PATH
+
+    def args(self, token: str) -> list[str]:
+        readlog = "0" if not self.read_log else ("1" if self.advance_cursor else "2")
+        out = [
+            token,
+            self.interface,
+            self.private_key or "/nonexistent",
+            self.pubkey_dir or "/nonexistent",
+            self.cursor_path,
+            self.log_path,
+            readlog,
+            "1" if self.esp_probe else "0",
+            "1" if self.ipsec else "0",
+            str(len(self.sites)),
+        ]
+        for site in self.sites:
+            out += list(site)
+        out += list(self.profiles)
+        return out
+
+
+async def read_facts(conn: Runner, request: FactsRequest, *, timeout: float) -> dict[str, Section]:
+    token = new_token()
+    res = await conn.run_script(FACTS_SCRIPT, args=request.args(token), timeout=timeout)
+    sections = split_sections(res.stdout, token)
+    if res.exit_status != 0 and not sections:
+        err = res.stderr.decode(errors="replace").strip().splitlines()
+        raise RuntimeError(f"facts script exited {res.exit_status}: {err[-1] if err else 'no output'}")
+    return sections

@@ -1,0 +1,136 @@
+"""The firewall check: does the host's LIVE ruleset (``iptables-save -t filter``) admit IKE
+(udp 500), NAT-T / ESP-in-UDP (udp 4500), ESP and AH from and to the peer, admit the peer's
+mesh traffic only when IPsec-protected, and keep clear-text mesh traffic off the public
+interface in both directions?
+
+Each question is a synthetic packet run through the conservative evaluator of
+``reconciler.firewall_check`` (the one render uses for the SSH lock-out check): "admitted"
+is only answered when certain. Pure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from typing import Any
+
+from reconciler.firewall_check import Packet, ParseError, verdict
+from reconciler.fleet.model import Datapath, MeshMode
+from reconciler.verify.checks import Check, failed, passed
+from reconciler.verify.facts import HostFacts
+
+NAME = "firewall"
+LIBIPSEC_IFACE = "ipsec0"
+PROBE_PORT = 9  # "discard": a port no role opens; stands for any unprotected mesh traffic
+
+
+@dataclass(frozen=True)
+class Probe:
+    what: str
+    chain: str
+    packet: Packet
+    admit: bool  # the ruleset must admit (True) or refuse (False) it
+
+
+def probes(
+    *,
+    own_public: IPv4Address,
+    peer_public: IPv4Address,
+    own_internal: IPv4Address,
+    peer_internal: IPv4Address,
+    interface: str,
+    mode: MeshMode,
+    datapath: Datapath,
+) -> list[Probe]:
+    def inbound(proto: str, port: int | None = None, **kw: Any) -> Packet:
+        return Packet(peer_public, own_public, proto, port, port, in_iface=interface, **kw)
+
+    def outbound(proto: str, port: int | None = None, **kw: Any) -> Packet:
+        return Packet(own_public, peer_public, proto, port, port, out_iface=interface, **kw)
+
+    ps = [
+        Probe("IKE udp 500 in", "INPUT", inbound("udp", 500), True),
+        Probe("NAT-T/ESP-in-UDP udp 4500 in", "INPUT", inbound("udp", 4500), True),
+        Probe("ESP in", "INPUT", inbound("esp"), True),
+        Probe("AH in", "INPUT", inbound("ah"), True),
+        Probe("IKE udp 500 out", "OUTPUT", outbound("udp", 500), True),
+        Probe("NAT-T/ESP-in-UDP udp 4500 out", "OUTPUT", outbound("udp", 4500), True),
+        Probe("ESP out", "OUTPUT", outbound("esp"), True),
+        Probe("AH out", "OUTPUT", outbound("ah"), True),
+    ]
+    if mode is MeshMode.IPIP:
+        return ps + [
+            Probe("IP-IP in, IPsec-protected", "INPUT", inbound("ipencap", ipsec=True), True),
+            Probe("IP-IP in, clear text", "INPUT", inbound("ipencap", ipsec=False), False),
+            Probe("IP-IP out, clear text", "OUTPUT", outbound("ipencap", ipsec=False), False),
+        ]
+
+    def mesh(src: IPv4Address, dst: IPv4Address, **kw: Any) -> Packet:
+        return Packet(src, dst, "tcp", 40000, PROBE_PORT, ctstate="NEW", syn=True, **kw)
+
+    if datapath is Datapath.LIBIPSEC:
+        protected_in = mesh(peer_internal, own_internal, in_iface=LIBIPSEC_IFACE)
+        protected_out = mesh(own_internal, peer_internal, out_iface=LIBIPSEC_IFACE)
+        where = f"on {LIBIPSEC_IFACE}"
+    else:
+        protected_in = mesh(peer_internal, own_internal, in_iface=interface, ipsec=True)
+        protected_out = mesh(own_internal, peer_internal, out_iface=interface, ipsec=True)
+        where = "with an IPsec policy"
+    clear_in = mesh(peer_internal, own_internal, in_iface=interface, ipsec=False)
+    clear_out = mesh(own_internal, peer_internal, out_iface=interface, ipsec=False)
+    return ps + [
+        Probe(f"mesh traffic in {where}", "INPUT", protected_in, True),
+        Probe(f"mesh traffic out {where}", "OUTPUT", protected_out, True),
+        Probe(f"mesh traffic in, clear text on {interface}", "INPUT", clear_in, False),
+        Probe(f"mesh traffic out, clear text on {interface}", "OUTPUT", clear_out, False),
+    ]
+
+
+def check(
+    host: str,
+    peer: str,
+    facts: HostFacts,
+    *,
+    own_public: IPv4Address,
+    peer_public: IPv4Address,
+    own_internal: IPv4Address,
+    peer_internal: IPv4Address,
+    interface: str,
+    mode: MeshMode,
+    datapath: Datapath,
+) -> Check:
+    if facts.error is not None:
+        return failed(host, peer, NAME, f"cannot read {host}: {facts.error}")
+    sec = facts.get("iptables")
+    if sec is None or not sec.ok:
+        why = (sec.err or sec.out).strip().splitlines()[-1:] if sec else ["not run"]
+        return failed(host, peer, NAME, f"iptables-save failed on {host}: {why[0] if why else '?'}")
+    if "*filter" not in sec.out:
+        return failed(host, peer, NAME, f"{host} has no filter table loaded (iptables-save printed none)")
+    bad: list[str] = []
+    good: list[str] = []
+    for p in probes(
+        own_public=own_public,
+        peer_public=peer_public,
+        own_internal=own_internal,
+        peer_internal=peer_internal,
+        interface=interface,
+        mode=mode,
+        datapath=datapath,
+    ):
+        try:
+            v = verdict(sec.out, p.chain, p.packet)
+        except ParseError as err:
+            return failed(host, peer, NAME, f"cannot evaluate the live ruleset of {host}: {err}")
+        if v.accepted == p.admit:
+            good.append(p.what)
+            continue
+        by = f"`{v.rule}`" if v.rule else v.reason
+        if p.admit:
+            bad.append(f"{p.what} from/to {peer} is refused by {by}")
+        else:
+            bad.append(f"{p.what} from/to {peer} is admitted by {by} (must go through IPsec)")
+    evidence = f"{len(good)} of {len(good) + len(bad)} probes as required: " + ", ".join(good)
+    if bad:
+        return failed(host, peer, NAME, "; ".join(bad), evidence)
+    return passed(host, peer, NAME, evidence)
