@@ -320,18 +320,20 @@ async def _keypairs(run: _Run) -> None:
     idx = run.indices({ActionKind.GENERATE_KEYPAIR})
     if not idx:
         return
-    lines = ["set -u", "umask 077"]
+    lines = ["set -u", "umask 077", "log=$(mktemp) || exit 9"]
     for i in idx:
         kp = run.plan.actions[i].target
         assert isinstance(kp, KeyPair)
         cmds = " && ".join(shlex.join(argv) for argv in kp.generate) or "true"
-        lines.append(
-            f"if [ -e {q(kp.private_path)} ]; then echo '@@K {i} exists'; else "
-            f"mkdir -p {q(posixpath.dirname(kp.private_path))} {q(posixpath.dirname(kp.public_path))} && "
-            f"( {cmds} ) >/tmp/.reconciler-keygen.$$ 2>&1 && [ -e {q(kp.private_path)} ] "
-            f"&& echo '@@K {i} ok' || {{ echo '@@K {i} failed'; cat /tmp/.reconciler-keygen.$$; }}; "
-            "rm -f /tmp/.reconciler-keygen.$$; fi"
-        )
+        log_file = '"$log"'
+        lines += [
+            f"if [ -e {q(kp.private_path)} ]; then echo '@@K {i} exists'",
+            f"elif mkdir -p {q(posixpath.dirname(kp.private_path))} {q(posixpath.dirname(kp.public_path))} "
+            f"&& ( {cmds} ) >{log_file} 2>&1 && [ -e {q(kp.private_path)} ]; then",
+            f"  chmod 0644 {q(kp.public_path)} 2>/dev/null; echo '@@K {i} ok'",
+            f"else echo '@@K {i} failed'; cat {log_file} 2>/dev/null; fi",
+        ]
+    lines.append('rm -f "$log"')
     conn = await run.conn()
     res = await conn.run_script("\n".join(lines) + "\n", timeout=DEFAULT_TIMEOUT)
     out = res.stdout.decode(errors="replace")

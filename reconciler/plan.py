@@ -233,7 +233,8 @@ def plan_host(desired: Desired, observed: Observed) -> HostPlan:
 
     actions += _plan_packages(desired.packages, observed)
     if desired.firewall is not None:
-        actions += _plan_firewall(desired.firewall, observed)
+        declared = any(f.path == desired.firewall.persistent_path for f in desired.files)
+        actions += _plan_firewall(desired.firewall, observed, check_persistent=not declared)
     actions += _plan_keypairs(desired.keypairs, observed, warnings)
     actions += _plan_files(desired.files, observed)
     actions += _plan_links(desired.links, observed)
@@ -332,7 +333,7 @@ def _plan_packages(packages: tuple[Package, ...], observed: Observed) -> list[Ac
     return out
 
 
-def _plan_firewall(fw: FirewallRuleset, observed: Observed) -> list[Action]:
+def _plan_firewall(fw: FirewallRuleset, observed: Observed, *, check_persistent: bool = True) -> list[Action]:
     want = canonical_iptables(fw.rules_v4)
     tables = sorted(want.tables)
     live = observed.iptables
@@ -358,7 +359,7 @@ def _plan_firewall(fw: FirewallRuleset, observed: Observed) -> list[Action]:
                 ActionKind.RESTORE_FIREWALL,
                 "firewall",
                 fw.domain,
-                reason + " (applied with a dead-man rollback)",
+                reason + "; applied under a dead-man rollback",
                 diff=diff,
                 path=fw.persistent_path,
                 target=fw,
@@ -366,7 +367,7 @@ def _plan_firewall(fw: FirewallRuleset, observed: Observed) -> list[Action]:
         )
         return out  # the persistent file is written after the live rules are confirmed
     state = observed.files.get(fw.persistent_path)
-    if state is not None:
+    if state is not None and check_persistent:
         wanted = fw.rules_v4.encode()
         file_res = FileResource(path=fw.persistent_path, content=wanted, domain=fw.domain, mode=0o640)
         out += _plan_file(file_res, state)

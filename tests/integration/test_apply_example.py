@@ -1,0 +1,247 @@
+"""The example fleet applied to its lab: converge, collect keys, converge again, second apply is a
+no-op, plan mutates nothing, a broken Apache site is refused, a changed host key is refused, an
+unreachable host times out while the others converge. Real sshd, iptables, charon, apache2."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from reconciler.apply import apply_host
+from reconciler.commands.keys import collect
+from reconciler.connection import ConnectionPool, targets_for
+from reconciler.engine import APPLIED, ERROR, IN_SYNC, apply_planned, plan_fleet, reconcile_fleet
+from reconciler.fleet.load import load_fleet
+from reconciler.lab import Lab, specs_from_fleet
+from reconciler.observe import PRELUDE, observe_host
+from reconciler.plan import plan_host
+from reconciler.render import render_host
+
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "fleet-repo-example"
+WINDOW = 4.0  # firewall dead-man window for tests
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    dest = tmp_path_factory.mktemp("fleet") / "repo"
+    shutil.copytree(EXAMPLE, dest)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def lab(lab_factory: Any, repo: Path) -> Iterator[Lab]:
+    lab = lab_factory(specs_from_fleet(load_fleet(repo)))
+    yield lab
+    lab.down()  # free the machine-wide lab lock for the next module
+
+
+def pool_for(lab: Lab, fleet: Any, **kw: Any) -> ConnectionPool:
+    info = lab.info
+    override = {h.name: h.address for h in info.hosts}
+    override.update(kw.pop("override", {}))
+    targets = targets_for(
+        fleet,
+        known_hosts=kw.pop("known_hosts", str(info.known_hosts)),
+        client_keys=[str(info.client_key)],
+        address_override=override,
+    )
+    return ConnectionPool(targets, **kw)
+
+
+def sh(lab: Lab, host: str, script: str) -> str:
+    res = lab.exec(host, ["sh", "-c", script])
+    return res.stdout.decode(errors="replace") + res.stderr.decode(errors="replace")
+
+
+STATE = (
+    "find /etc /var/lib/reconciler /srv -xdev \\( -type f -o -type l \\) "
+    "-printf '%p %m %u %g %T@ %s %l\\n' 2>/dev/null | sort; "
+    "iptables-save | grep -v '^#'; ip -o link; ip -o addr; ps -eo comm= | sort"
+)
+
+
+async def test_plan_runs_no_mutating_command(lab: Lab, repo: Path) -> None:
+    fleet = load_fleet(repo)
+    before = {h.name: sh(lab, h.name, STATE) for h in fleet.hosts}
+    async with pool_for(lab, fleet) as pool:
+        result = await plan_fleet(fleet, None, pool)
+    assert all(o.status != ERROR for o in result.hosts), [o.error for o in result.hosts]
+    assert result.exit_code() == 2  # changes pending on a fresh lab
+    # every command plan ran is an observation script (read-only by construction) ...
+    assert result.commands
+    for rec in result.commands:
+        assert rec.kind == "script" and rec.text.startswith(PRELUDE), rec.text[:200]
+        assert rec.stdin_bytes == 0
+    per_host = {h.name: sum(1 for r in result.commands if r.host == h.name) for h in fleet.hosts}
+    assert all(1 <= n <= 2 for n in per_host.values()), per_host
+    # ... and the hosts are byte-for-byte as before (files, mtimes, netfilter, links, processes)
+    after = {h.name: sh(lab, h.name, STATE) for h in fleet.hosts}
+    assert after == before
+
+
+async def test_example_fleet_converges(lab: Lab, repo: Path) -> None:
+    fleet = load_fleet(repo)
+    async with pool_for(lab, fleet) as pool:
+        first = await reconcile_fleet(fleet, None, pool, apply=True, firewall_window=WINDOW)
+        for o in first.hosts:
+            assert o.status == APPLIED, (o.host, o.error, o.result and o.result.messages)
+            assert o.result is not None and o.result.converged
+        # the hosts made their key pairs; collect the public keys into the repo
+        collected = await collect(fleet, [], pool, repo)
+        assert all(ok for _, _, ok in collected), collected
+    assert sorted(p.name for p in (repo / "keys").glob("*.pub")) == [f"{h.name}.pub" for h in fleet.hosts]
+    for p in (repo / "keys").glob("*.pub"):
+        assert b"PRIVATE" not in p.read_bytes()
+
+    fleet = load_fleet(repo)  # now with every peer's key: IPsec connections render
+    async with pool_for(lab, fleet) as pool:
+        second = await reconcile_fleet(fleet, None, pool, apply=True, firewall_window=WINDOW)
+        for o in second.hosts:
+            assert o.status in (APPLIED, IN_SYNC), (o.host, o.error, o.result and o.result.messages)
+        assert all(not o.plan.pending for o in second.hosts if o.plan), "no peer key should be pending"
+
+        # a second apply on the same commit: zero changes, zero reloads
+        again = await plan_fleet(fleet, None, pool)
+        assert [o.status for o in again.hosts] == [IN_SYNC] * len(fleet.hosts), [
+            (o.host, [(a.kind, a.resource, a.reason) for a in o.plan.actions] if o.plan else o.error)
+            for o in again.hosts
+        ]
+        applied = await apply_planned(again, pool)
+        assert all(o.result is None for o in applied.hosts)  # nothing ran
+        assert applied.exit_code() == 0
+
+    for h in fleet.hosts:
+        rules = sh(lab, h.name, "iptables-save")
+        assert "-A INPUT -s 192.0.2.254/32 -p tcp -m tcp --dport 22 -j ACCEPT" in rules
+        assert "--pol ipsec" in rules
+        persistent = sh(lab, h.name, "cat /etc/iptables/rules.v4")
+        assert "COMMIT" in persistent
+        conns = sh(lab, h.name, "swanctl --list-conns 2>/dev/null")
+        for peer in fleet.peers_of(h):
+            assert peer.name in conns, (h.name, conns)
+        motd = sh(lab, h.name, "cat /etc/motd")
+        assert f"{h.name} (" in motd
+        inv = sh(lab, h.name, "cat /var/lib/reconciler/inventory.json")
+        assert "/etc/motd" in inv
+        temps = sh(lab, h.name, "find /etc -name '.*.reconciler-*' 2>/dev/null")
+        assert temps.strip() == "", temps
+        kernel_ipip = "ipip" in sh(
+            lab, h.name, "ip link add rcltest type ipip 2>&1; ip link del rcltest 2>&1"
+        )
+        links = sh(lab, h.name, "ip -o link")
+        plan = next(o.plan for o in again.hosts if o.host == h.name)
+        assert plan is not None
+        if "Unknown device type" in kernel_ipip or "No such device" in kernel_ipip:
+            assert plan.skipped and all("ipip" in s.reason for s in plan.skipped)
+        else:
+            assert all(f"ipip-{p.name}" in links for p in fleet.peers_of(h))
+
+    for web in (h for h in fleet.hosts if "web" in h.roles):
+        head = subprocess.run(
+            [
+                "curl",
+                "-sS",
+                "-m",
+                "5",
+                "-D",
+                "-",
+                "-o",
+                "/dev/null",
+                "-H",
+                "Host: shop.example.com",
+                f"http://{web.public_address}/shop/style.css",
+            ],
+            capture_output=True,
+            check=False,
+            timeout=10,
+        ).stdout.decode()
+        assert "Server: Apache\r\n" in head, head
+        assert "X-Powered-By" not in head, head
+
+
+async def test_broken_apache_site_is_refused_and_old_site_keeps_serving(lab: Lab, repo: Path) -> None:
+    fleet = load_fleet(repo)
+    web = next(h for h in fleet.hosts if "web" in h.roles)
+    desired = render_host(fleet, web)
+    site = next(f for f in desired.files if f.path.startswith("/etc/apache2/sites-available/"))
+    broken = dataclasses.replace(site, content=site.content + b"\nThisIsNotADirective on\n")
+    desired = dataclasses.replace(desired, files=tuple(broken if f is site else f for f in desired.files))
+    live_before = sh(lab, web.name, f"sha256sum {site.path}; cat /var/run/apache2/apache2.pid")
+    async with pool_for(lab, fleet) as pool:
+        observed = await observe_host(await pool.get(web.name), desired)
+        plan = plan_host(desired, observed)
+        assert [a.kind for a in plan.actions] == ["update", "reload"]
+        assert "+ThisIsNotADirective on" in plan.actions[0].diff
+        result = await apply_host(pool, web.name, plan, desired)
+    assert not result.ok
+    assert result.reloaded == ()
+    text = "\n".join(result.messages)
+    assert "validation failed" in text and "ThisIsNotADirective" in text, text
+    assert sh(lab, web.name, f"sha256sum {site.path}; cat /var/run/apache2/apache2.pid") == live_before
+    assert sh(lab, web.name, "find /etc/apache2 -name '.*.reconciler-*'").strip() == ""
+    head = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "-m",
+            "5",
+            "-D",
+            "-",
+            "-o",
+            "/dev/null",
+            "-H",
+            "Host: shop.example.com",
+            f"http://{web.public_address}/",
+        ],
+        capture_output=True,
+        check=False,
+        timeout=10,
+    ).stdout.decode()
+    assert "Server: Apache" in head
+
+
+async def test_changed_host_key_is_refused_others_still_planned(lab: Lab, repo: Path, tmp_path: Path) -> None:
+    fleet = load_fleet(repo)
+    a, b = fleet.hosts[0], fleet.hosts[1]
+    lines = lab.info.known_hosts.read_text().splitlines()
+    key_of = {
+        ln.split()[0]: " ".join(ln.split()[1:]) for ln in lines if ln.strip() and not ln.startswith("#")
+    }
+    # b's address now "presents" a's key: b's real key is a changed/unknown key
+    swapped = [ln for ln in lines if not ln.startswith(str(b.public_address) + " ")]
+    swapped.append(f"{b.public_address} {key_of[str(a.public_address)]}")
+    kh = tmp_path / "known_hosts"
+    kh.write_text("\n".join(swapped) + "\n")
+    async with pool_for(lab, fleet, known_hosts=str(kh)) as pool:
+        result = await plan_fleet(fleet, None, pool)
+    by = {o.host: o for o in result.hosts}
+    assert by[b.name].status == ERROR and "host key" in (by[b.name].error or ""), by[b.name].error
+    assert all(o.status == IN_SYNC for n, o in by.items() if n != b.name)
+    assert result.exit_code() == 1
+    assert kh.read_text().count(str(b.public_address)) == 1  # nothing was recorded
+
+
+async def test_unreachable_host_times_out_while_others_converge(lab: Lab, repo: Path) -> None:
+    fleet = load_fleet(repo)
+    gone = fleet.hosts[-1]
+    # drift one file on every other host, so they have something to converge
+    for h in fleet.hosts[:-1]:
+        lab.exec(h.name, ["sh", "-c", "echo drift >> /etc/motd"])
+    # 192.0.2.200: on the lab network, nobody there -> connect times out
+    async with pool_for(lab, fleet, override={gone.name: "192.0.2.200"}, connect_timeout=2.0) as pool:
+        pool.retries = 0
+        result = await reconcile_fleet(fleet, None, pool, apply=True, firewall_window=WINDOW)
+    by = {o.host: o for o in result.hosts}
+    assert by[gone.name].status == ERROR and "192.0.2.200" in (by[gone.name].error or "")
+    for h in fleet.hosts[:-1]:
+        assert by[h.name].status == APPLIED, (h.name, by[h.name].error)
+        assert "drift" not in sh(lab, h.name, "cat /etc/motd")
+    assert result.exit_code() == 1
