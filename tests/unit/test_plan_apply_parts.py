@@ -1,0 +1,96 @@
+"""Pure parts of apply and the plan views: staged names, validator quoting, tar staging, output."""
+
+from __future__ import annotations
+
+import fnmatch
+import io
+import subprocess
+import tarfile
+from types import MappingProxyType
+
+import pytest
+
+from reconciler.apply import _quote_with_tree, _Run, _tar_of, _validator_cmd, backup_path, staged_path
+from reconciler.engine import CHANGES, ERROR, IN_SYNC, FleetResult, HostOutcome
+from reconciler.observed import Observed
+from reconciler.plan import plan_host
+from reconciler.planview import render_plan, to_json, use_color
+from reconciler.resources import Desired, Domain, FileResource, LinkResource, Validator
+
+
+@pytest.mark.parametrize("path", ["/etc/apache2/sites-enabled/shop.conf", "/etc/apparmor.d/usr.sbin.mysqld"])
+def test_staged_and_backup_names_are_dotfiles_no_include_glob_loads(path: str) -> None:
+    for name in (staged_path(path, "ab12cd"), backup_path(path, "ab12cd")):
+        base = name.rsplit("/", 1)[1]
+        assert name.rsplit("/", 1)[0] == path.rsplit("/", 1)[0]  # same directory: rename is atomic
+        assert base.startswith(".")  # apparmor.d and most loaders skip dotfiles
+        assert not fnmatch.fnmatch(base, "*.conf")  # Apache's IncludeOptional *.conf
+        assert not fnmatch.fnmatch(base, "*.load")
+        assert ".reconciler-" in base
+
+
+def test_validator_command_quotes_hostile_values_and_substitutes_tree() -> None:
+    hostile = "x'; touch /tmp/pwned; echo '$(id)`id`"
+    v = Validator(
+        argv=("printf", "%s|%s|%s\\n", "{path}", "{tree}/apache2.conf", hostile), env=(("T", "{tree}"),)
+    )
+    cmd = _validator_cmd(v, path="/etc/a b/.f.reconciler-1", tree_var=True)
+    script = f'tree="/tmp/t r"; {cmd}; echo "env=$T"'
+    out = subprocess.run(["sh", "-c", script], capture_output=True, check=True, text=True).stdout
+    assert out.splitlines()[0] == f"/etc/a b/.f.reconciler-1|/tmp/t r/apache2.conf|{hostile}"
+    assert _quote_with_tree("\x00TREE\x00", "\x00TREE\x00") == '"$tree"'
+
+
+def test_tar_stages_dotfile_temps_with_mode_and_links() -> None:
+    d = Desired(
+        host="h",
+        files=(FileResource("/etc/x/secret.key", b"k", Domain.FILES, mode=0o640, secret=True),),
+        links=(LinkResource("/etc/x/link.conf", "../y/target.conf", Domain.FILES),),
+    )
+    plan = plan_host(d, Observed(host="h"))
+    run = _Run(pool=None, host="h", plan=plan, desired=d, token="tok")  # type: ignore[arg-type]
+    idx = [i for i, a in enumerate(plan.actions) if a.path in ("/etc/x/secret.key", "/etc/x/link.conf")]
+    data = _tar_of(run, idx)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+    assert set(members) == {"etc/x/.secret.key.reconciler-tok", "etc/x/.link.conf.reconciler-tok"}
+    key = members["etc/x/.secret.key.reconciler-tok"]
+    assert key.mode & 0o077 == 0  # a staged secret is never readable by others
+    link = members["etc/x/.link.conf.reconciler-tok"]
+    assert link.issym() and link.linkname == "../y/target.conf"
+
+
+def outcome(host: str, status: str, desired: Desired, observed: Observed) -> HostOutcome:
+    return HostOutcome(host, status, plan_host(desired, observed), desired)
+
+
+def test_render_plan_summary_errors_and_no_color(monkeypatch: pytest.MonkeyPatch) -> None:
+    d = Desired(host="a", files=(FileResource("/etc/motd", b"new\n", Domain.FILES),))
+    changed = outcome("a", CHANGES, d, Observed(host="a"))
+    in_sync = HostOutcome("b", IN_SYNC, plan_host(Desired(host="b"), Observed(host="b")))
+    broken = HostOutcome("c", ERROR, error="host c (192.0.2.3:22): connect timed out")
+    result = FleetResult((changed, in_sync, broken))
+    text = render_plan(result, color=False)
+    assert "\x1b[" not in text
+    assert "+ create file /etc/motd  (missing)" in text
+    assert "+new" in text
+    assert "b: in sync" in text
+    assert "c: ERROR host c (192.0.2.3:22): connect timed out" in text
+    assert "Plan: 1 to add, 0 to change, 0 to destroy, 0 reloads on 2 hosts; 1 host with errors" in text
+    assert result.exit_code() == 1
+    assert "\x1b[32m" in render_plan(result, color=True)
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert not use_color(io.StringIO())
+    import json
+
+    doc = json.loads(to_json(result, mode="plan"))
+    assert doc["summary"]["add"] == 1 and doc["exit_code"] == 1
+    assert [h["status"] for h in doc["hosts"]] == ["changes", "in-sync", "error"]
+
+
+def test_exit_codes() -> None:
+    ok = HostOutcome("b", IN_SYNC, plan_host(Desired(host="b"), Observed(host="b", inventory=())))
+    assert FleetResult((ok,)).exit_code() == 0
+    d = Desired(host="a", files=(FileResource("/etc/motd", b"x", Domain.FILES),))
+    pending = outcome("a", CHANGES, d, Observed(host="a", files=MappingProxyType({})))
+    assert FleetResult((ok, pending)).exit_code() == 2
