@@ -1,0 +1,344 @@
+# ruff: noqa: E501  (recorded log, capture and parser lines are kept verbatim)
+"""verify's parsers and evaluators on outputs recorded from a real 4-host lab mesh
+(strongSwan, tunnel mode, libipsec): tests/fixtures/verify/mesh4-libipsec.json holds the framed
+sections each host returned (swanctl --pretty views, key hashes, iptables-save, charon log,
+tcpdump capture and pings, curl headers, apparmor_parser). Faults are the same data with one
+thing changed the way the fault changes it on a live host."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from types import MappingProxyType
+
+import pytest
+
+from reconciler.fleet.load import load_fleet
+from reconciler.fleet.model import Fleet
+from reconciler.verify import datapath, ipsec
+from reconciler.verify.apache import parse_headers, sample_path
+from reconciler.verify.checks import Status, VerifyReport
+from reconciler.verify.facts import HostFacts, Section, split_sections
+from reconciler.verify.report import render_text, to_json
+from reconciler.verify.runner import evaluate
+
+ROOT = Path(__file__).resolve().parents[2]
+RECORDED = ROOT / "tests" / "fixtures" / "verify" / "mesh4-libipsec.json"
+
+
+def example_fleet(tmp: Path, *, datapath: str = "libipsec") -> Fleet:
+    repo = tmp / "fleet"
+    shutil.copytree(ROOT / "fleet-repo-example", repo)
+    text = (repo / "fleet.yaml").read_text()
+    text = text.replace("mode: ipip ", "mode: tunnel ").replace("datapath: kernel", f"datapath: {datapath}")
+    (repo / "fleet.yaml").write_text(text)
+    return load_fleet(repo)
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Fleet:
+    return example_fleet(tmp_path_factory.mktemp("verify"))
+
+
+def recorded() -> dict[str, HostFacts]:
+    data = json.loads(RECORDED.read_text())
+
+    def secs(d: dict[str, dict[str, object]]) -> MappingProxyType[str, Section]:
+        return MappingProxyType({k: Section(**v) for k, v in d.items()})  # type: ignore[arg-type]
+
+    return {h: HostFacts(h, secs(v["sections"]), secs(v["probe"])) for h, v in data.items()}
+
+
+def with_section(f: HostFacts, name: str, **changes: object) -> HostFacts:
+    sections = dict(f.sections)
+    sections[name] = replace(sections[name], **changes)  # type: ignore[arg-type]
+    return replace(f, sections=MappingProxyType(sections))
+
+
+def report_of(fleet: Fleet, facts: dict[str, HostFacts]) -> VerifyReport:
+    names = list(fleet.host_names())
+    pairs = [(h.name, p.name) for h in fleet.hosts for p in fleet.peers_of(h)]
+    return VerifyReport.build(evaluate(fleet, names, facts), names, pairs)
+
+
+# ---------------------------------------------------------------- the healthy mesh
+
+
+def test_recorded_healthy_mesh_passes_every_check_that_can_run(fleet: Fleet) -> None:
+    report = report_of(fleet, recorded())
+    bad = [c for c in report.checks if c.status is Status.FAIL]
+    assert not bad, bad
+    assert len(report.pairs) == 12 and report.failed_pairs() == set()
+    skips = [c for c in report.checks if c.status is Status.SKIP]
+    assert {c.name for c in skips} == {"apparmor.loaded"}
+    assert all("AppArmor LSM is not active" in c.cause for c in skips)
+    for host, peer in report.pairs:
+        names = {c.name for c in report.for_pair(host, peer)}
+        assert names == {
+            "firewall",
+            "ipsec.config",
+            "ipsec.keys",
+            "ipsec.ike",
+            "ipsec.child",
+            "ipsec.log",
+            "datapath",
+        }
+        dp = report.get(host, peer, "datapath")
+        assert dp.details["esp_udp_encapsulated"] > 0 and dp.details["clear_icmp"] == 0  # type: ignore[operator]
+        assert dp.details["ping_received"] == 3
+    assert report.get("web1", "", "apache.shop").status is Status.PASS
+    assert report.get("db1", "", "apparmor.usr.sbin.mysqld").status is Status.PASS
+    assert report.exit_code() == 0
+
+
+def test_recovered_log_error_passes_but_is_reported(fleet: Fleet) -> None:
+    # web1 got NO_PROPOSAL_CHOSEN from web2 (whose config was not loaded yet), then established
+    report = report_of(fleet, recorded())
+    assert "recovered" in report.get("web1", "web2", "ipsec.log").evidence
+
+
+# ---------------------------------------------------------------- faults
+
+
+def test_peer_with_charon_stopped_fails_exactly_its_pairs(fleet: Fleet) -> None:
+    facts = recorded()
+    db2 = with_section(facts["db2"], "charon", rc=1, out="")
+    db2 = with_section(db2, "stats", rc=1, out="", err="connecting to 'unix:///var/run/charon.vici' failed")
+    db2 = with_section(db2, "sas", rc=1, out="")
+    facts["db2"] = db2
+    report = report_of(fleet, facts)
+    assert report.failed_pairs() == {p for p in report.pairs if "db2" in p}
+    cause = report.get("web1", "db2", "ipsec.ike").cause
+    assert "peer charon is not running on db2" in cause
+    assert "charon is not running on db2" in report.get("db2", "", "ipsec.daemon").cause
+    assert report.exit_code() == 1
+
+
+def test_firewall_dropping_nat_t_from_one_peer_fails_that_pair(fleet: Fleet) -> None:
+    facts = recorded()
+    rules = facts["web1"].get("iptables").out  # type: ignore[union-attr]
+    drop = "-A INPUT -s 192.0.2.21/32 -p udp -m udp --dport 4500 -j DROP\n"
+    first = rules.index("-A INPUT")
+    facts["web1"] = with_section(facts["web1"], "iptables", out=rules[:first] + drop + rules[first:])
+    report = report_of(fleet, facts)
+    assert report.failed_pairs() == {("web1", "db1")}
+    cause = report.get("web1", "db1", "firewall").cause
+    assert "NAT-T/ESP-in-UDP udp 4500 in from/to db1 is refused" in cause and "--dport 4500 -j DROP" in cause
+
+
+def test_clear_text_mesh_traffic_admitted_is_a_failure(fleet: Fleet) -> None:
+    facts = recorded()
+    rules = facts["web2"].get("iptables").out  # type: ignore[union-attr]
+    rules = rules.replace(
+        "-s 10.99.0.11/32 -d 10.99.0.12/32 -i ipsec0 -j ACCEPT", "-s 10.99.0.11/32 -j ACCEPT"
+    )
+    facts["web2"] = with_section(facts["web2"], "iptables", out=rules)
+    report = report_of(fleet, facts)
+    assert report.failed_pairs() == {("web2", "web1")}
+    assert "clear text on eth0 from/to web1 is admitted" in report.get("web2", "web1", "firewall").cause
+
+
+def test_mismatched_public_key_fails_both_directions_of_that_pair(fleet: Fleet) -> None:
+    facts = recorded()
+    keys = facts["web2"].get("peerkeys").out  # type: ignore[union-attr]
+    lines = [ln if not ln.startswith("db1.pem ") else "db1.pem " + "0" * 64 for ln in keys.splitlines()]
+    facts["web2"] = with_section(facts["web2"], "peerkeys", out="\n".join(lines))
+    report = report_of(fleet, facts)
+    assert report.failed_pairs() == {("web2", "db1"), ("db1", "web2")}
+    cause = report.get("db1", "web2", "ipsec.keys").cause
+    assert "web2's public key for db1 (/etc/swanctl/pubkey/db1.pem" in cause and "is not db1's key" in cause
+
+
+def test_stale_sa_on_one_side_is_detected_by_spi_mismatch(fleet: Fleet) -> None:
+    facts = recorded()
+    sas = facts["web2"].get("sas").out  # type: ignore[union-attr]
+    sas = sas.replace("174bf3d127303ca5", "00000000000000aa")
+    facts["web2"] = with_section(facts["web2"], "sas", out=sas)
+    report = report_of(fleet, facts)
+    assert ("web1", "web2") in report.failed_pairs()
+    assert "SPIs differ" in report.get("web1", "web2", "ipsec.ike").cause
+
+
+def test_unreachable_host_fails_its_pairs_with_one_cause(fleet: Fleet) -> None:
+    facts = recorded()
+    facts["db1"] = HostFacts("db1", error="host db1 (192.0.2.21:22): connect timed out")
+    report = report_of(fleet, facts)
+    assert report.failed_pairs() == {p for p in report.pairs if "db1" in p}
+    assert [c.name for c in report.for_host("db1")] == ["ssh"] * 4
+    assert "cannot read db1" in report.get("web1", "db1", "ipsec.config").cause
+
+
+def test_kernel_datapath_without_esp_skips_child_sa_and_datapath_with_the_reason(tmp_path: Path) -> None:
+    fleet = example_fleet(tmp_path, datapath="kernel")
+    facts = recorded()
+    esp = Section("kernel_esp", 2, "", "Error: Requested type not found.")
+    sad = "Nov 25 17:40:01 13[IKE] <mesh-web2|1> unable to install inbound and outbound IPsec SA (SAD) in kernel"
+    for h in ("web1", "web2"):
+        f = facts[h]
+        # keep the IKE SAs, drop the CHILD_SAs (what charon shows when the kernel refused them)
+        sas = "\n".join(_drop_children(f.get("sas").out.splitlines()))  # type: ignore[union-attr]
+        sections = dict(f.sections)
+        sections["sas"] = replace(sections["sas"], out=sas)
+        sections["kernel_esp"] = esp
+        sections["log"] = replace(sections["log"], out=sections["log"].out + "\n" + sad)
+        facts[h] = replace(f, sections=MappingProxyType(sections))
+    report = report_of(fleet, facts)
+    child = report.get("web1", "web2", "ipsec.child")
+    assert child.status is Status.SKIP
+    assert child.cause == (
+        "child SA not installed: the kernel has no ESP (xfrm state add ... Requested type not found); "
+        "use datapath libipsec"
+    )
+    assert "unable to install inbound and outbound IPsec SA (SAD) in kernel" in child.evidence
+    assert report.get("web1", "web2", "ipsec.ike").status is Status.PASS
+    assert report.get("web1", "web2", "datapath").status is Status.SKIP
+
+
+def _drop_children(lines: list[str]) -> list[str]:
+    out: list[str] = []
+    depth = 0
+    for ln in lines:
+        if ln.strip() == "child-sas {":
+            depth = 1
+            out.append(ln)
+            continue
+        if depth:
+            depth += ln.count("{") - ln.count("}")
+            if depth == 0:
+                out.append(ln)
+            continue
+        out.append(ln)
+    return out
+
+
+# ---------------------------------------------------------------- parsers
+
+
+def test_vici_pretty_parser_keeps_values_with_spaces_and_lists() -> None:
+    text = (ROOT / "tests/fixtures/verify/mesh4-libipsec.json").read_text()
+    conns = ipsec.parse_conns(json.loads(text)["web1"]["sections"]["conns"]["out"])
+    c = conns["mesh-web2"]
+    assert c.local_addrs == ("192.0.2.11",) and c.remote_id == "192.0.2.12"
+    assert c.child("mesh-web2-net") == ipsec.ChildConf(
+        "mesh-web2-net", "TUNNEL", ("10.99.0.11/32",), ("10.99.0.12/32",)
+    )
+    tree = ipsec.parse_vici_pretty(
+        "list-conn event {\n  x {\n    class = public key\n    groups = [\n    ]\n  }\n}\n"
+    )
+    assert tree == [("list-conn event", {"x": {"class": "public key", "groups": []}})]
+    with pytest.raises(ipsec.ViciParseError):
+        ipsec.parse_vici_pretty("list-sa event {\n  x {\n    state = ESTABLISHED\n")
+
+
+def test_charon_log_errors_are_attributed_and_recovery_is_tracked() -> None:
+    lines = [
+        "Nov 25 17:22:09 00[LIB] plugin 'tpm': failed to load - tpm_plugin_create returned NULL",
+        "Nov 25 17:22:09 00[LIB] loaded plugins: charon ... error-notify counters",
+        "Nov 25 17:22:11 11[IKE] <1> no IKE config found for 192.0.2.12...192.0.2.11, sending NO_PROPOSAL_CHOSEN",
+        "Nov 25 17:22:11 10[IKE] <mesh-web2|1> received NO_PROPOSAL_CHOSEN notify error",
+        "Nov 25 17:23:00 10[IKE] <mesh-web2|2> IKE_SA mesh-web2[2] established between 192.0.2.11...192.0.2.12",
+        "Nov 25 17:24:00 10[IKE] <mesh-db1|3> received AUTHENTICATION_FAILED notify error",
+        "Nov 25 17:24:01 10[CFG] something failed without a connection",
+    ]
+    read = ipsec.analyse_log(lines, addr_to_conn={"192.0.2.11": "mesh-web1", "192.0.2.12": "mesh-web2"})
+    assert [(e.connection, e.recovered) for e in read.errors] == [
+        ("mesh-web1", False),
+        ("mesh-web2", True),
+        ("mesh-db1", False),
+        (None, False),
+    ]
+    cursor = ipsec.parse_log_section("CURSOR 12 100 400000 137856\n" + "\n".join(lines))
+    assert cursor.truncated and cursor.lines_read == len(lines)
+    assert not ipsec.parse_log_section("NOLOG").present
+
+
+def test_capture_parser_classifies_esp_in_udp_plain_esp_and_clear_icmp() -> None:
+    cap = "\n".join(
+        [
+            "17:30:01.1 IP 192.0.2.11.4500 > 192.0.2.12.4500: UDP-encap: ESP(spi=0x759150e3,seq=0x1), length 120",
+            "17:30:01.2 IP 192.0.2.12.4500 > 192.0.2.11.4500: UDP-encap: ESP(spi=0xfe27424d,seq=0x1), length 120",
+            "17:30:01.3 IP 192.0.2.11 > 192.0.2.21: ESP(spi=0x1,seq=0x1), length 100",
+            "17:30:01.4 IP 192.0.2.11.4500 > 192.0.2.12.4500: NONESP-encap: isakmp: child_sa  inf2",
+            "17:30:01.5 IP 10.99.0.11 > 10.99.0.12: ICMP echo request, id 7, seq 1, length 64",
+        ]
+    )
+    kinds = [p.kind for p in datapath.parse_capture(cap)]
+    assert kinds == ["esp-udp", "esp-udp", "esp", "ike", "icmp"]
+    t = datapath.pair_traffic(
+        datapath.parse_capture(cap),
+        own_public="192.0.2.11",
+        peer_public="192.0.2.12",
+        own_internal="10.99.0.11",
+        peer_internal="10.99.0.12",
+    )
+    assert (t.esp_out, t.esp_in, t.esp_udp, len(t.clear_icmp)) == (1, 1, 2, 1)
+    probe = {
+        "capture": Section("capture", 0, cap),
+        "caperr": Section("caperr", 0, "listening on eth0, link-type EN10MB"),
+        "ping:10.99.0.12": Section("ping:10.99.0.12", 0, "3 packets transmitted, 3 received, 0% packet loss"),
+    }
+    c = datapath.check(
+        "web1",
+        "web2",
+        probe=probe,
+        probe_error=None,
+        own_public="192.0.2.11",
+        peer_public="192.0.2.12",
+        own_internal="10.99.0.11",
+        peer_internal="10.99.0.12",
+        interface="eth0",
+    )
+    assert c.status is Status.FAIL and "clear-text ICMP between 10.99.0.11 and 10.99.0.12" in c.cause
+    assert datapath.parse_ping("3 packets transmitted, 0 received, 100% packet loss").ok is False
+
+
+def test_apache_headers_and_failures(fleet: Fleet) -> None:
+    status, headers = parse_headers(
+        "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 503 Service Unavailable\r\nServer: Apache\r\n\r\n"
+    )
+    assert status == "HTTP/1.1 503 Service Unavailable" and headers["server"] == ["Apache"]
+    assert sample_path("/shop/*") == "/shop/reconciler-verify"
+    facts = recorded()
+    out = facts["web1"].get("http:shop-1").out  # type: ignore[union-attr]
+    leaky = out.replace("Server: Apache", "Server: Apache/2.4.62 (Debian)\r\nX-Powered-By: Servlet/3.0")
+    facts["web1"] = with_section(facts["web1"], "http:shop-1", out=leaky)
+    report = report_of(fleet, facts)
+    cause = report.get("web1", "", "apache.shop").cause
+    assert "not exactly 'Apache'" in cause and "X-Powered-By: Servlet/3.0 is present" in cause
+    assert report.failed_pairs() == set() and not report.ok
+
+
+def test_apparmor_profile_that_does_not_parse_fails(fleet: Fleet) -> None:
+    facts = recorded()
+    err = "AppArmor parser error for /etc/apparmor.d/usr.sbin.mysqld in profile /etc/apparmor.d/local/usr.sbin.mysqld at line 3: syntax error"
+    facts["db1"] = with_section(facts["db1"], "aa:/etc/apparmor.d/usr.sbin.mysqld", rc=1, err=err)
+    report = report_of(fleet, facts)
+    assert report.get("db1", "", "apparmor.usr.sbin.mysqld").cause.endswith("at line 3: syntax error")
+
+
+def test_framing_survives_forged_markers_and_cut_off_output() -> None:
+    tok = "RCNVabc"
+    out = (
+        f"{tok} BEGIN log\nRCNVother END log 0\nline\n\n{tok} STDERR log\n\n{tok} END log 0\n"
+        f"{tok} BEGIN sas\npartial"
+    ).encode()
+    secs = split_sections(out, tok)
+    assert secs["log"].out == "RCNVother END log 0\nline" and secs["log"].rc == 0
+    assert secs["sas"].rc == -1 and secs["sas"].out == "partial"
+
+
+def test_report_table_json_and_metrics(fleet: Fleet) -> None:
+    facts = recorded()
+    facts["db2"] = HostFacts("db2", error="timed out after 60 s")
+    report = report_of(fleet, facts)
+    text = render_text(report)
+    assert "db2: 4 failed" in text and "-> db2 (FAILED)" in text and "6/12 pairs ok" in text
+    assert "skipped (this machine cannot run them)" in text
+    data = json.loads(to_json(report))
+    assert data["ok"] is False and data["exit_code"] == 1 and len(data["pairs"]) == 12
+    m = report.metrics()
+    assert m["reconciler_verify_ok"] == 0 and m["reconciler_verify_pairs_failed"] == 6
+    assert m['reconciler_verify_host_failed_checks{host="db2"}'] == 4
+    assert m["reconciler_verify_checks_failed"] == report.counts()["fail"]
