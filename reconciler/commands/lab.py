@@ -119,7 +119,7 @@ def _up(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from reconciler.lab import Lab, probe_capabilities
     from reconciler.lab.cleanup import all_prefixes
-    from reconciler.lab.lock import owner_alive, read_owner
+    from reconciler.lab.lock import owner_alive, read_owner, waiters
 
     caps = probe_capabilities()
     current = Lab.current()
@@ -139,6 +139,7 @@ def _status(args: argparse.Namespace) -> int:
                 else None
             ),
             "other_labs": others,
+            "waiting_pids": waiters(),
             "capabilities": caps.as_dict(),
         }
         print(json.dumps(out, indent=2))
@@ -153,6 +154,9 @@ def _status(args: argparse.Namespace) -> int:
     if owner and (current is None or owner.prefix != current.prefix):
         state = "alive" if owner_alive(owner) else "dead (its lock is broken on the next `lab up`)"
         print(f"lab lock held by {owner.prefix} (pid {owner.pid}): {state}")
+    waiting = waiters()
+    if waiting:
+        print(f"waiting for the lab lock: {len(waiting)} process(es) (pids {', '.join(map(str, waiting))})")
     if others:
         print(f"other labs / leftovers: {', '.join(others)} (remove: reconciler lab down --prefix P)")
     print("\nkernel capabilities for the lab:")

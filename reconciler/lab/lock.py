@@ -103,6 +103,11 @@ def _queue_turn(me: tuple[int, int | None], *, join: bool) -> bool:
     return bool(queue) and queue[0] == me
 
 
+def waiters() -> list[int]:
+    """PIDs of the live processes waiting for the lab lock, first in line first."""
+    return [pid for pid, start in _read_queue() if procs.is_alive(pid, start)]
+
+
 def _leave_queue(me: tuple[int, int | None]) -> None:
     _write_queue([e for e in _read_queue() if e != me and procs.is_alive(e[0], e[1])])
 

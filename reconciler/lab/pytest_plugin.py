@@ -79,6 +79,7 @@ def lab_factory() -> Iterator[LabFactory]:
         reason = lab_skip_reason()
         if reason:
             pytest.skip(f"lab unavailable: {reason}")
+        kwargs.setdefault("lock_timeout", float(os.environ.get("RECONCILER_LAB_WAIT", "600")))
         lab = Lab.up(specs, prefix=prefix, **kwargs)
         made.append(lab)
         return lab
