@@ -42,6 +42,7 @@ log = get_logger(__name__)
 # to wait for the host's answer before abandoning the channel.
 _KILL_GRACE = 2.0
 _CLIENT_SLACK = 3.0
+_MAX_COMMAND = 120_000
 
 
 class AuthRefused(Terminal):
@@ -195,7 +196,14 @@ class Connection:
         if limit <= 0:
             raise ValueError("timeout must be positive")
         full = (*self._prefix, "timeout", "-k", f"{_KILL_GRACE:g}", f"{limit:.3f}", *argv)
-        return await self._exec(shlex.join(full), stdin, limit, label=argv[0])
+        command = shlex.join(full)
+        if len(command) > _MAX_COMMAND:
+            # sshd hands the command to the login shell as ONE argument (Linux: 128 KiB max)
+            raise Terminal(
+                f"host {self.target.where()}: command {argv[0]} is {len(command)} bytes long, "
+                f"over the {_MAX_COMMAND} bytes a remote command line can hold; send data on stdin"
+            )
+        return await self._exec(command, stdin, limit, label=argv[0])
 
     async def run_script(
         self,
