@@ -130,7 +130,8 @@ class Config:
     state_dir: Path = Path("/var/lib/reconciler")
     history_repo: Path | None = None  # default: <state_dir>/history
     concurrency: int = 10  # hosts reconciled at once
-    drift_interval: float = 3600.0  # seconds between drift scans of every host; 0 disables
+    # seconds between drift scans of every host; None = the fleet's drift.interval_seconds; 0 = off
+    drift_interval: float | None = None
     mode: RunMode = RunMode.APPLY
     shutdown_grace: float = 30.0  # seconds in-flight reconciles get after SIGTERM
     backoff_base: float = 2.0  # first retry delay after a transient failure (seconds)
@@ -307,7 +308,7 @@ _TOP: dict[str, Parser] = {
     "state_dir": _parse_path,
     "history_repo": _parse_opt_path,
     "concurrency": _parse_positive_int,
-    "drift_interval": parse_duration,
+    "drift_interval": lambda v, w: None if v is None or v == "" else parse_duration(v, w),
     "mode": lambda v, w: _parse_enum(RunMode, v, w),
     "shutdown_grace": parse_duration,
     "backoff_base": parse_duration,

@@ -155,6 +155,7 @@ class Daemon:
         *,
         step: ReconcileStep | None = None,
         drift: DriftStep | None = None,
+        drift_scan: bool = True,
         loader: FleetLoader = default_loader,
         outbox: MailOutbox | None = None,
     ) -> None:
@@ -171,7 +172,8 @@ class Daemon:
         self.outbox = outbox if outbox is not None else self._default_outbox()
         self._pools = _Pools(config)
         self._custom_step = step
-        self._drift = drift
+        self._drift = drift if drift is not None or not drift_scan else self._default_drift()
+        self._scanned_once: set[str] = set()
         self.metrics = DaemonMetrics(
             host_states=self._host_state_counts,
             queue_depth=lambda: [
@@ -190,7 +192,7 @@ class Daemon:
             store=self.store,
             concurrency=config.concurrency,
             poll_interval=config.source.poll_interval,
-            drift_interval=config.drift_interval,
+            drift_interval=self._drift_interval,
             backoff=Backoff(base=config.backoff_base, maximum=config.backoff_max),
             on_result=self._on_result,
             on_converged=lambda commit, secs: self.metrics.push_to_converged.observe(secs),
@@ -199,6 +201,29 @@ class Daemon:
         self._stop = asyncio.Event()
         self._mail_wakeup = asyncio.Event()
         self._started = time.time()
+
+    # ------------------------------------------------------------ drift
+
+    def _default_drift(self) -> DriftStep:
+        """reconciler.drift's scan: /etc snapshot -> history repo -> drift mail (no enforcement
+        here: the engine step that follows a scan converges the host)."""
+        history_mod = importlib.import_module("reconciler.history")
+        drift_mod = importlib.import_module("reconciler.drift")
+        history = history_mod.HistoryRepo.open(self.config.history_dir, self.state_dir)
+        step: DriftStep = drift_mod.make_daemon_step(history, self.outbox, self.state_dir)
+        return step
+
+    def _drift_interval(self) -> float:
+        if self._drift is None:
+            return 0.0
+        if self.config.drift_interval is not None:
+            return self.config.drift_interval
+        fleet = self.source.fleet
+        return float(fleet.drift.interval_seconds) if fleet is not None else 0.0
+
+    def _drift_report_only(self, target: Target) -> bool:
+        drift = getattr(target.fleet, "drift", None)
+        return drift is not None and str(getattr(drift.mode, "value", drift.mode)) == "report"
 
     # ------------------------------------------------------------ mail
 
@@ -324,20 +349,29 @@ class Daemon:
     # ------------------------------------------------------------ hosts
 
     async def _reconcile_host(self, host: str, target: Target, reasons: frozenset[str]) -> Outcome:
+        """Drift scan first (so a hand edit is recorded and mailed before it is put back), then
+        the engine. The scan runs on the drift timer and on a host's first reconcile after start
+        (edits made while the daemon was down); in drift mode ``report`` a timer-only pass
+        records and mails but does not converge."""
         pool = await self._pools.acquire(target) if self._custom_step is None or self._drift else None
         try:
-            if self._custom_step is not None:
-                outcome = await self._custom_step(host, target, reasons) or Outcome()
-            else:
-                outcome = await engine_step(host, target, pool, apply=self.config.mode is RunMode.APPLY)
-            if self._drift is not None and "drift" in reasons:
+            found = 0
+            scan = self._drift is not None and ("drift" in reasons or host not in self._scanned_once)
+            if scan and self._drift is not None:
                 found = await self._drift(host, target, pool)
+                self._scanned_once.add(host)
                 self.metrics.drift_scans.inc()
                 if found:
                     self.metrics.drift.inc(found, host)
                     self.store.add_event("drift", f"{found} drifted path(s)", host=host, commit=target.commit)
-                    outcome = Outcome(applied=outcome.applied, reason=outcome.reason, drift=found)
-            return outcome
+                    self._mail_wakeup.set()
+                if reasons <= {"drift"} and self._drift_report_only(target):
+                    return Outcome(applied=True, reason="drift scan (report mode)", drift=found)
+            if self._custom_step is not None:
+                outcome = await self._custom_step(host, target, reasons) or Outcome()
+            else:
+                outcome = await engine_step(host, target, pool, apply=self.config.mode is RunMode.APPLY)
+            return Outcome(applied=outcome.applied, reason=outcome.reason, drift=found) if found else outcome
         finally:
             if pool is not None:
                 await self._pools.release(target)

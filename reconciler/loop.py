@@ -164,7 +164,7 @@ class ReconcileLoop:
         store: Store | None = None,
         concurrency: int = 10,
         poll_interval: float = 0.0,
-        drift_interval: float = 0.0,
+        drift_interval: float | Callable[[], float] = 0.0,
         backoff: Backoff | None = None,
         on_result: Callable[[str, str, float], None] | None = None,
         on_converged: Callable[[str, float], None] | None = None,
@@ -174,7 +174,7 @@ class ReconcileLoop:
         self._store = store
         self._concurrency = max(1, concurrency)
         self._poll_interval = poll_interval
-        self._drift_interval = drift_interval
+        self._drift_interval = drift_interval if callable(drift_interval) else (lambda: drift_interval)
         self._backoff = backoff or Backoff()
         self._on_result = on_result
         self._on_converged = on_converged
@@ -281,10 +281,7 @@ class ReconcileLoop:
             self._tasks.append(loop.create_task(self._host_worker(), name=f"host-worker-{i}"))
         if self._poll_interval > 0:
             self._timers.append(loop.create_task(self._ticker(self._poll_interval, self._poll), name="poll"))
-        if self._drift_interval > 0:
-            self._timers.append(
-                loop.create_task(self._ticker(self._drift_interval, self._drift_tick), name="drift-timer")
-            )
+        self._timers.append(loop.create_task(self._drift_timer(), name="drift-timer"))
         self.request_fetch(then=(ALL,), reason="startup")
 
     def _poll(self) -> None:
@@ -292,6 +289,17 @@ class ReconcileLoop:
 
     def _drift_tick(self) -> None:
         self.request(ALL, "drift")
+
+    async def _drift_timer(self) -> None:
+        """Every drift interval (read again each time: it may come from the fleet), or idle."""
+        while not self._stopping:
+            interval = self._drift_interval()
+            if interval <= 0:
+                await asyncio.sleep(5.0)
+                continue
+            await asyncio.sleep(interval)
+            if not self._stopping and self._drift_interval() > 0:
+                self._drift_tick()
 
     async def _ticker(self, interval: float, fire: Callable[[], None]) -> None:
         while not self._stopping:
@@ -477,8 +485,9 @@ class ReconcileLoop:
         rec.failed_commit = ""
         rec.terminal_commit = ""
         self._clear_retry(rec)
-        if outcome.applied:
-            rec.converged_commit = target.commit
+        # Looked at on this commit (applied, or only planned in plan mode): nothing more to do
+        # until a new commit, a drift tick or an explicit resync.
+        rec.converged_commit = target.commit
         if store is not None:
             if outcome.applied:
                 store.mark_ready(host, target.commit, outcome.reason)

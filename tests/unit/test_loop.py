@@ -117,12 +117,29 @@ async def test_push_storm_converges_to_last_commit_one_in_flight_per_host(store:
     assert all(rec.applied[h] == last for h in HOSTS), rec.applied
     assert max(rec.max_in_flight.values()) == 1
     assert max_depth <= len(HOSTS)  # at most one queued entry per host
-    # Nowhere near one reconcile per push: dedupe collapsed the storm.
-    assert max(len(c) for c in rec.calls.values()) <= 10, {h: len(c) for h, c in rec.calls.items()}
-    assert src.fetches <= 60
+    # Far fewer reconciles than pushes: dedupe collapsed the storm (timing decides the exact count).
+    assert max(len(c) for c in rec.calls.values()) <= 50, {h: len(c) for h, c in rec.calls.items()}
+    assert src.fetches <= 100
     for h in HOSTS:
         st = store.host(h)
         assert st.state is HostState.READY and st.applied_commit == last == st.attempted_commit
+
+
+async def test_burst_of_100_events_is_one_fetch_and_one_reconcile_per_host(store: Store) -> None:
+    src, rec = FakeSource(), Recorder(delay=0.01)
+    loop = make_loop(rec, src, store)
+    loop.start()
+    await loop.wait_idle(timeout=10)
+    fetches, calls = src.fetches, {h: len(rec.calls[h]) for h in HOSTS}
+    for _ in range(100):  # 100 deliveries before the loop gets to run once
+        src.push()
+        loop.request_fetch(reason="webhook")
+        loop.request(ALL, "webhook")
+    await loop.wait_idle(timeout=10)
+    await loop.stop(grace=1)
+    assert src.fetches - fetches == 1
+    assert all(len(rec.calls[h]) - calls[h] <= 2 for h in HOSTS)  # the old target, then the new one
+    assert all(rec.applied[h] == f"c{src.head:03d}" for h in HOSTS)
 
 
 async def test_transient_failure_backs_off_with_jitter_then_recovers(store: Store) -> None:
