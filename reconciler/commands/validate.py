@@ -14,7 +14,7 @@ from typing import Any
 
 from reconciler.errors import FleetInvalid, Problem
 from reconciler.fleet.load import load_fleet
-from reconciler.fleet.model import Fleet
+from reconciler.fleet.model import Fleet, Topology
 
 
 def register(sub: Any) -> None:
@@ -32,10 +32,17 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
+def _links(fleet: Fleet) -> int:
+    if fleet.mesh.topology is Topology.FULL:  # n*(n-1)/2 without building the pairs
+        n = len(fleet.hosts)
+        return n * (n - 1) // 2
+    return len(fleet.mesh.links)
+
+
 def counts(fleet: Fleet) -> dict[str, int]:
     return {
         "hosts": len(fleet.hosts),
-        "links": len(fleet.link_pairs()),
+        "links": _links(fleet),
         "roles": len(fleet.roles),
         "sites": len(fleet.sites),
         "apparmor_profiles": len(fleet.apparmor),
