@@ -287,6 +287,7 @@ class FleetSource:
         self._loader = loader
         self._git = Git(mirror_dir, extra_env=self._transport_env())
         self._verified: dict[str, Verdict] = {}
+        self._refused: dict[str, tuple[str, Rejection]] = {}  # head -> (good then, why refused)
         self._good = last_good
         self._fleet: Any = None
         self._head = ""
@@ -409,6 +410,10 @@ class FleetSource:
             if head == self._good and self._fleet is not None:
                 self._last_rejection = None
                 return self.state()
+            known = self._refused.get(head)
+            if known is not None and known[0] == self._good:
+                self._last_rejection = known[1]  # same head, same outcome: no re-verify, no re-load
+                return self.state()
             candidate, rejection = await self._newest_verified(head)
             changed = False
             if candidate and candidate != self._good:
@@ -424,6 +429,7 @@ class FleetSource:
                 changed = True
             self._last_rejection = rejection
             if rejection is not None:
+                self._refused[head] = (self._good, rejection)
                 log.warning(
                     "commit refused", commit=rejection.commit, kind=rejection.kind, reason=rejection.reason
                 )
