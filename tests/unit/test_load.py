@@ -233,3 +233,35 @@ def test_schemas_ship_as_package_data(tmp_path: Path) -> None:
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert json.loads(run.stdout) == ["example", 4]
+
+
+def test_fleet_md_documents_every_field_and_its_examples_validate() -> None:
+    import re
+
+    import yaml
+
+    from reconciler.fleet.schema import validator
+
+    doc = (ROOT / "docs" / "FLEET.md").read_text()
+
+    def fields(node: dict[str, object], prefix: str) -> list[str]:
+        out: list[str] = []
+        props = node.get("properties")
+        for name, sub in (props or {}).items() if isinstance(props, dict) else ():
+            out.append(prefix + name)
+            if isinstance(sub, dict) and sub.get("type") == "object":
+                out += fields(sub, prefix + name + ".")
+            items = sub.get("items") if isinstance(sub, dict) else None
+            if isinstance(items, dict) and items.get("type") == "object":
+                out += fields(items, prefix + name + "[].")
+        return out
+
+    for kind in KINDS:
+        for f in fields(schema(kind), ""):
+            assert f"| `{f}` |" in doc, f"docs/FLEET.md lacks {kind} field {f}"
+    examples = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", doc, re.S)]
+    full = [e for e in examples if isinstance(e, dict) and "kind" in e]
+    assert {e["kind"] for e in full} == set(KINDS)
+    for e in full:
+        errors = [err.message for err in validator(e["kind"]).iter_errors(e)]
+        assert errors == [], (e["kind"], errors)
