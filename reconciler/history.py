@@ -146,7 +146,7 @@ class Prepared:
     meta: Mapping[str, Recorded]
     previous: Mapping[str, Recorded]
     changes: ChangeSet
-    blobs: Mapping[str, tuple[str, bytes]] = field(default_factory=dict)  # path -> (git mode, data)
+    blobs: Mapping[str, tuple[str, bytes | None]] = field(default_factory=dict)  # (git mode, data)
 
 
 @dataclass(frozen=True)
@@ -322,7 +322,7 @@ class HistoryRepo:
         reading the previous state)."""
         prev = dict(previous) if previous is not None else await self.recorded(snap.host)
         meta: dict[str, Recorded] = {}
-        blobs: dict[str, tuple[str, bytes]] = {}
+        blobs: dict[str, tuple[str, bytes | None]] = {}
         for path, e in snap.entries.items():
             if e.kind == "file":
                 if path in snap.secrets:
@@ -349,7 +349,7 @@ class HistoryRepo:
                             continue  # same blob, same git mode: nothing to write
                     if path not in snap.contents:
                         if old is not None and old.sha256 == e.sha256:
-                            blobs[path] = (_git_mode(e), b"")  # git mode change only; see commit()
+                            blobs[path] = (_git_mode(e), None)  # git mode change only: reuse the blob
                             meta[path] = rec
                             continue
                         raise HistoryError(f"{snap.host}:{path}: content changed but was not fetched")
@@ -393,14 +393,14 @@ class HistoryRepo:
             if head:
                 await self._git("read-tree", head, env=index_env)
             # blobs to write: changed contents, plus unchanged files whose git mode changed
-            need: dict[str, tuple[str, bytes]] = dict(prep.blobs)
-            mode_only = [p for p, (_, d) in need.items() if d == b"" and prep.meta[p].stored == "content"]
+            need: dict[str, tuple[str, bytes | None]] = dict(prep.blobs)
+            mode_only = [p for p, (_, d) in need.items() if d is None]
             shas: dict[str, str] = {}
             if mode_only:
                 shas.update(await self._existing_blobs(head, host, mode_only))
             files: list[tuple[str, Path]] = []
             for i, (p, (_, data)) in enumerate(need.items()):
-                if p in shas:
+                if p in shas or data is None:
                     continue
                 f = tmp / f"b{i}"
                 f.write_bytes(data)

@@ -74,6 +74,7 @@ def tree(tmp_path: Path) -> Path:
     (root / "ssl" / "private" / "site.key").write_text(f"-----BEGIN PRIVATE KEY-----\n{CANARY}\n")
     os.symlink("/usr/share/zoneinfo/UTC", root / "localtime")
     (root / "ignored.cache").write_text("x\n")
+    (root / "empty").write_text("")
     return root
 
 
@@ -99,7 +100,7 @@ async def test_first_snapshot_then_incremental_diff(tmp_path: Path, tree: Path) 
     snap, (prep, info) = await record(repo, runner, policy)
     assert info is not None
     assert runner.calls == 2  # manifest + one tar stream
-    assert snap.fetched == 2  # hosts, motd: never the secrets
+    assert snap.fetched == 3  # hosts, motd, empty: never the secrets
     assert f"{tree}/ignored.cache" not in prep.meta  # type: ignore[attr-defined]
     files = git(repo.path, "ls-tree", "-r", "--name-only", "main")
     assert f"hosts/local{tree}/hosts" in files and "meta/local.json" in files
@@ -118,14 +119,16 @@ async def test_first_snapshot_then_incremental_diff(tmp_path: Path, tree: Path) 
     (tree / "motd").unlink()
     (tree / "shadow").write_text(f"root:{CANARY}-2:19000:0:99999:7:::\n")
     os.chmod(tree / "ssl" / "private", 0o750)
+    os.chmod(tree / "empty", 0o755)  # mode only: same blob, git mode 100755
     snap, (prep, info) = await record(repo, runner, policy)
     assert snap.fetched == 2  # hosts + new.conf only
     ch = prep.changes  # type: ignore[attr-defined]
     assert ch.new == (f"{tree}/new.conf",)
     assert ch.removed == (f"{tree}/motd",)
-    assert set(ch.changed) == {f"{tree}/hosts", f"{tree}/shadow", f"{tree}/ssl/private"}
+    assert set(ch.changed) == {f"{tree}/hosts", f"{tree}/shadow", f"{tree}/ssl/private", f"{tree}/empty"}
     assert ch.secret_changed == (f"{tree}/shadow",)
-    assert commit_subject(ch, policy.roots) == f"local: 3 changed, 1 new, 1 removed in {tree}"
+    assert commit_subject(ch, policy.roots) == f"local: 4 changed, 1 new, 1 removed in {tree}"
+    assert git(repo.path, "ls-tree", "main", f"hosts/local{tree}/empty").startswith("100755 blob e69de29")
     diff = await repo.diff(info.sha, "local")  # type: ignore[attr-defined]
     assert "+192.0.2.7 db" in diff and "+new" in diff and "-hello" in diff
     assert "shadow" not in diff and CANARY not in diff
