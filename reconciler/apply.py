@@ -392,11 +392,14 @@ def _tar_of(run: _Run, idx: list[int]) -> bytes:
 
 STAGE = r"""
 set -u
-# $@: directories holding a change: create them, drop stale temps of earlier applies
+# $@: directories that receive a staged file, "--", other directories holding a change.
+# Create the first ones; drop stale temps of interrupted earlier applies from all of them.
+create=1
 for d in "$@"; do
+  if [ "$d" = "--" ]; then create=0; continue; fi
   if [ -d "$d" ]; then
     find "$d" -maxdepth 1 -name '.*.reconciler-*' \( -type f -o -type l \) -exec rm -f {} + 2>/dev/null
-  else
+  elif [ $create = 1 ]; then
     mkdir -p "$d" || exit 10
   fi
 done
@@ -411,7 +414,9 @@ async def _files(run: _Run) -> None:
         return
     # directory in the way: refused, reported
     staged = _content_actions(run, idx)
-    dirs = sorted({posixpath.dirname(run.plan.actions[i].path or "/") for i in idx})
+    staged_dirs = sorted({posixpath.dirname(run.plan.actions[i].path or "/") for i in staged})
+    other_dirs = sorted({posixpath.dirname(run.plan.actions[i].path or "/") for i in idx} - set(staged_dirs))
+    dirs = [*staged_dirs, "--", *other_dirs]
     conn = await run.conn()
     if staged:
         res = await conn.run_script(
