@@ -1,3 +1,4 @@
+# ruff: noqa: E501 - expected error lines are long
 """Semantic rules of the fleet loader: one bad fleet per rule, error text and FILE:LINE:COL asserted."""
 
 from __future__ import annotations

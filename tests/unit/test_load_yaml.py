@@ -1,3 +1,4 @@
+# ruff: noqa: E501 - expected error lines are long
 """YAML safety rules of the fleet loader: each hostile input gives a located error, fast."""
 
 from __future__ import annotations
