@@ -189,9 +189,17 @@ class Suggestion:
         return "\n".join(lines)
 
 
+def _looks_like_dir(d: Denial) -> bool:
+    """For a path that does not exist on the host: a trailing "/", mkdir/rmdir, or the old
+    ``inode_create`` hook (files and directories alike) on a name without an extension."""
+    if d.name.endswith("/") or d.operation in _DIR_OPS:
+        return True
+    return d.operation == "inode_create" and "." not in posixpath.basename(d.name)
+
+
 def rules_for(d: Denial, kind: str | None = None) -> list[tuple[str, str]]:
-    """(rule path or keyword, permissions) for one denial. ``kind``: "dir", "file" or None
-    (unknown: a trailing "/" or mkdir/rmdir means a directory)."""
+    """(rule path or keyword, permissions) for one denial. ``kind``: "dir" or "file" as seen on
+    the host, or None when the path does not exist there (see ``_looks_like_dir``)."""
     if d.operation == "capable" and d.capability:
         return [(f"capability {d.capability}", "")]
     if d.family and d.operation in ("create", "connect", "bind", "listen", "accept", "sendmsg", "recvmsg"):
@@ -203,7 +211,7 @@ def rules_for(d: Denial, kind: str | None = None) -> list[tuple[str, str]]:
         perms = _merge_perms(perms, "ix")
     if not perms:
         return []
-    is_dir = kind == "dir" or (kind is None and (d.name.endswith("/") or d.operation in _DIR_OPS))
+    is_dir = kind == "dir" or (kind is None and _looks_like_dir(d))
     if is_dir:
         path = d.name.rstrip("/") or "/"
         rec = _merge_perms(perms, "r")

@@ -278,7 +278,8 @@ async def test_apparmor_denial_suggested_and_mailed_once(
     env = Env(tmp_path, lab, fleet_with(example, smtp), smtp)
     await env.scan("db1")  # baseline (kernel log cursor recorded too)
     await env.deliver()
-    sh(lab, "db1", "mkdir -p /data/var/mysql")
+    # /data does not exist on lab hosts (it would be the machine's own root): the rules come
+    # from the line itself (the old inode_create hook on an extension-less name: a directory)
     lab.exec(
         "db1",
         ["sh", "-c", "mkdir -p /var/log && cat >> /var/log/kern.log"],

@@ -66,6 +66,12 @@ def test_seed_case_gives_the_two_rules() -> None:
     [s] = suggest(parse_lines([SEED]), kinds={"/data/var/mysql": "dir"})
     assert s.local_file == "/etc/apparmor.d/local/usr.sbin.mysqld"
     assert s.rules == ("/data/var/mysql/ r,", "/data/var/mysql/** rwk,")
+    # the same without looking at the host (the path does not exist there)
+    [s] = suggest(parse_lines([SEED]))
+    assert s.rules == ("/data/var/mysql/ r,", "/data/var/mysql/** rwk,")
+    # a file seen on the host gets a file rule
+    [s] = suggest(parse_lines([SEED]), kinds={"/data/var/mysql": "file"})
+    assert s.rules == ("/data/var/mysql w,",)
 
 
 def test_file_rule_and_merging() -> None:
