@@ -112,7 +112,9 @@ def _why(err: BaseException, timeout: float) -> str:
     return str(err) or type(err).__name__
 
 
-def evaluate(fleet: Fleet, selected: Iterable[str], facts: Mapping[str, HostFacts]) -> list[Check]:
+def evaluate(
+    fleet: Fleet, selected: Iterable[str], facts: Mapping[str, HostFacts], *, datapath_probe: bool = True
+) -> list[Check]:
     """Every check for the selected hosts, from the facts read. Pure."""
     checks: list[Check] = []
     for name in selected:
@@ -127,7 +129,7 @@ def evaluate(fleet: Fleet, selected: Iterable[str], facts: Mapping[str, HostFact
             continue
         checks += _host_checks(fleet, host, f)
         for peer in fleet.peers_of(host):
-            checks += _pair_checks(fleet, host, peer, f, facts[peer.name])
+            checks += _pair_checks(fleet, host, peer, f, facts[peer.name], datapath_probe)
     return checks
 
 
@@ -158,7 +160,9 @@ def _log_of(fleet: Fleet, host: Host, f: HostFacts) -> ipsec.LogRead | None:
     return ipsec.parse_log_section(sec.out, addrs)
 
 
-def _pair_checks(fleet: Fleet, host: Host, peer: Host, fa: HostFacts, fb: HostFacts) -> list[Check]:
+def _pair_checks(
+    fleet: Fleet, host: Host, peer: Host, fa: HostFacts, fb: HostFacts, datapath_probe: bool = True
+) -> list[Check]:
     a, b = host.name, peer.name
     mesh = fleet.mesh
     out = [
@@ -204,7 +208,7 @@ def _pair_checks(fleet: Fleet, host: Host, peer: Host, fa: HostFacts, fb: HostFa
         log_b=_log_of(fleet, peer, fb),
         kernel_esp_error=esp_error,
     )
-    skip = None
+    skip = None if datapath_probe else "the datapath probe was not asked for (--no-datapath)"
     if esp_error is not None:
         skip = (
             f"the kernel has no ESP (xfrm state add ... {esp_error}): mesh traffic cannot flow "
@@ -249,7 +253,7 @@ async def verify_fleet(
 
     results = await asyncio.gather(*(one(n) for n in needed))
     facts = {f.host: f for f in results}
-    checks = evaluate(fleet, names, facts)
+    checks = evaluate(fleet, names, facts, datapath_probe=opts.datapath)
     pairs = [(n, p.name) for n in names for p in fleet.peers_of(fleet.host(n))]
     report = VerifyReport.build(
         checks, names, pairs, seconds=time.monotonic() - started, finished_at=time.time()
