@@ -611,8 +611,24 @@ def sa_checks(
     return out
 
 
-def log_checks(facts: HostFacts, read: LogRead | None, conn_to_peer: Mapping[str, str]) -> list[Check]:
-    """``ipsec.log`` for the host (untagged errors) and per peer (errors of its connection)."""
+# what charon logs when the kernel refuses the CHILD_SA's SAs/policies (no ESP in the kernel)
+_KERNEL_INSTALL = re.compile(
+    r"\(SAD\)|\(SPD\)|SAD entry|SPD entry|in kernel|netlink|failed to establish CHILD_SA|"
+    r"TS_UNACCEPTABLE|NO_PROPOSAL_CHOSEN|CHILD_SA .*failed",
+    re.IGNORECASE,
+)
+
+
+def log_checks(
+    facts: HostFacts,
+    read: LogRead | None,
+    conn_to_peer: Mapping[str, str],
+    *,
+    kernel_esp_error: str | None = None,
+) -> list[Check]:
+    """``ipsec.log`` for the host (untagged errors) and per peer (errors of its connection).
+    With ``kernel_esp_error`` set (kernel datapath, no ESP in the kernel), errors that are the
+    kernel refusing the CHILD_SA are explained by that, and the check is skipped with it."""
     host = facts.host
     if read is None:
         sec = facts.get("log")
@@ -652,7 +668,17 @@ def log_checks(facts: HostFacts, read: LogRead | None, conn_to_peer: Mapping[str
     for conn, peer in sorted(conn_to_peer.items(), key=lambda kv: kv[1]):
         errs = [e for e in read.errors if e.connection == conn]
         bad = [e for e in errs if not e.recovered]
-        if bad:
+        if kernel_esp_error is not None and bad and all(_KERNEL_INSTALL.search(e.line) for e in bad):
+            out.append(
+                skipped(
+                    host,
+                    peer,
+                    "ipsec.log",
+                    KERNEL_ESP_MISSING.format(error=kernel_esp_error),
+                    f"{len(bad)} error(s) for {conn}, all the kernel refusing the CHILD_SA: {bad[-1].line}",
+                )
+            )
+        elif bad:
             out.append(failed(host, peer, "ipsec.log", f"{len(bad)} new error(s) for {conn}: {bad[-1].line}"))
         else:
             extra = f" ({len(errs)} recovered)" if errs else ""

@@ -139,7 +139,8 @@ def _host_checks(fleet: Fleet, host: Host, f: HostFacts) -> list[Check]:
         out.append(ipsec.daemon_check(f))
         read = _log_of(fleet, host, f)
         conns = {connection_name(p): p.name for p in fleet.peers_of(host)}
-        out += ipsec.log_checks(f, read, conns)
+        esp_error = ipsec.kernel_esp_error(f) if fleet.mesh.datapath is Datapath.KERNEL else None
+        out += ipsec.log_checks(f, read, conns, kernel_esp_error=esp_error)
     reqs = apache.requests_for(fleet, host)
     for site in {r.site: None for r in reqs}:
         out.append(apache.check_site(host.name, fleet.sites[site], [r for r in reqs if r.site == site], f))

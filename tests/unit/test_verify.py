@@ -194,6 +194,10 @@ def test_kernel_datapath_without_esp_skips_child_sa_and_datapath_with_the_reason
     assert "unable to install inbound and outbound IPsec SA (SAD) in kernel" in child.evidence
     assert report.get("web1", "web2", "ipsec.ike").status is Status.PASS
     assert report.get("web1", "web2", "datapath").status is Status.SKIP
+    # the SAD error in the log is the same cause: skipped with it, not a failure
+    log = report.get("web1", "web2", "ipsec.log")
+    assert log.status is Status.SKIP and log.cause == child.cause and "(SAD) in kernel" in log.evidence
+    assert report.ok
 
 
 def _drop_children(lines: list[str]) -> list[str]:
