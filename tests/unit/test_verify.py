@@ -174,15 +174,15 @@ def test_kernel_datapath_without_esp_skips_child_sa_and_datapath_with_the_reason
     fleet = example_fleet(tmp_path, datapath="kernel")
     facts = recorded()
     esp = Section("kernel_esp", 2, "", "Error: Requested type not found.")
-    sad = "Nov 25 17:40:01 13[IKE] <mesh-web2|1> unable to install inbound and outbound IPsec SA (SAD) in kernel"
-    for h in ("web1", "web2"):
+    sad = "Nov 25 17:40:01 13[IKE] <mesh-{peer}|1> unable to install inbound and outbound IPsec SA (SAD) in kernel"
+    for h, peer in (("web1", "web2"), ("web2", "web1")):
         f = facts[h]
         # keep the IKE SAs, drop the CHILD_SAs (what charon shows when the kernel refused them)
         sas = "\n".join(_drop_children(f.get("sas").out.splitlines()))  # type: ignore[union-attr]
         sections = dict(f.sections)
         sections["sas"] = replace(sections["sas"], out=sas)
         sections["kernel_esp"] = esp
-        sections["log"] = replace(sections["log"], out=sections["log"].out + "\n" + sad)
+        sections["log"] = replace(sections["log"], out=sections["log"].out + "\n" + sad.format(peer=peer))
         facts[h] = replace(f, sections=MappingProxyType(sections))
     report = report_of(fleet, facts)
     child = report.get("web1", "web2", "ipsec.child")
