@@ -23,7 +23,10 @@ ENV PATH=/opt/reconciler/bin:$PATH \
 
 COPY pyproject.toml README.md /src/
 COPY reconciler /src/reconciler
-RUN pip install --no-cache-dir --disable-pip-version-check /src && rm -rf /src
+# Optional: a CA bundle for pip behind a TLS-inspecting proxy (e.g. /etc/ssl/certs/ca-certificates.crt).
+ARG PIP_CERT=""
+RUN if [ -z "$PIP_CERT" ]; then unset PIP_CERT; fi \
+    && pip install --no-cache-dir --disable-pip-version-check /src && rm -rf /src
 
 RUN useradd --system --uid 10001 --user-group --home-dir /var/lib/reconciler --shell /usr/sbin/nologin reconciler \
     && install -d -m 0700 -o reconciler -g reconciler /var/lib/reconciler /var/lib/reconciler-history

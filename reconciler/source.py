@@ -27,6 +27,7 @@ import shlex
 import shutil
 import tarfile
 import tempfile
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -442,6 +443,7 @@ class FleetSource:
         res = await self._git.run(
             [
                 "fetch",
+                *self._upload_pack_args(),
                 "--quiet",
                 "--no-tags",
                 "--prune",
@@ -456,6 +458,20 @@ class FleetSource:
             raise SourceError(f"fetch of {redact_url(cfg.url)} failed: {_redact_bytes(res.stderr, cfg.url)}")
         out = await self._git.check(["rev-parse", "--verify", ref + "^{commit}"])
         return out.decode().strip()
+
+    def _upload_pack_args(self) -> list[str]:
+        """For a file:// repo owned by another user (a mounted volume in a container), trust
+        that one path for reading: git refuses "dubious ownership" otherwise. Only the path
+        the operator configured is trusted, and only for upload-pack (read-only)."""
+        url = self.config.url
+        if not url.startswith("file://"):
+            return []
+        path = urllib.parse.unquote(urllib.parse.urlsplit(url).path).rstrip("/") or "/"
+        argv = ["git"]
+        for p in (path, f"{path}/.git"):
+            argv += ["-c", f"safe.directory={p}"]
+        argv.append("upload-pack")
+        return ["--upload-pack", " ".join(shlex.quote(a) for a in argv)]
 
     async def _set_good(self, commit: str, fleet: Any) -> None:
         await self._git.check(["update-ref", GOOD_REF, commit])

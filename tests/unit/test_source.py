@@ -323,3 +323,17 @@ async def test_openpgp_mode_accepts_allowed_key_only(
     repo.commit(key="admin")  # an SSH signature does not count in OpenPGP mode
     st = await src.refresh()
     assert st.good == c1 and st.rejection is not None
+
+
+async def test_repo_owned_by_another_user_is_fetched(tmp_path: Path, repo: Repo, keys: Path) -> None:
+    """A mounted fleet repo owned by someone else (a container volume): read, not refused."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the repo another owner")
+    c1 = repo.commit()
+    for root, dirs, files in os.walk(repo.path):
+        for name in [*dirs, *files]:
+            os.lchown(os.path.join(root, name), 10001, 10001)
+    os.chown(repo.path, 10001, 10001)
+    src = make_source(tmp_path, repo, keys, verify=VerifyMode.NONE)
+    st = await src.refresh()
+    assert st.good == c1
