@@ -348,3 +348,36 @@ def test_report_table_json_and_metrics(fleet: Fleet) -> None:
     assert m["reconciler_verify_ok"] == 0 and m["reconciler_verify_pairs_failed"] == 6
     assert m['reconciler_verify_host_failed_checks{host="db2"}'] == 4
     assert m["reconciler_verify_checks_failed"] == report.counts()["fail"]
+
+
+def test_facts_script_log_cursor_reads_only_new_lines_and_follows_rotation(tmp_path: Path) -> None:
+    """The real facts script, run by sh here (ipsec off except the log, which points at a
+    scratch file): the cursor file makes the second run see only the appended lines, and a
+    rotated log (new inode) is read from its start."""
+    import subprocess
+
+    from reconciler.verify.facts import FACTS_SCRIPT, FactsRequest
+
+    log, cursor = tmp_path / "charon.log", tmp_path / "state" / "cursor"
+    log.write_text("line one\nline two failed\n")
+    req = FactsRequest(interface="lo", ipsec=True, log_path=str(log), cursor_path=str(cursor))
+
+    def run() -> str:
+        tok = "RCNVtest"
+        res = subprocess.run(
+            ["sh", "-c", FACTS_SCRIPT, "sh", *req.args(tok)], capture_output=True, timeout=60
+        )
+        return split_sections(res.stdout, tok)["log"].out
+
+    first = run()
+    assert first.splitlines()[1:] == ["line one", "line two failed"]
+    assert cursor.read_text().split()[1] == str(log.stat().st_size)
+    with log.open("a") as f:
+        f.write("line three\n")
+    assert run().splitlines()[1:] == ["line three"]
+    assert run().splitlines()[1:] == []
+    log.unlink()
+    log.write_text("after rotation\n")
+    assert run().splitlines()[1:] == ["after rotation"]
+    read = ipsec.parse_log_section(first)
+    assert read.present and [e.line for e in read.errors] == ["line two failed"]
