@@ -482,6 +482,34 @@ def _log_hint(read: LogRead | None, conn: str) -> str:
     return f"; log: {errs[-1].line}" if errs else ""
 
 
+def _child_up(ike: IkeSa, child: str) -> ChildSa | None:
+    return next((c for c in ike.children if c.name == child and c.state == "INSTALLED"), None)
+
+
+def _pick_pair(
+    sas_a: list[IkeSa], conn_a: str, sas_b: list[IkeSa], conn_b: str, names: PairNames
+) -> tuple[IkeSa | None, IkeSa | None]:
+    """The IKE SA on each side to judge. When both sides initiated (trap policies woken by
+    traffic from both ends) there may be two IKE SAs per side: prefer the pair whose SPIs
+    match, with paired CHILD_SAs if any; else each side's first ESTABLISHED one."""
+    up_a = [s for s in sas_a if s.name == conn_a and s.state == "ESTABLISHED"]
+    up_b = [s for s in sas_b if s.name == conn_b and s.state == "ESTABLISHED"]
+    matching = [
+        (x, y)
+        for x in up_a
+        for y in up_b
+        if (x.initiator_spi, x.responder_spi) == (y.initiator_spi, y.responder_spi)
+    ]
+
+    def score(pair: tuple[IkeSa, IkeSa]) -> int:
+        ca, cb = _child_up(pair[0], names.child_to_peer), _child_up(pair[1], names.child_to_host)
+        return 1 if ca and cb and ca.spi_in == cb.spi_out else 0
+
+    if matching:
+        return max(matching, key=score)
+    return _find_ike(sas_a, conn_a), _find_ike(sas_b, conn_b)
+
+
 def _find_ike(sas: list[IkeSa], conn: str) -> IkeSa | None:
     up = [s for s in sas if s.name == conn and s.state == "ESTABLISHED"]
     if up:
@@ -510,7 +538,7 @@ def sa_checks(
     if sas_a is None or sas_b is None:
         cause = why or why2
         return [failed(a.name, b.name, "ipsec.ike", cause), failed(a.name, b.name, "ipsec.child", cause)]
-    ike_a, ike_b = _find_ike(sas_a, names.conn_to_peer), _find_ike(sas_b, names.conn_to_host)
+    ike_a, ike_b = _pick_pair(sas_a, names.conn_to_peer, sas_b, names.conn_to_host, names)
     # IKE
     ike_ok = False
     if ike_a is None or ike_a.state != "ESTABLISHED":
@@ -562,8 +590,7 @@ def sa_checks(
     if not ike_ok or ike_a is None or ike_b is None:
         out.append(failed(a.name, b.name, name, "no CHILD_SA without an established IKE SA (see ipsec.ike)"))
         return out
-    ch_a = next((c for c in ike_a.children if c.name == names.child_to_peer and c.state == "INSTALLED"), None)
-    ch_b = next((c for c in ike_b.children if c.name == names.child_to_host and c.state == "INSTALLED"), None)
+    ch_a, ch_b = _child_up(ike_a, names.child_to_peer), _child_up(ike_b, names.child_to_host)
     if ch_a is None or ch_b is None:
         where = a.name if ch_a is None else b.name
         sad = (log_a.sad_install_failures if log_a else ()) + (log_b.sad_install_failures if log_b else ())

@@ -381,3 +381,19 @@ def test_facts_script_log_cursor_reads_only_new_lines_and_follows_rotation(tmp_p
     assert run().splitlines()[1:] == ["after rotation"]
     read = ipsec.parse_log_section(first)
     assert read.present and [e.line for e in read.errors] == ["line two failed"]
+
+
+def test_two_ike_sas_per_side_after_simultaneous_initiation_pick_the_matching_pair(fleet: Fleet) -> None:
+    facts = recorded()
+    sas = facts["web1"].get("sas").out  # type: ignore[union-attr]
+    start = sas.index("list-sa event {\n  mesh-web2 {")
+    end = (
+        sas.index("list-sa event {", start + 1)
+        if "list-sa event {" in sas[start + 1 :]
+        else sas.index("list-sas reply")
+    )
+    other = sas[start:end].replace("174bf3d127303ca5", "1111111111111111").replace("759150e3", "0badbeef")
+    facts["web1"] = with_section(facts["web1"], "sas", out=other + sas)  # the other SA listed first
+    report = report_of(fleet, facts)
+    assert report.get("web1", "web2", "ipsec.ike").status is Status.PASS
+    assert report.get("web1", "web2", "ipsec.child").status is Status.PASS
