@@ -22,6 +22,7 @@ ENV PATH=/opt/reconciler/bin:$PATH \
     PYTHONUNBUFFERED=1
 
 COPY pyproject.toml README.md /src/
+COPY schemas /src/schemas
 COPY reconciler /src/reconciler
 # Optional: a CA bundle for pip behind a TLS-inspecting proxy (e.g. /etc/ssl/certs/ca-certificates.crt).
 ARG PIP_CERT=""
