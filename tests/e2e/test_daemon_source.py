@@ -1,0 +1,244 @@
+"""A real `reconciler run` process without lab hosts: source trust, mail, webhooks, restart.
+
+The fleet's hosts have no trusted host key here, so the daemon never opens a connection (every
+host is Stalled with that reason); what is tested is everything before SSH: signed and unsigned
+pushes, an invalid fleet, one mail per refused commit, forged and replayed webhooks, SIGTERM and
+a restart that sends no mail twice. Runs in seconds and needs no root.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "fleet-repo-example"
+SECRET = "src-e2e-webhook-canary-9e1"
+GIT_ENV = {
+    "GIT_CONFIG_NOSYSTEM": "1",
+    "GIT_CONFIG_GLOBAL": os.devnull,
+    "GIT_AUTHOR_NAME": "Admin",
+    "GIT_AUTHOR_EMAIL": "ops@example.com",
+    "GIT_COMMITTER_NAME": "Admin",
+    "GIT_COMMITTER_EMAIL": "ops@example.com",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def git(repo: Path, *args: str) -> str:
+    env = {**os.environ, **GIT_ENV}
+    return (
+        subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, env=env)
+        .stdout.decode()
+        .strip()
+    )
+
+
+class Inbox:
+    def __init__(self) -> None:
+        self.subjects: list[str] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+        for line in envelope.content.decode(errors="replace").splitlines():
+            if line.lower().startswith("subject:"):
+                self.subjects.append(line.split(":", 1)[1].strip())
+        return "250 OK"
+
+
+class Daemon:
+    def __init__(self, tmp: Path, env: dict[str, str]) -> None:
+        self.tmp, self.env = tmp, env
+        self.port = int(env["RECONCILER_SERVER_PORT"])
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.logs: list[Path] = []
+
+    def start(self) -> None:
+        log = self.tmp / f"daemon-{len(self.logs)}.log"
+        self.logs.append(log)
+        with open(log, "wb") as f:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "reconciler", "run"], env=self.env, stdout=f, stderr=subprocess.STDOUT
+            )
+        self.wait(lambda: self.get("/readyz")[0] == 200, "ready")
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=30)
+
+    def get(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:  # noqa: S310
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+        except OSError:
+            return 0, ""
+
+    def status(self) -> dict[str, Any]:
+        code, text = self.get("/status")
+        assert code == 200
+        data: dict[str, Any] = json.loads(text)
+        return data
+
+    def hook(self, body: bytes, delivery: str, secret: str = SECRET) -> int:
+        sig = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+        req = urllib.request.Request(  # noqa: S310
+            f"http://127.0.0.1:{self.port}/hooks/github",
+            data=body,
+            headers={"X-Hub-Signature-256": sig, "X-GitHub-Delivery": delivery},
+            method="POST",
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=5) as r:  # noqa: S310
+                return int(r.status)
+        except urllib.error.HTTPError as e:
+            return int(e.code)
+
+    def wait(self, cond: Any, what: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None and self.proc.poll() is None, self.text()[-2000:]
+            if cond():
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}\n{self.text()[-3000:]}")
+
+    def text(self) -> str:
+        return "".join(p.read_text(errors="replace") for p in self.logs)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, Path, Path, Inbox]]:
+    tmp = tmp_path_factory.mktemp("src-e2e")
+    work = tmp / "work"
+    shutil.copytree(EXAMPLE, work)
+    key = tmp / "admin"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    kt, blob = (tmp / "admin.pub").read_text().split()[:2]
+    (tmp / "allowed").write_text(f'ops@example.com namespaces="git" {kt} {blob}\n')
+    remote = tmp / "fleet.git"
+    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(remote)], check=True)
+    git(work, "init", "-q", "-b", "main")
+    git(work, "remote", "add", "origin", str(remote))
+    inbox = Inbox()
+    smtp_port = free_port()
+    controller = Controller(inbox, hostname="127.0.0.1", port=smtp_port)
+    controller.start()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RECONCILER_")}
+    env.update(
+        {
+            "RECONCILER_SOURCE_URL": f"file://{remote}",
+            "RECONCILER_SOURCE_POLL_INTERVAL": "1s",
+            "RECONCILER_SOURCE_VERIFY": "ssh",
+            "RECONCILER_SOURCE_ALLOWED_SIGNERS": str(tmp / "allowed"),
+            "RECONCILER_SERVER_PORT": str(free_port()),
+            "RECONCILER_SERVER_WEBHOOK_SECRET": SECRET,
+            "RECONCILER_SMTP_HOST": "127.0.0.1",
+            "RECONCILER_SMTP_PORT": str(smtp_port),
+            "RECONCILER_STATE_DIR": str(tmp / "state"),
+            "RECONCILER_SSH_KNOWN_HOSTS": str(tmp / "empty_known_hosts"),
+            "RECONCILER_DRIFT_INTERVAL": "0",
+            "RECONCILER_LOG_LEVEL": "INFO",
+        }
+    )
+    (tmp / "empty_known_hosts").write_text("")
+    daemon = Daemon(tmp, env)
+    try:
+        yield daemon, work, key, inbox
+    finally:
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            daemon.proc.kill()
+            daemon.proc.wait()
+        controller.stop()
+
+
+def commit(work: Path, key: Path | None, message: str) -> str:
+    git(work, "add", "-A")
+    if key is None:
+        git(work, "commit", "-q", "-m", message)
+    else:
+        git(work, "-c", "gpg.format=ssh", "-c", f"user.signingkey={key}", "commit", "-q", "-S", "-m", message)
+    git(work, "push", "-q", "--force", "origin", "HEAD:main")
+    return git(work, "rev-parse", "HEAD")
+
+
+def test_source_trust_mail_webhooks_and_restart(setup: tuple[Daemon, Path, Path, Inbox]) -> None:
+    d, work, key, inbox = setup
+    good = commit(work, key, "initial")
+    d.start()
+    d.wait(lambda: d.status()["source"]["good"] == good, "first good commit")
+    hosts = d.status()["hosts"]
+    assert {h["name"] for h in hosts} == {"db1", "db2", "web1", "web2"}
+    d.wait(lambda: all(h["state"] == "Stalled" for h in d.status()["hosts"]), "hosts stalled")
+    assert all("no trusted host key" in h["reason"] for h in d.status()["hosts"])
+
+    # An unsigned push: refused, status says why, one mail, even after many polls and webhooks.
+    (work / "templates" / "motd.j2").write_text("unsigned\n")
+    bad = commit(work, None, "unsigned")
+    assert d.hook(b"{}", "u-1") == 202
+    d.wait(lambda: len(inbox.subjects) >= 1, "refusal mail")
+    for i in range(3):
+        d.hook(b"{}", f"u-more-{i}")
+    time.sleep(2.5)
+    st = d.status()["source"]
+    assert st["good"] == good and st["head"] == bad and st["rejection"]["kind"] == "unsigned"
+    assert len(inbox.subjects) == 1 and bad[:12] in inbox.subjects[0]
+
+    # A signed but invalid fleet: refused, one more mail.
+    git(work, "reset", "-q", "--hard", good)
+    (work / "hosts" / "web2.yaml").write_text("apiVersion: reconciler/v1\nkind: Host\nname: Web2!\n")
+    invalid = commit(work, key, "invalid host")
+    d.hook(b"{}", "i-1")
+    d.wait(lambda: len(inbox.subjects) >= 2, "invalid-fleet mail")
+    time.sleep(2.5)
+    st = d.status()["source"]
+    assert st["good"] == good and st["rejection"]["kind"] == "invalid-fleet"
+    assert "hosts/web2.yaml" in st["rejection"]["reason"]
+    assert len(inbox.subjects) == 2 and invalid[:12] in inbox.subjects[1]
+    page = d.get("/")[1]
+    assert "invalid-fleet" in page or "hosts/web2.yaml" in page
+
+    # Forged and replayed webhooks.
+    assert d.hook(b"{}", "forged", secret="not-the-secret") == 401
+    assert d.hook(b"{}", "i-1") == 200  # the same delivery id again: a no-op
+
+    # SIGTERM, restart: the last good commit is remembered, no mail is sent twice.
+    t0 = time.monotonic()
+    assert d.stop() == 0
+    assert time.monotonic() - t0 < 10
+    d.start()
+    assert d.status()["source"]["good"] == good
+    time.sleep(3)  # several polls over the same refused head
+    assert len(inbox.subjects) == 2
+
+    # A fixed, signed commit is applied as the new good commit.
+    git(work, "reset", "-q", "--hard", good)
+    (work / "templates" / "motd.j2").write_text("fixed {{ host.name }}\n")
+    fixed = commit(work, key, "fixed")
+    d.hook(b"{}", "f-1")
+    d.wait(lambda: d.status()["source"]["good"] == fixed, "fixed commit")
+    assert d.status()["source"]["rejection"] is None
+    assert d.stop() == 0
+    assert SECRET not in d.text()
