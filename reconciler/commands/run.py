@@ -56,6 +56,9 @@ def run(args: argparse.Namespace) -> int:
     except ReconcilerError as err:
         print(f"reconciler run: {err}", file=sys.stderr)
         return 1
+    except OSError as err:  # e.g. the HTTP port is taken, the state directory is not writable
+        print(f"reconciler run: {err.strerror or err}", file=sys.stderr)
+        return 1
 
 
 def sync(args: argparse.Namespace) -> int:
