@@ -22,8 +22,11 @@ Guarantees (see docs/ENGINE-CONNECTIONS.md):
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import random
 import shlex
+import signal
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -70,6 +73,7 @@ class SshTarget:
     host_keys: tuple[str, ...] = ()  # from the fleet ("ssh-ed25519 AAAA...")
     known_hosts: str | None = None  # path of a known_hosts file, e.g. the lab's
     client_keys: tuple[str, ...] = ()  # private key paths; empty = asyncssh defaults/agent
+    local: bool = False  # the machine the reconciler runs on: no SSH (LocalConnection)
 
     def where(self) -> str:
         return f"{self.host} ({self.address}:{self.port})"
@@ -97,9 +101,11 @@ def targets_for(
     known_hosts: str | None,
     client_keys: Sequence[str],
     address_override: Mapping[str, str] | None = None,
+    local_hosts: Sequence[str] = (),
 ) -> dict[str, SshTarget]:
     """One SshTarget per fleet host: fleet address/port/user/host keys, plus the run-time
-    known_hosts file and client keys. ``address_override`` maps host name -> address to dial."""
+    known_hosts file and client keys. ``address_override`` maps host name -> address to dial;
+    hosts in ``local_hosts`` are the machine the reconciler runs on (no SSH)."""
     override = dict(address_override or {})
     out: dict[str, SshTarget] = {}
     for h in fleet.hosts:
@@ -111,6 +117,7 @@ def targets_for(
             host_keys=tuple(h.ssh.host_keys),
             known_hosts=known_hosts,
             client_keys=tuple(client_keys),
+            local=h.name in local_hosts,
         )
     return out
 
@@ -270,6 +277,86 @@ class Connection:
             self._on_close = None
 
 
+class LocalConnection(Connection):
+    """The machine the reconciler runs on, with the Connection interface and no SSH.
+
+    argv is executed directly (no shell); ``sudo -n --`` when not running as root; the
+    command runs in its own session and its whole process group is killed on timeout.
+    """
+
+    def __init__(
+        self,
+        target: SshTarget,
+        *,
+        semaphore: asyncio.Semaphore,
+        command_timeout: float,
+        on_close: Any = None,
+    ) -> None:
+        self.host = target.host
+        self.target = target
+        self._sem = semaphore
+        self._command_timeout = command_timeout
+        self._on_close = on_close
+        self._closed = False
+        self._prefix = () if os.geteuid() == 0 else ("sudo", "-n", "--")
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def run(
+        self, argv: Sequence[str], *, stdin: bytes | None = None, timeout: float | None = None
+    ) -> CommandResult:
+        if not argv:
+            raise ValueError("empty argv")
+        if self._closed:
+            raise ConnectionLost(f"host {self.host} (local): connection closed")
+        limit = self._command_timeout if timeout is None else timeout
+        if limit <= 0:
+            raise ValueError("timeout must be positive")
+        async with self._sem:
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *self._prefix,
+                    *argv,
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE,
+                    start_new_session=True,
+                )
+            except OSError as err:
+                return CommandResult(127, b"", f"{argv[0]}: {err.strerror}\n".encode())
+            try:
+                out, err_out = await asyncio.wait_for(proc.communicate(stdin or b""), limit)
+            except TimeoutError:
+                await _kill_group(proc)
+                raise CommandTimeout(
+                    f"host {self.host} (local): command {argv[0]} timed out after {limit:g} s (terminated)"
+                ) from None
+        return CommandResult(int(proc.returncode or 0), out, err_out)
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._on_close is not None:
+            self._on_close(self)
+            self._on_close = None
+
+
+async def _kill_group(proc: asyncio.subprocess.Process) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            await asyncio.wait_for(proc.wait(), _KILL_GRACE)
+            break
+        except TimeoutError:
+            continue
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # children left in the group
+
+
 def _as_bytes(data: object) -> bytes:
     if data is None:
         return b""
@@ -365,6 +452,11 @@ class ConnectionPool:
     async def _open(self, target: SshTarget, *, cached: bool) -> Connection:
         if self._closed:
             raise Terminal("connection pool is closed")
+        if target.local:
+            on_close_local = None if cached else self._extra.discard
+            return LocalConnection(
+                target, semaphore=self._sem, command_timeout=self.command_timeout, on_close=on_close_local
+            )
         known = known_hosts_for(target)  # raises HostKeyRefused before any packet
         attempt = 0
         while True:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -270,3 +271,42 @@ async def test_hundreds_of_connections_leak_no_fd_or_task(lab: Lab) -> None:
     await asyncio.sleep(0.2)
     assert _fds() <= fds + 2, (fds, peak, _fds())
     assert len(asyncio.all_tasks()) <= tasks
+
+
+SUDO_SETUP = """set -e
+for u in deploy nosudo; do
+  useradd -m -s /bin/sh "$u"
+  usermod -p '*' "$u"  # no password, but not locked (sshd refuses locked accounts)
+  mkdir -p "/home/$u/.ssh"
+  cp /root/.ssh/authorized_keys "/home/$u/.ssh/"
+  chown -R "$u:" "/home/$u/.ssh"
+done
+echo 'deploy ALL=(root) NOPASSWD: ALL' > /etc/sudoers.d/deploy
+chmod 440 /etc/sudoers.d/deploy
+"""
+
+
+async def test_non_root_user_runs_through_sudo_n(lab: Lab) -> None:
+    if shutil.which("sudo") is None:
+        pytest.skip("sudo is not installed on this machine (scripts/install.sh installs it)")
+    c2 = lab.info.hosts[1]
+    setup = lab.exec(c2.name, ["sh", "-c", SUDO_SETUP])
+    assert setup.returncode == 0, setup.stderr
+    base = targets(lab)["c2"]
+    for user in ("deploy", "nosudo"):
+        target = SshTarget(
+            host="c2",
+            address=c2.address,
+            user=user,
+            known_hosts=base.known_hosts,
+            client_keys=base.client_keys,
+        )
+        async with ConnectionPool({"c2": target}) as pool:
+            conn = await pool.get("c2")
+            res = await conn.run(["id", "-u"])
+            script = await conn.run_script('id -u; printf "%s" "$1"', args=["a b; id"])
+        if user == "deploy":
+            assert (res.exit_status, res.stdout) == (0, b"0\n")
+            assert script.stdout == b"0\na b; id"
+        else:  # sudo -n never prompts: it fails at once
+            assert res.exit_status == 1 and b"password is required" in res.stderr
