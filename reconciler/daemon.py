@@ -18,6 +18,7 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -143,7 +144,8 @@ async def engine_step(
         n = len(out.plan.actions) if out.plan is not None else 0
         return Outcome(applied=False, reason=f"plan mode: {n} change(s) pending")
     if out.status == engine.APPLIED and out.result is not None:
-        return Outcome(applied=True, reason=f"applied {out.result.changed()} change(s)")
+        n = out.result.changed()
+        return Outcome(applied=True, reason=f"applied {n} change(s)", changes=n)
     reason = out.plan.noop_reason if out.plan is not None and out.plan.noop_reason else "in sync"
     return Outcome(applied=True, reason=reason)
 
@@ -371,7 +373,9 @@ class Daemon:
                 outcome = await self._custom_step(host, target, reasons) or Outcome()
             else:
                 outcome = await engine_step(host, target, pool, apply=self.config.mode is RunMode.APPLY)
-            return Outcome(applied=outcome.applied, reason=outcome.reason, drift=found) if found else outcome
+                if outcome.changes:
+                    self.store.add_event("applied", outcome.reason, host=host, commit=target.commit)
+            return replace(outcome, drift=found) if found else outcome
         finally:
             if pool is not None:
                 await self._pools.release(target)

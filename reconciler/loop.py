@@ -54,6 +54,7 @@ class Outcome:
     applied: bool = True  # False: observed/planned only (plan mode), nothing was changed
     reason: str = ""  # short human summary ("no changes", "3 changes applied")
     drift: int = 0  # drift findings in this pass
+    changes: int = 0  # changes applied in this pass
 
 
 ReconcileStep = Callable[[str, Target, frozenset[str]], Awaitable[Outcome | None]]
