@@ -72,13 +72,20 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 @pytest.fixture(scope="session")
 def lab_factory() -> Iterator[LabFactory]:
-    """``lab_factory(specs, prefix=None) -> Lab``; all labs are downed at session end."""
+    """``lab_factory(specs, prefix=None, **Lab.up kwargs) -> Lab``.
+
+    A new call first downs the labs made earlier in the session (one lab at a time on the
+    machine); every lab is downed at session end, on failure too."""
     made: list[Lab] = []
 
     def make(specs: Sequence[LabHostSpec], prefix: str | None = None, **kwargs: Any) -> Lab:
         reason = lab_skip_reason()
         if reason:
             pytest.skip(f"lab unavailable: {reason}")
+        # Only one lab can exist at a time: a lab an earlier module left up (it is downed at
+        # session end otherwise) would make this process wait for itself.
+        for old in made:
+            old.down()
         kwargs.setdefault("lock_timeout", float(os.environ.get("RECONCILER_LAB_WAIT", "600")))
         lab = Lab.up(specs, prefix=prefix, **kwargs)
         made.append(lab)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -125,7 +126,11 @@ class TestLabHosts:
 
     def test_root_login_is_key_only_and_the_environment_clean(self, lab: Lab) -> None:
         web1 = lab.info.host("web1")
-        r = ssh(lab.info, web1.address, "echo $HOME $PATH; ls -A /root; test -e /root/.pyenv && echo PYENV")
+        r = ssh(
+            lab.info,
+            web1.address,
+            "echo $HOME $PATH; ls -A /root; if test -e /root/.pyenv; then echo PYENV; fi",
+        )
         assert r.returncode == 0, r.stderr
         assert "pyenv" not in r.stdout.lower()
         assert r.stdout.split()[0] == "/root"
@@ -274,12 +279,20 @@ class TestLabHosts:
             lab.exec("nosuch", ["true"])
 
 
+def _release_labs_of_this_process() -> None:
+    """A lab another module of this session left up would make our subprocesses wait for it."""
+    from reconciler.lab.lab import _down_live_labs
+
+    _down_live_labs()
+
+
 def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "reconciler", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=REPO)  # fmt: skip
 
 
 def test_cli_fleet_lab_up_status_down() -> None:
+    _release_labs_of_this_process()
     up = _cli("lab", "up", "--fleet", str(REPO / "fleet-repo-example"), "--json")
     assert up.returncode == 0, up.stderr
     info = json.loads(up.stdout)
@@ -307,15 +320,18 @@ def test_cli_fleet_lab_up_status_down() -> None:
 
 
 CRASHER = """
-import os, sys, time
+import sys, time
+from reconciler import log
 from reconciler.lab import Lab, LabHostSpec
+log.configure(json=True, level="WARNING")  # logs on stderr; stdout carries only UP
 lab = Lab.up([LabHostSpec("c1", "192.0.2.31"), LabHostSpec("c2", "192.0.2.32")], prefix=sys.argv[1])
 print("UP", flush=True)
-time.sleep(600)
+time.sleep(120)
 """
 
 
 def _start_crasher(prefix: str) -> subprocess.Popen[str]:
+    """A separate Python that brings a lab up and then waits to be killed."""
     p = subprocess.Popen(
         [sys.executable, "-c", CRASHER, prefix],
         stdout=subprocess.PIPE,
@@ -323,13 +339,23 @@ def _start_crasher(prefix: str) -> subprocess.Popen[str]:
         text=True,
         cwd=REPO,
     )
-    assert p.stdout is not None
-    line = p.stdout.readline()
-    assert line.strip() == "UP", p.stderr.read() if p.stderr else ""
-    return p
+    assert p.stdout is not None and p.stderr is not None
+    deadline = time.monotonic() + 900  # it may wait for other labs to release the lock
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([p.stdout], [], [], 1.0)
+        if ready:
+            line = p.stdout.readline()
+            if line.strip() == "UP":
+                return p
+            if line == "":
+                break
+    p.kill()
+    _, err = p.communicate(timeout=30)
+    raise AssertionError(f"the crasher did not bring its lab up: {err[-2000:]}")
 
 
 def test_crashed_lab_is_removed_by_lab_down() -> None:
+    _release_labs_of_this_process()
     prefix = f"rclk{os.getpid() % 0xFFFF:x}"[:8]
     p = _start_crasher(prefix)
     p.send_signal(signal.SIGKILL)  # the python that made the lab dies without cleaning up
@@ -342,6 +368,7 @@ def test_crashed_lab_is_removed_by_lab_down() -> None:
 
 
 def test_lock_waits_for_a_live_lab_and_breaks_a_dead_ones(lab_factory: LabFactory) -> None:
+    _release_labs_of_this_process()
     prefix = f"rclw{os.getpid() % 0xFFFF:x}"[:8]
     p = _start_crasher(prefix)
     try:
