@@ -9,9 +9,11 @@ the next ``Lab.up`` or ``reconciler lab down``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from types import FrameType
 from typing import Any
@@ -70,6 +72,25 @@ def pytest_sessionstart(session: pytest.Session) -> None:
             pass
 
 
+@contextlib.contextmanager
+def _timeout_paused() -> Iterator[None]:
+    """Waiting in line for the machine-wide lab lock is not the test's time: pause
+    pytest-timeout's SIGALRM timer (its default method) during ``Lab.up`` (which has its own
+    lock and readiness timeouts), then re-arm it with what was left."""
+    try:
+        left, _ = signal.getitimer(signal.ITIMER_REAL)
+    except (AttributeError, OSError):
+        left = 0.0
+    paused = left > 0 and threading.current_thread() is threading.main_thread()
+    if paused:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+    try:
+        yield
+    finally:
+        if paused:
+            signal.setitimer(signal.ITIMER_REAL, left)
+
+
 @pytest.fixture(scope="session")
 def lab_factory() -> Iterator[LabFactory]:
     """``lab_factory(specs, prefix=None, **Lab.up kwargs) -> Lab``.
@@ -87,7 +108,8 @@ def lab_factory() -> Iterator[LabFactory]:
         for old in made:
             old.down()
         kwargs.setdefault("lock_timeout", float(os.environ.get("RECONCILER_LAB_WAIT", "600")))
-        lab = Lab.up(specs, prefix=prefix, **kwargs)
+        with _timeout_paused():
+            lab = Lab.up(specs, prefix=prefix, **kwargs)
         made.append(lab)
         return lab
 

@@ -21,7 +21,7 @@ import pytest
 
 from reconciler.lab import Lab, LabError, LabHostSpec, LabInfo, probe_capabilities
 from reconciler.lab.cleanup import leftovers
-from reconciler.lab.pytest_plugin import LabFactory
+from reconciler.lab.pytest_plugin import LabFactory, _timeout_paused
 
 pytestmark = pytest.mark.lab
 
@@ -293,7 +293,8 @@ def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
 
 def test_cli_fleet_lab_up_status_down() -> None:
     _release_labs_of_this_process()
-    up = _cli("lab", "up", "--fleet", str(REPO / "fleet-repo-example"), "--json")
+    with _timeout_paused():  # it may wait in line for the machine-wide lab lock
+        up = _cli("lab", "up", "--fleet", str(REPO / "fleet-repo-example"), "--json", timeout=900)
     assert up.returncode == 0, up.stderr
     info = json.loads(up.stdout)
     prefix = info["prefix"]
@@ -341,14 +342,15 @@ def _start_crasher(prefix: str) -> subprocess.Popen[str]:
     )
     assert p.stdout is not None and p.stderr is not None
     deadline = time.monotonic() + 900  # it may wait for other labs to release the lock
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([p.stdout], [], [], 1.0)
-        if ready:
-            line = p.stdout.readline()
-            if line.strip() == "UP":
-                return p
-            if line == "":
-                break
+    with _timeout_paused():
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([p.stdout], [], [], 1.0)
+            if ready:
+                line = p.stdout.readline()
+                if line.strip() == "UP":
+                    return p
+                if line == "":
+                    break
     p.kill()
     _, err = p.communicate(timeout=30)
     raise AssertionError(f"the crasher did not bring its lab up: {err[-2000:]}")
