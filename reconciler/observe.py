@@ -190,8 +190,11 @@ def build_script(desired: Desired, inventory_path: str = INVENTORY_PATH) -> tupl
     b.add("frame xfrm ip xfrm policy")
     b.add("frame addr ip -d -j addr show")
     b.add("frame charon charon_state")
-    b.add("frame conns swanctl --list-conns")
-    b.add("frame sas swanctl --list-sas")
+    # swanctl only talks to a live charon (its vici socket); saves ~25 ms when there is none
+    b.add("if [ -S /var/run/charon.vici ] || [ -S /run/charon.vici ]; then")
+    b.add("  frame conns swanctl --list-conns")
+    b.add("  frame sas swanctl --list-sas")
+    b.add("fi")
     b.add(f"KMODS='{' '.join(token(m) for m in KERNEL_MODULES)}'")
     b.add("frame kernel kernel_facts")
     if desired.packages:
@@ -533,9 +536,11 @@ def parse_observation(host: str, desired: Desired, sections: Mapping[str, Sectio
     conns: tuple[str, ...] = ()
     ike: tuple[str, ...] = ()
     children: tuple[str, ...] = ()
-    if running:
+    if running and ("conns" in sections or "sas" in sections):
         conns = parse_swanctl_conns(body("conns", "swanctl --list-conns") or "")
         ike, children = parse_swanctl_sas(body("sas", "swanctl --list-sas") or "")
+    elif running:
+        errors.append("swanctl: charon runs but its vici socket (/var/run/charon.vici) is missing")
     ipsec = IpsecState(
         daemon_running=running,
         loaded_connections=conns,
