@@ -37,7 +37,7 @@ CUTS_SSH = GOOD.replace("192.0.2.254/32", "198.51.100.0/24")
 
 @pytest.fixture(scope="module")
 def lab(lab_factory: Any) -> Iterator[Lab]:
-    lab = lab_factory([LabHostSpec("f1", "192.0.2.41"), LabHostSpec("f2", "192.0.2.42")])
+    lab = lab_factory([LabHostSpec("f1", "192.0.2.41"), LabHostSpec("f2", "192.0.2.42")], lock_timeout=3000)
     yield lab
     lab.down()
 
@@ -145,12 +145,19 @@ async def test_reload_failure_restores_old_files_and_reloads_again(lab: Lab) -> 
     )
     handler = Handler(
         name="rsvc",
-        validators=(Validator(argv=("grep", "-q", "v", "{path}")),),
+        validators=(Validator(argv=("grep", "-rq", "v", "{tree}"), tree_root="/etc/rsvc"),),
         reload=("sh", "-c", reload_script),
+    )
+    conf = FileResource(
+        "/etc/rsvc/app.conf",
+        b"v2\n",
+        Domain.FILES,
+        handler="rsvc",
+        validators=(Validator(argv=("grep", "-q", "^v", "{path}")),),
     )
     desired = Desired(
         host="f1",
-        files=(FileResource("/etc/rsvc/app.conf", b"v2\n", Domain.FILES, handler="rsvc"),),
+        files=(conf,),
         handlers=(handler,),
         firewall=FirewallRuleset(GOOD),  # as in the first test: in sync, not pruned
     )
