@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+PROBE_NETNS_PREFIX = "rcl-probe-"
 AF_KEY = 15
 PF_KEY_V2 = 2
 
@@ -250,7 +251,7 @@ def probe_capabilities() -> Capabilities:
     basic = [_tools(), _overlayfs(), _pf_key(), _apparmor()]
     netns_caps: dict[str, Capability] = {}
     if basic[0].available:
-        ns = f"rclq{os.getpid() & 0xFFFF:04x}-probe"
+        ns = f"{PROBE_NETNS_PREFIX}{os.getpid()}"  # never mistaken for a lab (see cleanup)
         ok, msg = _run(["ip", "netns", "add", ns])
         try:
             if ok:

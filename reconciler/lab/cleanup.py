@@ -140,8 +140,24 @@ def all_prefixes() -> list[str]:
     return sorted(set(known_prefixes()) | network.all_prefixes_in_kernel())
 
 
+def stale_probe_netns() -> list[str]:
+    """Scratch netns of capability probes whose process died mid-probe."""
+    from reconciler.lab.capabilities import PROBE_NETNS_PREFIX
+
+    stale = []
+    for ns in network.list_netns():
+        tail = ns.removeprefix(PROBE_NETNS_PREFIX)
+        if tail != ns and tail.isdigit() and not procs.is_alive(int(tail)):
+            stale.append(ns)
+    return stale
+
+
 def down_all() -> dict[str, list[str]]:
-    return {p: down_prefix(p) for p in all_prefixes()}
+    results = {p: down_prefix(p) for p in all_prefixes()}
+    stale = stale_probe_netns()
+    if stale:
+        network.ip_batch([f"netns del {ns}" for ns in stale], force=True)
+    return results
 
 
 __all__ = ["LAB_ROOT", "all_prefixes", "down_all", "down_prefix", "leftovers"]
