@@ -93,7 +93,7 @@ def example() -> Fleet:
 
 @pytest.fixture(scope="module")
 def lab(lab_factory: Any, example: Fleet) -> Iterator[Lab]:
-    lab = lab_factory(specs_from_fleet(example))
+    lab = lab_factory(specs_from_fleet(example), lock_timeout=3600)  # the machine-wide lab is shared
     yield lab
     lab.down()
 
