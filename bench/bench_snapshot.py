@@ -93,7 +93,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "snapshot.md"))
     args = ap.parse_args()
     specs = [LabHostSpec(f"bench{i:02d}", f"192.0.2.{100 + i}") for i in range(args.hosts)]
-    lab = Lab.up(specs)
+    lab = Lab.up(specs, lock_timeout=3600)  # the machine-wide lab may be busy
     try:
         with tempfile.TemporaryDirectory(prefix="bench-snapshot-") as tmp:
             rows = asyncio.run(bench(lab, args.hosts, Path(tmp)))
