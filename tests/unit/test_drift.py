@@ -1,0 +1,81 @@
+"""Drift classification and commit messages (pure)."""
+
+from __future__ import annotations
+
+import hashlib
+from types import MappingProxyType
+
+from reconciler.drift import classify_managed, commit_message, trailer
+from reconciler.fleet.model import DriftMode
+from reconciler.history import Change, ChangeSet
+from reconciler.resources import Desired, Domain, FileResource, LinkResource
+from reconciler.snapshot import Entry, PathPolicy, Snapshot
+
+POLICY = PathPolicy(roots=("/etc",))
+
+
+def entry(path: str, data: bytes, mode: int = 0o644) -> Entry:
+    return Entry(path, "file", mode, "root", "root", len(data), 0.0, hashlib.sha256(data).hexdigest())
+
+
+def test_classify_managed() -> None:
+    desired = Desired(
+        host="web1",
+        files=(
+            FileResource("/etc/a.conf", b"a\n", Domain.FILES),
+            FileResource("/etc/b.conf", b"b\n", Domain.FILES, mode=0o600),
+            FileResource("/etc/missing.conf", b"m\n", Domain.FILES),
+            FileResource("/srv/outside", b"x\n", Domain.FILES),
+        ),
+        links=(LinkResource("/etc/l", "/etc/a.conf", Domain.FILES),),
+    )
+    snap = Snapshot(
+        "web1",
+        ("/etc",),
+        MappingProxyType(
+            {
+                "/etc/a.conf": entry("/etc/a.conf", b"a\n"),
+                "/etc/b.conf": entry("/etc/b.conf", b"B\n", 0o644),
+                "/etc/l": Entry("/etc/l", "link", 0o777, "root", "root", target="/etc/other"),
+            }
+        ),
+    )
+    got = classify_managed(desired, snap, POLICY)
+    assert got["/etc/a.conf"] is None
+    assert got["/etc/b.conf"] == "content differs from the fleet; mode 0644 (fleet 0600)"
+    assert got["/etc/missing.conf"] == "missing"
+    assert got["/etc/l"] == "points to /etc/other, the fleet says /etc/a.conf"
+    assert "/srv/outside" not in got
+
+
+def test_commit_message_marks_drift_and_not_drift() -> None:
+    ch = ChangeSet(
+        "web1",
+        (
+            Change("/etc/a.conf", "changed"),
+            Change("/etc/b.conf", "changed"),
+            Change("/etc/new", "new"),
+            Change("/etc/shadow", "secret-changed"),
+        ),
+    )
+    managed = {"/etc/a.conf": None, "/etc/b.conf": "content differs from the fleet"}
+    msg, drift = commit_message(
+        ch, ("/etc",), managed, mode=DriftMode.ENFORCE, fleet_commit="abc", baseline=False, entries=10
+    )
+    assert msg.splitlines()[0] == "web1: 3 changed, 1 new, 0 removed in /etc"
+    assert drift == ("/etc/b.conf", "/etc/new", "/etc/shadow")  # a.conf is back in line: not drift
+    assert "  /etc/shadow (secret changed; content not stored)" in msg
+    assert "Managed by the fleet and now different from it (drift mode enforce):" in msg
+    assert "  /etc/b.conf: content differs from the fleet" in msg
+    assert "Now as the fleet wants them (not drift):\n  /etc/a.conf" in msg
+    assert trailer(msg, "Drift") == "yes" and trailer(msg, "Fleet-Commit") == "abc"
+    only_back, drift = commit_message(
+        ChangeSet("web1", (Change("/etc/a.conf", "changed"),)), ("/etc",), managed,
+        mode=DriftMode.ENFORCE, fleet_commit=None, baseline=False, entries=10,
+    )  # fmt: skip
+    assert drift == () and trailer(only_back, "Drift") == "no"
+    base, drift = commit_message(
+        ch, ("/etc",), {}, mode=DriftMode.REPORT, fleet_commit=None, baseline=True, entries=10
+    )
+    assert base.startswith("web1: initial snapshot of /etc (10 paths)") and drift == ()
+    assert trailer(base, "Drift") == "no"
