@@ -289,6 +289,7 @@ class FleetSource:
         self._git = Git(mirror_dir, extra_env=self._transport_env())
         self._verified: dict[str, Verdict] = {}
         self._refused: dict[str, tuple[str, Rejection]] = {}  # head -> (good then, why refused)
+        self._invalid: dict[str, str] = {}  # commit -> why its fleet does not load
         self._good = last_good
         self._fleet: Any = None
         self._head = ""
@@ -418,13 +419,18 @@ class FleetSource:
             candidate, rejection = await self._newest_verified(head)
             changed = False
             if candidate and candidate != self._good:
-                try:
-                    fleet = await self.load_at(candidate)
-                except FleetInvalid as exc:
-                    rejection = Rejection(head, "invalid-fleet", f"commit {candidate[:12]}: {exc}")
-                else:
-                    await self._set_good(candidate, fleet)
-                    changed = True
+                invalid = self._invalid.get(candidate)
+                if invalid is None:
+                    try:
+                        fleet = await self.load_at(candidate)
+                    except FleetInvalid as exc:
+                        invalid = self._invalid[candidate] = f"commit {candidate[:12]}: {exc}"
+                    else:
+                        await self._set_good(candidate, fleet)
+                        changed = True
+                # A head refused for its signature keeps that reason; else the fleet's problems.
+                if invalid is not None and rejection is None:
+                    rejection = Rejection(head, "invalid-fleet", invalid)
             elif candidate and self._fleet is None:
                 self._fleet = await self.load_at(candidate)
                 changed = True

@@ -31,7 +31,7 @@ from aiosmtpd.controller import Controller
 from reconciler.fleet.load import load_fleet
 from reconciler.lab import Lab, specs_from_fleet
 
-pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.timeout(2400)]
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "fleet-repo-example"
@@ -184,7 +184,7 @@ def world(lab_factory: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     work = tmp / "work"
     shutil.copytree(EXAMPLE, work)
     fleet = load_fleet(work)
-    lab = lab_factory(specs_from_fleet(fleet))
+    lab = lab_factory(specs_from_fleet(fleet), lock_timeout=1800)
     key = tmp / "admin_key"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
     kt, blob = (tmp / "admin_key.pub").read_text().split()[:2]

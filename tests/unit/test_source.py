@@ -337,3 +337,17 @@ async def test_repo_owned_by_another_user_is_fetched(tmp_path: Path, repo: Repo,
     src = make_source(tmp_path, repo, keys, verify=VerifyMode.NONE)
     st = await src.refresh()
     assert st.good == c1
+
+
+async def test_unsigned_head_on_top_of_an_invalid_commit_reports_unsigned(
+    tmp_path: Path, repo: Repo, keys: Path
+) -> None:
+    c1 = repo.commit(key="admin")
+    src = make_source(tmp_path, repo, keys)
+    await src.refresh()
+    repo.commit("name: invalid\n", key="admin")
+    st = await src.refresh()
+    assert st.rejection is not None and st.rejection.kind == "invalid-fleet"
+    repo.commit("name: fixed-but-unsigned\n")
+    st = await src.refresh()
+    assert st.good == c1 and st.rejection is not None and st.rejection.kind == "unsigned"
