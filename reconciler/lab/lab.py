@@ -92,6 +92,9 @@ class Lab:
         self.info = info
         self._owned = owned
         self._down = False
+        # seconds: lock_wait (in line for the lab lock), network (bridge, veths, netns),
+        # build (from lock acquired until every sshd answers)
+        self.timings: dict[str, float] = {}
 
     # ------------------------------------------------------------------ bring-up
 
@@ -113,6 +116,7 @@ class Lab:
             raise LabError("the lab needs root (network and mount namespaces)")
         prefix = check_prefix(prefix) if prefix else new_prefix()
         ensure_root()
+        t_wait = time.monotonic()
         lock.acquire(prefix, lambda dead: cleanup.down_prefix(dead, release_lock=False), timeout=lock_timeout)
         try:
             if lab_dir(prefix).exists() or network.netns_of(prefix) or network.links_of(prefix):
@@ -128,7 +132,9 @@ class Lab:
             clash = [f"{s.name} ({s.address}: {reserved[s.address]})" for s in specs if s.address in reserved]
             if clash:
                 raise LabError("lab host addresses used by this machine itself: " + ", ".join(clash))
+            lock_wait = time.monotonic() - t_wait
             lab = cls._build(prefix, specs, ready_timeout)
+            lab.timings["lock_wait"] = lock_wait
         except BaseException:
             cleanup.down_prefix(prefix, release_lock=True)
             raise
@@ -230,6 +236,7 @@ class Lab:
         )
         lab = cls(_info_from_state(state), owned=True)
         lab._popens = popens
+        lab.timings.update(network=t_net - t0, build=time.monotonic() - t0)
         return lab
 
     _popens: list[subprocess.Popen[bytes]] = []
