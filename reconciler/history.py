@@ -368,100 +368,132 @@ class HistoryRepo:
     async def commit(self, prep: Prepared, message: str) -> CommitInfo | None:
         """Record ``prep`` as one commit, or return None if HEAD already holds exactly this tree
         (idempotent: a retried scan never makes a second commit). Raises HistoryError."""
-        async with self._lock:
-            for attempt in range(5):
-                self.check_locks()
-                head = await self.head()
-                try:
-                    return await self._commit_once(prep, message, head)
-                except _RefMoved:
-                    log.info("history ref moved meanwhile; retrying", host=prep.host, attempt=attempt)
+        self.check_locks()
+        if not prep.changes and prep.previous:
+            # nothing differs from what HEAD held when the scan read it: same tree, no git work
+            if await self.recorded(prep.host) == dict(prep.previous):
+                return None
+        tmp = Path(tempfile.mkdtemp(prefix="reconciler-history-", dir=self.path))
+        try:
+            # objects are content-addressed: write them before taking the lock
+            shas = await self._write_blobs(prep, tmp)
+            _, meta_out, _ = await self._git("hash-object", "-w", "--stdin", stdin=encode_meta(prep.meta))
+            meta_sha = meta_out.decode().strip()
+            async with self._lock:
+                for attempt in range(5):
+                    self.check_locks()
+                    head = await self.head()
+                    try:
+                        return await self._commit_once(prep, message, head, dict(shas), meta_sha, tmp)
+                    except _RefMoved:
+                        log.info("history ref moved meanwhile; retrying", host=prep.host, attempt=attempt)
             raise HistoryError(f"history repo {self.path}: the branch kept moving; gave up")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
-    async def _commit_once(self, prep: Prepared, message: str, head: str | None) -> CommitInfo | None:
+    async def _write_blobs(self, prep: Prepared, tmp: Path) -> dict[str, str]:
+        files: list[tuple[str, Path]] = []
+        for i, (p, (_, data)) in enumerate(prep.blobs.items()):
+            if data is None:
+                continue
+            f = tmp / f"b{i}"
+            f.write_bytes(data)
+            files.append((p, f))
+        shas: dict[str, str] = {}
+        if files:
+            _, out, _ = await self._git(
+                "hash-object", "-w", "--no-filters", "--stdin-paths",
+                stdin=b"".join(str(f).encode() + b"\n" for _, f in files),
+            )  # fmt: skip
+            for (p, _), sha in zip(files, out.decode().split(), strict=True):
+                shas[p] = sha
+        return shas
+
+    async def _ls_tree(self, treeish: str | None) -> list[bytes]:
+        if treeish is None:
+            return []
+        rc, out, _ = await self._git("ls-tree", "-z", treeish, check=False)
+        return [e for e in out.split(b"\0") if e] if rc == 0 else []
+
+    async def _mktree(self, entries: list[bytes], name: bytes, entry: bytes) -> str:
+        """``entries`` (ls-tree -z lines) with the one called ``name`` replaced by ``entry``."""
+        kept = [e for e in entries if e.split(b"\t", 1)[1] != name]
+        _, out, _ = await self._git("mktree", "-z", stdin=b"".join(e + b"\0" for e in [*kept, entry]))
+        return out.decode().strip()
+
+    async def _commit_once(
+        self, prep: Prepared, message: str, head: str | None, shas: dict[str, str], meta_sha: str, tmp: Path
+    ) -> CommitInfo | None:
         host = prep.host
-        # Start from HEAD's state of this host, which may differ from prep.previous only if
-        # another process recorded meanwhile; we always write the full host state below.
         head_meta = await self.recorded(host, head) if head else {}
         if head_meta != dict(prep.previous):
             raise HistoryConflict(
                 f"history of {host} changed while this scan ran (another reconciler process?); rescan"
             )
-        tmp = Path(tempfile.mkdtemp(prefix="reconciler-history-", dir=self.path))
-        try:
-            index_env = {"GIT_INDEX_FILE": str(tmp / "index")}
-            if head:
-                await self._git("read-tree", head, env=index_env)
-            # blobs to write: changed contents, plus unchanged files whose git mode changed
-            need: dict[str, tuple[str, bytes | None]] = dict(prep.blobs)
-            mode_only = [p for p, (_, d) in need.items() if d is None]
-            shas: dict[str, str] = {}
-            if mode_only:
-                shas.update(await self._existing_blobs(head, host, mode_only))
-            files: list[tuple[str, Path]] = []
-            for i, (p, (_, data)) in enumerate(need.items()):
-                if p in shas or data is None:
-                    continue
-                f = tmp / f"b{i}"
-                f.write_bytes(data)
-                files.append((p, f))
-            if files:
-                _, out, _ = await self._git(
-                    "hash-object",
-                    "-w",
-                    "--no-filters",
-                    "--stdin-paths",
-                    stdin=b"".join(str(f).encode() + b"\n" for _, f in files),
-                )
-                for (p, _), sha in zip(files, out.decode().split(), strict=True):
-                    shas[p] = sha
-            _, meta_out, _ = await self._git("hash-object", "-w", "--stdin", stdin=encode_meta(prep.meta))
-            meta_sha = meta_out.decode().strip()
-            lines: list[bytes] = []
-            # remove what is gone (relative to what HEAD holds), and paths that stopped being files
-            for p, old in head_meta.items():
-                new = prep.meta.get(p)
-                if old.kind in ("file", "link") and (new is None or new.kind not in ("file", "link")):
-                    lines.append(
-                        b"0 " + ZERO.encode() + b"\t" + _tree_path(host, p).encode("utf-8", "surrogateescape")
-                    )
-            for p, (mode, _) in need.items():
-                lines.append(
-                    f"{mode} {shas[p]}\t".encode() + _tree_path(host, p).encode("utf-8", "surrogateescape")
-                )
-            lines.append(f"100644 {meta_sha}\tmeta/{host}.json".encode())
+        need = dict(prep.blobs)
+        mode_only = [p for p, (_, d) in need.items() if d is None]
+        if mode_only:
+            shas.update(await self._existing_blobs(head, host, mode_only))
+        # Only this host's subtree goes through an index (cost independent of the fleet size);
+        # then hosts/, meta/ and the root are rebuilt with mktree around it.
+        index_env = {"GIT_INDEX_FILE": str(tmp / "index")}
+        old_host_tree = None
+        if head:
+            rc, out, _ = await self._git("rev-parse", "--verify", "-q", f"{head}:hosts/{host}", check=False)
+            old_host_tree = out.decode().strip() if rc == 0 else None
+        if old_host_tree:
+            await self._git("read-tree", old_host_tree, env=index_env)
+        lines: list[bytes] = []
+        # remove what is gone (relative to what HEAD holds), and paths that stopped being files
+        for p, old in head_meta.items():
+            new = prep.meta.get(p)
+            if old.kind in ("file", "link") and (new is None or new.kind not in ("file", "link")):
+                lines.append(b"0 " + ZERO.encode() + b"\t" + p.lstrip("/").encode("utf-8", "surrogateescape"))
+        for p, (mode, _) in need.items():
+            lines.append(f"{mode} {shas[p]}\t".encode() + p.lstrip("/").encode("utf-8", "surrogateescape"))
+        if lines:
             await self._git(
                 "update-index", "-z", "--index-info", stdin=b"\0".join(lines) + b"\0", env=index_env
             )
-            _, tree_out, _ = await self._git("write-tree", env=index_env)
-            tree = tree_out.decode().strip()
-            head_tree = (
-                (await self._git("rev-parse", f"{head}^{{tree}}"))[1].decode().strip() if head else None
-            )
-            if tree == head_tree:
-                return None
-            name, email = self.author
-            env = {
-                "GIT_AUTHOR_NAME": name,
-                "GIT_AUTHOR_EMAIL": email,
-                "GIT_COMMITTER_NAME": name,
-                "GIT_COMMITTER_EMAIL": email,
-            }
-            parent_args = ("-p", head) if head else ()
-            _, c_out, _ = await self._git(
-                "commit-tree", tree, *parent_args, "-F", "-", stdin=message.encode(), env=env
-            )
-            sha = c_out.decode().strip()
-            rc, _, err = await self._git("update-ref", REF, sha, head or ZERO, check=False)
-            if rc != 0:
-                text = err.decode("utf-8", "replace")
-                if "but expected" in text or "reference already exists" in text:
-                    raise _RefMoved()
-                raise HistoryError(f"history repo {self.path}: cannot update {REF}: {text.strip()[:500]}")
-            log.info("history commit", host=host, commit=sha[:12], changes=len(prep.changes.changes))
-            return CommitInfo(sha, head, host, message)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        _, tree_out, _ = await self._git("write-tree", env=index_env)
+        host_tree = tree_out.decode().strip()
+        root_entries = await self._ls_tree(head)
+        hosts_tree = await self._mktree(
+            await self._ls_tree(f"{head}:hosts" if head else None),
+            host.encode(),
+            f"040000 tree {host_tree}\t{host}".encode(),
+        )
+        meta_tree = await self._mktree(
+            await self._ls_tree(f"{head}:meta" if head else None),
+            f"{host}.json".encode(),
+            f"100644 blob {meta_sha}\t{host}.json".encode(),
+        )
+        root_entries = [e for e in root_entries if e.split(b"\t", 1)[1] != b"meta"]
+        root_entries.append(f"040000 tree {meta_tree}\tmeta".encode())
+        tree = await self._mktree(root_entries, b"hosts", f"040000 tree {hosts_tree}\thosts".encode())
+        head_tree = (await self._git("rev-parse", f"{head}^{{tree}}"))[1].decode().strip() if head else None
+        if tree == head_tree:
+            return None
+        name, email = self.author
+        env = {
+            "GIT_AUTHOR_NAME": name,
+            "GIT_AUTHOR_EMAIL": email,
+            "GIT_COMMITTER_NAME": name,
+            "GIT_COMMITTER_EMAIL": email,
+        }
+        parent_args = ("-p", head) if head else ()
+        _, c_out, _ = await self._git(
+            "commit-tree", tree, *parent_args, "-F", "-", stdin=message.encode(), env=env
+        )
+        sha = c_out.decode().strip()
+        rc, _, err = await self._git("update-ref", REF, sha, head or ZERO, check=False)
+        if rc != 0:
+            text = err.decode("utf-8", "replace")
+            if "but expected" in text or "reference already exists" in text:
+                raise _RefMoved()
+            raise HistoryError(f"history repo {self.path}: cannot update {REF}: {text.strip()[:500]}")
+        log.info("history commit", host=host, commit=sha[:12], changes=len(prep.changes.changes))
+        return CommitInfo(sha, head, host, message)
 
     async def _existing_blobs(self, head: str | None, host: str, paths: Sequence[str]) -> dict[str, str]:
         if not head:
