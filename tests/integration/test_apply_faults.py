@@ -164,7 +164,9 @@ async def test_reload_failure_restores_old_files_and_reloads_again(lab: Lab) -> 
     lab.exec("f1", ["touch", "/tmp/fail"])
     async with pool_for(lab) as pool:
         plan, result = await converge(pool, "f1", desired)
-    assert [a.kind for a in plan.actions] == [ActionKind.UPDATE, ActionKind.RELOAD]
+    # (the firewall is already in sync when the first test ran before; run alone, it converges too)
+    kinds = [a.kind for a in plan.actions if a.kind is not ActionKind.RESTORE_FIREWALL]
+    assert kinds == [ActionKind.UPDATE, ActionKind.RELOAD]
     assert not result.ok
     assert any("reload of rsvc failed" in m and "restored" in m for m in result.messages), result.messages
     assert sh(lab, "f1", "cat /etc/rsvc/app.conf") == "v1\n"
