@@ -9,6 +9,7 @@ Everything here is pure: it works on recorded output.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -110,7 +111,10 @@ class ConnConf:
         return next((c for c in self.children if c.name == name), None)
 
 
+@functools.lru_cache(maxsize=512)
 def parse_conns(text: str) -> dict[str, ConnConf]:
+    """Connections of ``swanctl --list-conns --pretty`` (cached on the text: every pair of a
+    host reads the same output; callers must not mutate the result)."""
     out: dict[str, ConnConf] = {}
     for event, tree in parse_vici_pretty(text):
         if event != "list-conn event":
@@ -168,7 +172,9 @@ def _int(v: str) -> int:
     return int(v) if v.isdigit() else 0
 
 
-def parse_sas(text: str) -> list[IkeSa]:
+@functools.lru_cache(maxsize=512)
+def parse_sas(text: str) -> tuple[IkeSa, ...]:
+    """IKE SAs of ``swanctl --list-sas --pretty`` (cached on the text)."""
     out: list[IkeSa] = []
     for event, tree in parse_vici_pretty(text):
         if event != "list-sa event":
@@ -206,7 +212,7 @@ def parse_sas(text: str) -> list[IkeSa]:
                     children,
                 )
             )
-    return out
+    return tuple(out)
 
 
 def parse_key_hashes(text: str) -> dict[str, str]:
@@ -257,7 +263,14 @@ class LogRead:
 
 
 def parse_log_section(text: str, addr_to_conn: Mapping[str, str] | None = None) -> LogRead:
-    """The ``log`` section: ``CURSOR ino offset size start`` then the new log text."""
+    """The ``log`` section: ``CURSOR ino offset size start`` then the new log text (cached:
+    every pair of a host reads the same section)."""
+    return _parse_log_cached(text, tuple(sorted((addr_to_conn or {}).items())))
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_log_cached(text: str, addrs: tuple[tuple[str, str], ...]) -> LogRead:
+    addr_to_conn = dict(addrs)
     lines = text.splitlines()
     if not lines or lines[0] == "NOLOG":
         return LogRead(False, 0, False, (), ())
@@ -359,7 +372,7 @@ def _conns(facts: HostFacts) -> tuple[dict[str, ConnConf] | None, str]:
         return None, f"cannot parse swanctl --list-conns on {facts.host}: {err}"
 
 
-def _sas(facts: HostFacts) -> tuple[list[IkeSa] | None, str]:
+def _sas(facts: HostFacts) -> tuple[tuple[IkeSa, ...] | None, str]:
     sec = facts.get("sas")
     if facts.error is not None:
         return None, f"cannot read {facts.host}: {facts.error}"
@@ -487,7 +500,7 @@ def _child_up(ike: IkeSa, child: str) -> ChildSa | None:
 
 
 def _pick_pair(
-    sas_a: list[IkeSa], conn_a: str, sas_b: list[IkeSa], conn_b: str, names: PairNames
+    sas_a: Sequence[IkeSa], conn_a: str, sas_b: Sequence[IkeSa], conn_b: str, names: PairNames
 ) -> tuple[IkeSa | None, IkeSa | None]:
     """The IKE SA on each side to judge. When both sides initiated (trap policies woken by
     traffic from both ends) there may be two IKE SAs per side: prefer the pair whose SPIs
@@ -510,7 +523,7 @@ def _pick_pair(
     return _find_ike(sas_a, conn_a), _find_ike(sas_b, conn_b)
 
 
-def _find_ike(sas: list[IkeSa], conn: str) -> IkeSa | None:
+def _find_ike(sas: Sequence[IkeSa], conn: str) -> IkeSa | None:
     up = [s for s in sas if s.name == conn and s.state == "ESTABLISHED"]
     if up:
         return up[0]

@@ -103,26 +103,49 @@ def swanctl(lab: Lab, host: str, *args: str, timeout: float = 20) -> subprocess.
     return lab.exec(host, ["swanctl", *args], timeout=timeout)
 
 
-def establish(fleet: Fleet, lab: Lab, rounds: int = 3) -> None:
-    """TEST SCAFFOLDING (engine gap, see module doc): make every pair's SAs come up. Pairs
-    that verify does not see up are torn down on both sides and initiated again by their
-    initiator (the host whose name sorts first, as the strongSwan domain renders it)."""
+def _down_pairs(fleet: Fleet, lab: Lab) -> set[tuple[str, str]]:
+    report = verify(fleet, lab, datapath=False, advance_cursor=False, host_timeout=120)
+    return {
+        (min(c.host, c.peer), max(c.host, c.peer))
+        for c in report.checks
+        if c.peer and c.name in ("ipsec.ike", "ipsec.child", "ssh") and c.status is Status.FAIL
+    }
+
+
+def establish(fleet: Fleet, lab: Lab, rounds: int = 3, settle: float = 60) -> None:
+    """TEST SCAFFOLDING (engine gap, see module doc): make every pair's SAs come up.
+
+    First let the initiators finish (poll while the number of pairs down still falls, up to
+    ``settle`` seconds); then pairs still down are torn down on both sides and initiated again
+    by their initiator (the host whose name sorts first, as the strongSwan domain renders it),
+    all pairs in parallel."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    down = _down_pairs(fleet, lab)
+    deadline = time.monotonic() + settle
+    while down and time.monotonic() < deadline:
+        time.sleep(2)
+        now = _down_pairs(fleet, lab)
+        if len(now) >= len(down):
+            down = now
+            break
+        down = now
     for _ in range(rounds):
-        report = verify(fleet, lab, datapath=False, advance_cursor=False)
-        down = {
-            tuple(sorted((c.host, c.peer)))
-            for c in report.checks
-            if c.name in ("ipsec.ike", "ipsec.child") and c.status is Status.FAIL
-        }
         if not down:
             return
-        for a, b in sorted(down):
+
+        def kick(pair: tuple[str, str]) -> None:
+            a, b = pair
             ha, hb = fleet.host(a), fleet.host(b)
-            swanctl(lab, a, "--terminate", "--ike", connection_name(hb), "--force", "--timeout", "2")
-            swanctl(lab, b, "--terminate", "--ike", connection_name(ha), "--force", "--timeout", "2")
-        for a, b in sorted(down):
-            swanctl(lab, a, "--initiate", "--child", child_name(fleet, fleet.host(b)), "--timeout", "10")
-    raise AssertionError(f"SAs did not come up: {sorted(down)}")
+            swanctl(lab, a, "--terminate", "--ike", connection_name(hb), "--force")
+            swanctl(lab, b, "--terminate", "--ike", connection_name(ha), "--force")
+            swanctl(lab, a, "--initiate", "--child", child_name(fleet, hb), "--timeout", "20", timeout=30)
+
+        with ThreadPoolExecutor(max_workers=16) as ex:
+            list(ex.map(kick, sorted(down)))
+        down = _down_pairs(fleet, lab)
+    if down:
+        raise AssertionError(f"SAs did not come up: {sorted(down)}")
 
 
 # ---------------------------------------------------------------- the 4-host libipsec mesh
