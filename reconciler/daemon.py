@@ -18,7 +18,7 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -69,23 +69,36 @@ def _lock_state_dir(state_dir: Path) -> int:
     return fd
 
 
+@dataclass
+class _PoolEntry:
+    pool: Any
+    targets: dict[str, Any]
+    users: int = 0
+
+
 class _Pools:
-    """One SSH connection pool per fleet commit; an old pool closes once nothing uses it."""
+    """SSH connection pools, reused across commits while the fleet's SSH targets (addresses,
+    ports, users, host keys) stay the same, so a push costs no new SSH handshakes. When the
+    targets change, a new pool is made and the old one closes once nothing uses it."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self._pools: dict[str, Any] = {}
-        self._users: dict[str, int] = {}
-        self._current = ""
+        self._current: _PoolEntry | None = None
+        self._by_commit: dict[str, _PoolEntry] = {}
 
-    def _make(self, fleet: Any) -> Any:
+    def _targets(self, fleet: Any) -> dict[str, Any]:
         connection = importlib.import_module("reconciler.connection")
         ssh = self.config.ssh
-        targets = connection.targets_for(
+        targets: dict[str, Any] = connection.targets_for(
             fleet,
             known_hosts=str(ssh.known_hosts) if ssh.known_hosts else None,
             client_keys=[str(p) for p in ssh.identity],
         )
+        return targets
+
+    def _make(self, targets: dict[str, Any]) -> Any:
+        connection = importlib.import_module("reconciler.connection")
+        ssh = self.config.ssh
         return connection.ConnectionPool(
             targets,
             connect_timeout=ssh.connect_timeout,
@@ -94,29 +107,42 @@ class _Pools:
         )
 
     async def acquire(self, target: Target) -> Any:
-        if target.commit not in self._pools:
-            self._pools[target.commit] = self._make(target.fleet)
-            self._users[target.commit] = 0
-            previous, self._current = self._current, target.commit
-            if previous and self._users.get(previous, 0) == 0:
-                await self._close(previous)
-        self._users[target.commit] += 1
-        return self._pools[target.commit]
+        entry = self._by_commit.get(target.commit)
+        if entry is None:
+            targets = self._targets(target.fleet)
+            current = self._current
+            if current is not None and current.targets == targets:
+                entry = current
+            else:
+                entry = _PoolEntry(self._make(targets), targets)
+                self._current = entry
+                if current is not None and current.users == 0:
+                    await self._close(current)
+            self._by_commit[target.commit] = entry
+        entry.users += 1
+        return entry.pool
 
     async def release(self, target: Target) -> None:
-        self._users[target.commit] -= 1
-        if target.commit != self._current and self._users[target.commit] == 0:
-            await self._close(target.commit)
+        entry = self._by_commit.get(target.commit)
+        if entry is None:
+            return
+        entry.users -= 1
+        if entry is not self._current and entry.users == 0:
+            await self._close(entry)
 
-    async def _close(self, commit: str) -> None:
-        pool = self._pools.pop(commit, None)
-        self._users.pop(commit, None)
-        if pool is not None:
-            await pool.close()
+    async def _close(self, entry: _PoolEntry) -> None:
+        for commit in [c for c, e in self._by_commit.items() if e is entry]:
+            del self._by_commit[commit]
+        await entry.pool.close()
 
     async def close_all(self) -> None:
-        for commit in list(self._pools):
-            await self._close(commit)
+        entries = {id(e): e for e in self._by_commit.values()}
+        if self._current is not None:
+            entries[id(self._current)] = self._current
+        self._by_commit.clear()
+        self._current = None
+        for entry in entries.values():
+            await entry.pool.close()
 
 
 def classify_engine_error(status: str, error: str) -> ReconcilerError:
