@@ -396,11 +396,11 @@ class DriftScanner:
         if self.enforce is None:
             return UNAVAILABLE
         try:
-            await self.enforce(host, paths)
+            outcome = await self.enforce(host, paths)
         except Exception as err:  # the engine's failure is reported, never fatal to the scan
             log.warning("enforcement failed", host=host, error=str(err)[:300])
             return f"enforcement failed: {str(err)[:300]}"
-        return "put back by the engine"
+        return outcome if isinstance(outcome, str) and outcome else "put back by the engine"
 
     async def _mail_commits(self, host: str, info: CommitInfo | None, enforcement: str) -> int:
         mail = self.fleet.notifications.mail
@@ -511,6 +511,16 @@ def engine_enforcer(fleet: Fleet, pool: Any) -> EnforceCallback:
             if out.error:
                 raise ReconcilerError(out.error)
         return res
+
+    return enforce
+
+
+def engine_follows(target: Any, pool: Any) -> EnforceCallback:
+    """For the daemon, whose engine step reconciles the host right after the scan: nothing to
+    do here, and the alert says who puts the files back."""
+
+    async def enforce(host: str, paths: Sequence[str]) -> str:
+        return "the engine's reconcile that follows this scan puts it back"
 
     return enforce
 
