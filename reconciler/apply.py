@@ -2,7 +2,13 @@
 
 Phases (each one SSH round trip, in this order):
 
-1. packages: ``apt-get install``/``purge`` for the planned packages;
+1. packages: ``apt-get install``/``purge`` for the planned packages (``reconciler.packaging``:
+   non-interactive, under a timeout, never waiting for a dpkg lock held by another process:
+   that is reported and retried later). Everything that needs a package that did not install
+   (its files, links, key pairs, services, and the other changes of the same handlers) is not
+   applied and is reported with the package's apt/dpkg output; the rest still applies. Running
+   first means validators a package brings (``apache2ctl``, ``apparmor_parser``) exist when
+   the files phase validates;
 2. firewall: ``reconciler.deadman`` (save, arm a rollback, load, confirm over a NEW connection);
    a failure stops the host here (everything after depends on reachability and IKE/ESP);
 3. key pairs: generated on the host when the private key is missing (never read back);
@@ -15,7 +21,9 @@ Phases (each one SSH round trip, in this order):
 5. tunnels (``ip link add ... type ipip``; a kernel without ipip is reported as a skip);
 6. reloads: each affected handler once, after all its files are swapped; on failure its files
    are restored from the backups and it is reloaded again with the old files;
-7. services started when not running;
+7. services enabled and started when not running (``systemctl enable --now`` where PID 1 is
+   systemd, else ``update-rc.d NAME defaults`` + the service's start command); a service that
+   fails to start is reported with the last lines of its log;
 8. backups removed, the inventory (``/var/lib/reconciler/inventory.json``) written;
 9. observe again and plan again: the result must be empty (``converged``).
 
@@ -35,7 +43,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, cast
 
-from reconciler import deadman
+from reconciler import deadman, packaging
 from reconciler.connection import Connection
 from reconciler.errors import ReconcilerError
 from reconciler.log import get_logger
@@ -122,6 +130,7 @@ class ApplyResult:
     verify: HostPlan | None = field(default=None, compare=False)  # the plan after re-observing
     converged: bool = False
     seconds: float = 0.0
+    transient: tuple[str, ...] = ()  # failures that go away by themselves (a dpkg lock): retry later
 
     def changed(self) -> int:
         return sum(1 for o in self.outcomes if o.status == "done" and o.action.kind is not ActionKind.RELOAD)
@@ -137,6 +146,7 @@ class ApplyResult:
             "outcomes": [o.as_dict() for o in self.outcomes],
             "remaining": [a.as_dict() for a in self.verify.actions] if self.verify else [],
             "seconds": round(self.seconds, 3),
+            "transient": list(self.transient),
         }
 
 
@@ -171,6 +181,7 @@ class _Run:
         self.stopped: str | None = None  # why the remaining actions were skipped
         self.failed_handlers: set[str] = set()
         self.swapped: dict[int, bool] = {}  # action index -> had a backup
+        self.transient: list[str] = []
 
     def mark(self, idx: int, status: str, message: str = "") -> None:
         self.outcomes[idx] = ActionOutcome(self.plan.actions[idx], status, message)
@@ -240,6 +251,8 @@ async def apply_host(
         left = ", ".join(f"{a.kind} {a.resource}" for a in (verify_plan.actions if verify_plan else ()))
         run.messages.append(f"applied, but the host still differs after re-observing: {left or 'unknown'}")
         ok = False
+    for reason in run.transient:
+        run.messages.append(f"will retry later: {reason}")
     outcomes = tuple(run.outcomes[i] for i in range(len(plan.actions)))
     log.info(
         "apply.done", host=host, ok=ok, converged=converged, seconds=round(time.monotonic() - started, 3)
@@ -254,6 +267,7 @@ async def apply_host(
         verify=verify_plan,
         converged=converged,
         seconds=time.monotonic() - started,
+        transient=tuple(dict.fromkeys(run.transient)),
     )
 
 
@@ -268,27 +282,60 @@ async def _packages(run: _Run) -> None:
     idx = run.indices({ActionKind.INSTALL_PACKAGE, ActionKind.PURGE_PACKAGE})
     if not idx:
         return
-    install = [i for i in idx if run.plan.actions[i].kind is ActionKind.INSTALL_PACKAGE]
-    purge = [i for i in idx if run.plan.actions[i].kind is ActionKind.PURGE_PACKAGE]
     conn = await run.conn()
-    env = ("env", "DEBIAN_FRONTEND=noninteractive")
-    for group, verb in ((install, "install"), (purge, "purge")):
+    failed: dict[str, str] = {}
+    for kind, verb in ((ActionKind.INSTALL_PACKAGE, "install"), (ActionKind.PURGE_PACKAGE, "purge")):
+        group: dict[str, int] = {}
+        for i in idx:
+            target = run.plan.actions[i].target
+            if run.plan.actions[i].kind is kind and isinstance(target, Package):
+                group[target.name] = i
         if not group:
             continue
-        names = []
-        for i in group:
-            target = run.plan.actions[i].target
-            assert isinstance(target, Package)
-            names.append(target.name)
-        argv = (*env, "apt-get", verb, "-y", "--no-install-recommends", *names)
-        res = await conn.run(argv, timeout=600)
-        for i in group:
-            if res.exit_status == 0:
-                run.mark(i, "done")
+        result = await packaging.apt(conn, verb, list(group))
+        if result.transient and result.lock is not None:
+            run.transient.append(result.lock.message())
+        why = dict(result.failed)
+        for name, i in group.items():
+            if name in why:
+                run.mark(i, "failed", why[name])
+                failed[name] = why[name]
             else:
-                run.mark(i, "failed", f"apt-get {verb} failed: {_text(res)[-2000:]}")
-        if res.exit_status != 0:
-            run.messages.append(f"apt-get {verb} {' '.join(names)} failed: {_text(res)[-2000:]}")
+                run.mark(i, "done", "installed" if verb == "install" else "purged")
+        if not result.ok:
+            run.messages.append(result.summary())
+    if failed:
+        _hold_dependents(run, failed)
+
+
+def _hold_dependents(run: _Run, failed: dict[str, str]) -> None:
+    """Skip every action that needs a package that did not install, and the other changes of
+    the handlers they belong to (a handler's tree is validated and reloaded as a whole)."""
+    held: dict[str, str] = {}  # handler -> package
+    names: dict[str, list[str]] = {}
+    actions = run.plan.actions
+    for i, a in enumerate(actions):
+        if i in run.outcomes:
+            continue
+        pkg = getattr(a.target, "needs_package", None) or a.after_package
+        if pkg in failed:
+            assert pkg is not None
+            run.mark(i, "skipped", f"not applied: package {pkg} did not install")
+            names.setdefault(pkg, []).append(a.resource)
+            if a.handler:
+                held.setdefault(a.handler, pkg)
+    for i, a in enumerate(actions):
+        if i in run.outcomes or a.kind is ActionKind.RELOAD or a.handler not in held:
+            continue
+        pkg = held[a.handler or ""]
+        run.mark(i, "skipped", f"not applied: the other changes for {a.handler} wait for package {pkg}")
+        names.setdefault(pkg, []).append(a.resource)
+    run.failed_handlers.update(held)
+    for pkg, resources in names.items():
+        run.messages.append(
+            f"package {pkg} did not install: {len(resources)} dependent change(s) not applied "
+            f"(live files untouched): {', '.join(resources)}"
+        )
 
 
 # ---------------------------------------------------------------- firewall
@@ -766,38 +813,21 @@ async def _reloads(run: _Run) -> None:
 
 
 async def _services(run: _Run) -> None:
-    idx = run.indices({ActionKind.START_SERVICE})
+    idx = run.indices({ActionKind.START_SERVICE, ActionKind.ENABLE_SERVICE})
+    if not idx:
+        return
     conn = await run.conn()
     for i in idx:
-        s = run.plan.actions[i].target
+        a = run.plan.actions[i]
+        s = a.target
         assert isinstance(s, Service)
-        if run.plan.init_system == "systemd":
-            start: tuple[str, ...] = ("systemctl", "start", s.name)
-        elif s.start:
-            start = s.start
+        if a.kind is ActionKind.ENABLE_SERVICE:
+            outcome = await packaging.enable_service(conn, s, run.plan.init_system)
         else:
-            start = ("service", s.name, "start")
-        res = await conn.run(start, timeout=DEFAULT_TIMEOUT)
-        if res.exit_status != 0:
-            msg = f"start of {s.name} failed (exit {res.exit_status}): {_text(res)[-1500:]}"
-            if s.log_path:
-                tail = await conn.run(["tail", "-n", "20", s.log_path], timeout=30)
-                msg += f"\n{s.log_path}:\n{tail.stdout.decode(errors='replace')}"
-            run.mark(i, "failed", msg)
-            run.messages.append(msg)
-            continue
-        if s.status:
-            # some daemons write their pid file a moment after start returns
-            wait = (
-                "i=0; while ! " + shlex.join(s.status) + " >/dev/null 2>&1; do i=$((i+1)); "
-                "[ $i -ge 40 ] && exit 1; sleep 0.25; done"
-            )
-            probe = await conn.run_script(wait, timeout=30)
-            if probe.exit_status != 0:
-                run.mark(i, "failed", f"{s.name} started but its status probe still fails")
-                run.messages.append(f"{s.name} started but its status probe still fails")
-                continue
-        run.mark(i, "done")
+            outcome = await packaging.start_service(conn, s, run.plan.init_system)
+        run.mark(i, "done" if outcome.ok else "failed", outcome.message)
+        if not outcome.ok:
+            run.messages.append(f"service {s.name}: {outcome.message}")
 
 
 async def _finish(run: _Run) -> None:

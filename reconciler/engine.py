@@ -166,7 +166,7 @@ async def _plan_one(fleet: Fleet, name: str, pool: Any, records: list[CommandRec
             status,
             plan,
             desired,
-            error="observation incomplete: " + "; ".join(plan.errors),
+            error="cannot plan completely (nothing applied on this host): " + "; ".join(plan.errors),
             seconds=time.monotonic() - started,
         )
     return HostOutcome(name, status, plan, desired, seconds=time.monotonic() - started)

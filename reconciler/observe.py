@@ -3,7 +3,9 @@
 The script is our own code; every value from the fleet (paths, package and service names,
 status commands) travels as a positional argument referenced by number (``"${7}"``), see
 ``reconciler.remote``. The script runs no mutating command: stat/readlink/sha256sum, find,
-iptables-save, ip ... show, swanctl --list-*, dpkg-query, service status probes, /proc and
+iptables-save, ip ... show, swanctl --list-*, dpkg-query (the declared packages and every
+package a resource needs), service status probes (``systemctl is-active/is-enabled`` where PID 1
+is systemd, else the service's status command and its init script's runlevel links), /proc and
 /sys reads, modinfo.
 
 Output framing (stdout), one section per probe::
@@ -46,6 +48,7 @@ from reconciler.observed import (
     ServiceState,
     XfrmPolicy,
 )
+from reconciler.packaging import needed_packages
 from reconciler.remote import ScriptBuilder, token
 from reconciler.resources import Desired
 
@@ -125,10 +128,22 @@ svc_probe() {
   if [ "$PID1" = systemd ]; then
     printf 'active %s\n' "$(timeout 10 systemctl is-active -- "$name" 2>/dev/null)"
     printf 'enabled %s\n' "$(timeout 10 systemctl is-enabled -- "$name" 2>/dev/null)"
-  elif [ $# -gt 0 ]; then
-    timeout 10 "$@" >/dev/null 2>&1; printf 'status %s\n' "$?"
   else
-    timeout 10 service "$name" status >/dev/null 2>&1; printf 'status %s\n' "$?"
+    if [ $# -gt 0 ]; then
+      timeout 10 "$@" >/dev/null 2>&1; printf 'status %s\n' "$?"
+    else
+      timeout 10 service "$name" status >/dev/null 2>&1; printf 'status %s\n' "$?"
+    fi
+    # enabled at boot: an init script with a start link in a multi-user runlevel
+    if [ -f "/etc/init.d/$name" ]; then
+      rc=no
+      for f in /etc/rc2.d/S*"$name" /etc/rc3.d/S*"$name" /etc/rc4.d/S*"$name" /etc/rc5.d/S*"$name"; do
+        case ${f##*/} in S[0-9][0-9]"$name") [ -e "$f" ] && rc=yes ;; esac
+      done
+      printf 'rc %s\n' "$rc"
+    else
+      printf 'rc none\n'
+    fi
   fi
 }
 PID1=unknown; read -r PID1 < /proc/1/comm 2>/dev/null || PID1=unknown
@@ -197,8 +212,9 @@ def build_script(desired: Desired, inventory_path: str = INVENTORY_PATH) -> tupl
     b.add("fi")
     b.add(f"KMODS='{' '.join(token(m) for m in KERNEL_MODULES)}'")
     b.add("frame kernel kernel_facts")
-    if desired.packages:
-        pkgs = b.refs([p.name for p in desired.packages])
+    names = needed_packages(desired)
+    if names:
+        pkgs = b.refs(list(names))
         b.add(
             f"frame dpkg dpkg-query -W -f='${{Package}}\\t${{db:Status-Abbrev}}\\t${{Version}}\\n' -- {pkgs}"
         )
@@ -443,7 +459,9 @@ def parse_service(name: str, text: str) -> ServiceState:
         en = fields.get("enabled", "").strip()
         enabled = None if not en else en in ("enabled", "enabled-runtime", "static", "alias", "indirect")
         return ServiceState(name=name, running=fields["active"].strip() == "active", enabled=enabled)
-    return ServiceState(name=name, running=fields.get("status", "").strip() == "0", enabled=None)
+    rc = fields.get("rc", "").strip()  # init scripts: a start link in runlevels 2-5
+    enabled = True if rc == "yes" else (False if rc == "no" else None)
+    return ServiceState(name=name, running=fields.get("status", "").strip() == "0", enabled=enabled)
 
 
 def parse_kernel(text: str) -> dict[str, bool]:
@@ -552,10 +570,11 @@ def parse_observation(host: str, desired: Desired, sections: Mapping[str, Sectio
     kernel = parse_kernel(body("kernel", "kernel facts", required=False) or "")
 
     packages: dict[str, PackageState] = {}
-    if desired.packages:
+    names = needed_packages(desired)
+    if names:
         dpkg = body("dpkg", "dpkg-query", ok=(0, 1))
         if dpkg is not None:
-            packages = parse_dpkg(dpkg, [p.name for p in desired.packages])
+            packages = parse_dpkg(dpkg, names)
 
     services: dict[str, ServiceState] = {}
     for i, s in enumerate(desired.services):

@@ -7,6 +7,12 @@ Order: by ``resources.Domain`` (packages, firewall, key pairs, IPsec, tunnels, A
 Apache, other files, services); inside a domain deletes come after creates/updates of the
 same domain; a handler's reload comes right after the last action that touches its files.
 
+Packages: the plan is computed against the state after its own package actions. A resource
+whose ``needs_package`` is being installed is planned as if the package were there (its action
+carries ``after_package``; apply installs first); one whose package is absent and not being
+installed (or is purged by the fleet) is a plan error naming the resource, not a cascade of
+failures. See docs/PACKAGES.md.
+
 Prune: a path in the host's previous inventory (``Observed.inventory``) or in one of the
 ``Desired.owned_dirs`` that is no longer desired is deleted, with the reason "left the fleet".
 Key pairs are never pruned (a private key is not ours to destroy silently).
@@ -17,9 +23,10 @@ from __future__ import annotations
 import difflib
 import json
 import posixpath
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
+from typing import TypeVar
 
 from reconciler.iptables import canonical_iptables
 from reconciler.observed import FileState, IptablesState, LinkState, Observed
@@ -36,6 +43,8 @@ from reconciler.resources import (
     Service,
     Tunnel,
 )
+
+_R = TypeVar("_R", FileResource, LinkResource, KeyPair, Service)
 
 INVENTORY_PATH = "/var/lib/reconciler/inventory.json"
 SECRET_DIFF = "(secret: content hidden)"  # noqa: S105 (a label, not a secret)
@@ -58,6 +67,7 @@ class ActionKind(StrEnum):
     ADD_ADDRESS = "add-address"
     RELOAD = "reload"
     START_SERVICE = "start-service"
+    ENABLE_SERVICE = "enable-service"
     RECORD_INVENTORY = "record-inventory"
 
 
@@ -99,6 +109,7 @@ _KIND_ORDER = {
     ActionKind.RECREATE_TUNNEL: 7,
     ActionKind.ADD_ADDRESS: 7,
     ActionKind.START_SERVICE: 8,
+    ActionKind.ENABLE_SERVICE: 8,
     ActionKind.RECORD_INVENTORY: 9,
 }
 
@@ -117,6 +128,8 @@ class Action:
     path: str | None = None  # for file-like actions
     handler: str | None = None  # the handler reloaded because of this action
     target: Resource = field(default=None, compare=False, repr=False)  # what apply needs
+    # planned as if this package were installed: it is installed first, in the same apply
+    after_package: str | None = None
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -127,6 +140,7 @@ class Action:
             "diff": self.diff,
             "path": self.path,
             "handler": self.handler,
+            "after_package": self.after_package,
         }
 
 
@@ -231,20 +245,30 @@ def plan_host(desired: Desired, observed: Observed) -> HostPlan:
     skipped: list[Pending] = []
     warnings: list[str] = list(desired.warnings)
 
-    actions += _plan_packages(desired.packages, observed)
+    errors: list[str] = list(observed.errors)
+
+    pkg_actions = _plan_packages(desired.packages, observed)
+    actions += pkg_actions
+    # the simulated state: what is installed once the package actions ran
+    deps = _Packages.after(desired, observed, pkg_actions)
+    files = deps.keep(desired.files, "file", lambda f: f.path, errors)
+    links = deps.keep(desired.links, "link", lambda lk: lk.path, errors)
+    keypairs = deps.keep(desired.keypairs, "keypair", lambda k: k.name, errors)
+    services = deps.keep(desired.services, "service", lambda sv: sv.name, errors)
     if desired.firewall is not None:
         declared = any(f.path == desired.firewall.persistent_path for f in desired.files)
         actions += _plan_firewall(desired.firewall, observed, check_persistent=not declared)
-    actions += _plan_keypairs(desired.keypairs, observed, warnings)
-    actions += _plan_files(desired.files, observed)
-    actions += _plan_links(desired.links, observed)
+    actions += _plan_keypairs(keypairs, observed, warnings)
+    actions += _plan_files(files, observed)
+    actions += _plan_links(links, observed)
     actions += _plan_prune(desired, observed)
     t_actions, t_skipped = _plan_tunnels(desired.tunnels, observed)
     actions += t_actions
     skipped += t_skipped
     actions += _plan_addresses(desired.addresses, observed)
-    actions += _plan_services(desired.services, observed)
+    actions += _plan_services(services, observed)
 
+    actions = [deps.annotate(a, desired) for a in actions]
     actions.sort(key=lambda a: (int(a.domain), _KIND_ORDER.get(a.kind, 9), a.resource))
     actions = _insert_reloads(actions, desired)
 
@@ -271,7 +295,7 @@ def plan_host(desired: Desired, observed: Observed) -> HostPlan:
         pending=desired.pending,
         skipped=tuple(skipped),
         warnings=tuple(warnings),
-        errors=observed.errors,
+        errors=tuple(errors),
         inventory=inventory,
         noop_reason=noop,
         init_system=observed.init_system,
@@ -331,6 +355,83 @@ def _plan_packages(packages: tuple[Package, ...], observed: Observed) -> list[Ac
                 )
             )
     return out
+
+
+class _Packages:
+    """The packages a host has once this plan's package actions ran (the simulated state).
+
+    A file, link, key pair or service whose ``needs_package`` is being installed is planned as
+    if the package were there (and marked ``after_package``: apply installs first, then stages,
+    validates and swaps; validators that the package brings run after the install). One whose
+    package is absent and not being installed (or is being purged) is not planned at all: it
+    is reported once, as a plan error naming the resource and the package.
+    """
+
+    def __init__(self, installing: set[str], gone: dict[str, str], known: set[str], wanted: set[str]) -> None:
+        self.installing = installing  # installed by this plan
+        self.gone = gone  # package -> why it will not be there
+        self.known = known  # observed by dpkg-query
+        self.wanted = wanted  # declared present by the fleet
+
+    @classmethod
+    def after(cls, desired: Desired, observed: Observed, pkg_actions: list[Action]) -> _Packages:
+        installing = {
+            a.target.name
+            for a in pkg_actions
+            if a.kind is ActionKind.INSTALL_PACKAGE and isinstance(a.target, Package)
+        }
+        purged = {p.name for p in desired.packages if p.state == "purged"}
+        wanted = {p.name for p in desired.packages if p.state == "present"}
+        gone: dict[str, str] = {}
+        for name, st in observed.packages.items():
+            if name in purged:
+                gone[name] = "which the fleet purges (purge_packages)"
+            elif not st.installed and name not in installing:
+                gone[name] = "which is not installed and which no role or domain installs"
+        for name in purged:
+            gone.setdefault(name, "which the fleet purges (purge_packages)")
+        return cls(installing, gone, set(observed.packages), wanted)
+
+    def keep(
+        self,
+        resources: tuple[_R, ...],
+        label: str,
+        name: Callable[[_R], str],
+        errors: list[str],
+    ) -> tuple[_R, ...]:
+        out: list[_R] = []
+        for r in resources:
+            pkg = getattr(r, "needs_package", None)
+            if pkg and pkg in self.gone:
+                errors.append(
+                    f"{label} {name(r)}: needs package {pkg}, {self.gone[pkg]}; not planned "
+                    "(declare the package, or stop managing what depends on it)"
+                )
+                continue
+            out.append(r)
+        return tuple(out)
+
+    def annotate(self, a: Action, desired: Desired) -> Action:
+        pkg = getattr(a.target, "needs_package", None)
+        if not pkg or pkg not in self.installing:
+            return a
+        reason = f"{a.reason}; after the install of {pkg} (planned as if installed)"
+        checks = _validator_names(a, desired)
+        if checks:
+            reason += f"; validated after the install ({', '.join(checks)})"
+        return replace(a, reason=reason, after_package=pkg)
+
+
+def _validator_names(a: Action, desired: Desired) -> list[str]:
+    names: list[str] = []
+    if isinstance(a.target, FileResource):
+        names += [" ".join(v.argv[:2]) for v in a.target.validators]
+    if a.handler:
+        try:
+            names += [" ".join(v.argv[:2]) for v in desired.handler(a.handler).validators]
+        except KeyError:
+            pass
+    return list(dict.fromkeys(names))
 
 
 def _plan_firewall(fw: FirewallRuleset, observed: Observed, *, check_persistent: bool = True) -> list[Action]:
@@ -620,8 +721,20 @@ def _plan_services(services: tuple[Service, ...], observed: Observed) -> list[Ac
             continue
         state = observed.services.get(s.name)
         if state is not None and state.running:
+            if s.enabled and state.enabled is False:
+                out.append(
+                    Action(
+                        ActionKind.ENABLE_SERVICE,
+                        f"service {s.name}",
+                        s.domain,
+                        "running, but not enabled at boot",
+                        target=s,
+                    )
+                )
             continue
         reason = "not running" if state is not None else "not observed running"
+        if s.enabled and state is not None and state.enabled is False:
+            reason += ", not enabled at boot"
         out.append(Action(ActionKind.START_SERVICE, f"service {s.name}", s.domain, reason, target=s))
     return out
 
@@ -646,13 +759,20 @@ def _insert_reloads(actions: list[Action], desired: Desired) -> list[Action]:
                 continue
             files = sorted({x.path or x.resource for x in actions if x.handler == name})
             shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+            reason = f"after changes to {shown}"
+            after = sorted({x.after_package for x in actions if x.handler == name and x.after_package})
+            if after:
+                checks = [" ".join(v.argv[:2]) for v in h.validators]
+                validated = f"validated ({', '.join(checks)}) and " if checks else ""
+                reason += f"; {validated}reloaded after the install of {', '.join(after)}"
             out.append(
                 Action(
                     ActionKind.RELOAD,
                     f"handler {name}",
                     a.domain,
-                    f"after changes to {shown}",
+                    reason,
                     handler=name,
+                    after_package=after[0] if after else None,
                 )
             )
     return out
