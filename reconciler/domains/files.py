@@ -61,7 +61,13 @@ def render(fleet: Fleet, host: Host) -> Fragment:
             if mf.content is not None or mf.template is not None:
                 raise RenderError(f"{_where(mf)}: {mf.name} has both link_target and content/template")
             links.append(
-                LinkResource(path=mf.path, target=mf.link_target, domain=Domain.FILES, handler=handler_name)
+                LinkResource(
+                    path=mf.path,
+                    target=mf.link_target,
+                    domain=Domain.FILES,
+                    handler=handler_name,
+                    needs_package=mf.package,
+                )
             )
             continue
         # no needs_command: a declared validator that cannot run must fail the change, not skip
@@ -77,6 +83,7 @@ def render(fleet: Fleet, host: Host) -> Fragment:
                 secret=mf.secret,
                 handler=handler_name,
                 validators=validators,
+                needs_package=mf.package,
             )
         )
     return Fragment(

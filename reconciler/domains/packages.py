@@ -2,7 +2,9 @@
 
 A role declares packages, packages to purge and services; every other domain adds what it
 needs implicitly (strongSwan and its plugins for the mesh, Apache and mod_jk for sites, the
-AppArmor parser for profiles, iptables and its persistence for the firewall). Pure.
+AppArmor parser for profiles, iptables and its persistence for the firewall), and a managed file
+adds its own ``package``. A package a role purges is never installed, even when a domain needs
+it: the resources that need it are then plan errors (docs/PACKAGES.md). Pure.
 """
 
 from __future__ import annotations
@@ -43,17 +45,27 @@ def implicit_packages(fleet: Fleet, host: Host) -> tuple[str, ...]:
         names += APACHE_PACKAGES
     if any(r.apparmor for r in roles):
         names += APPARMOR_PACKAGES
+    # a managed file's own package (ManagedFile.package)
+    for r in roles:
+        for f in r.files:
+            mf = fleet.files.get(f)
+            if mf is not None and mf.package:
+                names.append(mf.package)
     return tuple(dict.fromkeys(names))
 
 
-def generic_service(name: str) -> Service:
-    """A role-declared service, driven through its init script when PID 1 is not systemd."""
+def generic_service(name: str, package: str | None = None) -> Service:
+    """A role-declared service, driven through its init script when PID 1 is not systemd
+    (``update-rc.d NAME defaults`` enables it); through systemctl where PID 1 is systemd.
+    ``package``: the package that brings it (a service named like a package the host installs),
+    so it is started after that install and held back when the install fails."""
     return Service(
         name=name,
         start=("service", name, "start"),
         stop=("service", name, "stop"),
         status=("service", name, "status"),
         log_path=None,
+        needs_package=package,
     )
 
 
@@ -79,10 +91,11 @@ def render(fleet: Fleet, host: Host) -> Fragment:
     if any(r.sites for r in roles):
         services.append(apache_service())
     declared = [s for r in roles for s in r.services]
+    installed = {p.name for p in packages if p.state == "present"}
     for name in dict.fromkeys(declared):
         if name == "apache2" and any(s.name == "apache2" for s in services):
             continue
-        services.append(generic_service(name))
+        services.append(generic_service(name, package=name if name in installed else None))
     return Fragment(
         packages=tuple(sorted(packages, key=lambda p: p.name)),
         services=tuple(sorted(services, key=lambda s: s.name)),

@@ -203,4 +203,5 @@ def managed_file(d: Mapping[str, Any], file: str) -> m.ManagedFile:
         if reload is None
         else m.ReloadHandler(service=reload["service"], command=tuple(reload["command"])),
         source_file=file,
+        package=d.get("package"),
     )

@@ -235,6 +235,9 @@ class ManagedFile:
     validate: tuple[str, ...] = ()  # argv run on the staged file; "{path}" is replaced by its path
     reload: ReloadHandler | None = None
     source_file: str = ""
+    # the Debian package this file belongs to (e.g. its config directory comes with it): it is
+    # installed first (implicitly, like the domains' packages) and the file is planned after it
+    package: str | None = None
 
 
 # ---------------------------------------------------------------- roles, drift, mail
