@@ -43,6 +43,7 @@ from reconciler.resources import Domain, FileResource, FirewallRuleset, Fragment
 
 PERSISTENT_PATH = "/etc/iptables/rules.v4"
 LIBIPSEC_IFACE = "ipsec0"
+TUNNEL_IFACES = "ipip+"  # every tunnel interface (tunnels.tunnel_name starts with "ipip")
 POLICIES = (("INPUT", "DROP"), ("FORWARD", "DROP"), ("OUTPUT", "ACCEPT"))
 
 
@@ -154,6 +155,20 @@ def _mesh_guard(fleet: Fleet, host: Host) -> Section:
     return Section("mesh traffic never leaves in clear on the public interface", tuple(rules))
 
 
+def _mesh_protection(fleet: Fleet, src: IPv4Network | None) -> tuple[str | None, tuple[str, ...]]:
+    """A port opened to mesh addresses is admitted only as mesh traffic: from the tunnel
+    interfaces (ipip), IPsec-protected (tunnel mode, kernel datapath) or from ``ipsec0``
+    (libipsec). Otherwise a clear-text packet with a forged mesh source on the public
+    interface would reach it."""
+    if src is None or not src.subnet_of(fleet.mesh.internal_network):
+        return None, ()
+    if fleet.mesh.mode is MeshMode.IPIP:
+        return TUNNEL_IFACES, ()
+    if fleet.mesh.datapath is Datapath.LIBIPSEC:
+        return LIBIPSEC_IFACE, ()
+    return None, IPSEC_IN
+
+
 def _service_ports(fleet: Fleet, host: Host) -> Section:
     seen: set[tuple[str, int, str]] = set()
     rules: list[tuple[tuple[str, int, str], Rule]] = []
@@ -165,7 +180,17 @@ def _service_ports(fleet: Fleet, host: Host) -> Section:
                 if key in seen:
                     continue
                 seen.add(key)
-                rules.append((key, Rule("INPUT", "ACCEPT", src=src, proto=sp.protocol, dport=sp.port)))
+                iface, matches = _mesh_protection(fleet, src)
+                rule = Rule(
+                    "INPUT",
+                    "ACCEPT",
+                    src=src,
+                    in_iface=iface,
+                    proto=sp.protocol,
+                    dport=sp.port,
+                    matches=matches,
+                )
+                rules.append((key, rule))
     rules.sort(key=lambda kr: (kr[0][1], kr[0][0], kr[0][2]))
     return Section("service ports of the roles " + ", ".join(host.roles), tuple(r for _, r in rules))
 

@@ -402,7 +402,9 @@ def test_firewall_service_ports_icmp_and_logging() -> None:
     assert not any("icmp" in ln for ln in web)
     assert web[-1 - sum(1 for ln in web if ln.startswith("-A OUTPUT"))].startswith("-A INPUT -m limit")
     db = rules(desired(base, "db1"))
-    assert "-A INPUT -s 10.99.0.0/24 -p tcp -m tcp --dport 3306 -j ACCEPT" in db
+    # a port opened to the mesh network is admitted only from the tunnels, never in clear
+    assert "-A INPUT -s 10.99.0.0/24 -i ipip+ -p tcp -m tcp --dport 3306 -j ACCEPT" in db
+    assert "-A INPUT -s 10.99.0.0/24 -p tcp -m tcp --dport 3306 -j ACCEPT" not in db
     assert "-A INPUT -p icmp -m icmp --icmp-type 8 -j ACCEPT" in db
     assert not any("--dport 80 " in ln for ln in db)
 
@@ -443,3 +445,21 @@ def test_lockout_check_evaluates_the_rendered_rules(monkeypatch: pytest.MonkeyPa
 def test_mesh_defaults_are_the_strong_ones() -> None:
     m = Mesh(internal_network=IPv4Network("10.99.0.0/24"))
     assert m.backend is IpsecBackend.STRONGSWAN and m.datapath is Datapath.KERNEL
+
+
+def test_mesh_only_port_needs_mesh_protection_in_every_mode() -> None:
+    for mode, datapath, want in (
+        (
+            MeshMode.TUNNEL,
+            Datapath.KERNEL,
+            "-A INPUT -s 10.99.0.0/24 -p tcp -m tcp --dport 3306 -m policy --dir in --pol ipsec -j ACCEPT",
+        ),
+        (
+            MeshMode.TUNNEL,
+            Datapath.LIBIPSEC,
+            "-A INPUT -s 10.99.0.0/24 -i ipsec0 -p tcp -m tcp --dport 3306 -j ACCEPT",
+        ),
+    ):
+        f = example_fleet()
+        f = replace(f, mesh=replace(f.mesh, mode=mode, datapath=datapath))
+        assert want in rules(desired(f, "db1")), (mode, datapath)
