@@ -2,20 +2,28 @@
 
 The script is our own code; every value from the fleet (paths, package and service names,
 status commands) travels as a positional argument referenced by number (``"${7}"``), see
-``reconciler.remote``. The script runs no mutating command: stat/readlink/sha256sum, find,
+``reconciler.remote``. The script runs no mutating command: find, sha256sum,
 iptables-save, ip ... show, swanctl --list-*, dpkg-query (the declared packages and every
 package a resource needs), service status probes (``systemctl is-active/is-enabled`` where PID 1
 is systemd, else the service's status command and its init script's runlevel links), /proc and
 /sys reads, modinfo.
 
-Output framing (stdout), one section per probe::
+Lean by construction (every forked process costs: all lab hosts share 2 CPUs): only the
+sections the Desired needs run (iptables-save only with a firewall, ``ip addr``/kernel facts only
+with tunnels or addresses, charon/swanctl/xfrm only with an IPsec handler, dpkg-query only with
+packages); ONE ``find -printf`` stats every declared path (kind, mode, owner, group, link
+target), ONE ``sha256sum -z`` hashes every regular file, ONE ``find`` lists the owned
+directories; the inventory is read with the shell's ``read`` builtin. A no-op observation of
+a host with only files forks 2 processes besides its ``sh``.
 
-    @@reconciler:begin <id>
-    <base64 of the probe's stdout>
-    @@reconciler:end <id> <exit status>
+Output framing (stdout), one section per probe, raw bytes (no encoding)::
 
-Base64 bodies cannot contain ``@``, so file names or command output can never forge a marker.
-On stderr each probe's messages follow a ``@@reconciler:stderr <id>`` line.
+    \n@@<nonce><<id>\n<the probe's stdout>\n@@<nonce>><id> <exit status>\n
+
+The nonce (128 random bits, new for every run) reaches the script on stdin, never in argv (which
+other users of the host can read in /proc), so a file name or command output cannot forge a
+marker. On stderr each probe's messages follow a ``@@<nonce><<id>`` line. File records are
+NUL-separated fields (``find -printf``, ``sha256sum -z``): any byte but NUL in a name is safe.
 
 Secrets: file records carry kind, mode, owner, group, sha256 and link target, never content.
 Key-pair private keys are not even hashed. A second round trip (only when something differs)
@@ -24,10 +32,9 @@ fetches the content of non-secret declared files whose hash differs, for diffs.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
+import secrets
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -55,52 +62,43 @@ from reconciler.resources import Desired
 log = get_logger(__name__)
 
 INVENTORY_PATH = "/var/lib/reconciler/inventory.json"  # JSON list of absolute paths (plan writes it)
+# handlers whose files were swapped in but not yet reloaded (apply writes it before a swap and
+# clears it after the reloads; a leftover means an apply was interrupted in between)
+PENDING_RELOADS_PATH = "/var/lib/reconciler/pending-reloads"
 CONTENT_LIMIT = 4 * 1024 * 1024  # larger files are compared by hash only (no diff)
 KERNEL_MODULES = ("ipip", "esp4", "ah4", "xfrm_user", "vxlan", "tun")
-BEGIN = "@@reconciler:begin "
-END = "@@reconciler:end "
-ERR = "@@reconciler:stderr "
+# handlers whose presence means the host runs IPsec: observe charon/swanctl and xfrm policies
+IPSEC_HANDLERS = frozenset({"charon", "charon-restart", "racoon", "setkey"})
 
 PRELUDE = r"""LC_ALL=C; export LC_ALL
 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin; export PATH
-exec 4>&1 </dev/null
+IFS= read -r N || N=
+exec </dev/null
+case $N in ''|*[!0-9a-f]*) echo 'reconciler: no framing nonce on stdin' >&2; exit 97;; esac
 frame() {
-  id=$1; shift
-  printf '@@reconciler:begin %s\n' "$id"
-  printf '@@reconciler:stderr %s\n' "$id" >&2
-  rc=$( { { "$@" 3>&- 4>&-; echo $? >&3; } | base64 >&4; } 3>&1 )
-  printf '@@reconciler:end %s %s\n' "$id" "$rc"
+  _fid=$1; shift
+  printf '\n@@%s<%s\n' "$N" "$_fid"
+  printf '@@%s<%s\n' "$N" "$_fid" >&2
+  "$@"
+  printf '\n@@%s>%s %s\n' "$N" "$_fid" "$?"
 }
-ST='st() {
-  p=$2
-  b=$(printf %s "$p" | base64 -w0)
-  if [ -L "$p" ]; then
-    printf "%s l %s - %s\n" "$b" "$(stat -c "%a %U %G" -- "$p")" "$(readlink -- "$p" | base64 -w0)"
-  elif [ -f "$p" ]; then
-    h=-
-    if [ "$1" = h ]; then h=$(sha256sum < "$p") && h=${h%% *} || h=-; fi
-    printf "%s f %s %s -\n" "$b" "$(stat -c "%a %U %G" -- "$p")" "$h"
-  elif [ -d "$p" ]; then
-    printf "%s d %s - -\n" "$b" "$(stat -c "%a %U %G" -- "$p")"
-  elif [ -e "$p" ]; then
-    printf "%s o %s - -\n" "$b" "$(stat -c "%a %U %G" -- "$p")"
-  else
-    printf "%s m - - - - -\n" "$b"
-  fi
-}'
-eval "$ST"
-st_pairs() { while [ $# -ge 2 ]; do st "$1" "$2"; shift 2; done; }
-dir_stat() {
-  [ -d "$1" ] || return 0
-  find "$1" -mindepth 1 ! -type d -exec sh -c "$ST"'
-for p do st n "$p"; done' sh {} +
+FMT='%p\0%y\0%m\0%u\0%g\0%l\0'
+st() { [ $# -eq 0 ] || find "$@" -maxdepth 0 -printf "$FMT"; }
+hs() {
+  n=$#
+  for p do if [ -f "$p" ] && [ ! -L "$p" ]; then set -- "$@" "$p"; fi; done
+  shift "$n"
+  [ $# -eq 0 ] || sha256sum -z -- "$@"
 }
-inv_cat() { [ -f "$1" ] || return 0; head -c 1048576 -- "$1"; }
-inv_stat() {
+own() {
+  n=$#
+  for p do if [ -d "$p" ]; then set -- "$@" "$p"; fi; done
+  shift "$n"
+  [ $# -eq 0 ] || find "$@" -mindepth 1 ! -type d -printf "$FMT"
+}
+inv_cat() {
   [ -f "$1" ] || return 0
-  sed -n 's/^[[:space:]]*"\(.*\)",\{0,1\}[[:space:]]*$/\1/p' "$1" | while IFS= read -r p; do
-    case $p in *\\*) ;; /*) st n "$p" ;; esac
-  done
+  while IFS= read -r l || [ -n "$l" ]; do printf '%s\n' "$l"; done < "$1"
 }
 file_head() { if [ -f "$1" ] && [ ! -L "$1" ]; then head -c "$2" -- "$1"; else return 3; fi; }
 charon_state() {
@@ -189,38 +187,81 @@ def probe_for(desired: Desired) -> Probe:
     )
 
 
-def build_script(desired: Desired, inventory_path: str = INVENTORY_PATH) -> tuple[str, list[str]]:
-    """The observation script and its positional arguments (all user data is in the args)."""
+@dataclass(frozen=True)
+class Wanted:
+    """Which optional sections an observation runs (the Desired decides; plan reads the same)."""
+
+    iptables: bool
+    links: bool  # ip addr (tunnels, addresses)
+    kernel: bool  # kernel module facts (tunnels)
+    ipsec: bool  # charon, swanctl, ip xfrm policy
+    packages: tuple[str, ...]
+
+
+def wanted_for(desired: Desired) -> Wanted:
+    return Wanted(
+        iptables=desired.firewall is not None,
+        links=bool(desired.tunnels or desired.addresses),
+        kernel=bool(desired.tunnels),
+        ipsec=any(h.name in IPSEC_HANDLERS for h in desired.handlers),
+        packages=tuple(needed_packages(desired)),
+    )
+
+
+def build_script(
+    desired: Desired, inventory_path: str = INVENTORY_PATH, pending_path: str = PENDING_RELOADS_PATH
+) -> tuple[str, list[str]]:
+    """The observation script and its positional arguments (all user data is in the args).
+
+    The script reads the framing nonce from the first line of its stdin (``new_nonce()``)."""
     probe = probe_for(desired)
+    want = wanted_for(desired)
     b = ScriptBuilder()
-    pairs = [f"h {b.ref(p)}" for p in probe.hashed] + [f"n {b.ref(p)}" for p in probe.unhashed]
-    b.add("frame files st_pairs " + " ".join(pairs))
-    for i, d in enumerate(probe.dirs):
-        b.add(f"frame owned.{i} dir_stat {b.ref(d)}")
-    inv = b.ref(inventory_path)
+    inv = b.ref(_absolute(inventory_path))
+    stat_paths = b.refs([_absolute(p) for p in (*probe.hashed, *probe.unhashed)])
+    b.add(f"frame files st {stat_paths}".rstrip())
+    hashed = b.refs([_absolute(p) for p in probe.hashed])
+    b.add(f"frame hashes hs {hashed}".rstrip())
+    if probe.dirs:
+        b.add(f"frame owned own {b.refs([_absolute(d) for d in probe.dirs])}")
     b.add(f"frame inventory inv_cat {inv}")
-    b.add(f"frame inventory.files inv_stat {inv}")
+    b.add(f"frame pending inv_cat {b.ref(_absolute(pending_path))}")
     b.add("frame pid1 printf '%s\\n' \"$PID1\"")
-    b.add("frame iptables iptables-save")
-    b.add("frame xfrm ip xfrm policy")
-    b.add("frame addr ip -d -j addr show")
-    b.add("frame charon charon_state")
-    # swanctl only talks to a live charon (its vici socket); saves ~25 ms when there is none
-    b.add("if [ -S /var/run/charon.vici ] || [ -S /run/charon.vici ]; then")
-    b.add("  frame conns swanctl --list-conns")
-    b.add("  frame sas swanctl --list-sas")
-    b.add("fi")
-    b.add(f"KMODS='{' '.join(token(m) for m in KERNEL_MODULES)}'")
-    b.add("frame kernel kernel_facts")
-    names = needed_packages(desired)
-    if names:
-        pkgs = b.refs(list(names))
+    if want.iptables:
+        b.add("frame iptables iptables-save")
+    if want.links:
+        b.add("frame addr ip -d -j addr show")
+    if want.ipsec:
+        b.add("frame xfrm ip xfrm policy")
+        b.add("frame charon charon_state")
+        # swanctl only talks to a live charon (its vici socket); saves ~25 ms when there is none
+        b.add("if [ -S /var/run/charon.vici ] || [ -S /run/charon.vici ]; then")
+        b.add("  frame conns swanctl --list-conns")
+        b.add("  frame sas swanctl --list-sas")
+        b.add("fi")
+    if want.kernel:
+        b.add(f"KMODS='{' '.join(token(m) for m in KERNEL_MODULES)}'")
+        b.add("frame kernel kernel_facts")
+    if want.packages:
+        pkgs = b.refs(list(want.packages))
         b.add(
             f"frame dpkg dpkg-query -W -f='${{Package}}\\t${{db:Status-Abbrev}}\\t${{Version}}\\n' -- {pkgs}"
         )
     for i, s in enumerate(desired.services):
         b.add(f"frame svc.{i} svc_probe {b.ref(s.name)} {b.refs(list(s.status))}".rstrip())
     return b.script(PRELUDE), b.args
+
+
+def _absolute(path: str) -> str:
+    """Paths reach ``find`` as starting points: only absolute ones (never an option or ``!``)."""
+    if not path.startswith("/"):
+        raise ValueError(f"not an absolute path: {path!r}")
+    return path
+
+
+def new_nonce() -> str:
+    """The framing nonce for one run (sent as the first line of the script's stdin)."""
+    return secrets.token_hex(16)
 
 
 # ---------------------------------------------------------------- framing
@@ -234,47 +275,40 @@ class Section:
     stderr: str = ""
 
 
-def split_sections(stdout: bytes, stderr: bytes = b"") -> dict[str, Section]:
-    """Split the framed output into sections (bodies decoded from base64)."""
-    errs = _split_stderr(stderr)
+def split_sections(stdout: bytes, stderr: bytes = b"", *, nonce: str) -> dict[str, Section]:
+    """Split the framed output into sections (raw bodies); see the module doc."""
+    mark = b"\n@@" + nonce.encode("ascii")
+    errs = _split_stderr(stderr, nonce)
     out: dict[str, Section] = {}
     current: str | None = None
-    chunks: list[bytes] = []
-    for raw in stdout.split(b"\n"):
-        line = raw.decode("ascii", errors="replace").rstrip("\r")
-        if line.startswith(BEGIN):
+    body = b""
+    for chunk in stdout.split(mark)[1:]:
+        head, _, rest = chunk.partition(b"\n")
+        if head.startswith(b"<"):
             if current is not None:
-                out[current] = Section(current, _b64(chunks), None, errs.get(current, ""))
-            current, chunks = line[len(BEGIN) :].strip(), []
-        elif line.startswith(END) and current is not None:
-            parts = line[len(END) :].split()
+                out[current] = Section(current, body, None, errs.get(current, ""))
+            current, body = head[1:].decode("ascii", errors="replace"), rest
+        elif head.startswith(b">") and current is not None:
+            parts = head[1:].decode("ascii", errors="replace").split()
             rc: int | None
             try:
-                rc = int(parts[1]) if len(parts) > 1 else None
+                rc = int(parts[1]) if len(parts) == 2 and parts[0] == current else None
             except ValueError:
                 rc = None
-            out[current] = Section(current, _b64(chunks), rc, errs.get(current, ""))
-            current, chunks = None, []
-        elif current is not None:
-            chunks.append(raw)
+            out[current] = Section(current, body, rc, errs.get(current, ""))
+            current, body = None, b""
     if current is not None:
-        out[current] = Section(current, _b64(chunks), None, errs.get(current, ""))
+        out[current] = Section(current, body, None, errs.get(current, ""))
     return out
 
 
-def _b64(chunks: list[bytes]) -> bytes:
-    try:
-        return base64.b64decode(b"".join(chunks))
-    except (binascii.Error, ValueError):
-        return b""
-
-
-def _split_stderr(stderr: bytes) -> dict[str, str]:
+def _split_stderr(stderr: bytes, nonce: str) -> dict[str, str]:
+    mark = f"@@{nonce}<"
     out: dict[str, list[str]] = {}
     current = ""
     for line in stderr.decode("utf-8", errors="replace").splitlines():
-        if line.startswith(ERR):
-            current = line[len(ERR) :].strip()
+        if line.startswith(mark):
+            current = line[len(mark) :].strip()
             continue
         out.setdefault(current, []).append(line)
     return {k: "\n".join(v).strip() for k, v in out.items()}
@@ -282,46 +316,58 @@ def _split_stderr(stderr: bytes) -> dict[str, str]:
 
 # ---------------------------------------------------------------- parsers
 
+_KINDS = {"f": "file", "l": "link", "d": "dir"}
 
-def parse_file_records(body: bytes) -> dict[str, FileState]:
-    """``<b64 path> <kind> <mode> <owner> <group> <sha256|-> <b64 target|->`` per line."""
-    kinds = {"f": "file", "l": "link", "d": "dir", "o": "other"}
+
+def parse_find_records(body: bytes) -> dict[str, FileState]:
+    """``find -printf '%p\\0%y\\0%m\\0%u\\0%g\\0%l\\0'`` records (6 NUL-separated fields each)."""
+    fields = body.split(b"\0")
     out: dict[str, FileState] = {}
-    for line in body.decode("ascii", errors="replace").splitlines():
-        parts = line.split()
-        if len(parts) != 7:
-            continue
+    for i in range(0, len(fields) - 5, 6):
+        raw_path, kind, mode_s, owner, group, target = fields[i : i + 6]
+        path = raw_path.decode("utf-8", errors="surrogateescape")
         try:
-            path = base64.b64decode(parts[0]).decode("utf-8", errors="surrogateescape")
-        except (binascii.Error, ValueError):
-            continue
-        kind = parts[1]
-        if kind == "m":
-            out[path] = FileState(path=path, exists=False)
-            continue
-        target = None
-        if kind == "l" and parts[6] != "-":
-            try:
-                target = base64.b64decode(parts[6]).decode("utf-8", errors="surrogateescape")
-            except (binascii.Error, ValueError):
-                target = None
-            if target is not None and target.endswith("\n"):
-                target = target[:-1]
-        try:
-            mode: int | None = int(parts[2], 8)
+            mode: int | None = int(mode_s, 8)
         except ValueError:
             mode = None
-        sha = parts[5] if len(parts[5]) == 64 else None
+        k = _KINDS.get(kind.decode("ascii", errors="replace"), "other")
         out[path] = FileState(
             path=path,
             exists=True,
-            kind=kinds.get(kind, "other"),
-            sha256=sha,
+            kind=k,
             mode=mode,
-            owner=parts[3],
-            group=parts[4],
-            link_target=target,
+            owner=owner.decode("utf-8", errors="replace"),
+            group=group.decode("utf-8", errors="replace"),
+            link_target=target.decode("utf-8", errors="surrogateescape") if k == "link" else None,
         )
+    return out
+
+
+def parse_sha256(body: bytes) -> dict[str, str]:
+    """``sha256sum -z`` output: ``<64 hex>  <path>\\0`` (names unescaped with -z)."""
+    out: dict[str, str] = {}
+    for rec in body.split(b"\0"):
+        if len(rec) < 67 or rec[64:65] != b" ":
+            continue
+        digest = rec[:64].decode("ascii", errors="replace")
+        path = rec[66:].decode("utf-8", errors="surrogateescape")
+        out[path] = digest.lower()
+    return out
+
+
+def file_states(
+    asked: Iterable[str], records: Mapping[str, FileState], hashes: Mapping[str, str]
+) -> dict[str, FileState]:
+    """One FileState per asked path: found by find (with its hash, if hashed) or missing."""
+    out: dict[str, FileState] = {}
+    for p in asked:
+        st = records.get(p)
+        if st is None:
+            out[p] = FileState(path=p, exists=False)
+        elif st.kind == "file" and p in hashes:
+            out[p] = replace(st, sha256=hashes[p])
+        else:
+            out[p] = st
     return out
 
 
@@ -508,16 +554,21 @@ def parse_observation(host: str, desired: Desired, sections: Mapping[str, Sectio
             return None
         return sec.body.decode("utf-8", errors="replace")
 
+    want = wanted_for(desired)
     files: dict[str, FileState] = {}
-    for sid in sorted(sections):
-        if sid.startswith("owned.") or sid == "inventory.files":
-            for p, st in parse_file_records(sections[sid].body).items():
-                files.setdefault(p, st)
-    declared = sections.get("files")
-    if declared is None or declared.exit_status is None:
+    owned = sections.get("owned")
+    if owned is not None:
+        if _files_ok(owned, "owned directories", errors):
+            files.update(parse_find_records(owned.body))
+    elif desired.owned_dirs:
+        errors.append("owned directories: no answer (observation cut short)")
+    declared, hashed = sections.get("files"), sections.get("hashes")
+    if declared is None or hashed is None:
         errors.append("files: no answer (observation cut short)")
-    else:
-        files.update(parse_file_records(declared.body))
+    elif _files_ok(declared, "files", errors) and _files_ok(hashed, "file hashes", errors):
+        probe = probe_for(desired)
+        records = parse_find_records(declared.body)
+        files.update(file_states((*probe.hashed, *probe.unhashed), records, parse_sha256(hashed.body)))
 
     inventory: tuple[str, ...] = ()
     inv = sections.get("inventory")
@@ -525,12 +576,16 @@ def parse_observation(host: str, desired: Desired, sections: Mapping[str, Sectio
         inventory, problem = parse_inventory(inv.body)
         if problem:
             errors.append(problem)
+    pending: tuple[str, ...] = ()
+    pend = sections.get("pending")
+    if pend is not None and pend.exit_status == 0:
+        pending = parse_pending_reloads(pend.body)
 
     pid1 = (body("pid1", "init system", required=False) or "").strip()
     init_system = "systemd" if pid1 == "systemd" else ("sysv" if pid1 else "unknown")
 
     iptables: IptablesState | None = None
-    ipt = body("iptables", "iptables-save")
+    ipt = body("iptables", "iptables-save") if want.iptables else None
     if ipt is not None:
         try:
             iptables = canonical_iptables(ipt)
@@ -538,19 +593,19 @@ def parse_observation(host: str, desired: Desired, sections: Mapping[str, Sectio
             errors.append(f"iptables-save: unparsable output: {err}")
 
     policies: tuple[XfrmPolicy, ...] = ()
-    xfrm = body("xfrm", "ip xfrm policy")
+    xfrm = body("xfrm", "ip xfrm policy") if want.ipsec else None
     if xfrm is not None:
         policies = parse_xfrm_policies(xfrm)
 
     links: tuple[LinkState, ...] = ()
-    addr = body("addr", "ip addr")
+    addr = body("addr", "ip addr") if want.links else None
     if addr is not None:
         try:
             links = parse_links(addr)
         except (json.JSONDecodeError, TypeError, AttributeError) as err:
             errors.append(f"ip addr: unparsable JSON: {err}")
 
-    running = parse_charon(body("charon", "charon process", required=False) or "")
+    running = want.ipsec and parse_charon(body("charon", "charon process", required=False) or "")
     conns: tuple[str, ...] = ()
     ike: tuple[str, ...] = ()
     children: tuple[str, ...] = ()
@@ -567,10 +622,12 @@ def parse_observation(host: str, desired: Desired, sections: Mapping[str, Sectio
         policies=policies,
     )
 
-    kernel = parse_kernel(body("kernel", "kernel facts", required=False) or "")
+    kernel: dict[str, bool] = {}
+    if want.kernel:
+        kernel = parse_kernel(body("kernel", "kernel facts", required=False) or "")
 
     packages: dict[str, PackageState] = {}
-    names = needed_packages(desired)
+    names = want.packages
     if names:
         dpkg = body("dpkg", "dpkg-query", ok=(0, 1))
         if dpkg is not None:
@@ -594,7 +651,31 @@ def parse_observation(host: str, desired: Desired, sections: Mapping[str, Sectio
         inventory=inventory,
         kernel=MappingProxyType(kernel),
         errors=tuple(errors),
+        pending_reloads=pending,
     )
+
+
+# the only messages find/sha256sum give for a path that is not there
+_MISSING = ("No such file or directory", "Not a directory")
+
+
+def _files_ok(sec: Section, what: str, errors: list[str]) -> bool:
+    """find/sha256sum exit 1 when a path is missing (expected); anything else is an error."""
+    if sec.exit_status is None:
+        errors.append(f"{what}: no answer (observation cut short)")
+        return False
+    odd = [ln for ln in sec.stderr.splitlines() if ln.strip() and not any(m in ln for m in _MISSING)]
+    if sec.exit_status not in (0, 1) or (sec.exit_status == 1 and odd):
+        detail = f": {odd[0][:300]}" if odd else ""
+        errors.append(f"{what}: exit {sec.exit_status}{detail}")
+        return False
+    return True
+
+
+def parse_pending_reloads(body: bytes) -> tuple[str, ...]:
+    """The journal apply writes before a swap: one handler name per line."""
+    names = (ln.strip() for ln in body.decode("utf-8", errors="replace").splitlines())
+    return tuple(dict.fromkeys(n for n in names if n))
 
 
 def _first_error(stderr: str) -> str:
@@ -626,9 +707,9 @@ def build_fetch_script(paths: Iterable[str], stat_paths: Iterable[str]) -> tuple
     b = ScriptBuilder()
     for i, p in enumerate(paths):
         b.add(f"frame content.{i} file_head {b.ref(p)} {CONTENT_LIMIT + 1}")
-    stat = [f"n {b.ref(p)}" for p in stat_paths]
+    stat = [_absolute(p) for p in stat_paths]
     if stat:
-        b.add("frame files st_pairs " + " ".join(stat))
+        b.add(f"frame files st {b.refs(stat)}")
     return b.script(PRELUDE), b.args
 
 
@@ -650,9 +731,10 @@ async def observe_host(
     """
     started = time.monotonic()
     script, args = build_script(desired, inventory_path)
-    result = await conn.run_script(script, args=args, timeout=timeout)
-    _check(conn, result)
-    sections = split_sections(result.stdout, result.stderr)
+    nonce = new_nonce()
+    result = await conn.run_script(script, args=args, stdin_after=f"{nonce}\n".encode(), timeout=timeout)
+    _check(conn, result, nonce)
+    sections = split_sections(result.stdout, result.stderr, nonce=nonce)
     observed = parse_observation(conn.host, desired, sections)
     # inventory entries the script could not stat (JSON escapes): stat them now
     missing = tuple(p for p in observed.inventory if p not in observed.files)
@@ -661,9 +743,13 @@ async def observe_host(
     if fetch or missing:
         round_trips = 2
         script2, args2 = build_fetch_script(fetch, missing)
-        result2 = await conn.run_script(script2, args=args2, timeout=timeout)
-        _check(conn, result2)
-        observed = _merge_fetch(observed, fetch, split_sections(result2.stdout, result2.stderr))
+        nonce2 = new_nonce()
+        result2 = await conn.run_script(
+            script2, args=args2, stdin_after=f"{nonce2}\n".encode(), timeout=timeout
+        )
+        _check(conn, result2, nonce2)
+        sections2 = split_sections(result2.stdout, result2.stderr, nonce=nonce2)
+        observed = _merge_fetch(observed, fetch, missing, sections2)
     log.debug(
         "observe.done",
         host=conn.host,
@@ -674,12 +760,14 @@ async def observe_host(
     return observed
 
 
-def _check(conn: Connection, result: CommandResult) -> None:
-    if result.exit_status == 127 and b"@@reconciler:begin" not in result.stdout:
+def _check(conn: Connection, result: CommandResult, nonce: str) -> None:
+    if result.exit_status in (97, 127) and f"@@{nonce}".encode() not in result.stdout:
         raise Transient(f"host {conn.host}: cannot run sh for observation: {result.stderr[-200:]!r}")
 
 
-def _merge_fetch(observed: Observed, fetched: tuple[str, ...], sections: Mapping[str, Section]) -> Observed:
+def _merge_fetch(
+    observed: Observed, fetched: tuple[str, ...], stat_paths: tuple[str, ...], sections: Mapping[str, Section]
+) -> Observed:
     files = dict(observed.files)
     errors = list(observed.errors)
     for i, p in enumerate(fetched):
@@ -694,7 +782,7 @@ def _merge_fetch(observed: Observed, fetched: tuple[str, ...], sections: Mapping
             continue  # too big to diff: compared by hash only
         files[p] = replace(st, content=sec.body)
     extra = sections.get("files")
-    if extra is not None:
-        for p, st in parse_file_records(extra.body).items():
+    if extra is not None and stat_paths and extra.exit_status is not None:
+        for p, st in file_states(stat_paths, parse_find_records(extra.body), {}).items():
             files.setdefault(p, st)
     return replace(observed, files=MappingProxyType(dict(sorted(files.items()))), errors=tuple(errors))

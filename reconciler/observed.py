@@ -91,3 +91,6 @@ class Observed:
     inventory: tuple[str, ...] = ()  # paths this reconciler managed before (for prune)
     kernel: Mapping[str, bool] = field(default_factory=lambda: MappingProxyType({}))  # e.g. {"ipip": False}
     errors: tuple[str, ...] = ()  # parts of the observation that failed, with the reason
+    # handlers whose new files went live but whose reload never ran (an apply interrupted between
+    # swap and reload: /var/lib/reconciler/pending-reloads); plan reloads those still desired
+    pending_reloads: tuple[str, ...] = ()

@@ -21,10 +21,12 @@ from reconciler.resources import (
     Domain,
     FileResource,
     FirewallRuleset,
+    Handler,
     KeyPair,
     LinkResource,
     Package,
     Service,
+    Tunnel,
 )
 
 pytestmark = [pytest.mark.lab]
@@ -91,6 +93,9 @@ def desired(**over: Any) -> Desired:
         packages=(Package("openssh-server"), Package("reconciler-no-such-package")),
         services=(Service("sshd", status=("sh", "-c", "kill -0 1")), Service("apache2")),
         owned_dirs=(f"{D}/conf.d",),
+        # these make observe look at IPsec (charon, swanctl, xfrm), links and kernel facts
+        handlers=(Handler("charon"),),
+        tunnels=(Tunnel("tun-o2", "192.0.2.41", "192.0.2.42", "10.99.1.1", "10.99.1.2", "o2"),),
     )
     fields.update(over)
     return Desired(**fields)
@@ -128,10 +133,12 @@ class Recording:
         self.conn = conn
         self.host = conn.host
         self.results: list[CommandResult] = []
+        self.nonces: list[str] = []
 
     async def run_script(self, script: str, **kw: Any) -> CommandResult:
         res = await self.conn.run_script(script, **kw)
         self.results.append(res)
+        self.nonces.append(kw["stdin_after"].decode().strip())
         return res
 
 
@@ -179,8 +186,8 @@ async def test_observe_a_lab_host(lab: Lab) -> None:
 
     # secrets never left the host, in any round trip, in any form we decode
     assert len(rec.results) == 2
-    for res in rec.results:
-        blobs = [res.stdout, res.stderr] + [s.body for s in split_sections(res.stdout).values()]
+    for res, nonce in zip(rec.results, rec.nonces, strict=True):
+        blobs = [res.stdout, res.stderr] + [s.body for s in split_sections(res.stdout, nonce=nonce).values()]
         for blob in blobs:
             assert b"CANARY-SECRET" not in blob and b"CANARY-PRIVATE-KEY" not in blob
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import shutil
 import subprocess
@@ -12,25 +11,38 @@ import pytest
 
 from reconciler.connection import Connection, SshTarget
 from reconciler.observe import (
-    PRELUDE,
     Section,
     build_script,
     content_wanted,
+    file_states,
+    new_nonce,
     parse_charon,
     parse_dpkg,
-    parse_file_records,
+    parse_find_records,
     parse_inventory,
     parse_kernel,
     parse_links,
     parse_observation,
+    parse_pending_reloads,
     parse_service,
+    parse_sha256,
     parse_swanctl_conns,
     parse_swanctl_sas,
     parse_xfrm_policies,
     split_sections,
 )
-from reconciler.remote import ScriptBuilder
-from reconciler.resources import Desired, Domain, FileResource, KeyPair, LinkResource, Package, Service
+from reconciler.resources import (
+    Desired,
+    Domain,
+    FileResource,
+    FirewallRuleset,
+    Handler,
+    KeyPair,
+    LinkResource,
+    Package,
+    Service,
+    Tunnel,
+)
 
 # Recorded on a lab host (strongSwan 5.9.8, kernel-libipsec, PSK), `swanctl --list-conns`.
 LIST_CONNS = """\
@@ -159,45 +171,112 @@ def test_inventory() -> None:
     assert parse_inventory(b'["relative"]')[1] is not None
 
 
-def _b64(s: str) -> str:
-    return base64.b64encode(s.encode()).decode()
+NONCE = "0123456789abcdef0123456789abcdef"
 
 
 def test_file_records() -> None:
-    body = (
-        f"{_b64('/etc/a b')} f 644 root root {'a' * 64} -\n"
-        f"{_b64('/etc/l')} l 777 root root - {_b64('../x' + chr(10))}\n"
-        f"{_b64('/etc/gone')} m - - - - -\n"
-        "garbage line\n"
-    ).encode()
-    got = parse_file_records(body)
+    found = (
+        b"/etc/a b\x00f\x00644\x00root\x00root\x00\x00"
+        b"/etc/l\x00l\x00777\x00root\x00adm\x00../x\nwith newline\x00"
+        b"/etc/d\x00d\x00755\x00root\x00root\x00\x00"
+    )
+    records = parse_find_records(found)
+    hashes = parse_sha256(b"a" * 64 + b"  /etc/a b\0" + b"b" * 64 + b"  /etc/odd\\name\nx\0")
+    assert hashes == {"/etc/a b": "a" * 64, "/etc/odd\\name\nx": "b" * 64}
+    got = file_states(["/etc/a b", "/etc/l", "/etc/d", "/etc/gone"], records, hashes)
     assert got["/etc/a b"].mode == 0o644 and got["/etc/a b"].sha256 == "a" * 64
-    assert got["/etc/l"].kind == "link" and got["/etc/l"].link_target == "../x"
+    assert got["/etc/l"].kind == "link" and got["/etc/l"].link_target == "../x\nwith newline"
+    assert got["/etc/l"].group == "adm" and got["/etc/l"].sha256 is None
+    assert got["/etc/d"].kind == "dir"
     assert not got["/etc/gone"].exists
-    assert len(got) == 3
+    assert len(got) == 4
 
 
-def _framed(sections: dict[str, tuple[str, int]]) -> bytes:
-    out = []
+def _framed(sections: dict[str, tuple[str, int]], nonce: str = NONCE) -> bytes:
+    out = b""
     for sid, (body, rc) in sections.items():
-        b64 = base64.encodebytes(body.encode()).decode()
-        out.append(f"@@reconciler:begin {sid}\n{b64}@@reconciler:end {sid} {rc}")
-    return ("\n".join(out) + "\n").encode()
+        out += f"\n@@{nonce}<{sid}\n".encode() + body.encode() + f"\n@@{nonce}>{sid} {rc}\n".encode()
+    return out
+
+
+def _err(sid: str, text: str) -> bytes:
+    return f"@@{NONCE}<{sid}\n{text}".encode()
 
 
 def test_a_marker_inside_a_body_cannot_forge_a_section() -> None:
-    evil = "x\n@@reconciler:end files 0\n@@reconciler:begin iptables\n*filter\nCOMMIT\n"
-    secs = split_sections(_framed({"files": (evil, 0)}))
+    # without the nonce (sent on stdin, never in argv) a body cannot end its section
+    evil = "x\n@@deadbeef>files 0\n@@deadbeef<iptables\n*filter\nCOMMIT\n"
+    secs = split_sections(_framed({"files": (evil, 0)}), nonce=NONCE)
     assert list(secs) == ["files"] and secs["files"].body.decode() == evil
+    assert split_sections(_framed({"files": ("x", 0)}, nonce="deadbeef"), nonce=NONCE) == {}
+
+
+def test_bodies_are_exact_bytes() -> None:
+    for body in ("", "\n", "no newline", "two\nlines\n", "\n\nblank\n\n"):
+        secs = split_sections(_framed({"a": (body, 0), "b": ("x", 3)}), nonce=NONCE)
+        assert secs["a"].body.decode() == body and secs["b"] == Section("b", b"x", 3, "")
 
 
 def test_cut_short_output_is_an_error_not_an_empty_state() -> None:
-    raw = _framed({"pid1": ("sshd\n", 0)}) + b"@@reconciler:begin iptables\nKmZpbHRlcg==\n"
-    secs = split_sections(raw, b"@@reconciler:stderr iptables\niptables-save: oops\n")
+    raw = _framed({"pid1": ("sshd\n", 0)}) + f"\n@@{NONCE}<iptables\n*filter\n".encode()
+    secs = split_sections(raw, _err("iptables", "iptables-save: oops\n"), nonce=NONCE)
     assert secs["iptables"].exit_status is None and secs["iptables"].stderr == "iptables-save: oops"
-    obs = parse_observation("h1", Desired(host="h1"), secs)
+    obs = parse_observation("h1", Desired(host="h1", firewall=FirewallRuleset("")), secs)
     assert obs.iptables is None
     assert any("iptables-save: no answer" in e for e in obs.errors)
+    assert any("files: no answer" in e for e in obs.errors)
+
+
+def test_only_the_sections_the_desired_needs_are_run() -> None:
+    plain, _ = build_script(Desired(host="h1", files=(FileResource("/etc/a", b"", Domain.FILES),)))
+    for probe in ("iptables-save", "ip -d -j addr", "ip xfrm", "swanctl", "kernel_facts", "dpkg-query"):
+        assert f"frame {probe}" not in plain and probe not in plain.split("PID1=unknown")[-1]
+    full, _ = build_script(
+        Desired(
+            host="h1",
+            firewall=FirewallRuleset("*filter\nCOMMIT\n"),
+            tunnels=(Tunnel("t1", "192.0.2.1", "192.0.2.2", "10.99.0.1", "10.99.0.2", "h2"),),
+            handlers=(Handler("charon"),),
+            packages=(Package("apache2"),),
+        )
+    )
+    tail = full.split("PID1=unknown")[-1]
+    for probe in (
+        "iptables-save",
+        "ip -d -j addr",
+        "ip xfrm",
+        "swanctl --list-sas",
+        "kernel_facts",
+        "dpkg-query",
+    ):
+        assert probe in tail, probe
+    # a missing optional section is not an error when the Desired does not need it
+    secs = split_sections(_framed({"files": ("", 0), "hashes": ("", 0), "pid1": ("sshd\n", 0)}), nonce=NONCE)
+    assert parse_observation("h1", Desired(host="h1"), secs).errors == ()
+
+
+def test_pending_reloads_journal() -> None:
+    assert parse_pending_reloads(b"apache2\ncharon\n\napache2\n") == ("apache2", "charon")
+    secs = split_sections(
+        _framed({"files": ("", 0), "hashes": ("", 0), "pid1": ("", 0), "pending": ("apache2\n", 0)}),
+        nonce=NONCE,
+    )
+    assert parse_observation("h1", Desired(host="h1"), secs).pending_reloads == ("apache2",)
+
+
+def test_unexpected_find_error_is_reported_missing_paths_are_not() -> None:
+    ok = split_sections(
+        _framed({"files": ("", 1), "hashes": ("", 0), "pid1": ("sshd\n", 0)}),
+        _err("files", "find: '/etc/x': No such file or directory\n"),
+        nonce=NONCE,
+    )
+    assert parse_observation("h1", Desired(host="h1"), ok).errors == ()
+    bad = split_sections(
+        _framed({"files": ("", 1), "hashes": ("", 0), "pid1": ("sshd\n", 0)}),
+        _err("files", "find: '/etc/x': Input/output error\n"),
+        nonce=NONCE,
+    )
+    assert any("Input/output error" in e for e in parse_observation("h1", Desired(host="h1"), bad).errors)
 
 
 def test_parse_observation_from_recorded_sections() -> None:
@@ -205,11 +284,15 @@ def test_parse_observation_from_recorded_sections() -> None:
         host="h1",
         packages=(Package("strongswan-swanctl"), Package("apache2")),
         services=(Service("charon", status=("true",)),),
+        firewall=FirewallRuleset("*filter\nCOMMIT\n"),
+        handlers=(Handler("charon"),),
+        tunnels=(Tunnel("t1", "192.0.2.1", "192.0.2.2", "10.99.0.1", "10.99.0.2", "h2"),),
     )
     secs = split_sections(
         _framed(
             {
                 "files": ("", 0),
+                "hashes": ("", 0),
                 "pid1": ("sshd\n", 0),
                 "iptables": ("*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -p 50 -j ACCEPT\nCOMMIT\n", 0),
                 "xfrm": (XFRM, 0),
@@ -222,7 +305,8 @@ def test_parse_observation_from_recorded_sections() -> None:
                 "svc.0": ("status 0\n", 0),
                 "inventory": ('[\n "/etc/old"\n]\n', 0),
             }
-        )
+        ),
+        nonce=NONCE,
     )
     obs = parse_observation("h1", desired, secs)
     assert obs.errors == ()
@@ -241,15 +325,16 @@ def test_swanctl_failure_while_charon_runs_is_reported() -> None:
         _framed(
             {
                 "files": ("", 0),
+                "hashes": ("", 0),
                 "charon": ("pidfile 34\npidcomm charon\n", 0),
                 "conns": ("", 1),
                 "sas": ("", 0),
             }
         ),
-        b"@@reconciler:stderr conns\nplugin 'x': failed to load\n"
-        b"connecting to 'unix:///var/run/charon.vici' failed\n",
+        _err("conns", "plugin 'x': failed to load\nconnecting to 'unix:///var/run/charon.vici' failed\n"),
+        nonce=NONCE,
     )
-    obs = parse_observation("h1", Desired(host="h1"), secs)
+    obs = parse_observation("h1", Desired(host="h1", handlers=(Handler("charon"),)), secs)
     assert any("connecting to" in e and "swanctl --list-conns" in e for e in obs.errors)
 
 
@@ -300,38 +385,56 @@ def test_script_never_contains_user_data() -> None:
 
 
 def test_framing_and_stat_with_a_real_sh(tmp_path: Path) -> None:
-    """Run the real prelude with sh on hostile file names and contents (no SSH needed)."""
-    if shutil.which("sh") is None or shutil.which("base64") is None:
-        pytest.skip("needs sh and base64")
-    weird = tmp_path / "we ird\n@@reconciler:end files 0\n$(touch pwned)"
-    weird.write_bytes(b"@@reconciler:begin x\n")
+    """Run the real script with sh on hostile file names and contents (no SSH needed)."""
+    if shutil.which("sh") is None or shutil.which("find") is None:
+        pytest.skip("needs sh and find")
+    weird = tmp_path / "we ird\n@@deadbeef>files 0\n$(touch pwned)\\"
+    weird.write_bytes(b"\n@@deadbeef<x\n")
     (tmp_path / "secret").write_bytes(b"TOPSECRET-CANARY\n")
     (tmp_path / "link").symlink_to("we ird")
+    (tmp_path / "fifo").mkdir()  # a directory where a file is declared: stat only, no hash
     sub = tmp_path / "owned"
     sub.mkdir()
     (sub / "extra file").write_text("x")
-    b = ScriptBuilder()
-    paths = [str(weird), str(tmp_path / "secret"), str(tmp_path / "missing")]
-    b.add(
-        "frame files st_pairs "
-        + " ".join(f"h {b.ref(p)}" for p in paths)
-        + f" n {b.ref(str(tmp_path / 'link'))}"
+    (tmp_path / "inv.json").write_text(f'[\n "{sub}/gone"\n]\n')
+    d = Desired(
+        host="h1",
+        files=(
+            FileResource(str(weird), b"", Domain.FILES),
+            FileResource(str(tmp_path / "secret"), b"", Domain.FILES, secret=True),
+            FileResource(str(tmp_path / "missing"), b"", Domain.FILES),
+            FileResource(str(tmp_path / "fifo"), b"", Domain.FILES),
+        ),
+        links=(LinkResource(str(tmp_path / "link"), "we ird", Domain.FILES),),
+        owned_dirs=(str(sub),),
     )
-    b.add(f"frame owned.0 dir_stat {b.ref(str(sub))}")
-    b.add("frame fails sh -c 'echo oops >&2; exit 3'")
-    proc = subprocess.run(["sh", "-c", b.script(PRELUDE), "sh", *b.args], capture_output=True, timeout=30)
+    script, args = build_script(d, str(tmp_path / "inv.json"), str(tmp_path / "pending"))
+    nonce = new_nonce()
+    proc = subprocess.run(
+        ["sh", "-c", script + "frame fails sh -c 'echo oops >&2; exit 3'\n", "sh", *args],
+        input=f"{nonce}\n".encode(),
+        capture_output=True,
+        timeout=30,
+    )
     assert proc.returncode == 0, proc.stderr
     assert b"TOPSECRET-CANARY" not in proc.stdout
     assert not (tmp_path / "pwned").exists()
-    secs = split_sections(proc.stdout, proc.stderr)
+    secs = split_sections(proc.stdout, proc.stderr, nonce=nonce)
     assert secs["fails"] == Section("fails", b"", 3, "oops")
-    files = parse_file_records(secs["files"].body)
-    assert files[str(weird)].sha256 == hashlib.sha256(b"@@reconciler:begin x\n").hexdigest()
+    obs = parse_observation("h1", d, secs)
+    assert obs.errors == ()
+    files = obs.files
+    assert files[str(weird)].sha256 == hashlib.sha256(b"\n@@deadbeef<x\n").hexdigest()
     assert files[str(tmp_path / "secret")].sha256 == hashlib.sha256(b"TOPSECRET-CANARY\n").hexdigest()
     assert not files[str(tmp_path / "missing")].exists
+    assert files[str(tmp_path / "fifo")].kind == "dir" and files[str(tmp_path / "fifo")].sha256 is None
     assert files[str(tmp_path / "link")].link_target == "we ird"
     assert files[str(tmp_path / "link")].sha256 is None
-    assert list(parse_file_records(secs["owned.0"].body)) == [str(sub / "extra file")]
+    assert files[str(sub / "extra file")].kind == "file"
+    assert obs.inventory == (f"{sub}/gone",)
+    # without the nonce on stdin the script refuses to run
+    bad = subprocess.run(["sh", "-c", script, "sh", *args], capture_output=True, timeout=30)
+    assert bad.returncode == 97 and b"nonce" in bad.stderr
 
 
 class _Recorder:
