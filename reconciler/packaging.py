@@ -159,6 +159,12 @@ no_candidate() {
   case $c in ''|'(none)') return 0 ;; esac
   return 1
 }
+# apt and dpkg lock with fcntl (apt-get below reports the holder's pid); a script that
+# serialises its apt runs with flock(1) on the same file is only visible to flock itself
+if [ -e /var/lib/dpkg/lock-frontend ] && command -v flock >/dev/null 2>&1; then
+  flock -n -E 75 /var/lib/dpkg/lock-frontend true 2>/dev/null
+  if [ $? = 75 ]; then echo "@@APT flocked /var/lib/dpkg/lock-frontend"; status "$@"; exit 0; fi
+fi
 if [ "$verb" = install ]; then
   need_update=0
   for p do if no_candidate "$p"; then need_update=1; fi; done
@@ -262,6 +268,7 @@ def parse_apt_output(verb: str, names: Sequence[str], text: str) -> AptRun:
     tail: list[str] = []
     in_log = False
     ran_ok = False
+    flocked: LockHolder | None = None
     for line in text.splitlines():
         if in_log:
             if line == "@@ENDLOG":
@@ -298,8 +305,10 @@ def parse_apt_output(verb: str, names: Sequence[str], text: str) -> AptRun:
                 would_remove.append(word[1])
             elif word[0] == "error":
                 failed_reason = " ".join(word[1:])
+            elif word[0] == "flocked":
+                flocked = LockHolder(word[1] if len(word) > 1 else "/var/lib/dpkg/lock-frontend")
     output = "\n".join(tail).strip()
-    lock = parse_lock(output) if not ran_ok else None
+    lock = flocked or (parse_lock(output) if not ran_ok else None)
     done: list[str] = []
     failed: list[tuple[str, str]] = []
     for name in names:
