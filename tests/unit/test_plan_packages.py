@@ -9,8 +9,8 @@ from types import MappingProxyType
 
 from reconciler.domains import packages as packages_domain
 from reconciler.fleet.model import FirewallPolicy, Fleet, Host, ManagedFile, Mesh, Role
-from reconciler.observed import FileState, Observed, PackageState, ServiceState
 from reconciler.observe import parse_service
+from reconciler.observed import FileState, Observed, PackageState, ServiceState
 from reconciler.packaging import needed_packages, parse_apt_output, parse_lock
 from reconciler.plan import ActionKind, plan_host
 from reconciler.render import render_host
