@@ -283,19 +283,22 @@ def test_role_purging_a_files_package_wins_and_the_file_is_an_error() -> None:
 # ---------------------------------------------------------------- apt output
 
 
-POSTINST_FAIL = """@@APT failed 100
-@@PKG rcl-hello ii 
-@@PKG rcl-broken iF 
-@@LOG
-Setting up rcl-broken (1.0) ...
-rcl-broken: postinst failing on purpose
-dpkg: error processing package rcl-broken (--configure):
- installed rcl-broken package post-installation script subprocess returned error exit status 1
-Errors were encountered while processing:
- rcl-broken
-E: Sub-process /usr/bin/dpkg returned an error code (1)
-@@ENDLOG
-"""
+POSTINST_FAIL = "\n".join(
+    [
+        "@@APT failed 100",
+        "@@PKG rcl-hello ii ",
+        "@@PKG rcl-broken iF ",
+        "@@LOG",
+        "Setting up rcl-broken (1.0) ...",
+        "rcl-broken: postinst failing on purpose",
+        "dpkg: error processing package rcl-broken (--configure):",
+        " installed rcl-broken package post-installation script subprocess returned error exit status 1",
+        "Errors were encountered while processing:",
+        " rcl-broken",
+        "E: Sub-process /usr/bin/dpkg returned an error code (1)",
+        "@@ENDLOG",
+    ]
+)
 
 
 def test_postinst_failure_names_the_package_its_state_and_the_dpkg_output() -> None:
