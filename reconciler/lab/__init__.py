@@ -10,6 +10,7 @@ from reconciler.lab.capabilities import Capabilities, Capability, probe_capabili
 from reconciler.lab.fleet import specs_from_fleet, specs_from_repo
 from reconciler.lab.lab import Lab
 from reconciler.lab.model import LabError, LabHost, LabHostSpec, LabInfo
+from reconciler.lab.network import VOID_ADDRESS
 
 __all__ = [
     "Capabilities",
@@ -19,6 +20,7 @@ __all__ = [
     "LabHost",
     "LabHostSpec",
     "LabInfo",
+    "VOID_ADDRESS",
     "probe_capabilities",
     "specs_from_fleet",
     "specs_from_repo",

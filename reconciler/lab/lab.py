@@ -55,6 +55,8 @@ def _validate_specs(specs: Sequence[LabHostSpec]) -> None:
         raise LabError(f"a lab has at most 250 hosts, not {len(specs)}")
     names = [s.name for s in specs]
     addrs = [s.address for s in specs]
+    if network.VOID_ADDRESS in addrs:
+        raise LabError(f"lab hosts: {network.VOID_ADDRESS} is kept free (the lab's unreachable address)")
     for label, values in (("name", names), ("address", addrs)):
         dup = sorted({v for v in values if values.count(v) > 1})
         if dup:

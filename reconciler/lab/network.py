@@ -70,6 +70,12 @@ def address_in_use() -> str | None:
     return None
 
 
+# An address on the lab network that no host ever takes: routed into the bridge while a lab is
+# up, so a connection to it stays on the lab and times out (nobody answers ARP). Tests of an
+# unreachable host use it; it never leaves the machine through the uplink.
+VOID_ADDRESS = "192.0.2.250"
+
+
 def create(prefix: str, hosts: Sequence[tuple[str, int, str]]) -> None:
     """Create the bridge, and for each (host name, index, address) a netns, a veth pair and a
     /32 route in the root namespace."""
@@ -95,6 +101,7 @@ def create(prefix: str, hosts: Sequence[tuple[str, int, str]]) -> None:
         [f"link set {veth_name(prefix, i)} master {br} up" for _, i, _ in hosts]
         + [f"link set {br} up"]
         + [f"route replace {addr}/32 dev {br} src {BRIDGE_ADDRESS}" for _, _, addr in hosts]
+        + [f"route replace {VOID_ADDRESS}/32 dev {br} src {BRIDGE_ADDRESS}"]
     )
 
 

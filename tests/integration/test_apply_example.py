@@ -18,7 +18,7 @@ from reconciler.commands.keys import collect
 from reconciler.connection import ConnectionPool, targets_for
 from reconciler.engine import APPLIED, ERROR, IN_SYNC, apply_planned, plan_fleet, reconcile_fleet
 from reconciler.fleet.load import load_fleet
-from reconciler.lab import Lab, specs_from_fleet
+from reconciler.lab import VOID_ADDRESS, Lab, specs_from_fleet
 from reconciler.observe import PRELUDE, observe_host
 from reconciler.plan import plan_host
 from reconciler.render import render_host
@@ -233,12 +233,12 @@ async def test_unreachable_host_times_out_while_others_converge(lab: Lab, repo: 
     # drift one file on every other host, so they have something to converge
     for h in fleet.hosts[:-1]:
         lab.exec(h.name, ["sh", "-c", "echo drift >> /etc/motd"])
-    # 192.0.2.200: on the lab network, nobody there -> connect times out
-    async with pool_for(lab, fleet, override={gone.name: "192.0.2.200"}, connect_timeout=2.0) as pool:
+    # the lab's void address: routed into the lab bridge, nobody there -> connect times out
+    async with pool_for(lab, fleet, override={gone.name: VOID_ADDRESS}, connect_timeout=2.0) as pool:
         pool.retries = 0
         result = await reconcile_fleet(fleet, None, pool, apply=True, firewall_window=WINDOW)
     by = {o.host: o for o in result.hosts}
-    assert by[gone.name].status == ERROR and "192.0.2.200" in (by[gone.name].error or "")
+    assert by[gone.name].status == ERROR and VOID_ADDRESS in (by[gone.name].error or "")
     for h in fleet.hosts[:-1]:
         assert by[h.name].status == APPLIED, (h.name, by[h.name].error)
         assert "drift" not in sh(lab, h.name, "cat /etc/motd")

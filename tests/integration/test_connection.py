@@ -26,13 +26,13 @@ from reconciler.connection import (
     SshTarget,
 )
 from reconciler.errors import HostKeyRefused, Transient
-from reconciler.lab import Lab, LabHostSpec
+from reconciler.lab import VOID_ADDRESS, Lab, LabHostSpec
 from tests.faults.proxy import FaultProxy
 
 pytestmark = [pytest.mark.lab]
 
 HOSTS = [LabHostSpec(f"c{i}", f"192.0.2.{30 + i}") for i in range(1, 5)]
-UNASSIGNED = "192.0.2.250"  # inside the lab subnet, no host: packets go nowhere
+UNASSIGNED = VOID_ADDRESS  # routed into the lab bridge, no host there: packets go nowhere
 
 
 @pytest.fixture(scope="module")
