@@ -274,7 +274,7 @@ def parse_apt_output(verb: str, names: Sequence[str], text: str) -> AptRun:
             if line == "@@ENDLOG":
                 in_log = False
             else:
-                tail.append(line)
+                tail.append(line.rstrip("\r").split("\r")[-1])  # dpkg's progress: keep the last state
             continue
         if line == "@@LOG":
             in_log = True
