@@ -6,8 +6,9 @@ Measures, per fleet size:
   plan warm    same pool again (connections open): observe + plan, no-op
   plan drift   one drifted file per host (warm): observe (+ content fetch) + plan
   apply        the drifted plans applied (stage, validate, swap, inventory, re-observe)
-Run as root:  python bench/bench_engine.py [--sizes 10,50,100] [--files 24]
-Writes bench/results/engine.md.
+Run as root:  python bench/bench_engine.py [--sizes 10,50,100] [--files 24] [--tools-bin VENV/bin]
+              [--ansible-max 50]
+Writes bench/results/engine.md (ratios to the floor and to the other tools included).
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ def tool(name: str, bindir: str | None) -> str | None:
     return shutil.which(name)
 
 
-def compare_tools(lab: Lab, nfiles: int, bindir: str | None) -> dict[str, float]:
+def compare_tools(lab: Lab, nfiles: int, bindir: str | None, *, ansible_ok: bool = True) -> dict[str, float]:
     """The same files with ansible-playbook --check --diff and pyinfra --dry (no-op, then one
     drifted file per host), fresh SSH connections each run, strict host keys."""
     out: dict[str, float] = {}
@@ -156,7 +157,7 @@ def compare_tools(lab: Lab, nfiles: int, bindir: str | None) -> dict[str, float]
         for f in desired[n].files:
             (d / Path(f.path).name).write_bytes(f.content)
     key, kh = str(lab.info.client_key), str(lab.info.known_hosts)
-    ansible = tool("ansible-playbook", bindir)
+    ansible = tool("ansible-playbook", bindir) if ansible_ok else None
     pyinfra = tool("pyinfra", bindir)
     if ansible:
         inv = work / "hosts.ini"
@@ -245,6 +246,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="10,50,100")
     ap.add_argument("--files", type=int, default=24)
     ap.add_argument("--tools-bin", help="directory with ansible-playbook and pyinfra (e.g. a venv's bin)")
+    ap.add_argument("--ansible-max", type=int, default=50, help="skip ansible above this many hosts")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     rows: dict[int, dict[str, float]] = {}
@@ -254,7 +256,7 @@ def main() -> None:
         lab = Lab.up(specs, ready_timeout=300, lock_timeout=3000)
         try:
             rows[n] = asyncio.run(measure(lab, args.files))
-            rows[n].update(compare_tools(lab, args.files, args.tools_bin))
+            rows[n].update(compare_tools(lab, args.files, args.tools_bin, ansible_ok=n <= args.ansible_max))
         finally:
             lab.down()
         print(n, {k: round(v, 2) for k, v in rows[n].items()}, flush=True)
@@ -274,6 +276,25 @@ def main() -> None:
         lines.append(
             f"| {k} | " + " | ".join(f"{rows[n][k]:.2f}" if k in rows[n] else "–" for n in sizes) + " |"
         )
+    ratios = {
+        "no-op plan cold / floor": ("no-op plan, cold", "floor (1 cmd, fresh conn)", False),
+        "pyinfra --dry no-op / our no-op plan cold": ("pyinfra --dry, no-op", "no-op plan, cold", True),
+        "ansible --check no-op / our no-op plan cold": (
+            "ansible-playbook --check --diff, no-op",
+            "no-op plan, cold",
+            True,
+        ),
+    }
+    lines += [
+        "",
+        "| ratio (same run) | " + " | ".join(f"{n} hosts" for n in sizes) + " |",
+        "|---|" + "---|" * len(sizes),
+    ]
+    for label, (num, den, _) in ratios.items():
+        cells = [
+            f"{rows[n][num] / rows[n][den]:.1f}x" if num in rows[n] and den in rows[n] else "–" for n in sizes
+        ]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "*floor*: the least any SSH-based tool can do: open a fresh connection to every host and run",

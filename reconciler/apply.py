@@ -39,7 +39,7 @@ import secrets
 import shlex
 import tarfile
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, cast
 
@@ -50,6 +50,7 @@ from reconciler.log import get_logger
 from reconciler.observe import observe_host
 from reconciler.plan import (
     FILE_KINDS,
+    INTERRUPTED,
     INVENTORY_PATH,
     Action,
     ActionKind,
@@ -74,6 +75,12 @@ from reconciler.resources import (
 log = get_logger(__name__)
 
 DEFAULT_TIMEOUT = 120.0
+# handlers whose files are live but not yet reloaded; observe reads it (Observed.pending_reloads)
+PENDING_RELOADS_PATH = "/var/lib/reconciler/pending-reloads"
+# Fault injection for tests only: awaited with the host name right after the swap, before any
+# reload (a test kills the SSH session there). Never set in production code.
+FAULT_AFTER_SWAP: Callable[[str], Awaitable[None]] | None = None
+PROBE_WAIT = 15.0  # seconds a post-reload probe waits for the new configuration to be live
 
 
 class _Result(Protocol):
@@ -135,6 +142,21 @@ class ApplyResult:
     def changed(self) -> int:
         return sum(1 for o in self.outcomes if o.status == "done" and o.action.kind is not ActionKind.RELOAD)
 
+    def applied(self) -> tuple[str, ...]:
+        """What this apply changed on the host (reloads included)."""
+        return tuple(f"{o.action.kind} {o.action.resource}" for o in self.outcomes if o.status == "done")
+
+    def not_applied(self) -> tuple[str, ...]:
+        """What was attempted but failed, or held back because something it depends on failed."""
+        return tuple(
+            f"{o.action.kind} {o.action.resource}" for o in self.outcomes if o.status in ("failed", "skipped")
+        )
+
+    @property
+    def partial(self) -> bool:
+        """Some changes applied, others failed or were held back (independent ones still ran)."""
+        return not self.ok and bool(self.applied()) and bool(self.not_applied())
+
     def as_dict(self) -> dict[str, object]:
         return {
             "host": self.host,
@@ -143,6 +165,9 @@ class ApplyResult:
             "rolled_back": self.rolled_back,
             "reloaded": list(self.reloaded),
             "messages": list(self.messages),
+            "partial": self.partial,
+            "applied": list(self.applied()),
+            "not_applied": list(self.not_applied()),
             "outcomes": [o.as_dict() for o in self.outcomes],
             "remaining": [a.as_dict() for a in self.verify.actions] if self.verify else [],
             "seconds": round(self.seconds, 3),
@@ -181,6 +206,16 @@ class _Run:
         self.stopped: str | None = None  # why the remaining actions were skipped
         self.failed_handlers: set[str] = set()
         self.swapped: dict[int, bool] = {}  # action index -> had a backup
+        # the pending-reloads journal: handlers swapped in (or left over from an interrupted
+        # apply) whose reload has not run yet; None = this apply never touched the journal
+        self.journal: set[str] | None = None
+        interrupted = {
+            a.handler
+            for a in plan.actions
+            if a.kind is ActionKind.RELOAD and a.handler and INTERRUPTED in a.reason
+        }
+        if interrupted:
+            self.journal = set(interrupted)
         self.transient: list[str] = []
 
     def mark(self, idx: int, status: str, message: str = "") -> None:
@@ -218,6 +253,8 @@ async def apply_host(
             await _keypairs(run)
             phase = "files"
             await _files(run)
+            if FAULT_AFTER_SWAP is not None:
+                await FAULT_AFTER_SWAP(host)
             phase = "tunnels"
             await _tunnels(run)
             await _addresses(run)
@@ -478,16 +515,87 @@ async def _files(run: _Run) -> None:
             _fail_handlers(run, idx)
             return
     # validate
-    problems = await _validate(run, idx)
-    if problems:
-        await _unstage(run, staged)
-        msg = "validation failed; live files untouched, nothing reloaded:\n" + "\n".join(problems)
-        for i in idx:
-            run.mark(i, "failed", "validation failed")
-        run.messages.append(msg)
-        _fail_handlers(run, idx)
-        return
+    failures = await _validate(run, idx)
+    if failures:
+        blocked = _blocked_by(run, idx, failures)
+        await _unstage(run, [i for i in staged if i in blocked])
+        _report_blocked(run, idx, failures, blocked)
+        idx = [i for i in idx if i not in blocked]
+        if not idx:
+            return
     await _swap(run, idx)
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """One validator that failed, and what it was validating."""
+
+    label: str
+    message: str
+    handler: str | None = None  # a handler validator (its whole tree)
+    action: int | None = None  # a file's own validator
+    unknown: bool = False  # validation did not finish: nothing is known to be valid
+
+
+def _blocked_by(run: _Run, idx: list[int], failures: list[_Failure]) -> dict[int, str]:
+    """The file actions a validation failure holds back, each with the reason: the file that
+    failed its own validator, every change of a handler whose validation failed (or that owns
+    such a file), and every change of a handler whose validated tree holds a held-back change
+    (its validation assumed that change). Independent changes are not held back."""
+    actions = run.plan.actions
+    if any(f.unknown for f in failures):
+        return dict.fromkeys(idx, "validation did not finish")
+    bad_files = {f.action for f in failures if f.action is not None}
+    bad_handlers = {f.handler for f in failures if f.handler}
+    bad_handlers |= {h for i in bad_files if (h := actions[i].handler)}
+    while True:
+        held = [i for i in idx if i in bad_files or actions[i].handler in bad_handlers]
+        paths = [actions[i].path for i in held if actions[i].path]
+        more = set()
+        for i in idx:
+            name = actions[i].handler
+            if not name or name in bad_handlers:
+                continue
+            try:
+                roots = [v.tree_root for v in run.desired.handler(name).validators if v.tree_root]
+            except KeyError:
+                continue
+            if any(p and r and (p + "/").startswith(r.rstrip("/") + "/") for p in paths for r in roots):
+                more.add(name)
+        if not more:
+            break
+        bad_handlers |= more
+    out: dict[int, str] = {}
+    for i in idx:
+        a = actions[i]
+        if i in bad_files:
+            out[i] = "its validation failed"
+        elif a.handler in bad_handlers:
+            out[i] = f"validation of {a.handler} failed"
+    return out
+
+
+def _report_blocked(run: _Run, idx: list[int], failures: list[_Failure], blocked: dict[int, str]) -> None:
+    actions = run.plan.actions
+    direct = {f.action for f in failures if f.action is not None}
+    for i, why in blocked.items():
+        run.mark(i, "failed" if i in direct or "did not finish" in why else "skipped", f"not applied: {why}")
+        h = actions[i].handler
+        if h:
+            run.failed_handlers.add(h)
+    held = [actions[i].resource for i in idx if i in blocked]
+    going = [actions[i].resource for i in idx if i not in blocked]
+    msg = "validation failed:\n" + "\n".join(f.message for f in failures)
+    msg += f"\nnot applied (live files untouched, not reloaded): {', '.join(held)}"
+    if going:
+        msg += f"\nindependent changes still applied: {', '.join(going)}"
+    run.messages.append(msg)
+    # services named after a held-back handler would start on the old configuration
+    for i in run.indices({ActionKind.START_SERVICE}):
+        t = actions[i].target
+        if isinstance(t, Service) and t.name in run.failed_handlers:
+            run.mark(i, "skipped", f"not started: the configuration of {t.name} did not validate")
+            run.messages.append(f"service {t.name} not started: its configuration did not validate")
 
 
 def _fail_handlers(run: _Run, idx: list[int]) -> None:
@@ -531,25 +639,28 @@ def _quote_with_tree(text: str, marker: str) -> str:
     return '"$tree"'.join(q(p) if p else "" for p in pieces) or "''"
 
 
-async def _validate(run: _Run, idx: list[int]) -> list[str]:
-    """Run every relevant validator in one round trip; return the failures' messages."""
+async def _validate(run: _Run, idx: list[int]) -> list[_Failure]:
+    """Run every relevant validator in one round trip; return the failures."""
     actions = run.plan.actions
     changed = [i for i in idx if actions[i].kind in (ActionKind.CREATE, ActionKind.UPDATE, ActionKind.RELINK)]
     changed += [i for i in idx if actions[i].kind is ActionKind.DELETE]
     lines = ["set -u", "rc_all=0"]
     labels: list[str] = []
+    owners: list[tuple[str | None, int | None]] = []
+    mark = f"@@V-{run.token} "  # a validator's own output cannot forge it (random per apply)
 
-    def add(label: str, body: list[str], needs: str | None) -> None:
+    def add(label: str, body: list[str], needs: str | None, owner: tuple[str | None, int | None]) -> None:
         n = len(labels)
         labels.append(label)
+        owners.append(owner)
         guard = f"command -v {q(needs)} >/dev/null 2>&1" if needs else "true"
         lines.append(f"if {guard}; then")
         lines.append("  out=$( {")
         lines.extend("    " + b for b in body)
         lines.append("  } 2>&1 ); rc=$?")
-        lines.append(f"  echo '@@V {n}' $rc; printf '%s\\n' \"$out\"")
+        lines.append(f"  echo '{mark}{n}' $rc; printf '%s\\n' \"$out\"")
         lines.append("else")
-        lines.append(f"  echo '@@V {n} skip'")
+        lines.append(f"  echo '{mark}{n} skip'")
         lines.append("fi")
 
     # the files' own validators, on the staged file
@@ -562,6 +673,7 @@ async def _validate(run: _Run, idx: list[int]) -> list[str]:
                     f"{t.path}: {' '.join(v.argv)}",
                     [_validator_cmd(v, path=sp, tree_var=False)],
                     v.needs_command,
+                    (None, i),
                 )
     # handler validators on a staged copy of the whole tree
     handlers = sorted({hn for i in changed if (hn := actions[i].handler)})
@@ -602,14 +714,14 @@ async def _validate(run: _Run, idx: list[int]) -> list[str]:
                 body = ["("] + ["  " + b for b in body] + [")"]
             else:
                 body.append(f"cd / && {_validator_cmd(v, path=None, tree_var=False)}")
-            add(f"{name}: {' '.join(v.argv)}", body, v.needs_command)
+            add(f"{name}: {' '.join(v.argv)}", body, v.needs_command, (name, None))
     if not labels:
         return []
     conn = await run.conn()
     res = await conn.run_script("\n".join(lines) + "\n", timeout=DEFAULT_TIMEOUT)
     out = res.stdout.decode(errors="replace")
-    problems: list[str] = []
-    chunks = out.split("@@V ")[1:]
+    problems: list[_Failure] = []
+    chunks = out.split(mark)[1:]
     seen = set()
     for chunk in chunks:
         head, _, body_text = chunk.partition("\n")
@@ -623,15 +735,45 @@ async def _validate(run: _Run, idx: list[int]) -> list[str]:
         if parts[1] == "skip":
             run.messages.append(f"validator skipped ({labels[n]}): its command is not installed")
         elif parts[1] != "0":
-            problems.append(f"{labels[n]} (exit {parts[1]}):\n{body_text.strip()[-3000:]}")
+            message = f"{labels[n]} (exit {parts[1]}):\n{body_text.strip()[-3000:]}"
+            problems.append(_Failure(labels[n], message, handler=owners[n][0], action=owners[n][1]))
     if len(seen) < len(labels):
-        problems.append(f"validation did not finish (exit {res.exit_status}): {_text(res)[-2000:]}")
+        problems.append(
+            _Failure(
+                "validation",
+                f"validation did not finish (exit {res.exit_status}): {_text(res)[-2000:]}",
+                unknown=True,
+            )
+        )
     return problems
+
+
+def _journal_lines(names: set[str], token: str) -> list[str]:
+    """Shell lines that write (temp + rename) or clear the pending-reloads journal."""
+    jp = q(PENDING_RELOADS_PATH)
+    if not names:
+        return [f"rm -f {jp}"]
+    tmp = q(staged_path(PENDING_RELOADS_PATH, token))
+    body = " ".join(q(n) for n in sorted(names))
+    return [
+        f"mkdir -p {q(posixpath.dirname(PENDING_RELOADS_PATH))} && printf '%s\\n' {body} > {tmp} "
+        f"&& mv -f {tmp} {jp}"
+    ]
 
 
 async def _swap(run: _Run, idx: list[int]) -> None:
     actions = run.plan.actions
     lines = ["set -u"]
+    reloading = {a.handler for a in actions if a.kind is ActionKind.RELOAD and a.handler}
+    touched = {h for i in idx if (h := actions[i].handler) in reloading}
+    if touched:
+        # written BEFORE anything goes live: if the apply is cut off before the reloads, the
+        # next observation finds the handlers here and the next plan reloads them
+        run.journal = (run.journal or set()) | touched
+        lines += [
+            f"{ln} || {{ echo 'cannot write the pending-reloads journal' >&2; exit 20; }}"
+            for ln in _journal_lines(run.journal, run.token)
+        ]
     for i in idx:
         a = actions[i]
         p = a.path
@@ -775,6 +917,56 @@ async def _addresses(run: _Run) -> None:
 # ---------------------------------------------------------------- reloads and services
 
 
+# Apache: ``apache2ctl graceful`` returns 0 once it has SIGNALLED the master; the master then
+# re-reads the configuration and replaces its children with a new generation. If the master
+# cannot take the new configuration (a failure -t cannot see: a port it cannot bind, a file
+# that vanished, a module that fails at init) it exits, or keeps the old generation serving.
+# So after the command: the master of the pid file must still be alive (same PID) and at least
+# one child it started AFTER the reload must exist. The children are read from
+# /proc/PID/task/PID/children (or /proc/*/stat when the kernel lacks it).
+# $1 pid file, $2 seconds to wait, then the reload argv.
+APACHE_GRACEFUL = r"""
+set -u
+pidfile=$1; wait=$2; shift 2
+kids() {
+  if [ -r "/proc/$1/task/$1/children" ]; then k=; read -r k < "/proc/$1/task/$1/children"; echo $k
+  else
+    for f in /proc/[0-9]*/stat; do
+      read -r p c s pp rest < "$f" 2>/dev/null && [ "$pp" = "$1" ] && echo "$p"
+    done
+  fi
+}
+read -r master < "$pidfile" 2>/dev/null || master=
+before=" $( [ -n "$master" ] && kids "$master" | tr '\n' ' ') "
+out=$("$@" 2>&1); rc=$?
+printf '%s\n' "$out"
+[ $rc -eq 0 ] || exit $rc
+[ -n "$master" ] || { echo "@@PROBE no pid file $pidfile before the reload"; exit 0; }
+i=0; max=$(( wait * 10 ))
+while [ $i -lt $max ]; do
+  st=; read -r _p _c st _r < "/proc/$master/stat" 2>/dev/null
+  if ! kill -0 "$master" 2>/dev/null || [ "$st" = Z ] || [ -z "$st" ]; then
+    echo "@@PROBE-FAIL the master (pid $master) died after the reload"; exit 71
+  fi
+  for k in $(kids "$master"); do
+    case $before in
+      *" $k "*) ;;
+      *) echo "@@PROBE new worker generation (pid $k) under master $master"; exit 0;;
+    esac
+  done
+  sleep 0.1; i=$((i+1))
+done
+echo "@@PROBE-FAIL no new worker generation under master $master within ${wait}s:" \
+  "the old configuration keeps serving"
+exit 72
+"""
+APACHE_PID_FILE = "/var/run/apache2/apache2.pid"
+
+
+def _is_apache_graceful(argv: Sequence[str]) -> bool:
+    return bool(argv) and posixpath.basename(argv[0]) == "apache2ctl" and "graceful" in argv[1:]
+
+
 async def _reload_once(run: _Run, handler: str) -> tuple[bool, str]:
     h = run.desired.handler(handler)
     conn = await run.conn()
@@ -784,6 +976,18 @@ async def _reload_once(run: _Run, handler: str) -> tuple[bool, str]:
             return True, "not running: nothing to reload"
     if not h.reload:
         return True, ""
+    if _is_apache_graceful(h.reload):
+        # probe after reload: the new configuration must be live, not just signalled
+        res = await conn.run_script(
+            APACHE_GRACEFUL,
+            args=(APACHE_PID_FILE, f"{PROBE_WAIT:g}", *h.reload),
+            timeout=DEFAULT_TIMEOUT + PROBE_WAIT,
+        )
+        text = _text(res)[-2000:]
+        if res.exit_status in (71, 72):
+            detail = text.split("@@PROBE-FAIL", 1)[-1].strip()
+            return False, f"{shlex.join(h.reload)} returned 0, but {detail}"
+        return res.exit_status == 0, text.replace("@@PROBE ", "probe: ")
     res = await conn.run(h.reload, timeout=DEFAULT_TIMEOUT)
     return res.exit_status == 0, _text(res)[-2000:]
 
@@ -797,6 +1001,8 @@ async def _reloads(run: _Run) -> None:
             run.mark(i, "skipped", "its changes did not apply: nothing reloaded")
             continue
         ok, text = await _reload_once(run, name)
+        if run.journal is not None:
+            run.journal.discard(name)  # the reload ran: no longer pending, whatever its outcome
         if ok:
             run.reloaded.append(name)
             run.mark(i, "done", text)
@@ -830,30 +1036,54 @@ async def _services(run: _Run) -> None:
             run.messages.append(f"service {s.name}: {outcome.message}")
 
 
+# $1 inventory path ("" = do not record), $2 temp suffix, $3 journal path; then "--", journal
+# lines (or "-" to leave the journal alone, nothing to clear it), "--", backups to remove.
+# stdin: the inventory.
+FINISH = r"""
+set -u
+inv=$1; tmpsfx=$2; j=$3; shift 4
+if [ "${1:-}" = - ]; then shift
+elif [ "${1:-}" = -- ]; then rm -f "$j" || echo "@@J cannot clear $j"
+else
+  mkdir -p "${j%/*}"; t="${j%/*}/.pending-reloads.reconciler-$tmpsfx"; : > "$t"
+  while [ $# -gt 0 ] && [ "$1" != -- ]; do printf '%s\n' "$1" >> "$t"; shift; done
+  mv -f "$t" "$j" || echo "@@J cannot write $j"
+fi
+[ "${1:-}" = -- ] && shift
+[ $# -eq 0 ] || rm -f -- "$@"
+if [ -n "$inv" ]; then
+  d=${inv%/*}; t="$d/.inventory.json.reconciler-$tmpsfx"
+  if mkdir -p "$d" && cat > "$t" && mv -f "$t" "$inv"; then echo "@@INV ok"
+  else rm -f "$t"; echo "@@INV failed"; fi
+fi
+"""
+
+
 async def _finish(run: _Run) -> None:
-    """Remove this apply's backups; record the inventory if every action succeeded."""
+    """One round trip: remove this apply's backups, bring the pending-reloads journal up to
+    date (cleared once every pending reload ran), record the inventory if every action
+    succeeded."""
     backups = [backup_path(run.plan.actions[i].path or "", run.token) for i, b in run.swapped.items() if b]
     all_ok = not any(o.status in ("failed", "skipped") for o in run.outcomes.values())
     record = [i for i in run.indices({ActionKind.RECORD_INVENTORY})]
-    conn = await run.conn()
-    if backups:
-        await conn.run(["rm", "-f", "--", *backups], timeout=DEFAULT_TIMEOUT)
     if not all_ok:
         for i in record:
             run.mark(i, "skipped", "not recorded: the apply did not fully succeed")
+    journal = ["-"] if run.journal is None else sorted(run.journal)
+    if run.journal is None and not backups and not all_ok:
         return
-    d = posixpath.dirname(INVENTORY_PATH)
-    script = (
-        'set -e; d=$1; f=$2; mkdir -p "$d"; tmp="$d/.inventory.json.reconciler-$3"; '
-        'cat > "$tmp"; mv -f "$tmp" "$f"'
-    )
+    args = (INVENTORY_PATH if all_ok else "", run.token, PENDING_RELOADS_PATH, "--", *journal, "--", *backups)
+    conn = await run.conn()
     res = await conn.run_script(
-        script,
-        args=(d, INVENTORY_PATH, run.token),
-        stdin_after=inventory_json(run.plan.inventory),
-        timeout=60,
+        FINISH, args=args, stdin_after=inventory_json(run.plan.inventory) if all_ok else None, timeout=60
     )
+    out = res.stdout.decode(errors="replace")
+    if "@@J " in out:
+        run.messages.append(out.split("@@J ", 1)[1].splitlines()[0])
+    if not all_ok:
+        return
+    ok = "@@INV ok" in out
     for i in record:
-        run.mark(i, "done" if res.exit_status == 0 else "failed", _text(res))
-    if res.exit_status != 0:
+        run.mark(i, "done" if ok else "failed", "" if ok else _text(res))
+    if not ok:
         run.messages.append(f"could not record the inventory: {_text(res)}")

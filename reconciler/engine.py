@@ -213,6 +213,11 @@ async def _apply_one(outcome: HostOutcome, pool: Any, firewall_window: float) ->
         )
     status = APPLIED if result.ok else FAILED
     error = None if result.ok else "; ".join(result.messages[-3:]) or "apply failed"
+    if result.partial:
+        error = (
+            f"partially applied: {len(result.applied())} change(s) applied, "
+            f"{len(result.not_applied())} not applied; {error}"
+        )
     return replace(
         outcome,
         status=status,

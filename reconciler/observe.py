@@ -723,6 +723,7 @@ async def observe_host(
     fetch_diffs: bool = True,
     timeout: float | None = None,
     inventory_path: str = INVENTORY_PATH,
+    pending_path: str = PENDING_RELOADS_PATH,
 ) -> Observed:
     """Observe one host: one round trip, plus one more only for diff contents / odd paths.
 
@@ -730,7 +731,7 @@ async def observe_host(
     a probe that fails inside the script is reported in ``Observed.errors``.
     """
     started = time.monotonic()
-    script, args = build_script(desired, inventory_path)
+    script, args = build_script(desired, inventory_path, pending_path)
     nonce = new_nonce()
     result = await conn.run_script(script, args=args, stdin_after=f"{nonce}\n".encode(), timeout=timeout)
     _check(conn, result, nonce)

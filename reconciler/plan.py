@@ -271,6 +271,7 @@ def plan_host(desired: Desired, observed: Observed) -> HostPlan:
     actions = [deps.annotate(a, desired) for a in actions]
     actions.sort(key=lambda a: (int(a.domain), _KIND_ORDER.get(a.kind, 9), a.resource))
     actions = _insert_reloads(actions, desired)
+    actions = _interrupted_reloads(actions, desired, observed)
 
     inventory = managed_paths(desired)
     if actions or tuple(sorted(observed.inventory)) != inventory:
@@ -775,6 +776,27 @@ def _insert_reloads(actions: list[Action], desired: Desired) -> list[Action]:
                     after_package=after[0] if after else None,
                 )
             )
+    return out
+
+
+INTERRUPTED = "a previous apply was interrupted before reloading"
+
+
+def _interrupted_reloads(actions: list[Action], desired: Desired, observed: Observed) -> list[Action]:
+    """A reload for every handler in the host's pending-reloads journal (an apply swapped its
+    files in and was cut off before reloading it) that is still desired and has a reload."""
+    out = list(actions)
+    for name in observed.pending_reloads:
+        h = next((x for x in desired.handlers if x.name == name), None)
+        if h is None or not h.reload:
+            continue  # left the fleet, or nothing to reload
+        at = next((i for i, a in enumerate(out) if a.kind is ActionKind.RELOAD and a.handler == name), None)
+        if at is not None:
+            out[at] = replace(out[at], reason=f"{out[at].reason}; {INTERRUPTED}")
+            continue
+        domain = min((f.domain for f in desired.files if f.handler == name), default=Domain.FILES)
+        pos = sum(1 for a in out if int(a.domain) <= int(domain))
+        out.insert(pos, Action(ActionKind.RELOAD, f"handler {name}", domain, INTERRUPTED, handler=name))
     return out
 
 
