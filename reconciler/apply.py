@@ -1009,7 +1009,12 @@ async def _reloads(run: _Run) -> None:
             continue
         restore_text = await _restore(run, name)
         ok2, text2 = await _reload_once(run, name)
-        again = "reloaded with the old files" if ok2 else f"reload with the old files failed too: {text2}"
+        if ok2 and text2.startswith("not running"):
+            again = "the service is not running any more (a declared service is started by the next apply)"
+        elif ok2:
+            again = "reloaded with the old files"
+        else:
+            again = f"reload with the old files failed too: {text2}"
         msg = f"reload of {name} failed: {text}; its files were restored and {again}"
         if restore_text:
             msg += f" ({restore_text})"

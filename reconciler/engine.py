@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
@@ -123,6 +124,26 @@ class FleetResult:
         return {"hosts": [h.as_dict() for h in self.hosts], "exit_code": self.exit_code()}
 
 
+# Rendering is pure and deterministic, so a host's Desired is computed once per Fleet object
+# (the daemon keeps one Fleet per verified commit and reconciles its hosts again and again).
+# Keyed by id() (a Fleet holds mappings: it is not hashable) and dropped with the Fleet.
+_RENDERED: dict[int, tuple[weakref.ref[Fleet], dict[str, Desired]]] = {}
+
+
+def render_cached(fleet: Fleet, name: str) -> Desired:
+    key = id(fleet)
+    entry = _RENDERED.get(key)
+    if entry is None or entry[0]() is not fleet:
+        ref = weakref.ref(fleet, lambda _r, k=key: _RENDERED.pop(k, None))  # type: ignore[misc]
+        entry = (ref, {})
+        _RENDERED[key] = entry
+    desired = entry[1].get(name)
+    if desired is None:
+        desired = render_host(fleet, fleet.host(name))
+        entry[1][name] = desired
+    return desired
+
+
 def select_hosts(fleet: Fleet, hosts: Iterable[str] | None) -> list[str]:
     """The host names to work on (all when ``hosts`` is empty); unknown names are an error."""
     names = list(fleet.host_names())
@@ -138,7 +159,7 @@ def select_hosts(fleet: Fleet, hosts: Iterable[str] | None) -> list[str]:
 async def _plan_one(fleet: Fleet, name: str, pool: Any, records: list[CommandRecord] | None) -> HostOutcome:
     started = time.monotonic()
     try:
-        desired = render_host(fleet, fleet.host(name))
+        desired = render_cached(fleet, name)
     except ReconcilerError as err:
         return HostOutcome(name, ERROR, error=f"render: {err}", seconds=time.monotonic() - started)
     try:

@@ -292,3 +292,23 @@ def test_apache_graceful_is_recognised() -> None:
     assert apply_mod._is_apache_graceful(("/usr/sbin/apache2ctl", "-k", "graceful"))
     assert not apply_mod._is_apache_graceful(("service", "apache2", "reload"))
     assert sys.version_info >= (3, 11)
+
+
+def test_render_is_cached_per_fleet_object() -> None:
+    import gc
+    from pathlib import Path as _P
+
+    from reconciler import engine
+    from reconciler.fleet.load import load_fleet
+
+    repo = _P(__file__).resolve().parents[2] / "fleet-repo-example"
+    fleet = load_fleet(repo)
+    name = fleet.hosts[0].name
+    first = engine.render_cached(fleet, name)
+    assert engine.render_cached(fleet, name) is first  # no second render for the same Fleet
+    again = load_fleet(repo)
+    assert engine.render_cached(again, name) is not first and engine.render_cached(again, name) == first
+    key = id(fleet)
+    del fleet, first
+    gc.collect()
+    assert key not in engine._RENDERED  # dropped with its Fleet
