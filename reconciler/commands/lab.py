@@ -43,6 +43,13 @@ def register(sub: Any) -> None:
     st = lab_sub.add_parser("status", help="the running lab and what this kernel can do")
     st.add_argument("--json", action="store_true")
 
+    ex = lab_sub.add_parser(
+        "exec",
+        help="run a command inside a lab host, without SSH (e.g. a hand edit to show drift)",
+    )
+    ex.add_argument("host", help="lab host name")
+    ex.add_argument("argv", nargs=argparse.REMAINDER, help="-- COMMAND [ARG...]")
+
     down = lab_sub.add_parser("down", help="remove a lab (also crash leftovers)")
     which = down.add_mutually_exclusive_group()
     which.add_argument("--prefix", default=None, help="the lab to remove (default: the current one)")
@@ -58,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
             return _up(args)
         if args.lab_command == "status":
             return _status(args)
+        if args.lab_command == "exec":
+            return _exec(args)
         return _down(args)
     except LabError as exc:
         print(f"reconciler lab: {exc}", file=sys.stderr)
@@ -114,6 +123,31 @@ def _up(args: argparse.Namespace) -> int:
     )
     print(f"stop: reconciler lab down --prefix {info.prefix}")
     return 0
+
+
+def _exec(args: argparse.Namespace) -> int:
+    from reconciler.lab import Lab
+
+    argv = list(args.argv)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        print("reconciler lab exec: give a command: lab exec HOST -- COMMAND [ARG...]", file=sys.stderr)
+        return 2
+    info = Lab.current()
+    if info is None:
+        print("reconciler lab exec: no lab is up (reconciler lab up)", file=sys.stderr)
+        return 1
+    try:
+        info.host(args.host)
+    except KeyError:
+        names = ", ".join(h.name for h in info.hosts)
+        print(f"reconciler lab exec: no host {args.host} in lab {info.prefix} ({names})", file=sys.stderr)
+        return 1
+    proc = Lab.attach(info.prefix).exec(args.host, argv, timeout=600)
+    sys.stdout.buffer.write(proc.stdout)
+    sys.stderr.buffer.write(proc.stderr)
+    return proc.returncode
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -313,6 +313,14 @@ def test_cli_fleet_lab_up_status_down() -> None:
             ssh_argv(current, "192.0.2.22", "hostname"), capture_output=True, text=True, timeout=30
         )
         assert r.stdout.strip() == "db2"
+        # a hand edit through `lab exec` lands on that host only
+        ex = _cli("lab", "exec", "web1", "--", "sh", "-c", "echo hand-edit >> /etc/motd; hostname")
+        assert ex.returncode == 0 and ex.stdout.strip() == "web1", ex.stderr
+        seen = subprocess.run(
+            ssh_argv(current, "192.0.2.12", "cat /etc/motd"), capture_output=True, text=True, timeout=30
+        )
+        assert "hand-edit" not in seen.stdout
+        assert _cli("lab", "exec", "nosuch", "--", "true").returncode == 1
     finally:
         down = _cli("lab", "down", "--prefix", prefix)
     assert down.returncode == 0, down.stderr
