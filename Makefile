@@ -6,7 +6,7 @@ install:
 	bash scripts/install.sh
 
 demo: install
-	bash scripts/demo.sh
+	$(PY) scripts/demo.py
 
 lint:
 	ruff check reconciler tests bench
@@ -20,4 +20,4 @@ test: install lint
 	$(PY) -m pytest -q -p no:cacheprovider -ra tests
 
 bench: install
-	$(PY) bench/run_all.py
+	for b in bench/bench_*.py; do $(PY) $$b || exit 1; done
