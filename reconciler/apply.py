@@ -52,6 +52,7 @@ from reconciler.plan import (
     FILE_KINDS,
     INTERRUPTED,
     INVENTORY_PATH,
+    SETTLING_KINDS,
     Action,
     ActionKind,
     HostPlan,
@@ -262,6 +263,8 @@ async def apply_host(
             await _reloads(run)
             phase = "services"
             await _services(run)
+            phase = "ipsec children"
+            await _initiate(run)
             phase = "finish"
             await _finish(run)
     except ReconcilerError as err:
@@ -282,10 +285,16 @@ async def apply_host(
             verify_plan = plan_host(desired, observed)
         except ReconcilerError as err:
             run.messages.append(f"could not observe the host again to verify: {err}")
-    converged = verify_plan is not None and not verify_plan.actions
+    converged = verify_plan is not None and not [
+        a for a in verify_plan.actions if a.kind not in SETTLING_KINDS
+    ]
     ok = all(o.status in ("done", "n/a") for o in run.outcomes.values()) and not run.rolled_back
     if ok and verify and not converged:
-        left = ", ".join(f"{a.kind} {a.resource}" for a in (verify_plan.actions if verify_plan else ()))
+        left = ", ".join(
+            f"{a.kind} {a.resource}"
+            for a in (verify_plan.actions if verify_plan else ())
+            if a.kind not in SETTLING_KINDS
+        )
         run.messages.append(f"applied, but the host still differs after re-observing: {left or 'unknown'}")
         ok = False
     for reason in run.transient:
@@ -1039,6 +1048,25 @@ async def _services(run: _Run) -> None:
         run.mark(i, "done" if outcome.ok else "failed", outcome.message)
         if not outcome.ok:
             run.messages.append(f"service {s.name}: {outcome.message}")
+
+
+# Start each named CHILD_SA; swanctl detaches after the timeout and charon keeps trying.
+INITIATE = r"""
+for c in "$@"; do swanctl --initiate --child "$c" --timeout 5 >/dev/null 2>&1 & done
+wait
+"""
+
+
+async def _initiate(run: _Run) -> None:
+    idx = run.indices({ActionKind.INITIATE_CHILD})
+    if not idx:
+        return
+    names = [run.plan.actions[i].resource.removeprefix("ipsec child ") for i in idx]
+    conn = await run.conn()
+    await conn.run_script(INITIATE, args=names, timeout=30)
+    for i in idx:
+        # the pair's other side may not be ready yet: the next reconcile looks again
+        run.mark(i, "done", "initiated (settles once the peer answers)")
 
 
 # $1 inventory path ("" = do not record), $2 temp suffix, $3 journal path; then "--", journal

@@ -69,6 +69,7 @@ class ActionKind(StrEnum):
     START_SERVICE = "start-service"
     ENABLE_SERVICE = "enable-service"
     RECORD_INVENTORY = "record-inventory"
+    INITIATE_CHILD = "initiate-child"
 
 
 ADD_KINDS = frozenset(
@@ -111,7 +112,11 @@ _KIND_ORDER = {
     ActionKind.START_SERVICE: 8,
     ActionKind.ENABLE_SERVICE: 8,
     ActionKind.RECORD_INVENTORY: 9,
+    ActionKind.INITIATE_CHILD: 9,
 }
+# actions whose effect settles after apply returns (a peer must answer): they do not count
+# against "converged" when the host is observed again right after the apply
+SETTLING_KINDS = frozenset({ActionKind.INITIATE_CHILD})
 
 Resource = (
     FileResource | LinkResource | KeyPair | FirewallRuleset | Tunnel | Address | Package | Service | None
@@ -267,6 +272,7 @@ def plan_host(desired: Desired, observed: Observed) -> HostPlan:
     skipped += t_skipped
     actions += _plan_addresses(desired.addresses, observed)
     actions += _plan_services(services, observed)
+    actions += _plan_initiate(desired, observed)
 
     actions = [deps.annotate(a, desired) for a in actions]
     actions.sort(key=lambda a: (int(a.domain), _KIND_ORDER.get(a.kind, 9), a.resource))
@@ -738,6 +744,26 @@ def _plan_services(services: tuple[Service, ...], observed: Observed) -> list[Ac
             reason += ", not enabled at boot"
         out.append(Action(ActionKind.START_SERVICE, f"service {s.name}", s.domain, reason, target=s))
     return out
+
+
+def _plan_initiate(desired: Desired, observed: Observed) -> list[Action]:
+    """Children this host starts that are not up: start them again. Without trap policies
+    (libipsec) a child whose first attempt failed (e.g. the peer had not loaded its config
+    yet and answered NO_PROPOSAL_CHOSEN) is never retried by charon itself. Only when charon
+    runs: a charon started by this apply initiates them on its own."""
+    if not desired.initiate or not observed.ipsec.daemon_running:
+        return []
+    up = set(observed.ipsec.installed_children)
+    return [
+        Action(
+            ActionKind.INITIATE_CHILD,
+            f"ipsec child {name}",
+            Domain.SERVICES,
+            "not established; this host is the pair's initiator (no trap policies with libipsec)",
+        )
+        for name in desired.initiate
+        if name not in up
+    ]
 
 
 def _insert_reloads(actions: list[Action], desired: Desired) -> list[Action]:

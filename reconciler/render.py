@@ -80,4 +80,5 @@ def merge(host: str, fragments: list[tuple[str, Fragment]], warnings: tuple[str,
         addresses=tuple(
             sorted((x for f in frags for x in f.addresses), key=lambda x: (x.interface, x.address))
         ),
+        initiate=tuple(sorted({x for f in frags for x in f.initiate})),
     )

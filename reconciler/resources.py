@@ -168,6 +168,9 @@ class Fragment:
     services: tuple[Service, ...] = ()
     pending: tuple[Pending, ...] = ()
     addresses: tuple[Address, ...] = ()  # kernel addresses (added for mesh mode ``tunnel``)
+    # CHILD_SAs this host starts actively (libipsec has no trap policies): an established
+    # mesh is observed state, so a child that is down is planned to be initiated again
+    initiate: tuple[str, ...] = ()
     # absolute directories whose files the domain fully owns: files there that are not
     # rendered are pruned (e.g. /etc/swanctl/conf.d)
     owned_dirs: tuple[str, ...] = ()
@@ -190,6 +193,7 @@ class Desired:
     owned_dirs: tuple[str, ...] = ()
     warnings: tuple[str, ...] = field(default=())
     addresses: tuple[Address, ...] = ()
+    initiate: tuple[str, ...] = ()  # CHILD_SA names this host starts (see Fragment.initiate)
 
     def handler(self, name: str) -> Handler:
         for h in self.handlers:

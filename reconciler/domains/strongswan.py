@@ -215,4 +215,11 @@ def render(fleet: Fleet, host: Host, ready: tuple[tuple[Host, str], ...]) -> Fra
         handlers=handlers(),
         services=(charon_service(),),
         owned_dirs=(CONF_DIR,),
+        initiate=tuple(
+            sorted(
+                child_name(fleet, peer)
+                for peer, _ in ready
+                if fleet.mesh.datapath is Datapath.LIBIPSEC and initiates(host, peer)
+            )
+        ),
     )
