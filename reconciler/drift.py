@@ -165,7 +165,10 @@ def commit_message(
     if baseline:
         lines = [f"{host}: initial snapshot of {where} ({entries} paths)", ""]
     else:
-        lines = [commit_subject(changes, roots), ""]
+        in_line = frozenset(
+            p for p in (c.path for c in changes.changes) if p in managed and managed[p] is None
+        )
+        lines = [commit_subject(changes, roots, in_line), ""]
         details: dict[str, list[str]] = {}
         for c in changes.changes:
             details.setdefault(c.path, []).append(
@@ -185,17 +188,15 @@ def commit_message(
                     extra = "; ".join(d for d in details.get(p, []) if d)
                     lines.append(f"  {p}" + (f" ({extra})" if extra else ""))
 
-        section("Changed:", changes.changed)
+        section("Changed:", [p for p in changes.changed if p not in in_line])
         section(f"New files in {where} on {host} (not from the fleet repo: check them in or remove them):",
-                changes.new)  # fmt: skip
-        section("Removed:", changes.removed)
+                [p for p in changes.new if p not in in_line])  # fmt: skip
+        section("Removed:", [p for p in changes.removed if p not in in_line])
         differing = [p for p in dict.fromkeys(c.path for c in changes.changes) if managed.get(p)]
         if differing:
             lines.append(f"Managed by the fleet and now different from it (drift mode {mode.value}):")
             lines += [f"  {p}: {managed[p]}" for p in differing]
-        back = [
-            p for p in dict.fromkeys(c.path for c in changes.changes) if p in managed and managed[p] is None
-        ]
+        back = [p for p in dict.fromkeys(c.path for c in changes.changes) if p in in_line]
         if back:
             lines.append("Now as the fleet wants them (not drift):")
             lines += [f"  {p}" for p in back]

@@ -649,8 +649,14 @@ def load_or_create_key(path: Path) -> bytes:
     return key
 
 
-def commit_subject(changes: ChangeSet, roots: Sequence[str]) -> str:
+def commit_subject(changes: ChangeSet, roots: Sequence[str], in_line: frozenset[str] = frozenset()) -> str:
+    """The commit's first line (and the mail subject); ``in_line``: paths that changed to what
+    the fleet wants (applied or enforced), which are not drift and not counted."""
+
+    def n(paths: Sequence[str]) -> int:
+        return sum(1 for p in paths if p not in in_line)
+
     return (
-        f"{changes.host}: {len(changes.changed)} changed, {len(changes.new)} new, "
-        f"{len(changes.removed)} removed in {', '.join(roots)}"
+        f"{changes.host}: {n(changes.changed)} changed, {n(changes.new)} new, "
+        f"{n(changes.removed)} removed in {', '.join(roots)}"
     )

@@ -62,8 +62,10 @@ def test_commit_message_marks_drift_and_not_drift() -> None:
     msg, drift = commit_message(
         ch, ("/etc",), managed, mode=DriftMode.ENFORCE, fleet_commit="abc", baseline=False, entries=10
     )
-    assert msg.splitlines()[0] == "web1: 3 changed, 1 new, 0 removed in /etc"
-    assert drift == ("/etc/b.conf", "/etc/new", "/etc/shadow")  # a.conf is back in line: not drift
+    # a.conf is back in line with the fleet: recorded, but neither counted nor listed as drift
+    assert msg.splitlines()[0] == "web1: 2 changed, 1 new, 0 removed in /etc"
+    assert drift == ("/etc/b.conf", "/etc/new", "/etc/shadow")
+    assert "Changed:\n  /etc/b.conf" in msg and "Changed:\n  /etc/a.conf" not in msg
     assert "  /etc/shadow (secret changed; content not stored)" in msg
     assert "Managed by the fleet and now different from it (drift mode enforce):" in msg
     assert "  /etc/b.conf: content differs from the fleet" in msg
