@@ -12,7 +12,7 @@ Steps (each printed as it runs):
   5. `reconciler verify`: the mesh really carries encrypted traffic
   6. a change pushed + a signed webhook: time until every host runs the new commit
   7. /etc/hosts edited by hand on web1: a drift commit and a mail in the sink
-The lab stays up at the end (`reconciler lab down` removes it); the daemon is stopped.
+At the end the daemon is stopped and the lab removed (DEMO_KEEP_LAB=1 keeps it up).
 """
 
 from __future__ import annotations
@@ -296,6 +296,11 @@ def main() -> int:
                 daemon.kill()
         smtp.terminate()
         smtp.wait(timeout=10)
+        if os.environ.get("DEMO_KEEP_LAB") == "1":
+            print("The lab hosts are still up (DEMO_KEEP_LAB=1): `reconciler lab status`, `reconciler lab down`.")
+        else:
+            # the lab owns 192.0.2.0/24 while up: free it for tests and other labs
+            run("reconciler", "lab", "down", check=False)
 
 
 if __name__ == "__main__":
