@@ -79,7 +79,7 @@ async def test_plan_runs_no_mutating_command(lab: Lab, repo: Path) -> None:
     assert result.commands
     for rec in result.commands:
         assert rec.kind == "script" and rec.text.startswith(PRELUDE), rec.text[:200]
-        assert rec.stdin_bytes == 0
+        assert rec.stdin_bytes == 33  # only the framing nonce (32 hex digits + newline)
     per_host = {h.name: sum(1 for r in result.commands if r.host == h.name) for h in fleet.hosts}
     assert all(1 <= n <= 2 for n in per_host.values()), per_host
     # ... and the hosts are byte-for-byte as before (files, mtimes, netfilter, links, processes)
