@@ -199,6 +199,8 @@ class Daemon:
         )
         self.outbox = outbox if outbox is not None else self._default_outbox()
         self._pools = _Pools(config)
+        self._verify: dict[str, dict[str, Any]] = {}  # host -> last verify-after-apply summary
+        self._verify_tasks: set[asyncio.Task[None]] = set()
         self._custom_step = step
         self._drift = drift if drift is not None or not drift_scan else self._default_drift()
         self._scanned_once: set[str] = set()
@@ -238,7 +240,9 @@ class Daemon:
         history_mod = importlib.import_module("reconciler.history")
         drift_mod = importlib.import_module("reconciler.drift")
         history = history_mod.HistoryRepo.open(self.config.history_dir, self.state_dir)
-        step: DriftStep = drift_mod.make_daemon_step(history, self.outbox, self.state_dir)
+        step: DriftStep = drift_mod.make_daemon_step(
+            history, self.outbox, self.state_dir, enforce=drift_mod.engine_follows
+        )
         return step
 
     def _drift_interval(self) -> float:
@@ -401,10 +405,51 @@ class Daemon:
                 outcome = await engine_step(host, target, pool, apply=self.config.mode is RunMode.APPLY)
                 if outcome.changes:
                     self.store.add_event("applied", outcome.reason, host=host, commit=target.commit)
+                    if self.config.mode is RunMode.APPLY:
+                        self._start_verify(host, target)
             return replace(outcome, drift=found) if found else outcome
         finally:
             if pool is not None:
                 await self._pools.release(target)
+
+    # ------------------------------------------------------------ verify after apply
+
+    def _start_verify(self, host: str, target: Target) -> None:
+        """Prove the applied host live (reconciler.verify: firewall, SAs, ping over the mesh,
+        ESP on the wire, sites) in the background, so the reconcile itself is not delayed."""
+        task = asyncio.get_running_loop().create_task(self._verify_host(host, target), name=f"verify:{host}")
+        self._verify_tasks.add(task)
+        task.add_done_callback(self._verify_tasks.discard)
+
+    async def _verify_host(self, host: str, target: Target) -> None:
+        verify_mod = importlib.import_module("reconciler.verify")
+        pool = await self._pools.acquire(target)
+        try:
+            report = await verify_mod.verify_fleet(target.fleet, [host], pool)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # verification problems never stop the daemon
+            log.warning("verify after apply failed to run", host=host, error=type(exc).__name__)
+            self.metrics.verify_runs.inc(1, "error")
+            return
+        finally:
+            await self._pools.release(target)
+        summary = report.as_dict()
+        counts = summary.get("counts", {})
+        failed = [c for c in summary.get("checks", []) if c.get("status") == "fail"]
+        self._verify[host] = {
+            "ok": summary.get("ok"),
+            "commit": target.commit,
+            "finished_at": summary.get("finished_at"),
+            "counts": counts,
+            "failed": failed[:20],
+        }
+        self.metrics.verify_runs.inc(1, "ok" if summary.get("ok") else "failed")
+        for status in ("pass", "fail", "skip"):
+            self.metrics.verify_checks.set(float(counts.get(status, 0)), host, status)
+        if not summary.get("ok"):
+            self.store.add_event("verify-failed", f"{len(failed)} live check(s) failed", host=host,
+                                 commit=target.commit)  # fmt: skip
 
     def _on_result(self, host: str, result: str, seconds: float) -> None:
         self.metrics.reconciles.inc(1, result)
@@ -465,6 +510,7 @@ class Daemon:
             "hosts": hosts,
             "events": [e.as_json() for e in self.store.events(limit=50)],
             "outbox": outbox,
+            "verify": dict(sorted(self._verify.items())),
         }
 
     # ------------------------------------------------------------ lifecycle
@@ -510,6 +556,9 @@ class Daemon:
         finally:
             log.info("daemon stopping", grace=self.config.shutdown_grace)
             await self.loop.stop(self.config.shutdown_grace)
+            for task in list(self._verify_tasks):
+                task.cancel()
+            await asyncio.gather(*self._verify_tasks, return_exceptions=True)
             await self.server.stop()
             mail_task.cancel()
             await asyncio.gather(mail_task, return_exceptions=True)

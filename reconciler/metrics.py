@@ -228,7 +228,17 @@ class DaemonMetrics:
             "reconciler_commit_to_converged_seconds",
             "From the first fetch that saw a commit until every host is Ready on it.",
         )
+        self.verify_runs = Counter(
+            "reconciler_verify_runs_total", "Live verifications after an apply, by result.", ("result",)
+        )
+        self.verify_checks = Gauge(
+            "reconciler_verify_checks",
+            "Live checks at a host's last verify after an apply, by status (pass, fail, skip).",
+            ("host", "status"),
+        )
         for metric in (
+            self.verify_runs,
+            self.verify_checks,
             self.reconcile_duration,
             self.reconciles,
             self.host_states,
