@@ -9,6 +9,7 @@ to match when it would accept it. So "admitted" is only answered when it is cert
 
 from __future__ import annotations
 
+import functools
 import shlex
 from dataclasses import dataclass, field
 from enum import Enum
@@ -229,8 +230,15 @@ def evaluate(table: Table, chain: str, pkt: Packet, depth: int = 0) -> Verdict |
     return Verdict(policy == "ACCEPT", None, None, f"{chain} policy {policy}")
 
 
+@functools.lru_cache(maxsize=64)
+def _parsed(text: str) -> Table:
+    """One parse per ruleset text (render asks several verdicts of the same ruleset);
+    ``evaluate`` only reads the table."""
+    return parse_filter(text)
+
+
 def verdict(text: str, chain: str, pkt: Packet) -> Verdict:
-    result = evaluate(parse_filter(text), chain, pkt)
+    result = evaluate(_parsed(text), chain, pkt)
     assert result is not None  # depth 0 always ends with the policy
     return result
 
