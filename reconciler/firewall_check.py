@@ -92,7 +92,8 @@ def parse_filter(text: str) -> Table:
             table.rules.setdefault(parts[0], [])
             continue
         try:
-            words = shlex.split(line)
+            # shlex is slow; only a quoted word (e.g. a LOG prefix) needs it
+            words = shlex.split(line) if ('"' in line or "'" in line or "\\" in line) else line.split()
         except ValueError as err:
             raise ParseError(f"line {number}: {err}") from err
         if len(words) < 2 or words[0] not in ("-A", "--append"):
