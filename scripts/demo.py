@@ -283,8 +283,7 @@ def main() -> int:
         print(json.dumps(http_json("/status").get("hosts"), indent=1)[:3000])
         print(
             f"\nDone. Status page was http://127.0.0.1:{HTTP_PORT}/ ; mail in {maildir};"
-            f" history repo in {WORK / 'state' / 'history'}.\n"
-            "The lab hosts are still up: `reconciler lab status`, `reconciler lab down`."
+            f" history repo in {WORK / 'state' / 'history'}."
         )
         return 0
     finally:
