@@ -41,7 +41,7 @@ import tarfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, cast
+from typing import cast
 
 from reconciler import deadman, packaging
 from reconciler.connection import Connection
@@ -60,6 +60,8 @@ from reconciler.plan import (
     plan_host,
     tunnel_addresses,
 )
+from reconciler.remote import Conn, Pool
+from reconciler.remote import Result as _Result
 from reconciler.resources import (
     Address,
     Desired,
@@ -82,39 +84,6 @@ PENDING_RELOADS_PATH = "/var/lib/reconciler/pending-reloads"
 # reload (a test kills the SSH session there). Never set in production code.
 FAULT_AFTER_SWAP: Callable[[str], Awaitable[None]] | None = None
 PROBE_WAIT = 15.0  # seconds a post-reload probe waits for the new configuration to be live
-
-
-class _Result(Protocol):
-    @property
-    def exit_status(self) -> int: ...
-    @property
-    def stdout(self) -> bytes: ...
-    @property
-    def stderr(self) -> bytes: ...
-
-
-class Conn(Protocol):
-    host: str
-
-    async def run(
-        self, argv: Sequence[str], *, stdin: bytes | None = None, timeout: float | None = None
-    ) -> _Result: ...
-
-    async def run_script(
-        self,
-        script: str,
-        *,
-        args: Sequence[str] = (),
-        stdin_after: bytes | None = None,
-        timeout: float | None = None,
-    ) -> _Result: ...
-
-    async def close(self) -> None: ...
-
-
-class Pool(Protocol):
-    async def get(self, host: str) -> Conn: ...
-    async def fresh(self, host: str) -> Conn: ...
 
 
 @dataclass(frozen=True)

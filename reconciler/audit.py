@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from reconciler.log import get_logger
-from reconciler.snapshot import Runner, SnapshotError
+from reconciler.remote import Runner
+from reconciler.snapshot import SnapshotError
 
 log = get_logger(__name__)
 

@@ -18,47 +18,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 from reconciler.errors import ReconcilerError
 from reconciler.log import get_logger
+from reconciler.remote import Pool
 from reconciler.resources import FirewallRuleset
 
 log = get_logger(__name__)
 
 STATE_DIR = "/var/lib/reconciler/firewall"
 DEFAULT_WINDOW = 10.0  # seconds before the host restores the old rules (iptables-apply's default)
-
-
-class _Result(Protocol):
-    @property
-    def exit_status(self) -> int: ...
-    @property
-    def stdout(self) -> bytes: ...
-    @property
-    def stderr(self) -> bytes: ...
-
-
-class Conn(Protocol):
-    host: str
-
-    async def run_script(
-        self,
-        script: str,
-        *,
-        args: Sequence[str] = (),
-        stdin_after: bytes | None = None,
-        timeout: float | None = None,
-    ) -> _Result: ...
-
-    async def close(self) -> None: ...
-
-
-class Pool(Protocol):
-    async def get(self, host: str) -> Conn: ...
-    async def fresh(self, host: str) -> Conn: ...
 
 
 @dataclass(frozen=True)

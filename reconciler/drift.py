@@ -36,8 +36,9 @@ from reconciler.fleet.model import DriftMode, Fleet
 from reconciler.history import ChangeSet, CommitInfo, HistoryConflict, HistoryRepo, commit_subject
 from reconciler.log import get_logger
 from reconciler.notify import Mail, Outbox
+from reconciler.remote import Runner
 from reconciler.resources import Desired
-from reconciler.snapshot import Entry, PathPolicy, Runner, Snapshot, take_snapshot
+from reconciler.snapshot import Entry, PathPolicy, Snapshot, take_snapshot
 
 log = get_logger(__name__)
 

@@ -19,9 +19,10 @@ import re
 import shlex
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 from reconciler.log import get_logger
+from reconciler.remote import Result as _Result
+from reconciler.remote import Runner
 from reconciler.resources import Desired, Service
 
 log = get_logger(__name__)
@@ -41,35 +42,6 @@ _LOCK_NO_PID = re.compile(
     r"Could not get lock (?P<path>\S+?)\.?(?:\s|$)|Unable to acquire the dpkg frontend lock"
     r"|Unable to lock the administration directory|is another process using it"
 )
-
-
-class _Result(Protocol):
-    @property
-    def exit_status(self) -> int: ...
-    @property
-    def stdout(self) -> bytes: ...
-    @property
-    def stderr(self) -> bytes: ...
-
-
-class Runner(Protocol):
-    """The part of ``reconciler.connection.Connection`` this module uses."""
-
-    async def run(
-        self, argv: Sequence[str], *, stdin: bytes | None = None, timeout: float | None = None
-    ) -> _Result: ...
-
-    async def run_script(
-        self,
-        script: str,
-        *,
-        args: Sequence[str] = (),
-        stdin_after: bytes | None = None,
-        timeout: float | None = None,
-    ) -> _Result: ...
-
-
-# ---------------------------------------------------------------- names
 
 
 def needed_packages(desired: Desired) -> tuple[str, ...]:

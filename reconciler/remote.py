@@ -8,7 +8,9 @@ is never spliced into the text, whatever bytes it holds (NUL excepted: refused).
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 _SAFE_TOKEN = re.compile(r"^[A-Za-z0-9_.:@%+=,/-]+$")
 
@@ -40,3 +42,47 @@ def token(value: str) -> str:
     if not _SAFE_TOKEN.match(value):
         raise ValueError(f"not a safe script token: {value!r}")
     return value
+
+
+# ---------------------------------------------------------------- what callers need of a host
+# The structural types of reconciler.connection's Connection and ConnectionPool, so modules
+# that run commands on hosts (apply, deadman, packaging, snapshot) need not import asyncssh.
+
+
+class Result(Protocol):
+    @property
+    def exit_status(self) -> int: ...
+    @property
+    def stdout(self) -> bytes: ...
+    @property
+    def stderr(self) -> bytes: ...
+
+
+class Runner(Protocol):
+    """Runs commands and our own scripts on one host (``reconciler.connection.Connection``)."""
+
+    host: str
+
+    async def run(
+        self, argv: Sequence[str], *, stdin: bytes | None = None, timeout: float | None = None
+    ) -> Result: ...
+
+    async def run_script(
+        self,
+        script: str,
+        *,
+        args: Sequence[str] = (),
+        stdin_after: bytes | None = None,
+        timeout: float | None = None,
+    ) -> Result: ...
+
+
+class Conn(Runner, Protocol):
+    async def close(self) -> None: ...
+
+
+class Pool(Protocol):
+    """Cached and fresh connections by host name (``reconciler.connection.ConnectionPool``)."""
+
+    async def get(self, host: str) -> Conn: ...
+    async def fresh(self, host: str) -> Conn: ...

@@ -22,10 +22,10 @@ import tarfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import Protocol
 
 from reconciler.errors import Transient
 from reconciler.log import get_logger
+from reconciler.remote import Runner
 
 log = get_logger(__name__)
 
@@ -57,34 +57,6 @@ BUILTIN_SECRET_GLOBS: tuple[str, ...] = (
 
 # Never recorded: git refuses these path components, and they are some other tool's history.
 _NEVER_RECORDED_COMPONENTS = frozenset({".git", ".svn", ".hg"})
-
-
-class Runner(Protocol):
-    """What a snapshot needs from ``reconciler.connection.Connection``."""
-
-    host: str
-
-    async def run(
-        self, argv: Sequence[str], *, stdin: bytes | None = None, timeout: float | None = None
-    ) -> _Result: ...
-
-    async def run_script(
-        self,
-        script: str,
-        *,
-        args: Sequence[str] = (),
-        stdin_after: bytes | None = None,
-        timeout: float | None = None,
-    ) -> _Result: ...
-
-
-class _Result(Protocol):
-    @property
-    def exit_status(self) -> int: ...
-    @property
-    def stdout(self) -> bytes: ...
-    @property
-    def stderr(self) -> bytes: ...
 
 
 class SnapshotError(Transient):
