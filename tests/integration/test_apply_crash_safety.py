@@ -155,8 +155,11 @@ async def test_apache_graceful_is_probed(lab: Lab) -> None:
         lab,
         "setsid -f python3 -c "
         "'import socket,time; s=socket.socket(); s.bind((\"0.0.0.0\", 8081)); s.listen(); time.sleep(120)'"
-        " </dev/null >/dev/null 2>&1; sleep 0.5",
+        " </dev/null >/dev/null 2>&1; "
+        # wait until it really holds the port (python starts slowly on a busy machine)
+        "for i in $(seq 100); do ss -ltn | grep -q ':8081 ' && break; sleep 0.1; done",
     )
+    assert ":8081 " in sh(lab, "ss -ltn"), "the port holder did not bind 8081"
     bad = Desired(
         host=HOST,
         files=(
