@@ -929,7 +929,17 @@ while [ $i -lt $max ]; do
   for k in $(kids "$master"); do
     case $before in
       *" $k "*) ;;
-      *) echo "@@PROBE new worker generation (pid $k) under master $master"; exit 0;;
+      *)
+        # a new child may also be idle-server maintenance racing the signal: the master must
+        # still be alive a moment later (a config it cannot take kills it within milliseconds)
+        j=0
+        while [ $j -lt 10 ]; do
+          sleep 0.1; j=$((j+1)); st=; read -r _p _c st _r < "/proc/$master/stat" 2>/dev/null
+          if ! kill -0 "$master" 2>/dev/null || [ "$st" = Z ] || [ -z "$st" ]; then
+            echo "@@PROBE-FAIL the master (pid $master) died after the reload"; exit 71
+          fi
+        done
+        echo "@@PROBE new worker generation (pid $k) under master $master"; exit 0;;
     esac
   done
   sleep 0.1; i=$((i+1))
