@@ -111,7 +111,8 @@ def _progress(total: int) -> Any:
     return show
 
 
-def _prepare(args: argparse.Namespace) -> tuple[Any, Reach] | int:
+def prepare(args: argparse.Namespace) -> tuple[Any, Reach] | int:
+    """The fleet and how to reach its hosts, or an exit code after printing why not."""
     try:
         fleet = load(args.repo)
         reach = reach_from_args(args)
@@ -128,7 +129,7 @@ def run_plan(args: argparse.Namespace) -> int:
     from reconciler.engine import plan_fleet
     from reconciler.planview import render_plan, to_json, use_color
 
-    prepared = _prepare(args)
+    prepared = prepare(args)
     if isinstance(prepared, int):
         return prepared
     fleet, reach = prepared
@@ -158,7 +159,7 @@ def run_apply(args: argparse.Namespace) -> int:
     if not args.yes and not sys.stdin.isatty():
         print("refusing to apply: stdin is not a terminal and --yes was not given", file=sys.stderr)
         return 1
-    prepared = _prepare(args)
+    prepared = prepare(args)
     if isinstance(prepared, int):
         return prepared
     fleet, reach = prepared

@@ -14,7 +14,7 @@ import asyncio
 import sys
 from typing import Any
 
-from reconciler.errors import FleetInvalid, ReconcilerError
+from reconciler.errors import ReconcilerError
 
 
 def register(sub: Any) -> None:
@@ -37,20 +37,15 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from reconciler.commands.plan import load, make_pool, reach_from_args
+    from reconciler.commands.plan import make_pool, prepare
     from reconciler.planview import use_color
     from reconciler.verify import VerifyOptions, verify_fleet
     from reconciler.verify.report import render_text, to_json
 
-    try:
-        fleet = load(args.repo)
-        reach = reach_from_args(args)
-    except FleetInvalid as err:
-        print(f"fleet {args.repo} does not validate:\n{err}", file=sys.stderr)
-        return 1
-    except ReconcilerError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    prepared = prepare(args)
+    if isinstance(prepared, int):
+        return prepared
+    fleet, reach = prepared
     options = VerifyOptions(
         host_timeout=args.host_timeout,
         datapath=not args.no_datapath,
