@@ -9,7 +9,7 @@ APT_PACKAGES=(
   strongswan-charon strongswan-swanctl strongswan-pki strongswan-starter
   libstrongswan-standard-plugins libstrongswan-extra-plugins libcharon-extra-plugins
   apache2 libapache2-mod-jk apparmor apparmor-utils
-  iputils-ping tcpdump curl dpkg-dev python3-venv sqlite3 iptables-persistent debconf-utils ifupdown sudo
+  iputils-ping tcpdump curl dpkg-dev python3-venv sqlite3 iptables-persistent debconf-utils ifupdown sudo strace gnupg openssl
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
