@@ -112,6 +112,8 @@ def down_prefix(prefix: str, *, release_lock: bool = True) -> list[str]:
 
     network.remove(prefix, netns)
     network.remove_forward(prefix, state.iptables_rules if state else [])
+    if state is not None and state.neigh_limits:
+        network.restore_neigh_table(state.neigh_limits)
     for mnt in mounts_of(prefix):
         subprocess.run(["umount", "-l", mnt], capture_output=True, check=False)
     if d.exists():

@@ -195,6 +195,7 @@ class Lab:
 
         network.create(prefix, [(s.name, i, s.address) for i, s in enumerate(specs)])
         state.iptables_rules = network.allow_forward(prefix)
+        state.neigh_limits = network.raise_neigh_table(len(specs))
         state.save()
         t_net = time.monotonic()
 

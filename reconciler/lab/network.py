@@ -244,3 +244,59 @@ def remove(prefix: str, netns: Sequence[str] = ()) -> None:
     lines += [f"link del {link}" for link in links if link.endswith("br")]
     if lines:
         ip_batch(lines, force=True)
+
+
+# ---------------------------------------------------------------- the shared neighbour table
+
+NEIGH_DIR = Path("/proc/sys/net/ipv4/neigh/default")
+NEIGH_KEYS = ("gc_thresh2", "gc_thresh3")
+
+
+def neigh_entries_needed(hosts: int) -> int:
+    """ARP entries a lab of ``hosts`` can hold at once: every host resolves every other host and
+    the bridge address, the root namespace resolves every host; plus room for the machine."""
+    return hosts * (hosts + 1) + 256
+
+
+def raise_neigh_table(hosts: int, root: Path = NEIGH_DIR) -> dict[str, list[int]]:
+    """Make the kernel's IPv4 neighbour table big enough for a full mesh of ``hosts``.
+
+    The table is ONE for the whole machine, shared by every network namespace, with a hard cap
+    (``gc_thresh3``, 1024 by default). A 50-host mesh needs ~2,500 entries; past the cap the
+    kernel refuses new neighbours ("neighbor table overflow!" in dmesg) and drops the packets
+    that needed them with ENOBUFS, which UDP senders never see (charon logs "sending packet"
+    and retransmits into the void; UdpSndbufErrors grows). Only ever raises the limits; returns
+    ``{key: [old, new]}`` for the keys changed, so lab down can put the old values back."""
+    need = neigh_entries_needed(hosts)
+    changed: dict[str, list[int]] = {}
+    for key in NEIGH_KEYS:
+        path = root / key
+        try:
+            old = int(path.read_text().strip())
+        except (OSError, ValueError):
+            continue
+        new = need if key == "gc_thresh2" else 2 * need
+        if old >= new:
+            continue
+        try:
+            path.write_text(f"{new}\n")
+        except OSError as err:
+            log.warning("lab.neigh.raise_failed", key=key, error=str(err))
+            continue
+        changed[key] = [old, new]
+    if changed:
+        log.info("lab.neigh.raised", hosts=hosts, **{k: v[1] for k, v in changed.items()})
+    return changed
+
+
+def restore_neigh_table(recorded: dict[str, list[int]], root: Path = NEIGH_DIR) -> None:
+    """Put back the limits ``raise_neigh_table`` changed, unless someone changed them since."""
+    for key, (old, new) in recorded.items():
+        if key not in NEIGH_KEYS:
+            continue
+        path = root / key
+        try:
+            if int(path.read_text().strip()) == new:
+                path.write_text(f"{old}\n")
+        except (OSError, ValueError):
+            pass

@@ -84,6 +84,7 @@ class LabState:
     status: str = "starting"  # starting | up | stopping
     hosts: list[HostRecord] = field(default_factory=list)
     iptables_rules: list[list[str]] = field(default_factory=list)  # argv after "-A"/"-D"
+    neigh_limits: dict[str, list[int]] = field(default_factory=dict)  # sysctl key -> [old, new]
 
     def to_json(self) -> str:
         data: dict[str, Any] = {
@@ -96,6 +97,7 @@ class LabState:
             "status": self.status,
             "hosts": [vars(h) for h in self.hosts],
             "iptables_rules": self.iptables_rules,
+            "neigh_limits": self.neigh_limits,
         }
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
@@ -111,6 +113,7 @@ class LabState:
             status=str(data.get("status", "starting")),
             hosts=[HostRecord(**h) for h in data.get("hosts", [])],
             iptables_rules=[list(map(str, r)) for r in data.get("iptables_rules", [])],
+            neigh_limits={str(k): [int(x) for x in v] for k, v in data.get("neigh_limits", {}).items()},
         )
 
     def save(self) -> None:
