@@ -397,3 +397,20 @@ def test_two_ike_sas_per_side_after_simultaneous_initiation_pick_the_matching_pa
     report = report_of(fleet, facts)
     assert report.get("web1", "web2", "ipsec.ike").status is Status.PASS
     assert report.get("web1", "web2", "ipsec.child").status is Status.PASS
+
+
+def test_a_retransmit_that_was_answered_is_not_an_error_but_giving_up_is() -> None:
+    read = ipsec.analyse_log(
+        [
+            "Nov 25 20:26:33 10[IKE] <mesh-db1|48> retransmit 1 of request with message ID 2",
+            "Nov 25 20:26:33 10[ENC] <mesh-db1|48> parsed INFORMATIONAL response 2 [ ]",
+        ]
+    )
+    assert read.errors == ()
+    read = ipsec.analyse_log(
+        [
+            "Nov 25 20:26:33 10[IKE] <mesh-db1|48> retransmit 5 of request with message ID 2",
+            "Nov 25 20:27:20 10[IKE] <mesh-db1|48> giving up after 5 retransmits",
+        ]
+    )
+    assert [e.connection for e in read.errors] == ["mesh-db1"] and "giving up" in read.errors[0].line
