@@ -16,6 +16,7 @@ What is normalised (and why):
 
 from __future__ import annotations
 
+import functools
 import re
 import shlex
 from types import MappingProxyType
@@ -74,12 +75,24 @@ class IptablesParseError(ValueError):
     """A ruleset line that is not iptables-save/restore syntax (message names the line)."""
 
 
+# Characters that make a line need real shell-style tokenising; iptables-save quotes only
+# values with spaces (comments), so almost every line splits on whitespace alone.
+_QUOTING = re.compile(r"""["'\\]""")
+
+
+@functools.lru_cache(maxsize=1 << 16)
 def canonical_rule(line: str) -> str:
-    """One ``-A CHAIN ...`` line in canonical form."""
-    try:
-        tokens = shlex.split(line)
-    except ValueError as err:
-        raise IptablesParseError(f"unparsable rule {line!r}: {err}") from None
+    """One ``-A CHAIN ...`` line in canonical form.
+
+    Cached: a host's ruleset comes back line for line on every observation (and the desired
+    ruleset on every plan), so each distinct line is parsed once per process."""
+    if _QUOTING.search(line) is None:
+        tokens = line.split()
+    else:
+        try:
+            tokens = shlex.split(line)
+        except ValueError as err:
+            raise IptablesParseError(f"unparsable rule {line!r}: {err}") from None
     tokens = [LONG_ALIASES.get(t, t) for t in tokens]
     if len(tokens) < 2 or tokens[0] != "-A":
         raise IptablesParseError(f"not an -A rule: {line!r}")
@@ -253,8 +266,11 @@ def _icmp_types(rest: list[str]) -> list[str]:
     return out
 
 
+@functools.lru_cache(maxsize=256)
 def canonical_iptables(text: str) -> IptablesState:
     """Parse iptables-save output (or iptables-restore input) into its canonical form.
+
+    Cached by text (the result is immutable): the daemon sees the same rulesets again and again.
 
     Raises IptablesParseError naming the line for anything that is not ruleset syntax.
     """
