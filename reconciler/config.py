@@ -129,7 +129,7 @@ class Config:
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
     state_dir: Path = Path("/var/lib/reconciler")
     history_repo: Path | None = None  # default: <state_dir>/history
-    concurrency: int = 10  # hosts reconciled at once
+    concurrency: int = 50  # hosts reconciled at once
     # seconds between drift scans of every host; None = the fleet's drift.interval_seconds; 0 = off
     drift_interval: float | None = None
     mode: RunMode = RunMode.APPLY

@@ -23,11 +23,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from reconciler import __version__
+from reconciler.after_apply import AfterApplyVerifier, HostVerify
 from reconciler.config import Config, RunMode, redact_url
 from reconciler.errors import ReconcilerError, Terminal, Transient
 from reconciler.log import get_logger
 from reconciler.loop import ALL, Backoff, Outcome, ReconcileLoop, ReconcileStep, Target
 from reconciler.metrics import DaemonMetrics
+from reconciler.resources import Domain
 from reconciler.server import HttpServer
 from reconciler.source import FleetLoader, FleetSource, Rejection, default_loader
 from reconciler.store import HostState, Store
@@ -154,12 +156,19 @@ def classify_engine_error(status: str, error: str) -> ReconcilerError:
     return Transient(text)
 
 
+@dataclass(frozen=True)
+class EngineStep:
+    outcome: Outcome
+    domains: frozenset[Domain] = frozenset()  # what the apply changed (for verify after apply)
+
+
 async def engine_step(
     host: str, target: Target, pool: Any, *, apply: bool, firewall_window: float | None = None
-) -> Outcome:
+) -> EngineStep:
     """One host through reconciler.engine.reconcile_fleet."""
     engine = importlib.import_module("reconciler.engine")
-    kwargs: dict[str, Any] = {"apply": apply}
+    # no diff contents: the daemon shows none (drift mails come from the /etc history)
+    kwargs: dict[str, Any] = {"apply": apply, "fetch_diffs": False}
     if firewall_window is not None:
         kwargs["firewall_window"] = firewall_window
     result = await engine.reconcile_fleet(target.fleet, [host], pool, **kwargs)
@@ -168,12 +177,13 @@ async def engine_step(
         raise classify_engine_error(out.status, out.error or "")
     if out.status == engine.CHANGES:
         n = len(out.plan.actions) if out.plan is not None else 0
-        return Outcome(applied=False, reason=f"plan mode: {n} change(s) pending")
+        return EngineStep(Outcome(applied=False, reason=f"plan mode: {n} change(s) pending"))
     if out.status == engine.APPLIED and out.result is not None:
         n = out.result.changed()
-        return Outcome(applied=True, reason=f"applied {n} change(s)", changes=n)
+        domains = frozenset(o.action.domain for o in out.result.outcomes if o.status == "done")
+        return EngineStep(Outcome(applied=True, reason=f"applied {n} change(s)", changes=n), domains)
     reason = out.plan.noop_reason if out.plan is not None and out.plan.noop_reason else "in sync"
-    return Outcome(applied=True, reason=reason)
+    return EngineStep(Outcome(applied=True, reason=reason))
 
 
 class Daemon:
@@ -199,8 +209,6 @@ class Daemon:
         )
         self.outbox = outbox if outbox is not None else self._default_outbox()
         self._pools = _Pools(config)
-        self._verify: dict[str, dict[str, Any]] = {}  # host -> last verify-after-apply summary
-        self._verify_tasks: set[asyncio.Task[None]] = set()
         self._custom_step = step
         self._drift = drift if drift is not None or not drift_scan else self._default_drift()
         self._scanned_once: set[str] = set()
@@ -226,6 +234,12 @@ class Daemon:
             backoff=Backoff(base=config.backoff_base, maximum=config.backoff_max),
             on_result=self._on_result,
             on_converged=lambda commit, secs: self.metrics.push_to_converged.observe(secs),
+        )
+        self.verifier = AfterApplyVerifier(
+            self._pools,
+            busy=lambda: bool(self.loop.hosts.depth or self.loop.hosts.in_flight),
+            on_result=self._on_verified,
+            on_error=lambda host: self.metrics.verify_runs.inc(1, "error"),
         )
         self.server = HttpServer(config.server, self, self.metrics)
         self._stop = asyncio.Event()
@@ -402,11 +416,12 @@ class Daemon:
             if self._custom_step is not None:
                 outcome = await self._custom_step(host, target, reasons) or Outcome()
             else:
-                outcome = await engine_step(host, target, pool, apply=self.config.mode is RunMode.APPLY)
+                step = await engine_step(host, target, pool, apply=self.config.mode is RunMode.APPLY)
+                outcome = step.outcome
                 if outcome.changes:
                     self.store.add_event("applied", outcome.reason, host=host, commit=target.commit)
                     if self.config.mode is RunMode.APPLY:
-                        self._start_verify(host, target)
+                        self.verifier.add(host, target, step.domains)
             return replace(outcome, drift=found) if found else outcome
         finally:
             if pool is not None:
@@ -414,42 +429,14 @@ class Daemon:
 
     # ------------------------------------------------------------ verify after apply
 
-    def _start_verify(self, host: str, target: Target) -> None:
-        """Prove the applied host live (reconciler.verify: firewall, SAs, ping over the mesh,
-        ESP on the wire, sites) in the background, so the reconcile itself is not delayed."""
-        task = asyncio.get_running_loop().create_task(self._verify_host(host, target), name=f"verify:{host}")
-        self._verify_tasks.add(task)
-        task.add_done_callback(self._verify_tasks.discard)
-
-    async def _verify_host(self, host: str, target: Target) -> None:
-        verify_mod = importlib.import_module("reconciler.verify")
-        pool = await self._pools.acquire(target)
-        try:
-            report = await verify_mod.verify_fleet(target.fleet, [host], pool)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # verification problems never stop the daemon
-            log.warning("verify after apply failed to run", host=host, error=type(exc).__name__)
-            self.metrics.verify_runs.inc(1, "error")
-            return
-        finally:
-            await self._pools.release(target)
-        summary = report.as_dict()
-        counts = summary.get("counts", {})
-        failed = [c for c in summary.get("checks", []) if c.get("status") == "fail"]
-        self._verify[host] = {
-            "ok": summary.get("ok"),
-            "commit": target.commit,
-            "finished_at": summary.get("finished_at"),
-            "counts": counts,
-            "failed": failed[:20],
-        }
-        self.metrics.verify_runs.inc(1, "ok" if summary.get("ok") else "failed")
+    def _on_verified(self, host: str, result: HostVerify) -> None:
+        """A batch of reconciler.after_apply proved ``host`` live (or not): metrics and events."""
+        self.metrics.verify_runs.inc(1, "ok" if result.ok else "failed")
         for status in ("pass", "fail", "skip"):
-            self.metrics.verify_checks.set(float(counts.get(status, 0)), host, status)
-        if not summary.get("ok"):
-            self.store.add_event("verify-failed", f"{len(failed)} live check(s) failed", host=host,
-                                 commit=target.commit)  # fmt: skip
+            self.metrics.verify_checks.set(float(result.counts.get(status, 0)), host, status)
+        if not result.ok:
+            self.store.add_event("verify-failed", f"{len(result.failed)} live check(s) failed", host=host,
+                                 commit=result.commit)  # fmt: skip
 
     def _on_result(self, host: str, result: str, seconds: float) -> None:
         self.metrics.reconciles.inc(1, result)
@@ -510,7 +497,7 @@ class Daemon:
             "hosts": hosts,
             "events": [e.as_json() for e in self.store.events(limit=50)],
             "outbox": outbox,
-            "verify": dict(sorted(self._verify.items())),
+            "verify": {h: v.as_json() for h, v in sorted(self.verifier.results.items())},
         }
 
     # ------------------------------------------------------------ lifecycle
@@ -556,9 +543,7 @@ class Daemon:
         finally:
             log.info("daemon stopping", grace=self.config.shutdown_grace)
             await self.loop.stop(self.config.shutdown_grace)
-            for task in list(self._verify_tasks):
-                task.cancel()
-            await asyncio.gather(*self._verify_tasks, return_exceptions=True)
+            await self.verifier.close()
             await self.server.stop()
             mail_task.cancel()
             await asyncio.gather(mail_task, return_exceptions=True)

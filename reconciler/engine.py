@@ -156,7 +156,9 @@ def select_hosts(fleet: Fleet, hosts: Iterable[str] | None) -> list[str]:
     return wanted
 
 
-async def _plan_one(fleet: Fleet, name: str, pool: Any, records: list[CommandRecord] | None) -> HostOutcome:
+async def _plan_one(
+    fleet: Fleet, name: str, pool: Any, records: list[CommandRecord] | None, *, fetch_diffs: bool = True
+) -> HostOutcome:
     started = time.monotonic()
     try:
         desired = render_cached(fleet, name)
@@ -166,7 +168,7 @@ async def _plan_one(fleet: Fleet, name: str, pool: Any, records: list[CommandRec
         conn = await pool.get(name)
         if records is not None:
             conn = RecordingConnection(conn, records)
-        observed = await observe_host(cast(Connection, conn), desired)
+        observed = await observe_host(cast(Connection, conn), desired, fetch_diffs=fetch_diffs)
         plan = plan_host(desired, observed)
     except ReconcilerError as err:
         return HostOutcome(name, ERROR, desired=desired, error=str(err), seconds=time.monotonic() - started)
@@ -276,14 +278,16 @@ async def reconcile_fleet(
     apply: bool,
     progress: Progress | None = None,
     firewall_window: float = deadman.DEFAULT_WINDOW,
+    fetch_diffs: bool = True,
 ) -> FleetResult:
     """Plan every selected host and, with ``apply``, apply each host's plan right away
-    (a host starts applying as soon as its own plan is ready)."""
+    (a host starts applying as soon as its own plan is ready). ``fetch_diffs=False`` skips the
+    second observation round trip that reads changed files for diffs (the daemon shows none)."""
     started = time.monotonic()
     names = select_hosts(fleet, hosts)
 
     async def one(name: str) -> HostOutcome:
-        out = await _plan_one(fleet, name, pool, None)
+        out = await _plan_one(fleet, name, pool, None, fetch_diffs=fetch_diffs)
         if apply:
             out = await _apply_one(out, pool, firewall_window)
         if progress is not None:
