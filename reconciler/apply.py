@@ -39,8 +39,9 @@ import secrets
 import shlex
 import tarfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 from typing import cast
 
 from reconciler import deadman, packaging
@@ -48,6 +49,7 @@ from reconciler.connection import Connection
 from reconciler.errors import ReconcilerError
 from reconciler.log import get_logger
 from reconciler.observe import observe_host
+from reconciler.observed import Observed
 from reconciler.plan import (
     FILE_KINDS,
     INTERRUPTED,
@@ -250,7 +252,7 @@ async def apply_host(
     if verify and not run.rolled_back:
         try:
             conn = await run.conn()
-            observed = await observe_host(cast(Connection, conn), desired)
+            observed = await reobserve(cast(Connection, conn), run)
             verify_plan = plan_host(desired, observed)
         except ReconcilerError as err:
             run.messages.append(f"could not observe the host again to verify: {err}")
@@ -283,6 +285,53 @@ async def apply_host(
         converged=converged,
         seconds=time.monotonic() - started,
         transient=tuple(dict.fromkeys(run.transient)),
+    )
+
+
+# ---------------------------------------------------------------- re-observation
+
+# Actions whose whole effect is the content, mode or owner of declared files (no handler
+# reload, no service, no firewall, no package: those come with their own actions).
+SCOPED_REOBSERVE_KINDS = frozenset(
+    {ActionKind.CREATE, ActionKind.UPDATE, ActionKind.CHMOD, ActionKind.CHOWN, ActionKind.RECORD_INVENTORY}
+)
+
+
+def reobserve_scope(plan: HostPlan, desired: Desired, outcomes: Iterable[ActionOutcome]) -> Desired | None:
+    """The part of ``desired`` to observe again after an apply, or None for all of it.
+
+    When every action of the plan ran and only wrote declared files (and the inventory), the
+    rest of the host is what the plan's own observation saw a moment ago: reading iptables,
+    swanctl, services and packages again would prove nothing new. Then only those files (and
+    the inventory and reload journal, always read) are observed again."""
+    outs = list(outcomes)
+    if plan.observed is None or len(outs) != len(plan.actions):
+        return None
+    if any(o.status != "done" or o.action.kind not in SCOPED_REOBSERVE_KINDS for o in outs):
+        return None
+    paths = {o.action.path for o in outs if o.action.kind is not ActionKind.RECORD_INVENTORY}
+    files = tuple(f for f in desired.files if f.path in paths)
+    if len(files) != len(paths):
+        return None  # something other than a declared file (e.g. the persistent ruleset)
+    return Desired(host=desired.host, files=files)
+
+
+async def reobserve(conn: Connection, run: _Run) -> Observed:
+    """Observe the host again after the apply: all of it, or only what the apply wrote merged
+    into the plan's observation (``reobserve_scope``)."""
+    scope = reobserve_scope(run.plan, run.desired, run.outcomes.values())
+    if scope is None or run.plan.observed is None:
+        return await observe_host(conn, run.desired)
+    fresh = await observe_host(conn, scope, fetch_diffs=False, stat_inventory=False)
+    before = run.plan.observed
+    files = dict(before.files)
+    files.update(fresh.files)
+    return replace(
+        before,
+        files=MappingProxyType(dict(sorted(files.items()))),
+        inventory=fresh.inventory,
+        pending_reloads=fresh.pending_reloads,
+        errors=fresh.errors,
     )
 
 

@@ -721,11 +721,15 @@ async def observe_host(
     desired: Desired,
     *,
     fetch_diffs: bool = True,
+    stat_inventory: bool = True,
     timeout: float | None = None,
     inventory_path: str = INVENTORY_PATH,
     pending_path: str = PENDING_RELOADS_PATH,
 ) -> Observed:
     """Observe one host: one round trip, plus one more only for diff contents / odd paths.
+
+    ``stat_inventory=False``: do not stat inventory entries the Desired does not declare (a
+    partial observation, see reconciler.apply.reobserve_scope).
 
     Raises Transient when the host cannot be reached or the script does not finish in time;
     a probe that fails inside the script is reported in ``Observed.errors``.
@@ -738,7 +742,7 @@ async def observe_host(
     sections = split_sections(result.stdout, result.stderr, nonce=nonce)
     observed = parse_observation(conn.host, desired, sections)
     # inventory entries the script could not stat (JSON escapes): stat them now
-    missing = tuple(p for p in observed.inventory if p not in observed.files)
+    missing = tuple(p for p in observed.inventory if p not in observed.files) if stat_inventory else ()
     fetch = content_wanted(desired, observed) if fetch_diffs else ()
     round_trips = 1
     if fetch or missing:

@@ -160,6 +160,9 @@ class HostPlan:
     inventory: tuple[str, ...] = ()  # managed paths to record after a successful apply
     noop_reason: str = ""  # why there is nothing to do (when ``actions`` is empty)
     init_system: str = "unknown"  # from the observation: how apply starts services
+    # the observation this plan was made from (apply re-observes only what it touched, see
+    # reconciler.apply.reobserve_scope); not part of the plan's value
+    observed: Observed | None = field(default=None, compare=False, repr=False)
 
     @property
     def changed(self) -> bool:
@@ -306,6 +309,7 @@ def plan_host(desired: Desired, observed: Observed) -> HostPlan:
         inventory=inventory,
         noop_reason=noop,
         init_system=observed.init_system,
+        observed=observed,
     )
 
 

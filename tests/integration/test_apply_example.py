@@ -16,7 +16,16 @@ import pytest
 from reconciler.apply import apply_host
 from reconciler.commands.keys import collect
 from reconciler.connection import ConnectionPool, targets_for
-from reconciler.engine import APPLIED, ERROR, IN_SYNC, apply_planned, plan_fleet, reconcile_fleet
+from reconciler.engine import (
+    APPLIED,
+    ERROR,
+    IN_SYNC,
+    CommandRecord,
+    RecordingConnection,
+    apply_planned,
+    plan_fleet,
+    reconcile_fleet,
+)
 from reconciler.fleet.load import load_fleet
 from reconciler.lab import VOID_ADDRESS, Lab, specs_from_fleet
 from reconciler.observe import PRELUDE, observe_host
@@ -163,6 +172,44 @@ async def test_example_fleet_converges(lab: Lab, repo: Path) -> None:
         ).stdout.decode()
         assert "Server: Apache\r\n" in head, head
         assert "X-Powered-By" not in head, head
+
+
+class RecordingPool:
+    """The pool, with every command it runs recorded (engine.RecordingConnection)."""
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        self.pool = pool
+        self.records: list[CommandRecord] = []
+
+    async def get(self, host: str) -> Any:
+        return RecordingConnection(await self.pool.get(host), self.records)
+
+
+async def test_a_file_only_change_is_observed_again_narrowly(lab: Lab, repo: Path, tmp_path: Path) -> None:
+    """After an apply that only wrote declared files, only those files (and the inventory) are
+    read again to prove the host converged; any other change reads the whole host again."""
+    changed = tmp_path / "repo"
+    shutil.copytree(repo, changed)
+    motd = changed / "templates" / "motd.j2"
+    motd.write_text(motd.read_text() + "Narrow re-observation test.\n")
+    fleet = load_fleet(changed)
+    async with pool_for(lab, fleet) as real:
+        pool = RecordingPool(real)
+        out = (await reconcile_fleet(fleet, ["web1"], pool, apply=True, firewall_window=WINDOW)).hosts[0]
+        assert out.status == APPLIED and out.result is not None and out.result.converged, out
+        assert out.plan is not None
+        assert [a.kind for a in out.plan.actions] == ["update"], out.plan.actions
+        observations = [r.text for r in pool.records if r.kind == "script" and PRELUDE in r.text]
+        assert len(observations) == 2  # the plan's, then the one after the apply
+        assert "iptables-save" in observations[0] and "swanctl --list-sas" in observations[0]
+        assert "iptables-save" not in observations[1] and "swanctl" not in observations[1]
+        assert "Narrow re-observation test." in sh(lab, "web1", "cat /etc/motd")
+        # the narrow proof agrees with a full observation: nothing left to do
+        again = await plan_fleet(fleet, ["web1"], real)
+        assert again.hosts[0].status == IN_SYNC, again.hosts[0].plan
+        # put the module's fleet back on web1 for the tests that follow
+        back = await reconcile_fleet(load_fleet(repo), ["web1"], real, apply=True, firewall_window=WINDOW)
+        assert back.hosts[0].status == APPLIED
 
 
 async def test_broken_apache_site_is_refused_and_old_site_keeps_serving(lab: Lab, repo: Path) -> None:

@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import io
 import subprocess
 import tarfile
 from types import MappingProxyType
+from typing import Any
 
 import pytest
 
-from reconciler.apply import _quote_with_tree, _Run, _tar_of, _validator_cmd, backup_path, staged_path
+from reconciler.apply import (
+    ActionOutcome,
+    _quote_with_tree,
+    _Run,
+    _tar_of,
+    _validator_cmd,
+    backup_path,
+    reobserve_scope,
+    staged_path,
+)
 from reconciler.engine import CHANGES, ERROR, IN_SYNC, FleetResult, HostOutcome
 from reconciler.observed import Observed
-from reconciler.plan import plan_host
+from reconciler.plan import ActionKind, plan_host
 from reconciler.planview import render_plan, to_json, use_color
-from reconciler.resources import Desired, Domain, FileResource, LinkResource, Validator
+from reconciler.resources import Desired, Domain, FileResource, Handler, LinkResource, Validator
 
 
 @pytest.mark.parametrize("path", ["/etc/apache2/sites-enabled/shop.conf", "/etc/apparmor.d/usr.sbin.mysqld"])
@@ -94,3 +105,35 @@ def test_exit_codes() -> None:
     d = Desired(host="a", files=(FileResource("/etc/motd", b"x", Domain.FILES),))
     pending = outcome("a", CHANGES, d, Observed(host="a", files=MappingProxyType({})))
     assert FleetResult((ok, pending)).exit_code() == 2
+
+
+def _done(plan: Any, status: str = "done") -> list[ActionOutcome]:
+    return [ActionOutcome(a, status) for a in plan.actions]
+
+
+def test_after_a_files_only_apply_only_those_files_are_observed_again() -> None:
+    motd = FileResource("/etc/motd", b"new\n", Domain.FILES)
+    other = FileResource("/etc/other.conf", b"same\n", Domain.FILES)
+    d = Desired(host="h", files=(motd, other), firewall=None)
+    before = Observed(host="h")
+    plan = plan_host(d, before)
+    assert plan.observed is before
+    scope = reobserve_scope(plan, d, _done(plan))
+    assert scope is not None and {f.path for f in scope.files} == {"/etc/motd", "/etc/other.conf"}
+    assert not (scope.handlers or scope.services or scope.packages or scope.firewall or scope.keypairs)
+
+
+def test_any_other_change_or_a_failure_observes_the_whole_host_again() -> None:
+    v = Validator(argv=("true",))
+    site = FileResource("/etc/apache2/sites-available/x.conf", b"x", Domain.APACHE, handler="apache2")
+    handler = Handler(name="apache2", validators=(v,), reload=("true",))
+    d = Desired(host="h", files=(site,), handlers=(handler,))
+    plan = plan_host(d, Observed(host="h"))
+    assert any(a.kind is ActionKind.RELOAD for a in plan.actions)
+    assert reobserve_scope(plan, d, _done(plan)) is None  # a reload: services may have changed
+    plain = Desired(host="h", files=(FileResource("/etc/motd", b"m", Domain.FILES),))
+    plan = plan_host(plain, Observed(host="h"))
+    assert reobserve_scope(plan, plain, _done(plan, "failed")) is None
+    assert reobserve_scope(plan, plain, _done(plan)[:-1]) is None  # not every action ran
+    no_obs = dataclasses.replace(plan, observed=None)
+    assert reobserve_scope(no_obs, plain, _done(no_obs)) is None
