@@ -6,8 +6,8 @@ ping + capture). Writes bench/results/verify.md.
 
 Each size: a fresh lab, a fleet generated from fleet-repo-example (hosts without roles, so
 only firewall + IPsec: what scales with N), converged with the real engine (apply, keys
-collect, apply) and the test scaffolding that (re)initiates SAs that did not come up (see
-tests/integration/test_verify_mesh.py), then `verify_fleet` timed `--runs` times.
+collect, apply), then applied again until every pair's SAs are up (the engine's plan starts
+again the children that are down: "initiate-child"), then `verify_fleet` timed `--runs` times.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT / "tests" / "unit"))
 
 from reconciler import log as logsetup  # noqa: E402
 from reconciler.fleet.load import load_fleet  # noqa: E402
+from reconciler.fleet.model import Fleet  # noqa: E402
 from reconciler.lab import Lab, specs_from_fleet  # noqa: E402
 from reconciler.verify import Status, VerifyOptions, verify_fleet  # noqa: E402
 
@@ -50,8 +51,24 @@ def make_repo(tmp: Path, n: int) -> Path:
     return repo
 
 
+def settle(fleet: Fleet, lab: Lab, rounds: int = 10, pause: float = 3.0) -> int:
+    """Apply again while pairs are down: the engine re-initiates the children that are not up
+    (a child whose first attempt met a peer that had not loaded its config yet). Returns the
+    number of extra applies."""
+    from test_verify_mesh import _apply, _down_pairs
+
+    for i in range(rounds):
+        down = _down_pairs(fleet, lab)
+        print(f"  {len(down)} pair(s) down", flush=True)
+        if not down:
+            return i
+        asyncio.run(_apply(fleet, lab))
+        time.sleep(pause)
+    raise SystemExit(f"bench: SAs still down after {rounds} applies: {sorted(_down_pairs(fleet, lab))[:10]}")
+
+
 def bench(n: int, runs: int, tmp: Path) -> dict[str, object]:
-    from test_verify_mesh import converge, establish, pool_for
+    from test_verify_mesh import converge, pool_for
 
     repo = make_repo(tmp, n)
     fleet = load_fleet(repo)
@@ -63,7 +80,7 @@ def bench(n: int, runs: int, tmp: Path) -> dict[str, object]:
         fleet = converge(repo, lab)
         t_converge = time.monotonic() - t0
         t0 = time.monotonic()
-        establish(fleet, lab, rounds=5)
+        extra_applies = settle(fleet, lab)
         t_establish = time.monotonic() - t0
         times: list[float] = []
         last = None
@@ -88,6 +105,7 @@ def bench(n: int, runs: int, tmp: Path) -> dict[str, object]:
             "lab_up": t_up,
             "converge": t_converge,
             "establish": t_establish,
+            "extra_applies": extra_applies,
             "verify_min": min(times),
             "verify_median": statistics.median(times),
             "verify_max": max(times),
@@ -118,14 +136,14 @@ def main() -> int:
         "Every host pings every peer (3 pings, 0.2 s apart) while tcpdump captures, then one facts "
         "round trip; all hosts concurrently over one SSH pool.",
         "",
-        "| hosts | ordered pairs | checks | failed | verify min / median / max (s) | lab up (s) | converge (s) | SA scaffolding (s) |",  # noqa: E501
-        "|---:|---:|---:|---:|---|---:|---:|---:|",
+        "| hosts | ordered pairs | checks | failed | verify min / median / max (s) | lab up (s) | converge (s) | settle: re-applies, s |",  # noqa: E501
+        "|---:|---:|---:|---:|---|---:|---:|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['hosts']} | {r['pairs']} | {r['checks']} | {r['failed']} | "
             f"{r['verify_min']:.2f} / {r['verify_median']:.2f} / {r['verify_max']:.2f} | "
-            f"{r['lab_up']:.1f} | {r['converge']:.1f} | {r['establish']:.1f} |"
+            f"{r['lab_up']:.1f} | {r['converge']:.1f} | {r['extra_applies']}, {r['establish']:.1f} |"
         )
     for r in rows:
         if r["failed"]:
