@@ -296,6 +296,32 @@ async def test_push_and_webhook_converges(world: World) -> None:
           f"median {statistics.median(timings):.2f}s")  # fmt: skip
 
 
+async def test_applied_hosts_are_verified_live_in_one_batch(world: World) -> None:
+    """After the pushes above, the daemon proved the applied hosts live (reconciler.verify), all
+    of them in one batch, without the ping probe (a motd change cannot change the mesh), and
+    shows the results in /status and /metrics."""
+    head = git(world.work, "rev-parse", "HEAD")
+    deadline = time.monotonic() + 60
+    verify: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        verify = (await get_json(world))["verify"]
+        if len(verify) == 4 and all(v["commit"] == head for v in verify.values()):
+            break
+        await asyncio.sleep(0.2)
+    assert sorted(verify) == ["db1", "db2", "web1", "web2"], verify
+    for v in verify.values():
+        assert v["commit"] == head and v["batch_hosts"] == 4 and v["datapath_probe"] is False
+        assert v["counts"]["pass"] > 0
+        # this fleet's repo has no public keys collected (so no IPsec peer is configured) and
+        # this kernel has no ESP: the mesh cannot be up, and every failure must say why
+        assert v["ok"] is False and v["failed"]
+        assert all(c["cause"] for c in v["failed"]), v["failed"]
+    async with aiohttp.ClientSession() as s, s.get(world.base + "/metrics") as r:
+        text = await r.text()
+    assert 'reconciler_verify_checks{host="web1",status="pass"}' in text
+    assert "reconciler_verify_runs_total{" in text
+
+
 async def test_push_without_webhook_converges_by_polling(world: World) -> None:
     set_motd_line(world, "polled push")
     head = world.commit("motd via polling")

@@ -195,12 +195,15 @@ async def test_a_file_only_change_is_observed_again_narrowly(lab: Lab, repo: Pat
     fleet = load_fleet(changed)
     async with pool_for(lab, fleet) as real:
         pool = RecordingPool(real)
-        out = (await reconcile_fleet(fleet, ["web1"], pool, apply=True, firewall_window=WINDOW)).hosts[0]
+        result = await reconcile_fleet(
+            fleet, ["web1"], pool, apply=True, firewall_window=WINDOW, fetch_diffs=False
+        )
+        out = result.hosts[0]
         assert out.status == APPLIED and out.result is not None and out.result.converged, out
         assert out.plan is not None
         assert [a.kind for a in out.plan.actions] == ["update"], out.plan.actions
         observations = [r.text for r in pool.records if r.kind == "script" and PRELUDE in r.text]
-        assert len(observations) == 2  # the plan's, then the one after the apply
+        assert len(observations) == 2  # the plan's (no diff fetch, as in the daemon), then after the apply
         assert "iptables-save" in observations[0] and "swanctl --list-sas" in observations[0]
         assert "iptables-save" not in observations[1] and "swanctl" not in observations[1]
         assert "Narrow re-observation test." in sh(lab, "web1", "cat /etc/motd")
