@@ -245,7 +245,7 @@ def test_only_the_sections_the_desired_needs_are_run() -> None:
         "iptables-save",
         "ip -d -j addr",
         "ip xfrm",
-        "swanctl --list-sas",
+        "swanctl_q --list-sas",
         "kernel_facts",
         "dpkg-query",
     ):

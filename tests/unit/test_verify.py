@@ -414,3 +414,33 @@ def test_a_retransmit_that_was_answered_is_not_an_error_but_giving_up_is() -> No
         ]
     )
     assert [e.connection for e in read.errors] == ["mesh-db1"] and "giving up" in read.errors[0].line
+
+
+@pytest.mark.parametrize(
+    "algorithm", [["-algorithm", "ed25519"], ["-algorithm", "rsa", "-pkeyopt", "rsa_keygen_bits:2048"]]
+)
+def test_peer_key_hashes_match_openssl_for_the_pem_files_the_host_sends(
+    tmp_path: Path, algorithm: list[str]
+) -> None:
+    """The host sends its peers' public key files as they are (`tail -v -n +1`); the hash made
+    here must be the one `openssl pkey -pubin -outform DER | sha256sum` makes on a host."""
+    import subprocess
+
+    key = tmp_path / "k.pem"
+    subprocess.run(["openssl", "genpkey", *algorithm, "-out", str(key)], check=True, capture_output=True)
+    pub = tmp_path / "web2.pem"
+    subprocess.run(["openssl", "pkey", "-in", str(key), "-pubout", "-out", str(pub)], check=True)
+    der = subprocess.run(["openssl", "pkey", "-pubin", "-in", str(pub), "-outform", "DER"], check=True,
+                         capture_output=True).stdout  # fmt: skip
+    (tmp_path / "bad.pem").write_text("not a key\n")
+    sent = subprocess.run(["tail", "-v", "-n", "+1", "--", str(pub), str(tmp_path / "bad.pem")], check=True,
+                          capture_output=True, text=True).stdout  # fmt: skip
+    import hashlib
+
+    hashes = ipsec.parse_key_hashes(sent)
+    assert hashes == {"web2.pem": hashlib.sha256(der).hexdigest(), "bad.pem": "unreadable"}
+    # facts recorded before this format (one "<file> <hash>" line per key) still read
+    assert ipsec.parse_key_hashes("web2.pem abc\nbad.pem unreadable\n") == {
+        "web2.pem": "abc",
+        "bad.pem": "unreadable",
+    }
