@@ -509,7 +509,9 @@ create=1
 for d in "$@"; do
   if [ "$d" = "--" ]; then create=0; continue; fi
   if [ -d "$d" ]; then
-    find "$d" -maxdepth 1 -name '.*.reconciler-*' \( -type f -o -type l \) -exec rm -f {} + 2>/dev/null
+    for f in "$d"/.*.reconciler-*; do
+      if [ -L "$f" ] || [ -f "$f" ]; then rm -f -- "$f"; fi
+    done
   elif [ $create = 1 ]; then
     mkdir -p "$d" || exit 10
   fi
@@ -529,17 +531,23 @@ async def _files(run: _Run) -> None:
     other_dirs = sorted({posixpath.dirname(run.plan.actions[i].path or "/") for i in idx} - set(staged_dirs))
     dirs = [*staged_dirs, "--", *other_dirs]
     conn = await run.conn()
+    # nothing to validate between staging and swapping: both in one round trip
+    combined = bool(staged) and not _needs_validation(run, idx)
     if staged:
+        script = STAGE + ("\n".join(_swap_lines(run, idx)) + "\n" if combined else "")
         res = await conn.run_script(
-            STAGE, args=dirs, stdin_after=_tar_of(run, staged), timeout=DEFAULT_TIMEOUT
+            script, args=dirs, stdin_after=_tar_of(run, staged), timeout=DEFAULT_TIMEOUT
         )
-        if res.exit_status != 0:
+        if res.exit_status != 0 or not res.stdout.startswith(b"staged\n"):
             await _unstage(run, staged)
             msg = f"staging failed (exit {res.exit_status}): {_text(res)[-2000:]}"
             for i in idx:
                 run.mark(i, "failed", msg)
             run.messages.append(msg)
             _fail_handlers(run, idx)
+            return
+        if combined:
+            _swap_outcome(run, idx, res)
             return
     # validate
     failures = await _validate(run, idx)
@@ -666,6 +674,24 @@ def _quote_with_tree(text: str, marker: str) -> str:
     return '"$tree"'.join(q(p) if p else "" for p in pieces) or "''"
 
 
+def _needs_validation(run: _Run, idx: list[int]) -> bool:
+    """Whether any validator applies to these file actions (see ``_validate``)."""
+    actions = run.plan.actions
+    for i in idx:
+        a = actions[i]
+        if a.kind not in (ActionKind.CREATE, ActionKind.UPDATE, ActionKind.RELINK, ActionKind.DELETE):
+            continue
+        if isinstance(a.target, FileResource) and a.target.validators:
+            return True
+        if a.handler:
+            try:
+                if run.desired.handler(a.handler).validators:
+                    return True
+            except KeyError:
+                continue
+    return False
+
+
 async def _validate(run: _Run, idx: list[int]) -> list[_Failure]:
     """Run every relevant validator in one round trip; return the failures."""
     actions = run.plan.actions
@@ -789,8 +815,16 @@ def _journal_lines(names: set[str], token: str) -> list[str]:
 
 
 async def _swap(run: _Run, idx: list[int]) -> None:
+    lines = ["set -u", *_swap_lines(run, idx)]
+    conn = await run.conn()
+    res = await conn.run_script("\n".join(lines) + "\n", timeout=DEFAULT_TIMEOUT)
+    _swap_outcome(run, idx, res)
+
+
+def _swap_lines(run: _Run, idx: list[int]) -> list[str]:
+    """Shell lines that put the staged files live (rename), with backups of a handler's files."""
     actions = run.plan.actions
-    lines = ["set -u"]
+    lines: list[str] = []
     reloading = {a.handler for a in actions if a.kind is ActionKind.RELOAD and a.handler}
     touched = {h for i in idx if (h := actions[i].handler) in reloading}
     if touched:
@@ -806,19 +840,24 @@ async def _swap(run: _Run, idx: list[int]) -> None:
         p = a.path
         assert p is not None
         qp, sp, bp = q(p), q(staged_path(p, run.token)), q(backup_path(p, run.token))
+        # a backup only where a failed reload can roll the file back: a handler's files
         backup = (
             f"if [ -L {qp} ]; then cp -P {qp} {bp}; elif [ -f {qp} ]; then ln {qp} {bp} 2>/dev/null "
-            f"|| cp -p {qp} {bp}; fi; [ -e {bp} ] || [ -L {bp} ] && echo '@@B {i}'"
+            f"|| cp -p {qp} {bp}; fi; [ -e {bp} ] || [ -L {bp} ] && echo '@@B {i}'; "
+            if a.handler
+            else ""
         )
         t = a.target
         if a.kind in (ActionKind.CREATE, ActionKind.UPDATE, ActionKind.RELINK):
             meta = ""
-            if isinstance(t, FileResource):
+            if isinstance(t, FileResource) and (t.secret or (t.owner, t.group) != ("root", "root")):
+                # (root:root files are staged by tar, as root, with their final mode already;
+                # a secret is staged with group/other bits cleared, then given its mode here)
                 meta = f"chown {q(t.owner + ':' + t.group)} {sp} && chmod {t.mode:04o} {sp} && "
             lines.append(
                 f"if [ -d {qp} ] && [ ! -L {qp} ]; then rm -f {sp}; "
                 f"echo '@@F {i} a directory is in the way'; "
-                f"else {backup}; {meta}mv -fT {sp} {qp} && echo '@@OK {i}' || "
+                f"else {backup}{meta}mv -fT {sp} {qp} && echo '@@OK {i}' || "
                 f"{{ rm -f {sp}; echo '@@F {i} could not swap'; }}; fi"
             )
         elif a.kind is ActionKind.CHMOD and isinstance(t, FileResource):
@@ -830,12 +869,15 @@ async def _swap(run: _Run, idx: list[int]) -> None:
         elif a.kind is ActionKind.DELETE:
             lines.append(
                 f"if [ -d {qp} ] && [ ! -L {qp} ]; then echo '@@F {i} is a directory, not deleted'; "
-                f"else {backup}; rm -f {qp} && echo '@@OK {i}' || echo '@@F {i} could not delete'; fi"
+                f"else {backup}rm -f {qp} && echo '@@OK {i}' || echo '@@F {i} could not delete'; fi"
             )
         else:
             lines.append(f"echo '@@F {i} nothing to do for {a.kind}'")
-    conn = await run.conn()
-    res = await conn.run_script("\n".join(lines) + "\n", timeout=DEFAULT_TIMEOUT)
+    return lines
+
+
+def _swap_outcome(run: _Run, idx: list[int], res: _Result) -> None:
+    actions = run.plan.actions
     out = res.stdout.decode(errors="replace").splitlines()
     for line in out:
         if line.startswith("@@B "):
@@ -1132,17 +1174,25 @@ async def _finish(run: _Run) -> None:
         for i in record:
             run.mark(i, "skipped", "not recorded: the apply did not fully succeed")
     journal = ["-"] if run.journal is None else sorted(run.journal)
-    if run.journal is None and not backups and not all_ok:
+    # the inventory is rewritten only when it changes (the plan's observation read it)
+    seen = run.plan.observed
+    unchanged = seen is not None and not seen.errors and tuple(sorted(seen.inventory)) == run.plan.inventory
+    write_inventory = all_ok and (bool(record) or not unchanged)
+    if run.journal is None and not backups and not write_inventory:
         return
-    args = (INVENTORY_PATH if all_ok else "", run.token, PENDING_RELOADS_PATH, "--", *journal, "--", *backups)
+    args = (INVENTORY_PATH if write_inventory else "", run.token, PENDING_RELOADS_PATH, "--", *journal, "--",
+            *backups)  # fmt: skip
     conn = await run.conn()
     res = await conn.run_script(
-        FINISH, args=args, stdin_after=inventory_json(run.plan.inventory) if all_ok else None, timeout=60
+        FINISH,
+        args=args,
+        stdin_after=inventory_json(run.plan.inventory) if write_inventory else None,
+        timeout=60,
     )
     out = res.stdout.decode(errors="replace")
     if "@@J " in out:
         run.messages.append(out.split("@@J ", 1)[1].splitlines()[0])
-    if not all_ok:
+    if not write_inventory:
         return
     ok = "@@INV ok" in out
     for i in record:

@@ -132,17 +132,30 @@ svc_probe() {
     else
       timeout 10 service "$name" status >/dev/null 2>&1; printf 'status %s\n' "$?"
     fi
-    # enabled at boot: an init script with a start link in a multi-user runlevel
-    if [ -f "/etc/init.d/$name" ]; then
-      rc=no
-      for f in /etc/rc2.d/S*"$name" /etc/rc3.d/S*"$name" /etc/rc4.d/S*"$name" /etc/rc5.d/S*"$name"; do
-        case ${f##*/} in S[0-9][0-9]"$name") [ -e "$f" ] && rc=yes ;; esac
-      done
-      printf 'rc %s\n' "$rc"
-    else
-      printf 'rc none\n'
-    fi
+    svc_rc "$name"
   fi
+}
+# enabled at boot: an init script with a start link in a multi-user runlevel (builtins only)
+svc_rc() {
+  if [ -f "/etc/init.d/$1" ]; then
+    rc=no
+    for f in /etc/rc2.d/S*"$1" /etc/rc3.d/S*"$1" /etc/rc4.d/S*"$1" /etc/rc5.d/S*"$1"; do
+      case ${f##*/} in S[0-9][0-9]"$1") [ -e "$f" ] && rc=yes ;; esac
+    done
+    printf 'rc %s\n' "$rc"
+  else
+    printf 'rc none\n'
+  fi
+}
+# running = the pid file names a live process: read and kill -0 are builtins (no fork)
+svc_pid() {
+  if [ "$PID1" = systemd ]; then svc_probe "$1"; return; fi
+  _st=1
+  if [ -s "$2" ] && read -r _p < "$2"; then
+    case $_p in ''|*[!0-9]*) ;; *) kill -0 "$_p" 2>/dev/null && _st=0 ;; esac
+  fi
+  printf 'status %s\n' "$_st"
+  svc_rc "$1"
 }
 swanctl_q() { if [ -n "${SW:-}" ]; then STRONGSWAN_CONF=$SW swanctl "$@"; else swanctl "$@"; fi; }
 PID1=unknown; read -r PID1 < /proc/1/comm 2>/dev/null || PID1=unknown
@@ -254,7 +267,10 @@ def build_script(
             f"frame dpkg dpkg-query -W -f='${{Package}}\\t${{db:Status-Abbrev}}\\t${{Version}}\\n' -- {pkgs}"
         )
     for i, s in enumerate(desired.services):
-        b.add(f"frame svc.{i} svc_probe {b.ref(s.name)} {b.refs(list(s.status))}".rstrip())
+        if s.pid_file:
+            b.add(f"frame svc.{i} svc_pid {b.ref(s.name)} {b.ref(s.pid_file)}")
+        else:
+            b.add(f"frame svc.{i} svc_probe {b.ref(s.name)} {b.refs(list(s.status))}".rstrip())
     return b.script(PRELUDE), b.args
 
 

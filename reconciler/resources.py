@@ -140,6 +140,9 @@ class Service:
     start: tuple[str, ...] = ()
     stop: tuple[str, ...] = ()
     status: tuple[str, ...] = ()
+    # without systemd, "running" is read from this pid file in the observation itself (shell
+    # builtins, no process started); ``status`` is the fallback when there is none
+    pid_file: str | None = None
     log_path: str | None = None  # tail this when it fails to start
     needs_package: str | None = None
     domain: Domain = Domain.SERVICES

@@ -75,6 +75,7 @@ def apache_service() -> Service:
         start=("apache2ctl", "start"),
         stop=("apache2ctl", "stop"),
         status=APACHE_STATUS,
+        pid_file=APACHE_PID,
         log_path="/var/log/apache2/error.log",
         needs_package="apache2",
     )

@@ -120,6 +120,7 @@ def racoon_service() -> Service:
         start=("service", "racoon", "start"),
         stop=("service", "racoon", "stop"),
         status=_RUNNING,
+        pid_file=RACOON_PID,
         log_path=None,
         needs_package="racoon",
     )

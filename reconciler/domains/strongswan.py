@@ -164,6 +164,7 @@ def charon_service() -> Service:
         start=("sh", "-c", _START_SCRIPT),
         stop=("sh", "-c", _STOP_SCRIPT),
         status=STATUS,
+        pid_file=CHARON_PID,
         log_path=CHARON_LOG,
         needs_package="strongswan-swanctl",
     )
