@@ -109,6 +109,7 @@ charon_state() {
       *[!0-9]*|'') ;;
       *) if read -r c < "/proc/$pid/comm"; then printf 'pidcomm %s\n' "$c"; fi 2>/dev/null ;;
     esac
+    return 0  # the pid file decides (parse_charon); no process scan needed
   fi
   grep -lxs charon /proc/[0-9]*/comm | sed -n 's|^/proc/\([0-9]*\)/comm$|proc \1|p'
   return 0

@@ -23,55 +23,80 @@ from reconciler.verify.facts import HostFacts
 NAME = "firewall"
 
 
-_AddrMatch = tuple[IPv4Network | None, bool, IPv4Network | None, bool]  # src, negated, dst, negated
+# a rule's -s or -d as (network int, mask int, negated); None when the rule has none
+_Net = tuple[int, int, bool] | None
+
+
+@dataclass(frozen=True)
+class _Chain:
+    """One chain's rules with their -s/-d pre-parsed, indexed by exact (/32, not negated)
+    source address: a packet only needs the rules indexed under its source plus the others."""
+
+    rules: list[tuple[int, list[str]]]
+    dst: list[_Net]  # per rule
+    by_src: dict[int, list[int]]  # exact source address -> rule indices
+    other: list[tuple[int, _Net]]  # rule index, its -s (None, wider or negated)
 
 
 @dataclass(frozen=True)
 class _Prepared:
     table: Table
-    addrs: dict[str, list[_AddrMatch]]  # per chain, per rule: its -s/-d, parsed once
+    chains: dict[str, _Chain]
+
+
+def _net(word: str, negated: bool) -> _Net:
+    try:
+        net = IPv4Network(word, strict=False)
+    except ValueError:
+        return None  # leave it to the evaluator
+    return int(net.network_address), int(net.netmask), negated
+
+
+def _matches(net: _Net, addr: int) -> bool:
+    if net is None:
+        return True
+    base, mask, negated = net
+    return ((addr & mask) == base) != negated
 
 
 @functools.lru_cache(maxsize=512)
 def _prepare(text: str) -> _Prepared:
     """One parse per live ruleset, however many peers and probes are checked against it."""
     table = parse_filter(text)
-    addrs: dict[str, list[_AddrMatch]] = {}
+    chains: dict[str, _Chain] = {}
     for chain, rules in table.rules.items():
-        out: list[_AddrMatch] = []
-        for _, words in rules:
-            src: IPv4Network | None = None
-            dst: IPv4Network | None = None
-            sneg = dneg = False
+        dsts: list[_Net] = []
+        by_src: dict[int, list[int]] = {}
+        other: list[tuple[int, _Net]] = []
+        for idx, (_, words) in enumerate(rules):
+            src: _Net = None
+            dst: _Net = None
             for i, w in enumerate(words[:-1]):
                 if w in ("-s", "--source", "-d", "--destination"):
-                    neg = i > 0 and words[i - 1] == "!"
-                    try:
-                        net = IPv4Network(words[i + 1], strict=False)
-                    except ValueError:
-                        continue  # leave it to the evaluator
+                    net = _net(words[i + 1], i > 0 and words[i - 1] == "!")
                     if w.startswith(("-s", "--s")):
-                        src, sneg = net, neg
+                        src = net
                     else:
-                        dst, dneg = net, neg
-            out.append((src, sneg, dst, dneg))
-        addrs[chain] = out
-    return _Prepared(table, addrs)
+                        dst = net
+            dsts.append(dst)
+            if src is not None and src[1] == 0xFFFFFFFF and not src[2]:
+                by_src.setdefault(src[0], []).append(idx)
+            else:
+                other.append((idx, src))
+        chains[chain] = _Chain(rules, dsts, by_src, other)
+    return _Prepared(table, chains)
 
 
 def _for_packet(prep: _Prepared, pkt: Packet) -> Table:
     """The table without the rules whose -s/-d cannot match ``pkt`` (the evaluator would
     skip them too): the same verdict, a fraction of the work on a large mesh ruleset."""
+    src, dst = int(pkt.src), int(pkt.dst)
     rules: dict[str, list[tuple[int, list[str]]]] = {}
-    for chain, chain_rules in prep.table.rules.items():
-        keep = []
-        for rule, (src, sneg, dst, dneg) in zip(chain_rules, prep.addrs[chain], strict=True):
-            if src is not None and (pkt.src in src) == sneg:
-                continue
-            if dst is not None and (pkt.dst in dst) == dneg:
-                continue
-            keep.append(rule)
-        rules[chain] = keep
+    for name, chain in prep.chains.items():
+        picked = list(chain.by_src.get(src, ()))
+        picked += [idx for idx, net in chain.other if _matches(net, src)]
+        picked.sort()
+        rules[name] = [chain.rules[i] for i in picked if _matches(chain.dst[i], dst)]
     return Table(policies=prep.table.policies, rules=rules)
 
 
