@@ -371,15 +371,16 @@ def main() -> int:
         "be verified.",
         "",
         "| hosts | pushes | push to converged: median (s) | p95 (s) | min / max (s) "
-        "| push to verified: median / p95 (s) | first `apply` + `keys collect` (s) "
-        "| daemon start to converged (s) |",
-        "|---:|---:|---:|---:|---|---|---:|---:|",
+        "| push to verified: median / p95 (s) | CPU per push: daemon / whole machine (s) "
+        "| first `apply` + `keys collect` (s) | daemon start to converged (s) |",
+        "|---:|---:|---:|---:|---|---|---|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['hosts']} | {r['pushes']} | {r['median']:.2f} | {r['p95']:.2f} | "
             f"{r['min']:.2f} / {r['max']:.2f} | {r['verified_median']:.2f} / {r['verified_p95']:.2f} | "
-            f"{r['first_apply']:.1f} | {r['daemon_first']:.1f} |"
+            f"{r['daemon_cpu']:.2f} / {r['machine_cpu']:.2f} | {r['first_apply']:.1f} | "
+            f"{r['daemon_first']:.1f} |"
         )
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

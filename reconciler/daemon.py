@@ -435,8 +435,9 @@ class Daemon:
         for status in ("pass", "fail", "skip"):
             self.metrics.verify_checks.set(float(result.counts.get(status, 0)), host, status)
         if not result.ok:
-            self.store.add_event("verify-failed", f"{len(result.failed)} live check(s) failed", host=host,
-                                 commit=result.commit)  # fmt: skip
+            failed = result.counts.get("fail", 0)
+            message = f"{failed} live check(s) failed"
+            self.store.add_event("verify-failed", message, host=host, commit=result.commit)
 
     def _on_result(self, host: str, result: str, seconds: float) -> None:
         self.metrics.reconciles.inc(1, result)
@@ -497,7 +498,7 @@ class Daemon:
             "hosts": hosts,
             "events": [e.as_json() for e in self.store.events(limit=50)],
             "outbox": outbox,
-            "verify": {h: v.as_json() for h, v in sorted(self.verifier.results.items())},
+            "verify": {h: v.as_json() for h, v in sorted(self.verifier.results.items()) if h in names},
         }
 
     # ------------------------------------------------------------ lifecycle
