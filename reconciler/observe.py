@@ -42,6 +42,7 @@ from types import MappingProxyType
 from typing import Any
 
 from reconciler.connection import CommandResult, Connection
+from reconciler.domains.strongswan import SWANCTL_CLIENT_CONF
 from reconciler.errors import Transient
 from reconciler.iptables import IptablesParseError, canonical_iptables
 from reconciler.log import get_logger
@@ -251,13 +252,11 @@ def build_script(
         b.add("frame charon charon_state")
         # swanctl only talks to a live charon (its vici socket); saves ~25 ms when there is none
         b.add("if [ -S /var/run/charon.vici ] || [ -S /run/charon.vici ]; then")
-        # swanctl loads every crypto plugin at start (~10 ms a call); listing needs none: a
-        # scratch strongswan.conf that loads one tiny plugin, removed before the script ends
-        b.add('  SW=$(mktemp "${TMPDIR:-/tmp}/.reconciler-swanctl.XXXXXX" 2>/dev/null) &&')
-        b.add("    printf 'swanctl {\\n  load = nonce\\n}\\n' >\"$SW\" || SW=")
+        # swanctl loads every crypto plugin at start (~10 ms a call); listing needs none: the
+        # rendered client settings load one tiny plugin (plain swanctl until they are applied)
+        b.add(f'  SW={SWANCTL_CLIENT_CONF}; [ -r "$SW" ] || SW=')
         b.add("  frame conns swanctl_q --list-conns")
         b.add("  frame sas swanctl_q --list-sas")
-        b.add('  [ -z "$SW" ] || rm -f -- "$SW"')
         b.add("fi")
     if want.kernel:
         b.add(f"KMODS='{' '.join(token(m) for m in KERNEL_MODULES)}'")

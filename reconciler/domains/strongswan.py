@@ -22,6 +22,9 @@ from reconciler.resources import Domain, FileResource, Fragment, Handler, Servic
 CONF_DIR = f"{SWANCTL_DIR}/conf.d"
 LIBIPSEC_CONF = "/etc/strongswan.d/charon/kernel-libipsec.conf"
 LOG_CONF = "/etc/strongswan.d/charon-reconciler-log.conf"
+# settings for reconciler's own swanctl listings (observe, verify): no crypto plugin loaded
+# (listing connections and SAs needs none; swanctl loads every plugin by default, ~10 ms a call)
+SWANCTL_CLIENT_CONF = "/etc/reconciler/swanctl-client.conf"
 CHARON_LOG = "/var/log/charon.log"
 CHARON = "/usr/lib/ipsec/charon"
 CHARON_PID = "/run/charon.pid"
@@ -158,6 +161,13 @@ def log_conf(fleet: Fleet, host: Host) -> str:
     )
 
 
+def swanctl_client_conf(fleet: Fleet, host: Host) -> str:
+    """Read by reconciler only (STRONGSWAN_CONF for its swanctl listings), never by charon."""
+    return _header(fleet, host, "settings for reconciler's own swanctl listings") + (
+        "swanctl {\n    load = nonce\n}\n"
+    )
+
+
 def charon_service() -> Service:
     return Service(
         name=SYSTEMD_UNIT,
@@ -213,6 +223,11 @@ def render(fleet: Fleet, host: Host, ready: tuple[tuple[Host, str], ...]) -> Fra
                 needs_package="strongswan-charon",
             )
         )
+    files.append(
+        FileResource(
+            path=SWANCTL_CLIENT_CONF, content=swanctl_client_conf(fleet, host).encode(), domain=Domain.IPSEC
+        )
+    )
     return Fragment(
         files=tuple(sorted(files, key=lambda f: f.path)),
         keypairs=(strongswan_keypair(host),),

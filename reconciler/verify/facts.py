@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Protocol
 
+from reconciler.domains.strongswan import SWANCTL_CLIENT_CONF
+
 CURSOR_PATH = "/var/lib/reconciler/verify/charon-log.cursor"
 LOG_TAIL_BYTES = 262144  # read at most this much new log per run
 STDERR_BYTES = 4096
@@ -82,9 +84,11 @@ set -u
 tok=$1; shift
 d=$(mktemp -d /tmp/.reconciler-verify.XXXXXX) || exit 97
 trap 'rm -rf "$d"' EXIT
-# swanctl loads every crypto plugin at start (~10 ms a call); listing needs none of them
-printf 'swanctl {\n  load = nonce\n}\n' >"$d/swanctl.conf"
-swanctl_q() { STRONGSWAN_CONF="$d/swanctl.conf" swanctl "$@"; }
+# swanctl loads every crypto plugin at start (~10 ms a call); listing needs none: the rendered
+# client settings load one tiny plugin (plain swanctl where they are not applied yet)
+swanctl_q() {
+  if [ -r SWANCTL_CLIENT_CONF ]; then STRONGSWAN_CONF=SWANCTL_CLIENT_CONF swanctl "$@"; else swanctl "$@"; fi
+}
 sec() {
   n=$1; shift
   printf '%s BEGIN %s\n' "$tok" "$n"
@@ -93,7 +97,7 @@ sec() {
   head -c STDERR_BYTES "$d/err"
   printf '\n%s END %s %s\n' "$tok" "$n" "$rc"
 }
-""".replace("STDERR_BYTES", str(STDERR_BYTES))
+""".replace("STDERR_BYTES", str(STDERR_BYTES)).replace("SWANCTL_CLIENT_CONF", SWANCTL_CLIENT_CONF)
 
 # Facts: charon, swanctl views, keys, firewall, links, charon log (from the cursor), kernel ESP
 # probe, HTTP header probes of the sites, AppArmor parse of the profiles.
