@@ -48,8 +48,8 @@ from reconciler import deadman, packaging
 from reconciler.connection import Connection
 from reconciler.errors import ReconcilerError
 from reconciler.log import get_logger
-from reconciler.observe import observe_host
-from reconciler.observed import Observed
+from reconciler.observe import observe_host, parse_read_back, read_back_lines
+from reconciler.observed import FileState, Observed
 from reconciler.plan import (
     FILE_KINDS,
     INTERRUPTED,
@@ -189,6 +189,10 @@ class _Run:
         if interrupted:
             self.journal = set(interrupted)
         self.transient: list[str] = []
+        # the written files read back by the script that swapped them (see _files), when that
+        # read is all the re-observation needs; and whether a finish script ran after it
+        self.read_back: dict[str, FileState] | None = None
+        self.finished = False
 
     def mark(self, idx: int, status: str, message: str = "") -> None:
         self.outcomes[idx] = ActionOutcome(self.plan.actions[idx], status, message)
@@ -316,14 +320,38 @@ def reobserve_scope(plan: HostPlan, desired: Desired, outcomes: Iterable[ActionO
     return Desired(host=desired.host, files=files)
 
 
+def _read_back_paths(run: _Run) -> list[str] | None:
+    """The files to read back in the swapping script: only when, if every action succeeds, the
+    re-observation reads nothing else (``reobserve_scope``) and no finish script will run after
+    it (no handler, hence no backups; the inventory unchanged)."""
+    plan, seen = run.plan, run.plan.observed
+    if seen is None or seen.errors or run.journal is not None:
+        return None
+    if any(a.kind not in SCOPED_REOBSERVE_KINDS or a.handler for a in plan.actions):
+        return None
+    if any(a.kind is ActionKind.RECORD_INVENTORY for a in plan.actions):
+        return None
+    if tuple(sorted(seen.inventory)) != plan.inventory:
+        return None
+    assumed = [ActionOutcome(a, "done") for a in plan.actions]
+    scope = reobserve_scope(plan, run.desired, assumed)
+    return [f.path for f in scope.files] if scope is not None else None
+
+
 async def reobserve(conn: Connection, run: _Run) -> Observed:
     """Observe the host again after the apply: all of it, or only what the apply wrote merged
     into the plan's observation (``reobserve_scope``)."""
     scope = reobserve_scope(run.plan, run.desired, run.outcomes.values())
     if scope is None or run.plan.observed is None:
         return await observe_host(conn, run.desired)
-    fresh = await observe_host(conn, scope, fetch_diffs=False, stat_inventory=False)
     before = run.plan.observed
+    wrote = {f.path for f in scope.files}
+    if run.read_back is not None and set(run.read_back) == wrote and not run.finished:
+        # read by the swapping script itself, after the renames; the inventory and the reload
+        # journal were not touched (no finish script ran)
+        files = {**before.files, **run.read_back}
+        return replace(before, files=MappingProxyType(dict(sorted(files.items()))), errors=())
+    fresh = await observe_host(conn, scope, fetch_diffs=False, stat_inventory=False)
     files = dict(before.files)
     files.update(fresh.files)
     return replace(
@@ -533,8 +561,15 @@ async def _files(run: _Run) -> None:
     conn = await run.conn()
     # nothing to validate between staging and swapping: both in one round trip
     combined = bool(staged) and not _needs_validation(run, idx)
+    # when the re-observation would only read these files again, the same script reads them
+    back = _read_back_paths(run) if combined else None
+    marker = secrets.token_hex(16)
     if staged:
-        script = STAGE + ("\n".join(_swap_lines(run, idx)) + "\n" if combined else "")
+        script = STAGE
+        if combined:
+            script += "\n".join(_swap_lines(run, idx)) + "\n"
+        if back:
+            script += "\n".join(read_back_lines(back, marker)) + "\n"
         res = await conn.run_script(
             script, args=dirs, stdin_after=_tar_of(run, staged), timeout=DEFAULT_TIMEOUT
         )
@@ -548,6 +583,8 @@ async def _files(run: _Run) -> None:
             return
         if combined:
             _swap_outcome(run, idx, res)
+            if back:
+                run.read_back = parse_read_back(res.stdout, back, marker)
             return
     # validate
     failures = await _validate(run, idx)
@@ -1182,6 +1219,7 @@ async def _finish(run: _Run) -> None:
         return
     args = (INVENTORY_PATH if write_inventory else "", run.token, PENDING_RELOADS_PATH, "--", *journal, "--",
             *backups)  # fmt: skip
+    run.finished = True
     conn = await run.conn()
     res = await conn.run_script(
         FINISH,

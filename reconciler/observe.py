@@ -35,8 +35,9 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+import shlex
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
@@ -391,6 +392,38 @@ def file_states(
         else:
             out[p] = st
     return out
+
+
+# ---------------------------------------------------------------- read-back after a change
+
+FIND_FMT = r"%p\0%y\0%m\0%u\0%g\0%l\0"  # the observation's file record (FMT in PRELUDE)
+
+
+def read_back_lines(paths: Sequence[str], marker: str) -> list[str]:
+    """Shell lines that print what ``paths`` are now (the observation's file record, and the
+    sha256 of the regular files) between ``@@<marker>`` lines: appended to the script that just
+    changed them, they prove the change without another round trip. ``marker``: random hex."""
+    quoted = " ".join(shlex.quote(p) for p in paths)
+    return [
+        f"printf '\\n@@%s<st\\n' {marker}",
+        f"find {quoted} -maxdepth 0 -printf '{FIND_FMT}' 2>/dev/null",
+        f"printf '\\n@@%s<hs\\n' {marker}",
+        "set --",
+        f'for p in {quoted}; do if [ -f "$p" ] && [ ! -L "$p" ]; then set -- "$@" "$p"; fi; done',
+        '[ $# -eq 0 ] || sha256sum -z -- "$@" 2>/dev/null',
+        f"printf '\\n@@%s<end\\n' {marker}",
+    ]
+
+
+def parse_read_back(stdout: bytes, paths: Sequence[str], marker: str) -> dict[str, FileState] | None:
+    """The file states ``read_back_lines`` printed; None if the output is not all there."""
+    st, hs, end = (f"\n@@{marker}<{t}\n".encode() for t in ("st", "hs", "end"))
+    i, j, k = stdout.find(st), stdout.find(hs), stdout.find(end)
+    if min(i, j, k) < 0 or not i < j < k:
+        return None
+    records = parse_find_records(stdout[i + len(st) : j])
+    hashes = parse_sha256(stdout[j + len(hs) : k])
+    return file_states(paths, records, hashes)
 
 
 def parse_xfrm_policies(text: str) -> tuple[XfrmPolicy, ...]:

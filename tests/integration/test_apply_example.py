@@ -18,6 +18,7 @@ from reconciler.commands.keys import collect
 from reconciler.connection import ConnectionPool, targets_for
 from reconciler.engine import (
     APPLIED,
+    CHANGES,
     ERROR,
     IN_SYNC,
     CommandRecord,
@@ -185,9 +186,13 @@ class RecordingPool:
         return RecordingConnection(await self.pool.get(host), self.records)
 
 
-async def test_a_file_only_change_is_observed_again_narrowly(lab: Lab, repo: Path, tmp_path: Path) -> None:
-    """After an apply that only wrote declared files, only those files (and the inventory) are
-    read again to prove the host converged; any other change reads the whole host again."""
+async def test_a_file_only_change_is_proven_in_the_same_round_trip(
+    lab: Lab, repo: Path, tmp_path: Path
+) -> None:
+    """A plan that only writes declared files (no handler, inventory unchanged) takes two round
+    trips: the observation, then one script that stages, swaps and reads the written files back
+    (kind, mode, owner, sha256 after the renames): the apply's proof that the host converged,
+    without reading iptables, swanctl or services again."""
     changed = tmp_path / "repo"
     shutil.copytree(repo, changed)
     motd = changed / "templates" / "motd.j2"
@@ -202,15 +207,20 @@ async def test_a_file_only_change_is_observed_again_narrowly(lab: Lab, repo: Pat
         assert out.status == APPLIED and out.result is not None and out.result.converged, out
         assert out.plan is not None
         assert [a.kind for a in out.plan.actions] == ["update"], out.plan.actions
-        observations = [r.text for r in pool.records if r.kind == "script" and PRELUDE in r.text]
-        assert len(observations) == 2  # the plan's (no diff fetch, as in the daemon), then after the apply
-        probes = [o.split(PRELUDE, 1)[1] for o in observations]  # what runs after the helpers
-        assert "iptables-save" in probes[0] and "--list-sas" in probes[0]
-        assert "iptables-save" not in probes[1] and "--list-sas" not in probes[1]
+        assert [r.kind for r in pool.records] == ["script", "script"], [r.text[:80] for r in pool.records]
+        observation, change = (r.text for r in pool.records)
+        assert observation.startswith(PRELUDE) and "iptables-save" in observation.split(PRELUDE, 1)[1]
+        assert "tar -x" in change and "mv -fT" in change and "sha256sum -z" in change
+        assert "iptables-save" not in change and "--list-sas" not in change
+        assert out.result.verify is not None and not out.result.verify.actions
         assert "Narrow re-observation test." in sh(lab, "web1", "cat /etc/motd")
-        # the narrow proof agrees with a full observation: nothing left to do
+        # the read-back agrees with a full observation: nothing left to do
         again = await plan_fleet(fleet, ["web1"], real)
         assert again.hosts[0].status == IN_SYNC, again.hosts[0].plan
+        # a hand edit right after is seen by the next full observation as usual
+        sh(lab, "web1", "echo tampered >> /etc/motd")
+        drifted = await plan_fleet(fleet, ["web1"], real)
+        assert drifted.hosts[0].status == CHANGES
         # put the module's fleet back on web1 for the tests that follow
         back = await reconcile_fleet(load_fleet(repo), ["web1"], real, apply=True, firewall_window=WINDOW)
         assert back.hosts[0].status == APPLIED
