@@ -126,6 +126,19 @@ def _proto(name: str) -> str:
     return PROTOCOLS.get(name, name)
 
 
+@functools.lru_cache(maxsize=8192)
+def _network(text: str) -> tuple[int, int]:
+    """An -s/-d value as (network, mask) integers, parsed once per process (a mesh ruleset
+    repeats the same addresses in every rule set of every host)."""
+    net = IPv4Network(text, strict=False)
+    return int(net.network_address), int(net.netmask)
+
+
+def _within(addr: IPv4Address, text: str) -> bool:
+    base, mask = _network(text)
+    return (int(addr) & mask) == base
+
+
 def match(words: list[str], pkt: Packet) -> tuple[Tri, str, list[str]]:
     """(does the rule match, its target, the target's arguments)."""
     result = Tri.YES
@@ -150,9 +163,9 @@ def match(words: list[str], pkt: Packet) -> tuple[Tri, str, list[str]]:
                 result = _and(result, Tri.MAYBE)
             break
         if w in ("-s", "--source"):
-            t = Tri.YES if pkt.src in IPv4Network(arg, strict=False) else Tri.NO
+            t = Tri.YES if _within(pkt.src, arg) else Tri.NO
         elif w in ("-d", "--destination"):
-            t = Tri.YES if pkt.dst in IPv4Network(arg, strict=False) else Tri.NO
+            t = Tri.YES if _within(pkt.dst, arg) else Tri.NO
         elif w in ("-i", "--in-interface"):
             t = _iface(arg, pkt.in_iface)
         elif w in ("-o", "--out-interface"):
@@ -193,6 +206,8 @@ def match(words: list[str], pkt: Packet) -> tuple[Tri, str, list[str]]:
             t = {Tri.YES: Tri.NO, Tri.NO: Tri.YES, Tri.MAYBE: Tri.MAYBE}[t]
             negate = False
         result = _and(result, t)
+        if result is Tri.NO:
+            return Tri.NO, "", []  # cannot match: the rest of the rule does not matter
         i += step
     return result, target, target_args
 
