@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import re
 import shlex
+from dataclasses import replace
 from types import MappingProxyType
 
 from reconciler.observed import IptablesState
@@ -266,14 +267,21 @@ def _icmp_types(rest: list[str]) -> list[str]:
     return out
 
 
-@functools.lru_cache(maxsize=256)
 def canonical_iptables(text: str) -> IptablesState:
     """Parse iptables-save output (or iptables-restore input) into its canonical form.
 
-    Cached by text (the result is immutable): the daemon sees the same rulesets again and again.
+    Cached (the result is immutable): the daemon sees the same rulesets again and again, except
+    for the comment lines iptables-save stamps with the time, which are blanked for the lookup.
 
     Raises IptablesParseError naming the line for anything that is not ruleset syntax.
     """
+    body = "\n".join("" if line.startswith("#") else line for line in text.split("\n"))
+    state = _canonical_iptables(body)
+    return state if state.raw == text else replace(state, raw=text)
+
+
+@functools.lru_cache(maxsize=256)
+def _canonical_iptables(text: str) -> IptablesState:
     tables: dict[str, tuple[tuple[tuple[str, str], ...], tuple[str, ...]]] = {}
     table: str | None = None
     chains: dict[str, str] = {}
