@@ -265,6 +265,15 @@ def ssh_admitted(
     """The verdicts that would refuse a management SSH session from ``source`` to
     ``address:port`` arriving on ``interface`` (empty list = admitted): the SYN in INPUT and
     the SYN-ACK leaving through OUTPUT."""
+    return list(_ssh_refusals(text, source, address, port, interface))
+
+
+@functools.lru_cache(maxsize=256)
+def _ssh_refusals(
+    text: str, source: IPv4Address, address: IPv4Address, port: int, interface: str
+) -> tuple[Verdict, ...]:
+    """Cached: every render of a new commit checks each host's ruleset again, and a push that
+    does not touch the firewall renders the same text (Verdicts are immutable)."""
     syn = Packet(
         src=source,
         dst=address,
@@ -289,4 +298,4 @@ def ssh_admitted(
         v = verdict(text, chain, pkt)
         if not v.accepted:
             bad.append(v)
-    return bad
+    return tuple(bad)

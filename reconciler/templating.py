@@ -14,6 +14,7 @@ Any template problem becomes a ``RenderError`` naming the template file and line
 
 from __future__ import annotations
 
+import functools
 import types
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -43,13 +44,21 @@ class _FleetLoader(jinja2.BaseLoader):
 
 
 def _environment(templates: Mapping[str, str]) -> SandboxedEnvironment:
+    return _environment_for(tuple(sorted(templates.items())))
+
+
+@functools.lru_cache(maxsize=16)
+def _environment_for(templates: tuple[tuple[str, str], ...]) -> SandboxedEnvironment:
+    """One environment per set of template texts, shared by every host of a fleet (and by
+    the next commit when the templates did not change), so each template compiles once
+    instead of once per host. Rendering keeps no state between calls."""
     env = SandboxedEnvironment(
-        loader=_FleetLoader(templates),
+        loader=_FleetLoader(dict(templates)),
         undefined=jinja2.StrictUndefined,
         autoescape=False,
         keep_trailing_newline=True,
         auto_reload=False,
-        cache_size=0,
+        cache_size=64,
     )
     env.globals.pop("lipsum", None)  # random text: would make rendering non-deterministic
     return env
