@@ -573,7 +573,8 @@ async def _files(run: _Run) -> None:
         res = await conn.run_script(
             script, args=dirs, stdin_after=_tar_of(run, staged), timeout=DEFAULT_TIMEOUT
         )
-        if res.exit_status != 0 or not res.stdout.startswith(b"staged\n"):
+        # (a login shell's rc file may print before the script: look for the line, not a prefix)
+        if res.exit_status != 0 or b"\nstaged\n" not in b"\n" + res.stdout:
             await _unstage(run, staged)
             msg = f"staging failed (exit {res.exit_status}): {_text(res)[-2000:]}"
             for i in idx:

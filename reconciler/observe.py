@@ -72,6 +72,9 @@ KERNEL_MODULES = ("ipip", "esp4", "ah4", "xfrm_user", "vxlan", "tun")
 # handlers whose presence means the host runs IPsec: observe charon/swanctl and xfrm policies
 IPSEC_HANDLERS = frozenset({"charon", "charon-restart", "racoon", "setkey"})
 
+# the observation's file record: find -printf, 6 NUL-terminated fields (parse_find_records)
+FIND_FMT = r"%p\0%y\0%m\0%u\0%g\0%l\0"
+
 PRELUDE = r"""LC_ALL=C; export LC_ALL
 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin; export PATH
 IFS= read -r N || N=
@@ -84,7 +87,7 @@ frame() {
   "$@"
   printf '\n@@%s>%s %s\n' "$N" "$_fid" "$?"
 }
-FMT='%p\0%y\0%m\0%u\0%g\0%l\0'
+FMT='@FIND_FMT@'
 st() { [ $# -eq 0 ] || find "$@" -maxdepth 0 -printf "$FMT"; }
 hs() {
   n=$#
@@ -162,7 +165,7 @@ svc_pid() {
 }
 swanctl_q() { if [ -n "${SW:-}" ]; then STRONGSWAN_CONF=$SW swanctl "$@"; else swanctl "$@"; fi; }
 PID1=unknown; read -r PID1 < /proc/1/comm 2>/dev/null || PID1=unknown
-"""
+""".replace("@FIND_FMT@", FIND_FMT)
 
 
 # ---------------------------------------------------------------- what to look at
@@ -395,9 +398,6 @@ def file_states(
 
 
 # ---------------------------------------------------------------- read-back after a change
-
-FIND_FMT = r"%p\0%y\0%m\0%u\0%g\0%l\0"  # the observation's file record (FMT in PRELUDE)
-
 
 def read_back_lines(paths: Sequence[str], marker: str) -> list[str]:
     """Shell lines that print what ``paths`` are now (the observation's file record, and the
