@@ -399,6 +399,7 @@ def file_states(
 
 # ---------------------------------------------------------------- read-back after a change
 
+
 def read_back_lines(paths: Sequence[str], marker: str) -> list[str]:
     """Shell lines that print what ``paths`` are now (the observation's file record, and the
     sha256 of the regular files) between ``@@<marker>`` lines: appended to the script that just
