@@ -114,7 +114,6 @@ class AfterApplyVerifier:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.results: dict[str, HostVerify] = {}
-        self.batches = 0
 
     def add(self, host: str, target: Any, domains: Iterable[Domain]) -> None:
         """``host`` was applied on ``target`` (changing ``domains``): verify it soon."""
@@ -128,10 +127,6 @@ class AfterApplyVerifier:
         self._wakeup.set()
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._worker(), name="verify-after-apply")
-
-    @property
-    def pending_hosts(self) -> int:
-        return sum(len(b.hosts) for b in self._pending.values())
 
     async def close(self) -> None:
         if self._task is not None:
@@ -165,7 +160,6 @@ class AfterApplyVerifier:
             datapath_skip_reason=NO_PROBE_AFTER_APPLY,
             host_timeout=self._host_timeout,
         )
-        self.batches += 1
         started = time.monotonic()
         pool = await self._pools.acquire(batch.target)
         try:
