@@ -26,5 +26,9 @@ if [ "${#missing[@]}" -gt 0 ]; then
   rm -f /usr/sbin/policy-rc.d
 fi
 
+# sshd -t and every lab host's sshd need the privilege separation directory; /run is a tmpfs, so
+# a fresh (or rebooted) machine does not have it until something creates it.
+install -d -m 0755 /run/sshd
+
 PY=${PYTHON:-python3}
 "$PY" -m pip install -q --disable-pip-version-check -e '.[test]'
