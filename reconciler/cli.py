@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -53,7 +54,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _stdout_closed()
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return _stdout_closed()
     return code
+
+
+def _stdout_closed() -> int:
+    """The reader went away (``reconciler lab status | head -1``): stop quietly, like a Unix
+    tool (SIGPIPE's exit status), and keep Python from failing again when it flushes stdout
+    at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 141
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import structlog
@@ -27,7 +28,9 @@ def configure(*, json: bool | None = None, level: str = "INFO") -> None:
     if json:
         renderer = structlog.processors.JSONRenderer()
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        # colour only on a terminal, never when NO_COLOR is set (https://no-color.org)
+        colors = sys.stderr.isatty() and not os.environ.get("NO_COLOR")
+        renderer = structlog.dev.ConsoleRenderer(colors=colors)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
