@@ -46,7 +46,7 @@ from typing import cast
 
 from reconciler import deadman, packaging
 from reconciler.connection import Connection
-from reconciler.errors import ReconcilerError
+from reconciler.errors import Failure, Reason, ReconcilerError, pick_failure
 from reconciler.log import get_logger
 from reconciler.observe import observe_host, parse_read_back, read_back_lines
 from reconciler.observed import FileState, Observed
@@ -110,6 +110,8 @@ class ApplyResult:
     converged: bool = False
     seconds: float = 0.0
     transient: tuple[str, ...] = ()  # failures that go away by themselves (a dpkg lock): retry later
+    # why the apply failed, typed (terminal or transient by its reason); None when ok
+    failure: Failure | None = None
 
     def changed(self) -> int:
         return sum(1 for o in self.outcomes if o.status == "done" and o.action.kind is not ActionKind.RELOAD)
@@ -144,6 +146,9 @@ class ApplyResult:
             "remaining": [a.as_dict() for a in self.verify.actions] if self.verify else [],
             "seconds": round(self.seconds, 3),
             "transient": list(self.transient),
+            "failure": None
+            if self.failure is None
+            else {"reason": str(self.failure.reason), "terminal": self.failure.terminal},
         }
 
 
@@ -193,6 +198,13 @@ class _Run:
         # read is all the re-observation needs; and whether a finish script ran after it
         self.read_back: dict[str, FileState] | None = None
         self.finished = False
+        # why this apply failed, typed, in the order the failures happened (see _failure)
+        self.failures: list[Failure] = []
+        # declared services found down that did not start on their live files (_start_down)
+        self.down_on_old: set[str] = set()
+
+    def fail(self, reason: Reason, message: str) -> None:
+        self.failures.append(Failure(reason, message))
 
     def mark(self, idx: int, status: str, message: str = "") -> None:
         self.outcomes[idx] = ActionOutcome(self.plan.actions[idx], status, message)
@@ -227,6 +239,8 @@ async def apply_host(
         if run.stopped is None:
             phase = "key pairs"
             await _keypairs(run)
+            phase = "services down before the swap"
+            await _start_down(run)
             phase = "files"
             await _files(run)
             if FAULT_AFTER_SWAP is not None:
@@ -244,6 +258,7 @@ async def apply_host(
             await _finish(run)
     except ReconcilerError as err:
         run.stopped = f"{phase}: {err}"
+        run.fail(err.reason, f"apply stopped during {phase}: {err}")
         run.messages.append(
             f"apply stopped during {phase}: {err}; live files were only ever replaced by rename "
             "(no half-written file); the next apply removes staged temps and converges"
@@ -275,6 +290,7 @@ async def apply_host(
     for reason in run.transient:
         run.messages.append(f"will retry later: {reason}")
     outcomes = tuple(run.outcomes[i] for i in range(len(plan.actions)))
+    failure = None if ok else _failure(run, outcomes, verify_plan is not None and converged)
     log.info(
         "apply.done", host=host, ok=ok, converged=converged, seconds=round(time.monotonic() - started, 3)
     )
@@ -289,7 +305,31 @@ async def apply_host(
         converged=converged,
         seconds=time.monotonic() - started,
         transient=tuple(dict.fromkeys(run.transient)),
+        failure=failure,
     )
+
+
+def _failure(run: _Run, outcomes: tuple[ActionOutcome, ...], converged: bool) -> Failure:
+    """Why a failed apply failed, typed: the failures its phases recorded (a validator that
+    refused, a reload that broke its service, the connection lost...), the firewall rolled back
+    by the dead-man switch, a dpkg lock, a package or service that failed; the first terminal
+    one decides (``errors.pick_failure``), else the first one."""
+    found: list[Failure] = []
+    last = "; ".join(run.messages[-3:]) or "apply failed"
+    if run.rolled_back:
+        found.append(Failure(Reason.FIREWALL_ROLLED_BACK, last))
+    found += run.failures
+    found += [Failure(Reason.DPKG_LOCKED, lock) for lock in run.transient]
+    package_kinds = (ActionKind.INSTALL_PACKAGE, ActionKind.PURGE_PACKAGE)
+    for o in outcomes:
+        if o.status == "failed" and o.action.kind in package_kinds:
+            found.append(Failure(Reason.PACKAGE_FAILED, f"{o.action.resource}: {o.message}"))
+        elif o.status == "failed" and o.action.kind is ActionKind.START_SERVICE:
+            found.append(Failure(Reason.SERVICE_FAILED, f"{o.action.resource}: {o.message}"))
+    if not found and not converged and all(o.status in ("done", "n/a") for o in outcomes):
+        found.append(Failure(Reason.NOT_CONVERGED, last))
+    picked = pick_failure(found)
+    return picked if picked is not None else Failure(Reason.APPLY_FAILED, last)
 
 
 # ---------------------------------------------------------------- re-observation
@@ -663,6 +703,9 @@ def _report_blocked(run: _Run, idx: list[int], failures: list[_Failure], blocked
     if going:
         msg += f"\nindependent changes still applied: {', '.join(going)}"
     run.messages.append(msg)
+    # a validator that refused is terminal for this commit; one that did not finish is not
+    unknown = any(f.unknown for f in failures)
+    run.fail(Reason.APPLY_FAILED if unknown else Reason.VALIDATION_FAILED, msg)
     # services named after a held-back handler would start on the old configuration
     for i in run.indices({ActionKind.START_SERVICE}):
         t = actions[i].target
@@ -1031,10 +1074,7 @@ async def _addresses(run: _Run) -> None:
 # So after the command: the master of the pid file must still be alive (same PID) and at least
 # one child it started AFTER the reload must exist. The children are read from
 # /proc/PID/task/PID/children (or /proc/*/stat when the kernel lacks it).
-# $1 pid file, $2 seconds to wait, then the reload argv.
-APACHE_GRACEFUL = r"""
-set -u
-pidfile=$1; wait=$2; shift 2
+_APACHE_PROCS = r"""
 kids() {
   if [ -r "/proc/$1/task/$1/children" ]; then k=; read -r k < "/proc/$1/task/$1/children"; echo $k
   else
@@ -1043,6 +1083,17 @@ kids() {
     done
   fi
 }
+alive() {
+  st=; read -r _p _c st _r < "/proc/$1/stat" 2>/dev/null
+  kill -0 "$1" 2>/dev/null && [ -n "$st" ] && [ "$st" != Z ]
+}
+"""
+# $1 pid file, $2 seconds to wait, then the reload argv.
+APACHE_GRACEFUL = (
+    "set -u\n"
+    + _APACHE_PROCS
+    + r"""
+pidfile=$1; wait=$2; shift 2
 read -r master < "$pidfile" 2>/dev/null || master=
 before=" $( [ -n "$master" ] && kids "$master" | tr '\n' ' ') "
 out=$("$@" 2>&1); rc=$?
@@ -1051,8 +1102,7 @@ printf '%s\n' "$out"
 [ -n "$master" ] || { echo "@@PROBE no pid file $pidfile before the reload"; exit 0; }
 i=0; max=$(( wait * 10 ))
 while [ $i -lt $max ]; do
-  st=; read -r _p _c st _r < "/proc/$master/stat" 2>/dev/null
-  if ! kill -0 "$master" 2>/dev/null || [ "$st" = Z ] || [ -z "$st" ]; then
+  if ! alive "$master"; then
     echo "@@PROBE-FAIL the master (pid $master) died after the reload"; exit 71
   fi
   for k in $(kids "$master"); do
@@ -1063,8 +1113,8 @@ while [ $i -lt $max ]; do
         # still be alive a moment later (a config it cannot take kills it within milliseconds)
         j=0
         while [ $j -lt 10 ]; do
-          sleep 0.1; j=$((j+1)); st=; read -r _p _c st _r < "/proc/$master/stat" 2>/dev/null
-          if ! kill -0 "$master" 2>/dev/null || [ "$st" = Z ] || [ -z "$st" ]; then
+          sleep 0.1; j=$((j+1))
+          if ! alive "$master"; then
             echo "@@PROBE-FAIL the master (pid $master) died after the reload"; exit 71
           fi
         done
@@ -1077,6 +1127,30 @@ echo "@@PROBE-FAIL no new worker generation under master $master within ${wait}s
   "the old configuration keeps serving"
 exit 72
 """
+)
+# After a START: the master of the pid file is alive with at least one child (a serving
+# generation), and still alive a second later (a config it cannot take kills it at once).
+# $1 pid file, $2 seconds to wait.
+APACHE_SERVING = (
+    "set -u\n"
+    + _APACHE_PROCS
+    + r"""
+pidfile=$1; wait=$2
+i=0; max=$(( wait * 10 ))
+while [ $i -lt $max ]; do
+  master=; read -r master < "$pidfile" 2>/dev/null
+  if [ -n "$master" ] && alive "$master" && [ -n "$(kids "$master")" ]; then
+    sleep 1
+    if alive "$master" && [ -n "$(kids "$master")" ]; then
+      echo "@@PROBE master $master serving with worker(s) $(kids "$master" | tr '\n' ' ')"; exit 0
+    fi
+  fi
+  sleep 0.1; i=$((i+1))
+done
+echo "@@PROBE-FAIL no live master with workers from $pidfile within ${wait}s"
+exit 72
+"""
+)
 APACHE_PID_FILE = "/var/run/apache2/apache2.pid"
 
 
@@ -1084,15 +1158,61 @@ def _is_apache_graceful(argv: Sequence[str]) -> bool:
     return bool(argv) and posixpath.basename(argv[0]) == "apache2ctl" and "graceful" in argv[1:]
 
 
-async def _reload_once(run: _Run, handler: str) -> tuple[bool, str]:
+@dataclass(frozen=True)
+class _Reload:
+    """What reloading one handler did."""
+
+    ok: bool
+    text: str
+    started: bool = False  # its service was down: started (not reloaded) and proven
+    down: bool = False  # not running, and no declared service to start: nothing reloaded
+
+
+def _service_of(run: _Run, handler: str) -> Service | None:
+    """The declared, wanted-running service a handler reloads (``Handler.service``)."""
+    try:
+        name = run.desired.handler(handler).service
+    except KeyError:
+        return None
+    if not name:
+        return None
+    return next((s for s in run.desired.services if s.name == name and s.running), None)
+
+
+async def _start_and_prove(run: _Run, handler: str, service: Service) -> _Reload:
+    """Start a service that is down on the files that are live now, and prove it runs: the
+    service's own start and status probe (``packaging.start_service``), then for Apache a live
+    master with a serving worker generation that survives a second."""
+    conn = await run.conn()
+    started = await packaging.start_service(conn, service, run.plan.init_system)
+    if not started.ok:
+        return _Reload(False, started.message, started=True)
+    h = run.desired.handler(handler)
+    if _is_apache_graceful(h.reload):
+        res = await conn.run_script(
+            APACHE_SERVING, args=(APACHE_PID_FILE, f"{PROBE_WAIT:g}"), timeout=DEFAULT_TIMEOUT + PROBE_WAIT
+        )
+        text = _text(res)[-2000:]
+        if res.exit_status != 0:
+            detail = text.split("@@PROBE-FAIL", 1)[-1].strip()
+            return _Reload(False, f"{service.name} started, but {detail}", started=True)
+        return _Reload(True, f"{started.message}; {text.replace('@@PROBE ', 'probe: ')}", started=True)
+    return _Reload(True, started.message, started=True)
+
+
+async def _reload_once(run: _Run, handler: str) -> _Reload:
     h = run.desired.handler(handler)
     conn = await run.conn()
     if h.only_if_running:
         probe = await conn.run(h.only_if_running, timeout=30)
         if probe.exit_status != 0:
-            return True, "not running: nothing to reload"
+            service = _service_of(run, handler)
+            if service is None:
+                return _Reload(True, "not running: nothing to reload", down=True)
+            # never "reloaded" into a service that is not running: start it on these files
+            return await _start_and_prove(run, handler, service)
     if not h.reload:
-        return True, ""
+        return _Reload(True, "")
     if _is_apache_graceful(h.reload):
         # probe after reload: the new configuration must be live, not just signalled
         res = await conn.run_script(
@@ -1103,10 +1223,53 @@ async def _reload_once(run: _Run, handler: str) -> tuple[bool, str]:
         text = _text(res)[-2000:]
         if res.exit_status in (71, 72):
             detail = text.split("@@PROBE-FAIL", 1)[-1].strip()
-            return False, f"{shlex.join(h.reload)} returned 0, but {detail}"
-        return res.exit_status == 0, text.replace("@@PROBE ", "probe: ")
+            return _Reload(False, f"{shlex.join(h.reload)} returned 0, but {detail}")
+        return _Reload(res.exit_status == 0, text.replace("@@PROBE ", "probe: "))
     res = await conn.run(h.reload, timeout=DEFAULT_TIMEOUT)
-    return res.exit_status == 0, _text(res)[-2000:]
+    return _Reload(res.exit_status == 0, _text(res)[-2000:])
+
+
+def _start_action(run: _Run, service: Service | None) -> int | None:
+    """The planned, not yet run START_SERVICE action of ``service``."""
+    if service is None:
+        return None
+    for i in run.indices({ActionKind.START_SERVICE}):
+        t = run.plan.actions[i].target
+        if isinstance(t, Service) and t.name == service.name:
+            return i
+    return None
+
+
+async def _start_down(run: _Run) -> None:
+    """A declared service that is down while a reload of its handler is planned is started on
+    its LIVE (old) files before anything new is swapped in. Then the reload that follows is a
+    real reload, proven by its probe, and a config that breaks the service is caught and
+    rolled back; without this, "not running: nothing to reload" would let new files go live
+    unproven. If it does not start on the old files either, that is reported, and the reload
+    step starts it on the new files instead (validated, then proven by that start; on failure
+    the old files are put back). Not when the service's package is installed by this apply
+    (there are no old files of ours to protect: the reload step starts it and proves it)."""
+    reloading = {
+        a.handler
+        for a in run.plan.actions
+        if a.kind is ActionKind.RELOAD and a.handler and a.handler not in run.failed_handlers
+    }
+    for name in sorted(reloading):
+        service = _service_of(run, name)
+        i = _start_action(run, service)
+        if service is None or i is None or run.plan.actions[i].after_package:
+            continue
+        started = await _start_and_prove(run, name, service)
+        if started.ok:
+            before = "started on its live configuration before the new one was swapped in"
+            run.mark(i, "done", f"{before}; {started.text}")
+            continue
+        run.down_on_old.add(name)
+        run.messages.append(
+            f"service {service.name} was down and does not start on its live configuration either "
+            f"({started.text}); the new configuration is started instead once validated, and its "
+            "old files are put back if that fails too"
+        )
 
 
 async def _reloads(run: _Run) -> None:
@@ -1117,27 +1280,46 @@ async def _reloads(run: _Run) -> None:
         if name in run.failed_handlers:
             run.mark(i, "skipped", "its changes did not apply: nothing reloaded")
             continue
-        ok, text = await _reload_once(run, name)
+        service = _service_of(run, name)
+        first = await _reload_once(run, name)
         if run.journal is not None:
             run.journal.discard(name)  # the reload ran: no longer pending, whatever its outcome
-        if ok:
+        if first.ok:
             run.reloaded.append(name)
-            run.mark(i, "done", text)
+            run.mark(i, "done", first.text)
+            start = _start_action(run, service) if first.started else None
+            if start is not None:
+                run.mark(start, "done", f"started on the new configuration; {first.text}")
             continue
         restore_text = await _restore(run, name)
-        ok2, text2 = await _reload_once(run, name)
-        if ok2 and text2.startswith("not running"):
-            again = "the service is not running any more (a declared service is started by the next apply)"
-        elif ok2:
-            again = "reloaded with the old files"
+        again = await _reload_once(run, name)
+        if again.ok and again.down:
+            after = "the service is not running any more (it has no declared service to start)"
+        elif again.ok and again.started:
+            after = f"{service.name if service else name} was started again on them ({again.text})"
+        elif again.ok:
+            after = "reloaded with the old files"
+        elif again.started:
+            after = f"{service.name if service else name} does not start on them either: {again.text}"
         else:
-            again = f"reload with the old files failed too: {text2}"
-        msg = f"reload of {name} failed: {text}; its files were restored and {again}"
+            after = f"reload with the old files failed too: {again.text}"
+        what = "start" if first.started else "reload"
+        msg = f"{what} of {name} failed: {first.text}; its files were restored and {after}"
         if restore_text:
             msg += f" ({restore_text})"
         run.mark(i, "failed", msg)
         run.messages.append(msg)
         run.failed_handlers.add(name)
+        start = _start_action(run, service)
+        if start is not None:
+            run.mark(start, "done" if again.ok and again.started else "failed", after)
+        # The new files broke a service that ran (or started) on the old ones: terminal for
+        # this commit. A service that was down and started on neither: its cause may lie
+        # outside the config (a port taken, a full disk): retried with backoff.
+        if name in run.down_on_old:
+            run.fail(Reason.SERVICE_FAILED, msg)
+        else:
+            run.fail(Reason.RELOAD_BROKE_SERVICE, msg)
 
 
 async def _services(run: _Run) -> None:

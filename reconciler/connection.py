@@ -36,7 +36,7 @@ from typing import Any, Protocol
 
 import asyncssh
 
-from reconciler.errors import HostKeyRefused, Terminal, Transient
+from reconciler.errors import HostKeyRefused, Reason, Terminal, Transient
 from reconciler.log import get_logger
 
 log = get_logger(__name__)
@@ -61,17 +61,25 @@ _ENCRYPTION_ALGS = (
 class AuthRefused(Terminal):
     """The host refused our credentials (wrong user, key not authorised, sudo needs a password)."""
 
+    reason = Reason.AUTH_REFUSED
+
 
 class ConnectFailed(Transient):
     """The host could not be reached (refused, reset, unreachable, timed out, dropped)."""
+
+    reason = Reason.UNREACHABLE
 
 
 class CommandTimeout(Transient):
     """A command did not finish within its timeout; it was terminated on the host."""
 
+    reason = Reason.TIMEOUT
+
 
 class ConnectionLost(Transient):
     """The connection dropped while a command ran."""
+
+    reason = Reason.CONNECTION_LOST
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from typing import Any, cast
 from reconciler import deadman
 from reconciler.apply import ApplyResult, apply_host
 from reconciler.connection import Connection
-from reconciler.errors import ReconcilerError
+from reconciler.errors import Failure, Reason, ReconcilerError
 from reconciler.fleet.model import Fleet
 from reconciler.log import get_logger
 from reconciler.observe import observe_host
@@ -91,11 +91,16 @@ class HostOutcome:
     result: ApplyResult | None = None
     error: str | None = None
     seconds: float = 0.0
+    # why the host failed (status ERROR or FAILED), typed: terminal or transient by its reason
+    failure: Failure | None = None
 
     def as_dict(self) -> dict[str, object]:
         out: dict[str, object] = {"host": self.host, "status": self.status, "seconds": round(self.seconds, 3)}
         if self.error:
             out["error"] = self.error
+        if self.failure is not None:
+            out["reason"] = str(self.failure.reason)
+            out["terminal"] = self.failure.terminal
         if self.plan is not None:
             out["plan"] = self.plan.as_dict()
         if self.result is not None:
@@ -163,7 +168,10 @@ async def _plan_one(
     try:
         desired = render_cached(fleet, name)
     except ReconcilerError as err:
-        return HostOutcome(name, ERROR, error=f"render: {err}", seconds=time.monotonic() - started)
+        failure = Failure(err.reason, f"render: {err}")
+        return HostOutcome(
+            name, ERROR, error=failure.message, seconds=time.monotonic() - started, failure=failure
+        )
     try:
         conn = await pool.get(name)
         if records is not None:
@@ -171,26 +179,37 @@ async def _plan_one(
         observed = await observe_host(cast(Connection, conn), desired, fetch_diffs=fetch_diffs)
         plan = plan_host(desired, observed)
     except ReconcilerError as err:
-        return HostOutcome(name, ERROR, desired=desired, error=str(err), seconds=time.monotonic() - started)
-    except Exception as err:  # a bug must not stop the other hosts
-        log.exception("plan.crash", host=name)
         return HostOutcome(
             name,
             ERROR,
             desired=desired,
-            error=f"internal error: {type(err).__name__}: {err}",
+            error=str(err),
             seconds=time.monotonic() - started,
+            failure=Failure.of(err),
+        )
+    except Exception as err:  # a bug must not stop the other hosts
+        log.exception("plan.crash", host=name)
+        failure = Failure.of(err)
+        return HostOutcome(
+            name,
+            ERROR,
+            desired=desired,
+            error=failure.message,
+            seconds=time.monotonic() - started,
+            failure=failure,
         )
     status = CHANGES if plan.changed else IN_SYNC
     if plan.errors:
         status = ERROR
+        message = "cannot plan completely (nothing applied on this host): " + "; ".join(plan.errors)
         return HostOutcome(
             name,
             status,
             plan,
             desired,
-            error="cannot plan completely (nothing applied on this host): " + "; ".join(plan.errors),
+            error=message,
             seconds=time.monotonic() - started,
+            failure=Failure(Reason.OBSERVE_INCOMPLETE, message),
         )
     return HostOutcome(name, status, plan, desired, seconds=time.monotonic() - started)
 
@@ -228,11 +247,13 @@ async def _apply_one(outcome: HostOutcome, pool: Any, firewall_window: float) ->
         )
     except Exception as err:
         log.exception("apply.crash", host=outcome.host)
+        failure = Failure.of(err)
         return replace(
             outcome,
             status=FAILED,
-            error=f"internal error: {type(err).__name__}: {err}",
+            error=failure.message,
             seconds=outcome.seconds + time.monotonic() - started,
+            failure=failure,
         )
     status = APPLIED if result.ok else FAILED
     error = None if result.ok else "; ".join(result.messages[-3:]) or "apply failed"
@@ -241,12 +262,18 @@ async def _apply_one(outcome: HostOutcome, pool: Any, firewall_window: float) ->
             f"partially applied: {len(result.applied())} change(s) applied, "
             f"{len(result.not_applied())} not applied; {error}"
         )
+    failure: Failure | None = None
+    if not result.ok:
+        # the apply's typed reason, with the user-facing summary as its message
+        reason = result.failure.reason if result.failure is not None else Reason.APPLY_FAILED
+        failure = Failure(reason, error or "apply failed")
     return replace(
         outcome,
         status=status,
         result=result,
         error=error,
         seconds=outcome.seconds + time.monotonic() - started,
+        failure=failure,
     )
 
 

@@ -44,7 +44,7 @@ from typing import Any
 
 from reconciler.connection import CommandResult, Connection
 from reconciler.domains.strongswan import SWANCTL_CLIENT_CONF
-from reconciler.errors import Transient
+from reconciler.errors import Reason, Transient
 from reconciler.iptables import IptablesParseError, canonical_iptables
 from reconciler.log import get_logger
 from reconciler.observed import (
@@ -823,7 +823,10 @@ async def observe_host(
 
 def _check(conn: Connection, result: CommandResult, nonce: str) -> None:
     if result.exit_status in (97, 127) and f"@@{nonce}".encode() not in result.stdout:
-        raise Transient(f"host {conn.host}: cannot run sh for observation: {result.stderr[-200:]!r}")
+        raise Transient(
+            f"host {conn.host}: cannot run sh for observation: {result.stderr[-200:]!r}",
+            reason=Reason.OBSERVE_INCOMPLETE,
+        )
 
 
 def _merge_fetch(

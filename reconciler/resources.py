@@ -52,6 +52,10 @@ class Handler:
     # Reload only if the service is running (e.g. apache2ctl graceful on a stopped apache
     # would start it; some handlers want that, most do not).
     only_if_running: tuple[str, ...] = ()  # argv of a probe that exits 0 when running
+    # The declared Service this handler reloads (Desired.services). When set, a reload finding
+    # the service down starts it and proves it instead of skipping (reconciler.apply): a
+    # config is never put live "reloaded" into a service that is not running.
+    service: str | None = None
 
 
 @dataclass(frozen=True)

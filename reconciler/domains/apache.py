@@ -36,6 +36,7 @@ from reconciler.resources import Domain, FileResource, Fragment, Handler, LinkRe
 
 APACHE_DIR = "/etc/apache2"
 HANDLER = "apache2"
+SERVICE = "apache2"  # the declared service (domains.packages.apache_service)
 PACKAGE = "apache2"
 JK_PACKAGE = "libapache2-mod-jk"
 WORKERS_FILE = "workers.properties"  # relative to ServerRoot (/etc/apache2)
@@ -343,7 +344,10 @@ def handler() -> Handler:
             ),
         ),
         reload=("apache2ctl", "graceful"),
-        only_if_running=APACHE_STATUS,  # graceful on a stopped Apache would start it
+        # graceful on a stopped Apache would start it unproven: a stopped Apache is started
+        # through its declared service instead, and proven (reconciler.apply)
+        only_if_running=APACHE_STATUS,
+        service=SERVICE,
     )
 
 
