@@ -247,13 +247,13 @@ async def _apply_one(outcome: HostOutcome, pool: Any, firewall_window: float) ->
         )
     except Exception as err:
         log.exception("apply.crash", host=outcome.host)
-        failure = Failure.of(err)
+        crash = Failure.of(err)
         return replace(
             outcome,
             status=FAILED,
-            error=failure.message,
+            error=crash.message,
             seconds=outcome.seconds + time.monotonic() - started,
-            failure=failure,
+            failure=crash,
         )
     status = APPLIED if result.ok else FAILED
     error = None if result.ok else "; ".join(result.messages[-3:]) or "apply failed"
