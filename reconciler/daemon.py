@@ -3,6 +3,8 @@
     fleet repo --FleetSource--> newest good commit + Fleet --ReconcileLoop--> per-host step
     webhooks / poll / drift timer / SIGHUP / sync --> the loop's deduplicating queues
     refused commits --> Store (status, events) + Outbox (one mail per commit and reason)
+    a host stalled by a terminal failure --> Store (Stalled, reason) + Outbox (one mail per
+        host, commit and reason) + metrics; transient failures retry with backoff (loop.py)
 
 One daemon per state directory (an exclusive lock file). SIGTERM/SIGINT: stop taking work, let
 in-flight reconciles finish within ``shutdown_grace``, then cancel; SIGHUP: fetch and resync
@@ -25,9 +27,9 @@ from typing import Any, Protocol
 from reconciler import __version__
 from reconciler.after_apply import AfterApplyVerifier, HostVerify
 from reconciler.config import Config, RunMode, redact_url
-from reconciler.errors import ReconcilerError, Terminal, Transient
+from reconciler.errors import Failure, Reason, Terminal
 from reconciler.log import get_logger
-from reconciler.loop import ALL, Backoff, Outcome, ReconcileLoop, ReconcileStep, Target
+from reconciler.loop import ALL, Backoff, HostFailure, Outcome, ReconcileLoop, ReconcileStep, Target
 from reconciler.metrics import DaemonMetrics
 from reconciler.resources import Domain
 from reconciler.server import HttpServer
@@ -147,15 +149,6 @@ class _Pools:
             await entry.pool.close()
 
 
-def classify_engine_error(status: str, error: str) -> ReconcilerError:
-    """Map an engine host outcome to Terminal (wait for a new commit) or Transient (retry)."""
-    text = error or status
-    lowered = text.lower()
-    if lowered.startswith("render:") or "host key" in lowered or "authentication" in lowered:
-        return Terminal(text)
-    return Transient(text)
-
-
 @dataclass(frozen=True)
 class EngineStep:
     outcome: Outcome
@@ -165,7 +158,8 @@ class EngineStep:
 async def engine_step(
     host: str, target: Target, pool: Any, *, apply: bool, firewall_window: float | None = None
 ) -> EngineStep:
-    """One host through reconciler.engine.reconcile_fleet."""
+    """One host through reconciler.engine.reconcile_fleet. A failed host raises the error its
+    outcome's typed failure stands for (Terminal or Transient by its reason; loop.py acts on it)."""
     engine = importlib.import_module("reconciler.engine")
     # no diff contents: the daemon shows none (drift mails come from the /etc history)
     kwargs: dict[str, Any] = {"apply": apply, "fetch_diffs": False}
@@ -174,7 +168,8 @@ async def engine_step(
     result = await engine.reconcile_fleet(target.fleet, [host], pool, **kwargs)
     out = result.hosts[0]
     if out.status in (engine.ERROR, engine.FAILED):
-        raise classify_engine_error(out.status, out.error or "")
+        failure = out.failure or Failure(Reason.FAILED, out.error or out.status)
+        raise failure.error()
     if out.status == engine.CHANGES:
         n = len(out.plan.actions) if out.plan is not None else 0
         return EngineStep(Outcome(applied=False, reason=f"plan mode: {n} change(s) pending"))
@@ -234,6 +229,8 @@ class Daemon:
             backoff=Backoff(base=config.backoff_base, maximum=config.backoff_max),
             on_result=self._on_result,
             on_converged=lambda commit, secs: self.metrics.push_to_converged.observe(secs),
+            on_failure=self._on_failure,
+            scan=self._scan_stalled if self._drift is not None else None,
         )
         self.verifier = AfterApplyVerifier(
             self._pools,
@@ -372,7 +369,7 @@ class Daemon:
         if st.fleet is None:
             return None
         hosts = tuple(st.fleet.host_names())
-        gone = self.store.forget_hosts_except(set(hosts))
+        gone = self.store.mark_removed_except(set(hosts), st.good)
         if gone:
             self.store.add_event("hosts-removed", ", ".join(gone), commit=st.good)
         return Target(st.good, st.fleet, hosts)
@@ -427,6 +424,56 @@ class Daemon:
             if pool is not None:
                 await self._pools.release(target)
 
+    async def _scan_stalled(self, host: str, target: Target) -> int:
+        """A drift tick on a host stalled on ``target``: the drift scan, never the engine."""
+        if self._drift is None:
+            return 0
+        pool = await self._pools.acquire(target)
+        try:
+            found = await self._drift(host, target, pool)
+        finally:
+            await self._pools.release(target)
+        self._scanned_once.add(host)
+        self.metrics.drift_scans.inc()
+        if found:
+            self.metrics.drift.inc(found, host)
+            self.store.add_event("drift", f"{found} drifted path(s)", host=host, commit=target.commit)
+            self._mail_wakeup.set()
+        return found
+
+    # ------------------------------------------------------------ failures
+
+    def _on_failure(self, hf: HostFailure) -> None:
+        """Count every failed reconcile by reason; a terminal one (the host is Stalled on the
+        commit) is mailed once per host, commit and reason (the outbox's idempotency key, which
+        holds across restarts)."""
+        reason = hf.failure.reason
+        self.metrics.host_failures.inc(1, str(reason), "terminal" if hf.terminal else "transient")
+        if not hf.terminal:
+            return
+        self.metrics.stalls.inc(1, str(reason))
+        subject = f"[reconciler] {hf.host} stalled on commit {hf.commit[:12]}: {reason}"
+        body = (
+            f"Host {hf.host} did not converge on commit {hf.commit} of {redact_url(self.config.source.url)}\n"
+            f"(branch {self.config.source.branch}), and retrying the same commit cannot help:\n\n"
+            f"  reason: {reason}\n\n{_indent(hf.failure.message)}\n\n"
+            f"Nothing more is tried on {hf.host} for this commit. Push a fixed commit (or, once the\n"
+            f"cause is fixed outside the repo, run `reconciler sync --host {hf.host}`) to resume.\n"
+        )
+        self.mail(f"stall:{hf.host}:{hf.commit}:{reason}", subject, body)
+
+    def forget(self, hosts: Sequence[str]) -> tuple[list[str], list[str]]:
+        """Acknowledge hosts shown as removed from the fleet: drop their status rows. Returns
+        (forgotten, refused); a host still in the fleet (or unknown) is refused."""
+        target = self.loop.target
+        current = set(target.hosts) if target is not None else set()
+        wanted = [h for h in hosts if h not in current]
+        forgotten, refused = self.store.forget_removed(wanted)
+        refused = [h for h in hosts if h in current] + refused
+        if forgotten:
+            self.store.add_event("hosts-forgotten", ", ".join(forgotten))
+        return forgotten, refused
+
     # ------------------------------------------------------------ verify after apply
 
     def _on_verified(self, host: str, result: HostVerify) -> None:
@@ -472,11 +519,18 @@ class Daemon:
         names = list(target.hosts) if target is not None else sorted(rows)
         hosts = []
         for name in names:
-            row = rows.get(name) or {"name": name, "state": HostState.UNKNOWN.value, "reason": "",
+            row = rows.get(name) or {"name": name, "state": HostState.UNKNOWN.value, "reason": "", "code": "",
                                      "applied_commit": "", "attempted_commit": "", "last_drift_at": None,
-                                     "drift_count": 0}  # fmt: skip
+                                     "drift_count": 0, "removed_commit": ""}  # fmt: skip
+            if row["state"] == HostState.REMOVED.value:  # back in the fleet, not reconciled yet
+                row.update(state=HostState.UNKNOWN.value, reason="", removed_commit="")
             row.update(self.loop.host_info(name))
             hosts.append(row)
+        # hosts that left the fleet stay visible until acknowledged (reconciler sync --forget)
+        for name in sorted(set(rows) - set(names)):
+            if rows[name]["state"] == HostState.REMOVED.value:
+                hosts.append({**rows[name], "failures": 0, "waiting_for_new_commit": False,
+                              "retry_scheduled": False})  # fmt: skip
         rejection = self.source.rejection
         outbox = dict((k[0], v) for k, v in self._outbox_counts())
         return {
@@ -560,6 +614,10 @@ class Daemon:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
+
+
+def _indent(text: str) -> str:
+    return "\n".join(f"  {line}" if line else "" for line in text.splitlines())
 
 
 def run_daemon(config: Config) -> int:

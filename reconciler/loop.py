@@ -9,11 +9,16 @@ Guarantees, whatever the event rate:
   that arrive while a host is queued or in flight merge into that one entry);
 - the fleet repo is fetched by one worker with the same dedupe (one fetch in flight, at most
   one follow-up), so a storm of pushes converges to the last commit;
-- a transient failure retries with exponential backoff and jitter; a terminal failure
-  (``reconciler.errors.Terminal``) waits for a new commit (or an explicit resync);
+- a transient failure (``reconciler.errors.Transient``, or anything not Terminal) retries with
+  exponential backoff and jitter, the host ``Retrying`` with the reason; a terminal failure
+  (``reconciler.errors.Terminal``: a firewall change rolled back, a config that broke its service,
+  a validator that refused...) makes the host ``Stalled`` on that commit with the typed reason:
+  nothing more is tried until a new commit or an explicit resync (``reconciler sync``, SIGHUP).
+  The stall is kept in the store, so a restart does not try the commit again; a drift tick still
+  runs the drift scan (``scan``) on a stalled host, never the apply;
 - ``stop(grace)``: take no new work, let in-flight reconciles finish for up to ``grace``
   seconds, then cancel them (cancellation behaves like a crash, which apply tolerates; the host
-  is marked Stalled and reconciled again after a restart).
+  is marked Retrying and reconciled again after a restart).
 
 The reconcile step and the source refresh are injected, so this module knows nothing about
 git, SSH or the engine.
@@ -25,12 +30,12 @@ import asyncio
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from reconciler.errors import ReconcilerError, Terminal
+from reconciler.errors import Failure, Reason, ReconcilerError, Terminal
 from reconciler.log import get_logger
-from reconciler.store import Store
+from reconciler.store import HostState, Store
 
 log = get_logger(__name__)
 
@@ -59,6 +64,22 @@ class Outcome:
 
 ReconcileStep = Callable[[str, Target, frozenset[str]], Awaitable[Outcome | None]]
 RefreshStep = Callable[[], Awaitable[Target | None]]
+ScanStep = Callable[[str, Target], Awaitable[int]]  # drift scan only (a stalled host): findings
+
+
+@dataclass(frozen=True)
+class HostFailure:
+    """One failed reconcile, as the loop hands it to ``on_failure``."""
+
+    host: str
+    commit: str
+    failure: Failure
+    retry_in: float | None  # seconds until the retry; None when terminal (stalled)
+    failures: int  # consecutive failures of this host
+
+    @property
+    def terminal(self) -> bool:
+        return self.retry_in is None
 
 
 class KeyedQueue:
@@ -139,6 +160,7 @@ class _HostRecord:
     retry: asyncio.TimerHandle | None = None
     retry_reasons: set[str] = field(default_factory=set)
     terminal_commit: str = ""
+    terminal_reason: Reason | None = None
     converged_commit: str = ""
 
 
@@ -169,6 +191,8 @@ class ReconcileLoop:
         backoff: Backoff | None = None,
         on_result: Callable[[str, str, float], None] | None = None,
         on_converged: Callable[[str, float], None] | None = None,
+        on_failure: Callable[[HostFailure], None] | None = None,
+        scan: ScanStep | None = None,
     ) -> None:
         self._reconcile = reconcile
         self._refresh = refresh
@@ -179,6 +203,8 @@ class ReconcileLoop:
         self._backoff = backoff or Backoff()
         self._on_result = on_result
         self._on_converged = on_converged
+        self._on_failure = on_failure
+        self._scan = scan
         self.hosts = KeyedQueue("hosts")
         self.source = KeyedQueue("source")
         self._records: dict[str, _HostRecord] = {}
@@ -211,11 +237,28 @@ class ReconcileLoop:
             return {"failures": 0, "waiting_for_new_commit": False, "retry_scheduled": False}
         return {
             "failures": rec.failures,
-            "waiting_for_new_commit": bool(rec.terminal_commit)
-            and self._target is not None
-            and rec.terminal_commit == self._target.commit,
+            "waiting_for_new_commit": self.stalled_on(host) is not None,
             "retry_scheduled": rec.retry is not None,
         }
+
+    def stalled_on(self, host: str) -> Reason | None:
+        """The terminal reason ``host`` is stalled for on the current target, or None."""
+        rec = self._records.get(host)
+        if rec is None or self._target is None or rec.terminal_commit != self._target.commit:
+            return None
+        return rec.terminal_reason
+
+    def _record(self, host: str) -> _HostRecord:
+        """The host's retry state; a new one starts from the store's (a stall survives a restart)."""
+        rec = self._records.get(host)
+        if rec is None:
+            rec = self._records[host] = _HostRecord()
+            if self._store is not None:
+                st = self._store.host(host)
+                code = _reason(st.code)
+                if st.state is HostState.STALLED and code is not None and code.terminal:
+                    rec.terminal_commit, rec.terminal_reason = st.attempted_commit, code
+        return rec
 
     def seed(self, target: Target) -> None:
         """The last good target from the previous run, used until the first fetch succeeds."""
@@ -248,16 +291,17 @@ class ReconcileLoop:
 
     def _admit(self, host: str, reason: str, force: bool) -> bool:
         assert self._target is not None
-        rec = self._records.setdefault(host, _HostRecord())
+        rec = self._record(host)
         commit = self._target.commit
         if force:
             self._clear_retry(rec)
-            rec.terminal_commit = ""
+            rec.terminal_commit, rec.terminal_reason = "", None
             return True
         if rec.terminal_commit:
             if rec.terminal_commit == commit:
-                return False  # a terminal error waits for a new commit
-            rec.terminal_commit = ""
+                # a terminal failure waits for a new commit; a drift tick only scans
+                return reason == "drift" and self._scan is not None
+            rec.terminal_commit, rec.terminal_reason = "", None
         if rec.retry is not None:
             if rec.failed_commit == commit:
                 rec.retry_reasons.add(reason)  # the backoff timer will bring it back
@@ -439,8 +483,10 @@ class ReconcileLoop:
         target = self._target
         if target is None or host not in target.hosts:
             return True
-        rec = self._records.setdefault(host, _HostRecord())
+        rec = self._record(host)
         store = self._store
+        if rec.terminal_commit == target.commit and self._scan is not None:
+            return await self._scan_stalled(host, target, rec)
         if store is not None:
             store.mark_reconciling(host, target.commit)
         started = time.monotonic()
@@ -448,16 +494,22 @@ class ReconcileLoop:
             outcome = await self._reconcile(host, target, reasons) or Outcome()
         except asyncio.CancelledError:
             if store is not None:
-                store.mark_stalled(host, target.commit, "shutdown: reconcile cancelled; resumes on restart")
+                store.mark_retrying(host, target.commit, "shutdown: reconcile cancelled; resumes on restart")
             self._result(host, "cancelled", started)
             raise
         except Terminal as exc:
-            rec.terminal_commit = target.commit
+            rec.terminal_commit, rec.terminal_reason = target.commit, exc.reason
             rec.failures += 1
-            log.warning("reconcile refused", host=host, commit=target.commit, error=str(exc))
+            failure = Failure.of(exc)
+            log.warning(
+                "reconcile stalled", host=host, commit=target.commit, reason=str(exc.reason), error=str(exc)
+            )
             if store is not None:
-                store.mark_stalled(host, target.commit, f"{exc} (waiting for a new commit)")
-                store.add_event("failed", str(exc), host=host, commit=target.commit)
+                store.mark_stalled(
+                    host, target.commit, f"{exc.reason}: {exc} (waiting for a new commit)", code=exc.reason
+                )
+                store.add_event("stalled", f"{exc.reason}: {exc}", host=host, commit=target.commit)
+            self._failed(HostFailure(host, target.commit, failure, None, rec.failures))
             self._result(host, "terminal", started)
             return self._target is not None and self._target.commit != target.commit
         except Exception as exc:
@@ -465,15 +517,30 @@ class ReconcileLoop:
             rec.failed_commit = target.commit
             delay = self._backoff.delay(rec.failures)
             message = _user_message(exc)
+            failure = Failure.of(exc)
             if isinstance(exc, ReconcilerError):
-                log.warning("reconcile failed", host=host, error=message, retry_in=round(delay, 2))
+                log.warning(
+                    "reconcile failed",
+                    host=host,
+                    reason=str(failure.reason),
+                    error=message,
+                    retry_in=round(delay, 2),
+                )
             else:
                 log.error(
                     "reconcile failed", host=host, error=message, retry_in=round(delay, 2), exc_info=exc
                 )
             if store is not None:
-                store.mark_stalled(host, target.commit, f"{message} (retry {rec.failures} in {delay:.1f}s)")
-                store.add_event("failed", message, host=host, commit=target.commit)
+                store.mark_retrying(
+                    host,
+                    target.commit,
+                    f"{failure.reason}: {message} (retry {rec.failures} in {delay:.1f}s)",
+                    code=failure.reason,
+                )
+                store.add_event("failed", f"{failure.reason}: {message}", host=host, commit=target.commit)
+            self._failed(
+                HostFailure(host, target.commit, replace(failure, message=message), delay, rec.failures)
+            )
             self._schedule_retry(host, rec, delay, reasons)
             self._result(host, "transient", started)
             # A follow-up for the same commit waits for the backoff; a new commit goes now.
@@ -484,7 +551,7 @@ class ReconcileLoop:
             return False
         rec.failures = 0
         rec.failed_commit = ""
-        rec.terminal_commit = ""
+        rec.terminal_commit, rec.terminal_reason = "", None
         self._clear_retry(rec)
         # Looked at on this commit (applied, or only planned in plan mode): nothing more to do
         # until a new commit, a drift tick or an explicit resync.
@@ -499,6 +566,31 @@ class ReconcileLoop:
         self._result(host, "ok", started)
         self._check_converged(target)
         return True
+
+    async def _scan_stalled(self, host: str, target: Target, rec: _HostRecord) -> bool:
+        """A drift tick on a host stalled on this commit: the drift scan only, never the apply;
+        the host stays Stalled."""
+        assert self._scan is not None
+        started = time.monotonic()
+        try:
+            found = await self._scan(host, target)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("drift scan of a stalled host failed", host=host, error=_user_message(exc))
+            self._result(host, "scan-failed", started)
+            return True
+        if found and self._store is not None:
+            self._store.record_drift(host, found)
+        self._result(host, "scan", started)
+        return True
+
+    def _failed(self, failure: HostFailure) -> None:
+        if self._on_failure is not None:
+            try:
+                self._on_failure(failure)
+            except Exception:  # reporting must never stop the loop
+                log.exception("on_failure callback failed", host=failure.host)
 
     def _converged_on(self, host: str) -> str:
         rec = self._records.get(host)
@@ -531,6 +623,13 @@ class ReconcileLoop:
             log.info("converged", commit=target.commit, seconds=round(elapsed, 3))
             if self._on_converged is not None:
                 self._on_converged(target.commit, elapsed)
+
+
+def _reason(code: str) -> Reason | None:
+    try:
+        return Reason(code)
+    except ValueError:
+        return None
 
 
 def _user_message(exc: BaseException) -> str:

@@ -195,9 +195,19 @@ class DaemonMetrics:
         self.reconciles = Counter("reconciler_reconciles_total", "Host reconciles by result.", ("result",))
         self.host_states = Gauge(
             "reconciler_hosts",
-            "Hosts by state (Ready, Reconciling, Stalled, Unknown).",
+            "Hosts by state (Ready, Reconciling, Stalled, Retrying, Removed, Unknown).",
             ("state",),
             collect=host_states,
+        )
+        self.host_failures = Counter(
+            "reconciler_host_failures_total",
+            "Failed host reconciles by typed reason and class (terminal: stalled; transient: retried).",
+            ("reason", "class"),
+        )
+        self.stalls = Counter(
+            "reconciler_stalls_total",
+            "Hosts stalled on a commit by a terminal failure, by reason (each is mailed once).",
+            ("reason",),
         )
         self.drift = Counter("reconciler_drift_total", "Drift findings per host.", ("host",))
         self.drift_scans = Counter("reconciler_drift_scans_total", "Drift scans run.")
@@ -241,6 +251,8 @@ class DaemonMetrics:
             self.verify_checks,
             self.reconcile_duration,
             self.reconciles,
+            self.host_failures,
+            self.stalls,
             self.host_states,
             self.drift,
             self.drift_scans,

@@ -47,6 +47,9 @@ class DaemonView(Protocol):
     def sync(self, hosts: Sequence[str]) -> tuple[int, list[str]]:
         """Fetch, then resync ``hosts`` (all when empty); returns (queued, unknown host names)."""
 
+    def forget(self, hosts: Sequence[str]) -> tuple[list[str], list[str]]:
+        """Acknowledge hosts removed from the fleet; returns (forgotten, refused)."""
+
     def ready(self) -> bool: ...
 
     def status(self) -> dict[str, Any]: ...
@@ -243,6 +246,14 @@ class HttpServer:
             if not isinstance(raw, list) or not all(isinstance(h, str) for h in raw):
                 return _json({"error": 'expected {"hosts": ["name", ...]}'}, status=400)
             hosts = raw
+            forget = data.get("forget")
+            if forget is not None:  # acknowledge hosts removed from the fleet (no sync)
+                if not isinstance(forget, list) or not all(isinstance(h, str) for h in forget) or hosts:
+                    return _json({"error": 'expected {"forget": ["name", ...]}'}, status=400)
+                forgotten, refused = self.view.forget(forget)
+                if refused:
+                    return _json({"error": "not removed from the fleet", "refused": refused}, status=409)
+                return _json({"status": "forgotten", "forgotten": forgotten}, status=200)
         queued, unknown = self.view.sync(hosts)
         if unknown:
             return _json({"error": "unknown hosts", "unknown": unknown}, status=404)

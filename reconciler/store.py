@@ -18,7 +18,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: hosts.code (the typed failure reason), hosts.removed_commit
 MAX_EVENTS = 5000  # the events log keeps this many rows
 MAX_TEXT = 4000
 INTERRUPTED_REASON = "interrupted by a restart; will reconcile again"  # longer reasons/messages are cut
@@ -27,7 +27,9 @@ INTERRUPTED_REASON = "interrupted by a restart; will reconcile again"  # longer 
 class HostState(StrEnum):
     READY = "Ready"
     RECONCILING = "Reconciling"
-    STALLED = "Stalled"
+    STALLED = "Stalled"  # a terminal failure: nothing more is tried until a new commit or a sync
+    RETRYING = "Retrying"  # a transient failure: retried with backoff
+    REMOVED = "Removed"  # left the fleet; shown until acknowledged (``reconciler sync --forget``)
     UNKNOWN = "Unknown"  # never reconciled yet
 
 
@@ -41,12 +43,16 @@ class HostStatus:
     last_drift_at: float | None  # unix time of the last drift found
     drift_count: int  # drift findings seen in total
     updated_at: float
+    code: str = ""  # the typed reason (reconciler.errors.Reason) of a Stalled/Retrying host
+    removed_commit: str = ""  # the commit whose fleet no longer had the host (state Removed)
 
     def as_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "state": self.state.value,
             "reason": self.reason,
+            "code": self.code,
+            "removed_commit": self.removed_commit,
             "applied_commit": self.applied_commit,
             "attempted_commit": self.attempted_commit,
             "last_drift_at": self.last_drift_at,
@@ -85,7 +91,9 @@ CREATE TABLE IF NOT EXISTS hosts (
     attempted_commit TEXT NOT NULL DEFAULT '',
     last_drift_at REAL,
     drift_count INTEGER NOT NULL DEFAULT 0,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    code TEXT NOT NULL DEFAULT '',
+    removed_commit TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -120,6 +128,7 @@ class Store:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
+        self._migrate()
         with self._tx():
             self._db.execute(
                 "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
@@ -145,6 +154,15 @@ class Store:
         row = self._db.execute("PRAGMA journal_mode").fetchone()
         return str(row[0])
 
+    def _migrate(self) -> None:
+        """Schema 1 -> 2: add the columns a state file of an older daemon lacks."""
+        have = {r[1] for r in self._db.execute("PRAGMA table_info(hosts)")}
+        with self._tx() as db:
+            for column in ("code", "removed_commit"):
+                if column not in have:
+                    db.execute(f"ALTER TABLE hosts ADD COLUMN {column} TEXT NOT NULL DEFAULT ''")
+            db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+
     def _mark_interrupted(self) -> tuple[str, ...]:
         """Hosts left ``Reconciling`` by a crash or a cancelled shutdown: say so, keep the rest."""
         rows = self._db.execute("SELECT name FROM hosts WHERE state = ?", (HostState.RECONCILING.value,))
@@ -154,9 +172,9 @@ class Store:
             with self._tx() as db:
                 for name in names:
                     db.execute(
-                        "UPDATE hosts SET state = ?, reason = ?, updated_at = ? WHERE name = ?",
+                        "UPDATE hosts SET state = ?, reason = ?, code = '', updated_at = ? WHERE name = ?",
                         (
-                            HostState.STALLED.value,
+                            HostState.RETRYING.value,
                             "interrupted by a restart; will reconcile again",
                             now,
                             name,
@@ -195,7 +213,7 @@ class Store:
     def host(self, name: str) -> HostStatus:
         row = self._db.execute(
             "SELECT name, state, reason, applied_commit, attempted_commit, last_drift_at, drift_count,"
-            " updated_at FROM hosts WHERE name = ?",
+            " updated_at, code, removed_commit FROM hosts WHERE name = ?",
             (name,),
         ).fetchone()
         if row is None:
@@ -205,7 +223,7 @@ class Store:
     def hosts(self) -> list[HostStatus]:
         rows = self._db.execute(
             "SELECT name, state, reason, applied_commit, attempted_commit, last_drift_at, drift_count,"
-            " updated_at FROM hosts ORDER BY name"
+            " updated_at, code, removed_commit FROM hosts ORDER BY name"
         ).fetchall()
         return [_host_row(r) for r in rows]
 
@@ -222,23 +240,40 @@ class Store:
             )
 
     def mark_reconciling(self, name: str, commit: str) -> None:
-        self._upsert(name, state=HostState.RECONCILING.value, reason="", attempted_commit=commit)
+        self._upsert(
+            name,
+            state=HostState.RECONCILING.value,
+            reason="",
+            code="",
+            removed_commit="",
+            attempted_commit=commit,
+        )
 
     def mark_ready(self, name: str, commit: str, reason: str = "") -> None:
         self._upsert(
             name,
             state=HostState.READY.value,
             reason=_cut(reason),
+            code="",
             applied_commit=commit,
             attempted_commit=commit,
         )
 
     def mark_observed(self, name: str, commit: str, reason: str) -> None:
         """Observed and planned only (plan mode): Ready, the applied commit is left as it was."""
-        self._upsert(name, state=HostState.READY.value, reason=_cut(reason), attempted_commit=commit)
+        self._upsert(name, state=HostState.READY.value, reason=_cut(reason), code="", attempted_commit=commit)
 
-    def mark_stalled(self, name: str, commit: str, reason: str) -> None:
-        self._upsert(name, state=HostState.STALLED.value, reason=_cut(reason), attempted_commit=commit)
+    def mark_stalled(self, name: str, commit: str, reason: str, *, code: str = "") -> None:
+        """A terminal failure on ``commit``: ``code`` is its typed reason (errors.Reason)."""
+        self._upsert(
+            name, state=HostState.STALLED.value, reason=_cut(reason), code=str(code), attempted_commit=commit
+        )
+
+    def mark_retrying(self, name: str, commit: str, reason: str, *, code: str = "") -> None:
+        """A transient failure on ``commit``, retried with backoff."""
+        self._upsert(
+            name, state=HostState.RETRYING.value, reason=_cut(reason), code=str(code), attempted_commit=commit
+        )
 
     def record_drift(self, name: str, count: int, at: float | None = None) -> None:
         when = self._clock() if at is None else at
@@ -251,13 +286,37 @@ class Store:
                 (name, HostState.UNKNOWN.value, when, count, when),
             )
 
-    def forget_hosts_except(self, names: set[str]) -> list[str]:
-        """Drop status rows of hosts that left the fleet; returns the dropped names."""
-        gone = [h.name for h in self.hosts() if h.name not in names]
+    def mark_removed_except(self, names: set[str], commit: str) -> list[str]:
+        """Hosts with a status row that are not in ``names`` (the fleet at ``commit``) become
+        Removed: shown until acknowledged (``forget``), never silently dropped. Returns the
+        hosts newly marked (those already Removed keep the commit that removed them)."""
+        gone = [h.name for h in self.hosts() if h.name not in names and h.state is not HostState.REMOVED]
         if gone:
+            reason = (
+                f"removed from the fleet at commit {commit[:12]}; acknowledge with reconciler sync --forget"
+            )
+            now = self._clock()
             with self._tx() as db:
-                db.executemany("DELETE FROM hosts WHERE name = ?", [(n,) for n in gone])
+                db.executemany(
+                    "UPDATE hosts SET state = ?, reason = ?, code = '', removed_commit = ?, updated_at = ?"
+                    " WHERE name = ?",
+                    [(HostState.REMOVED.value, reason, commit, now, n) for n in gone],
+                )
         return gone
+
+    def forget_removed(self, names: list[str]) -> tuple[list[str], list[str]]:
+        """Acknowledge removed hosts: drop their rows. Returns (forgotten, refused): a name that
+        is not Removed (still in the fleet, or unknown) is refused, never dropped."""
+        removed = {h.name for h in self.hosts() if h.state is HostState.REMOVED}
+        ok = [n for n in dict.fromkeys(names) if n in removed]
+        refused = [n for n in dict.fromkeys(names) if n not in removed]
+        if ok:
+            with self._tx() as db:
+                db.executemany(
+                    "DELETE FROM hosts WHERE name = ? AND state = ?",
+                    [(n, HostState.REMOVED.value) for n in ok],
+                )
+        return ok, refused
 
     # ------------------------------------------------------------ source
 
@@ -316,4 +375,6 @@ def _host_row(row: tuple[Any, ...]) -> HostStatus:
         last_drift_at=row[5],
         drift_count=int(row[6]),
         updated_at=float(row[7]),
+        code=str(row[8] or ""),
+        removed_commit=str(row[9] or ""),
     )

@@ -36,6 +36,13 @@ def register(sub: Any) -> None:
     s.add_argument("--config", metavar="FILE", help="YAML config file (for the port and the sync token)")
     s.add_argument("--url", help="daemon base URL (default: http://127.0.0.1:<server.port>)")
     s.add_argument("--host", action="append", default=[], metavar="NAME", help="only this host (repeatable)")
+    s.add_argument(
+        "--forget",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="acknowledge a host shown as removed from the fleet: drop it from /status (repeatable)",
+    )
     s.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the daemon (default 10)")
     s.set_defaults(func=sync)
 
@@ -76,22 +83,29 @@ def sync(args: argparse.Namespace) -> int:
         return 1
     host = config.server.listen if config.server.listen not in ("0.0.0.0", "::", "") else "127.0.0.1"  # noqa: S104
     url = (args.url or f"http://{host}:{config.server.port}").rstrip("/") + "/sync"
+    if args.forget and args.host:
+        print("reconciler sync: --forget and --host do not go together", file=sys.stderr)
+        return 1
+    payload: dict[str, Any] = {"forget": list(args.forget)} if args.forget else {"hosts": list(args.host)}
     try:
-        status, body = asyncio.run(_post(url, token.reveal(), list(args.host), args.timeout))
+        status, body = asyncio.run(_post(url, token.reveal(), payload, args.timeout))
     except (OSError, TimeoutError) as err:
         print(f"reconciler sync: cannot reach the daemon at {url}: {type(err).__name__}", file=sys.stderr)
         return 1
     if status == 202:
         print(f"sync queued ({body.get('queued', '?')} host(s))")
         return 0
+    if status == 200 and "forgotten" in body:
+        print(f"forgotten: {', '.join(body['forgotten'])}")
+        return 0
     print(f"reconciler sync: the daemon answered {status}: {body.get('error', body)}", file=sys.stderr)
     return 1
 
 
-async def _post(url: str, token: str, hosts: list[str], timeout: float) -> tuple[int, dict[str, Any]]:
+async def _post(url: str, token: str, body: dict[str, Any], timeout: float) -> tuple[int, dict[str, Any]]:
     import aiohttp
 
-    payload = json.dumps({"hosts": hosts}).encode() if hosts else b""
+    payload = json.dumps(body).encode() if any(body.values()) else b""
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
     client_timeout = aiohttp.ClientTimeout(total=timeout)
     try:
