@@ -148,7 +148,7 @@ async def test_transient_failure_backs_off_with_jitter_then_recovers(store: Stor
     loop = make_loop(rec, src, store, backoff=Backoff(base=0.1, maximum=1.0, rng=random.Random(7)))
     loop.start()
     await asyncio.sleep(0.05)
-    assert store.host("db1").state is HostState.STALLED
+    assert store.host("db1").state is HostState.RETRYING  # transient: not Stalled
     assert "connection refused" in store.host("db1").reason
     # Requests during the backoff do not bypass it.
     for _ in range(10):
@@ -284,7 +284,7 @@ async def test_stop_cancels_after_grace_and_marks_host(store: Store, tmp_path: P
     await loop.stop(grace=0.2)
     assert time.monotonic() - t0 < 1.0
     st = store.host("db1")
-    assert st.state is HostState.STALLED and "cancelled" in st.reason
+    assert st.state is HostState.RETRYING and "cancelled" in st.reason
     assert "db1" not in rec.applied
 
 
@@ -318,7 +318,7 @@ async def test_restart_resumes_interrupted_host(tmp_path: Path) -> None:
     s1.close()
     s2 = Store(path)
     assert s2.interrupted_hosts == ("db1",)
-    assert s2.host("db1").state is HostState.STALLED
+    assert s2.host("db1").state is HostState.RETRYING
     src, rec = FakeSource(hosts=("db1",)), Recorder(delay=0.0)
     loop = make_loop(rec, src, s2)
     loop.start()

@@ -76,12 +76,22 @@ def test_events_newest_first_and_filtered(tmp_path: Path) -> None:
     s.close()
 
 
-def test_forget_hosts_that_left_the_fleet(tmp_path: Path) -> None:
+def test_hosts_that_left_the_fleet_are_shown_until_forgotten(tmp_path: Path) -> None:
     s = Store(tmp_path / "state.db")
     for h in ("a", "b", "c"):
         s.mark_ready(h, "c1")
-    assert s.forget_hosts_except({"a", "c"}) == ["b"]
+    assert s.mark_removed_except({"a", "c"}, "c2" * 20) == ["b"]
+    assert s.mark_removed_except({"a", "c"}, "c3" * 20) == []  # already Removed: commit kept
+    b = s.host("b")
+    assert b.state is HostState.REMOVED and b.removed_commit == "c2" * 20 and "removed from the fleet" in b.reason
+    assert b.applied_commit == "c1"  # what it last ran is still shown
+    # only a Removed host can be forgotten; a host still in the fleet or unknown is refused
+    assert s.forget_removed(["a", "b", "zz"]) == (["b"], ["a", "zz"])
     assert [h.name for h in s.hosts()] == ["a", "c"]
+    # a removed host that comes back is reconciled as usual
+    s.mark_removed_except({"a"}, "c4" * 20)
+    s.mark_reconciling("c", "c5")
+    assert s.host("c").state is HostState.RECONCILING and s.host("c").removed_commit == ""
     s.close()
 
 
@@ -114,7 +124,7 @@ def test_survives_sigkill_mid_reconcile(tmp_path: Path) -> None:
     s = Store(path)
     assert s.interrupted_hosts == ("db1",)
     st = s.host("db1")
-    assert st.state is HostState.STALLED and st.reason == INTERRUPTED_REASON
+    assert st.state is HostState.RETRYING and st.reason == INTERRUPTED_REASON
     assert st.applied_commit == "c1" and st.attempted_commit == "c2"
     assert s.events()[0].commit == "c2"
     s.close()
