@@ -99,7 +99,9 @@ async def test_good_fleet_converges_and_serves(lab: Lab, repo: Path) -> None:
     assert apache_pid(lab) and http_code(lab) != "000"
 
 
-async def test_reload_that_kills_apache_restores_and_restarts_it(lab: Lab, repo: Path, bad_repo: Path) -> None:
+async def test_reload_that_kills_apache_restores_and_restarts_it(
+    lab: Lab, repo: Path, bad_repo: Path
+) -> None:
     site_before = sh(lab, f"sha256sum {SITE} {HARDENING}")
     out = await reconcile(lab, bad_repo)
     assert out.status == FAILED and out.failure is not None, out
