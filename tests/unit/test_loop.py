@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.errors import FleetInvalid, Problem, Terminal, Transient
-from reconciler.loop import ALL, Backoff, KeyedQueue, Outcome, ReconcileLoop, Target
+from reconciler.errors import FleetInvalid, Problem, Reason, Terminal, Transient
+from reconciler.loop import ALL, Backoff, HostFailure, KeyedQueue, Outcome, ReconcileLoop, Target
 from reconciler.store import HostState, Store
 
 HOSTS = ("db1", "db2", "web1", "web2", "web3")
@@ -326,3 +326,110 @@ async def test_restart_resumes_interrupted_host(tmp_path: Path) -> None:
     await loop.stop(grace=1)
     assert s2.host("db1").state is HostState.READY
     s2.close()
+
+
+# ---------------------------------------------------------------- typed failures
+
+
+async def test_terminal_failure_stalls_with_its_reason_and_reports_once(store: Store) -> None:
+    src, rec = FakeSource(hosts=("db1", "web1")), Recorder(delay=0.0)
+    rec.fail["web1"] = [Terminal("apache2 died at reload; restored", reason=Reason.RELOAD_BROKE_SERVICE)]
+    seen: list[HostFailure] = []
+    loop = make_loop(rec, src, store, on_failure=seen.append)
+    loop.start()
+    await loop.wait_idle(timeout=5)
+    for _ in range(5):  # polls and resyncs (not forced) on the same commit: nothing more
+        loop.request_fetch(then=(ALL,), reason="poll")
+        await asyncio.sleep(0.01)
+    await loop.wait_idle(timeout=5)
+    await loop.stop(grace=1)
+    st = store.host("web1")
+    assert st.state is HostState.STALLED and st.code == "reload-broke-service"
+    assert st.reason.startswith("reload-broke-service: apache2 died") and st.attempted_commit == "c001"
+    assert len(rec.calls["web1"]) == 1
+    assert loop.stalled_on("web1") is Reason.RELOAD_BROKE_SERVICE and loop.stalled_on("db1") is None
+    assert [(f.host, f.commit, f.failure.reason, f.terminal) for f in seen] == [
+        ("web1", "c001", Reason.RELOAD_BROKE_SERVICE, True)
+    ]
+    assert [e.kind for e in store.events(host="web1")] == ["stalled"]
+
+
+async def test_transient_failure_reports_its_reason_and_the_retry(store: Store) -> None:
+    src, rec = FakeSource(hosts=("db1",)), Recorder(delay=0.0)
+    rec.fail["db1"] = [Transient("dpkg lock held by pid 9", reason=Reason.DPKG_LOCKED)]
+    seen: list[HostFailure] = []
+    loop = make_loop(rec, src, store, on_failure=seen.append)
+    loop.start()
+    await asyncio.sleep(0.02)
+    st = store.host("db1")
+    assert st.state is HostState.RETRYING and st.code == "dpkg-locked"
+    await loop.wait_idle(timeout=5)
+    await loop.stop(grace=1)
+    assert len(seen) == 1 and seen[0].failure.reason is Reason.DPKG_LOCKED and not seen[0].terminal
+    assert seen[0].retry_in is not None and seen[0].retry_in > 0
+    assert store.host("db1").state is HostState.READY  # retried after the backoff
+    assert len(rec.calls["db1"]) == 2
+
+
+async def test_a_stall_survives_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    s1 = Store(path)
+    src, rec = FakeSource(hosts=("web1",)), Recorder(delay=0.0)
+    rec.fail["web1"] = [Terminal("rolled back", reason=Reason.FIREWALL_ROLLED_BACK)]
+    loop = make_loop(rec, src, s1)
+    loop.start()
+    await loop.wait_idle(timeout=5)
+    await loop.stop(grace=1)
+    s1.close()
+    # a new process on the same commit does not try it again (no second rollback)
+    s2 = Store(path)
+    rec2 = Recorder(delay=0.0)
+    loop2 = make_loop(rec2, src, s2)
+    loop2.start()
+    await loop2.wait_idle(timeout=5)
+    assert loop2.fetches >= 1 and rec2.calls["web1"] == []
+    assert s2.host("web1").state is HostState.STALLED and loop2.host_info("web1")["waiting_for_new_commit"]
+    src.push()  # a new commit clears it
+    loop2.request_fetch(reason="webhook")
+    await loop2.wait_idle(timeout=5)
+    await loop2.stop(grace=1)
+    assert rec2.calls["web1"] == ["c002"] and s2.host("web1").state is HostState.READY
+    s2.close()
+
+
+async def test_a_stalled_host_is_drift_scanned_never_applied(store: Store) -> None:
+    src, rec = FakeSource(hosts=("web1",)), Recorder(delay=0.0)
+    rec.fail["web1"] = [Terminal("validator refused", reason=Reason.VALIDATION_FAILED)]
+    scans: list[str] = []
+
+    async def scan(host: str, target: Target) -> int:
+        scans.append(target.commit)
+        return 2
+
+    loop = make_loop(rec, src, store, scan=scan)
+    loop.start()
+    await loop.wait_idle(timeout=5)
+    loop.request(ALL, "drift")
+    loop.request(ALL, "poll")  # not a drift tick: refused
+    await loop.wait_idle(timeout=5)
+    assert scans == ["c001"] and len(rec.calls["web1"]) == 1
+    st = store.host("web1")
+    assert st.state is HostState.STALLED and st.drift_count == 2
+    loop.request_fetch(then=(ALL,), force=True, reason="sync")  # reconciler sync: tried again
+    await loop.wait_idle(timeout=5)
+    await loop.stop(grace=1)
+    assert len(rec.calls["web1"]) == 2 and store.host("web1").state is HostState.READY
+
+
+async def test_a_failing_report_callback_never_stops_the_loop(store: Store) -> None:
+    src, rec = FakeSource(hosts=("db1",)), Recorder(delay=0.0)
+    rec.fail["db1"] = [Terminal("refused")]
+
+    def boom(_f: HostFailure) -> None:
+        raise RuntimeError("mail is down")
+
+    loop = make_loop(rec, src, store, on_failure=boom)
+    loop.start()
+    await loop.wait_idle(timeout=5)
+    await loop.stop(grace=1)
+    assert store.host("db1").state is HostState.STALLED

@@ -132,3 +132,24 @@ def test_survives_sigkill_mid_reconcile(tmp_path: Path) -> None:
     # The database is intact.
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_a_state_file_of_schema_1_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    with sqlite3.connect(path) as db:
+        db.executescript(
+            "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+            "INSERT INTO meta VALUES ('schema_version', '1');"
+            "CREATE TABLE hosts (name TEXT PRIMARY KEY, state TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '',"
+            " applied_commit TEXT NOT NULL DEFAULT '', attempted_commit TEXT NOT NULL DEFAULT '',"
+            " last_drift_at REAL, drift_count INTEGER NOT NULL DEFAULT 0, updated_at REAL NOT NULL);"
+            "INSERT INTO hosts(name, state, reason, applied_commit, attempted_commit, updated_at)"
+            " VALUES ('web1', 'Stalled', 'host key refused', 'c1', 'c2', 1.0);"
+        )
+    s = Store(path)
+    st = s.host("web1")
+    assert st.state is HostState.STALLED and st.code == "" and st.applied_commit == "c1"
+    s.mark_stalled("web1", "c3", "x", code="validation-failed")
+    assert s.host("web1").code == "validation-failed"
+    assert s.get_meta("schema_version") == "2"
+    s.close()
