@@ -19,13 +19,20 @@ Phases (each one SSH round trip, in this order):
    link, chown/chmod the temp, ``mv -T`` over the target; deletes keep a backup too). On any
    validation failure the staged temps are removed, live files stay, nothing reloads;
 5. tunnels (``ip link add ... type ipip``; a kernel without ipip is reported as a skip);
-6. reloads: each affected handler once, after all its files are swapped; on failure its files
-   are restored from the backups and it is reloaded again with the old files;
+6. reloads: each affected handler once, after all its files are swapped, proven by a probe
+   (Apache); a handler whose declared service is down starts it and proves it instead of
+   skipping. On failure its files are restored from the backups and it is reloaded again with
+   the old files, or its service started again on them when the reload killed it. (A declared
+   service that is down while its handler reloads is started on the live files before step 4.)
 7. services enabled and started when not running (``systemctl enable --now`` where PID 1 is
    systemd, else ``update-rc.d NAME defaults`` + the service's start command); a service that
    fails to start is reported with the last lines of its log;
 8. backups removed, the inventory (``/var/lib/reconciler/inventory.json``) written;
 9. observe again and plan again: the result must be empty (``converged``).
+
+A failed apply keeps WHY, typed (``ApplyResult.failure``, a ``reconciler.errors.Reason``): the
+first terminal failure (firewall rolled back, validation refused, reload broke the service),
+else the first transient one.
 
 The SSH connection dropping at any point never leaves a half-written file: content only ever
 reaches a live path by ``rename``.

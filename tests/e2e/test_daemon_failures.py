@@ -258,8 +258,9 @@ async def test_lockout_is_rolled_back_once_stalls_and_mails_once(fw: World) -> N
     async def prober() -> None:
         while not stop.is_set():
             t = time.monotonic()
-            for h in HOSTS:
-                probes[h].append((t, await asyncio.to_thread(ssh_open, fw, h)))
+            opened = await asyncio.gather(*(asyncio.to_thread(ssh_open, fw, h) for h in HOSTS))
+            for h, ok in zip(HOSTS, opened, strict=True):
+                probes[h].append((t, ok))
             await asyncio.sleep(max(0.0, 1.0 - (time.monotonic() - t)))
 
     task = asyncio.create_task(prober())
