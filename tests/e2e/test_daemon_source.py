@@ -57,12 +57,14 @@ def git(repo: Path, *args: str) -> str:
 
 class Inbox:
     def __init__(self) -> None:
-        self.subjects: list[str] = []
+        self.subjects: list[str] = []  # commit refusals
+        self.stalls: list[str] = []  # hosts stalled on a commit (here: no trusted host key)
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
         for line in envelope.content.decode(errors="replace").splitlines():
             if line.lower().startswith("subject:"):
-                self.subjects.append(line.split(":", 1)[1].strip())
+                subject = line.split(":", 1)[1].strip()
+                (self.stalls if " stalled on commit " in subject else self.subjects).append(subject)
         return "250 OK"
 
 
@@ -232,6 +234,10 @@ def test_source_trust_mail_webhooks_and_restart(setup: tuple[Daemon, Path, Path,
     assert d.status()["source"]["good"] == good
     time.sleep(3)  # several polls over the same refused head
     assert len(inbox.subjects) == 2
+    # each host's stall (host-key-refused on the good commit) was mailed once, not again after
+    # the restart (the stall is kept in the state store: the commit is not tried again)
+    assert sorted(s.split()[1] for s in inbox.stalls) == ["db1", "db2", "web1", "web2"], inbox.stalls
+    assert all(good[:12] in s and "host-key-refused" in s for s in inbox.stalls)
 
     # A fixed, signed commit is applied as the new good commit.
     git(work, "reset", "-q", "--hard", good)
