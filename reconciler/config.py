@@ -107,6 +107,7 @@ class SshConfig:
     identity: tuple[Path, ...] = ()  # private keys used to log in to hosts
     connect_timeout: float = 10.0
     command_timeout: float = 60.0
+    netns: str = ""  # dial hosts from inside this network namespace (a VM lab; docs/LAB.md)
 
 
 @dataclass(frozen=True)
@@ -293,6 +294,7 @@ _SSH: dict[str, Parser] = {
     "identity": lambda v, w: tuple(Path(p).expanduser() for p in _parse_list(v, w)),
     "connect_timeout": parse_duration,
     "command_timeout": parse_duration,
+    "netns": _parse_str,
 }
 _SMTP: dict[str, Parser] = {
     "host": _parse_str,

@@ -36,6 +36,7 @@ from typing import Any, Protocol
 
 import asyncssh
 
+from reconciler import netns
 from reconciler.errors import HostKeyRefused, Reason, Terminal, Transient
 from reconciler.log import get_logger
 
@@ -92,6 +93,7 @@ class SshTarget:
     known_hosts: str | None = None  # path of a known_hosts file, e.g. the lab's
     client_keys: tuple[str, ...] = ()  # private key paths; empty = asyncssh defaults/agent
     local: bool = False  # the machine the reconciler runs on: no SSH (LocalConnection)
+    netns: str | None = None  # reach the host from inside this network namespace (the lab's VMs)
 
     def where(self) -> str:
         return f"{self.host} ({self.address}:{self.port})"
@@ -120,10 +122,12 @@ def targets_for(
     client_keys: Sequence[str],
     address_override: Mapping[str, str] | None = None,
     local_hosts: Sequence[str] = (),
+    netns: str | None = None,
 ) -> dict[str, SshTarget]:
     """One SshTarget per fleet host: fleet address/port/user/host keys, plus the run-time
     known_hosts file and client keys. ``address_override`` maps host name -> address to dial;
-    hosts in ``local_hosts`` are the machine the reconciler runs on (no SSH)."""
+    hosts in ``local_hosts`` are the machine the reconciler runs on (no SSH); ``netns``: dial
+    every host from inside that network namespace (``/run/netns/NAME``, the lab's VM network)."""
     override = dict(address_override or {})
     out: dict[str, SshTarget] = {}
     for h in fleet.hosts:
@@ -136,6 +140,7 @@ def targets_for(
             known_hosts=known_hosts,
             client_keys=tuple(client_keys),
             local=h.name in local_hosts,
+            netns=netns or None,
         )
     return out
 
@@ -560,6 +565,12 @@ class ConnectionPool:
             options["client_keys"] = list(target.client_keys)
             options["agent_path"] = None
         try:
+            if target.netns:
+                # the TCP socket is made inside the namespace; host keys are still matched
+                # against target.address (the socket's peer)
+                options["sock"] = await netns.connect_in(
+                    target.netns, target.address, target.port, self.connect_timeout
+                )
             return await asyncssh.connect(target.address, **options)
         except asyncssh.HostKeyNotVerifiable as err:
             raise HostKeyRefused(

@@ -97,6 +97,7 @@ class _Pools:
             fleet,
             known_hosts=str(ssh.known_hosts) if ssh.known_hosts else None,
             client_keys=[str(p) for p in ssh.identity],
+            netns=ssh.netns or None,
         )
         return targets
 

@@ -10,7 +10,7 @@ from typing import Any
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("lab", help="local test hosts in network namespaces (up, status, down)")
+    p = sub.add_parser("lab", help="local test hosts: network namespaces or QEMU guests (up, status, down)")
     lab_sub = p.add_subparsers(dest="lab_command", metavar="ACTION")
     lab_sub.required = True
 
@@ -29,6 +29,12 @@ def register(sub: Any) -> None:
         default=None,
         metavar="REPO",
         help="one lab host per fleet host, with the fleet's names and addresses",
+    )
+    up.add_argument(
+        "--vm",
+        action="store_true",
+        help="each host a QEMU guest with a real Debian 12 kernel (ipip, kernel ESP, AppArmor); "
+        "builds the cached base image first if needed (docs/LAB.md)",
     )
     up.add_argument("--prefix", default=None, help="name prefix (rcl + up to 5 of [a-z0-9])")
     up.add_argument(
@@ -50,6 +56,11 @@ def register(sub: Any) -> None:
     ex.add_argument("host", help="lab host name")
     ex.add_argument("argv", nargs=argparse.REMAINDER, help="-- COMMAND [ARG...]")
 
+    img = lab_sub.add_parser("image", help="build (or show) the VM lab's cached Debian 12 base image")
+    img.add_argument("--rebuild", action="store_true", help="build it again even if it is cached")
+    img.add_argument("--check", action="store_true", help="only say whether it is built (exit 1 if not)")
+    img.add_argument("--json", action="store_true")
+
     down = lab_sub.add_parser("down", help="remove a lab (also crash leftovers)")
     which = down.add_mutually_exclusive_group()
     which.add_argument("--prefix", default=None, help="the lab to remove (default: the current one)")
@@ -67,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
             return _status(args)
         if args.lab_command == "exec":
             return _exec(args)
+        if args.lab_command == "image":
+            return _image(args)
         return _down(args)
     except LabError as exc:
         print(f"reconciler lab: {exc}", file=sys.stderr)
@@ -80,6 +93,8 @@ def _info_dict(info: Any) -> dict[str, Any]:
         "known_hosts": str(info.known_hosts),
         "client_key": str(info.client_key),
         "bridge": info.bridge,
+        "kind": info.kind,
+        "ssh_netns": info.ssh_netns,
         "hosts": [
             {"name": h.name, "address": h.address, "netns": h.netns, "pid": h.pid, "root": str(h.root)}
             for h in info.hosts
@@ -105,20 +120,30 @@ def _up(args: argparse.Namespace) -> int:
             print("reconciler lab: --hosts must be between 1 and 200", file=sys.stderr)
             return 2
         specs = [LabHostSpec(name=f"lab{i + 1}", address=f"192.0.2.{11 + i}") for i in range(n)]
-    lab = Lab.up(specs, prefix=args.prefix, lock_timeout=args.wait)
+    def progress(msg: str) -> None:
+        print(f"reconciler lab: {msg}", file=sys.stderr, flush=True)
+
+    lab = Lab.up(specs, prefix=args.prefix, lock_timeout=args.wait, vm=args.vm, progress=progress)
     lab.detach()
     info = lab.info
     if args.json:
         print(json.dumps(_info_dict(info), indent=2))
         return 0
-    print(f"lab {info.prefix} is up ({len(info.hosts)} hosts, bridge {info.bridge} 192.0.2.254)")
+    if info.kind == "vm":
+        print(
+            f"lab {info.prefix} is up ({len(info.hosts)} QEMU guests in {lab.timings.get('build', 0):.0f} s, "
+            f"bridge {info.bridge} 192.0.2.254 in network namespace {info.ssh_netns})"
+        )
+    else:
+        print(f"lab {info.prefix} is up ({len(info.hosts)} hosts, bridge {info.bridge} 192.0.2.254)")
     for h in info.hosts:
         print(f"  {h.name:<20} {h.address:<15} netns {h.netns}")
     print(f"known_hosts: {info.known_hosts}")
     print(f"client key:  {info.client_key}")
     first = info.hosts[0]
+    inside = f"ip netns exec {info.ssh_netns} " if info.ssh_netns else ""
     print(
-        f"try: ssh -i {info.client_key} -o UserKnownHostsFile={info.known_hosts} "
+        f"try: {inside}ssh -i {info.client_key} -o UserKnownHostsFile={info.known_hosts} "
         f"-o StrictHostKeyChecking=yes root@{first.address} hostname"
     )
     print(f"stop: reconciler lab down --prefix {info.prefix}")
@@ -150,6 +175,31 @@ def _exec(args: argparse.Namespace) -> int:
     return proc.returncode
 
 
+def _image(args: argparse.Namespace) -> int:
+    import time
+
+    from reconciler.lab import vm_image
+
+    if args.check:
+        img = vm_image.cached_image()
+        if args.json:
+            print(json.dumps({"key": vm_image.image_key(), "built": img is not None}))
+        else:
+            state = f"built in {img.directory}" if img else "not built (reconciler lab image)"
+            print(f"VM base image {vm_image.image_key()}: {state}")
+        return 0 if img else 1
+    t0 = time.monotonic()
+    img = vm_image.ensure_image(
+        rebuild=args.rebuild, progress=lambda m: print(f"reconciler lab: {m}", file=sys.stderr, flush=True)
+    )
+    seconds = time.monotonic() - t0
+    if args.json:
+        print(json.dumps({"key": img.key, "directory": str(img.directory), "seconds": round(seconds, 1)}))
+    else:
+        print(f"VM base image {img.key}: {img.directory} ({seconds:.0f} s)")
+    return 0
+
+
 def _status(args: argparse.Namespace) -> int:
     from reconciler.lab import Lab, probe_capabilities
     from reconciler.lab.cleanup import all_prefixes
@@ -179,7 +229,8 @@ def _status(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2))
         return 0
     if current:
-        print(f"current lab: {current.prefix} ({len(current.hosts)} hosts)")
+        kind = f", QEMU guests in netns {current.ssh_netns}" if current.kind == "vm" else ""
+        print(f"current lab: {current.prefix} ({len(current.hosts)} hosts{kind})")
         for h in current.hosts:
             print(f"  {h.name:<20} {h.address:<15} netns {h.netns}")
         print(f"  known_hosts: {current.known_hosts}\n  client key:  {current.client_key}")

@@ -41,6 +41,7 @@ class Reach:
     known_hosts: str | None
     identities: tuple[str, ...]
     address_override: dict[str, str]
+    netns: str | None = None  # dial from inside this network namespace (a VM lab)
 
 
 def reach_from_args(args: argparse.Namespace) -> Reach:
@@ -50,7 +51,12 @@ def reach_from_args(args: argparse.Namespace) -> Reach:
         info = Lab.current()
         if info is None:
             raise ReconcilerError("--lab: no lab is running (start one with `reconciler lab up`)")
-        return Reach(str(info.known_hosts), (str(info.client_key),), {h.name: h.address for h in info.hosts})
+        return Reach(
+            str(info.known_hosts),
+            (str(info.client_key),),
+            {h.name: h.address for h in info.hosts},
+            info.ssh_netns or None,
+        )
     return Reach(args.known_hosts, tuple(args.identity), {})
 
 
@@ -68,6 +74,7 @@ def make_pool(fleet: Any, reach: Reach, args: argparse.Namespace) -> Any:
         known_hosts=reach.known_hosts,
         client_keys=reach.identities,
         address_override=reach.address_override or None,
+        netns=reach.netns,
     )
     return ConnectionPool(
         targets,

@@ -7,11 +7,11 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from reconciler.lab import cleanup, host, lock, network, procs
+from reconciler.lab import cleanup, host, lock, network, procs, vm_lab
 from reconciler.lab.init_script import INIT_SCRIPT
 from reconciler.lab.model import LabError, LabHost, LabHostSpec, LabInfo
 from reconciler.lab.state import (
@@ -84,6 +84,8 @@ def _info_from_state(state: LabState) -> LabInfo:
         client_key=d / "client_key",
         hosts=hosts,
         bridge=state.bridge,
+        kind=state.kind,
+        ssh_netns=str(state.vm.get("netns", "")) if state.kind == "vm" else "",
     )
 
 
@@ -107,11 +109,19 @@ class Lab:
         prefix: str | None = None,
         *,
         lock_timeout: float = 600.0,
-        ready_timeout: float = 120.0,
+        ready_timeout: float | None = None,
+        vm: bool = False,
+        progress: Callable[[str], None] | None = None,
     ) -> Lab:
-        """Build the hosts and wait until every sshd answers. On any failure, remove it all."""
+        """Build the hosts and wait until every sshd answers. On any failure, remove it all.
+        ``vm=True``: every host is a QEMU guest with its own kernel (``vm_lab``, docs/LAB.md);
+        the base image is built first if it is not cached (minutes, once)."""
         _validate_specs(specs)
+        if ready_timeout is None:
+            ready_timeout = vm_lab.DEFAULT_READY_TIMEOUT if vm else 120.0
         missing = [t for t in REQUIRED_TOOLS if not _which(t)]
+        if vm:
+            missing += vm_lab.missing_tools()
         if missing:
             raise LabError(f"the lab needs {', '.join(missing)} (not found)")
         if os.geteuid() != 0:
@@ -135,7 +145,10 @@ class Lab:
             if clash:
                 raise LabError("lab host addresses used by this machine itself: " + ", ".join(clash))
             lock_wait = time.monotonic() - t_wait
-            lab = cls._build(prefix, specs, ready_timeout)
+            if vm:
+                lab = cls._build_vm(prefix, specs, ready_timeout, progress)
+            else:
+                lab = cls._build(prefix, specs, ready_timeout)
             lab.timings["lock_wait"] = lock_wait
         except BaseException:
             cleanup.down_prefix(prefix, release_lock=True)
@@ -242,6 +255,20 @@ class Lab:
         lab.timings.update(network=t_net - t0, build=time.monotonic() - t0)
         return lab
 
+    @classmethod
+    def _build_vm(
+        cls,
+        prefix: str,
+        specs: Sequence[LabHostSpec],
+        ready_timeout: float,
+        progress: Callable[[str], None] | None,
+    ) -> Lab:
+        state, popens, timings = vm_lab.build(prefix, specs, ready_timeout, progress=progress)
+        lab = cls(_info_from_state(state), owned=True)
+        lab._popens = popens
+        lab.timings.update(timings)
+        return lab
+
     _popens: list[subprocess.Popen[bytes]] = []
 
     # ------------------------------------------------------------------ use
@@ -253,6 +280,8 @@ class Lab:
             raise LabError(f"lab {self.info.prefix} has no host {name!r}") from None
 
     def nsenter_argv(self, host_name: str) -> list[str]:
+        if self.info.kind == "vm":
+            raise LabError(f"lab {self.info.prefix} is a VM lab: its hosts are reached by SSH (exec)")
         h = self.host(host_name)
         if not h.init_pid or not procs.is_alive(h.init_pid):
             raise LabError(f"lab host {host_name} is not running")
@@ -275,7 +304,10 @@ class Lab:
         input: bytes | None = None,
         timeout: float = 30,
     ) -> subprocess.CompletedProcess[bytes]:
-        """Run ``argv`` inside the host (its namespaces and root), without SSH."""
+        """Run ``argv`` inside the host (its namespaces and root), without SSH; on a VM lab,
+        over SSH from inside the lab's namespace (strict host key, the lab's client key)."""
+        if self.info.kind == "vm":
+            return vm_lab.exec_in(self.info, host_name, argv, input, timeout)
         return subprocess.run(
             [*self.nsenter_argv(host_name), "--", *argv],
             input=input,

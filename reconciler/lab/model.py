@@ -71,6 +71,9 @@ class LabInfo:
     client_key: Path
     hosts: tuple[LabHost, ...]
     bridge: str = ""
+    kind: str = "netns"  # "netns": hosts in namespaces; "vm": QEMU guests (docs/LAB.md)
+    # a VM lab's hosts are reached from inside this network namespace (SshTarget.netns)
+    ssh_netns: str = ""
 
     def host(self, name: str) -> LabHost:
         for h in self.hosts:

@@ -85,6 +85,8 @@ class LabState:
     hosts: list[HostRecord] = field(default_factory=list)
     iptables_rules: list[list[str]] = field(default_factory=list)  # argv after "-A"/"-D"
     neigh_limits: dict[str, list[int]] = field(default_factory=dict)  # sysctl key -> [old, new]
+    kind: str = "netns"  # netns | vm
+    vm: dict[str, Any] = field(default_factory=dict)  # VM labs: netns, image key, accelerator
 
     def to_json(self) -> str:
         data: dict[str, Any] = {
@@ -98,6 +100,8 @@ class LabState:
             "hosts": [vars(h) for h in self.hosts],
             "iptables_rules": self.iptables_rules,
             "neigh_limits": self.neigh_limits,
+            "kind": self.kind,
+            "vm": self.vm,
         }
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
@@ -114,6 +118,8 @@ class LabState:
             hosts=[HostRecord(**h) for h in data.get("hosts", [])],
             iptables_rules=[list(map(str, r)) for r in data.get("iptables_rules", [])],
             neigh_limits={str(k): [int(x) for x in v] for k, v in data.get("neigh_limits", {}).items()},
+            kind=str(data.get("kind", "netns")),
+            vm=dict(data.get("vm", {})),
         )
 
     def save(self) -> None:
