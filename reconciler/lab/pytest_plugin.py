@@ -1,8 +1,10 @@
-"""pytest plugin: ``lab_factory`` (session) and the ``lab`` marker.
+"""pytest plugin: ``lab_factory`` (session) and the ``lab`` and ``vm`` markers.
 
 Enable with ``pytest_plugins = ["reconciler.lab.pytest_plugin"]`` in tests/conftest.py.
 Tests marked ``@pytest.mark.lab`` skip, with the reason printed, when not root or when the
-tools the lab needs are missing. Every lab made through ``lab_factory`` is downed at session
+tools the lab needs are missing. Tests marked ``@pytest.mark.vm`` (QEMU guests,
+``lab_factory(specs, vm=True)``) also skip when QEMU or the image tools are missing, or when
+``RECONCILER_VM_TESTS=0``. Every lab made through ``lab_factory`` is downed at session
 end, on failure too; SIGTERM/SIGHUP also take them down (and SIGKILL leftovers are removed by
 the next ``Lab.up`` or ``reconciler lab down``).
 """
@@ -40,11 +42,33 @@ def lab_skip_reason() -> str | None:
     return None
 
 
+def vm_skip_reason() -> str | None:
+    """Why VM lab tests cannot run here, or None."""
+    if os.environ.get("RECONCILER_VM_TESTS", "1").strip().lower() in ("0", "no", "false", "skip"):
+        return "RECONCILER_VM_TESTS=0"
+    reason = lab_skip_reason()
+    if reason:
+        return reason
+    from reconciler.lab.vm_lab import missing_tools
+
+    missing = missing_tools()
+    if missing:
+        return f"the VM lab needs {', '.join(missing)} (scripts/install.sh installs them)"
+    return None
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "lab: needs root and the lab (network namespaces, sshd)")
+    config.addinivalue_line(
+        "markers", "vm: needs the VM lab (QEMU guests with a Debian 12 kernel); RECONCILER_VM_TESTS=0 skips"
+    )
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("vm") is not None:
+        reason = vm_skip_reason()
+        if reason:
+            pytest.skip(f"VM lab unavailable: {reason}")
     if item.get_closest_marker("lab") is not None:
         reason = lab_skip_reason()
         if reason:
@@ -93,16 +117,16 @@ def _timeout_paused() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def lab_factory() -> Iterator[LabFactory]:
-    """``lab_factory(specs, prefix=None, **Lab.up kwargs) -> Lab``.
+    """``lab_factory(specs, prefix=None, **Lab.up kwargs) -> Lab`` (``vm=True``: QEMU guests).
 
     A new call first downs the labs made earlier in the session (one lab at a time on the
     machine); every lab is downed at session end, on failure too."""
     made: list[Lab] = []
 
     def make(specs: Sequence[LabHostSpec], prefix: str | None = None, **kwargs: Any) -> Lab:
-        reason = lab_skip_reason()
+        reason = vm_skip_reason() if kwargs.get("vm") else lab_skip_reason()
         if reason:
-            pytest.skip(f"lab unavailable: {reason}")
+            pytest.skip(f"{'VM ' if kwargs.get('vm') else ''}lab unavailable: {reason}")
         # Only one lab can exist at a time: a lab an earlier module left up (it is downed at
         # session end otherwise) would make this process wait for itself.
         for old in made:

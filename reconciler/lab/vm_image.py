@@ -128,6 +128,9 @@ PermitRootLogin prohibit-password
 PasswordAuthentication no
 KbdInteractiveAuthentication no
 UseDNS no
+# no PAM session per login (no logind here): a new SSH connection costs 1.5 s instead of 4.5 s
+# under emulation
+UsePAM no
 MaxStartups 400:30:800
 MaxSessions 200
 """
@@ -177,6 +180,17 @@ CUSTOMIZE_SCRIPT = (
 )
 
 
+# The prime boot: the finished disk is booted once, read-write, before it becomes the base, so
+# the work of a first boot is done once for every guest: above all AppArmor compiling every
+# profile for the guest kernel (28 s of a 62 s boot under emulation), then udev's hwdb, ldconfig,
+# tmpfiles. systemd runs /bin/true after boot, then powers off (systemd-run-generator).
+PRIME_APPEND = (
+    "console=ttyS0 root=/dev/vda rw net.ifnames=0 systemd.show_status=0 random.trust_cpu=on "
+    "systemd.run=/bin/true systemd.run_success_action=poweroff systemd.run_failure_action=poweroff"
+)
+PRIME_TIMEOUT = 900.0
+
+
 def image_key() -> str:
     """Hash of everything that decides the image's content."""
     recipe = {
@@ -185,6 +199,7 @@ def image_key() -> str:
         "customize": CUSTOMIZE_SCRIPT,
         "disk_size": DISK_SIZE,
         "variant": "apt",
+        "prime": PRIME_APPEND,
     }
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -332,6 +347,10 @@ def _build(root: Path, key: str, progress: Callable[[str], None]) -> BaseImage:
             "mke2fs",
         )
         shutil.rmtree(rootfs)
+        t_prime = time.monotonic()
+        progress("prime boot: booting the image once so every guest starts from a booted system")
+        _prime(work, logfile)
+        prime_seconds = time.monotonic() - t_prime
         seconds = time.monotonic() - t0
         meta = {
             "key": key,
@@ -340,6 +359,7 @@ def _build(root: Path, key: str, progress: Callable[[str], None]) -> BaseImage:
             "kernel": kernels[0].name,
             "disk_size": DISK_SIZE,
             "build_seconds": round(seconds, 1),
+            "prime_seconds": round(prime_seconds, 1),
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         atomic_write(work / "image.json", json.dumps(meta, indent=2) + "\n", 0o644)
@@ -353,6 +373,52 @@ def _build(root: Path, key: str, progress: Callable[[str], None]) -> BaseImage:
     log.info("lab.vm.image_built", key=key, seconds=round(seconds, 1))
     progress(f"VM base image {key} built in {seconds:.0f} s")
     return img
+
+
+def _prime(work: Path, logfile: Path) -> None:
+    """Boot ``work/base.img`` once, read-write, until systemd powers it off (see PRIME_APPEND)."""
+    from reconciler.lab import vm_accel
+
+    cfg = work / "prime-config"
+    cfg.mkdir()
+    files = {
+        "hostname": "prime\n",
+        "hosts": "127.0.0.1\tlocalhost\n",
+        "interfaces": "auto lo\niface lo inet loopback\n\nsource /etc/network/interfaces.d/*\n",
+        "ssh_host_ed25519_key": "",
+        "ssh_host_ed25519_key.pub": "",
+        "authorized_keys": "",
+    }
+    for name, text in files.items():
+        atomic_write(cfg / name, text, 0o600)
+    cfg_img = work / "prime-config.img"
+    _run_logged(
+        ["mke2fs", "-q", "-F", "-t", "ext4", "-L", "rclcfg", "-d", str(cfg), str(cfg_img), "4M"],
+        logfile,
+        60,
+        "mke2fs (prime config disk)",
+    )
+    accel = vm_accel.choose(work / "vmlinuz")
+    console = work / "prime-console.log"
+    argv = [
+        vm_accel.QEMU, *accel.qemu_args(), "-m", "512", "-smp", "1",
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-serial", f"file:{console}",
+        "-kernel", str(work / "vmlinuz"), "-initrd", str(work / "initrd.img"), "-append", PRIME_APPEND,
+        "-drive", f"file={work / 'base.img'},if=virtio,format=raw,cache=writeback",
+        "-drive", f"file={cfg_img},if=virtio,format=raw,readonly=on",
+        "-device", "virtio-rng-pci",
+    ]  # fmt: skip
+    try:
+        _run_logged(argv, logfile, PRIME_TIMEOUT, "the prime boot")
+    except LabError as err:
+        tail = "\n".join(console.read_text(errors="replace").splitlines()[-20:]) if console.exists() else ""
+        raise LabError(f"{err}\nserial console:\n{tail}") from None
+    text = console.read_text(errors="replace") if console.exists() else ""
+    if "reboot: Power down" not in text:
+        raise LabError(f"the prime boot did not power off cleanly (console: {console})")
+    shutil.rmtree(cfg)
+    cfg_img.unlink()
 
 
 def _prune(images: Path, keep: str) -> None:
