@@ -44,7 +44,9 @@ def netns_path(name: str) -> str:
     return f"{NETNS_DIR}/{name}"
 
 
-def socket_in(name: str, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM) -> socket.socket:
+def socket_in(
+    name: str, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM, proto: int = 0
+) -> socket.socket:
     """A new socket created inside network namespace ``name`` (not connected)."""
     path = netns_path(name)
     result: list[socket.socket | BaseException] = []
@@ -57,7 +59,7 @@ def socket_in(name: str, family: int = socket.AF_INET, kind: int = socket.SOCK_S
             return
         try:
             _setns(fd)  # this thread only; it ends right after
-            result.append(socket.socket(family, kind))
+            result.append(socket.socket(family, kind, proto))
         except BaseException as err:  # noqa: BLE001 - handed to the caller
             result.append(err)
         finally:

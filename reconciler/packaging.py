@@ -435,6 +435,14 @@ async def start_service(conn: Runner, s: Service, init_system: str) -> ServiceRu
         res = await conn.run(argv, timeout=SERVICE_TIMEOUT)
         probe = await conn.run_script(WAIT_ACTIVE, args=(name,), timeout=SERVICE_TIMEOUT)
         if res.exit_status == 0 and probe.exit_status == 0:
+            if s.post_start:
+                post = await conn.run(list(s.post_start), timeout=SERVICE_TIMEOUT)
+                if post.exit_status != 0:
+                    return ServiceRun(
+                        False,
+                        f"{name} is active but its post-start step failed "
+                        f"({shlex.join(s.post_start)}: exit {post.exit_status})\n{_tail(_text(post))}",
+                    )
             return ServiceRun(True, f"{' '.join(argv[:3])} {name}: active")
         journal = await conn.run(
             ["journalctl", "-u", name, "-n", "20", "--no-pager", "-o", "short"], timeout=30

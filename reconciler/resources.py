@@ -150,6 +150,10 @@ class Service:
     log_path: str | None = None  # tail this when it fails to start
     needs_package: str | None = None
     domain: Domain = Domain.SERVICES
+    # run after systemd started the unit, for what the packaged unit does not do itself
+    # (strongSwan's starter unit loads no swanctl config); the init-script path's ``start``
+    # does it already
+    post_start: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,8 @@ from reconciler.resources import Fragment, Package, Service
 
 # What each concern needs installed, on Debian 12.
 FIREWALL_PACKAGES = ("iptables", "iptables-persistent")
-STRONGSWAN_PACKAGES = ("strongswan-charon", "strongswan-swanctl", "openssl", "tcpdump")
+# strongswan-starter: the systemd unit that runs charon (domains/strongswan.SYSTEMD_UNIT)
+STRONGSWAN_PACKAGES = ("strongswan-charon", "strongswan-swanctl", "strongswan-starter", "openssl", "tcpdump")
 IPIP_PACKAGES = ("ifupdown",)  # the tunnels' persistent config is ifupdown stanzas
 LIBIPSEC_PACKAGES = ("libcharon-extra-plugins",)
 # racoon and ipsec-tools left Debian after 11: installing them fails on Debian 12, and the

@@ -29,7 +29,11 @@ CHARON_LOG = "/var/log/charon.log"
 CHARON = "/usr/lib/ipsec/charon"
 CHARON_PID = "/run/charon.pid"
 CHARON_VICI = "/run/charon.vici"
-SYSTEMD_UNIT = "strongswan"  # Debian 12: strongswan.service runs charon-systemd
+# Debian 12's unit for the classic charon (the one this domain configures: the `charon` section,
+# /run/charon.pid, /run/charon.vici). strongswan.service would need charon-systemd, which reads
+# other settings, writes no pid file and logs only to the journal. The unit loads no swanctl
+# config: Service.post_start does (found on systemd guests, docs/LAB.md).
+SYSTEMD_UNIT = "strongswan-starter"
 
 HANDLER = "charon"  # reload swanctl config into the running charon
 RESTART_HANDLER = "charon-restart"  # plugin settings (strongswan.d) need a new charon
@@ -51,8 +55,10 @@ _STOP_SCRIPT = (
     f"i=0; while [ -e {CHARON_PID} ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; "
     f"rm -f {CHARON_VICI}"
 )
+_LOAD_AFTER_START = f"{_WAIT_VICI}; swanctl --load-all --noprompt >/dev/null"
 _RESTART_SCRIPT = (
-    f"if [ -d /run/systemd/system ]; then exec systemctl restart {SYSTEMD_UNIT}.service; fi; "
+    f"if [ -d /run/systemd/system ]; then systemctl restart {SYSTEMD_UNIT}.service || exit; "
+    f"{_LOAD_AFTER_START}; exit; fi; "
     f"{_STOP_SCRIPT}; {_START_SCRIPT}"
 )
 
@@ -177,6 +183,7 @@ def charon_service() -> Service:
         pid_file=CHARON_PID,
         log_path=CHARON_LOG,
         needs_package="strongswan-swanctl",
+        post_start=("sh", "-c", _LOAD_AFTER_START),
     )
 
 

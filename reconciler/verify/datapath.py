@@ -1,7 +1,8 @@
 """The datapath check: ping each peer's internal address over the mesh from the host's own
 internal address while ``tcpdump`` captures on the public interface. The capture must show
 ESP between the two public addresses (UDP-encapsulated on port 4500 with libipsec) and no
-clear-text ICMP between the internal addresses.
+clear-text ICMP between the internal addresses, nor clear IP-IP (protocol 4) between the public
+addresses (mode ipip: the tunnel packets must leave inside ESP).
 
 One probe per host covers all its peers: one capture, the pings in parallel (fixed script,
 addresses as arguments). Parsing and the verdict are pure.
@@ -23,7 +24,7 @@ PROBE_SCRIPT = (
     + r"""
 iface=$1; own=$2; cap=$3; count=$4; interval=$5; shift 5
 command -v tcpdump >/dev/null 2>&1 || { sec notcpdump false; exit 0; }
-filter='udp port 4500 or udp port 500 or esp or ah or icmp'
+filter='udp port 4500 or udp port 500 or esp or ah or icmp or ip proto 4'
 tcpdump -n -l -i "$iface" -c "$cap" "$filter" >"$d/cap" 2>"$d/caperr" &
 tp=$!
 i=0
@@ -102,7 +103,7 @@ class Packet:
     dst: str
     sport: int | None
     dport: int | None
-    kind: str  # "esp-udp" (ESP in UDP 4500), "esp", "ah", "ike", "icmp", "other"
+    kind: str  # "esp-udp" (ESP in UDP 4500), "esp", "ah", "ike", "ipip" (clear IP-IP), "icmp", "other"
     line: str
 
 
@@ -131,6 +132,8 @@ def parse_capture(text: str) -> list[Packet]:
             kind = "ah"
         elif "isakmp" in rest or "NONESP-encap" in rest:
             kind = "ike"
+        elif rest.startswith("IP ") or "ipip-proto-4" in rest:
+            kind = "ipip"  # an IP packet inside a clear IP packet (protocol 4)
         elif "ICMP" in rest:
             kind = "icmp"
         else:
@@ -145,6 +148,7 @@ class PairTraffic:
     esp_in: int
     esp_udp: int  # of which UDP-encapsulated (port 4500)
     clear_icmp: tuple[str, ...]  # clear-text ICMP lines between the internal addresses
+    clear_ipip: tuple[str, ...] = ()  # clear IP-IP lines between the public addresses
 
 
 def pair_traffic(
@@ -152,6 +156,7 @@ def pair_traffic(
 ) -> PairTraffic:
     esp_out = esp_in = esp_udp = 0
     clear: list[str] = []
+    clear_ipip: list[str] = []
     internal = {own_internal, peer_internal}
     for p in packets:
         if p.kind in ("esp", "esp-udp"):
@@ -165,7 +170,9 @@ def pair_traffic(
                 esp_udp += 1
         elif p.kind == "icmp" and {p.src, p.dst} == internal:
             clear.append(p.line)
-    return PairTraffic(esp_out, esp_in, esp_udp, tuple(clear))
+        elif p.kind == "ipip" and {p.src, p.dst} == {own_public, peer_public}:
+            clear_ipip.append(p.line)
+    return PairTraffic(esp_out, esp_in, esp_udp, tuple(clear), tuple(clear_ipip))
 
 
 # ---------------------------------------------------------------- the check (pure)
@@ -212,6 +219,7 @@ def check(
         "esp_in": traffic.esp_in,
         "esp_udp_encapsulated": traffic.esp_udp,
         "clear_icmp": len(traffic.clear_icmp),
+        "clear_ipip": len(traffic.clear_ipip),
     }
     evidence = (
         f"ping {own_internal} -> {peer_internal}: {ping.received}/{ping.transmitted} replies; "
@@ -225,6 +233,16 @@ def check(
             NAME,
             f"clear-text ICMP between {own_internal} and {peer_internal} on {interface}: "
             f"{traffic.clear_icmp[0]}",
+            evidence,
+            details,
+        )
+    if traffic.clear_ipip:
+        return failed(
+            host,
+            peer,
+            NAME,
+            f"clear IP-IP (not inside ESP) between {own_public} and {peer_public} on {interface}: "
+            f"{traffic.clear_ipip[0]}",
             evidence,
             details,
         )

@@ -146,13 +146,17 @@ def test_kernel_datapath_keeps_libipsec_off() -> None:
 def test_handlers_reload_swanctl_and_restart_for_plugin_changes() -> None:
     d = desired(example_fleet(), "web1")
     assert d.handler("charon").reload == ("swanctl", "--load-all", "--noprompt")
-    assert "systemctl restart strongswan.service" in " ".join(d.handler("charon-restart").reload)
+    restart = " ".join(d.handler("charon-restart").reload)
+    # systemd: Debian 12's unit for the classic charon, then the swanctl config loaded again
+    assert "systemctl restart strongswan-starter.service" in restart
+    assert restart.index("strongswan-starter.service") < restart.index("swanctl --load-all")
     by_path = {f.path: f.handler for f in d.files}
     assert by_path["/etc/strongswan.d/charon/kernel-libipsec.conf"] == "charon-restart"
     assert by_path["/etc/swanctl/conf.d/mesh-web2.conf"] == "charon"
     (svc,) = d.services
-    assert svc.name == "strongswan" and svc.status[:2] == ("sh", "-c") and "charon.pid" in svc.status[2]
+    assert svc.name == "strongswan-starter" and svc.status[:2] == ("sh", "-c") and "charon.pid" in svc.status[2]
     assert "/usr/lib/ipsec/charon" in " ".join(svc.start)
+    assert "swanctl --load-all" in " ".join(svc.post_start)  # the unit loads no swanctl config
     assert "/etc/swanctl/conf.d" in d.owned_dirs
 
 
