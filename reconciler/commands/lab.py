@@ -120,6 +120,7 @@ def _up(args: argparse.Namespace) -> int:
             print("reconciler lab: --hosts must be between 1 and 200", file=sys.stderr)
             return 2
         specs = [LabHostSpec(name=f"lab{i + 1}", address=f"192.0.2.{11 + i}") for i in range(n)]
+
     def progress(msg: str) -> None:
         print(f"reconciler lab: {msg}", file=sys.stderr, flush=True)
 

@@ -73,14 +73,21 @@ def probe_kvm(kernel: Path, timeout: float = PROBE_TIMEOUT) -> tuple[bool, str]:
     ]  # fmt: skip
     t0 = time.monotonic()
     proc = subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.communicate()
-        return False, f"a KVM guest did not reach its first kernel panic within {timeout:.0f} s (KVM hangs here)"
+        return (
+            False,
+            f"a KVM guest did not reach its first kernel panic within {timeout:.0f} s (KVM hangs here)",
+        )
     text = out.decode(errors="replace")
     seconds = time.monotonic() - t0
     if "Kernel panic" in text or "VFS:" in text:

@@ -12,7 +12,6 @@ Files in the guest's state directory (``<lab>/hosts/<name>/``)::
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -38,7 +37,9 @@ class GuestSpec:
     directory: Path
 
 
-def write_config_disk(spec: GuestSpec, host_key_private: bytes, host_key_public: str, client_public: str) -> Path:
+def write_config_disk(
+    spec: GuestSpec, host_key_private: bytes, host_key_public: str, client_public: str
+) -> Path:
     """The guest's identity as a small read-only ext4 image."""
     cfg = spec.directory / "config"
     cfg.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -66,7 +67,9 @@ def write_config_disk(spec: GuestSpec, host_key_private: bytes, host_key_public:
         check=False,
     )
     if proc.returncode != 0:
-        raise LabError(f"lab guest {spec.name}: mke2fs of its config disk failed: {proc.stderr.decode().strip()}")
+        raise LabError(
+            f"lab guest {spec.name}: mke2fs of its config disk failed: {proc.stderr.decode().strip()}"
+        )
     image.chmod(0o600)
     return image
 
@@ -148,7 +151,7 @@ def ssh_banner(ns: str, address: str, timeout: float = 2.0) -> bool:
                     break
                 data += chunk
             return data.startswith(b"SSH-2.0-")
-    except (OSError, socket.timeout):
+    except (TimeoutError, OSError):
         return False
 
 

@@ -155,7 +155,7 @@ MACHINE_ID = "5eed0f1ab0000000000000000000c0de"
 
 
 def _heredoc(path: str, text: str, mode: str) -> str:
-    return f"cat > \"$R{path}\" <<'RECONCILER_EOF'\n{text}RECONCILER_EOF\nchmod {mode} \"$R{path}\"\n"
+    return f'cat > "$R{path}" <<\'RECONCILER_EOF\'\n{text}RECONCILER_EOF\nchmod {mode} "$R{path}"\n'
 
 
 CUSTOMIZE_SCRIPT = (
@@ -167,7 +167,8 @@ CUSTOMIZE_SCRIPT = (
     + 'chroot "$R" systemctl enable reconciler-lab-identity.service\n'
     + f'chroot "$R" systemctl disable {" ".join(DISABLED_UNITS)}\n'
     + f'chroot "$R" systemctl mask {" ".join(MASKED_UNITS)}\n'
-    + '# no host key of the build, no firewall rules saved from the build machine\nrm -f "$R"/etc/ssh/ssh_host_*\n'
+    + "# no host key of the build, no firewall rules saved from the build machine\n"
+    + 'rm -f "$R"/etc/ssh/ssh_host_*\n'
     + 'rm -f "$R/etc/iptables/rules.v4" "$R/etc/iptables/rules.v6"\n'
     + f'echo {MACHINE_ID} > "$R/etc/machine-id"\n'
     + 'echo "/dev/vda / ext4 rw,errors=remount-ro 0 1" > "$R/etc/fstab"\n'
@@ -320,7 +321,7 @@ def _build(root: Path, key: str, progress: Callable[[str], None]) -> BaseImage:
         argv = [
             "mmdebstrap",
             "--variant=apt",
-            "--aptopt=Acquire::Retries \"3\"",
+            '--aptopt=Acquire::Retries "3"',
             f"--include={','.join(PACKAGES)}",
             "--skip=essential/unlink",
             '--setup-hook=mkdir -p "$1"/var/cache/apt/archives/',
@@ -336,12 +337,26 @@ def _build(root: Path, key: str, progress: Callable[[str], None]) -> BaseImage:
         kernels = sorted((rootfs / "boot").glob("vmlinuz-*"))
         initrds = sorted((rootfs / "boot").glob("initrd.img-*"))
         if len(kernels) != 1 or len(initrds) != 1:
-            raise LabError(f"image {key}: expected one kernel and one initrd in /boot, found {kernels} {initrds}")
+            raise LabError(
+                f"image {key}: expected one kernel and one initrd in /boot, found {kernels} {initrds}"
+            )
         shutil.copyfile(kernels[0], work / "vmlinuz")
         shutil.copyfile(initrds[0], work / "initrd.img")
         progress("writing the ext4 disk image (mke2fs -d)")
         _run_logged(
-            ["mke2fs", "-q", "-F", "-t", "ext4", "-L", "rclroot", "-d", str(rootfs), str(work / "base.img"), DISK_SIZE],
+            [
+                "mke2fs",
+                "-q",
+                "-F",
+                "-t",
+                "ext4",
+                "-L",
+                "rclroot",
+                "-d",
+                str(rootfs),
+                str(work / "base.img"),
+                DISK_SIZE,
+            ],
             logfile,
             600,
             "mke2fs",

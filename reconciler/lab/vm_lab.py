@@ -93,7 +93,9 @@ def build(
         rec.pid_start = procs.start_time(p.pid)
         popens.append(p)
     state.save()
-    say(f"booting {len(guests)} guest(s) ({accel.name}); waiting for their sshd (up to {ready_timeout:.0f} s)")
+    say(
+        f"booting {len(guests)} guest(s) ({accel.name}); waiting for their sshd (up to {ready_timeout:.0f} s)"
+    )
 
     boot: dict[str, float] = {}
 

@@ -36,7 +36,9 @@ def mac_address(address: str) -> str:
 def _ip(argv: Sequence[str], input: bytes | None = None) -> None:
     proc = subprocess.run(["ip", *argv], input=input, capture_output=True, timeout=60, check=False)
     if proc.returncode != 0:
-        raise LabError(f"ip {' '.join(argv)}: exit {proc.returncode}: {proc.stderr.decode(errors='replace').strip()}")
+        raise LabError(
+            f"ip {' '.join(argv)}: exit {proc.returncode}: {proc.stderr.decode(errors='replace').strip()}"
+        )
 
 
 def create(prefix: str, guests: int) -> str:

@@ -18,14 +18,13 @@ import time
 from pathlib import Path
 
 import pytest
+from vm_fleet import converge, pool_for, sh
 
 from reconciler import netns
 from reconciler.engine import IN_SYNC, reconcile_fleet
 from reconciler.fleet.model import Fleet
 from reconciler.lab import Lab
 from reconciler.verify import Status, VerifyOptions, VerifyReport, verify_fleet
-
-from .conftest import converge, pool_for, sh
 
 pytestmark = [pytest.mark.lab, pytest.mark.vm, pytest.mark.timeout(1800)]
 
@@ -56,8 +55,10 @@ def test_example_as_shipped_converges_with_ipip_in_kernel_esp(vm_lab: Lab, examp
     for h in fleet.hosts:
         links = sh(vm_lab, h.name, "ip -d -o link show type ipip")
         for peer in fleet.peers_of(h):
-            m = re.search(rf"ipip-{peer.name}@\S+: <([^>]*)>.*link/ipip {h.public_address} peer {peer.public_address}",
-                          links)  # fmt: skip
+            want = (
+                rf"ipip-{peer.name}@\S+: <([^>]*)>.*link/ipip {h.public_address} peer {peer.public_address}"
+            )
+            m = re.search(want, links)
             assert m and "UP" in m.group(1).split(","), (h.name, peer.name, links)
         addrs = sh(vm_lab, h.name, "ip -o -4 addr show")
         assert str(h.internal_address) in addrs
@@ -171,8 +172,10 @@ def test_clear_ipip_from_a_peer_address_is_dropped(vm_lab: Lab, example_repo: Pa
         reply.close()
     assert answered == []
 
-    seen = sh(vm_lab, "web1", "i=0; until [ -s /tmp/clear-ipip.cap ]; do i=$((i+1)); [ $i -gt 100 ] && break; "
-                              "sleep 0.1; done; cat /tmp/clear-ipip.cap")  # fmt: skip
+    wait_cap = (
+        "i=0; until [ -s /tmp/clear-ipip.cap ]; do i=$((i+1)); [ $i -gt 100 ] && break; sleep 0.1; done"
+    )
+    seen = sh(vm_lab, "web1", f"{wait_cap}; cat /tmp/clear-ipip.cap")
     assert "192.0.2.12 > 192.0.2.11: IP 10.99.0.12 > 10.99.0.11: ICMP echo request" in seen, seen
     policy_after, rule_after = _input_counters(vm_lab, "web1", str(web2.public_address))
     assert rule_after == rule_before  # the ipsec-only rule did not admit it
