@@ -238,7 +238,10 @@ def test_moved_datadir_denied_mailed_fixed_by_the_override(
         assert "/usr/sbin/mariadbd (" in sh(vm_lab, "db1", "aa-status")  # the daemon runs confined
 
         # ... and the denials stop: MariaDB wrote in /data/var/mysql, the scan finds nothing new
-        sql = "create database if not exists vm; create table if not exists vm.t (i int); insert into vm.t values (1)"
+        sql = (
+            "create database if not exists vm; "
+            "create table if not exists vm.t (i int); insert into vm.t values (1)"
+        )
         sh(vm_lab, "db1", f"mariadb -e '{sql}'")
         r = asyncio.run(drift.scan())
         assert [s for s in r.suggestions if s.profile == "/usr/sbin/mariadbd"] == []
