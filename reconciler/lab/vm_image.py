@@ -59,6 +59,7 @@ PACKAGES: tuple[str, ...] = (
     "ifupdown",
     "iptables",
     "iptables-persistent",
+    "conntrack",
     "strongswan-charon",
     "strongswan-swanctl",
     "strongswan-pki",
