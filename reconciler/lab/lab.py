@@ -128,6 +128,8 @@ class Lab:
             raise LabError("the lab needs root (network and mount namespaces)")
         prefix = check_prefix(prefix) if prefix else new_prefix()
         ensure_root()
+        if vm:  # the image build (minutes, once) does not hold the machine-wide lab lock
+            vm_lab.prepare_image(progress)
         t_wait = time.monotonic()
         lock.acquire(prefix, lambda dead: cleanup.down_prefix(dead, release_lock=False), timeout=lock_timeout)
         try:

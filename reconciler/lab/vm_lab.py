@@ -34,6 +34,11 @@ def missing_tools() -> list[str]:
     return [t for t in (*REQUIRED_TOOLS, *vm_image.BUILD_TOOLS) if shutil.which(t) is None]
 
 
+def prepare_image(progress: Callable[[str], None] | None = None) -> vm_image.BaseImage:
+    """The base image, built now if it is not cached (before the lab lock is taken)."""
+    return vm_image.ensure_image(progress=progress)
+
+
 def build(
     prefix: str,
     specs: Sequence[LabHostSpec],

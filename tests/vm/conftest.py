@@ -3,6 +3,7 @@ once for the whole directory (booting is the expensive part under emulation)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,8 +17,22 @@ from reconciler.lab import Lab, specs_from_repo
 
 @pytest.fixture(scope="session")
 def vm_lab(lab_factory: Any) -> Iterator[Lab]:
-    """web1, web2, db1, db2 (the example's names and addresses) as QEMU guests."""
-    lab = lab_factory(specs_from_repo(EXAMPLE), vm=True, lock_timeout=3600)
+    """web1, web2, db1, db2 (the example's names and addresses) as QEMU guests.
+
+    RECONCILER_VM_LAB=current: use the VM lab left up by `reconciler lab up --vm --fleet
+    fleet-repo-example` instead (developing: no boot per run; that lab is left up)."""
+    specs = specs_from_repo(EXAMPLE)
+    if os.environ.get("RECONCILER_VM_LAB") == "current":
+        info = Lab.current()
+        if (
+            info is None
+            or info.kind != "vm"
+            or sorted(h.name for h in info.hosts) != sorted(s.name for s in specs)
+        ):
+            pytest.fail("RECONCILER_VM_LAB=current: no VM lab of the example fleet is up")
+        yield Lab.attach(info.prefix)
+        return
+    lab = lab_factory(specs, vm=True, lock_timeout=3600)
     yield lab
     lab.down()
 
