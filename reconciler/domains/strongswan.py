@@ -46,7 +46,8 @@ STATUS = ("sh", "-c", 'test -s /run/charon.pid && kill -0 "$(cat /run/charon.pid
 
 # Fixed scripts (no fleet data in them): start charon without systemd and load the config
 # (charon alone loads nothing); restart through systemd when it is PID 1, by pid file otherwise.
-_WAIT_VICI = f"i=0; while [ ! -S {CHARON_VICI} ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done"
+# The vici socket can take seconds to appear (30 s at most: an emulated guest is slow).
+_WAIT_VICI = f"i=0; while [ ! -S {CHARON_VICI} ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done"
 _START_SCRIPT = (
     f"setsid -f {CHARON} </dev/null >/dev/null 2>&1 && {_WAIT_VICI}; swanctl --load-all --noprompt >/dev/null"
 )
