@@ -24,8 +24,16 @@ LIBIPSEC_CONF = "/etc/strongswan.d/charon/kernel-libipsec.conf"
 LOG_CONF = "/etc/strongswan.d/charon-reconciler-log.conf"
 # settings for reconciler's own swanctl listings (observe, verify): no crypto plugin loaded
 # (listing connections and SAs needs none; swanctl loads every plugin by default, ~10 ms a call)
-SWANCTL_CLIENT_CONF = "/etc/reconciler/swanctl-client.conf"
+# (under /etc/strongswan.d, which Debian's AppArmor profile of swanctl lets it read (found on
+# AppArmor-enforcing guests: /etc/reconciler was denied); in a subdirectory that strongswan.conf
+# does not include, so charon and the engine's own `swanctl --load-all` never read it)
+SWANCTL_CLIENT_CONF = "/etc/strongswan.d/reconciler/swanctl-client.conf"
 CHARON_LOG = "/var/log/charon.log"
+# Debian's AppArmor profile of charon (enforcing) lets it write no log file: its local override
+# (the profile's own extension point) adds the one charon log this domain configures.
+CHARON_PROFILE = "usr.lib.ipsec.charon"
+CHARON_APPARMOR_LOCAL = f"/etc/apparmor.d/local/{CHARON_PROFILE}"
+APPARMOR_HANDLER = f"apparmor:{CHARON_PROFILE}"
 CHARON = "/usr/lib/ipsec/charon"
 CHARON_PID = "/run/charon.pid"
 CHARON_VICI = "/run/charon.vici"
@@ -188,11 +196,32 @@ def charon_service() -> Service:
     )
 
 
+def charon_apparmor_local(fleet: Fleet, host: Host) -> str:
+    return _header(fleet, host, "AppArmor: charon may write its log file") + f"{CHARON_LOG} rw,\n"
+
+
 def handlers() -> tuple[Handler, ...]:
     return (
         Handler(name=HANDLER, reload=LOAD_ALL, only_if_running=STATUS),
         Handler(name=RESTART_HANDLER, reload=("sh", "-c", _RESTART_SCRIPT), only_if_running=STATUS),
-    )
+        # the packaged profile with its new local override: parsed in the staged tree, then
+        # replaced in the kernel (the running charon gets it at once) where AppArmor is enabled
+        Handler(
+            name=APPARMOR_HANDLER,
+            validators=(
+                Validator(
+                    argv=(
+                        "apparmor_parser", "-Q", "-K", "-b", "{tree}", "-I", "{tree}",
+                        f"{{tree}}/{CHARON_PROFILE}",
+                    ),
+                    tree_root="/etc/apparmor.d",
+                    needs_command="apparmor_parser",
+                ),
+            ),
+            reload=("apparmor_parser", "-r", f"/etc/apparmor.d/{CHARON_PROFILE}"),
+            only_if_running=("aa-enabled", "-q"),
+        ),
+    )  # fmt: skip
 
 
 def render(fleet: Fleet, host: Host, ready: tuple[tuple[Host, str], ...]) -> Fragment:
@@ -234,6 +263,15 @@ def render(fleet: Fleet, host: Host, ready: tuple[tuple[Host, str], ...]) -> Fra
     files.append(
         FileResource(
             path=SWANCTL_CLIENT_CONF, content=swanctl_client_conf(fleet, host).encode(), domain=Domain.IPSEC
+        )
+    )
+    files.append(
+        FileResource(
+            path=CHARON_APPARMOR_LOCAL,
+            content=charon_apparmor_local(fleet, host).encode(),
+            domain=Domain.IPSEC,
+            handler=APPARMOR_HANDLER,
+            needs_package="strongswan-charon",  # it ships the profile and this file's directory
         )
     )
     return Fragment(
