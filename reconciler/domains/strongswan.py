@@ -64,7 +64,12 @@ _STOP_SCRIPT = (
     f"i=0; while [ -e {CHARON_PID} ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; "
     f"rm -f {CHARON_VICI}"
 )
-_LOAD_AFTER_START = f"{_WAIT_VICI}; swanctl --load-all --noprompt >/dev/null"
+# After a systemd (re)start: wait until charon answers on vici (the socket file of the charon
+# that was just stopped can still be there, refusing connections), then load the config.
+_LOAD_AFTER_START = (
+    "i=0; until swanctl --stats >/dev/null 2>&1; do [ $i -ge 150 ] && break; sleep 0.2; i=$((i+1)); done; "
+    "swanctl --load-all --noprompt >/dev/null"
+)
 _RESTART_SCRIPT = (
     f"if [ -d /run/systemd/system ]; then systemctl restart {SYSTEMD_UNIT}.service || exit; "
     f"{_LOAD_AFTER_START}; exit; fi; "
