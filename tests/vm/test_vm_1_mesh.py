@@ -15,6 +15,7 @@ import re
 import socket
 import struct
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -146,53 +147,55 @@ def clear_ipip_ping(outer_src: str, outer_dst: str, inner_src: str, inner_dst: s
     return _ipv4(outer_src, outer_dst, 4, inner, ident + 1)
 
 
-def _input_counters(lab: Lab, host: str, peer_public: str) -> tuple[int, int]:
-    """(packets dropped by INPUT's policy, packets accepted by the peer's ipencap+ipsec rule)."""
-    out = sh(lab, host, "iptables -L INPUT -v -x -n")
+@dataclass(frozen=True)
+class Counters:
+    policy_drop: int  # INPUT's DROP policy
+    ipsec_rule: int  # the peer's `-p ipencap -m policy --dir in --pol ipsec -j ACCEPT` rule
+    xfrm_tmpl_mismatch: int  # the kernel's xfrm input check: IP-IP that arrived without ESP
+    tunnel_rx: int  # packets the ipip-web2 interface received (decapsulated)
+
+
+def counters(lab: Lab, peer_public: str) -> Counters:
+    out = sh(lab, "web1", "iptables -L INPUT -v -x -n; cat /proc/net/xfrm_stat; "
+                          "echo rx $(cat /sys/class/net/ipip-web2/statistics/rx_packets)")  # fmt: skip
     policy = int(re.search(r"policy DROP (\d+) packets", out).group(1))  # type: ignore[union-attr]
-    rule = 0
-    for line in out.splitlines():
-        if "policy match dir in pol ipsec" in line and peer_public in line:
-            rule = int(line.split()[0])
-    return policy, rule
+    rule = sum(
+        int(line.split()[0])
+        for line in out.splitlines()
+        if "policy match dir in pol ipsec" in line and peer_public in line
+    )
+    tmpl = int(re.search(r"XfrmInTmplMismatch\s+(\d+)", out).group(1))  # type: ignore[union-attr]
+    rx = int(re.search(r"^rx (\d+)$", out, re.M).group(1))  # type: ignore[union-attr]
+    return Counters(policy, rule, tmpl, rx)
 
 
-def test_clear_ipip_from_a_peer_address_is_dropped(vm_lab: Lab, example_repo: Path) -> None:
-    """The attacker on the lab network forges IP-IP from web2's public address to web1 (no
-    ESP). It reaches web1 (a capture there sees it) but is never decapsulated: the
-    `-p ipencap -m policy --pol ipsec` rule does not admit it and INPUT's DROP policy counts
-    it; the tunnel interface receives nothing; no echo reply comes back."""
-    fleet = converged(vm_lab, example_repo)
+def forge(lab: Lab, fleet: Fleet, ident: int) -> list[bytes]:
+    """From the lab's network: three clear IP-IP packets "from web2" to web1, each carrying an
+    ICMP echo request between their internal addresses. Returns what web1 sent back in clear
+    IP-IP (nothing, if the packets were dropped). A capture on web1 proves they arrived."""
     web1, web2 = fleet.host("web1"), fleet.host("web2")
-    # conntrack would otherwise take a forged packet for part of the (protected) tunnel flow
-    # that verify just pinged: start from no tracked IP-IP flow between the two (see the
-    # report: the firewall's ESTABLISHED rule comes before the policy rule)
-    sh(vm_lab, "web1", f"conntrack -D -p 4 -s {web2.public_address} >/dev/null 2>&1 || true")
-    rx_before = int(sh(vm_lab, "web1", "cat /sys/class/net/ipip-web2/statistics/rx_packets"))
-    policy_before, rule_before = _input_counters(vm_lab, "web1", str(web2.public_address))
-    cap = vm_lab.exec(  # start a capture on web1 first: proof that the packet arrived
+    cap = lab.exec(
         "web1",
-        ["sh", "-c", "timeout 60 tcpdump -n -l -i eth0 -c 1 'ip proto 4 and src host 192.0.2.12' "
-                     ">/tmp/clear-ipip.cap 2>/tmp/clear-ipip.err & "
-                     "i=0; until grep -q listening /tmp/clear-ipip.err; do i=$((i+1)); "
+        ["sh", "-c", f"rm -f /tmp/forged.cap; timeout 60 tcpdump -n -l -i eth0 -c 3 "
+                     f"'ip proto 4 and src host {web2.public_address}' >/tmp/forged.cap 2>/tmp/forged.err & "
+                     "i=0; until grep -q listening /tmp/forged.err; do i=$((i+1)); "
                      "[ $i -gt 100 ] && exit 1; sleep 0.1; done"],
         timeout=60,
     )  # fmt: skip
     assert cap.returncode == 0, cap.stderr
-
-    sock = netns.socket_in(vm_lab.info.ssh_netns, socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
-    reply = netns.socket_in(vm_lab.info.ssh_netns, socket.AF_INET, socket.SOCK_RAW, 4)
+    ns = lab.info.ssh_netns
+    sock = netns.socket_in(ns, socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    reply = netns.socket_in(ns, socket.AF_INET, socket.SOCK_RAW, 4)
+    answered = []
     try:
         reply.settimeout(0.5)
         packet = clear_ipip_ping(
             str(web2.public_address), str(web1.public_address),
-            str(web2.internal_address), str(web1.internal_address), 0x5A5A,
+            str(web2.internal_address), str(web1.internal_address), ident,
         )  # fmt: skip
         for _ in range(3):
             sock.sendto(packet, (str(web1.public_address), 0))
-        # nothing comes back in clear from web1 (an answered echo would be IP-IP to web2)
         deadline = time.monotonic() + 3
-        answered = []
         while time.monotonic() < deadline:
             try:
                 data, addr = reply.recvfrom(2048)
@@ -203,15 +206,47 @@ def test_clear_ipip_from_a_peer_address_is_dropped(vm_lab: Lab, example_repo: Pa
     finally:
         sock.close()
         reply.close()
-    assert answered == []
+    wait = "i=0; until [ $(wc -l < /tmp/forged.cap) -ge 3 ] || [ $i -gt 100 ]; do i=$((i+1)); sleep 0.1; done"
+    seen = sh(lab, "web1", f"{wait}; cat /tmp/forged.cap")
+    outer = f"{web2.public_address} > {web1.public_address}"
+    want = f"{outer}: IP {web2.internal_address} > {web1.internal_address}: ICMP echo request"
+    assert seen.count(want) == 3, seen  # they reached web1's wire
+    return answered
 
-    wait_cap = (
-        "i=0; until [ -s /tmp/clear-ipip.cap ]; do i=$((i+1)); [ $i -gt 100 ] && break; sleep 0.1; done"
-    )
-    seen = sh(vm_lab, "web1", f"{wait_cap}; cat /tmp/clear-ipip.cap")
-    assert "192.0.2.12 > 192.0.2.11: IP 10.99.0.12 > 10.99.0.11: ICMP echo request" in seen, seen
-    policy_after, rule_after = _input_counters(vm_lab, "web1", str(web2.public_address))
-    assert rule_after == rule_before  # the ipsec-only rule did not admit it
-    assert policy_after >= policy_before + 3  # the chain's DROP policy took all three
-    rx_after = int(sh(vm_lab, "web1", "cat /sys/class/net/ipip-web2/statistics/rx_packets"))
-    assert rx_after == rx_before  # never decapsulated
+
+def test_clear_ipip_from_a_peer_address_is_dropped(vm_lab: Lab, example_repo: Path) -> None:
+    """The attacker on the lab network forges IP-IP with web2's public address as source, to
+    web1, without ESP. Each packet reaches web1 (a capture there sees it) and is dropped: never
+    decapsulated, no echo reply. Two cases, each with counters naming what dropped it:
+
+    - no tracked IP-IP flow between the two (conntrack cleared): the firewall's
+      `-p ipencap -m policy --dir in --pol ipsec` rule does not admit it (its counter stays) and
+      INPUT's DROP policy counts it;
+    - right after protected tunnel traffic (verify's pings): conntrack has the (protected) flow,
+      so the firewall's ESTABLISHED rule, which comes before the policy rule, admits the forged
+      packet; the kernel's xfrm input check then drops it (XfrmInTmplMismatch): IP-IP between
+      the two must arrive inside ESP (the `level required` policy charon installed). The
+      firewall alone does not stop it there; the report names this ordering as a follow-up."""
+    fleet = converged(vm_lab, example_repo)
+    peer = str(fleet.host("web2").public_address)
+
+    # 1. no tracked flow: the firewall drops it
+    sh(vm_lab, "web1", "conntrack -D -p 4 >/dev/null 2>&1; true")
+    before = counters(vm_lab, peer)
+    assert forge(vm_lab, fleet, 0x5A50) == []
+    after = counters(vm_lab, peer)
+    assert after.ipsec_rule == before.ipsec_rule  # the ipsec-only rule did not admit them
+    assert after.policy_drop >= before.policy_drop + 3  # the chain's DROP policy took them
+    assert after.xfrm_tmpl_mismatch == before.xfrm_tmpl_mismatch  # they never got that far
+    assert after.tunnel_rx == before.tunnel_rx
+
+    # 2. with the protected flow tracked: the kernel's IPsec policy drops it
+    sh(vm_lab, "web1", f"ping -n -q -c 2 -W 5 -I {fleet.host('web1').internal_address} "
+                       f"{fleet.host('web2').internal_address}")  # fmt: skip
+    assert "unknown  4" in sh(vm_lab, "web1", "conntrack -L -p 4 2>/dev/null")
+    before = counters(vm_lab, peer)
+    assert forge(vm_lab, fleet, 0x5A60) == []
+    after = counters(vm_lab, peer)
+    assert after.ipsec_rule == before.ipsec_rule
+    assert after.xfrm_tmpl_mismatch >= before.xfrm_tmpl_mismatch + 3
+    assert after.tunnel_rx == before.tunnel_rx
