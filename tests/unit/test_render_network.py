@@ -154,7 +154,8 @@ def test_handlers_reload_swanctl_and_restart_for_plugin_changes() -> None:
     assert by_path["/etc/strongswan.d/charon/kernel-libipsec.conf"] == "charon-restart"
     assert by_path["/etc/swanctl/conf.d/mesh-web2.conf"] == "charon"
     (svc,) = d.services
-    assert svc.name == "strongswan-starter" and svc.status[:2] == ("sh", "-c") and "charon.pid" in svc.status[2]
+    assert svc.name == "strongswan-starter"
+    assert svc.status[:2] == ("sh", "-c") and "charon.pid" in svc.status[2]
     assert "/usr/lib/ipsec/charon" in " ".join(svc.start)
     assert "swanctl --load-all" in " ".join(svc.post_start)  # the unit loads no swanctl config
     assert "/etc/swanctl/conf.d" in d.owned_dirs
