@@ -16,6 +16,7 @@ its logs (history before the reconciler came is not mailed).
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import os
@@ -46,6 +47,8 @@ _KV = re.compile(r'([a-z_0-9]+)=("(?:[^"\\]|\\.)*"|[^\s]+)')
 _HEX = re.compile(r"^(?:[0-9A-F]{2})+$")
 _HEX_KEYS = frozenset({"name", "name2", "profile", "comm", "target", "peer", "exe"})
 _DIR_OPS = frozenset({"mkdir", "rmdir"})
+_CREATE_OPS = frozenset({"mknod"})
+_PROC_PID = re.compile(r"^/proc/\d+/")
 
 
 @dataclass(frozen=True)
@@ -212,7 +215,16 @@ def rules_for(d: Denial, kind: str | None = None) -> list[tuple[str, str]]:
         perms = _merge_perms(perms, "ix")
     if not perms:
         return []
+    proc = _PROC_PID.match(d.name)
+    if proc:  # a process's own /proc entry: the PID changes at every start
+        return [("@{PROC}/@{pid}/" + quote_path(d.name[proc.end() :]), perms)]
     is_dir = kind == "dir" or (kind is None and _looks_like_dir(d))
+    if d.operation in _CREATE_OPS and kind != "dir":
+        # a program creating a file (mknod: the current kernels' denial) needs the directory
+        # it creates files in, not that one name (lock files, logs, data files: MariaDB's first
+        # denied file in a moved datadir is only the first of many)
+        d = dataclasses.replace(d, name=posixpath.dirname(d.name.rstrip("/")) or "/")
+        is_dir = True
     if is_dir:
         path = d.name.rstrip("/") or "/"
         rec = _merge_perms(perms, "r")

@@ -226,7 +226,8 @@ def test_moved_datadir_denied_mailed_fixed_by_the_override(
         r = asyncio.run(drift.scan())
         [s] = [s for s in r.suggestions if s.profile == "/usr/sbin/mariadbd"]
         assert s.local_file == "/etc/apparmor.d/local/usr.sbin.mariadbd"
-        assert s.rules and all(rule.startswith("/data/var/mysql/") for rule in s.rules), s.rules
+        # the seed's fix: exactly what moved_directories renders (checked after step 3)
+        assert s.rules == ("/data/var/mysql/ r,", "/data/var/mysql/** rwk,"), s.rules
         mails = asyncio.run(drift.mails())
         denial_mails = [m for m in mails if "AppArmor denial" in str(m["Subject"])]
         assert denial_mails, [m["Subject"] for m in mails]
@@ -239,7 +240,7 @@ def test_moved_datadir_denied_mailed_fixed_by_the_override(
         db1 = _host_result(result, "db1")
         assert db1.status == APPLIED, _why(db1)
         local = sh(vm_lab, "db1", "cat /etc/apparmor.d/local/usr.sbin.mariadbd")
-        assert "/data/var/mysql/** rwk," in local
+        assert all(rule in local.splitlines() for rule in s.rules), local  # the mailed rules
         assert sh(vm_lab, "db1", "systemctl is-active mariadb").strip() == "active"
         datadir = sh(vm_lab, "db1", "mariadb -N -B -e 'select @@datadir'").strip()
         assert datadir == "/data/var/mysql/"
