@@ -23,7 +23,11 @@ def test_real_kernel_denials_parse() -> None:
     assert all(d is not None for d in denials)
     d = denials[0]
     assert d is not None
-    assert (d.profile, d.operation, d.name) == ("/usr/sbin/mariadbd", "mknod", "/data/var/mysql/ddl_recovery.log")
+    assert (d.profile, d.operation, d.name) == (
+        "/usr/sbin/mariadbd",
+        "mknod",
+        "/data/var/mysql/ddl_recovery.log",
+    )
 
 
 def test_a_created_file_asks_for_its_directory_and_proc_pids_are_generic() -> None:
