@@ -20,7 +20,6 @@ from reconciler.lab.state import (
     atomic_write,
     check_prefix,
     ensure_root,
-    known_prefixes,
     lab_dir,
     load_state,
     new_prefix,
@@ -129,8 +128,8 @@ class Lab:
             raise LabError("the lab needs root (network and mount namespaces)")
         prefix = check_prefix(prefix) if prefix else new_prefix()
         ensure_root()
-        if vm:
-            return cls._up_vm(prefix, specs, ready_timeout, progress)
+        if vm:  # the image build (minutes, once) does not hold the machine-wide lab lock
+            vm_lab.prepare_image(progress)
         t_wait = time.monotonic()
         lock.acquire(prefix, lambda dead: cleanup.down_prefix(dead, release_lock=False), timeout=lock_timeout)
         try:
@@ -148,40 +147,13 @@ class Lab:
             if clash:
                 raise LabError("lab host addresses used by this machine itself: " + ", ".join(clash))
             lock_wait = time.monotonic() - t_wait
-            lab = cls._build(prefix, specs, ready_timeout)
+            if vm:
+                lab = cls._build_vm(prefix, specs, ready_timeout, progress)
+            else:
+                lab = cls._build(prefix, specs, ready_timeout)
             lab.timings["lock_wait"] = lock_wait
         except BaseException:
             cleanup.down_prefix(prefix, release_lock=True)
-            raise
-        with _live_mutex:
-            _live[prefix] = lab
-        return lab
-
-    @classmethod
-    def _up_vm(
-        cls,
-        prefix: str,
-        specs: Sequence[LabHostSpec],
-        ready_timeout: float,
-        progress: Callable[[str], None] | None,
-    ) -> Lab:
-        """A VM lab owns nothing in the root namespace (its network is a namespace of its own,
-        192.0.2.254 included): it takes no machine-wide lock and runs beside a namespace lab
-        or another VM lab. The image is built first if needed (minutes, once)."""
-        vm_lab.prepare_image(progress)
-        try:
-            existing = load_state(prefix)
-        except LabError:
-            existing = None
-        if existing is not None and vm_lab.alive(existing):
-            raise LabError(f"lab {prefix} exists and runs: choose another prefix or down it first")
-        if lab_dir(prefix).exists() or network.netns_of(prefix):
-            cleanup.down_prefix(prefix, release_lock=False)
-        try:
-            lab = cls._build_vm(prefix, specs, ready_timeout, progress)
-            lab.timings["lock_wait"] = 0.0
-        except BaseException:
-            cleanup.down_prefix(prefix, release_lock=False)
             raise
         with _live_mutex:
             _live[prefix] = lab
@@ -200,8 +172,6 @@ class Lab:
                 pass
             if state is not None and procs.is_alive(state.owner_pid, state.owner_start) and state.detached:
                 continue  # pragma: no cover - cannot happen while we hold the lock
-            if state is not None and state.kind == "vm" and vm_lab.alive(state):
-                continue  # a running VM lab takes no lock and shares nothing with this one
             log.warning("lab.stale.remove", prefix=other)
             cleanup.down_prefix(other, release_lock=False)
 
@@ -366,8 +336,7 @@ class Lab:
 
     def detach(self) -> None:
         """Leave the lab running after this process exits (``reconciler lab up``)."""
-        if self.info.kind != "vm":  # a VM lab holds no lock
-            lock.set_detached(self.info.prefix)
+        lock.set_detached(self.info.prefix)
         state = load_state(self.info.prefix)
         if state is not None:
             state.detached = True
@@ -385,22 +354,14 @@ class Lab:
 
     @staticmethod
     def current() -> LabInfo | None:
-        """The lab left running by ``reconciler lab up``, if any (and still alive): the one
-        holding the lab lock, else a VM lab left running (VM labs take no lock)."""
+        """The lab left running by ``reconciler lab up``, if any (and still alive)."""
         owner = lock.read_owner()
-        if owner is not None and owner.prefix and owner.detached and lock.owner_alive(owner):
-            state = load_state(owner.prefix)
-            if state is not None and state.status == "up":
-                return _info_from_state(state)
-        for prefix in known_prefixes():
-            try:
-                state = load_state(prefix)
-            except LabError:
-                continue
-            if state is not None and state.kind == "vm" and state.detached and state.status == "up":
-                if vm_lab.alive(state):
-                    return _info_from_state(state)
-        return None
+        if owner is None or not owner.prefix or not owner.detached or not lock.owner_alive(owner):
+            return None
+        state = load_state(owner.prefix)
+        if state is None or state.status != "up":
+            return None
+        return _info_from_state(state)
 
     @staticmethod
     def attach(prefix: str) -> Lab:

@@ -34,13 +34,6 @@ def missing_tools() -> list[str]:
     return [t for t in (*REQUIRED_TOOLS, *vm_image.BUILD_TOOLS) if shutil.which(t) is None]
 
 
-def alive(state: LabState) -> bool:
-    """A VM lab runs: its owner process runs, or it was left running and a guest runs."""
-    if procs.is_alive(state.owner_pid, state.owner_start):
-        return True
-    return state.detached and any(procs.is_alive(h.pid, h.pid_start) for h in state.hosts)
-
-
 def prepare_image(progress: Callable[[str], None] | None = None) -> vm_image.BaseImage:
     """The base image, built now if it is not cached (before the lab lock is taken)."""
     return vm_image.ensure_image(progress=progress)
