@@ -209,7 +209,8 @@ def main() -> int:
         wait_for("the SMTP sink", lambda: not port_free(SMTP_PORT), 15)
 
         step("first converge: firewall, key pairs made on each host, Apache, AppArmor, files")
-        run("reconciler", "apply", src, "--lab", "--yes")
+        # emulated guests: the firewall confirmation (a NEW SSH connection) takes seconds
+        run("reconciler", "apply", src, "--lab", "--yes", *(["--firewall-window", "60"] if VM else []))
         step("collect the hosts' public keys into the fleet repo, then push")
         run("reconciler", "keys", "collect", src, "--lab")
         keyed = push(src, "keys: public keys collected from the hosts")

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 from aiosmtpd.controller import Controller
-from vm_fleet import apply, converge, pool_for, sh
+from vm_fleet import FIREWALL_WINDOW, apply, converge, pool_for, sh
 
 from reconciler.drift import DriftScanner, HostDrift
 from reconciler.engine import APPLIED, FAILED
@@ -275,7 +275,7 @@ async def _apply_db1(fleet: Fleet, lab: Lab) -> Any:
     from reconciler.engine import reconcile_fleet
 
     async with pool_for(fleet, lab) as pool:
-        return await reconcile_fleet(fleet, ["db1"], pool, apply=True)
+        return await reconcile_fleet(fleet, ["db1"], pool, apply=True, firewall_window=FIREWALL_WINDOW)
 
 
 __all__ = ["apply"]

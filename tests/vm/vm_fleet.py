@@ -14,6 +14,7 @@ from reconciler.lab import Lab
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "fleet-repo-example"
+FIREWALL_WINDOW = 60.0
 
 
 def pool_for(fleet: Fleet, lab: Lab, command_timeout: float = 300) -> ConnectionPool:
@@ -28,7 +29,9 @@ def pool_for(fleet: Fleet, lab: Lab, command_timeout: float = 300) -> Connection
 
 async def apply(fleet: Fleet, lab: Lab, *, expect_ok: bool = True) -> FleetResult:
     async with pool_for(fleet, lab) as pool:
-        result = await reconcile_fleet(fleet, None, pool, apply=True)
+        # the firewall's dead-man window: the confirmation comes over a NEW SSH connection,
+        # which costs seconds of emulated CPU per guest (10 s, the default, is tight under load)
+        result = await reconcile_fleet(fleet, None, pool, apply=True, firewall_window=FIREWALL_WINDOW)
     if expect_ok:
         bad = [(h.host, h.status, h.error) for h in result.hosts if h.status not in (APPLIED, IN_SYNC)]
         assert not bad, bad
