@@ -27,7 +27,9 @@ Phases (each one SSH round trip, in this order):
 7. services enabled and started when not running (``systemctl enable --now`` where PID 1 is
    systemd, else ``update-rc.d NAME defaults`` + the service's start command); a service that
    fails to start is reported with the last lines of its log;
-8. backups removed, the inventory (``/var/lib/reconciler/inventory.json``) written;
+8. backups removed, the inventory (``/var/lib/reconciler/inventory.json``) written, then the
+   host identity (``/etc/reconciler/identity``) when the plan records it: both only when every
+   action succeeded, the identity never without the inventory;
 9. observe again and plan again: the result must be empty (``converged``).
 
 A failed apply keeps WHY, typed (``ApplyResult.failure``, a ``reconciler.errors.Reason``): the
@@ -54,6 +56,7 @@ from typing import cast
 from reconciler import deadman, packaging
 from reconciler.connection import Connection
 from reconciler.errors import Failure, Reason, ReconcilerError, pick_failure
+from reconciler.identity import IDENTITY_PATH, format_identity
 from reconciler.log import get_logger
 from reconciler.observe import observe_host, parse_read_back, read_back_lines
 from reconciler.observed import FileState, Observed
@@ -279,12 +282,16 @@ async def apply_host(
         try:
             conn = await run.conn()
             observed = await reobserve(cast(Connection, conn), run)
-            verify_plan = plan_host(desired, observed)
+            verify_plan = plan_host(desired, observed, plan.identity)
         except ReconcilerError as err:
             run.messages.append(f"could not observe the host again to verify: {err}")
-    converged = verify_plan is not None and not [
-        a for a in verify_plan.actions if a.kind not in SETTLING_KINDS
-    ]
+    if verify_plan is not None and verify_plan.refusal:
+        run.messages.append(f"the host's identity does not match after the apply: {verify_plan.refusal}")
+    converged = (
+        verify_plan is not None
+        and not verify_plan.refusal
+        and not [a for a in verify_plan.actions if a.kind not in SETTLING_KINDS]
+    )
     ok = all(o.status in ("done", "n/a") for o in run.outcomes.values()) and not run.rolled_back
     if ok and verify and not converged:
         left = ", ".join(
@@ -406,6 +413,7 @@ async def reobserve(conn: Connection, run: _Run) -> Observed:
         files=MappingProxyType(dict(sorted(files.items()))),
         inventory=fresh.inventory,
         pending_reloads=fresh.pending_reloads,
+        identity=fresh.identity,
         errors=fresh.errors,
     )
 
@@ -1367,12 +1375,14 @@ async def _initiate(run: _Run) -> None:
         run.mark(i, "done", "initiated (settles once the peer answers)")
 
 
-# $1 inventory path ("" = do not record), $2 temp suffix, $3 journal path; then "--", journal
-# lines (or "-" to leave the journal alone, nothing to clear it), "--", backups to remove.
-# stdin: the inventory.
+# $1 inventory path ("" = do not record), $2 temp suffix, $3 journal path, $4 identity path
+# ("" = do not record), $5 the identity file's text; then "--", journal lines (or "-" to leave
+# the journal alone, nothing to clear it), "--", backups to remove. stdin: the inventory.
+# The identity is written after the inventory and never without it (a new identity over an
+# old inventory would let the next plan prune another fleet's paths).
 FINISH = r"""
 set -u
-inv=$1; tmpsfx=$2; j=$3; shift 4
+inv=$1; tmpsfx=$2; j=$3; idp=$4; idc=$5; shift 6
 if [ "${1:-}" = - ]; then shift
 elif [ "${1:-}" = -- ]; then rm -f "$j" || echo "@@J cannot clear $j"
 else
@@ -1385,7 +1395,13 @@ fi
 if [ -n "$inv" ]; then
   d=${inv%/*}; t="$d/.inventory.json.reconciler-$tmpsfx"
   if mkdir -p "$d" && cat > "$t" && mv -f "$t" "$inv"; then echo "@@INV ok"
-  else rm -f "$t"; echo "@@INV failed"; fi
+  else rm -f "$t"; echo "@@INV failed"; idp=; fi
+fi
+if [ -n "$idp" ]; then
+  d=${idp%/*}; t="$d/.identity.reconciler-$tmpsfx"
+  if mkdir -p "$d" && printf '%s' "$idc" > "$t" && chmod 0644 "$t" && mv -fT "$t" "$idp"
+  then echo "@@ID ok"
+  else rm -f "$t"; echo "@@ID failed"; fi
 fi
 """
 
@@ -1397,18 +1413,23 @@ async def _finish(run: _Run) -> None:
     backups = [backup_path(run.plan.actions[i].path or "", run.token) for i, b in run.swapped.items() if b]
     all_ok = not any(o.status in ("failed", "skipped") for o in run.outcomes.values())
     record = [i for i in run.indices({ActionKind.RECORD_INVENTORY})]
+    ident = [i for i in run.indices({ActionKind.RECORD_IDENTITY})]
     if not all_ok:
-        for i in record:
+        for i in record + ident:
             run.mark(i, "skipped", "not recorded: the apply did not fully succeed")
+        ident = []
+    identity = run.plan.identity if ident else None
     journal = ["-"] if run.journal is None else sorted(run.journal)
     # the inventory is rewritten only when it changes (the plan's observation read it)
     seen = run.plan.observed
     unchanged = seen is not None and not seen.errors and tuple(sorted(seen.inventory)) == run.plan.inventory
     write_inventory = all_ok and (bool(record) or not unchanged)
-    if run.journal is None and not backups and not write_inventory:
+    if run.journal is None and not backups and not write_inventory and identity is None:
         return
-    args = (INVENTORY_PATH if write_inventory else "", run.token, PENDING_RELOADS_PATH, "--", *journal, "--",
-            *backups)  # fmt: skip
+    args = (INVENTORY_PATH if write_inventory else "", run.token, PENDING_RELOADS_PATH,
+            IDENTITY_PATH if identity is not None else "",
+            format_identity(identity).decode() if identity is not None else "",
+            "--", *journal, "--", *backups)  # fmt: skip
     run.finished = True
     conn = await run.conn()
     res = await conn.run_script(
@@ -1420,6 +1441,12 @@ async def _finish(run: _Run) -> None:
     out = res.stdout.decode(errors="replace")
     if "@@J " in out:
         run.messages.append(out.split("@@J ", 1)[1].splitlines()[0])
+    if identity is not None:
+        written = "@@ID ok" in out
+        for i in ident:
+            run.mark(i, "done" if written else "failed", "" if written else f"not written: {_text(res)}")
+        if not written:
+            run.messages.append(f"could not record the host identity {IDENTITY_PATH}: {_text(res)}")
     if not write_inventory:
         return
     ok = "@@INV ok" in out

@@ -139,6 +139,9 @@ class Config:
     backoff_max: float = 300.0
     log_level: str = "INFO"
     log_json: bool | None = None  # None: JSON when stderr is not a terminal
+    # hosts the daemon may take over when their /etc/reconciler/identity names another fleet or
+    # host name (the CLI's --adopt); remove them once adopted (docs/ENGINE.md, "Host identity")
+    adopt: tuple[str, ...] = ()
 
     @property
     def history_dir(self) -> Path:
@@ -317,6 +320,7 @@ _TOP: dict[str, Parser] = {
     "backoff_max": parse_duration,
     "log_level": _parse_log_level,
     "log_json": _parse_opt_bool,
+    "adopt": _parse_list,
 }
 _SECTIONS: dict[str, tuple[dict[str, Parser], type[Any]]] = {
     "source": (_SOURCE, SourceConfig),

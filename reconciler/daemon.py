@@ -157,13 +157,21 @@ class EngineStep:
 
 
 async def engine_step(
-    host: str, target: Target, pool: Any, *, apply: bool, firewall_window: float | None = None
+    host: str,
+    target: Target,
+    pool: Any,
+    *,
+    apply: bool,
+    firewall_window: float | None = None,
+    adopt: bool = False,
 ) -> EngineStep:
     """One host through reconciler.engine.reconcile_fleet. A failed host raises the error its
-    outcome's typed failure stands for (Terminal or Transient by its reason; loop.py acts on it)."""
+    outcome's typed failure stands for (Terminal or Transient by its reason; loop.py acts on it).
+    ``adopt``: take the host over when it claims another fleet or host name (config ``adopt``);
+    otherwise that is a Terminal refusal (reason ``identity-mismatch``)."""
     engine = importlib.import_module("reconciler.engine")
     # no diff contents: the daemon shows none (drift mails come from the /etc history)
-    kwargs: dict[str, Any] = {"apply": apply, "fetch_diffs": False}
+    kwargs: dict[str, Any] = {"apply": apply, "fetch_diffs": False, "adopt": adopt}
     if firewall_window is not None:
         kwargs["firewall_window"] = firewall_window
     result = await engine.reconcile_fleet(target.fleet, [host], pool, **kwargs)
@@ -414,7 +422,13 @@ class Daemon:
             if self._custom_step is not None:
                 outcome = await self._custom_step(host, target, reasons) or Outcome()
             else:
-                step = await engine_step(host, target, pool, apply=self.config.mode is RunMode.APPLY)
+                step = await engine_step(
+                    host,
+                    target,
+                    pool,
+                    apply=self.config.mode is RunMode.APPLY,
+                    adopt=host in self.config.adopt,
+                )
                 outcome = step.outcome
                 if outcome.changes:
                     self.store.add_event("applied", outcome.reason, host=host, commit=target.commit)

@@ -34,6 +34,7 @@ from reconciler import audit
 from reconciler.errors import ReconcilerError
 from reconciler.fleet.model import DriftMode, Fleet
 from reconciler.history import ChangeSet, CommitInfo, HistoryConflict, HistoryRepo, commit_subject
+from reconciler.identity import IDENTITY_PATH, identity_in_line
 from reconciler.log import get_logger
 from reconciler.notify import Mail, Outbox
 from reconciler.remote import Runner
@@ -342,6 +343,9 @@ class DriftScanner:
         snap = await take_snapshot(conn, policy, recorded_sha)
         prep = await self.history.prepare(snap, prev)
         managed = classify_managed(desired, snap, policy)
+        ident = snap.entries.get(IDENTITY_PATH)  # written by apply: not drift when it is ours
+        if ident is not None and identity_in_line(self.fleet, host, ident.kind, ident.sha256):
+            managed[IDENTITY_PATH] = None
         baseline = not prev
         mode = self.fleet.drift.mode
         message, drift_paths = commit_message(

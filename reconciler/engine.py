@@ -7,6 +7,10 @@ apply) never stops the others: its outcome carries the error. Used by ``reconcil
 ``plan_fleet`` only observes: every connection it uses is wrapped in a ``RecordingConnection``
 that keeps a log of the commands it ran (tests assert that plan mutates nothing).
 ``apply_planned`` runs the SAME plan values ``plan_fleet`` returned (what the user confirmed).
+
+Host identity (``reconciler.identity``): every host is planned with this fleet's claim on it; a
+host that claims another fleet or host name is an ``error`` outcome carrying
+``IdentityMismatch`` (nothing is planned or applied on it) unless ``adopt`` names it.
 """
 
 from __future__ import annotations
@@ -14,15 +18,16 @@ from __future__ import annotations
 import asyncio
 import time
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 from reconciler import deadman
 from reconciler.apply import ApplyResult, apply_host
 from reconciler.connection import Connection
-from reconciler.errors import Failure, Reason, ReconcilerError
+from reconciler.errors import Failure, IdentityMismatch, Reason, ReconcilerError
 from reconciler.fleet.model import Fleet
+from reconciler.identity import claim_for
 from reconciler.log import get_logger
 from reconciler.observe import observe_host
 from reconciler.plan import HostPlan, plan_host
@@ -39,6 +44,8 @@ FAILED = "failed"  # apply: something failed (see result)
 ERROR = "error"  # could not render / connect / observe
 
 Progress = Callable[["HostOutcome"], None]
+# hosts that may be taken over from another fleet / host name: True (all), False or names
+Adopt = bool | Collection[str]
 
 
 @dataclass(frozen=True)
@@ -161,8 +168,18 @@ def select_hosts(fleet: Fleet, hosts: Iterable[str] | None) -> list[str]:
     return wanted
 
 
+def _adopts(adopt: Adopt, name: str) -> bool:
+    return adopt if isinstance(adopt, bool) else name in adopt
+
+
 async def _plan_one(
-    fleet: Fleet, name: str, pool: Any, records: list[CommandRecord] | None, *, fetch_diffs: bool = True
+    fleet: Fleet,
+    name: str,
+    pool: Any,
+    records: list[CommandRecord] | None,
+    *,
+    fetch_diffs: bool = True,
+    adopt: Adopt = False,
 ) -> HostOutcome:
     started = time.monotonic()
     try:
@@ -177,7 +194,7 @@ async def _plan_one(
         if records is not None:
             conn = RecordingConnection(conn, records)
         observed = await observe_host(cast(Connection, conn), desired, fetch_diffs=fetch_diffs)
-        plan = plan_host(desired, observed)
+        plan = plan_host(desired, observed, claim_for(fleet, name), adopt=_adopts(adopt, name))
     except ReconcilerError as err:
         return HostOutcome(
             name,
@@ -197,6 +214,19 @@ async def _plan_one(
             error=failure.message,
             seconds=time.monotonic() - started,
             failure=failure,
+        )
+    if plan.refusal:
+        target = getattr(conn, "target", None)
+        address = getattr(target, "address", None) or str(fleet.host(name).public_address)
+        refused = IdentityMismatch(f"{name} ({address}) {plan.refusal}")
+        log.warning("plan.identity_refused", host=name, reason=plan.refusal)
+        return HostOutcome(
+            name,
+            ERROR,
+            desired=desired,
+            error=str(refused),
+            seconds=time.monotonic() - started,
+            failure=Failure.of(refused),
         )
     status = CHANGES if plan.changed else IN_SYNC
     if plan.errors:
@@ -221,14 +251,16 @@ async def plan_fleet(
     *,
     progress: Progress | None = None,
     record: bool = True,
+    adopt: Adopt = False,
 ) -> FleetResult:
-    """Observe and plan every selected host concurrently; nothing is changed on any host."""
+    """Observe and plan every selected host concurrently; nothing is changed on any host.
+    ``adopt``: plan to take over hosts that claim another fleet or host name (all or names)."""
     started = time.monotonic()
     names = select_hosts(fleet, hosts)
     records: list[CommandRecord] | None = [] if record else None
 
     async def one(name: str) -> HostOutcome:
-        out = await _plan_one(fleet, name, pool, records)
+        out = await _plan_one(fleet, name, pool, records, adopt=adopt)
         if progress is not None:
             progress(out)
         return out
@@ -306,15 +338,17 @@ async def reconcile_fleet(
     progress: Progress | None = None,
     firewall_window: float = deadman.DEFAULT_WINDOW,
     fetch_diffs: bool = True,
+    adopt: Adopt = False,
 ) -> FleetResult:
     """Plan every selected host and, with ``apply``, apply each host's plan right away
     (a host starts applying as soon as its own plan is ready). ``fetch_diffs=False`` skips the
-    second observation round trip that reads changed files for diffs (the daemon shows none)."""
+    second observation round trip that reads changed files for diffs (the daemon shows none).
+    ``adopt``: take over hosts that claim another fleet or host name (all, or these names)."""
     started = time.monotonic()
     names = select_hosts(fleet, hosts)
 
     async def one(name: str) -> HostOutcome:
-        out = await _plan_one(fleet, name, pool, None, fetch_diffs=fetch_diffs)
+        out = await _plan_one(fleet, name, pool, None, fetch_diffs=fetch_diffs, adopt=adopt)
         if apply:
             out = await _apply_one(out, pool, firewall_window)
         if progress is not None:

@@ -181,6 +181,8 @@ class HostKeyRefused(Terminal):
 
 
 class IdentityMismatch(Terminal):
-    """The host answering at an address is not the host the fleet names there."""
+    """The host answering at an address is not the host the fleet names there: its
+    /etc/reconciler/identity claims another fleet or another host name. Nothing is changed on it
+    until a new commit, or until it is taken over with ``--adopt``."""
 
     reason = Reason.IDENTITY_MISMATCH

@@ -45,6 +45,7 @@ from typing import Any
 from reconciler.connection import CommandResult, Connection
 from reconciler.domains.strongswan import SWANCTL_CLIENT_CONF
 from reconciler.errors import Reason, Transient
+from reconciler.identity import IDENTITY_PATH, MAX_LINES, SeenIdentity, parse_section
 from reconciler.iptables import IptablesParseError, canonical_iptables
 from reconciler.log import get_logger
 from reconciler.observed import (
@@ -104,6 +105,23 @@ own() {
 inv_cat() {
   [ -f "$1" ] || return 0
   while IFS= read -r l || [ -n "$l" ]; do printf '%s\n' "$l"; done < "$1"
+}
+# the host identity (reconciler.identity): never follows a link, reads with builtins only
+ident() {
+  _d=${1%/*}
+  if [ -L "$_d" ]; then echo 'state dirlink'; return 0; fi
+  if [ ! -e "$_d" ]; then echo 'state absent'; return 0; fi
+  if [ ! -d "$_d" ]; then echo 'state dirnotdir'; return 0; fi
+  if [ -L "$1" ]; then echo 'state link'; return 0; fi
+  if [ ! -e "$1" ]; then echo 'state absent'; return 0; fi
+  if [ ! -f "$1" ]; then echo 'state notfile'; return 0; fi
+  if [ ! -O "$1" ] || [ ! -O "$_d" ]; then echo 'state notowner'; return 0; fi
+  echo 'state file'
+  _n=0
+  while [ "$_n" -lt @MAX_LINES@ ]; do
+    IFS= read -r _l || { [ -n "$_l" ] && printf '%s\n' "$_l"; break; }
+    printf '%s\n' "$_l"; _n=$((_n + 1))
+  done < "$1"
 }
 file_head() { if [ -f "$1" ] && [ ! -L "$1" ]; then head -c "$2" -- "$1"; else return 3; fi; }
 charon_state() {
@@ -165,7 +183,7 @@ svc_pid() {
 }
 swanctl_q() { if [ -n "${SW:-}" ]; then STRONGSWAN_CONF=$SW swanctl "$@"; else swanctl "$@"; fi; }
 PID1=unknown; read -r PID1 < /proc/1/comm 2>/dev/null || PID1=unknown
-""".replace("@FIND_FMT@", FIND_FMT)
+""".replace("@FIND_FMT@", FIND_FMT).replace("@MAX_LINES@", str(MAX_LINES))
 
 
 # ---------------------------------------------------------------- what to look at
@@ -229,7 +247,10 @@ def wanted_for(desired: Desired) -> Wanted:
 
 
 def build_script(
-    desired: Desired, inventory_path: str = INVENTORY_PATH, pending_path: str = PENDING_RELOADS_PATH
+    desired: Desired,
+    inventory_path: str = INVENTORY_PATH,
+    pending_path: str = PENDING_RELOADS_PATH,
+    identity_path: str = IDENTITY_PATH,
 ) -> tuple[str, list[str]]:
     """The observation script and its positional arguments (all user data is in the args).
 
@@ -246,6 +267,7 @@ def build_script(
         b.add(f"frame owned own {b.refs([_absolute(d) for d in probe.dirs])}")
     b.add(f"frame inventory inv_cat {inv}")
     b.add(f"frame pending inv_cat {b.ref(_absolute(pending_path))}")
+    b.add(f"frame identity ident {b.ref(_absolute(identity_path))}")
     b.add("frame pid1 printf '%s\\n' \"$PID1\"")
     if want.iptables:
         b.add("frame iptables iptables-save")
@@ -637,6 +659,12 @@ def parse_observation(host: str, desired: Desired, sections: Mapping[str, Sectio
     if pend is not None and pend.exit_status == 0:
         pending = parse_pending_reloads(pend.body)
 
+    # None when the section did not finish: plan then refuses the host (reconciler.identity.judge)
+    identity: SeenIdentity | None = None
+    ident = sections.get("identity")
+    if ident is not None and ident.exit_status == 0:
+        identity = parse_section(ident.body)
+
     pid1 = (body("pid1", "init system", required=False) or "").strip()
     init_system = "systemd" if pid1 == "systemd" else ("sysv" if pid1 else "unknown")
 
@@ -708,6 +736,7 @@ def parse_observation(host: str, desired: Desired, sections: Mapping[str, Sectio
         kernel=MappingProxyType(kernel),
         errors=tuple(errors),
         pending_reloads=pending,
+        identity=identity,
     )
 
 
@@ -781,6 +810,7 @@ async def observe_host(
     timeout: float | None = None,
     inventory_path: str = INVENTORY_PATH,
     pending_path: str = PENDING_RELOADS_PATH,
+    identity_path: str = IDENTITY_PATH,
 ) -> Observed:
     """Observe one host: one round trip, plus one more only for diff contents / odd paths.
 
@@ -791,7 +821,7 @@ async def observe_host(
     a probe that fails inside the script is reported in ``Observed.errors``.
     """
     started = time.monotonic()
-    script, args = build_script(desired, inventory_path, pending_path)
+    script, args = build_script(desired, inventory_path, pending_path, identity_path)
     nonce = new_nonce()
     result = await conn.run_script(script, args=args, stdin_after=f"{nonce}\n".encode(), timeout=timeout)
     _check(conn, result, nonce)

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from reconciler.identity import SeenIdentity
+
 
 @dataclass(frozen=True)
 class FileState:
@@ -94,3 +96,5 @@ class Observed:
     # handlers whose new files went live but whose reload never ran (an apply interrupted between
     # swap and reload: /var/lib/reconciler/pending-reloads); plan reloads those still desired
     pending_reloads: tuple[str, ...] = ()
+    # /etc/reconciler/identity as the observation saw it (None: not observed); see reconciler.identity
+    identity: SeenIdentity | None = None

@@ -16,6 +16,12 @@ failures. See docs/PACKAGES.md.
 Prune: a path in the host's previous inventory (``Observed.inventory``) or in one of the
 ``Desired.owned_dirs`` that is no longer desired is deleted, with the reason "left the fleet".
 Key pairs are never pruned (a private key is not ours to destroy silently).
+
+Identity (``reconciler.identity``): given the fleet's claim on the host, a host that another
+fleet (or this fleet under another host name) claims gets a plan with a ``refusal`` and no
+action at all; a host without an identity, or one taken over with ``adopt``, gets a
+``record-identity`` action and NO prune from its inventory (that record is not this fleet's:
+its paths are listed in a warning and left alone; owned directories are still pruned).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import TypeVar
 
+from reconciler.identity import IDENTITY_PATH, HostIdentity, Judgement, Verdict, judge
 from reconciler.iptables import canonical_iptables
 from reconciler.observed import FileState, IptablesState, LinkState, Observed
 from reconciler.resources import (
@@ -70,6 +77,7 @@ class ActionKind(StrEnum):
     ENABLE_SERVICE = "enable-service"
     RECORD_INVENTORY = "record-inventory"
     INITIATE_CHILD = "initiate-child"
+    RECORD_IDENTITY = "record-identity"
 
 
 ADD_KINDS = frozenset(
@@ -113,6 +121,7 @@ _KIND_ORDER = {
     ActionKind.ENABLE_SERVICE: 8,
     ActionKind.RECORD_INVENTORY: 9,
     ActionKind.INITIATE_CHILD: 9,
+    ActionKind.RECORD_IDENTITY: 10,
 }
 # actions whose effect settles after apply returns (a peer must answer): they do not count
 # against "converged" when the host is observed again right after the apply
@@ -163,6 +172,10 @@ class HostPlan:
     # the observation this plan was made from (apply re-observes only what it touched, see
     # reconciler.apply.reobserve_scope); not part of the plan's value
     observed: Observed | None = field(default=None, compare=False, repr=False)
+    # the identity this fleet claims on the host (None: not checked) and, when the host claims
+    # another one, why nothing is planned (the plan then has no action)
+    identity: HostIdentity | None = None
+    refusal: str = ""
 
     @property
     def changed(self) -> bool:
@@ -188,6 +201,7 @@ class HostPlan:
             "warnings": list(self.warnings),
             "errors": list(self.errors),
             "noop_reason": self.noop_reason,
+            "refusal": self.refusal,
         }
 
 
@@ -247,13 +261,30 @@ def iptables_text(state: IptablesState, tables: Iterable[str] | None = None) -> 
 # ---------------------------------------------------------------- planning
 
 
-def plan_host(desired: Desired, observed: Observed) -> HostPlan:
-    """Compare what a host should be with what it is; return the ordered actions."""
+def plan_host(
+    desired: Desired, observed: Observed, identity: HostIdentity | None = None, *, adopt: bool = False
+) -> HostPlan:
+    """Compare what a host should be with what it is; return the ordered actions.
+
+    ``identity``: this fleet's claim on the host (``reconciler.identity.claim_for``); None skips
+    the identity check (tests, benchmarks). ``adopt``: take the host over when it claims another
+    fleet or host name."""
     actions: list[Action] = []
     skipped: list[Pending] = []
     warnings: list[str] = list(desired.warnings)
 
     errors: list[str] = list(observed.errors)
+    verdict = judge(identity, observed.identity, adopt=adopt) if identity is not None else None
+    if verdict is not None and verdict.verdict is Verdict.REFUSE:
+        return HostPlan(
+            host=desired.host,
+            warnings=tuple(warnings),
+            errors=tuple(errors),
+            init_system=observed.init_system,
+            observed=observed,
+            identity=identity,
+            refusal=verdict.message,
+        )
 
     pkg_actions = _plan_packages(desired.packages, observed)
     actions += pkg_actions
@@ -269,7 +300,10 @@ def plan_host(desired: Desired, observed: Observed) -> HostPlan:
     actions += _plan_keypairs(keypairs, observed, warnings)
     actions += _plan_files(files, observed)
     actions += _plan_links(links, observed)
-    actions += _plan_prune(desired, observed)
+    prune_inventory = verdict is None or verdict.prune_inventory
+    actions += _plan_prune(desired, observed, use_inventory=prune_inventory)
+    if not prune_inventory:
+        warnings += _unpruned(desired, observed)
     t_actions, t_skipped = _plan_tunnels(desired.tunnels, observed)
     actions += t_actions
     skipped += t_skipped
@@ -281,6 +315,8 @@ def plan_host(desired: Desired, observed: Observed) -> HostPlan:
     actions.sort(key=lambda a: (int(a.domain), _KIND_ORDER.get(a.kind, 9), a.resource))
     actions = _insert_reloads(actions, desired)
     actions = _interrupted_reloads(actions, desired, observed)
+    if verdict is not None and verdict.record and identity is not None:
+        actions.append(_record_identity(identity, verdict))
 
     inventory = managed_paths(desired)
     if actions or tuple(sorted(observed.inventory)) != inventory:
@@ -310,7 +346,41 @@ def plan_host(desired: Desired, observed: Observed) -> HostPlan:
         noop_reason=noop,
         init_system=observed.init_system,
         observed=observed,
+        identity=identity,
     )
+
+
+def _record_identity(identity: HostIdentity, verdict: Judgement) -> Action:
+    """Written in the finish step, with the inventory, only when every other action succeeded."""
+    return Action(
+        kind=ActionKind.RECORD_IDENTITY,
+        resource=f"identity {IDENTITY_PATH}",
+        domain=Domain.FILES,
+        reason=verdict.message,
+        path=IDENTITY_PATH,
+    )
+
+
+def _unpruned(desired: Desired, observed: Observed) -> list[str]:
+    """Inventory paths that would have been pruned, had the inventory been this fleet's."""
+    left = [
+        p
+        for p in _inventory_candidates(desired, observed)
+        if _exists(observed, p) and not any(_under(p, d) for d in desired.owned_dirs)
+    ]
+    if not left:
+        return []
+    shown = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
+    return [
+        f"not pruned: {len(left)} path(s) in the host's inventory that this fleet does not declare "
+        f"({shown}): the inventory was not recorded under this fleet's identity, so they stay on "
+        "the host, no longer recorded (remove them by hand if unwanted)"
+    ]
+
+
+def _exists(observed: Observed, path: str) -> bool:
+    live = observed.files.get(path)
+    return live is None or (live.exists and live.kind != "dir")
 
 
 def managed_paths(desired: Desired) -> tuple[str, ...]:
@@ -604,13 +674,21 @@ def _under(path: str, directory: str) -> bool:
     return path.startswith(d)
 
 
-def _plan_prune(desired: Desired, observed: Observed) -> list[Action]:
+def _wanted_paths(desired: Desired) -> set[str]:
     wanted = set(managed_paths(desired)) | {k.private_path for k in desired.keypairs}
-    wanted |= {k.public_path for k in desired.keypairs}
-    candidates: set[str] = set()
-    for p in observed.inventory:
-        if p not in wanted:
-            candidates.add(p)
+    return wanted | {k.public_path for k in desired.keypairs}
+
+
+def _inventory_candidates(desired: Desired, observed: Observed) -> list[str]:
+    wanted = _wanted_paths(desired)
+    return sorted(p for p in set(observed.inventory) if p not in wanted)
+
+
+def _plan_prune(desired: Desired, observed: Observed, *, use_inventory: bool = True) -> list[Action]:
+    """``use_inventory=False``: the inventory is not this fleet's record (no identity yet, or
+    another fleet's): only the owned directories, wholly this fleet's, are pruned."""
+    wanted = _wanted_paths(desired)
+    candidates: set[str] = set(_inventory_candidates(desired, observed)) if use_inventory else set()
     for p, st in observed.files.items():
         if p in wanted or not st.exists or st.kind == "dir":
             continue

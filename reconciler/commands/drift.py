@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         fleet = load(args.repo)
-        reach = reach_from_args(args)
+        reach = reach_from_args(args, fleet)
     except FleetInvalid as err:
         print(str(err), file=sys.stderr)
         return 1

@@ -5,7 +5,10 @@ This command reads each host's public key file (``KeyPair.public_path``, the fir
 host renders) over SSH and writes it to the fleet repo as ``keys/<host>.pub`` (atomically). It
 does not commit: review the change with ``git diff keys/`` and commit it yourself (signed, as
 every fleet commit), so a public key enters the fleet only through the normal review path.
-A file that looks like a private key is refused and never written.
+A file that looks like a private key is refused and never written. The same round trip reads
+the host's identity (/etc/reconciler/identity): a host that is not this fleet's host of that
+name (another fleet's, or never applied) is refused, so a wrong address never brings another
+fleet's key into this one.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 
 from reconciler.commands.plan import Reach, add_connection_args, load, make_pool, reach_from_args
 from reconciler.errors import FleetInvalid, ReconcilerError
+from reconciler.identity import IDENTITY_PATH, SeenIdentity, Verdict, claim_for, judge, parse_section
 
 MAX_KEY_BYTES = 16 * 1024
 
@@ -61,6 +65,27 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+async def read_key(conn: Any, path: str) -> tuple[SeenIdentity | None, bytes | None, str]:
+    """One round trip: the host's identity and the public key file (a regular file, never
+    through a symlink). (identity, key or None, why the key could not be read)."""
+    from reconciler.observe import PRELUDE, new_nonce, split_sections
+    from reconciler.remote import ScriptBuilder
+
+    b = ScriptBuilder()
+    b.add(f"frame identity ident {b.ref(IDENTITY_PATH)}")
+    b.add(f"frame key file_head {b.ref(path)} {MAX_KEY_BYTES + 1}")
+    nonce = new_nonce()
+    res = await conn.run_script(b.script(PRELUDE), args=b.args, stdin_after=f"{nonce}\n".encode(), timeout=30)
+    sections = split_sections(res.stdout, res.stderr, nonce=nonce)
+    ident = sections.get("identity")
+    seen = parse_section(ident.body) if ident is not None and ident.exit_status == 0 else None
+    key = sections.get("key")
+    if key is None or key.exit_status != 0:
+        why = (key.stderr if key is not None else "") or "missing, or not a regular file"
+        return seen, None, why
+    return seen, key.body, ""
+
+
 async def collect(fleet: Any, hosts: list[str], pool: Any, repo: Path) -> list[tuple[str, str, bool]]:
     """(host, message, ok) per host; writes keys/<host>.pub for each key read."""
     from reconciler.engine import select_hosts
@@ -76,19 +101,23 @@ async def collect(fleet: Any, hosts: list[str], pool: Any, repo: Path) -> list[t
         kp = desired.keypairs[0]
         try:
             conn = await pool.get(name)
-            res = await conn.run(["cat", "--", kp.public_path], timeout=30)
+            seen, key, err_text = await read_key(conn, kp.public_path)
         except ReconcilerError as err:
             return name, str(err), False
-        if res.exit_status != 0:
-            err_text = res.stderr.decode(errors="replace").strip()
+        verdict = judge(claim_for(fleet, name), seen, adopt=False)
+        if verdict.verdict is Verdict.FIRST:
+            return name, "no identity on the host yet: run `reconciler apply` first", False
+        if verdict.verdict is not Verdict.MATCH:
+            return name, f"refused: {verdict.message.replace('; use --adopt', '; apply with --adopt')}", False
+        if key is None:
             return name, f"cannot read {kp.public_path} ({err_text}); run `reconciler apply` first", False
-        problem = check_public_key(res.stdout)
+        problem = check_public_key(key)
         if problem:
             return name, f"{kp.public_path}: {problem}", False
         dest = repo / "keys" / f"{name}.pub"
-        if dest.exists() and dest.read_bytes() == res.stdout:
+        if dest.exists() and dest.read_bytes() == key:
             return name, f"keys/{name}.pub unchanged", True
-        write_atomic(dest, res.stdout)
+        write_atomic(dest, key)
         return name, f"wrote keys/{name}.pub from {kp.public_path}", True
 
     names = select_hosts(fleet, hosts)
@@ -98,7 +127,7 @@ async def collect(fleet: Any, hosts: list[str], pool: Any, repo: Path) -> list[t
 def run(args: argparse.Namespace) -> int:
     try:
         fleet = load(args.repo)
-        reach: Reach = reach_from_args(args)
+        reach: Reach = reach_from_args(args, fleet)
     except FleetInvalid as err:
         print(f"fleet {args.repo} does not validate:\n{err}", file=sys.stderr)
         return 1

@@ -86,9 +86,16 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
 
+def _made_for(info: Any) -> str:
+    if info.fleet is None:
+        return "no fleet (`--lab` works only with a lab made by `reconciler lab up --fleet REPO`)"
+    return f"{info.fleet.describe()} (`--lab` refuses any other fleet)"
+
+
 def _info_dict(info: Any) -> dict[str, Any]:
     return {
         "prefix": info.prefix,
+        "fleet": {"name": info.fleet.name, "id": info.fleet.id} if info.fleet is not None else None,
         "state_dir": str(info.state_dir),
         "known_hosts": str(info.known_hosts),
         "client_key": str(info.client_key),
@@ -104,16 +111,20 @@ def _info_dict(info: Any) -> dict[str, Any]:
 
 def _up(args: argparse.Namespace) -> int:
     from reconciler.errors import ReconcilerError
-    from reconciler.lab import Lab, LabError, LabHostSpec, specs_from_repo
+    from reconciler.fleet.load import load_fleet
+    from reconciler.lab import Lab, LabError, LabFleet, LabHostSpec, specs_from_fleet
 
+    made_for: LabFleet | None = None  # `--lab` later refuses a fleet the lab was not made for
     if args.fleet is not None:
         try:
-            specs = specs_from_repo(args.fleet)
+            fleet = load_fleet(args.fleet)
+            specs = specs_from_fleet(fleet)
         except LabError:
             raise
         except ReconcilerError as exc:
             print(f"reconciler lab: fleet {args.fleet}:\n{exc}", file=sys.stderr)
             return 1
+        made_for = LabFleet.of(fleet)
     else:
         n = 3 if args.hosts is None else args.hosts
         if not 1 <= n <= 200:
@@ -124,7 +135,9 @@ def _up(args: argparse.Namespace) -> int:
     def progress(msg: str) -> None:
         print(f"reconciler lab: {msg}", file=sys.stderr, flush=True)
 
-    lab = Lab.up(specs, prefix=args.prefix, lock_timeout=args.wait, vm=args.vm, progress=progress)
+    lab = Lab.up(
+        specs, prefix=args.prefix, lock_timeout=args.wait, vm=args.vm, progress=progress, fleet=made_for
+    )
     lab.detach()
     info = lab.info
     if args.json:
@@ -137,6 +150,7 @@ def _up(args: argparse.Namespace) -> int:
         )
     else:
         print(f"lab {info.prefix} is up ({len(info.hosts)} hosts, bridge {info.bridge} 192.0.2.254)")
+    print(f"made for: {_made_for(info)}")
     for h in info.hosts:
         print(f"  {h.name:<20} {h.address:<15} netns {h.netns}")
     print(f"known_hosts: {info.known_hosts}")
@@ -232,6 +246,7 @@ def _status(args: argparse.Namespace) -> int:
     if current:
         kind = f", QEMU guests in netns {current.ssh_netns}" if current.kind == "vm" else ""
         print(f"current lab: {current.prefix} ({len(current.hosts)} hosts{kind})")
+        print(f"  made for: {_made_for(current)}")
         for h in current.hosts:
             print(f"  {h.name:<20} {h.address:<15} netns {h.netns}")
         print(f"  known_hosts: {current.known_hosts}\n  client key:  {current.client_key}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,11 @@ def add_connection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--identity", action="append", default=[], metavar="FILE", help="SSH private key (repeatable)"
     )
-    p.add_argument("--lab", action="store_true", help="use the lab started by `reconciler lab up`")
+    p.add_argument(
+        "--lab",
+        action="store_true",
+        help="use the lab started by `reconciler lab up --fleet REPO` (refused: a lab for another fleet)",
+    )
     p.add_argument("--connect-timeout", type=float, default=10.0, metavar="S", help="SSH connect timeout")
     p.add_argument("--command-timeout", type=float, default=120.0, metavar="S", help="per-command timeout")
 
@@ -44,13 +49,15 @@ class Reach:
     netns: str | None = None  # dial from inside this network namespace (a VM lab)
 
 
-def reach_from_args(args: argparse.Namespace) -> Reach:
+def reach_from_args(args: argparse.Namespace, fleet: Any) -> Reach:
+    """How to reach ``fleet``'s hosts. ``--lab``: only a lab made for this very fleet."""
     if args.lab:
         from reconciler.lab import Lab
 
         info = Lab.current()
         if info is None:
-            raise ReconcilerError("--lab: no lab is running (start one with `reconciler lab up`)")
+            raise ReconcilerError("--lab: no lab is running (start one: `reconciler lab up --fleet REPO`)")
+        check_lab_for(info, fleet, getattr(args, "host", None) or ())
         return Reach(
             str(info.known_hosts),
             (str(info.client_key),),
@@ -58,6 +65,32 @@ def reach_from_args(args: argparse.Namespace) -> Reach:
             info.ssh_netns or None,
         )
     return Reach(args.known_hosts, tuple(args.identity), {})
+
+
+def check_lab_for(info: Any, fleet: Any, hosts: Sequence[str] = ()) -> None:
+    """Refuse a lab (``LabInfo``) not made for ``fleet`` (by fleet id), or lacking one of the
+    fleet's hosts (selected ``hosts``, or all): a host missing from the lab would be dialled at
+    its real public address."""
+    from reconciler.identity import fleet_id
+
+    this = f"fleet '{fleet.name}' (id {fleet_id(fleet)})"
+    fix = "start a lab for it: `reconciler lab down && reconciler lab up --fleet REPO`"
+    if info.fleet is None:
+        raise ReconcilerError(
+            f"--lab: lab {info.prefix} was made for no fleet (`reconciler lab up --hosts N`); "
+            f"this is {this}: refusing; {fix}"
+        )
+    if info.fleet.id != fleet_id(fleet):
+        raise ReconcilerError(
+            f"--lab: lab {info.prefix} was made for {info.fleet.describe()}; this is {this}: refusing; {fix}"
+        )
+    in_lab = {h.name for h in info.hosts}
+    missing = [h for h in (hosts or [h.name for h in fleet.hosts]) if h not in in_lab]
+    if missing:
+        raise ReconcilerError(
+            f"--lab: lab {info.prefix} has no host {', '.join(missing)} (made from an older version of "
+            f"{this}?): refusing; {fix}"
+        )
 
 
 def load(repo: str) -> Any:
@@ -87,11 +120,13 @@ def make_pool(fleet: Any, reach: Reach, args: argparse.Namespace) -> Any:
 def register(sub: Any) -> None:
     p = sub.add_parser("plan", help="show what apply would change on each host (changes nothing)")
     add_connection_args(p)
+    add_adopt_arg(p, "plan the takeover of")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run_plan)
 
     a = sub.add_parser("apply", help="plan, confirm, then apply the plan to the hosts")
     add_connection_args(a)
+    add_adopt_arg(a, "take over")
     a.add_argument("--json", action="store_true", help="machine-readable output (needs --yes)")
     a.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     a.add_argument(
@@ -102,6 +137,15 @@ def register(sub: Any) -> None:
         help="seconds before a host restores its old firewall rules unless confirmed (default 10)",
     )
     a.set_defaults(func=run_apply)
+
+
+def add_adopt_arg(p: argparse.ArgumentParser, verb: str) -> None:
+    p.add_argument(
+        "--adopt",
+        action="store_true",
+        help=f"{verb} hosts whose /etc/reconciler/identity names another fleet or host name "
+        "(without it they are refused); their old inventory is never pruned",
+    )
 
 
 def _progress(total: int) -> Any:
@@ -122,7 +166,7 @@ def prepare(args: argparse.Namespace) -> tuple[Any, Reach] | int:
     """The fleet and how to reach its hosts, or an exit code after printing why not."""
     try:
         fleet = load(args.repo)
-        reach = reach_from_args(args)
+        reach = reach_from_args(args, fleet)
     except FleetInvalid as err:
         print(f"fleet {args.repo} does not validate:\n{err}", file=sys.stderr)
         return 1
@@ -144,7 +188,7 @@ def run_plan(args: argparse.Namespace) -> int:
     async def main() -> Any:
         async with make_pool(fleet, reach, args) as pool:
             total = len(args.host) or len(fleet.hosts)
-            return await plan_fleet(fleet, args.host, pool, progress=_progress(total))
+            return await plan_fleet(fleet, args.host, pool, progress=_progress(total), adopt=args.adopt)
 
     try:
         result = asyncio.run(main())
@@ -175,7 +219,7 @@ def run_apply(args: argparse.Namespace) -> int:
     async def main() -> tuple[Any, Any]:
         async with make_pool(fleet, reach, args) as pool:
             total = len(args.host) or len(fleet.hosts)
-            planned = await plan_fleet(fleet, args.host, pool, progress=_progress(total))
+            planned = await plan_fleet(fleet, args.host, pool, progress=_progress(total), adopt=args.adopt)
             if not args.json:
                 sys.stdout.write(render_plan(planned, color=color))
                 sys.stdout.flush()

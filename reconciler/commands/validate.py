@@ -15,6 +15,7 @@ from typing import Any
 from reconciler.errors import FleetInvalid, Problem
 from reconciler.fleet.load import load_fleet
 from reconciler.fleet.model import Fleet, Topology
+from reconciler.identity import fleet_id
 
 
 def register(sub: Any) -> None:
@@ -62,6 +63,18 @@ def summary(fleet: Fleet) -> str:
     )
 
 
+def fleet_id_note(fleet: Fleet) -> str:
+    """A note (not a warning: plans stay quiet) when fleet.yaml does not pin ``id:``."""
+    if fleet.id:
+        return ""
+    return (
+        f"fleet.yaml: note: id: not pinned: hosts record the fleet id {fleet_id(fleet)}, derived from "
+        f"the name '{fleet.name}', so another fleet with that name would pass for this one; pin a "
+        "unique id (e.g. `id: ` and the output of `uuidgen`) before the first apply (changing it "
+        "later needs `reconciler apply --adopt` on every host)"
+    )
+
+
 def _problem_json(p: Problem) -> dict[str, Any]:
     return {
         "file": p.file,
@@ -93,12 +106,17 @@ def run(args: argparse.Namespace) -> int:
         return 1
     for w in fleet.warnings:
         print(w, file=sys.stderr)
+    note = fleet_id_note(fleet)
+    if note:
+        print(note, file=sys.stderr)
     if args.json:
         print(
             json.dumps(
                 {
                     "valid": True,
                     "fleet": fleet.name,
+                    "fleet_id": fleet_id(fleet),
+                    "fleet_id_pinned": bool(fleet.id),
                     "counts": counts(fleet),
                     "warnings": list(fleet.warnings),
                 },

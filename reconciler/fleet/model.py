@@ -306,6 +306,8 @@ class Fleet:
     public_keys: Mapping[str, str] = field(default_factory=frozen_map)
     templates: Mapping[str, str] = field(default_factory=frozen_map)  # repo path -> text
     warnings: tuple[str, ...] = ()  # e.g. legacy crypto allowed for a host
+    # fleet.yaml ``id:``; "" = not pinned: reconciler.identity.fleet_id derives one from the name
+    id: str = ""
 
     def host(self, name: str) -> Host:
         for h in self.hosts:

@@ -97,6 +97,8 @@ class Checker:
         self.check_sites(sites)
         self.check_profiles(profiles)
         self.check_files(files, hosts, roles_by, files_by)
+        if settings is not None:
+            self.check_management_port(settings[2], hosts)
         public_keys: dict[str, str] = {}
         if settings is not None and mesh is not None:
             peers = self.check_mesh(mesh, hosts_by)
@@ -106,6 +108,7 @@ class Checker:
         name, mesh_, firewall, drift, notifications = settings
         return m.Fleet(
             name=name,
+            id=str(self.src.fleet.data.get("id", "")) if self.src.fleet is not None else "",
             mesh=mesh_,
             firewall=firewall,
             hosts=tuple(sorted((x.obj for x in hosts), key=lambda h: h.name)),
@@ -275,6 +278,43 @@ class Checker:
             for i, r in enumerate(h.roles):
                 if not self.exists("Role", r, roles):
                     self.err(doc, ("roles", i), f"unknown role {r!r}{_known(roles)}")
+
+    def check_management_port(self, firewall: m.FirewallPolicy, hosts: list[_Located]) -> None:
+        """The firewall admits management SSH only on ``firewall.management_port``, and the engine
+        reaches each host (and the dead-man switch confirms a firewall change over a NEW
+        connection) on the host's ``ssh.port``: they must be equal, or every firewall change cuts
+        SSH and is rolled back."""
+        doc = self.src.fleet
+        port = firewall.management_port
+        if doc is None:
+            return
+        field_: Path = ("firewall", "management_port")
+        where = self.where(doc, field_)
+        defaulted: list[str] = []
+        for x in sorted(hosts, key=lambda x: x.obj.name):
+            h: m.Host = x.obj
+            if h.ssh.port == port:
+                continue
+            if "port" in (x.doc.data.get("ssh") or {}):
+                self.err(
+                    x.doc,
+                    ("ssh", "port"),
+                    f"{h.ssh.port} differs from firewall.management_port {port} ({where}): the firewall "
+                    f"admits management SSH only on port {port}, so SSH to {h.name} and the dead-man "
+                    "switch's confirmation (a new SSH connection) would be cut and every firewall "
+                    "change rolled back; make them equal",
+                )
+            else:
+                defaulted.append(f"{h.name} ({x.doc.file})")
+        if defaulted:
+            self.err(
+                doc,
+                field_,
+                f"{port} differs from ssh.port 22 (the default: not set) of host(s) "
+                f"{', '.join(defaulted)}: the firewall admits management SSH only on port {port}, so "
+                "SSH to them and the dead-man switch's confirmation (a new SSH connection) would be "
+                "cut and every firewall change rolled back; set ssh.port or make them equal",
+            )
 
     def check_roles(
         self,

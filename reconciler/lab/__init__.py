@@ -9,7 +9,7 @@ from __future__ import annotations
 from reconciler.lab.capabilities import Capabilities, Capability, probe_capabilities
 from reconciler.lab.fleet import specs_from_fleet, specs_from_repo
 from reconciler.lab.lab import Lab
-from reconciler.lab.model import LabError, LabHost, LabHostSpec, LabInfo
+from reconciler.lab.model import LabError, LabFleet, LabHost, LabHostSpec, LabInfo
 from reconciler.lab.network import VOID_ADDRESS
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "Capability",
     "Lab",
     "LabError",
+    "LabFleet",
     "LabHost",
     "LabHostSpec",
     "LabInfo",

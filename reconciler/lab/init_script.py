@@ -49,6 +49,8 @@ chmod 600 "$M/etc/ssh/ssh_host_ed25519_key"
 cp "$H/etc/sshd_config" "$M/etc/ssh/sshd_config"
 rm -f "$M/etc/machine-id"
 : > "$M/etc/machine-id"
+# a new host: nothing of the machine's own reconciler state (host identity, inventory, journal)
+rm -rf "$M/etc/reconciler/identity" "$M/var/lib/reconciler"
 
 # -- become the host: the overlay is our root, the machine's root is gone from view
 cd "$M"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from reconciler.lab import cleanup, host, lock, network, procs, vm_lab
 from reconciler.lab.init_script import INIT_SCRIPT
-from reconciler.lab.model import LabError, LabHost, LabHostSpec, LabInfo
+from reconciler.lab.model import LabError, LabFleet, LabHost, LabHostSpec, LabInfo
 from reconciler.lab.state import (
     HostRecord,
     LabState,
@@ -86,6 +86,7 @@ def _info_from_state(state: LabState) -> LabInfo:
         bridge=state.bridge,
         kind=state.kind,
         ssh_netns=str(state.vm.get("netns", "")) if state.kind == "vm" else "",
+        fleet=LabFleet(state.fleet["name"], state.fleet["id"]) if state.fleet else None,
     )
 
 
@@ -112,10 +113,12 @@ class Lab:
         ready_timeout: float | None = None,
         vm: bool = False,
         progress: Callable[[str], None] | None = None,
+        fleet: LabFleet | None = None,
     ) -> Lab:
         """Build the hosts and wait until every sshd answers. On any failure, remove it all.
         ``vm=True``: every host is a QEMU guest with its own kernel (``vm_lab``, docs/LAB.md);
-        the base image is built first if it is not cached (minutes, once)."""
+        the base image is built first if it is not cached (minutes, once). ``fleet``: the fleet
+        the lab is made for (``--lab`` refuses any other; None: no fleet)."""
         _validate_specs(specs)
         if ready_timeout is None:
             ready_timeout = vm_lab.DEFAULT_READY_TIMEOUT if vm else 120.0
@@ -148,9 +151,9 @@ class Lab:
                 raise LabError("lab host addresses used by this machine itself: " + ", ".join(clash))
             lock_wait = time.monotonic() - t_wait
             if vm:
-                lab = cls._build_vm(prefix, specs, ready_timeout, progress)
+                lab = cls._build_vm(prefix, specs, ready_timeout, progress, fleet)
             else:
-                lab = cls._build(prefix, specs, ready_timeout)
+                lab = cls._build(prefix, specs, ready_timeout, fleet)
             lab.timings["lock_wait"] = lock_wait
         except BaseException:
             cleanup.down_prefix(prefix, release_lock=True)
@@ -176,7 +179,9 @@ class Lab:
             cleanup.down_prefix(other, release_lock=False)
 
     @classmethod
-    def _build(cls, prefix: str, specs: Sequence[LabHostSpec], ready_timeout: float) -> Lab:
+    def _build(
+        cls, prefix: str, specs: Sequence[LabHostSpec], ready_timeout: float, fleet: LabFleet | None = None
+    ) -> Lab:
         t0 = time.monotonic()
         d = lab_dir(prefix)
         d.mkdir(mode=0o700, parents=True, exist_ok=False)
@@ -196,6 +201,7 @@ class Lab:
                 )
                 for i, s in enumerate(specs)
             ],
+            fleet={"name": fleet.name, "id": fleet.id} if fleet is not None else None,
         )
         state.save()  # recorded before anything exists, so a crash from here on is cleanable
 
@@ -264,8 +270,12 @@ class Lab:
         specs: Sequence[LabHostSpec],
         ready_timeout: float,
         progress: Callable[[str], None] | None,
+        fleet: LabFleet | None = None,
     ) -> Lab:
         state, popens, timings = vm_lab.build(prefix, specs, ready_timeout, progress=progress)
+        if fleet is not None:
+            state.fleet = {"name": fleet.name, "id": fleet.id}
+            state.save()
         lab = cls(_info_from_state(state), owned=True)
         lab._popens = popens
         lab.timings.update(timings)

@@ -6,6 +6,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from reconciler.errors import ReconcilerError
 
@@ -62,6 +63,24 @@ class LabHost:
 
 
 @dataclass(frozen=True)
+class LabFleet:
+    """The fleet a lab was made for (``lab up --fleet REPO``): its name and fleet id."""
+
+    name: str
+    id: str
+
+    @classmethod
+    def of(cls, fleet: Any) -> LabFleet:
+        """``fleet`` is a ``reconciler.fleet.model.Fleet``."""
+        from reconciler.identity import fleet_id
+
+        return cls(name=str(fleet.name), id=fleet_id(fleet))
+
+    def describe(self) -> str:
+        return f"fleet '{self.name}' (id {self.id})"
+
+
+@dataclass(frozen=True)
 class LabInfo:
     """Where a lab's files are; enough for the engine to reach every host with strict keys."""
 
@@ -74,6 +93,7 @@ class LabInfo:
     kind: str = "netns"  # "netns": hosts in namespaces; "vm": QEMU guests (docs/LAB.md)
     # a VM lab's hosts are reached from inside this network namespace (SshTarget.netns)
     ssh_netns: str = ""
+    fleet: LabFleet | None = None  # None: made for no fleet (``lab up --hosts N``)
 
     def host(self, name: str) -> LabHost:
         for h in self.hosts:

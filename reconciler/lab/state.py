@@ -87,6 +87,7 @@ class LabState:
     neigh_limits: dict[str, list[int]] = field(default_factory=dict)  # sysctl key -> [old, new]
     kind: str = "netns"  # netns | vm
     vm: dict[str, Any] = field(default_factory=dict)  # VM labs: netns, image key, accelerator
+    fleet: dict[str, str] | None = None  # {"name", "id"} of the fleet it was made for; None: none
 
     def to_json(self) -> str:
         data: dict[str, Any] = {
@@ -102,6 +103,7 @@ class LabState:
             "neigh_limits": self.neigh_limits,
             "kind": self.kind,
             "vm": self.vm,
+            "fleet": self.fleet,
         }
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
@@ -120,10 +122,17 @@ class LabState:
             neigh_limits={str(k): [int(x) for x in v] for k, v in data.get("neigh_limits", {}).items()},
             kind=str(data.get("kind", "netns")),
             vm=dict(data.get("vm", {})),
+            fleet=_fleet_record(data.get("fleet")),
         )
 
     def save(self) -> None:
         atomic_write(lab_dir(self.prefix) / "state.json", self.to_json())
+
+
+def _fleet_record(value: Any) -> dict[str, str] | None:
+    if not isinstance(value, dict) or not value.get("name") or not value.get("id"):
+        return None
+    return {"name": str(value["name"]), "id": str(value["id"])}
 
 
 def load_state(prefix: str) -> LabState | None:

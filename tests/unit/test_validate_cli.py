@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.cli import main
+from reconciler.identity import derived_fleet_id
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "fleet-repo-example"
@@ -30,7 +31,36 @@ def test_valid_fleet_exit_0_and_summary(capsys: pytest.CaptureFixture[str]) -> N
     assert main(["validate", str(EXAMPLE)]) == 0
     out, err = capsys.readouterr()
     assert out == "fleet example: 4 hosts, 6 links, 2 roles, 1 site, 1 AppArmor profile, 1 managed file\n"
-    assert err == ""
+    assert err == ID_NOTE + "\n"
+
+
+# the example pins no fleet id: validate says so (a note on stderr, not a warning)
+ID_NOTE = (
+    f"fleet.yaml: note: id: not pinned: hosts record the fleet id {derived_fleet_id('example')}, derived "
+    "from the name 'example', so another fleet with that name would pass for this one; pin a unique id "
+    "(e.g. `id: ` and the output of `uuidgen`) before the first apply (changing it later needs "
+    "`reconciler apply --adopt` on every host)"
+)
+
+
+def test_a_pinned_fleet_id_gives_no_note_and_shows_in_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(EXAMPLE, repo)
+    fleet = repo / "fleet.yaml"
+    fleet.write_text(fleet.read_text().replace("name: example\n", "name: example\nid: shop-0001-aaaa\n"))
+    assert main(["validate", str(repo)]) == 0
+    assert capsys.readouterr().err == ""
+    assert main(["validate", "--json", str(repo)]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert (data["fleet_id"], data["fleet_id_pinned"]) == ("shop-0001-aaaa", True)
+    assert main(["validate", "--json", str(EXAMPLE)]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert (data["fleet_id"], data["fleet_id_pinned"]) == (derived_fleet_id("example"), False)
+    fleet.write_text(fleet.read_text().replace("id: shop-0001-aaaa", "id: short"))
+    assert main(["validate", str(repo)]) == 1
+    assert "fleet.yaml:5:5: id: 'short' is not valid: must be this fleet's stable id" in capsys.readouterr().err
 
 
 def test_repo_defaults_to_current_directory(
@@ -64,7 +94,7 @@ def test_warnings_go_to_stderr_and_still_exit_0(tmp_path: Path, capsys: pytest.C
     assert out.startswith("fleet example:")
     assert err == (
         "fleet.yaml:12:19: mesh.esp_proposals[0]: warning: aes256gcm16: ESP proposal without a key exchange "
-        "method: no perfect forward secrecy\n"
+        "method: no perfect forward secrecy\n" + ID_NOTE + "\n"
     )
 
 

@@ -1,0 +1,276 @@
+"""Host identity: which fleet, under which host name, manages a host. Pure (no I/O).
+
+The first fully successful apply writes ``/etc/reconciler/identity`` (in its finish step, with the
+inventory); every observation reads it back (one section of shell builtins: no extra process);
+plan and apply refuse a host that another fleet, or this fleet under another host name, has
+claimed, unless told to take it over (``--adopt``). See docs/ENGINE.md, "Host identity".
+
+The file is small, versioned and line based (``key value``; ``#`` comments)::
+
+    # reconciler host identity: the fleet that manages this host. Written by `reconciler
+    # apply`; to move the host to another fleet, apply that fleet with --adopt.
+    format reconciler-identity/1
+    fleet shop-prod
+    fleet_id 6f1c2e0a-5d7b-4c1e-9a53-2f0d8c7b1e44
+    host web1
+
+The fleet id is ``id:`` of fleet.yaml when pinned, else derived from the fleet's name
+(``derived_fleet_id``): two fleets with the same name and no pinned id look like one fleet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+IDENTITY_PATH = "/etc/reconciler/identity"
+IDENTITY_DIR = "/etc/reconciler"
+FORMAT = "reconciler-identity/1"
+MAX_LINES = 64  # the observation reads at most this many lines (the format has 4 and comments)
+
+FLEET_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{7,63}$"  # also in schemas/fleet.schema.json
+_FLEET_ID = re.compile(FLEET_ID_PATTERN)
+_FLEET_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+_HOST_NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
+_KEYS = ("format", "fleet", "fleet_id", "host")
+
+
+@dataclass(frozen=True)
+class HostIdentity:
+    """A fleet's claim on a host: what the identity file records."""
+
+    fleet: str
+    fleet_id: str
+    host: str
+
+    def describe(self) -> str:
+        return f"fleet '{self.fleet}' (id {self.fleet_id}) as host '{self.host}'"
+
+
+def derived_fleet_id(name: str) -> str:
+    """The fleet id of a fleet.yaml without ``id:``: a stable hash of the fleet's name."""
+    digest = hashlib.sha256(b"reconciler fleet id v1\0" + name.encode()).hexdigest()
+    return f"derived-{digest[:16]}"
+
+
+def fleet_id(fleet: Any) -> str:
+    """``fleet.id`` when fleet.yaml pins one, else derived from ``fleet.name``."""
+    pinned = getattr(fleet, "id", "") or ""
+    return str(pinned) if pinned else derived_fleet_id(str(fleet.name))
+
+
+def claim_for(fleet: Any, host: str) -> HostIdentity:
+    """The identity this fleet records on its host ``host``."""
+    return HostIdentity(fleet=str(fleet.name), fleet_id=fleet_id(fleet), host=host)
+
+
+# ---------------------------------------------------------------- the file
+
+
+def format_identity(ident: HostIdentity) -> bytes:
+    return (
+        "# reconciler host identity: the fleet that manages this host. Written by `reconciler\n"
+        "# apply`; to move the host to another fleet, apply that fleet with --adopt.\n"
+        f"format {FORMAT}\n"
+        f"fleet {ident.fleet}\n"
+        f"fleet_id {ident.fleet_id}\n"
+        f"host {ident.host}\n"
+    ).encode()
+
+
+class IdentityFormatError(ValueError):
+    """The identity file is not one this reconciler writes; ``unsupported``: a newer format."""
+
+    def __init__(self, message: str, *, unsupported: bool = False) -> None:
+        super().__init__(message)
+        self.unsupported = unsupported
+
+
+def parse_identity(data: bytes) -> HostIdentity:
+    """Strict: UTF-8, ``key value`` lines, each key once, nothing unknown; raises IdentityFormatError."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise IdentityFormatError("not UTF-8 text") from None
+    lines = text.splitlines()
+    if len(lines) >= MAX_LINES:
+        raise IdentityFormatError(f"more than {MAX_LINES - 1} lines")
+    found: dict[str, str] = {}
+    for n, raw in enumerate(lines, 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, _, value = line.partition(" ")
+        value = value.strip()
+        if key not in _KEYS:
+            raise IdentityFormatError(f"line {n}: unknown key {_short(key)}")
+        if key in found:
+            raise IdentityFormatError(f"line {n}: {key} given twice")
+        found[key] = value
+    fmt = found.get("format")
+    if fmt is None:
+        raise IdentityFormatError("no format line")
+    if fmt != FORMAT:
+        if fmt.startswith("reconciler-identity/"):
+            raise IdentityFormatError(f"format {_short(fmt)}, this one reads {FORMAT}", unsupported=True)
+        raise IdentityFormatError(f"format {_short(fmt)} is not {FORMAT}")
+    missing = [k for k in _KEYS if k not in found]
+    if missing:
+        raise IdentityFormatError(f"no {', '.join(missing)} line")
+    for key, pattern in (("fleet", _FLEET_NAME), ("fleet_id", _FLEET_ID), ("host", _HOST_NAME)):
+        if not pattern.match(found[key]):
+            raise IdentityFormatError(f"{key} {_short(found[key])} is not a valid {key.replace('_', ' ')}")
+    return HostIdentity(fleet=found["fleet"], fleet_id=found["fleet_id"], host=found["host"])
+
+
+def _short(value: str, limit: int = 40) -> str:
+    """A bounded, escaped repr: the file may hold anything (terminal escapes included)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 4] + "...'"
+
+
+# ---------------------------------------------------------------- what the observation saw
+
+
+class Seen(StrEnum):
+    ABSENT = "absent"  # no identity file: a host no fleet has claimed yet
+    FILE = "file"  # a valid identity file (``SeenIdentity.identity``)
+    GARBAGE = "garbage"  # a regular file that is not a valid identity file
+    UNSUPPORTED = "unsupported"  # written by a newer reconciler (a newer format)
+    LINK = "link"  # the identity path is a symbolic link (never followed)
+    NOT_FILE = "notfile"  # a directory, FIFO, socket or device
+    DIR_LINK = "dirlink"  # /etc/reconciler is a symbolic link
+    DIR_NOT_DIR = "dirnotdir"  # /etc/reconciler is not a directory
+    NOT_OWNER = "notowner"  # the file or /etc/reconciler is not owned by root
+
+
+@dataclass(frozen=True)
+class SeenIdentity:
+    kind: Seen
+    identity: HostIdentity | None = None
+    detail: str = ""  # why a file is garbage
+
+
+def parse_section(body: bytes) -> SeenIdentity:
+    """The observation's identity section: ``state KIND`` then, for ``file``, the file's lines."""
+    head, _, rest = body.partition(b"\n")
+    state = head.decode("ascii", errors="replace").strip().removeprefix("state ")
+    try:
+        kind = Seen(state)
+    except ValueError:
+        return SeenIdentity(Seen.GARBAGE, detail=f"unexpected probe output {_short(state)}")
+    if kind is not Seen.FILE:
+        return SeenIdentity(kind)
+    try:
+        return SeenIdentity(Seen.FILE, parse_identity(rest))
+    except IdentityFormatError as err:
+        return SeenIdentity(Seen.UNSUPPORTED if err.unsupported else Seen.GARBAGE, detail=str(err))
+
+
+# ---------------------------------------------------------------- the verdict
+
+
+class Verdict(StrEnum):
+    MATCH = "match"  # this fleet's host: plan as usual (prune from the inventory)
+    FIRST = "first"  # no identity yet: this apply records it (no prune from the inventory)
+    ADOPT = "adopt"  # claimed otherwise, taken over with --adopt (no prune from the inventory)
+    REFUSE = "refuse"  # claimed otherwise: nothing is planned, nothing changes
+
+
+@dataclass(frozen=True)
+class Judgement:
+    verdict: Verdict
+    message: str  # the refusal, or why the identity is (re)written
+    record: bool = False  # write this fleet's identity in the finish step
+    previous: HostIdentity | None = None  # the claim found on the host
+
+    @property
+    def prune_inventory(self) -> bool:
+        """The inventory on the host is this fleet's record only when the identity matched."""
+        return self.verdict is Verdict.MATCH
+
+
+_ADOPT_HINT = "use --adopt to take it over"
+
+
+def judge(claim: HostIdentity, seen: SeenIdentity | None, *, adopt: bool) -> Judgement:
+    """What this fleet may do on a host whose identity file the observation saw as ``seen``."""
+    if seen is None:
+        return Judgement(Verdict.REFUSE, f"its identity ({IDENTITY_PATH}) could not be read: refusing")
+    if seen.kind is Seen.ABSENT:
+        return Judgement(
+            Verdict.FIRST,
+            f"no identity on the host yet: the first apply records it ({claim.describe()} "
+            f"in {IDENTITY_PATH})",
+            record=True,
+        )
+    if seen.kind is Seen.FILE and seen.identity is not None:
+        found = seen.identity
+        if found.fleet_id == claim.fleet_id and found.host == claim.host:
+            if found == claim:
+                return Judgement(Verdict.MATCH, "", previous=found)
+            return Judgement(
+                Verdict.MATCH,
+                f"the identity names the fleet '{found.fleet}'; this fleet (id {claim.fleet_id}) is "
+                f"now called '{claim.fleet}'",
+                record=True,
+                previous=found,
+            )
+        if adopt:
+            return Judgement(
+                Verdict.ADOPT,
+                f"belongs to {found.describe()}: taken over (--adopt) as {claim.describe()}",
+                record=True,
+                previous=found,
+            )
+        if found.fleet_id == claim.fleet_id:
+            return Judgement(
+                Verdict.REFUSE,
+                f"is host '{found.host}' of this fleet '{claim.fleet}' (id {claim.fleet_id}), not "
+                f"'{claim.host}' (a wrong address, or a renamed host?): refusing; {_ADOPT_HINT}",
+                previous=found,
+            )
+        hint = ""
+        if found.fleet == claim.fleet and found.fleet_id == derived_fleet_id(found.fleet):
+            hint = " (recorded before fleet.yaml pinned its id? then adopt it once)"
+        return Judgement(
+            Verdict.REFUSE,
+            f"belongs to {found.describe()}; this is fleet '{claim.fleet}' (id {claim.fleet_id}): "
+            f"refusing; {_ADOPT_HINT}{hint}",
+            previous=found,
+        )
+    # a file we cannot read as an identity: replaceable with --adopt (rename replaces a link
+    # itself, never its target); what is in the way of a safe write: fixed by hand only
+    replaceable = {
+        Seen.GARBAGE: f"{IDENTITY_PATH} is not a valid identity file ({seen.detail})",
+        Seen.UNSUPPORTED: f"{IDENTITY_PATH} was written by a newer reconciler ({seen.detail})",
+        Seen.LINK: f"{IDENTITY_PATH} is a symbolic link (not followed)",
+    }
+    if seen.kind in replaceable:
+        if adopt:
+            return Judgement(
+                Verdict.ADOPT,
+                f"{replaceable[seen.kind]}: replaced (--adopt) by {claim.describe()}",
+                record=True,
+            )
+        return Judgement(Verdict.REFUSE, f"{replaceable[seen.kind]}: refusing; {_ADOPT_HINT}")
+    by_hand = {
+        Seen.NOT_FILE: f"{IDENTITY_PATH} is not a regular file",
+        Seen.DIR_LINK: f"{IDENTITY_DIR} is a symbolic link",
+        Seen.DIR_NOT_DIR: f"{IDENTITY_DIR} is not a directory",
+        Seen.NOT_OWNER: f"{IDENTITY_PATH} or {IDENTITY_DIR} is not owned by root (whoever owns it "
+        "could claim or disown this host)",
+    }
+    what = by_hand.get(seen.kind, f"{IDENTITY_PATH}: unexpected state {seen.kind}")
+    return Judgement(Verdict.REFUSE, f"{what}: refusing, also with --adopt; fix it by hand")
+
+
+def identity_in_line(fleet: Any, host: str, kind: str | None, sha256: str | None) -> bool:
+    """Whether a snapshot entry of IDENTITY_PATH is exactly what this fleet writes on ``host``
+    (the drift scan counts it as managed, not as a new file)."""
+    if kind != "file" or sha256 is None:
+        return False
+    return sha256 == hashlib.sha256(format_identity(claim_for(fleet, host))).hexdigest()
