@@ -319,6 +319,41 @@ def test_management_sources_must_not_be_empty() -> None:
     assert errs == ["fleet.yaml:17:3: firewall: missing required field 'management_sources'"]
 
 
+def test_management_port_must_equal_every_hosts_ssh_port() -> None:
+    """The firewall admits SSH only on management_port; the engine and the dead-man switch's
+    confirmation connect to ssh.port: a mismatch would cut SSH and roll back every change."""
+    changes = edit("fleet.yaml", "management_port: 22", "management_port: 2222")
+    for host in ("web1", "web2", "db2"):
+        changes |= edit(
+            f"hosts/{host}.yaml", "  port: 22\n", "  port: 2222\n" if host != "web2" else "  port: 2200\n"
+        )
+    changes |= edit("hosts/db1.yaml", "  port: 22\n", "")  # the default, 22
+    assert errors(changes) == [
+        "fleet.yaml:18:20: firewall.management_port: 2222 differs from ssh.port 22 (the default: not set) of "
+        "host(s) db1 (hosts/db1.yaml): the firewall admits management SSH only on port 2222, so SSH to them and "
+        "the dead-man switch's confirmation (a new SSH connection) would be cut and every firewall change "
+        "rolled back; set ssh.port or make them equal",
+        "hosts/web2.yaml:9:9: ssh.port: 2200 differs from firewall.management_port 2222 (fleet.yaml:18:20): the "
+        "firewall admits management SSH only on port 2222, so SSH to web2 and the dead-man switch's "
+        "confirmation (a new SSH connection) would be cut and every firewall change rolled back; make them equal",
+    ]
+    changes |= edit("hosts/db1.yaml", "  port: 22\n", "  port: 2222\n")
+    changes |= edit("hosts/web2.yaml", "  port: 22\n", "  port: 2222\n")
+    assert valid(changes).firewall.management_port == 2222
+    # the default on both sides is fine; so is the default port written out on one side only
+    assert valid(edit("fleet.yaml", "  management_port: 22\n", "")).firewall.management_port == 22
+
+
+def test_fleet_id_is_optional_and_pinned_as_written() -> None:
+    assert valid({}).id == ""
+    assert (
+        valid(edit("fleet.yaml", "name: example\n", "name: example\nid: 6f1c2e0a-5d7b\n")).id
+        == "6f1c2e0a-5d7b"
+    )
+    errs = errors(edit("fleet.yaml", "name: example\n", "name: example\nid: -bad id\n"))
+    assert len(errs) == 1 and errs[0].startswith("fleet.yaml:5:5: id: '-bad id' is not valid")
+
+
 # ---------------------------------------------------------------- mail
 
 

@@ -60,7 +60,9 @@ def test_a_pinned_fleet_id_gives_no_note_and_shows_in_json(
     assert (data["fleet_id"], data["fleet_id_pinned"]) == (derived_fleet_id("example"), False)
     fleet.write_text(fleet.read_text().replace("id: shop-0001-aaaa", "id: short"))
     assert main(["validate", str(repo)]) == 1
-    assert "fleet.yaml:5:5: id: 'short' is not valid: must be this fleet's stable id" in capsys.readouterr().err
+    assert (
+        "fleet.yaml:5:5: id: 'short' is not valid: must be this fleet's stable id" in capsys.readouterr().err
+    )
 
 
 def test_repo_defaults_to_current_directory(
