@@ -370,7 +370,7 @@ def _unpruned(desired: Desired, observed: Observed) -> list[str]:
     ]
     if not left:
         return []
-    shown = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
+    shown = ", ".join(left[:20]) + (f" and {len(left) - 20} more" if len(left) > 20 else "")
     return [
         f"not pruned: {len(left)} path(s) in the host's inventory that this fleet does not declare "
         f"({shown}): the inventory was not recorded under this fleet's identity, so they stay on "
