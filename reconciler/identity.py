@@ -5,10 +5,8 @@ inventory); every observation reads it back (one section of shell builtins: no e
 plan and apply refuse a host that another fleet, or this fleet under another host name, has
 claimed, unless told to take it over (``--adopt``). See docs/ENGINE.md, "Host identity".
 
-The file is small, versioned and line based (``key value``; ``#`` comments)::
+The file is small, versioned and line based (``key value``; ``#`` comments are allowed)::
 
-    # reconciler host identity: the fleet that manages this host. Written by `reconciler
-    # apply`; to move the host to another fleet, apply that fleet with --adopt.
     format reconciler-identity/1
     fleet shop-prod
     fleet_id 6f1c2e0a-5d7b-4c1e-9a53-2f0d8c7b1e44
@@ -71,14 +69,10 @@ def claim_for(fleet: Any, host: str) -> HostIdentity:
 
 
 def format_identity(ident: HostIdentity) -> bytes:
-    return (
-        "# reconciler host identity: the fleet that manages this host. Written by `reconciler\n"
-        "# apply`; to move the host to another fleet, apply that fleet with --adopt.\n"
-        f"format {FORMAT}\n"
-        f"fleet {ident.fleet}\n"
-        f"fleet_id {ident.fleet_id}\n"
-        f"host {ident.host}\n"
-    ).encode()
+    # no comment, nothing but the four lines: every observation reads it with the shell's read
+    # builtin, one byte per read(2) (~1 us each)
+    lines = (f"format {FORMAT}", f"fleet {ident.fleet}", f"fleet_id {ident.fleet_id}", f"host {ident.host}")
+    return "".join(f"{line}\n" for line in lines).encode()
 
 
 class IdentityFormatError(ValueError):
