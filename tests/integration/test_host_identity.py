@@ -19,7 +19,7 @@ from reconciler.cli import main
 from reconciler.connection import ConnectionPool, targets_for
 from reconciler.daemon import engine_step
 from reconciler.engine import ERROR, reconcile_fleet
-from reconciler.errors import IdentityMismatch, Terminal
+from reconciler.errors import Reason, Terminal
 from reconciler.fleet.load import load_fleet
 from reconciler.identity import HostIdentity, derived_fleet_id, parse_identity
 from reconciler.lab import Lab, LabFleet, LabHostSpec
@@ -206,11 +206,12 @@ def test_another_fleet_is_refused_by_plan_apply_and_the_daemon_with_nothing_chan
             result = await reconcile_fleet(fleet_b, None, pool, apply=True, firewall_window=4)
             outcome = result.hosts[0]
             assert outcome.status == ERROR and outcome.result is None and outcome.error == REFUSED
-            assert isinstance(outcome.exception, IdentityMismatch)
+            assert outcome.failure is not None and outcome.failure.reason is Reason.IDENTITY_MISMATCH
+            assert outcome.failure.terminal
             # the daemon's step raises it: Terminal, no retry until a new commit (or adopt)
-            with pytest.raises(IdentityMismatch) as err:
+            with pytest.raises(Terminal) as err:
                 await engine_step("db2", Target("c0ffee", fleet_b, ("db2",)), pool, apply=True)
-            assert isinstance(err.value, Terminal) and str(err.value) == REFUSED
+            assert err.value.reason is Reason.IDENTITY_MISMATCH and str(err.value) == REFUSED
 
     asyncio.run(daemon_path())
     # positive evidence first: the host answered (it was observed: the refusal quotes its file) ...

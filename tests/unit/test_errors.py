@@ -213,7 +213,8 @@ async def test_engine_incomplete_observation_is_transient(
         return object()
 
     monkeypatch.setattr(engine, "observe_host", observe)
-    monkeypatch.setattr(engine, "plan_host", lambda d, o: HostPlan("web1", errors=("iptables-save failed",)))
+    incomplete = HostPlan("web1", errors=("iptables-save failed",))
+    monkeypatch.setattr(engine, "plan_host", lambda *_a, **_k: incomplete)
     out = await engine._plan_one(fleet, "web1", _Pool(), None)
     assert (
         out.failure is not None

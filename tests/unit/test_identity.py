@@ -424,3 +424,43 @@ def test_finish_never_writes_the_identity_without_the_inventory(tmp_path: Path) 
     out = _finish(tmp_path, inventory=True, identity=THIS)
     assert "@@INV failed" in out and "@@ID" not in out
     assert not (tmp_path / "etc/reconciler/identity").exists()
+
+
+# ---------------------------------------------------------------- the engine
+
+
+class _Conn:
+    class target:  # noqa: N801 - stands for SshTarget
+        address = "192.0.2.77"
+
+
+class _Pool:
+    async def get(self, host: str) -> object:
+        return _Conn()
+
+
+async def test_engine_refuses_with_a_terminal_identity_mismatch_and_adopts_only_named_hosts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from reconciler import engine
+    from reconciler.errors import Reason
+    from reconciler.fleet.load import load_fleet
+
+    fleet = load_fleet(Path(__file__).resolve().parents[2] / "fleet-repo-example")
+
+    async def observe(conn: object, desired: Desired, **_k: object) -> Observed:
+        return Observed(host=desired.host, identity=SeenIdentity(Seen.FILE, A))
+
+    monkeypatch.setattr(engine, "observe_host", observe)
+    out = await engine._plan_one(fleet, "web1", _Pool(), None)
+    assert out.status == engine.ERROR and out.plan is None and out.result is None
+    assert out.error == (
+        f"web1 (192.0.2.77) belongs to fleet 'shop-prod' (id {A.fleet_id}) as host 'db2'; this is fleet "
+        f"'example' (id {derived_fleet_id('example')}): refusing; use --adopt to take it over"
+    )
+    assert out.failure is not None and out.failure.reason is Reason.IDENTITY_MISMATCH and out.failure.terminal
+    # a planned-only takeover, for the named hosts only
+    adopted = await engine._plan_one(fleet, "web1", _Pool(), None, adopt={"web1"})
+    assert adopted.plan is not None and adopted.plan.actions[-1].kind is ActionKind.RECORD_IDENTITY
+    other = await engine._plan_one(fleet, "web1", _Pool(), None, adopt={"db1"})
+    assert other.status == engine.ERROR
