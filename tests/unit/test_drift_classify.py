@@ -66,7 +66,7 @@ def test_commit_message_marks_drift_and_not_drift() -> None:
     assert msg.splitlines()[0] == "web1: 2 changed, 1 new, 0 removed in /etc"
     assert drift == ("/etc/b.conf", "/etc/new", "/etc/shadow")
     assert "Changed:\n  /etc/b.conf" in msg and "Changed:\n  /etc/a.conf" not in msg
-    assert "  /etc/shadow (secret changed; content not stored)" in msg
+    assert "  /etc/shadow (secret (content hidden))" in msg
     assert "Managed by the fleet and now different from it (drift mode enforce):" in msg
     assert "  /etc/b.conf: content differs from the fleet" in msg
     assert "Now as the fleet wants them (not drift):\n  /etc/a.conf" in msg
