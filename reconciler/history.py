@@ -240,12 +240,23 @@ def _content_change(a: Recorded, b: Recorded) -> str | None:
     return f"-> {display_path(b.target or '')}" if b.kind == "link" else ""
 
 
+def _new_note(b: Recorded | None) -> str:
+    if b is None or b.kind != "file":
+        return ""
+    return {
+        "secret": SECRET_NOTE,
+        "large": LARGE_NOTE,
+        "unreadable": "could not be read: content unknown",
+        "hash-only": "a name git cannot store: recorded by sha256 only",
+    }.get(b.stored, "")
+
+
 def diff_meta(host: str, old: Mapping[str, Recorded], new: Mapping[str, Recorded]) -> ChangeSet:
     out: list[Change] = []
     for p in sorted(set(old) | set(new)):
         a, b = old.get(p), new.get(p)
         if a is None:
-            out.append(Change(p, "new", SECRET_NOTE if b is not None and b.secret is not None else ""))
+            out.append(Change(p, "new", _new_note(b)))
         elif b is None:
             out.append(Change(p, "removed"))
         elif a.kind != b.kind:
