@@ -475,6 +475,15 @@ async def test_canary_secrets_never_leave_the_host(
         p: f"CANARY{i}x{os.urandom(6).hex()}" for i, p in enumerate([*SECRET_FILES, "/etc/app/later.conf"])
     }
     env = Env(tmp_path, lab, fleet_with(example, smtp), smtp)
+    try:
+        await _canaries_stay_on_the_host(env, lab, host, canaries, caplog)
+    finally:
+        sh(lab, host, "rm -rf /etc/app /etc/letsencrypt /etc/kubernetes /etc/postfix/sasl_passwd")
+
+
+async def _canaries_stay_on_the_host(
+    env: Env, lab: Lab, host: str, canaries: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
     sh(lab, host, "mkdir -p /etc/app && echo 'plain = 1' > /etc/app/later.conf")
     await env.scan(host)
     await env.deliver()
@@ -512,4 +521,3 @@ async def test_canary_secrets_never_leave_the_host(
         assert not any(canary.encode() in t for t in mail_text), path
         assert canary not in log_text, path
     assert "plain = 1" in git(env.history.path, "log", "-p", "--all")  # the old plain content stays
-    sh(lab, host, "rm -rf /etc/app /etc/letsencrypt /etc/kubernetes /etc/postfix/sasl_passwd")
