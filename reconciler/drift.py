@@ -54,6 +54,7 @@ log = get_logger(__name__)
 EnforceCallback = Callable[[str, Sequence[str]], Awaitable[object]]
 SUBJECT_PREFIX = "[reconciler] "
 UNAVAILABLE = "enforcement unavailable (no engine in this process): reported only"
+MAX_NOTES = 50  # warnings listed in one commit message (a hashing time-out can leave thousands)
 
 
 @dataclass(frozen=True)
@@ -222,7 +223,9 @@ def commit_message(
             lines += [f"  {display_path(p)}" for p in back]
         if notes:
             lines.append("Not recorded normally this scan (the rest was):")
-            lines += [f"  {n}" for n in notes]
+            lines += [f"  {n}" for n in notes[:MAX_NOTES]]
+            if len(notes) > MAX_NOTES:
+                lines.append(f"  ... and {len(notes) - MAX_NOTES} more (see the scan's warnings)")
         if render_error:
             lines.append(
                 f"Fleet could not be rendered for this host ({render_error}); every change counts as drift."
