@@ -39,6 +39,7 @@ from reconciler.history import (
     CommitInfo,
     HistoryConflict,
     HistoryRepo,
+    Recall,
     commit_subject,
 )
 from reconciler.identity import IDENTITY_PATH, identity_in_line
@@ -370,11 +371,10 @@ class DriftScanner:
     ) -> HostDrift:
         prev = await self.history.recorded(host)
 
-        def recorded_sha(path: str) -> str | None:
-            r = prev.get(path)
-            return r.sha256 if r is not None and r.stored in ("content", "hash-only") else None
-
-        snap = await take_snapshot(conn, policy, recorded_sha)
+        recall = Recall(self.history, prev)
+        snap = await take_snapshot(
+            conn, policy, recall.sha256, recorded_large=recall.large, secret_unchanged=recall.secret_unchanged
+        )
         if snap.warnings:
             notes = list(snap.warnings)[:20]
             log.warning("drift scan: some files not recorded normally", host=host, notes=notes)

@@ -46,7 +46,7 @@ from pathlib import Path
 
 from reconciler.errors import ReconcilerError
 from reconciler.log import get_logger
-from reconciler.snapshot import LARGE_NOTE, Entry, Snapshot, display_path, path_bytes
+from reconciler.snapshot import LARGE_NOTE, Entry, Snapshot, content_id, display_path, path_bytes
 
 log = get_logger(__name__)
 
@@ -315,15 +315,6 @@ def git_storable(path: str, kind: str) -> bool:
     return True
 
 
-def _content_id(e: Entry) -> str | None:
-    """What a secret's keyed hash covers: the sha256, or a large file's size, mtime and ends."""
-    if e.sha256 is not None:
-        return e.sha256
-    if e.ends_sha256 is not None:
-        return f"ends:{e.ends_sha256}:{e.size}:{e.mtime!r}"
-    return None
-
-
 # ---------------------------------------------------------------- the repository
 
 
@@ -438,13 +429,13 @@ class HistoryRepo:
             storable = git_storable(path, e.kind)
             if e.kind == "file":
                 if path in snap.secrets:
-                    digest = self.secret_digest(path, _content_id(e))
+                    digest = self.secret_digest(path, content_id(e))
                     rec = Recorded("file", e.mode, e.owner, e.group, secret=digest, stored="secret")
                     data = (
                         SECRET_MARKER_HEAD
                         + f"# {digest} (keyed hash; the key is not in this repo)\n".encode()
                     )
-                elif e.sha256 is None and e.ends_sha256 is not None:
+                elif e.large and e.ends_sha256 is not None:
                     rec = Recorded(
                         "file", e.mode, e.owner, e.group, stored="large",
                         size=e.size, mtime=e.mtime, ends_sha256=e.ends_sha256,
@@ -720,6 +711,29 @@ class HistoryRepo:
 
 class _RefMoved(Exception):
     pass
+
+
+@dataclass(frozen=True)
+class Recall:
+    """What the history holds for a host, in the form ``snapshot.take_snapshot`` asks for it:
+    so unchanged files are not fetched again (secrets included, by their keyed hash)."""
+
+    repo: HistoryRepo
+    previous: Mapping[str, Recorded]
+
+    def sha256(self, path: str) -> str | None:
+        r = self.previous.get(path)
+        return r.sha256 if r is not None and r.stored in ("content", "hash-only") else None
+
+    def large(self, path: str) -> tuple[int, float, str] | None:
+        r = self.previous.get(path)
+        if r is None or r.stored != "large" or r.size is None or r.mtime is None or not r.ends_sha256:
+            return None
+        return r.size, r.mtime, r.ends_sha256
+
+    def secret_unchanged(self, path: str, content: str) -> bool:
+        r = self.previous.get(path)
+        return r is not None and r.secret is not None and r.secret == self.repo.secret_digest(path, content)
 
 
 class HistoryConflict(HistoryError):

@@ -10,10 +10,11 @@ the history repo, a mail or a log line. Two rules decide:
   WireGuard ``PrivateKey =``, an OpenVPN static key, a crypt(3) password hash, or one of the
   fleet's ``drift.secret_content`` literal markers.
 
-The content rules run ON THE HOST, inside the manifest script, as ONE ``grep -E`` over the
-files (``ContentRules.ere``), so a secret file is never fetched. The same rules, compiled with
-Python's ``re`` (``ContentRules.find``), run again on whatever content is fetched anyway (a file
-that became secret between the manifest and the fetch), before it is recorded. The patterns are
+The content rules run ON THE HOST, in the fetch script, as ``grep -E`` over the files about to
+be fetched (``ContentRules.ere``): a file that matches is named and never sent. The same rules,
+compiled with Python's ``re`` (``ContentRules.find``), run again on whatever content arrives (a
+file that became secret between the host's grep and its tar), before it is recorded. A file
+recorded as a secret is not fetched again while its keyed hash says it is unchanged. The patterns are
 therefore written in the common subset of POSIX ERE and Python regular expressions: literal
 characters, ``[...]`` classes without POSIX ``[:name:]`` forms, ``(a|b)``, ``?``, ``+``, ``*``,
 ``{m,}``, and backslash only before an ERE special character.

@@ -3,18 +3,19 @@
 Two round trips at most:
 
 1. ``manifest``: one generated script lists every file, symlink and directory under the
-   recorded roots with size, mtime, mode, owner, group and link target; hashes every regular
-   file up to ``max_file_bytes`` in full (``sha256sum -z``) and every larger one by its first
-   and last 64 KiB only (so a 40 GB sparse file costs two 64 KiB reads); and names the files
-   whose content holds a secret (ONE ``grep -E`` with ``reconciler.secretscan``'s rules), so
-   their content never leaves the host. Each stage runs under ``timeout``: a file that blocks
-   (a FIFO swapped in) or grows while it is read costs at most that long and is reported, it
-   never stops the scan. The roots and the rules travel as script arguments.
-2. ``fetch``: only the regular files whose sha256 differs from what the history already holds
-   are fetched, in ONE ``tar`` stream whose file list travels on stdin and whose length is
-   capped (a file swapped for a huge one is cut off, not read). Secret files, large files and
-   excluded paths are never fetched; fetched content is checked by the same content rules
-   again before anything records it (a file that became secret after the manifest).
+   recorded roots with size, mtime, mode, owner, group and link target, and hashes every
+   regular file up to ``max_file_bytes`` in full (``sha256sum -z``, under ``timeout``: a file
+   that blocks, a FIFO swapped in, or grows while it is read costs at most that long and is
+   reported; it never stops the scan). Larger files are not read: their size and mtime say
+   whether they changed. The roots travel as script arguments.
+2. ``fetch``, only when something changed: ONE script that hashes the first and last 64 KiB
+   of the large files that are new or whose size or mtime moved (a 40 GB sparse file costs two
+   64 KiB reads), runs ``reconciler.secretscan``'s content rules (``grep -E``) over the files
+   to fetch and names the ones that hold a secret, never sending them, and sends the others as
+   ONE ``tar`` stream whose file list travels on stdin and whose length is capped (a file
+   swapped for a huge one is cut off, not read). Secret files by path and excluded paths are
+   never fetched; fetched bytes go through the same content rules again before anything
+   records them (a file that became secret between the host's grep and its tar).
 
 Paths are ``str`` holding the host's bytes (``surrogateescape``): any byte string but NUL is a
 valid path. ``display_path`` is the form for mail, logs and status (``bad\\xffname.conf``).
@@ -81,6 +82,7 @@ class Entry:
     sha256: str | None = None  # regular files up to the size bound; None when not hashed
     target: str | None = None  # symlinks, as written
     ends_sha256: str | None = None  # larger files: sha256 of the first + last ENDS_BYTES
+    large: bool = False  # over the size bound: recorded by size, mtime and ends hash
 
 
 @dataclass(frozen=True)
@@ -171,37 +173,23 @@ class PathPolicy:
 
 # ---------------------------------------------------------------- manifest
 
-# $1 = size bound (bytes), $2 = content rules (ERE, one per line), $3 = seconds per stage,
-# then the roots. Output (every field NUL-terminated):
+# $1 = size bound (bytes), $2 = seconds the hashing may take, then the roots. Output (every
+# field NUL-terminated):
 #   "reconciler-manifest-v2"
 #   8 fields per entry (%y %p %s %T@ %m %u %g %l)                                     "END"
 #   sha256sum -z records "HEX  PATH" of regular files up to the bound                 "END"
-#   PATH, HEX pairs: sha256 of the first + last 64 KiB of larger files                "END"
-#   PATH of every file up to the bound whose content matches a rule (grep -l -Z)      "END"
-#   three exit statuses (full hashes, large files, content rules)
+#   the hashing's exit status
 #   only when hashing failed for some file: PATH of every regular file now present    "END"
 # A path always starts with "/", so it never reads as "END"; a hash record starts with hex.
+# Larger files are not read here: the listing's size and mtime say whether one changed.
 MANIFEST_SCRIPT = r"""
 set -u
-bound=$1 rules=$2 stage=$3
-shift 3
+bound=$1 stage=$2
+shift 2
 LC_ALL=C
 export LC_ALL
 limit=
 if command -v timeout >/dev/null 2>&1; then limit="timeout -k 2 $stage"; fi
-regular() {  # regular small|large ROOTS...: NUL-separated regular files up to / over the bound
-  which=$1
-  shift
-  for root in "$@"; do
-    if [ -e "$root" ]; then
-      if [ "$which" = small ]; then
-        find -P "$root" -type f ! -size +"$bound"c -print0
-      else
-        find -P "$root" -type f -size +"$bound"c -print0
-      fi
-    fi
-  done
-}
 printf 'reconciler-manifest-v2\0'
 for root in "$@"; do
   if [ -e "$root" ] || [ -L "$root" ]; then
@@ -209,27 +197,12 @@ for root in "$@"; do
   fi
 done
 printf 'END\0'
-regular small "$@" | $limit xargs -0 -r sha256sum -z -- 2>/dev/null
+for root in "$@"; do
+  if [ -e "$root" ]; then find -P "$root" -type f ! -size +"$bound"c -print0; fi
+done | $limit xargs -0 -r sha256sum -z -- 2>/dev/null
 hashed=$?
-printf 'END\0'
-regular large "$@" | $limit xargs -0 -r sh -c '
-st=0
-for f do
-  if [ -f "$f" ] && [ ! -L "$f" ]; then
-    printf "%s\0" "$f"
-    { head -c 65536 -- "$f"; tail -c 65536 -- "$f"; } 2>/dev/null |
-      sha256sum | { read -r h _; printf "%s\0" "$h"; }
-  else
-    st=1
-  fi
-done
-exit $st' sh
-ends=$?
-printf 'END\0'
-regular small "$@" | $limit xargs -0 -r grep -l -Z -a -s -D skip -E -e "$rules" -- 2>/dev/null
-scanned=$?
-printf 'END\0%s\0%s\0%s\0' "$hashed" "$ends" "$scanned"
-if [ "$hashed" -ne 0 ] || [ "$ends" -ne 0 ]; then
+printf 'END\0%s\0' "$hashed"
+if [ "$hashed" -ne 0 ]; then
   for root in "$@"; do
     if [ -e "$root" ]; then find -P "$root" -type f -print0; fi
   done
@@ -240,6 +213,7 @@ exit 0
 
 _KINDS = {"f": "file", "l": "link", "d": "dir"}
 _TIMED_OUT_B = b"124"  # timeout(1)'s exit status
+_LIMIT_NOTE = "stopped after its time limit (a file that blocks or grows while read?)"
 
 
 def _dec(b: bytes) -> str:
@@ -249,10 +223,8 @@ def _dec(b: bytes) -> str:
 @dataclass(frozen=True)
 class Manifest:
     entries: dict[str, Entry]
-    content_secrets: frozenset[str] = frozenset()  # files whose content matched a rule
     present: frozenset[str] | None = None  # regular files still there at the end (when rechecked)
-    problems: tuple[str, ...] = ()  # stages that timed out (display text)
-    hashing_cut: bool = False  # a hashing stage timed out: unhashed files were not all read
+    hashing_cut: bool = False  # hashing timed out: the files it did not reach have no hash
 
 
 def _section(fields: list[bytes], i: int, what: str) -> tuple[list[bytes], int]:
@@ -297,28 +269,14 @@ def parse_manifest(data: bytes) -> Manifest:
         e = entries.get(_dec(p))
         if sep2 and len(digest) == 64 and e is not None and e.kind == "file":
             entries[e.path] = replace(e, sha256=digest.decode("ascii"))
-    ends, i = _section(fields, i, "the large files")
-    for k in range(0, len(ends) - 1, 2):  # a pair cut by a timeout is dropped
-        e = entries.get(_dec(ends[k]))
-        digest = ends[k + 1]
-        if e is not None and e.kind == "file" and len(digest) == 64 and digest != EMPTY_SHA256.encode():
-            entries[e.path] = replace(e, ends_sha256=digest.decode("ascii"))  # empty: unreadable
-    matched, i = _section(fields, i, "the content scan")
-    statuses = fields[i : i + 3]
-    if len(statuses) < 3:
-        raise SnapshotError("manifest: truncated output from the host (no statuses)")
-    stages = ("hashing", "hashing large files", "the secret content scan")
-    problems = [
-        f"{what} stopped after its time limit (a file that blocks or grows while read?)"
-        for what, st in zip(stages, statuses, strict=True)
-        if st == _TIMED_OUT_B
-    ]
+    if i >= len(fields):
+        raise SnapshotError("manifest: truncated output from the host (no status)")
+    status = fields[i]
     present: frozenset[str] | None = None
-    if statuses[0] != b"0" or statuses[1] != b"0":
-        now, _ = _section(fields, i + 3, "the recheck")
+    if status != b"0":
+        now, _ = _section(fields, i + 1, "the recheck")
         present = frozenset(_dec(p) for p in now)
-    cut = _TIMED_OUT_B in statuses[:2]
-    return Manifest(entries, frozenset(_dec(p) for p in matched), present, tuple(problems), cut)
+    return Manifest(entries, present, status == _TIMED_OUT_B)
 
 
 def _check_roots(roots: Sequence[str]) -> list[str]:
@@ -333,14 +291,13 @@ async def fetch_manifest(
     roots: Sequence[str],
     *,
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
-    rules: ContentRules | None = None,
     stage_timeout: float = 60,
     timeout: float = 120,
 ) -> Manifest:
-    """One round trip: every entry under ``roots`` with metadata and hashes, and the files
-    whose content is secret."""
-    args = [str(int(max_file_bytes)), (rules or ContentRules()).ere, f"{max(1.0, stage_timeout):g}"]
-    res = await conn.run_script(MANIFEST_SCRIPT, args=args + _check_roots(roots), timeout=timeout)
+    """One round trip: every entry under ``roots`` with metadata, and the sha256 of every
+    regular file up to ``max_file_bytes``."""
+    args = [str(int(max_file_bytes)), f"{max(1.0, stage_timeout):g}", *_check_roots(roots)]
+    res = await conn.run_script(MANIFEST_SCRIPT, args=args, timeout=timeout)
     if res.exit_status != 0:
         raise SnapshotError(f"host {conn.host}: manifest script failed (exit {res.exit_status})")
     return parse_manifest(res.stdout)
@@ -348,13 +305,57 @@ async def fetch_manifest(
 
 # ---------------------------------------------------------------- fetch
 
-# $1 = the most bytes to send: tar writes each file's size as it stats it, so only a file
-# swapped for a bigger one between the manifest and this fetch can grow the stream; the cap
-# cuts it there (the members before it are kept).
+# Only when something changed. $1 = the most bytes of tar to send, $2 = the content rules (ERE,
+# one per line), $3 = seconds each stage may take, then the large files to hash by their first
+# and last 64 KiB. Stdin: the regular files to fetch, relative to /, NUL-terminated.
+# On fd 3 (the channel's stderr; every tool's own stderr goes to /dev/null), NUL-terminated:
+#   PATH, HEX pairs for the large files, then "" and "ENDS<status>";
+#   the files to fetch whose content matches a rule (never put into tar), then "" and
+#   "SCAN<status>".
+# On stdout: one tar stream of the other files, cut at $1 bytes: tar writes each file's size
+# as it stats it, so only a file swapped for a bigger one after the manifest can grow the
+# stream; the cut stops it there. A matching file is found by one grep over each batch; only a
+# batch with a match is searched file by file. grep skips FIFOs and devices (-D skip) and, on
+# binary data, the holes of sparse files.
 FETCH_SCRIPT = r"""
-LC_ALL=C tar --null --no-recursion --verbatim-files-from -C / -cf - -T - 2>/dev/null | head -c "$1"
+set -u
+cap=$1 rules=$2 stage=$3
+shift 3
+exec 3>&2 2>/dev/null
+LC_ALL=C
+export LC_ALL
+cd / || exit 1
+limit=
+if command -v timeout >/dev/null 2>&1; then limit="timeout -k 2 $stage"; fi
+if [ $# -gt 0 ]; then
+  $limit sh -c '
+for f do
+  if [ -f "$f" ] && [ ! -L "$f" ]; then
+    h=$({ head -c 65536 -- "$f"; tail -c 65536 -- "$f"; } | sha256sum)
+    printf "%s\0%s\0" "$f" "${h%% *}" >&3
+  fi
+done' sh "$@"
+  printf '\0ENDS%s\0' "$?" >&3
+fi
+{
+  $limit xargs -0 -r sh -c '
+if grep -q -s -D skip -E -e "$0" -- "$@"; then
+  for f do
+    if grep -q -s -D skip -E -e "$0" -- "$f"; then
+      printf "%s\0" "$f" >&3
+    else
+      printf "%s\0" "$f"
+    fi
+  done
+else
+  printf "%s\0" "$@"
+fi' "$rules"
+  printf '\0SCAN%s\0' "$?" >&3
+} | tar --null --no-recursion --verbatim-files-from -cf - -T - | head -c "$cap"
+exit 0
 """
 _TAR_BLOCK = 512
+MAX_ENDS_PER_SCAN = 500  # large files hashed in one fetch (their names travel as arguments)
 
 
 def fetch_cap(sizes: Iterable[tuple[str, int]]) -> int:
@@ -369,69 +370,133 @@ def fetch_cap(sizes: Iterable[tuple[str, int]]) -> int:
 @dataclass(frozen=True)
 class Fetched:
     contents: dict[str, bytes]
+    secret: frozenset[str] = frozenset()  # their content matched a rule on the host: not sent
+    ends: Mapping[str, str] = field(default_factory=dict)  # large file -> sha256 of its ends
     cut: bool = False  # the stream ended at the cap: missing files may still exist
     cut_in: str | None = None  # the file whose content the cap cut (it grew)
+    problems: tuple[str, ...] = ()  # stages that timed out (display text)
+    unscanned: bool = False  # the content scan did not finish: missing files may still exist
+
+
+def _fd3(data: bytes) -> tuple[dict[str, str], set[str], list[str]]:
+    """The fetch script's fd 3: (large file -> ends hash, secret names, timed-out stages)."""
+    fields = data.split(b"\0")
+    ends: dict[str, str] = {}
+    secret: set[str] = set()
+    problems: list[str] = []
+    i = 0
+    pending: list[bytes] = []
+    while i < len(fields):
+        f = fields[i]
+        if f == b"" and i + 1 < len(fields) and fields[i + 1][:4] in (b"ENDS", b"SCAN"):
+            tag, status = fields[i + 1][:4], fields[i + 1][4:]
+            if tag == b"ENDS":
+                for k in range(0, len(pending) - 1, 2):
+                    if len(pending[k + 1]) == 64 and pending[k + 1] != EMPTY_SHA256.encode():
+                        ends[_dec(pending[k])] = pending[k + 1].decode("ascii")
+            else:
+                secret.update("/" + _dec(p) for p in pending if p)
+            if status == _TIMED_OUT_B:
+                what = "hashing large files" if tag == b"ENDS" else "the secret content scan"
+                problems.append(f"{what} {_LIMIT_NOTE}")
+            pending = []
+            i += 2
+            continue
+        pending.append(f)
+        i += 1
+    return ends, secret, problems
 
 
 async def fetch_files(
-    conn: Runner, paths: Sequence[str], *, cap: int | None = None, timeout: float = 300
+    conn: Runner,
+    paths: Sequence[str],
+    *,
+    large: Sequence[str] = (),
+    rules: ContentRules | None = None,
+    cap: int | None = None,
+    stage_timeout: float = 60,
+    timeout: float = 300,
 ) -> Fetched:
     """One round trip: the content of ``paths`` (regular files) as one tar stream of at most
-    ``cap`` bytes. Files that vanished meanwhile are missing from the result."""
-    if not paths:
+    ``cap`` bytes, leaving out (and naming) those whose content matches ``rules`` on the host;
+    and the ends hash of the ``large`` files. Files that vanished meanwhile are missing."""
+    if not paths and not large:
         return Fetched({})
     wanted = {p.lstrip("/"): p for p in paths}
     stdin = b"".join(path_bytes(p) + b"\0" for p in wanted)
     limit = cap if cap is not None else 1 << 62
-    res = await conn.run_script(FETCH_SCRIPT, args=[str(limit)], stdin_after=stdin, timeout=timeout)
+    args = [str(limit), (rules or ContentRules()).ere, f"{max(1.0, stage_timeout):g}", *large]
+    res = await conn.run_script(FETCH_SCRIPT, args=args, stdin_after=stdin, timeout=timeout)
     if res.exit_status != 0:
         raise SnapshotError(f"host {conn.host}: fetching files failed (exit {res.exit_status})")
+    ends, secret, problems = _fd3(res.stderr)
     out: dict[str, bytes] = {}
     reading: str | None = None
-    try:
-        with tarfile.open(fileobj=io.BytesIO(res.stdout), mode="r:") as tar:
-            for member in tar:
-                name = member.name
-                if not member.isreg() or name not in wanted:
-                    continue
-                reading = wanted[name]
-                f = tar.extractfile(member)
-                if f is not None:
-                    data = f.read()
-                    if len(data) != member.size:
-                        raise tarfile.ReadError("unexpected end of data")
-                    out[wanted[name]] = data
-                    reading = None
-    except tarfile.TarError as err:
-        if len(res.stdout) < limit:
-            raise SnapshotError(f"host {conn.host}: unreadable tar stream: {err}") from None
+    if paths:
+        try:
+            with tarfile.open(fileobj=io.BytesIO(res.stdout), mode="r:") as tar:
+                for member in tar:
+                    name = member.name
+                    if not member.isreg() or name not in wanted:
+                        continue
+                    reading = wanted[name]
+                    f = tar.extractfile(member)
+                    if f is not None:
+                        data = f.read()
+                        if len(data) != member.size:
+                            raise tarfile.ReadError("unexpected end of data")
+                        out[wanted[name]] = data
+                        reading = None
+        except tarfile.TarError as err:
+            if len(res.stdout) < limit:
+                raise SnapshotError(f"host {conn.host}: unreadable tar stream: {err}") from None
     # at the cap, the members after the cut are missing although their files may exist
-    cut = len(res.stdout) >= limit
-    return Fetched(out, cut=cut, cut_in=reading if cut else None)
+    cut = bool(paths) and len(res.stdout) >= limit
+    unscanned = any("content scan" in p for p in problems)
+    return Fetched(out, frozenset(secret), ends, cut, reading if cut else None, tuple(problems), unscanned)
 
 
 async def fetch_bounded(
-    conn: Runner, paths: Sequence[str], sizes: Mapping[str, int], *, timeout: float
-) -> tuple[dict[str, bytes], set[str]]:
-    """The content of ``paths`` and the files that could not be fetched although they may
-    exist (a file that grew past its listed size, and whatever the cap cut after it: fetched
-    again once without it). Missing from both: vanished."""
+    conn: Runner,
+    paths: Sequence[str],
+    sizes: Mapping[str, int],
+    *,
+    large: Sequence[str] = (),
+    rules: ContentRules | None = None,
+    stage_timeout: float = 60,
+    timeout: float = 300,
+) -> tuple[Fetched, set[str]]:
+    """``fetch_files``, and the files that could not be fetched although they may exist (a
+    file that grew past its listed size, and whatever the cap cut after it: fetched again once
+    without it). Missing from both the result and that set: vanished."""
     contents: dict[str, bytes] = {}
+    secret: set[str] = set()
     unfetched: set[str] = set()
     todo = list(paths)
+    first: Fetched | None = None
     for attempt in range(2):
-        got = await fetch_files(conn, todo, cap=fetch_cap((p, sizes[p]) for p in todo), timeout=timeout)
+        got = await fetch_files(
+            conn, todo, large=large if attempt == 0 else (), rules=rules,
+            cap=fetch_cap((p, sizes[p]) for p in todo), stage_timeout=stage_timeout, timeout=timeout,
+        )  # fmt: skip
+        first = first or got
         contents.update(got.contents)
+        secret |= got.secret
+        if got.unscanned:  # not classified: neither sent nor named; keep them apart
+            unfetched.update(p for p in todo if p not in got.contents and p not in got.secret)
+            break
         if not got.cut:
             break
         if got.cut_in:
             unfetched.add(got.cut_in)
-        todo = [p for p in todo if p not in got.contents and p not in unfetched]
+        todo = [p for p in todo if p not in got.contents and p not in got.secret and p not in unfetched]
         if attempt == 1:
             unfetched.update(todo)
         elif not todo:
             break
-    return contents, unfetched
+    assert first is not None
+    merged = Fetched(contents, frozenset(secret), first.ends, problems=first.problems)
+    return merged, unfetched
 
 
 # ---------------------------------------------------------------- snapshot
@@ -442,34 +507,55 @@ def ends_digest(data: bytes) -> str:
     return hashlib.sha256(data[:ENDS_BYTES] + data[-ENDS_BYTES:]).hexdigest()
 
 
+def content_id(e: Entry) -> str | None:
+    """What identifies a file's content for a secret's keyed hash: its sha256, or for a file
+    over the size bound its size and mtime (never read); None when unreadable."""
+    if e.sha256 is not None:
+        return e.sha256
+    if e.large:
+        return f"large:{e.size}:{e.mtime!r}"
+    return None
+
+
+RecordedLarge = Callable[[str], tuple[int, float, str] | None]  # path -> (size, mtime, ends hash)
+SecretUnchanged = Callable[[str, str], bool]  # (path, content id) -> recorded as this secret?
+
+
 async def take_snapshot(
     conn: Runner,
     policy: PathPolicy,
     recorded_sha256: Callable[[str], str | None],
     *,
+    recorded_large: RecordedLarge | None = None,
+    secret_unchanged: SecretUnchanged | None = None,
     timeout: float = 300,
 ) -> Snapshot:
-    """Manifest, then fetch only the non-secret regular files up to the size bound whose
-    sha256 differs from ``recorded_sha256(path)`` (what the history holds; None = nothing).
+    """Manifest, then (only if something changed) one fetch: the non-secret regular files up
+    to the size bound whose sha256 differs from ``recorded_sha256(path)`` (what the history
+    holds; None = nothing), and the ends hash of the larger files whose size or mtime differs
+    from ``recorded_large(path)``. ``secret_unchanged(path, sha256)`` says a file recorded as
+    a secret (found by its content) still has that content: it is not fetched again.
 
     One bad file never stops the scan: a file that cannot be read is recorded as unreadable,
     one that vanished during the scan is left out, each with a warning."""
     bound = policy.max_file_bytes
-    man = await fetch_manifest(
-        conn, policy.roots, max_file_bytes=bound, rules=policy.content, stage_timeout=timeout / 4,
-        timeout=timeout,
-    )  # fmt: skip
+    stage = timeout / 4
+    man = await fetch_manifest(conn, policy.roots, max_file_bytes=bound, stage_timeout=stage, timeout=timeout)
     entries: dict[str, Entry] = {}
     secrets: set[str] = set()
     content_secrets: dict[str, str] = {}
     large: set[str] = set()
     to_fetch: list[str] = []
-    warnings: list[str] = list(man.problems)
+    to_hash_ends: list[str] = []
+    warnings: list[str] = [f"hashing {_LIMIT_NOTE}"] if man.hashing_cut else []
     for path in sorted(man.entries):
         if policy.excluded(path):
             continue
         e = man.entries[path]
-        if e.kind == "file" and e.sha256 is None and e.ends_sha256 is None:
+        is_large = e.kind == "file" and e.size > bound
+        if is_large:
+            e = replace(e, large=True)
+        if e.kind == "file" and not is_large and e.sha256 is None:
             kept = recorded_sha256(path) if man.hashing_cut else None
             if man.present is not None and path not in man.present:
                 warnings.append(f"{display_path(path)} vanished during the scan")
@@ -482,23 +568,49 @@ async def take_snapshot(
         entries[path] = e
         if e.kind != "file":
             continue
-        if path in man.content_secrets:
-            content_secrets[path] = "secret content"
-        if policy.secret(path) or path in man.content_secrets:
-            secrets.add(path)
-        elif e.sha256 is None and e.ends_sha256 is not None:
+        if policy.secret(path):
+            secrets.add(path)  # a large one: by size and mtime, never read
+        elif is_large:
             large.add(path)
-        elif e.sha256 is not None and e.sha256 != recorded_sha256(path):
+            known = recorded_large(path) if recorded_large is not None else None
+            if known is not None and known[:2] == (e.size, e.mtime):
+                entries[path] = replace(e, ends_sha256=known[2])
+            else:
+                to_hash_ends.append(path)
+        elif e.sha256 is None:
+            continue
+        elif secret_unchanged is not None and secret_unchanged(path, e.sha256):
+            secrets.add(path)
+        elif e.sha256 != recorded_sha256(path):
             to_fetch.append(path)
-    contents, not_fetched = await fetch_bounded(
-        conn, to_fetch, {p: entries[p].size for p in to_fetch}, timeout=timeout
-    )
+    if len(to_hash_ends) > MAX_ENDS_PER_SCAN:
+        for path in to_hash_ends[MAX_ENDS_PER_SCAN:]:
+            warnings.append(f"{display_path(path)} not read this scan (too many large files changed)")
+        to_hash_ends = to_hash_ends[:MAX_ENDS_PER_SCAN]
+    got, not_fetched = await fetch_bounded(
+        conn, to_fetch, {p: entries[p].size for p in to_fetch}, large=to_hash_ends,
+        rules=policy.content, stage_timeout=stage, timeout=timeout,
+    )  # fmt: skip
+    warnings += got.problems
+    for path in to_hash_ends:
+        digest = got.ends.get(path)
+        if digest is not None:
+            entries[path] = replace(entries[path], ends_sha256=digest)
+        else:
+            warnings.append(f"{display_path(path)} could not be read: recorded as unreadable")
+    contents = dict(got.contents)
     for path in to_fetch:
+        if path in got.secret:  # found by its content on the host: never sent
+            secrets.add(path)
+            content_secrets[path] = "secret content"
+            continue
         data = contents.get(path)
         if data is None:
             if path in not_fetched:
                 entries[path] = replace(entries[path], sha256=None)
-                warnings.append(f"{display_path(path)} could not be fetched (it grew after the manifest?)")
+                warnings.append(
+                    f"{display_path(path)} could not be fetched (it grew or blocked after the manifest?)"
+                )
             else:
                 warnings.append(f"{display_path(path)} vanished before it could be fetched")
                 entries.pop(path, None)
@@ -507,14 +619,14 @@ async def take_snapshot(
         found = policy.content.find(data)
         if len(data) > bound:  # swapped for a big file after the manifest
             del contents[path]
-            entries[path] = replace(e, sha256=None, ends_sha256=ends_digest(data), size=len(data))
+            entries[path] = replace(e, sha256=None, ends_sha256=ends_digest(data), size=len(data), large=True)
             if found is None:
                 large.add(path)
         else:
             digest = hashlib.sha256(data).hexdigest()
             if digest != e.sha256:  # changed between manifest and fetch: keep what we hold
                 entries[path] = replace(e, sha256=digest, size=len(data))
-        if found is not None:  # became secret after the manifest's scan: never recorded
+        if found is not None:  # became secret after the host's scan: never recorded
             contents.pop(path, None)
             secrets.add(path)
             content_secrets[path] = found

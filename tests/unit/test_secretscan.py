@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
+from snapshot_local import LocalRunner
 
 from reconciler.drift import DriftScanner
 from reconciler.errors import FleetInvalid
@@ -15,7 +15,7 @@ from reconciler.fleet.load import load_fleet
 from reconciler.fleet.model import DriftPolicy
 from reconciler.history import HistoryRepo
 from reconciler.secretscan import ContentRules, is_builtin_secret, literal_ere
-from reconciler.snapshot import PathPolicy
+from reconciler.snapshot import PathPolicy, fetch_files
 
 ROOT = Path(__file__).resolve().parents[2]
 CANARY = "CANARYq7x"  # in every secret sample below
@@ -62,20 +62,15 @@ PLAIN: dict[str, bytes] = {
 }
 
 
-def host_grep(rules: ContentRules, files: list[Path]) -> set[str]:
-    """The host side's own command: one grep -E over the files (LC_ALL=C, as the manifest)."""
-    res = subprocess.run(
-        ["grep", "-l", "-Z", "-a", "-s", "-D", "skip", "-E", "-e", rules.ere, "--", *map(str, files)],
-        capture_output=True,
-        env={"LC_ALL": "C", "PATH": "/usr/bin:/bin"},
-        check=False,
-    )
-    assert res.returncode in (0, 1), res.stderr
-    assert b"warning" not in res.stderr, res.stderr  # e.g. "stray \" in a pattern
-    return {Path(p.decode()).name for p in res.stdout.split(b"\0") if p}
+async def host_side(rules: ContentRules, files: list[Path]) -> set[str]:
+    """The fetch's own host script, run here: which files it names secret (and never sends)."""
+    got = await fetch_files(LocalRunner(), [str(f) for f in files], rules=rules)
+    assert set(got.contents) | set(got.secret) == {str(f) for f in files} and not got.problems
+    assert not set(got.contents) & set(got.secret)
+    return {Path(p).name for p in got.secret}
 
 
-def test_content_rules_agree_on_host_and_in_python(tmp_path: Path) -> None:
+async def test_content_rules_agree_on_host_and_in_python(tmp_path: Path) -> None:
     rules = ContentRules()
     files = []
     for name, (_, data) in SECRETS.items():
@@ -84,14 +79,14 @@ def test_content_rules_agree_on_host_and_in_python(tmp_path: Path) -> None:
     for name, data in PLAIN.items():
         files.append(tmp_path / name)
         files[-1].write_bytes(data)
-    assert host_grep(rules, files) == set(SECRETS)
+    assert await host_side(rules, files) == set(SECRETS)
     for name, (kind, data) in SECRETS.items():
         assert rules.find(data) == kind, name
     for name, data in PLAIN.items():
         assert rules.find(data) is None, name
 
 
-def test_fleet_markers_are_literals_on_both_sides(tmp_path: Path) -> None:
+async def test_fleet_markers_are_literals_on_both_sides(tmp_path: Path) -> None:
     marker = r"tok.en*[x]$(y)|z\w{1}^+?"
     rules = ContentRules((marker, "aws_secret_access_key"))
     literal = tmp_path / "literal"
@@ -100,7 +95,7 @@ def test_fleet_markers_are_literals_on_both_sides(tmp_path: Path) -> None:
     near.write_text("tokXen[x]y\n")
     aws = tmp_path / "aws"
     aws.write_text("[default]\naws_secret_access_key = abc\n")
-    assert host_grep(rules, [literal, near, aws]) == {"literal", "aws"}
+    assert await host_side(rules, [literal, near, aws]) == {"literal", "aws"}
     assert rules.find(literal.read_bytes()) == "secret marker"
     assert rules.find(near.read_bytes()) is None
     assert ContentRules().find(aws.read_bytes()) is None  # not a built-in

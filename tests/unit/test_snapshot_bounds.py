@@ -19,7 +19,7 @@ from snapshot_local import LocalRunner, Result, all_objects, git, git_bytes
 
 from reconciler.drift import commit_message, trailer
 from reconciler.fleet.model import DriftMode
-from reconciler.history import HistoryRepo, Prepared, Recorded, git_storable
+from reconciler.history import HistoryRepo, Prepared, Recall, Recorded, git_storable
 from reconciler.snapshot import (
     ENDS_BYTES,
     FETCH_SCRIPT,
@@ -40,12 +40,11 @@ async def scan(
 ) -> tuple[Snapshot, Prepared, str, str | None]:
     """One drift scan's history part: snapshot, prepare, the commit message, commit."""
     prev = await repo.recorded(runner.host)
-
-    def recorded(p: str) -> str | None:
-        r = prev.get(p)
-        return r.sha256 if r is not None and r.stored in ("content", "hash-only") else None
-
-    snap = await take_snapshot(runner, policy, recorded, timeout=20)
+    recall = Recall(repo, prev)
+    snap = await take_snapshot(
+        runner, policy, recall.sha256, recorded_large=recall.large, secret_unchanged=recall.secret_unchanged,
+        timeout=20,
+    )  # fmt: skip
     prep = await repo.prepare(snap, prev)
     msg, _ = commit_message(
         prep.changes, policy.roots, {}, mode=DriftMode.REPORT, fleet_commit=None, baseline=not prev,
@@ -102,14 +101,17 @@ async def test_sparse_40g_file_recorded_by_size_mtime_and_ends_within_seconds(
     assert (await scan(repo, LocalRunner(), policy))[3] is None
     assert time.monotonic() - started < 5
 
-    # a write in the last block, the mtime put back: the ends hash sees it
+    # a write in the last block: the new mtime says it changed, the ends hash says where
     with open(big, "r+b") as f:
         f.seek((40 << 30) - 10)
         f.write(b"tail-edit")
-    os.utime(big, ns=(st.st_atime_ns, st.st_mtime_ns))
-    _, prep, msg, sha = await scan(repo, LocalRunner(), policy)
-    assert sha and prep.changes.changed == (str(big),)
-    assert "large file: first or last 64 KiB changed" in msg
+    runner = LocalRunner()
+    _, prep, msg, sha = await scan(repo, runner, policy)
+    assert sha and prep.changes.changed == (str(big),) and runner.calls == 2  # manifest, ends hash
+    assert "large file: mtime changed, first or last 64 KiB changed" in msg
+    # (the ends are hashed again only when size or mtime move: the no-op scan reads nothing)
+    runner = LocalRunner()
+    assert (await scan(repo, runner, policy))[3] is None and runner.calls == 1
     # touched only: the mtime is recorded too
     os.utime(big, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
     _, _, msg, sha = await scan(repo, LocalRunner(), policy)
@@ -238,24 +240,42 @@ async def test_fifo_swapped_in_while_hashing_costs_one_time_limit(
     policy = PathPolicy(roots=(str(etc),))
     (etc / "app" / "trap.conf").write_text("plain\n")
     await scan(repo, LocalRunner(), policy)
-    (etc / "app" / "server.pem").write_bytes(KEY)  # found by the content scan (grep skips FIFOs)
     runner = LocalRunner(shim(tmp_path, f"rm -f {etc}/app/trap.conf && mkfifo {etc}/app/trap.conf"))
     started = time.monotonic()
-    snap, prep, _, _ = await scan(repo, runner, policy)  # timeout 20 s: 5 s per stage
+    snap, prep, msg, sha = await scan(repo, runner, policy)  # timeout 20 s: 5 s per stage
     assert time.monotonic() - started < 12
-    assert any("hashing stopped after its time limit" in w for w in snap.warnings)
-    assert str(etc / "app" / "server.pem") in snap.secrets
+    assert "hashing stopped after its time limit (a file that blocks or grows while read?)" in snap.warnings
+    assert f"{etc}/hosts not read this scan: its recorded content is kept" in snap.warnings
     assert prep.meta[str(etc / "hosts")].sha256 == hashlib.sha256(b"127.0.0.1 localhost\n").hexdigest()
-    assert prep.changes.new == (str(etc / "app" / "server.pem"),)  # nothing else reads as changed
-    assert CANARY not in all_objects(repo.path)
+    assert f"{etc}/app/trap.conf vanished during the scan" in snap.warnings  # no longer a file
+    assert prep.changes.paths("changed", "new", "meta") == ()  # nothing else reads as changed
+
+
+async def test_fifo_swapped_in_before_the_fetch_never_blocks(etc: Path, repo: HistoryRepo) -> None:
+    policy = PathPolicy(roots=(str(etc),))
+    await scan(repo, LocalRunner(), policy)
+    (etc / "app" / "app.conf").write_text("changed\n")
+    (etc / "hosts").write_text("changed too\n")
+
+    def swap() -> None:
+        (etc / "app" / "app.conf").unlink()
+        os.mkfifo(etc / "app" / "app.conf")
+
+    started = time.monotonic()
+    snap, prep, _, sha = await scan(repo, RacingRunner(swap), policy)
+    assert time.monotonic() - started < 5 and sha  # grep -D skip, tar opens without blocking
+    assert prep.meta[str(etc / "hosts")].sha256 == hashlib.sha256(b"changed too\n").hexdigest()
+    assert any("app.conf vanished before it could be fetched" in w for w in snap.warnings)
 
 
 class RacingRunner(LocalRunner):
-    """Runs ``between()`` after the manifest and before the fetch."""
+    """Runs ``between()`` after the manifest and before the fetch; ``blind_host``: the fetch's
+    content rules match nothing on the host (as if a file changed between its grep and tar)."""
 
-    def __init__(self, between: Callable[[], None]) -> None:
+    def __init__(self, between: Callable[[], None], *, blind_host: bool = False) -> None:
         super().__init__()
         self.between = between
+        self.blind_host = blind_host
 
     async def run_script(
         self,
@@ -267,6 +287,8 @@ class RacingRunner(LocalRunner):
     ) -> Result:
         if script == FETCH_SCRIPT:
             self.between()
+            if self.blind_host:
+                args = [args[0], "NEVER-MATCHES-d41d8", *args[2:]]
         res = await super().run_script(script, args=args, stdin_after=stdin_after, timeout=timeout)
         if script == MANIFEST_SCRIPT:
             assert res.exit_status == 0
@@ -320,14 +342,35 @@ async def test_file_becoming_secret_and_back(etc: Path, repo: HistoryRepo) -> No
         and f"  {pem} (secret (content hidden); its content holds" in msg
     )
 
-    # becomes secret between the manifest and the fetch: caught on the fetched bytes
+    # becomes secret between the manifest and the fetch: the fetch's own scan on the host sees it
     conf = etc / "app" / "app.conf"
     conf.write_text("port = 81\n")
     snap, prep, msg, sha = await scan(
         repo, RacingRunner(lambda: conf.write_bytes(b"port = 81\n" + KEY)), policy
     )
+    assert snap.content_secrets[str(conf)] == "secret content" and snap.fetched == 0
+    assert (
+        prep.meta[str(conf)].stored == "secret" and "its content holds a private key, a password hash" in msg
+    )
+    # unchanged since: not fetched again (its keyed hash says so), still secret, no commit (the
+    # racing scan hashed what the manifest saw: the next scan records the key's own hash once)
+    await scan(repo, LocalRunner(), policy)
+    runner = LocalRunner()
+    snap, prep, msg, sha = await scan(repo, runner, policy)
+    assert sha is None and runner.calls == 1 and str(conf) in snap.secrets, (
+        runner.calls,
+        snap.fetched,
+        snap.warnings,
+        dict(snap.content_secrets),
+    )
+
+    # and if the content changed after the host's scan (between grep and tar): the fetched
+    # bytes are checked again before anything records them
+    conf.write_text("port = 82\n")
+    racing = RacingRunner(lambda: conf.write_bytes(b"port = 82\n" + KEY), blind_host=True)
+    snap, prep, msg, sha = await scan(repo, racing, policy)
     assert snap.content_secrets[str(conf)] == "private key" and str(conf) not in snap.contents
-    assert prep.meta[str(conf)].stored == "secret" and "its content holds a private key" in msg
+    assert prep.meta[str(conf)].stored == "secret" and "its content holds a private key)" in msg
 
     # and back: plain again, recorded again
     pem.write_text("# key moved to the HSM\n")
