@@ -495,12 +495,17 @@ async def _canaries_stay_on_the_host(
     assert lab.exec(host, ["sh", "-c", WRITE, "sh", "/etc/app/later.conf"], input=later).returncode == 0
     caplog.set_level(logging.DEBUG)
     mails: list[Message] = []
-    with structlog.testing.capture_logs() as logs:
-        r = await env.scan(host)
-        mails += await env.deliver()
-        sh(lab, host, "echo rotated >> /etc/app/server.pem && echo rotated >> /etc/kubernetes/admin.conf")
-        rotated = await env.scan(host)
-        mails += await env.deliver()
+    before = structlog.get_config()  # every level, whatever an earlier test configured
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
+    try:
+        with structlog.testing.capture_logs() as logs:
+            r = await env.scan(host)
+            mails += await env.deliver()
+            sh(lab, host, "echo rotated >> /etc/app/server.pem && echo rotated >> /etc/kubernetes/admin.conf")
+            rotated = await env.scan(host)
+            mails += await env.deliver()
+    finally:
+        structlog.configure(**before)
     assert set(SECRET_FILES) <= set(r.new) and r.secret_changed == ("/etc/app/later.conf",)
     assert set(rotated.secret_changed) == {"/etc/app/server.pem", "/etc/kubernetes/admin.conf"}
     assert len(mails) == 2 and logs  # positive evidence: mails arrived, log lines were captured
