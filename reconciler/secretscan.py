@@ -104,15 +104,15 @@ class ContentRules:
 
     markers: tuple[str, ...] = ()  # drift.secret_content
     _rules: tuple[ContentRule, ...] = field(init=False, repr=False, compare=False)
-    _regex: re.Pattern[bytes] = field(init=False, repr=False, compare=False)
+    _compiled: tuple[re.Pattern[bytes], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         extra = tuple(ContentRule("secret marker", literal_ere(m)) for m in self.markers)
         rules = BUILTIN_CONTENT_RULES + extra
         object.__setattr__(self, "_rules", rules)
-        # one compiled alternation, each rule a named group (by index) to say which one matched
-        joined = "|".join(f"(?P<r{i}>{r.ere})" for i, r in enumerate(rules))
-        object.__setattr__(self, "_regex", re.compile(joined.encode()))
+        # one pattern each: Python's re finds a literal prefix fast, an alternation of them not
+        # (0.01 s against 0.17 s for 2.4 MB of /etc)
+        object.__setattr__(self, "_compiled", tuple(re.compile(r.ere.encode()) for r in rules))
 
     @property
     def ere(self) -> str:
@@ -121,8 +121,7 @@ class ContentRules:
 
     def find(self, data: bytes) -> str | None:
         """The name of the first rule ``data`` matches, or None. Never returns content."""
-        m = self._regex.search(data)
-        if m is None:
-            return None
-        hit = next(k for k, v in m.groupdict().items() if v is not None)
-        return self._rules[int(hit[1:])].name
+        for rule, rx in zip(self._rules, self._compiled, strict=True):
+            if rx.search(data) is not None:
+                return rule.name
+        return None
