@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from reconciler.connection import ConnectionPool, SshTarget
-from reconciler.history import HistoryRepo, commit_subject
+from reconciler.history import HistoryRepo, Recall, commit_subject
 from reconciler.lab import Lab, LabHostSpec
 from reconciler.snapshot import PathPolicy, take_snapshot
 
@@ -32,13 +32,15 @@ POLICY = PathPolicy(roots=("/etc",), exclude=("/etc/mtab", "/etc/ld.so.cache", "
 async def record(repo: HistoryRepo, conn: object) -> tuple[float, int, int, bool]:
     started = time.perf_counter()
     host = conn.host  # type: ignore[attr-defined]
-    prev = await repo.recorded(host)
+    recall = Recall(repo, await repo.recorded(host))
     snap = await take_snapshot(
         conn,  # type: ignore[arg-type]
         POLICY,
-        lambda p: prev[p].sha256 if p in prev and prev[p].stored == "content" else None,
+        recall.sha256,
+        recorded_large=recall.large,
+        secret_unchanged=recall.secret_unchanged,
     )
-    prep = await repo.prepare(snap, prev)
+    prep = await repo.prepare(snap, recall.previous)
     info = await repo.commit(prep, commit_subject(prep.changes, POLICY.roots))
     return time.perf_counter() - started, len(snap.entries), snap.fetched, info is not None
 

@@ -33,19 +33,29 @@ from typing import Any
 from reconciler import audit
 from reconciler.errors import ReconcilerError
 from reconciler.fleet.model import DriftMode, Fleet
-from reconciler.history import ChangeSet, CommitInfo, HistoryConflict, HistoryRepo, commit_subject
+from reconciler.history import (
+    SECRET_NOTE,
+    ChangeSet,
+    CommitInfo,
+    HistoryConflict,
+    HistoryRepo,
+    Recall,
+    commit_subject,
+)
 from reconciler.identity import IDENTITY_PATH, identity_in_line
 from reconciler.log import get_logger
 from reconciler.notify import Mail, Outbox
 from reconciler.remote import Runner
 from reconciler.resources import Desired
-from reconciler.snapshot import Entry, PathPolicy, Snapshot, take_snapshot
+from reconciler.secretscan import ContentRules
+from reconciler.snapshot import Entry, PathPolicy, Snapshot, display_path, take_snapshot
 
 log = get_logger(__name__)
 
 EnforceCallback = Callable[[str, Sequence[str]], Awaitable[object]]
 SUBJECT_PREFIX = "[reconciler] "
 UNAVAILABLE = "enforcement unavailable (no engine in this process): reported only"
+MAX_NOTES = 50  # warnings listed in one commit message (a hashing time-out can leave thousands)
 
 
 @dataclass(frozen=True)
@@ -76,18 +86,23 @@ class HostDrift:
     warnings: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, object]:
+        """For JSON output and status: paths in their display form (``bad\\xffname.conf``)."""
+
+        def shown(paths: Sequence[str]) -> list[str]:
+            return [display_path(p) for p in paths]
+
         return {
             "host": self.host,
             "ok": self.ok,
             "error": self.error,
             "commit": self.commit,
             "baseline": self.baseline,
-            "changed": list(self.changed),
-            "new": list(self.new),
-            "removed": list(self.removed),
-            "secret_changed": list(self.secret_changed),
-            "drift": list(self.drift),
-            "managed_drift": [{"path": m.path, "reason": m.reason} for m in self.managed_drift],
+            "changed": shown(self.changed),
+            "new": shown(self.new),
+            "removed": shown(self.removed),
+            "secret_changed": shown(self.secret_changed),
+            "drift": shown(self.drift),
+            "managed_drift": [{"path": display_path(m.path), "reason": m.reason} for m in self.managed_drift],
             "enforcement": self.enforcement,
             "mails_queued": self.mails_queued,
             "apparmor_suggestions": [
@@ -159,8 +174,12 @@ def commit_message(
     baseline: bool,
     entries: int,
     render_error: str | None = None,
+    content_secrets: Mapping[str, str] | None = None,
+    notes: Sequence[str] = (),
 ) -> tuple[str, tuple[str, ...]]:
-    """(message, drift paths). The message names every path with what happened; never content."""
+    """(message, drift paths). The message names every path (display form: one line, bytes
+    that are not UTF-8 escaped) with what happened; never content. ``content_secrets``: paths
+    found secret by their content; ``notes``: the snapshot's warnings (already display text)."""
     host = changes.host
     where = ", ".join(roots)
     drift: list[str] = []
@@ -174,10 +193,11 @@ def commit_message(
         details: dict[str, list[str]] = {}
         for c in changes.changes:
             details.setdefault(c.path, []).append(
-                "secret changed; content not stored"
-                if c.what == "secret-changed"
-                else (c.detail if c.what in ("meta", "type") else (c.detail if c.detail else ""))
+                c.detail or (SECRET_NOTE if c.what == "secret-changed" else "")
             )
+        for p, what in (content_secrets or {}).items():
+            if p in details:
+                details[p].append(f"its content holds {_SECRET_KINDS.get(what, 'a secret')}")
         for p in dict.fromkeys(c.path for c in changes.changes):
             if p in managed and managed[p] is None:
                 continue  # back in line with the fleet (e.g. applied or enforced): not drift
@@ -188,7 +208,7 @@ def commit_message(
                 lines.append(title)
                 for p in paths:
                     extra = "; ".join(d for d in details.get(p, []) if d)
-                    lines.append(f"  {p}" + (f" ({extra})" if extra else ""))
+                    lines.append(f"  {display_path(p)}" + (f" ({extra})" if extra else ""))
 
         section("Changed:", [p for p in changes.changed if p not in in_line])
         section(f"New files in {where} on {host} (not from the fleet repo: check them in or remove them):",
@@ -197,11 +217,16 @@ def commit_message(
         differing = [p for p in dict.fromkeys(c.path for c in changes.changes) if managed.get(p)]
         if differing:
             lines.append(f"Managed by the fleet and now different from it (drift mode {mode.value}):")
-            lines += [f"  {p}: {managed[p]}" for p in differing]
+            lines += [f"  {display_path(p)}: {managed[p]}" for p in differing]
         back = [p for p in dict.fromkeys(c.path for c in changes.changes) if p in in_line]
         if back:
             lines.append("Now as the fleet wants them (not drift):")
-            lines += [f"  {p}" for p in back]
+            lines += [f"  {display_path(p)}" for p in back]
+        if notes:
+            lines.append("Not recorded normally this scan (the rest was):")
+            lines += [f"  {n}" for n in notes[:MAX_NOTES]]
+            if len(notes) > MAX_NOTES:
+                lines.append(f"  ... and {len(notes) - MAX_NOTES} more (see the scan's warnings)")
         if render_error:
             lines.append(
                 f"Fleet could not be rendered for this host ({render_error}); every change counts as drift."
@@ -213,6 +238,14 @@ def commit_message(
         f"Drift: {'yes' if drift else 'no'}",
     ]
     return "\n".join(lines) + "\n", tuple(drift)
+
+
+_SECRET_KINDS = {
+    "private key": "a private key",
+    "password hash": "a password hash",
+    "secret marker": "a secret marker of the fleet's drift.secret_content",
+    "secret content": "a private key, a password hash or a secret marker",
+}
 
 
 def trailer(message: str, name: str) -> str | None:
@@ -295,6 +328,8 @@ class DriftScanner:
             exclude=tuple(d.exclude),
             secret_globs=tuple(d.secret_paths),
             secret_exact=frozenset(secret_exact),
+            content=ContentRules(tuple(d.secret_content)),
+            max_file_bytes=d.max_file_bytes,
         )
 
     def _desired(self, host_name: str) -> tuple[Desired | None, str | None]:
@@ -336,11 +371,13 @@ class DriftScanner:
     ) -> HostDrift:
         prev = await self.history.recorded(host)
 
-        def recorded_sha(path: str) -> str | None:
-            r = prev.get(path)
-            return r.sha256 if r is not None and r.stored == "content" else None
-
-        snap = await take_snapshot(conn, policy, recorded_sha)
+        recall = Recall(self.history, prev)
+        snap = await take_snapshot(
+            conn, policy, recall.sha256, recorded_large=recall.large, secret_unchanged=recall.secret_unchanged
+        )
+        if snap.warnings:
+            notes = list(snap.warnings)[:20]
+            log.warning("drift scan: some files not recorded normally", host=host, notes=notes)
         prep = await self.history.prepare(snap, prev)
         managed = classify_managed(desired, snap, policy)
         ident = snap.entries.get(IDENTITY_PATH)  # written by apply: not drift when it is ours
@@ -357,6 +394,8 @@ class DriftScanner:
             baseline=baseline,
             entries=len(snap.entries),
             render_error=render_error,
+            content_secrets=snap.content_secrets,
+            notes=snap.warnings,
         )
         info: CommitInfo | None = await self.history.commit(prep, message)
         self._crash_point("after-commit")

@@ -5,8 +5,16 @@ Layout of a commit's tree::
     hosts/<host>/etc/hosts          file content (mode 100644, or 100755 if executable)
     hosts/<host>/etc/alternatives/x symlinks as git symlinks (120000, blob = target)
     hosts/<host>/etc/shadow         a marker: "secret, content never stored" + a keyed hash
+    hosts/<host>/etc/big.img        a marker: a large file's size, mtime and the sha256 of its
+                                    first and last 64 KiB (its content is never read in full)
     meta/<host>.json                one line per path: kind, mode, owner, group, sha256 (or the
                                     keyed hash for a secret), link target
+
+Paths are the host's bytes: tree entries are written from ``str`` paths encoded with
+``surrogateescape``, so a name that is not UTF-8 (``bad\xffname.conf``) is recorded like any
+other; commit messages and mail show it escaped (``snapshot.display_path``). A name git itself
+refuses in a tree (a ``.GIT`` component, NTFS aliases of ``.git``, a symlink named
+``.gitmodules``) is recorded in the metadata only, by sha256, with no blob.
 
 The repository is bare (nothing is ever written into a work tree, so no host path can escape it),
 created mode 0700, and written only with git plumbing through a private temporary index:
@@ -38,7 +46,7 @@ from pathlib import Path
 
 from reconciler.errors import ReconcilerError
 from reconciler.log import get_logger
-from reconciler.snapshot import Entry, Snapshot
+from reconciler.snapshot import LARGE_NOTE, Entry, Snapshot, content_id, display_path, path_bytes
 
 log = get_logger(__name__)
 
@@ -48,6 +56,11 @@ EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
 ZERO = "0" * 40
 DEFAULT_AUTHOR = ("reconciler", "reconciler@localhost")
 SECRET_MARKER_HEAD = b"# reconciler: secret file, content never stored\n"
+SECRET_NOTE = "secret (content hidden)"  # noqa: S105 (a label, not a password)
+# how a file's content is held: "content" (a blob), "secret" (a keyed hash), "large" (size,
+# mtime, hash of its ends), "unreadable", "hash-only" (a name git refuses: sha256, no blob);
+# "too-large" (full sha256, no blob) was written by earlier versions
+_LARGE = ("large", "too-large")
 _LOCK_FILES = ("index.lock", "HEAD.lock", f"{REF}.lock", "packed-refs.lock", "config.lock")
 
 
@@ -66,7 +79,10 @@ class Recorded:
     sha256: str | None = None  # non-secret regular files
     secret: str | None = None  # "hmac-sha256:<hex>" for secrets
     target: str | None = None
-    stored: str = "content"  # "content", "secret", "too-large", "unreadable", "none"
+    stored: str = "content"  # "content", "secret", "large", "unreadable", "hash-only", "none"
+    size: int | None = None  # large files
+    mtime: float | None = None  # large files
+    ends_sha256: str | None = None  # large files: sha256 of the first and last 64 KiB
 
     def to_json(self) -> dict[str, object]:
         d: dict[str, object] = {
@@ -83,6 +99,12 @@ class Recorded:
             d["target"] = self.target
         if self.stored != "content":
             d["stored"] = self.stored
+        if self.size is not None:
+            d["size"] = self.size
+        if self.mtime is not None:
+            d["mtime"] = self.mtime
+        if self.ends_sha256 is not None:
+            d["ends_sha256"] = self.ends_sha256
         return d
 
     @staticmethod
@@ -100,6 +122,9 @@ class Recorded:
             secret=opt("secret"),
             target=opt("target"),
             stored=str(d.get("stored", "content")),
+            size=None if d.get("size") is None else int(str(d["size"])),
+            mtime=None if d.get("mtime") is None else float(str(d["mtime"])),
+            ends_sha256=opt("ends_sha256"),
         )
 
 
@@ -174,30 +199,84 @@ def decode_meta(data: bytes) -> dict[str, Recorded]:
         raise HistoryError(f"history metadata is unreadable: {err}") from None
 
 
+def _secret_change(a: Recorded, b: Recorded) -> str | None:
+    if a.secret == b.secret:
+        return None
+    if a.secret is None:
+        return f"{SECRET_NOTE}: now recorded by keyed hash only"
+    if b.secret is None:
+        return "no longer secret: its content is recorded from now on"
+    return SECRET_NOTE
+
+
+def _large_change(a: Recorded, b: Recorded) -> str:
+    if a.stored not in _LARGE or a.ends_sha256 is None:
+        return LARGE_NOTE
+    if b.stored not in _LARGE:
+        return "no longer a large file: its content is recorded from now on"
+    what = []
+    if a.size != b.size:
+        what.append(f"size {a.size} -> {b.size}")
+    if a.mtime != b.mtime:
+        what.append("mtime changed")
+    if a.ends_sha256 != b.ends_sha256:
+        what.append("first or last 64 KiB changed")
+    return "large file: " + ", ".join(what or ["changed"])
+
+
+def _content_change(a: Recorded, b: Recorded) -> str | None:
+    """None when the content is the same, else a note (never content) for the message."""
+    if a.stored in _LARGE or b.stored in _LARGE:
+        same = (a.stored, a.ends_sha256, a.size, a.mtime) == (b.stored, b.ends_sha256, b.size, b.mtime)
+        return None if same else _large_change(a, b)
+    if a.sha256 == b.sha256 and a.target == b.target and a.stored == b.stored:
+        return None
+    if b.stored == "unreadable":
+        return "could not be read: content unknown"
+    if a.stored == "unreadable":
+        return "readable again"
+    if b.stored == "hash-only":
+        return "a name git cannot store: recorded by sha256 only"
+    return f"-> {display_path(b.target or '')}" if b.kind == "link" else ""
+
+
+def _new_note(b: Recorded | None) -> str:
+    if b is None or b.kind != "file":
+        return ""
+    return {
+        "secret": SECRET_NOTE,
+        "large": LARGE_NOTE,
+        "unreadable": "could not be read: content unknown",
+        "hash-only": "a name git cannot store: recorded by sha256 only",
+    }.get(b.stored, "")
+
+
 def diff_meta(host: str, old: Mapping[str, Recorded], new: Mapping[str, Recorded]) -> ChangeSet:
     out: list[Change] = []
     for p in sorted(set(old) | set(new)):
         a, b = old.get(p), new.get(p)
         if a is None:
-            out.append(Change(p, "new"))
+            out.append(Change(p, "new", _new_note(b)))
         elif b is None:
             out.append(Change(p, "removed"))
         elif a.kind != b.kind:
             out.append(Change(p, "type", f"{a.kind} -> {b.kind}"))
         else:
             if b.secret is not None or a.secret is not None:
-                if a.secret != b.secret:
-                    out.append(Change(p, "secret-changed"))
-            elif a.sha256 != b.sha256 or a.target != b.target:
-                detail = f"-> {b.target}" if b.kind == "link" else ""
-                out.append(Change(p, "changed", detail))
+                note = _secret_change(a, b)
+                if note is not None:
+                    out.append(Change(p, "secret-changed", note))
+            else:
+                note = _content_change(a, b)
+                if note is not None:
+                    out.append(Change(p, "changed", note))
             meta = []
             if a.mode != b.mode:
                 meta.append(f"mode {a.mode:04o} -> {b.mode:04o}")
             if a.owner != b.owner:
-                meta.append(f"owner {a.owner} -> {b.owner}")
+                meta.append(f"owner {display_path(a.owner)} -> {display_path(b.owner)}")
             if a.group != b.group:
-                meta.append(f"group {a.group} -> {b.group}")
+                meta.append(f"group {display_path(a.group)} -> {display_path(b.group)}")
             if meta:
                 out.append(Change(p, "meta", ", ".join(meta)))
     return ChangeSet(host, tuple(out))
@@ -211,6 +290,29 @@ def _git_mode(e: Entry) -> str:
 
 def _tree_path(host: str, path: str) -> str:
     return f"hosts/{host}/{path.lstrip('/')}"
+
+
+def _is_dotgit_alias(component: str) -> bool:
+    """git's own tree-path checks (verify_path: ``.git`` in any case; core.protectNTFS, on by
+    default: ``.git`` or ``git~1`` followed only by spaces or dots, or a ``:`` stream)."""
+    for part in component.split("\\"):  # NTFS reads a backslash as a separator
+        name = part.split(":", 1)[0].rstrip(" .").lower()
+        if name in (".git", "git~1"):
+            return True
+    return False
+
+
+def git_storable(path: str, kind: str) -> bool:
+    """False for a path git refuses (silently: "Ignoring path") in a tree; such a path is
+    recorded in the metadata only. Stricter than git where in doubt."""
+    parts = path.lstrip("/").split("/")
+    if any(p in ("", ".", "..") or _is_dotgit_alias(p) for p in parts):
+        return False
+    if kind == "link":  # a symlinked .gitmodules (or its NTFS short name) is refused
+        last = parts[-1].rstrip(" .").lower()
+        if last.startswith(".gitmodules") or last.startswith("gitmod~"):
+            return False
+    return True
 
 
 # ---------------------------------------------------------------- the repository
@@ -314,8 +416,8 @@ class HistoryRepo:
     # -- recording
 
     def secret_digest(self, path: str, sha256: str | None) -> str:
-        mac = hmac.new(self._key, f"{path}\0{sha256 or 'unreadable'}".encode(), hashlib.sha256)
-        return "hmac-sha256:" + mac.hexdigest()
+        data = path_bytes(path) + b"\0" + (sha256 or "unreadable").encode()
+        return "hmac-sha256:" + hmac.new(self._key, data, hashlib.sha256).hexdigest()
 
     async def prepare(self, snap: Snapshot, previous: Mapping[str, Recorded] | None = None) -> Prepared:
         """Turn a snapshot into recorded metadata and the blobs that changed (pure apart from
@@ -324,22 +426,31 @@ class HistoryRepo:
         meta: dict[str, Recorded] = {}
         blobs: dict[str, tuple[str, bytes | None]] = {}
         for path, e in snap.entries.items():
+            storable = git_storable(path, e.kind)
             if e.kind == "file":
                 if path in snap.secrets:
-                    digest = self.secret_digest(path, e.sha256)
+                    digest = self.secret_digest(path, content_id(e))
                     rec = Recorded("file", e.mode, e.owner, e.group, secret=digest, stored="secret")
                     data = (
                         SECRET_MARKER_HEAD
                         + f"# {digest} (keyed hash; the key is not in this repo)\n".encode()
                     )
-                elif path in snap.too_large:
-                    rec = Recorded("file", e.mode, e.owner, e.group, sha256=e.sha256, stored="too-large")
+                elif e.large and e.ends_sha256 is not None:
+                    rec = Recorded(
+                        "file", e.mode, e.owner, e.group, stored="large",
+                        size=e.size, mtime=e.mtime, ends_sha256=e.ends_sha256,
+                    )  # fmt: skip
                     data = (
-                        f"# reconciler: content not stored ({e.size} bytes)\n# sha256 {e.sha256}\n".encode()
-                    )
+                        f"# reconciler: {LARGE_NOTE}\n# size {e.size}\n# mtime {e.mtime!r}\n"
+                        f"# sha256 of the first and last 64 KiB {e.ends_sha256}\n"
+                    ).encode()
                 elif e.sha256 is None:
                     rec = Recorded("file", e.mode, e.owner, e.group, stored="unreadable")
                     data = b"# reconciler: content not readable\n"
+                elif not storable:
+                    rec = Recorded("file", e.mode, e.owner, e.group, sha256=e.sha256, stored="hash-only")
+                    meta[path] = rec
+                    continue
                 else:
                     rec = Recorded("file", e.mode, e.owner, e.group, sha256=e.sha256)
                     old = prev.get(path)
@@ -352,15 +463,17 @@ class HistoryRepo:
                             blobs[path] = (_git_mode(e), None)  # git mode change only: reuse the blob
                             meta[path] = rec
                             continue
-                        raise HistoryError(f"{snap.host}:{path}: content changed but was not fetched")
+                        shown = display_path(path)
+                        raise HistoryError(f"{snap.host}:{shown}: content changed but was not fetched")
                     data = snap.contents[path]
-                blobs[path] = (_git_mode(e), data)
+                if storable:
+                    blobs[path] = (_git_mode(e), data)
                 meta[path] = rec
             elif e.kind == "link":
                 meta[path] = Recorded("link", e.mode, e.owner, e.group, target=e.target or "", stored="none")
                 old = prev.get(path)
-                if old is None or old.target != e.target or old.kind != "link":
-                    blobs[path] = ("120000", (e.target or "").encode("utf-8", "surrogateescape"))
+                if storable and (old is None or old.target != e.target or old.kind != "link"):
+                    blobs[path] = ("120000", path_bytes(e.target or ""))
             else:
                 meta[path] = Recorded(e.kind, e.mode, e.owner, e.group, stored="none")
         return Prepared(snap.host, meta, prev, diff_meta(snap.host, prev, meta), blobs)
@@ -447,14 +560,20 @@ class HistoryRepo:
         # remove what is gone (relative to what HEAD holds), and paths that stopped being files
         for p, old in head_meta.items():
             new = prep.meta.get(p)
-            if old.kind in ("file", "link") and (new is None or new.kind not in ("file", "link")):
-                lines.append(b"0 " + ZERO.encode() + b"\t" + p.lstrip("/").encode("utf-8", "surrogateescape"))
+            if old.kind in ("file", "link") and (
+                new is None or new.kind not in ("file", "link") or not git_storable(p, new.kind)
+            ):
+                lines.append(b"0 " + ZERO.encode() + b"\t" + path_bytes(p.lstrip("/")))
         for p, (mode, _) in need.items():
-            lines.append(f"{mode} {shas[p]}\t".encode() + p.lstrip("/").encode("utf-8", "surrogateescape"))
+            if p in shas:
+                lines.append(f"{mode} {shas[p]}\t".encode() + path_bytes(p.lstrip("/")))
         if lines:
-            await self._git(
+            _, _, err = await self._git(
                 "update-index", "-z", "--index-info", stdin=b"\0".join(lines) + b"\0", env=index_env
             )
+            if b"Ignoring path" in err:  # a name git refuses that git_storable let through
+                refused = err.count(b"Ignoring path")
+                log.warning("git refused some paths; metadata only", host=host, count=refused)
         _, tree_out, _ = await self._git("write-tree", env=index_env)
         host_tree = tree_out.decode().strip()
         root_entries = await self._ls_tree(head)
@@ -482,9 +601,9 @@ class HistoryRepo:
             "GIT_COMMITTER_EMAIL": email,
         }
         parent_args = ("-p", head) if head else ()
-        _, c_out, _ = await self._git(
-            "commit-tree", tree, *parent_args, "-F", "-", stdin=message.encode(), env=env
-        )
+        # the message names paths in their display form; never raw bytes that are not UTF-8
+        body = message.encode("utf-8", "backslashreplace")
+        _, c_out, _ = await self._git("commit-tree", tree, *parent_args, "-F", "-", stdin=body, env=env)
         sha = c_out.decode().strip()
         rc, _, err = await self._git("update-ref", REF, sha, head or ZERO, check=False)
         if rc != 0:
@@ -496,6 +615,8 @@ class HistoryRepo:
         return CommitInfo(sha, head, host, message)
 
     async def _existing_blobs(self, head: str | None, host: str, paths: Sequence[str]) -> dict[str, str]:
+        """The blobs HEAD holds for ``paths`` (a git mode change only). A path whose blob is not
+        in the tree (git ignored its name) is left out: it stays in the metadata only."""
         if not head:
             raise _RefMoved()
         out: dict[str, str] = {}
@@ -503,9 +624,10 @@ class HistoryRepo:
             rc, o, _ = await self._git(
                 "rev-parse", "--verify", "-q", f"{head}:{_tree_path(host, p)}", check=False
             )
-            if rc != 0:
-                raise _RefMoved()
-            out[p] = o.decode().strip()
+            if rc == 0:
+                out[p] = o.decode().strip()
+            else:
+                log.warning("history has no blob for a path; metadata only", host=host, path=display_path(p))
         return out
 
     # -- reading back
@@ -576,7 +698,7 @@ class HistoryRepo:
             "--",
             *specs,
         )
-        text = out.decode("utf-8", "replace")
+        text = out.decode("utf-8", "backslashreplace")  # a byte that is not UTF-8 shows as \xff
         if len(text) > max_bytes:
             text = text[:max_bytes] + f"\n[diff truncated at {max_bytes} bytes; see the history repo]\n"
         return text
@@ -589,6 +711,29 @@ class HistoryRepo:
 
 class _RefMoved(Exception):
     pass
+
+
+@dataclass(frozen=True)
+class Recall:
+    """What the history holds for a host, in the form ``snapshot.take_snapshot`` asks for it:
+    so unchanged files are not fetched again (secrets included, by their keyed hash)."""
+
+    repo: HistoryRepo
+    previous: Mapping[str, Recorded]
+
+    def sha256(self, path: str) -> str | None:
+        r = self.previous.get(path)
+        return r.sha256 if r is not None and r.stored in ("content", "hash-only") else None
+
+    def large(self, path: str) -> tuple[int, float, str] | None:
+        r = self.previous.get(path)
+        if r is None or r.stored != "large" or r.size is None or r.mtime is None or not r.ends_sha256:
+            return None
+        return r.size, r.mtime, r.ends_sha256
+
+    def secret_unchanged(self, path: str, content: str) -> bool:
+        r = self.previous.get(path)
+        return r is not None and r.secret is not None and r.secret == self.repo.secret_digest(path, content)
 
 
 class HistoryConflict(HistoryError):

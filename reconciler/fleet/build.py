@@ -86,6 +86,8 @@ def drift(d: Mapping[str, Any] | None) -> m.DriftPolicy:
         paths=_t(d, "paths", base.paths),
         exclude=_t(d, "exclude", base.exclude),
         secret_paths=_t(d, "secret_paths", base.secret_paths),
+        secret_content=_t(d, "secret_content", base.secret_content),
+        max_file_bytes=d.get("max_file_bytes", base.max_file_bytes),
         interval_seconds=d.get("interval_seconds", base.interval_seconds),
         mode=m.DriftMode(d.get("mode", base.mode)),
     )

@@ -261,6 +261,8 @@ class DriftPolicy:
     paths: tuple[str, ...] = ("/etc",)
     exclude: tuple[str, ...] = ()  # glob patterns on absolute paths
     secret_paths: tuple[str, ...] = ()  # extra globs recorded by hash only
+    secret_content: tuple[str, ...] = ()  # extra literal markers: a file holding one is a secret
+    max_file_bytes: int = 16 * 1024 * 1024  # larger files: size, mtime, hash of first/last 64 KiB
     interval_seconds: int = 3600
     mode: DriftMode = DriftMode.REPORT
 

@@ -8,14 +8,18 @@ from __future__ import annotations
 import dataclasses
 import email
 import json
+import logging
+import os
 import socket
 import subprocess
+import time
 from collections.abc import Iterator, Sequence
 from email.message import Message
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from aiosmtpd.controller import Controller
 
 from reconciler import cli
@@ -202,7 +206,7 @@ async def test_history_mail_secrets_outage_and_crash_recovery(
     assert m["Subject"] == "[reconciler] web1: 1 changed, 1 new, 0 removed in /etc"
     text = body(m)
     assert "/etc/drift-new.conf" in text and "New files in /etc on web1" in text
-    assert "/etc/shadow (secret changed; content not stored)" in text
+    assert "/etc/shadow (secret (content hidden))" in text
     assert CANARY not in text and CANARY not in m.as_string()
     everything = git(env.history.path, "log", "-p", "--all")
     assert CANARY not in everything
@@ -357,3 +361,168 @@ def test_cli_drift_json_one_failed_host(tmp_path: Path, lab: Lab, capsys: pytest
     code = cli.main(argv[:-4] + ["--no-mail", "--host", "web1"])
     assert code == 0
     assert "web1: no change" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- drift that cannot be blinded
+
+BAD_NAME = b"/etc/bad\xffname.conf"
+VANISH_SHIM = '#!/bin/sh\nrm -f /etc/drift-vanish.conf\nexec /usr/bin/sha256sum "$@"\n'
+
+
+async def test_drift_cannot_be_blinded(tmp_path: Path, lab: Lab, example: Fleet, smtp: SmtpServer) -> None:
+    """A non-UTF-8 name, a 40 GB sparse file, an unreadable file, a FIFO and a file that
+    vanishes mid-scan, all at once: the scan takes seconds, records the rest and reports them."""
+    host = "db2"
+    env = Env(tmp_path, lab, fleet_with(example, smtp), smtp)
+    sh(lab, host, "echo 'will vanish' > /etc/drift-vanish.conf")
+    await env.scan(host)
+    await env.deliver()
+    # an unreadable regular file (root gets EACCES: a write-only procfs file, bound read-only);
+    # the shim (fault injection, first on sshd's PATH) deletes a file after find listed it
+    setup = (
+        "printf 'weird=1\\n' > \"$1\" && truncate -s 40G /etc/drift-big.img"
+        " && mkfifo /etc/drift-fifo && : > /etc/drift-unreadable.conf"
+        " && mount --bind /proc/sys/vm/compact_memory /etc/drift-unreadable.conf"
+        " && mount -o remount,ro,bind /etc/drift-unreadable.conf"
+        " && echo '192.0.2.77 still-recorded' >> /etc/hosts"
+        " && mkdir -p /usr/local/bin && cat > /usr/local/bin/sha256sum && chmod 755 /usr/local/bin/sha256sum"
+    )
+    bad = os.fsdecode(BAD_NAME)
+    res = lab.exec(host, ["sh", "-c", setup, "sh", bad], input=VANISH_SHIM.encode())
+    try:
+        assert res.returncode == 0, res.stderr
+        await _blinding_attempts_fail(env, lab, host)
+    finally:
+        cleanup = (
+            "umount /etc/drift-unreadable.conf; rm -f /usr/local/bin/sha256sum"
+            ' "$1" /etc/drift-big.img /etc/drift-fifo /etc/drift-unreadable.conf'
+        )
+        lab.exec(host, ["sh", "-c", cleanup, "sh", bad])
+
+
+async def _blinding_attempts_fail(env: Env, lab: Lab, host: str) -> None:
+    assert lab.exec(host, ["cat", "/etc/drift-unreadable.conf"]).returncode != 0  # unreadable, really
+    blocks = sh(lab, host, "stat -c '%s %b %B' /etc/drift-big.img").split()
+    assert int(blocks[0]) == 40 << 30 and int(blocks[1]) * int(blocks[2]) < 1 << 20  # sparse
+    started = time.monotonic()
+    r = await env.scan(host)
+    took = time.monotonic() - started
+    assert took < 10, f"scan took {took:.1f} s"
+    bad = os.fsdecode(BAD_NAME)
+    assert r.changed == ("/etc/hosts",) and r.removed == ("/etc/drift-vanish.conf",)
+    assert set(r.new) == {bad, "/etc/drift-big.img", "/etc/drift-fifo", "/etc/drift-unreadable.conf"}
+    assert "/etc/drift-vanish.conf vanished during the scan" in r.warnings
+    assert "/etc/drift-unreadable.conf could not be read: recorded as unreadable" in r.warnings
+    # history: the name as bytes, the big file by size/mtime/ends, the unreadable one marked
+    ls_tree = ["ls-tree", "-r", "-z", "--name-only", "main", f"hosts/{host}"]
+    tree = subprocess.run(
+        ["git", f"--git-dir={env.history.path}", *ls_tree], capture_output=True, check=True
+    ).stdout.split(b"\0")
+    assert f"hosts/{host}".encode() + BAD_NAME in tree
+    meta = json.loads(git(env.history.path, "show", f"main:meta/{host}.json"))
+    assert meta["/etc/drift-big.img"]["stored"] == "large" and meta["/etc/drift-big.img"]["size"] == 40 << 30
+    assert meta["/etc/drift-unreadable.conf"]["stored"] == "unreadable"
+    assert meta["/etc/drift-fifo"]["kind"] == "other"
+    # the mail: one, escaped name, the notes
+    [m] = await env.deliver()
+    text = body(m).replace("\r\n", "\n")
+    assert m["Subject"] == f"[reconciler] {host}: 1 changed, 4 new, 1 removed in /etc"
+    assert (
+        "  /etc/bad\\xffname.conf\n" in text and "+++ b/etc/bad\\xffname.conf" in text and "+weird=1" in text
+    )
+    assert (
+        "  /etc/drift-big.img (large file: recorded by size, mtime and a hash of its first and last 64 KiB)"
+        in text
+    )
+    assert "  /etc/drift-unreadable.conf (could not be read: content unknown)" in text
+    assert (
+        "Not recorded normally this scan (the rest was):\n" in text and "+192.0.2.77 still-recorded" in text
+    )
+    # the JSON view shows the name escaped too
+    assert "/etc/bad\\xffname.conf" in r.as_dict()["new"]  # type: ignore[operator]
+    # the next scan (all still there) is quiet and fast
+    started = time.monotonic()
+    again = await env.scan(host)
+    assert time.monotonic() - started < 10 and again.commit is None and again.mails_queued == 0
+
+
+# ---------------------------------------------------------------- secrets by path and by content
+
+
+def pem(label: str, body: str) -> str:
+    return f"-----BEGIN {label}-----\n{body}\n-----END {label}-----\n"
+
+
+SECRET_FILES: dict[str, str] = {
+    # the four reported forms
+    "/etc/letsencrypt/archive/example.com/privkey1.pem": pem("PRIVATE KEY", "MIIE{c}"),
+    "/etc/kubernetes/admin.conf": "apiVersion: v1\nusers:\n- name: admin\n  user:\n    client-key-data: {c}\n",  # noqa: E501
+    "/etc/app/server.pem": pem("RSA PRIVATE KEY", "MIIEow{c}"),
+    "/etc/postfix/sasl_passwd": "[smtp.example.com]:587 relay-user:{c}\n",
+    # *.key, an OpenSSH key, a PGP private block (the last two found by their content only)
+    "/etc/app/tls.key": "{c}\n",
+    "/etc/app/deploy-identity": pem("OPENSSH PRIVATE KEY", "b3BlbnNzaC1rZXk{c}"),
+    "/etc/app/signing.asc": pem("PGP PRIVATE KEY BLOCK", "\nlQVYBF{c}"),
+}
+WRITE = 'mkdir -p "$(dirname "$1")" && cat >> "$1"'
+
+
+async def test_canary_secrets_never_leave_the_host(
+    tmp_path: Path, lab: Lab, example: Fleet, smtp: SmtpServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    host = "db1"
+    canaries = {
+        p: f"CANARY{i}x{os.urandom(6).hex()}" for i, p in enumerate([*SECRET_FILES, "/etc/app/later.conf"])
+    }
+    env = Env(tmp_path, lab, fleet_with(example, smtp), smtp)
+    try:
+        await _canaries_stay_on_the_host(env, lab, host, canaries, caplog)
+    finally:
+        sh(lab, host, "rm -rf /etc/app /etc/letsencrypt /etc/kubernetes /etc/postfix/sasl_passwd")
+
+
+async def _canaries_stay_on_the_host(
+    env: Env, lab: Lab, host: str, canaries: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    sh(lab, host, "mkdir -p /etc/app && echo 'plain = 1' > /etc/app/later.conf")
+    await env.scan(host)
+    await env.deliver()
+    assert "plain = 1" in git(env.history.path, "show", "main:hosts/db1/etc/app/later.conf")
+    for path, text in SECRET_FILES.items():
+        res = lab.exec(host, ["sh", "-c", WRITE, "sh", path], input=text.format(c=canaries[path]).encode())
+        assert res.returncode == 0, res.stderr
+    later = pem("EC PRIVATE KEY", canaries["/etc/app/later.conf"]).encode()  # plain before, secret now
+    assert lab.exec(host, ["sh", "-c", WRITE, "sh", "/etc/app/later.conf"], input=later).returncode == 0
+    caplog.set_level(logging.DEBUG)
+    mails: list[Message] = []
+    before = structlog.get_config()  # every level, whatever an earlier test configured
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
+    try:
+        with structlog.testing.capture_logs() as logs:
+            r = await env.scan(host)
+            mails += await env.deliver()
+            sh(lab, host, "echo rotated >> /etc/app/server.pem && echo rotated >> /etc/kubernetes/admin.conf")
+            rotated = await env.scan(host)
+            mails += await env.deliver()
+    finally:
+        structlog.configure(**before)
+    assert set(SECRET_FILES) <= set(r.new) and r.secret_changed == ("/etc/app/later.conf",)
+    assert set(rotated.secret_changed) == {"/etc/app/server.pem", "/etc/kubernetes/admin.conf"}
+    assert len(mails) == 2 and logs  # positive evidence: mails arrived, log lines were captured
+    meta = json.loads(git(env.history.path, "show", "main:meta/db1.json"))
+    assert all(meta[p]["stored"] == "secret" for p in canaries)
+    first = body(mails[0]).replace("\r\n", "\n")
+    for p in SECRET_FILES:
+        assert f"  {p} (secret (content hidden)" in first
+    assert "  /etc/app/later.conf (secret (content hidden): now recorded by keyed hash only" in first
+    objects = subprocess.run(
+        ["git", f"--git-dir={env.history.path}", "cat-file", "--batch-all-objects", "--batch"],
+        capture_output=True, check=True,
+    ).stdout  # fmt: skip
+    mail_text = [m.as_bytes() for m in mails] + [body(m).encode() for m in mails]
+    log_text = repr(logs) + caplog.text
+    for path, canary in canaries.items():
+        assert canary.encode() not in objects, path
+        assert not any(canary.encode() in t for t in mail_text), path
+        assert canary not in log_text, path
+    assert "plain = 1" in git(env.history.path, "log", "-p", "--all")  # the old plain content stays

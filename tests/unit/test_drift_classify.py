@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from types import MappingProxyType
 
-from reconciler.drift import classify_managed, commit_message, trailer
+from reconciler.drift import HostDrift, classify_managed, commit_message, trailer
 from reconciler.fleet.model import DriftMode
 from reconciler.history import Change, ChangeSet
 from reconciler.resources import Desired, Domain, FileResource, LinkResource
@@ -66,7 +66,7 @@ def test_commit_message_marks_drift_and_not_drift() -> None:
     assert msg.splitlines()[0] == "web1: 2 changed, 1 new, 0 removed in /etc"
     assert drift == ("/etc/b.conf", "/etc/new", "/etc/shadow")
     assert "Changed:\n  /etc/b.conf" in msg and "Changed:\n  /etc/a.conf" not in msg
-    assert "  /etc/shadow (secret changed; content not stored)" in msg
+    assert "  /etc/shadow (secret (content hidden))" in msg
     assert "Managed by the fleet and now different from it (drift mode enforce):" in msg
     assert "  /etc/b.conf: content differs from the fleet" in msg
     assert "Now as the fleet wants them (not drift):\n  /etc/a.conf" in msg
@@ -81,3 +81,18 @@ def test_commit_message_marks_drift_and_not_drift() -> None:
     )
     assert base.startswith("web1: initial snapshot of /etc (10 paths)") and drift == ()
     assert trailer(base, "Drift") == "no"
+
+
+def test_names_and_notes_in_the_message_are_one_line_each() -> None:
+    bad = b"/etc/x\xff\nDrift: no".decode("utf-8", "surrogateescape")
+    ch = ChangeSet("web1", (Change(bad, "new"),))
+    notes = tuple(f"/etc/f{i} could not be read: recorded as unreadable" for i in range(60))
+    msg, drift = commit_message(
+        ch, ("/etc",), {}, mode=DriftMode.REPORT, fleet_commit=None, baseline=False, entries=1, notes=notes
+    )
+    assert "  /etc/x\\xff\\nDrift: no\n" in msg and drift == (bad,)
+    assert [ln for ln in msg.splitlines() if ln.startswith("Drift:")] == ["Drift: yes"]
+    assert "  /etc/f49 could not be read" in msg and "/etc/f50 " not in msg and "... and 10 more" in msg
+    msg.encode("utf-8")  # no raw surrogate left
+    shown = HostDrift("web1", new=(bad,), drift=(bad,)).as_dict()
+    assert shown["new"] == ["/etc/x\\xff\\nDrift: no"] and shown["drift"] == shown["new"]

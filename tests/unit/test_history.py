@@ -6,61 +6,15 @@ import asyncio
 import os
 import stat
 import subprocess
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from snapshot_local import LocalRunner, git
 
 from reconciler.history import HistoryError, HistoryRepo, commit_subject
 from reconciler.snapshot import PathPolicy, Snapshot, is_builtin_secret, take_snapshot
 
 CANARY = "CANARY-s3cr3t-7f1d"
-
-
-@dataclass(frozen=True)
-class Result:
-    exit_status: int
-    stdout: bytes
-    stderr: bytes
-
-
-class LocalRunner:
-    """Runs the snapshot's own commands on this machine (the same sh/find/tar a host runs)."""
-
-    host = "local"
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    async def run(
-        self, argv: Sequence[str], *, stdin: bytes | None = None, timeout: float | None = None
-    ) -> Result:
-        self.calls += 1
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        out, err = await proc.communicate(stdin or b"")
-        return Result(proc.returncode or 0, out, err)
-
-    async def run_script(
-        self,
-        script: str,
-        *,
-        args: Sequence[str] = (),
-        stdin_after: bytes | None = None,
-        timeout: float | None = None,
-    ) -> Result:
-        return await self.run(["sh", "-c", script, "sh", *args], stdin=stdin_after, timeout=timeout)
-
-
-def git(repo: Path, *args: str) -> str:
-    return subprocess.run(
-        ["git", f"--git-dir={repo}", *args], check=True, capture_output=True, text=True
-    ).stdout
 
 
 @pytest.fixture
