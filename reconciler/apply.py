@@ -491,6 +491,10 @@ async def _firewall(run: _Run, window: float) -> None:
             run.mark(i, "done", outcome.message)
             continue
         run.mark(i, "failed", outcome.message)
+        if outcome.live_confirmed:
+            # the new rules are live and SSH was proven over a new connection: only the
+            # persistent file failed (reported); what follows does not depend on it
+            continue
         run.rolled_back = outcome.rolled_back
         run.stopped = f"the firewall change failed ({outcome.message}); later changes depend on it"
         if outcome.rolled_back:
