@@ -22,13 +22,11 @@ from reconciler.verify.facts import _PRELUDE, Runner, Section, new_token, split_
 
 NAME = "datapath"
 
-PROBE_SCRIPT = (
-    _PRELUDE
-    + r"""
-iface=$1; own=$2; cap=$3; count=$4; interval=$5; npeers=$6; ctimeout=$7; shift 7
-# TCP connects to "address port" pairs, all at once; a connect still waiting after $2 tenths
-# of a second is killed (its subshell made it, so nothing is left behind) and not reported:
-# the SYN got no answer. Prints "address port open|fail last-error-line".
+# TCP connects to "address port" pairs, all at once (one bash: /dev/tcp, a forked subshell
+# per connect, so a connect still waiting after the timeout is killed with its subshell and
+# nothing is left behind); $1 a scratch directory, $2 the timeout in 0.05 s steps. Prints
+# "address port open|fail last-error-line" per connect that ended; one not listed got no answer.
+REACH_FUNCTION = r"""
 reach() {
   bash -c '
 d=$1; t=$2; shift 2
@@ -51,6 +49,13 @@ while [ "$i" -lt "$n" ]; do
 done
 ' reach "$@"
 }
+"""
+
+PROBE_SCRIPT = (
+    _PRELUDE
+    + REACH_FUNCTION
+    + r"""
+iface=$1; own=$2; cap=$3; count=$4; interval=$5; npeers=$6; ctimeout=$7; shift 7
 command -v tcpdump >/dev/null 2>&1 || { sec notcpdump false; exit 0; }
 filter='udp port 4500 or udp port 500 or esp or ah or icmp or ip proto 4'
 tcpdump -n -l -i "$iface" -c "$cap" "$filter" >"$d/cap" 2>"$d/caperr" &
