@@ -305,8 +305,8 @@ class Checker:
         if text is None:
             return
         path: Path = ("public_address_v6",)
-        addr: m.Host = x.obj
-        v6 = addr.public_address_v6
+        host: m.Host = x.obj
+        v6 = host.public_address_v6
         if v6 is None:
             self.err(x.doc, path, f"{text!r} is not an IPv6 address")
             return

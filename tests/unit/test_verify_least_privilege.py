@@ -10,7 +10,6 @@ import subprocess
 import tempfile
 from dataclasses import replace
 from ipaddress import IPv6Address
-from pathlib import Path
 from types import MappingProxyType
 
 import pytest
