@@ -23,21 +23,31 @@ from reconciler.verify.facts import _PRELUDE, Runner, Section, new_token, split_
 NAME = "datapath"
 
 # TCP connects to "address port" pairs, all at once (one bash: /dev/tcp, a forked subshell
-# per connect, so a connect still waiting after the timeout is killed with its subshell and
-# nothing is left behind); $1 a scratch directory, $2 the timeout in 0.05 s steps. Prints
+# per connect, so a connect still waiting at the timeout is killed with its subshell and nothing
+# is left behind); $1 a scratch directory, $2 the timeout in microseconds. Each connect that
+# ends says so on a FIFO; the helper waits on it with `read -t` (a builtin: no polling process)
+# and returns as soon as every connect ended, or at the timeout. Prints
 # "address port open|fail last-error-line" per connect that ended; one not listed got no answer.
 REACH_FUNCTION = r"""
 reach() {
   bash -c '
 d=$1; t=$2; shift 2
+mkfifo "$d/done" && exec 3<>"$d/done" || { echo "REACH-ERROR cannot make a FIFO in $d"; exit 0; }
 n=0
 while [ $# -ge 2 ]; do
   n=$((n + 1))
-  ( exec 2>"$d/e$n"; if : <>"/dev/tcp/$1/$2"; then echo "$1 $2 open"; else echo "$1 $2 fail"; fi >"$d/o$n" ) &
+  ( exec 2>"$d/e$n"
+    if : <>"/dev/tcp/$1/$2"; then echo "$1 $2 open"; else echo "$1 $2 fail"; fi >"$d/o$n"
+    echo >&3 ) &
   shift 2
 done
-i=0
-while [ -n "$(jobs -rp)" ] && [ "$i" -lt "$t" ]; do sleep 0.05; i=$((i + 1)); done
+now=${EPOCHREALTIME/[.,]/}; end=$((now + t)); got=0
+while [ "$got" -lt "$n" ]; do
+  now=${EPOCHREALTIME/[.,]/}; left=$((end - now))
+  [ "$left" -gt 0 ] || break
+  read -r -t "$((left / 1000000)).$(printf %06d $((left % 1000000)))" _ <&3 || break
+  got=$((got + 1))
+done
 kill $(jobs -rp) 2>/dev/null
 wait 2>/dev/null
 i=0
@@ -115,7 +125,7 @@ class ProbeRequest:
             str(self.count),
             f"{self.interval:g}",
             str(len(self.peers)),
-            str(max(1, round(self.connect_timeout * 20))),  # in 0.05 s steps
+            str(round(self.connect_timeout * 1_000_000)),  # microseconds
             *self.peers,
             *targets,
         ]

@@ -107,6 +107,8 @@ def check(
         return skipped(
             host, peer, NAME, f"{peer} made no connects (bash missing, or the probe was cut short)"
         )
+    if sec.out.startswith("REACH-ERROR"):
+        return failed(host, peer, NAME, f"the connect probe on {peer} failed: {sec.out[12:].strip()}")
     results = parse_reach(sec.out)
     listening = parse_listening(listen.out) if listen is not None and listen.ok else None
     ping = probe.get(f"ping:{host_internal}")

@@ -172,10 +172,16 @@ def test_reach_judges_real_connect_outcomes() -> None:
     assert "refused (Connection refused) although db1 listens there" in refused.cause  # type: ignore[attr-defined]
 
 
+def test_a_connect_probe_that_could_not_run_is_a_failure_not_a_pass() -> None:
+    broken = reach_check("db2", "REACH-ERROR cannot make a FIFO in /tmp/x/reach")
+    assert broken.status is Status.FAIL  # type: ignore[attr-defined]
+    assert broken.cause == "the connect probe on db2 failed: cannot make a FIFO in /tmp/x/reach"  # type: ignore[attr-defined]
+
+
 def test_probe_arguments_carry_the_connects() -> None:
     req = datapath.ProbeRequest("eth0", "10.99.0.11", ("10.99.0.21",), connects=(("10.99.0.21", 22),))
     args = req.args("TOK")
-    assert args[6:] == ["1", "30", "10.99.0.21", "10.99.0.21", "22"]
+    assert args[6:] == ["1", "1500000", "10.99.0.21", "10.99.0.21", "22"]
 
 
 @pytest.mark.skipif(
@@ -193,7 +199,11 @@ iptables -A INPUT -p tcp --dport 81 -j DROP
 python3 -c 'import socket,time; s=socket.socket(); s.bind(("127.0.0.1", 80)); s.listen(); time.sleep(10)' &
 srv=$!
 i=0; while ! grep -q ':0050 00000000:0000 0A' /proc/net/tcp && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done
-reach "$1" 20 127.0.0.1 80 127.0.0.1 81 127.0.0.1 82 10.9.9.9 80
+start=$(date +%s%N)
+reach "$1" 1000000 127.0.0.1 80 127.0.0.1 81 127.0.0.1 82 10.9.9.9 80
+echo "took $(( ($(date +%s%N) - start) / 1000000 )) ms"
+rm -f "$1"/*; reach "$1" 5000000 127.0.0.1 80 127.0.0.1 82 >/dev/null
+echo "fast $(( ($(date +%s%N) - start) / 1000000 )) ms"
 kill $srv
 sleep 0.2
 for p in $(pgrep -x bash); do
@@ -216,3 +226,7 @@ true
     assert results[("127.0.0.1", 82)].outcome == "refused"
     assert results[("10.9.9.9", 80)].outcome == "unreachable"
     assert "LEFTOVER" not in res.stdout
+    took = int(res.stdout.split("took ", 1)[1].split()[0])
+    fast = int(res.stdout.split("fast ", 1)[1].split()[0]) - took
+    assert 950 <= took < 3000, res.stdout  # the dropped connect waited for the timeout (1 s)
+    assert fast < 1000, res.stdout  # with every connect answered it returns at once, not at 5 s
