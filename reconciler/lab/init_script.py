@@ -17,14 +17,17 @@ M="$H/merged"
 # IPv6 on (a static documentation-prefix address, no router discovery, no default route) when
 # the host has an IPv6 address, off otherwise
 V6=1; [ -n "$ADDR6" ] && V6=0
+# (no duplicate address detection either: the addresses are ours alone, and a link-local
+# address left "tentative" for a second would make the host's state change by itself)
 for c in all default; do
     echo "$V6" > "/proc/sys/net/ipv6/conf/$c/disable_ipv6" 2>/dev/null || true
-    echo 0 > "/proc/sys/net/ipv6/conf/$c/accept_ra" 2>/dev/null || true
-    echo 0 > "/proc/sys/net/ipv6/conf/$c/router_solicitations" 2>/dev/null || true
+    for k in accept_ra router_solicitations accept_dad; do
+        echo 0 > "/proc/sys/net/ipv6/conf/$c/$k" 2>/dev/null || true
+    done
 done
 ip link set lo up
 ip link set "$PEER" name eth0
-for k in accept_ra router_solicitations; do
+for k in accept_ra router_solicitations accept_dad; do
     echo 0 > "/proc/sys/net/ipv6/conf/eth0/$k" 2>/dev/null || true
 done
 echo "$V6" > /proc/sys/net/ipv6/conf/eth0/disable_ipv6 2>/dev/null || true

@@ -211,7 +211,7 @@ async def test_reload_failure_restores_old_files_and_reloads_again(lab: Lab) -> 
         host="f1",
         files=(conf,),
         handlers=(handler,),
-        firewall=FirewallRuleset(GOOD),  # as in the first test: in sync, not pruned
+        firewall=FirewallRuleset(GOOD, rules_v6=GOOD6),  # as in the first test: in sync, not pruned
     )
     lab.exec("f1", ["touch", "/tmp/fail"])
     async with pool_for(lab) as pool:
