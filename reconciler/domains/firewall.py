@@ -197,7 +197,7 @@ def _mesh_protection(fleet: Fleet, src: IPv4Network) -> tuple[str | None, tuple[
     return None, IPSEC_IN
 
 
-def _port_rules(fleet: Fleet, host: Host, access: PortAccess, peers: frozenset[str]) -> list[Rule]:
+def _port_rules(fleet: Fleet, access: PortAccess, peers: frozenset[str]) -> list[Rule]:
     """One port's rules.v4 lines: anyone; each IPv4 network (mesh networks only as mesh
     traffic); each source host by its public address and, when it is a mesh peer, by its
     internal address as protected mesh traffic only."""
@@ -227,7 +227,7 @@ def _port_rules(fleet: Fleet, host: Host, access: PortAccess, peers: frozenset[s
 def _service_ports(fleet: Fleet, host: Host, peers: frozenset[str]) -> Section:
     lines: dict[str, Rule] = {}
     for access in port_access(fleet, host):
-        for r in _port_rules(fleet, host, access, peers):
+        for r in _port_rules(fleet, access, peers):
             lines.setdefault(r.line(), r)
     return Section("service ports of the roles " + ", ".join(host.roles), tuple(lines.values()))
 

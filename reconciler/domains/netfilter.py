@@ -11,6 +11,7 @@ and desired compare rule by rule. The integration tests check the round trip thr
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
@@ -18,6 +19,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_net
 Addr = IPv4Address | IPv4Network | IPv6Address | IPv6Network
 
 
+@functools.lru_cache(maxsize=1 << 14)
 def _net(value: Addr) -> str:
     if isinstance(value, IPv4Address):
         return f"{value}/32"
@@ -41,27 +43,33 @@ class Rule:
     target_args: tuple[str, ...] = ()
 
     def line(self) -> str:
-        words: list[str] = ["-A", self.chain]
-        if self.src is not None:
-            words += ["-s", _net(self.src)]
-        if self.dst is not None:
-            words += ["-d", _net(self.dst)]
-        if self.in_iface is not None:
-            words += ["-i", self.in_iface]
-        if self.out_iface is not None:
-            words += ["-o", self.out_iface]
-        if self.proto is not None:
-            words += ["-p", self.proto]
-            if self.proto in ("tcp", "udp") and (self.sport is not None or self.dport is not None):
-                words += ["-m", self.proto]
-                if self.sport is not None:
-                    words += ["--sport", str(self.sport)]
-                if self.dport is not None:
-                    words += ["--dport", str(self.dport)]
-        words += list(self.matches)
-        words += ["-j", self.target]
-        words += list(self.target_args)
-        return " ".join(words)
+        return _line(self)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _line(rule: Rule) -> str:
+    """Cached by value: a mesh repeats each peer's rules in every other host's ruleset."""
+    words: list[str] = ["-A", rule.chain]
+    if rule.src is not None:
+        words += ["-s", _net(rule.src)]
+    if rule.dst is not None:
+        words += ["-d", _net(rule.dst)]
+    if rule.in_iface is not None:
+        words += ["-i", rule.in_iface]
+    if rule.out_iface is not None:
+        words += ["-o", rule.out_iface]
+    if rule.proto is not None:
+        words += ["-p", rule.proto]
+        if rule.proto in ("tcp", "udp") and (rule.sport is not None or rule.dport is not None):
+            words += ["-m", rule.proto]
+            if rule.sport is not None:
+                words += ["--sport", str(rule.sport)]
+            if rule.dport is not None:
+                words += ["--dport", str(rule.dport)]
+    words += list(rule.matches)
+    words += ["-j", rule.target]
+    words += list(rule.target_args)
+    return " ".join(words)
 
 
 ESTABLISHED = ("-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED")

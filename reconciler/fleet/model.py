@@ -11,6 +11,7 @@ YAML keys (snake_case).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -327,11 +328,25 @@ class Fleet:
     templates: Mapping[str, str] = field(default_factory=frozen_map)  # repo path -> text
     warnings: tuple[str, ...] = ()  # e.g. legacy crypto allowed for a host
 
-    def host(self, name: str) -> Host:
+    @functools.cached_property
+    def _hosts_by_name(self) -> Mapping[str, Host]:
+        return MappingProxyType({h.name: h for h in self.hosts})
+
+    @functools.cached_property
+    def _hosts_by_role(self) -> Mapping[str, tuple[Host, ...]]:
+        by: dict[str, list[Host]] = {}
         for h in self.hosts:
-            if h.name == name:
-                return h
-        raise KeyError(name)
+            for r in h.roles:
+                by.setdefault(r, []).append(h)
+        return MappingProxyType({r: tuple(hs) for r, hs in by.items()})
+
+    def host(self, name: str) -> Host:
+        """The host named ``name`` (KeyError if none); indexed once per Fleet (role sources
+        name hosts by the hundred when a fleet is rendered)."""
+        found = self._hosts_by_name.get(name)
+        if found is None:
+            raise KeyError(name)
+        return found
 
     def host_names(self) -> tuple[str, ...]:
         return tuple(h.name for h in self.hosts)
@@ -348,7 +363,7 @@ class Fleet:
 
     def hosts_with_role(self, role: str) -> tuple[Host, ...]:
         """Every host that has ``role``, sorted by name."""
-        return tuple(h for h in self.hosts if role in h.roles)
+        return self._hosts_by_role.get(role, ())
 
     def link_pairs(self) -> tuple[tuple[str, str], ...]:
         """Every unordered linked pair (a < b), sorted."""
