@@ -102,7 +102,7 @@ def main() -> None:
     for n in args.hosts:
         with tempfile.TemporaryDirectory() as tmp:
             fleet = make_fleet(Path(tmp), n)
-            lab = Lab.up(specs_from_fleet(fleet))
+            lab = Lab.up(specs_from_fleet(fleet), lock_timeout=7200)
             try:
                 times = asyncio.run(run(fleet, lab, args.rounds))
             finally:
