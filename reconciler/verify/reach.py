@@ -104,9 +104,8 @@ def check(
         )
     sec = probe.get("reach")
     if sec is None:
-        return skipped(
-            host, peer, NAME, f"{peer} made no connects (bash missing, or the probe was cut short)"
-        )
+        why = "tcpdump is not installed there" if "notcpdump" in probe else "no bash, or it was cut short"
+        return skipped(host, peer, NAME, f"{peer}'s probe made no connects ({why})")
     if sec.out.startswith("REACH-ERROR"):
         return failed(host, peer, NAME, f"the connect probe on {peer} failed: {sec.out[12:].strip()}")
     results = parse_reach(sec.out)
