@@ -75,7 +75,6 @@ def _info_from_state(state: LabState) -> LabInfo:
             root=d / "hosts" / h.name,
             init_pid=h.init_pid,
             veth=h.veth,
-            address_v6=h.address_v6,
         )
         for h in state.hosts
     )
@@ -195,7 +194,6 @@ class Lab:
                     address=s.address,
                     netns=network.netns_name(prefix, s.name),
                     veth=network.veth_name(prefix, i),
-                    address_v6=s.address_v6,
                 )
                 for i, s in enumerate(specs)
             ],

@@ -82,7 +82,6 @@ class LabHost:
     root: Path
     init_pid: int = 0
     veth: str = ""
-    address_v6: str = ""
 
 
 @dataclass(frozen=True)

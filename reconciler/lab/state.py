@@ -72,7 +72,6 @@ class HostRecord:
     pid: int = 0
     pid_start: int | None = None
     init_pid: int = 0
-    address_v6: str = ""
 
 
 @dataclass
