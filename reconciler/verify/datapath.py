@@ -67,6 +67,12 @@ PROBE_SCRIPT = (
     + r"""
 iface=$1; own=$2; cap=$3; count=$4; interval=$5; npeers=$6; ctimeout=$7; shift 7
 command -v tcpdump >/dev/null 2>&1 || { sec notcpdump false; exit 0; }
+# the connects first: their timeout runs while tcpdump starts and the pings go
+connects=0
+if [ "$#" -gt "$npeers" ] && command -v bash >/dev/null 2>&1; then
+  mkdir "$d/reach" && (shift "$npeers"; reach "$d/reach" "$ctimeout" "$@" >"$d/reach.out") &
+  rp=$!; connects=1
+fi
 filter='udp port 4500 or udp port 500 or esp or ah or icmp or ip proto 4'
 tcpdump -n -l -i "$iface" -c "$cap" "$filter" >"$d/cap" 2>"$d/caperr" &
 tp=$!
@@ -83,14 +89,10 @@ for peer in "$@"; do
   ping -n -c "$count" -W 1 -i "$interval" -I "$own" "$peer" >"$d/ping-$peer" 2>&1 &
   pids="$pids $!"
 done
-connects=0
-if [ "$#" -gt "$npeers" ] && command -v bash >/dev/null 2>&1; then
-  mkdir "$d/reach" && (shift "$npeers"; reach "$d/reach" "$ctimeout" "$@" >"$d/reach.out") &
-  pids="$pids $!"; connects=1
-fi
 for p in $pids; do wait "$p"; done
 sleep 0.3
 kill -INT "$tp" 2>/dev/null; wait "$tp"
+[ "$connects" = 1 ] && wait "$rp"
 sec capture cat "$d/cap"
 sec caperr cat "$d/caperr"
 i=0
@@ -112,7 +114,7 @@ class ProbeRequest:
     count: int = 3
     interval: float = 0.2
     connects: tuple[tuple[str, int], ...] = ()  # (peer internal address, TCP port) to connect to
-    connect_timeout: float = 1.5
+    connect_timeout: float = 1.5  # the kernel sends the SYN again at 1 s: two tries
 
     def args(self, token: str) -> list[str]:
         cap = str(max(64, 40 * len(self.peers) * self.count + 10 * len(self.connects)))

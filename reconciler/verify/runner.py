@@ -42,7 +42,7 @@ class VerifyOptions:
     ping_interval: float = 0.2
     datapath: bool = True  # run the ping + capture probe
     datapath_skip_reason: str = NO_PROBE_REASON  # shown on the datapath check when not run
-    connect_timeout: float = 1.5  # a connect of the least-privilege check with no answer by then was dropped
+    connect_timeout: float = 1.5  # a least-privilege connect with no answer by then was dropped
     advance_cursor: bool = True  # remember how far the charon log was read
     max_concurrency: int = 64
 
