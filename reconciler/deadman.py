@@ -47,6 +47,7 @@ class FirewallOutcome:
     # the persistent files failed afterwards: ``persist_error`` says why)
     live_confirmed: bool = False
     persist_error: str = ""
+    refused: bool = False  # the host's iptables-restore --test refused the rules (retrying cannot help)
 
 
 # $1 token, $2 window seconds, $3 bytes of IPv4 rules on stdin, $4 "1" when IPv6 rules follow
@@ -183,7 +184,7 @@ async def apply_firewall(
     if res is not None and res.exit_status != 0:
         detail = _text(res.stderr or res.stdout)
         if res.exit_status == 3:
-            return FirewallOutcome(False, False, f"ruleset refused by {detail}")
+            return FirewallOutcome(False, False, f"ruleset refused by {detail}", refused=True)
         return FirewallOutcome(False, False, f"firewall not changed (exit {res.exit_status}): {detail}")
 
     remaining = window - (time.monotonic() - started) - 1.0

@@ -14,6 +14,7 @@ import pytest
 
 from reconciler.apply import apply_host
 from reconciler.connection import ConnectionPool, SshTarget
+from reconciler.errors import Reason
 from reconciler.lab import Lab, LabHostSpec
 from reconciler.observe import observe_host
 from reconciler.plan import ActionKind, plan_host
@@ -133,6 +134,9 @@ async def test_persistent_file_that_cannot_be_written_is_a_failure_with_its_caus
     assert "applied and confirmed over a new SSH connection, but the persistent file" in fw.message
     assert "/etc/iptables/rules.v4 /etc/iptables/rules.v6 could not be written" in fw.message
     assert "Read-only file system" in fw.message
+    # typed for the daemon: an apply failure with this cause (retried: the next apply writes it)
+    assert result.failure is not None and result.failure.reason is Reason.APPLY_FAILED
+    assert "Read-only file system" in result.failure.message
     # the live rules are the new ones (confirmed, kept); the old file is untouched
     assert "-A INPUT -s 192.0.2.254/32 -p tcp -m tcp --dport 22 -j ACCEPT" in sh(lab, "f2", "iptables-save")
     assert "--icmpv6-type 135" in sh(lab, "f2", "ip6tables-save")
