@@ -499,6 +499,14 @@ async def _firewall(run: _Run, window: float) -> None:
             run.mark(i, "done", outcome.message)
             continue
         run.mark(i, "failed", outcome.message)
+        if outcome.live_confirmed:
+            # the new rules are live and SSH was proven over a new connection: only the
+            # persistent file failed (reported, retried by the next apply); what follows does
+            # not depend on it
+            run.fail(Reason.APPLY_FAILED, outcome.message)
+            continue
+        if not outcome.rolled_back:  # a rollback is typed by _failure (FIREWALL_ROLLED_BACK)
+            run.fail(Reason.REFUSED if outcome.refused else Reason.APPLY_FAILED, outcome.message)
         run.rolled_back = outcome.rolled_back
         run.stopped = f"the firewall change failed ({outcome.message}); later changes depend on it"
         if outcome.rolled_back:

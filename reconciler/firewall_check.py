@@ -1,8 +1,10 @@
-"""Evaluate an iptables-restore ``filter`` table for one packet, conservatively.
+"""Evaluate an iptables-restore or ip6tables-restore ``filter`` table for one packet,
+conservatively.
 
 Used to refuse a rendered ruleset that would lock out management SSH. The evaluator knows the
-matches the firewall domain renders (addresses, interfaces with ``+``, protocols, tcp/udp
-ports, conntrack/state, policy, icmp, comment, limit) and is pessimistic about everything
+matches the firewall domain renders (IPv4 and IPv6 addresses, interfaces with ``+``, protocols,
+tcp/udp ports, conntrack/state, policy, icmp, icmp6, hl, comment, limit) and is pessimistic
+about everything
 else: a rule it cannot decide is assumed to match when it would drop the packet and assumed not
 to match when it would accept it. So "admitted" is only answered when it is certain. Pure.
 """
@@ -13,10 +15,32 @@ import functools
 import shlex
 from dataclasses import dataclass, field
 from enum import Enum
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv6Address, ip_network
 
-PROTOCOLS = {"0": "all", "1": "icmp", "4": "ipencap", "6": "tcp", "17": "udp", "50": "esp", "51": "ah"}
+PROTOCOLS = {
+    "0": "all",
+    "1": "icmp",
+    "4": "ipencap",
+    "6": "tcp",
+    "17": "udp",
+    "50": "esp",
+    "51": "ah",
+    "58": "ipv6-icmp",
+    "icmpv6": "ipv6-icmp",
+}
 ICMP_TYPES = {"echo-request": 8, "echo-reply": 0}
+ICMP6_TYPES = {
+    "packet-too-big": 2,
+    "echo-request": 128,
+    "echo-reply": 129,
+    "router-solicitation": 133,
+    "router-advertisement": 134,
+    "neighbour-solicitation": 135,
+    "neighbor-solicitation": 135,
+    "neighbour-advertisement": 136,
+    "neighbor-advertisement": 136,
+}
+Address = IPv4Address | IPv6Address
 TERMINAL_DROP = ("DROP", "REJECT")
 NON_TERMINAL = ("LOG", "NFLOG", "ULOG", "MARK", "CONNMARK", "NOTRACK", "CT", "TRACE", "AUDIT")
 
@@ -37,9 +61,9 @@ def _and(a: Tri, b: Tri) -> Tri:
 
 @dataclass(frozen=True)
 class Packet:
-    src: IPv4Address
-    dst: IPv4Address
-    proto: str  # tcp, udp, icmp, esp, ah, ipencap
+    src: Address
+    dst: Address
+    proto: str  # tcp, udp, icmp, esp, ah, ipencap, ipv6-icmp
     sport: int | None = None
     dport: int | None = None
     in_iface: str | None = None  # INPUT/FORWARD
@@ -47,7 +71,8 @@ class Packet:
     ctstate: str = "NEW"
     syn: bool = False
     ipsec: bool = False  # arrived decrypted / leaves to be encrypted
-    icmp_type: int | None = None
+    icmp_type: int | None = None  # ICMP or ICMPv6 type
+    hop_limit: int | None = None  # TTL / hop limit on arrival (None: unknown)
 
 
 @dataclass(frozen=True)
@@ -127,16 +152,32 @@ def _proto(name: str) -> str:
 
 
 @functools.lru_cache(maxsize=8192)
-def _network(text: str) -> tuple[int, int]:
-    """An -s/-d value as (network, mask) integers, parsed once per process (a mesh ruleset
-    repeats the same addresses in every rule set of every host)."""
-    net = IPv4Network(text, strict=False)
-    return int(net.network_address), int(net.netmask)
+def _network(text: str) -> tuple[int, int, int]:
+    """An -s/-d value as (IP version, network, mask) integers, parsed once per process (a mesh
+    ruleset repeats the same addresses in every rule set of every host)."""
+    net = ip_network(text, strict=False)
+    return net.version, int(net.network_address), int(net.netmask)
 
 
-def _within(addr: IPv4Address, text: str) -> bool:
-    base, mask = _network(text)
-    return (int(addr) & mask) == base
+def _within(addr: Address, text: str) -> bool:
+    version, base, mask = _network(text)
+    return addr.version == version and (int(addr) & mask) == base
+
+
+def _icmp_type(arg: str, names: dict[str, int]) -> int:
+    wanted = names.get(arg)
+    if wanted is None:
+        head = arg.split("/")[0]
+        wanted = int(head) if head.isdigit() else -1
+    return wanted
+
+
+def _hop_limit(op: str, arg: str, value: int | None) -> Tri:
+    if value is None or not arg.isdigit():
+        return Tri.MAYBE
+    want = int(arg)
+    ok = {"--hl-eq": value == want, "--hl-lt": value < want, "--hl-gt": value > want}.get(op)
+    return Tri.MAYBE if ok is None else (Tri.YES if ok else Tri.NO)
 
 
 def match(words: list[str], pkt: Packet) -> tuple[Tri, str, list[str]]:
@@ -190,10 +231,12 @@ def match(words: list[str], pkt: Packet) -> tuple[Tri, str, list[str]]:
         elif w == "--pol" and module == "policy":
             t = Tri.YES if (arg == "ipsec") == pkt.ipsec else Tri.NO
         elif w == "--icmp-type" and module == "icmp":
-            wanted = ICMP_TYPES.get(arg)
-            if wanted is None:
-                wanted = int(arg.split("/")[0]) if arg.split("/")[0].isdigit() else -1
-            t = Tri.YES if pkt.icmp_type == wanted else Tri.NO
+            t = Tri.YES if pkt.proto == "icmp" and pkt.icmp_type == _icmp_type(arg, ICMP_TYPES) else Tri.NO
+        elif w == "--icmpv6-type" and module == "icmp6":
+            wanted = _icmp_type(arg, ICMP6_TYPES)
+            t = Tri.YES if pkt.proto == "ipv6-icmp" and pkt.icmp_type == wanted else Tri.NO
+        elif w in ("--hl-eq", "--hl-lt", "--hl-gt") and module == "hl":
+            t = _hop_limit(w, arg, pkt.hop_limit)
         elif module == "comment" and w == "--comment":
             t = Tri.YES
         elif module == "limit" and w in ("--limit", "--limit-burst"):
@@ -259,9 +302,7 @@ def verdict(text: str, chain: str, pkt: Packet) -> Verdict:
     return result
 
 
-def ssh_admitted(
-    text: str, *, source: IPv4Address, address: IPv4Address, port: int, interface: str
-) -> list[Verdict]:
+def ssh_admitted(text: str, *, source: Address, address: Address, port: int, interface: str) -> list[Verdict]:
     """The verdicts that would refuse a management SSH session from ``source`` to
     ``address:port`` arriving on ``interface`` (empty list = admitted): the SYN in INPUT and
     the SYN-ACK leaving through OUTPUT."""
@@ -270,7 +311,7 @@ def ssh_admitted(
 
 @functools.lru_cache(maxsize=256)
 def _ssh_refusals(
-    text: str, source: IPv4Address, address: IPv4Address, port: int, interface: str
+    text: str, source: Address, address: Address, port: int, interface: str
 ) -> tuple[Verdict, ...]:
     """Cached: every render of a new commit checks each host's ruleset again, and a push that
     does not touch the firewall renders the same text (Verdicts are immutable)."""

@@ -70,6 +70,7 @@ INVENTORY_PATH = "/var/lib/reconciler/inventory.json"  # JSON list of absolute p
 PENDING_RELOADS_PATH = "/var/lib/reconciler/pending-reloads"
 CONTENT_LIMIT = 4 * 1024 * 1024  # larger files are compared by hash only (no diff)
 KERNEL_MODULES = ("ipip", "esp4", "ah4", "xfrm_user", "vxlan", "tun")
+NO_IPV6 = "reconciler-no-ipv6"  # the ip6tables section's answer on a kernel without IPv6
 # handlers whose presence means the host runs IPsec: observe charon/swanctl and xfrm policies
 IPSEC_HANDLERS = frozenset({"charon", "charon-restart", "racoon", "setkey"})
 
@@ -209,6 +210,8 @@ def probe_for(desired: Desired) -> Probe:
             secret.add(f.path)
     if desired.firewall is not None:
         hashed[desired.firewall.persistent_path] = None
+        if desired.firewall.rules_v6 is not None:
+            hashed[desired.firewall.persistent_path_v6] = None
     for kp in desired.keypairs:
         unhashed[kp.private_path] = None
         secret.add(kp.private_path)
@@ -230,6 +233,7 @@ class Wanted:
     """Which optional sections an observation runs (the Desired decides; plan reads the same)."""
 
     iptables: bool
+    ip6tables: bool  # the firewall manages IPv6 too (rules.v6)
     links: bool  # ip addr (tunnels, addresses)
     kernel: bool  # kernel module facts (tunnels)
     ipsec: bool  # charon, swanctl, ip xfrm policy
@@ -239,6 +243,7 @@ class Wanted:
 def wanted_for(desired: Desired) -> Wanted:
     return Wanted(
         iptables=desired.firewall is not None,
+        ip6tables=desired.firewall is not None and desired.firewall.rules_v6 is not None,
         links=bool(desired.tunnels or desired.addresses),
         kernel=bool(desired.tunnels),
         ipsec=any(h.name in IPSEC_HANDLERS for h in desired.handlers),
@@ -271,6 +276,11 @@ def build_script(
     b.add("frame pid1 printf '%s\\n' \"$PID1\"")
     if want.iptables:
         b.add("frame iptables iptables-save")
+    if want.ip6tables:  # a kernel without IPv6 (ipv6.disable=1) has no /proc/net/if_inet6
+        b.add(
+            "if [ -e /proc/net/if_inet6 ]; then frame ip6tables ip6tables-save; "
+            f"else frame ip6tables echo {NO_IPV6}; fi"
+        )
     if want.links:
         b.add("frame addr ip -d -j addr show")
     if want.ipsec:
@@ -676,6 +686,18 @@ def parse_observation(host: str, desired: Desired, sections: Mapping[str, Sectio
         except IptablesParseError as err:
             errors.append(f"iptables-save: unparsable output: {err}")
 
+    ip6tables: IptablesState | None = None
+    ip6t = body("ip6tables", "ip6tables-save") if want.ip6tables else None
+    ipv6: dict[str, bool] = {}
+    if ip6t is not None and ip6t.strip() == NO_IPV6:
+        ipv6["ipv6"] = False
+    elif ip6t is not None:
+        ipv6["ipv6"] = True
+        try:
+            ip6tables = canonical_iptables(ip6t)
+        except IptablesParseError as err:
+            errors.append(f"ip6tables-save: unparsable output: {err}")
+
     policies: tuple[XfrmPolicy, ...] = ()
     xfrm = body("xfrm", "ip xfrm policy") if want.ipsec else None
     if xfrm is not None:
@@ -709,6 +731,7 @@ def parse_observation(host: str, desired: Desired, sections: Mapping[str, Sectio
     kernel: dict[str, bool] = {}
     if want.kernel:
         kernel = parse_kernel(body("kernel", "kernel facts", required=False) or "")
+    kernel.update(ipv6)
 
     packages: dict[str, PackageState] = {}
     names = want.packages
@@ -727,6 +750,7 @@ def parse_observation(host: str, desired: Desired, sections: Mapping[str, Sectio
         host=host,
         files=MappingProxyType(dict(sorted(files.items()))),
         iptables=iptables,
+        ip6tables=ip6tables,
         links=links,
         ipsec=ipsec,
         packages=MappingProxyType(packages),

@@ -85,13 +85,15 @@ class Observed:
     host: str
     files: Mapping[str, FileState] = field(default_factory=lambda: MappingProxyType({}))
     iptables: IptablesState | None = None
+    ip6tables: IptablesState | None = None  # ip6tables-save, when the firewall manages IPv6
     links: tuple[LinkState, ...] = ()
     ipsec: IpsecState = field(default_factory=IpsecState)
     packages: Mapping[str, PackageState] = field(default_factory=lambda: MappingProxyType({}))
     services: Mapping[str, ServiceState] = field(default_factory=lambda: MappingProxyType({}))
     init_system: str = "unknown"  # "systemd" or "sysv" (PID 1 is not systemd)
     inventory: tuple[str, ...] = ()  # paths this reconciler managed before (for prune)
-    kernel: Mapping[str, bool] = field(default_factory=lambda: MappingProxyType({}))  # e.g. {"ipip": False}
+    # e.g. {"ipip": False}; "ipv6": False when the kernel has no IPv6 (no rules.v6 to load)
+    kernel: Mapping[str, bool] = field(default_factory=lambda: MappingProxyType({}))
     errors: tuple[str, ...] = ()  # parts of the observation that failed, with the reason
     # handlers whose new files went live but whose reload never ran (an apply interrupted between
     # swap and reload: /var/lib/reconciler/pending-reloads); plan reloads those still desired

@@ -295,8 +295,8 @@ def plan_host(
     keypairs = deps.keep(desired.keypairs, "keypair", lambda k: k.name, errors)
     services = deps.keep(desired.services, "service", lambda sv: sv.name, errors)
     if desired.firewall is not None:
-        declared = any(f.path == desired.firewall.persistent_path for f in desired.files)
-        actions += _plan_firewall(desired.firewall, observed, check_persistent=not declared)
+        declared = frozenset(f.path for f in desired.files)
+        actions += _plan_firewall(desired.firewall, observed, declared=declared, warnings=warnings)
     actions += _plan_keypairs(keypairs, observed, warnings)
     actions += _plan_files(files, observed)
     actions += _plan_links(links, observed)
@@ -388,6 +388,8 @@ def managed_paths(desired: Desired) -> tuple[str, ...]:
     paths = {f.path for f in desired.files} | {lk.path for lk in desired.links}
     if desired.firewall is not None:
         paths.add(desired.firewall.persistent_path)
+        if desired.firewall.rules_v6 is not None:
+            paths.add(desired.firewall.persistent_path_v6)
     return tuple(sorted(paths))
 
 
@@ -515,44 +517,73 @@ def _validator_names(a: Action, desired: Desired) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _plan_firewall(fw: FirewallRuleset, observed: Observed, *, check_persistent: bool = True) -> list[Action]:
-    want = canonical_iptables(fw.rules_v4)
-    tables = sorted(want.tables)
-    live = observed.iptables
-    out: list[Action] = []
-    if live is None:
-        live_text = ""
-        reason = "the live ruleset could not be read"
-    else:
-        live_text = iptables_text(live, tables)
-        reason = "the live netfilter ruleset differs"
-    want_text = iptables_text(want, tables)
-    if live_text != want_text:
-        diff = "".join(
-            difflib.unified_diff(
-                live_text.splitlines(keepends=True),
-                want_text.splitlines(keepends=True),
-                fromfile="iptables (live)",
-                tofile="iptables (desired)",
+def _plan_firewall(
+    fw: FirewallRuleset,
+    observed: Observed,
+    *,
+    declared: frozenset[str] = frozenset(),
+    warnings: list[str] | None = None,
+) -> list[Action]:
+    """One ``restore-firewall`` action when the live IPv4 or IPv6 ruleset differs (both are
+    loaded together under one dead-man switch); otherwise the persistent files, unless they are
+    declared files of their own (``declared``)."""
+    if fw.rules_v6 is not None and observed.kernel.get("ipv6") is False:
+        if warnings is not None:
+            warnings.append(
+                "firewall: the kernel has no IPv6 (no /proc/net/if_inet6): rules.v6 is not loaded"
+            )
+        fw = replace(fw, rules_v6=None)
+    diffs: list[str] = []
+    reasons: list[str] = []
+    for label, want_rules, live in (
+        ("iptables", fw.rules_v4, observed.iptables),
+        ("ip6tables", fw.rules_v6, observed.ip6tables),
+    ):
+        if want_rules is None:
+            continue
+        want = canonical_iptables(want_rules)
+        tables = sorted(want.tables)
+        live_text = "" if live is None else iptables_text(live, tables)
+        want_text = iptables_text(want, tables)
+        if live_text == want_text:
+            continue
+        family = "IPv6" if label == "ip6tables" else "IPv4"
+        reasons.append(
+            f"the live {family} ruleset could not be read"
+            if live is None
+            else f"the live {family} netfilter ruleset differs"
+        )
+        diffs.append(
+            "".join(
+                difflib.unified_diff(
+                    live_text.splitlines(keepends=True),
+                    want_text.splitlines(keepends=True),
+                    fromfile=f"{label} (live)",
+                    tofile=f"{label} (desired)",
+                )
             )
         )
-        out.append(
+    if diffs:
+        return [
             Action(
                 ActionKind.RESTORE_FIREWALL,
                 "firewall",
                 fw.domain,
-                reason + "; applied under a dead-man rollback",
-                diff=diff,
+                "; ".join(reasons) + "; applied under a dead-man rollback",
+                diff="".join(diffs),
                 path=fw.persistent_path,
                 target=fw,
             )
-        )
-        return out  # the persistent file is written after the live rules are confirmed
-    state = observed.files.get(fw.persistent_path)
-    if state is not None and check_persistent:
-        wanted = fw.rules_v4.encode()
-        file_res = FileResource(path=fw.persistent_path, content=wanted, domain=fw.domain, mode=0o640)
-        out += _plan_file(file_res, state)
+        ]  # the persistent files are written after the live rules are confirmed
+    out: list[Action] = []
+    persistent = [(fw.persistent_path, fw.rules_v4)]
+    if fw.rules_v6 is not None:
+        persistent.append((fw.persistent_path_v6, fw.rules_v6))
+    for path, text in persistent:
+        state = observed.files.get(path)
+        if state is not None and path not in declared:
+            file_res = FileResource(path=path, content=text.encode(), domain=fw.domain, mode=0o640)
+            out += _plan_file(file_res, state)
     return out
 
 

@@ -97,12 +97,16 @@ class KeyPair:
 
 @dataclass(frozen=True)
 class FirewallRuleset:
-    """The complete iptables ruleset (``iptables-restore`` format) to be live in netfilter."""
+    """The complete iptables ruleset (``iptables-restore`` format) to be live in netfilter, and
+    the ip6tables one (``rules_v6``; None: IPv6 is not managed). Both are applied under one
+    dead-man switch and written to their persistent files once confirmed."""
 
     rules_v4: str
     persistent_path: str = "/etc/iptables/rules.v4"
     management_port: int = 22
     domain: Domain = Domain.FIREWALL
+    rules_v6: str | None = None
+    persistent_path_v6: str = "/etc/iptables/rules.v6"
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ what the schema cannot say (e.g. a network with host bits set) is left to ``sema
 from __future__ import annotations
 
 from collections.abc import Mapping
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
 from typing import Any
 
 from reconciler.fleet import model as m
@@ -15,6 +15,26 @@ from reconciler.fleet import model as m
 
 def network(text: str) -> IPv4Network:
     return IPv4Network(text, strict=False)
+
+
+def any_network(text: str) -> IPv4Network | IPv6Network:
+    """An IPv4 or IPv6 network (host bits are left to ``semantic``)."""
+    return ip_network(text, strict=False)
+
+
+def is_network(text: str) -> bool:
+    """A port source that is a network (CIDR), not a host or role name."""
+    return "/" in text
+
+
+def v6_address(text: str | None) -> IPv6Address | None:
+    """The schema only bounds the characters; ``semantic`` reports an unparsable address."""
+    if text is None:
+        return None
+    try:
+        return IPv6Address(text)
+    except ValueError:
+        return None
 
 
 def _t(data: Mapping[str, Any], key: str, default: tuple[Any, ...] = ()) -> tuple[Any, ...]:
@@ -38,6 +58,7 @@ def host(d: Mapping[str, Any], file: str) -> m.Host:
         public_interface=d.get("public_interface", "eth0"),
         legacy_crypto=bool(d.get("legacy_crypto", False)),
         source_file=file,
+        public_address_v6=v6_address(d.get("public_address_v6")),
     )
 
 
@@ -66,16 +87,27 @@ def mesh(d: Mapping[str, Any]) -> m.Mesh:
         topology=m.Topology(d.get("topology", base.topology)),
         links=links,
         dpd_seconds=d.get("dpd_seconds", base.dpd_seconds),
+        trust=m.MeshTrust(d.get("trust", base.trust)),
     )
 
 
 def firewall(d: Mapping[str, Any]) -> m.FirewallPolicy:
     return m.FirewallPolicy(
-        management_sources=tuple(network(x) for x in d["management_sources"]),
+        management_sources=tuple(_networks(d["management_sources"])),
         management_port=d.get("management_port", 22),
         allow_icmp=d.get("allow_icmp", True),
         log_drops=d.get("log_drops", False),
     )
+
+
+def _networks(texts: Any) -> list[IPv4Network | IPv6Network]:
+    out: list[IPv4Network | IPv6Network] = []
+    for t in texts:
+        try:
+            out.append(any_network(t))
+        except ValueError:
+            continue  # reported by ``semantic`` with its line
+    return out
 
 
 def drift(d: Mapping[str, Any] | None) -> m.DriftPolicy:
@@ -124,7 +156,9 @@ def role(d: Mapping[str, Any], file: str) -> m.Role:
             m.ServicePort(
                 port=p["port"],
                 protocol=p.get("protocol", "tcp"),
-                sources=tuple(network(s) for s in p.get("sources") or ()),
+                # networks only: host and role names are resolved by ``semantic``, which
+                # knows every host and role
+                sources=tuple(_networks(s for s in p.get("sources") or () if is_network(s))),
                 name=p.get("name", ""),
             )
             for p in d.get("ports") or ()

@@ -11,10 +11,11 @@ YAML keys (snake_case).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from types import MappingProxyType
 
 API_VERSION = "reconciler/v1"
@@ -37,6 +38,11 @@ class MeshMode(StrEnum):
 class Datapath(StrEnum):
     KERNEL = "kernel"  # kernel XFRM (ESP/AH in the kernel)
     LIBIPSEC = "libipsec"  # strongSwan userspace ESP over TUN; tunnel mode only
+
+
+class MeshTrust(StrEnum):
+    LEAST = "least"  # a peer reaches only the ports declared for it (role ports' sources)
+    ALL = "all"  # every linked peer reaches every port of the host (the seed's trusted mesh)
 
 
 class Topology(StrEnum):
@@ -77,6 +83,9 @@ class Host:
     public_interface: str = "eth0"
     legacy_crypto: bool = False  # allow deprecated crypto on this host's links (with a warning)
     source_file: str = ""  # repo-relative file that declared it
+    # the host's public IPv6 address, if it has one: role ports whose sources name this host
+    # admit it in rules.v6, and the management-SSH lockout check covers it
+    public_address_v6: IPv6Address | None = None
 
 
 # ---------------------------------------------------------------- mesh
@@ -118,24 +127,36 @@ class Mesh:
     topology: Topology = Topology.FULL
     links: tuple[tuple[str, str], ...] = ()  # unordered pairs (sorted within and across)
     dpd_seconds: int = 30
+    trust: MeshTrust = MeshTrust.LEAST
 
 
 # ---------------------------------------------------------------- firewall
 
 
+IPNetwork = IPv4Network | IPv6Network
+
+
 @dataclass(frozen=True)
 class ServicePort:
-    """A port a role opens to some sources (empty sources = anywhere)."""
+    """A port a role opens to some sources: networks, hosts (by name) and roles (every host
+    with that role). No source at all means anyone."""
 
     port: int
     protocol: str = "tcp"  # tcp | udp
-    sources: tuple[IPv4Network, ...] = ()
+    sources: tuple[IPNetwork, ...] = ()  # CIDRs, IPv4 (rules.v4) or IPv6 (rules.v6)
     name: str = ""
+    source_hosts: tuple[str, ...] = ()  # host names
+    source_roles: tuple[str, ...] = ()  # role names
+
+    @property
+    def anyone(self) -> bool:
+        return not (self.sources or self.source_hosts or self.source_roles)
 
 
 @dataclass(frozen=True)
 class FirewallPolicy:
-    management_sources: tuple[IPv4Network, ...]  # who may reach SSH; never empty
+    # who may reach SSH; never empty; IPv4 networks go to rules.v4, IPv6 ones to rules.v6
+    management_sources: tuple[IPNetwork, ...]
     management_port: int = 22
     allow_icmp: bool = True
     log_drops: bool = False
@@ -311,11 +332,25 @@ class Fleet:
     # fleet.yaml ``id:``; "" = not pinned: reconciler.identity.fleet_id derives one from the name
     id: str = ""
 
-    def host(self, name: str) -> Host:
+    @functools.cached_property
+    def _hosts_by_name(self) -> Mapping[str, Host]:
+        return MappingProxyType({h.name: h for h in self.hosts})
+
+    @functools.cached_property
+    def _hosts_by_role(self) -> Mapping[str, tuple[Host, ...]]:
+        by: dict[str, list[Host]] = {}
         for h in self.hosts:
-            if h.name == name:
-                return h
-        raise KeyError(name)
+            for r in h.roles:
+                by.setdefault(r, []).append(h)
+        return MappingProxyType({r: tuple(hs) for r, hs in by.items()})
+
+    def host(self, name: str) -> Host:
+        """The host named ``name`` (KeyError if none); indexed once per Fleet (role sources
+        name hosts by the hundred when a fleet is rendered)."""
+        found = self._hosts_by_name.get(name)
+        if found is None:
+            raise KeyError(name)
+        return found
 
     def host_names(self) -> tuple[str, ...]:
         return tuple(h.name for h in self.hosts)
@@ -329,6 +364,10 @@ class Fleet:
             return tuple(h for h in self.hosts if h.name != host.name)
         linked = {b if a == host.name else a for a, b in self.mesh.links if host.name in (a, b)}
         return tuple(h for h in self.hosts if h.name in linked)
+
+    def hosts_with_role(self, role: str) -> tuple[Host, ...]:
+        """Every host that has ``role``, sorted by name."""
+        return self._hosts_by_role.get(role, ())
 
     def link_pairs(self) -> tuple[tuple[str, str], ...]:
         """Every unordered linked pair (a < b), sorted."""

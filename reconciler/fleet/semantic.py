@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from dataclasses import dataclass, field, replace
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from types import MappingProxyType
 from typing import Any, TypeVar
 
@@ -94,6 +94,7 @@ class Checker:
         mesh = settings[1] if settings else None
         self.check_hosts(hosts, roles_by, mesh.internal_network if mesh else self.fallback_network())
         self.check_roles(roles, sites_by, profiles_by, files_by)
+        roles_by = self.resolve_port_sources(roles, roles_by, hosts_by)
         self.check_sites(sites)
         self.check_profiles(profiles)
         self.check_files(files, hosts, roles_by, files_by)
@@ -152,6 +153,18 @@ class Checker:
             self.err(doc, path, f"{text!r} has host bits set (the network is {net})")
         return net
 
+    def any_network(self, doc: YamlDocument, path: Path, text: str) -> IPv4Network | IPv6Network | None:
+        """An IPv4 or IPv6 CIDR; reports an unparsable one or host bits set."""
+        try:
+            net = build.any_network(text)
+            given = ip_address(text.split("/", 1)[0])
+        except ValueError as exc:
+            self.err(doc, path, f"{text!r} is not a network: {exc}")
+            return None
+        if net.network_address != given:
+            self.err(doc, path, f"{text!r} has host bits set (the network is {net})")
+        return net
+
     # -- checks
 
     def check_control_strings(self) -> None:
@@ -182,8 +195,17 @@ class Checker:
             return None
         d = doc.data
         self.network(doc, ("mesh", "internal_network"), d["mesh"]["internal_network"])
-        for i, src in enumerate(d["firewall"]["management_sources"]):
-            self.network(doc, ("firewall", "management_sources", i), src)
+        mgmt = [
+            self.any_network(doc, ("firewall", "management_sources", i), src)
+            for i, src in enumerate(d["firewall"]["management_sources"])
+        ]
+        if mgmt and all(n is not None and n.version == 6 for n in mgmt):
+            self.err(
+                doc,
+                ("firewall", "management_sources"),
+                "needs at least one IPv4 network: reconciler reaches every host at its IPv4 "
+                "public_address (IPv6 sources are added to rules.v6)",
+            )
         mesh = build.mesh(d["mesh"])
         mail = (d.get("notifications") or {}).get("mail")
         if mail:
@@ -238,9 +260,11 @@ class Checker:
     ) -> None:
         public: dict[IPv4Address, _Located] = {}
         internal: dict[IPv4Address, _Located] = {}
+        public6: dict[IPv6Address, _Located] = {}
         for x in hosts:
             h: m.Host = x.obj
             doc = x.doc
+            self.check_v6_address(x, public6)
             for addr, table, fld in (
                 (h.public_address, public, "public_address"),
                 (h.internal_address, internal, "internal_address"),
@@ -316,6 +340,43 @@ class Checker:
                 "cut and every firewall change rolled back; set ssh.port or make them equal",
             )
 
+    def check_v6_address(self, x: _Located, seen: dict[IPv6Address, _Located]) -> None:
+        text = x.doc.data.get("public_address_v6")
+        if text is None:
+            return
+        path: Path = ("public_address_v6",)
+        host: m.Host = x.obj
+        v6 = host.public_address_v6
+        if v6 is None:
+            self.err(x.doc, path, f"{text!r} is not an IPv6 address")
+            return
+        bad = next(
+            (
+                what
+                for what, flag in (
+                    ("the unspecified address", v6.is_unspecified),
+                    ("a loopback address", v6.is_loopback),
+                    ("a link-local address", v6.is_link_local),
+                    ("a multicast address", v6.is_multicast),
+                    ("an IPv4-mapped address", v6.ipv4_mapped is not None),
+                )
+                if flag
+            ),
+            None,
+        )
+        if bad:
+            self.err(x.doc, path, f"{v6} is {bad}: give the host's public IPv6 address")
+            return
+        first = seen.get(v6)
+        if first is not None:
+            self.err(
+                x.doc,
+                path,
+                f"{v6} is also the public address v6 of {first.obj.name} ({self.where(first.doc, path)})",
+            )
+        else:
+            seen[v6] = x
+
     def check_roles(
         self,
         roles: list[_Located],
@@ -337,9 +398,87 @@ class Checker:
             for i, p in enumerate(r.purge_packages):
                 if p in both:
                     self.err(x.doc, ("purge_packages", i), f"{p!r} is both installed and purged")
-            for i, port in enumerate(x.doc.data.get("ports") or ()):
-                for j, s in enumerate(port.get("sources") or ()):
-                    self.network(x.doc, ("ports", i, "sources", j), s)
+
+    def resolve_port_sources(
+        self, roles: list[_Located], roles_by: Mapping[str, m.Role], hosts: Mapping[str, m.Host]
+    ) -> dict[str, m.Role]:
+        """Each role port's ``sources``: networks checked (host bits), names resolved to hosts
+        and roles (``host:NAME`` / ``role:NAME`` when a name is both). Returns the roles with
+        their ports resolved."""
+        out = dict(roles_by)
+        for x in roles:
+            r: m.Role = x.obj
+            if roles_by.get(r.name) is not r:
+                continue  # a duplicate, reported already
+            ports = []
+            for i, (port, data) in enumerate(zip(r.ports, x.doc.data.get("ports") or (), strict=False)):
+                nets: list[IPv4Network | IPv6Network] = []
+                src_hosts: list[str] = []
+                src_roles: list[str] = []
+                for j, text in enumerate(data.get("sources") or ()):
+                    path: Path = ("ports", i, "sources", j)
+                    if build.is_network(text):
+                        net = self.any_network(x.doc, path, text)
+                        if net is not None and net not in nets:
+                            nets.append(net)
+                        continue
+                    kind, name = self.source_name(x.doc, path, text, hosts, roles_by)
+                    target = src_hosts if kind == "host" else src_roles if kind == "role" else None
+                    if target is not None and name not in target:
+                        target.append(name)
+                for name in src_roles:
+                    if name in roles_by and not any(name in h.roles for h in hosts.values()):
+                        self.warn(
+                            x.doc,
+                            ("ports", i, "sources"),
+                            f"role {name!r} has no hosts: it opens port {port.port} to nobody",
+                        )
+                ports.append(
+                    replace(
+                        port,
+                        sources=tuple(nets),
+                        source_hosts=tuple(src_hosts),
+                        source_roles=tuple(src_roles),
+                    )
+                )
+            out[r.name] = replace(r, ports=tuple(ports))
+        return out
+
+    def source_name(
+        self,
+        doc: YamlDocument,
+        path: Path,
+        text: str,
+        hosts: Mapping[str, m.Host],
+        roles: Mapping[str, m.Role],
+    ) -> tuple[str, str]:
+        """("host" | "role" | "", name) for a port source that names a host or a role."""
+        kind, _, name = text.rpartition(":")
+        is_host = name in hosts or name in self.src.broken.get("Host", set())
+        is_role = name in roles or name in self.src.broken.get("Role", set())
+        if kind == "host":
+            if not is_host:
+                self.err(doc, path, f"unknown host {name!r}{_known(hosts)}")
+                return "", name
+            return "host", name
+        if kind == "role":
+            if not is_role:
+                self.err(doc, path, f"unknown role {name!r}{_known(roles)}")
+                return "", name
+            return "role", name
+        if is_host and is_role:
+            self.err(doc, path, f"{name!r} is both a host and a role: write host:{name} or role:{name}")
+            return "", name
+        if is_host:
+            return "host", name
+        if is_role:
+            return "role", name
+        self.err(
+            doc,
+            path,
+            f"{name!r} is neither a host nor a role nor a network (CIDR){_known(list(hosts) + list(roles))}",
+        )
+        return "", name
 
     def check_sites(self, sites: list[_Located]) -> None:
         for x in sites:

@@ -1,4 +1,5 @@
-"""Lab host specs from a fleet: one lab host per fleet host, same name and public address."""
+"""Lab host specs from a fleet: one lab host per fleet host, same name, public address and
+(when declared) public IPv6 address."""
 
 from __future__ import annotations
 
@@ -11,7 +12,14 @@ from reconciler.lab.model import LabError, LabHostSpec
 
 def specs_from_fleet(fleet: Any) -> list[LabHostSpec]:
     """``fleet`` is a ``reconciler.fleet.model.Fleet``."""
-    return [LabHostSpec(name=h.name, address=str(h.public_address)) for h in fleet.hosts]
+    return [
+        LabHostSpec(
+            name=h.name,
+            address=str(h.public_address),
+            address_v6=str(h.public_address_v6) if h.public_address_v6 is not None else "",
+        )
+        for h in fleet.hosts
+    ]
 
 
 def specs_from_repo(repo: Path) -> list[LabHostSpec]:

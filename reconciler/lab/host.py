@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from reconciler.lab import procs
 from reconciler.lab.init_script import SSHD_CONFIG
-from reconciler.lab.model import LAB_NETWORK, LabError
+from reconciler.lab.model import LAB_NETWORK, LAB_NETWORK_V6, LabError
 from reconciler.lab.state import atomic_write
 
 CLEAN_ENV = {
@@ -58,13 +58,21 @@ def prepare_host_dir(hdir: Path, name: str, client_public: str) -> str:
 
 
 def spawn(
-    init_path: Path, hdir: Path, netns: str, name: str, address: str, peer: str, tag: str
+    init_path: Path,
+    hdir: Path,
+    netns: str,
+    name: str,
+    address: str,
+    peer: str,
+    tag: str,
+    address_v6: str = "",
 ) -> subprocess.Popen[bytes]:
     argv = [
         "ip", "netns", "exec", netns,
         "unshare", "--mount", "--uts", "--ipc", "--pid", "--fork", "--kill-child",
         "--propagation", "private",
         "sh", str(init_path), str(hdir), name, f"{address}/{LAB_NETWORK.prefixlen}", peer, tag,
+        f"{address_v6}/{LAB_NETWORK_V6.prefixlen}" if address_v6 else "",
     ]  # fmt: skip
     with open(hdir / "console.log", "ab") as console:
         return subprocess.Popen(

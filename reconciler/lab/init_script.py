@@ -10,15 +10,29 @@ from __future__ import annotations
 INIT_SCRIPT = r"""#!/bin/sh
 # reconciler lab host init (PID 1 of the host until it execs sshd)
 set -eu
-H="$1"; NAME="$2"; ADDR="$3"; PEER="$4"; TAG="$5"
+H="$1"; NAME="$2"; ADDR="$3"; PEER="$4"; TAG="$5"; ADDR6="${6:-}"
 M="$H/merged"
 
-# -- network: our side of the veth becomes eth0; no default route (only the lab subnet)
-echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6 2>/dev/null || true
-echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6 2>/dev/null || true
+# -- network: our side of the veth becomes eth0; no default route (only the lab subnet).
+# IPv6 on (a static documentation-prefix address, no router discovery, no default route) when
+# the host has an IPv6 address, off otherwise
+V6=1; [ -n "$ADDR6" ] && V6=0
+# (no duplicate address detection either: the addresses are ours alone, and a link-local
+# address left "tentative" for a second would make the host's state change by itself)
+for c in all default; do
+    echo "$V6" > "/proc/sys/net/ipv6/conf/$c/disable_ipv6" 2>/dev/null || true
+    for k in accept_ra router_solicitations accept_dad; do
+        echo 0 > "/proc/sys/net/ipv6/conf/$c/$k" 2>/dev/null || true
+    done
+done
 ip link set lo up
 ip link set "$PEER" name eth0
+for k in accept_ra router_solicitations accept_dad; do
+    echo 0 > "/proc/sys/net/ipv6/conf/eth0/$k" 2>/dev/null || true
+done
+echo "$V6" > /proc/sys/net/ipv6/conf/eth0/disable_ipv6 2>/dev/null || true
 ip addr add "$ADDR" dev eth0
+[ -n "$ADDR6" ] && ip -6 addr add "$ADDR6" dev eth0 nodad
 ip link set eth0 up
 hostname "$NAME"
 

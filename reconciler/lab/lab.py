@@ -55,9 +55,10 @@ def _validate_specs(specs: Sequence[LabHostSpec]) -> None:
         raise LabError(f"a lab has at most 250 hosts, not {len(specs)}")
     names = [s.name for s in specs]
     addrs = [s.address for s in specs]
+    addrs6 = [s.address_v6 for s in specs]
     if network.VOID_ADDRESS in addrs:
         raise LabError(f"lab hosts: {network.VOID_ADDRESS} is kept free (the lab's unreachable address)")
-    for label, values in (("name", names), ("address", addrs)):
+    for label, values in (("name", names), ("address", addrs), ("IPv6 address", addrs6)):
         dup = sorted({v for v in values if values.count(v) > 1})
         if dup:
             raise LabError(f"lab hosts: duplicate {label} {', '.join(dup)}")
@@ -231,6 +232,7 @@ class Lab:
                 s.address,
                 network.peer_name(prefix, i),
                 f"{prefix}-{s.name}",
+                s.address_v6,
             )
             rec.pid = p.pid
             rec.pid_start = procs.start_time(p.pid)

@@ -12,6 +12,18 @@ from reconciler.errors import ReconcilerError
 
 LAB_NETWORK = ipaddress.IPv4Network("192.0.2.0/24")
 BRIDGE_ADDRESS = ipaddress.IPv4Address("192.0.2.254")
+# IPv6 of the lab hosts (a documentation prefix, RFC 3849): on the bridge only, between the hosts;
+# the root namespace takes no IPv6 part in the lab and no host has an IPv6 route out
+LAB_NETWORK_V6 = ipaddress.IPv6Network("2001:db8::/64")
+
+
+def default_v6(address: str) -> str:
+    """A lab host's IPv6 address unless the fleet gives one: 192.0.2.N -> 2001:db8::N (N in
+    decimal digits, read as hex: 192.0.2.11 -> 2001:db8::11), unique within the lab."""
+    last = address.rsplit(".", 1)[-1]
+    return str(ipaddress.IPv6Address(f"2001:db8::{last}"))
+
+
 _HOST_NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
 
 
@@ -21,10 +33,12 @@ class LabError(ReconcilerError):
 
 @dataclass(frozen=True)
 class LabHostSpec:
-    """One host to build: its name (also its hostname) and its public address."""
+    """One host to build: its name (also its hostname), its public address and its IPv6
+    address (``default_v6(address)`` when not given)."""
 
     name: str
     address: str
+    address_v6: str = ""
 
     def __post_init__(self) -> None:
         if not _HOST_NAME.match(self.name):
@@ -42,6 +56,15 @@ class LabHostSpec:
                 f"lab host {self.name}: address {self.address} must be in {LAB_NETWORK} "
                 f"(not .0, .254 or .255)"
             )
+        if not self.address_v6:
+            object.__setattr__(self, "address_v6", default_v6(self.address))
+        try:
+            v6 = ipaddress.IPv6Address(self.address_v6)
+        except ValueError as exc:
+            raise LabError(f"lab host {self.name}: address {self.address_v6!r} is not IPv6") from exc
+        if v6 not in LAB_NETWORK_V6 or v6 == LAB_NETWORK_V6.network_address:
+            raise LabError(f"lab host {self.name}: IPv6 address {v6} must be in {LAB_NETWORK_V6} (not ::)")
+        object.__setattr__(self, "address_v6", str(v6))
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,11 @@
 """Root-namespace networking of a lab: one bridge (192.0.2.254/24), one veth per host, the
 hosts' network namespaces, and (only when the root firewall would filter bridged frames) one
-narrowly scoped FORWARD accept rule for traffic from the lab bridge to the lab bridge.
+narrowly scoped FORWARD accept rule for traffic from the lab bridge to the lab bridge (IPv4,
+and IPv6 when bridged IPv6 frames pass ip6tables).
+
+IPv6: the hosts have IPv6 addresses from the documentation prefix 2001:db8::/64 (set up inside
+each host by its init script); the bridge and the veths in the root namespace keep IPv6 off, so
+the machine takes no part: IPv6 only flows between lab hosts, and none of them has a route out.
 
 Every name starts with the lab's prefix; removal touches only recorded or prefixed names.
 """
@@ -136,9 +141,12 @@ def _is_lab_link(name: str) -> bool:
 # ------------------------------------------------------------------ root firewall
 
 
-def _bridge_filtered() -> bool:
+IP6 = "ip6tables"  # first word of a recorded IPv6 rule (an IPv4 rule starts with its chain)
+
+
+def _bridge_filtered(family: str = "iptables") -> bool:
     try:
-        if Path("/proc/sys/net/bridge/bridge-nf-call-iptables").read_text().strip() == "1":
+        if Path(f"/proc/sys/net/bridge/bridge-nf-call-{family}").read_text().strip() == "1":
             return True
     except OSError:
         pass
@@ -163,35 +171,41 @@ def forward_rule(prefix: str) -> list[str]:
 
 
 def allow_forward(prefix: str) -> list[list[str]]:
-    """Add the bridge accept rule if bridged frames pass a FORWARD chain that could drop them."""
-    if not _bridge_filtered():
-        return []
-    proc = _run(["iptables", "-w", "5", "-S", "FORWARD"], check=False)
-    if proc.returncode != 0:
-        return []
-    rules = proc.stdout.decode().splitlines()
-    policy_accept = "-P FORWARD ACCEPT" in rules
-    if policy_accept and len(rules) == 1:
-        return []  # nothing could drop a frame: add nothing
-    rule = forward_rule(prefix)
-    _run(["iptables", "-w", "5", "-I", *rule])
-    log.info("lab.firewall.rule_added", prefix=prefix)
-    return [rule]
+    """Add the bridge accept rule if bridged frames pass a FORWARD chain that could drop them
+    (IPv4; IPv6 recorded as ``["ip6tables", *rule]``)."""
+    added: list[list[str]] = []
+    for tool in ("iptables", IP6):
+        if not _bridge_filtered(tool):
+            continue
+        proc = _run([tool, "-w", "5", "-S", "FORWARD"], check=False)
+        if proc.returncode != 0:
+            continue
+        rules = proc.stdout.decode().splitlines()
+        policy_accept = "-P FORWARD ACCEPT" in rules
+        if policy_accept and len(rules) == 1:
+            continue  # nothing could drop a frame: add nothing
+        rule = forward_rule(prefix)
+        _run([tool, "-w", "5", "-I", *rule])
+        log.info("lab.firewall.rule_added", prefix=prefix, tool=tool)
+        added.append(rule if tool == "iptables" else [IP6, *rule])
+    return added
 
 
 def remove_forward(prefix: str, recorded: Sequence[Sequence[str]]) -> None:
     """Remove recorded rules, and any rule carrying this prefix's comment (crash leftovers)."""
     for rule in recorded:
-        _run(["iptables", "-w", "5", "-D", *rule], check=False)
-    proc = _run(["iptables", "-w", "5", "-S", "FORWARD"], check=False)
-    if proc.returncode != 0:
-        return
+        if rule and rule[0] == IP6:
+            _run([IP6, "-w", "5", "-D", *rule[1:]], check=False)
+        else:
+            _run(["iptables", "-w", "5", "-D", *rule], check=False)
     tag = f'"reconciler-lab {prefix}"'
-    for _ in range(10):
-        if tag not in proc.stdout.decode():
-            return
-        _run(["iptables", "-w", "5", "-D", *forward_rule(prefix)], check=False)
-        proc = _run(["iptables", "-w", "5", "-S", "FORWARD"], check=False)
+    for tool in ("iptables", IP6):
+        proc = _run([tool, "-w", "5", "-S", "FORWARD"], check=False)
+        for _ in range(10):
+            if proc.returncode != 0 or tag not in proc.stdout.decode():
+                break
+            _run([tool, "-w", "5", "-D", *forward_rule(prefix)], check=False)
+            proc = _run([tool, "-w", "5", "-S", "FORWARD"], check=False)
 
 
 # ------------------------------------------------------------------ discovery and removal

@@ -5,7 +5,10 @@ clear-text ICMP between the internal addresses, nor clear IP-IP (protocol 4) bet
 addresses (mode ipip: the tunnel packets must leave inside ESP).
 
 One probe per host covers all its peers: one capture, the pings in parallel (fixed script,
-addresses as arguments). Parsing and the verdict are pure.
+addresses as arguments). The same probe makes the real TCP connects of the least-privilege
+check (``reconciler.verify.reach``): one ``bash`` (``/dev/tcp``), every connect in parallel in
+a forked subshell, those still waiting after the timeout killed (their SYN was dropped).
+Parsing and the verdict are pure.
 """
 
 from __future__ import annotations
@@ -19,11 +22,57 @@ from reconciler.verify.facts import _PRELUDE, Runner, Section, new_token, split_
 
 NAME = "datapath"
 
+# TCP connects to "address port" pairs, all at once (one bash: /dev/tcp, a forked subshell
+# per connect, so a connect still waiting at the timeout is killed with its subshell and nothing
+# is left behind); $1 a scratch directory, $2 the timeout in microseconds. Each connect that
+# ends says so on a FIFO; the helper waits on it with `read -t` (a builtin: no polling process)
+# and returns as soon as every connect ended, or at the timeout. Prints
+# "address port open|fail last-error-line" per connect that ended; one not listed got no answer.
+REACH_FUNCTION = r"""
+reach() {
+  bash -c '
+d=$1; t=$2; shift 2
+mkfifo "$d/done" && exec 3<>"$d/done" || { echo "REACH-ERROR cannot make a FIFO in $d"; exit 0; }
+n=0
+while [ $# -ge 2 ]; do
+  n=$((n + 1))
+  ( exec 2>"$d/e$n"
+    if : <>"/dev/tcp/$1/$2"; then echo "$1 $2 open"; else echo "$1 $2 fail"; fi >"$d/o$n"
+    echo >&3 ) &
+  shift 2
+done
+now=${EPOCHREALTIME/[.,]/}; end=$((now + t)); got=0
+while [ "$got" -lt "$n" ]; do
+  now=${EPOCHREALTIME/[.,]/}; left=$((end - now))
+  [ "$left" -gt 0 ] || break
+  read -r -t "$((left / 1000000)).$(printf %06d $((left % 1000000)))" _ <&3 || break
+  got=$((got + 1))
+done
+kill $(jobs -rp) 2>/dev/null
+wait 2>/dev/null
+i=0
+while [ "$i" -lt "$n" ]; do
+  i=$((i + 1)); line=; err=
+  [ -s "$d/o$i" ] && read -r line <"$d/o$i"
+  [ -s "$d/e$i" ] && while IFS= read -r l; do err=${l##*: }; done <"$d/e$i"
+  [ -n "$line" ] && printf "%s %s\n" "$line" "$err"
+done
+' reach "$@"
+}
+"""
+
 PROBE_SCRIPT = (
     _PRELUDE
+    + REACH_FUNCTION
     + r"""
-iface=$1; own=$2; cap=$3; count=$4; interval=$5; shift 5
+iface=$1; own=$2; cap=$3; count=$4; interval=$5; npeers=$6; ctimeout=$7; shift 7
 command -v tcpdump >/dev/null 2>&1 || { sec notcpdump false; exit 0; }
+# the connects first: their timeout runs while tcpdump starts and the pings go
+connects=0
+if [ "$#" -gt "$npeers" ] && command -v bash >/dev/null 2>&1; then
+  mkdir "$d/reach" && (shift "$npeers"; reach "$d/reach" "$ctimeout" "$@" >"$d/reach.out") &
+  rp=$!; connects=1
+fi
 filter='udp port 4500 or udp port 500 or esp or ah or icmp or ip proto 4'
 tcpdump -n -l -i "$iface" -c "$cap" "$filter" >"$d/cap" 2>"$d/caperr" &
 tp=$!
@@ -34,16 +83,24 @@ while ! grep -q 'listening on' "$d/caperr" 2>/dev/null; do
   sleep 0.05
 done
 pids=""
+i=0
 for peer in "$@"; do
+  i=$((i + 1)); [ "$i" -gt "$npeers" ] && break
   ping -n -c "$count" -W 1 -i "$interval" -I "$own" "$peer" >"$d/ping-$peer" 2>&1 &
   pids="$pids $!"
 done
 for p in $pids; do wait "$p"; done
 sleep 0.3
 kill -INT "$tp" 2>/dev/null; wait "$tp"
+[ "$connects" = 1 ] && wait "$rp"
 sec capture cat "$d/cap"
 sec caperr cat "$d/caperr"
-for peer in "$@"; do sec "ping:$peer" cat "$d/ping-$peer"; done
+i=0
+for peer in "$@"; do
+  i=$((i + 1)); [ "$i" -gt "$npeers" ] && break
+  sec "ping:$peer" cat "$d/ping-$peer"
+done
+[ "$connects" = 1 ] && sec reach cat "$d/reach.out"
 true
 """
 )
@@ -56,10 +113,24 @@ class ProbeRequest:
     peers: tuple[str, ...]  # peer internal addresses
     count: int = 3
     interval: float = 0.2
+    connects: tuple[tuple[str, int], ...] = ()  # (peer internal address, TCP port) to connect to
+    connect_timeout: float = 1.5  # the kernel sends the SYN again at 1 s: two tries
 
     def args(self, token: str) -> list[str]:
-        cap = str(max(64, 40 * len(self.peers) * self.count))
-        return [token, self.interface, self.own, cap, str(self.count), f"{self.interval:g}", *self.peers]
+        cap = str(max(64, 40 * len(self.peers) * self.count + 10 * len(self.connects)))
+        targets = [w for address, port in self.connects for w in (address, str(port))]
+        return [
+            token,
+            self.interface,
+            self.own,
+            cap,
+            str(self.count),
+            f"{self.interval:g}",
+            str(len(self.peers)),
+            str(round(self.connect_timeout * 1_000_000)),  # microseconds
+            *self.peers,
+            *targets,
+        ]
 
 
 async def run_probe(conn: Runner, request: ProbeRequest, *, timeout: float) -> dict[str, Section]:

@@ -99,13 +99,16 @@ sec() {
 }
 """.replace("STDERR_BYTES", str(STDERR_BYTES)).replace("SWANCTL_CLIENT_CONF", SWANCTL_CLIENT_CONF)
 
-# Facts: charon, swanctl views, keys, firewall, links, charon log (from the cursor), kernel ESP
-# probe, HTTP header probes of the sites, AppArmor parse of the profiles.
+# Facts: charon, swanctl views, keys, firewall (IPv4, IPv6), listening sockets, links, charon log
+# (from the cursor), kernel ESP probe, HTTP header probes of the sites, AppArmor parse of the
+# profiles.
 FACTS_SCRIPT = (
     _PRELUDE
     + r"""
 iface=$1; priv=$2; pubdir=$3; cursor=$4; log=$5; readlog=$6; espprobe=$7; ipsec=$8; nsites=$9
 shift 9
+ip6=$1; listen=$2
+shift 2
 charon_pid() { p=$(cat /run/charon.pid 2>/dev/null) && [ -n "$p" ] && kill -0 "$p" && echo "$p"; }
 own_key() { openssl pkey -in "$1" -pubout -outform DER >"$d/own.der" && sha256sum <"$d/own.der"; }
 # the peers' public keys as they are (public: safe to read); hashed by the caller
@@ -158,6 +161,11 @@ if [ "$ipsec" = 1 ]; then
   [ "$espprobe" = 1 ] && sec kernel_esp esp_probe
 fi
 sec iptables iptables-save -t filter
+if [ "$ip6" = 1 ] && [ -e /proc/net/if_inet6 ]; then sec ip6tables ip6tables-save -t filter
+elif [ "$ip6" = 1 ]; then sec ip6tables echo NO-IPV6
+fi
+# listening TCP sockets (for the connect checks: what a refused connect means)
+[ "$listen" = 1 ] && sec listen cat /proc/net/tcp /proc/net/tcp6
 sec iface ip -o addr show dev "$iface"
 i=0
 while [ "$i" -lt "$nsites" ]; do
@@ -225,6 +233,8 @@ class FactsRequest:
     esp_probe: bool = False
     sites: tuple[tuple[str, str, str], ...] = ()  # (site name, URL, Host header)
     profiles: tuple[str, ...] = ()  # AppArmor profile paths
+    ipv6: bool = True  # read ip6tables-save
+    listen: bool = False  # read the listening TCP sockets
     log_path: str = "/var/log/charon.log"
     cursor_path: str = CURSOR_PATH
 
@@ -241,6 +251,8 @@ class FactsRequest:
             "1" if self.esp_probe else "0",
             "1" if self.ipsec else "0",
             str(len(self.sites)),
+            "1" if self.ipv6 else "0",
+            "1" if self.listen else "0",
         ]
         for site in self.sites:
             out += list(site)

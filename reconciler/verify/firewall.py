@@ -1,6 +1,8 @@
 """The firewall check: does the host's LIVE ruleset (``iptables-save -t filter``) admit IKE
 (udp 500), NAT-T / ESP-in-UDP (udp 4500), ESP and AH from and to the peer, admit the peer's
-mesh traffic only when IPsec-protected, and keep clear-text mesh traffic off the public
+mesh traffic only when IPsec-protected and only to the ports declared for it (least
+privilege: a declared port admitted, the management port and an undeclared one refused unless
+declared; ``mesh.trust: all``: any port), and keep clear-text mesh traffic off the public
 interface in both directions?
 
 Each question is a synthetic packet run through the conservative evaluator of
@@ -11,12 +13,14 @@ is only answered when certain. Pure.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
+from reconciler.domains.firewall_access import management_admits, mesh_admits, port_access
 from reconciler.firewall_check import Packet, ParseError, Table, evaluate, parse_filter
-from reconciler.fleet.model import Datapath, MeshMode
+from reconciler.fleet.model import Datapath, Fleet, Host, MeshMode
 from reconciler.verify.checks import Check, failed, passed
 from reconciler.verify.facts import HostFacts
 
@@ -102,6 +106,39 @@ def _for_packet(prep: _Prepared, pkt: Packet) -> Table:
 
 LIBIPSEC_IFACE = "ipsec0"
 PROBE_PORT = 9  # "discard": a port no role opens; stands for any unprotected mesh traffic
+SPARE_PORTS = (9, 7, 13, 19, 37, 79, 113, 119)  # candidates for "a port nobody declared"
+
+
+@dataclass(frozen=True)
+class PortProbe:
+    """A port of the host and whether the peer's protected mesh traffic must reach it."""
+
+    protocol: str  # tcp | udp
+    port: int
+    admit: bool
+    label: str
+
+
+def undeclared_port(declared: set[int]) -> int:
+    return next((p for p in SPARE_PORTS if p not in declared), 65000)
+
+
+def port_probes(fleet: Fleet, host: Host, peer: Host) -> list[PortProbe]:
+    """The host's declared ports and its management SSH port, each with whether ``peer``'s
+    protected mesh traffic must reach it (the fleet's answer: ``domains.firewall_access``)."""
+    merged: dict[tuple[str, int], tuple[bool, list[str]]] = {}
+    for access in port_access(fleet, host):
+        merged[(access.protocol, access.port)] = (mesh_admits(fleet, peer, access), [access.label])
+    mgmt = ("tcp", fleet.firewall.management_port)
+    admit, labels = merged.get(mgmt, (False, []))
+    merged[mgmt] = (
+        admit or management_admits(fleet, peer),
+        [*labels, "management SSH"] if labels else [f"{mgmt[1]}/tcp (management SSH)"],
+    )
+    return [
+        PortProbe(proto, port, admit, " / ".join(labels))
+        for (proto, port), (admit, labels) in sorted(merged.items(), key=lambda kv: (kv[0][1], kv[0][0]))
+    ]
 
 
 @dataclass(frozen=True)
@@ -121,7 +158,13 @@ def probes(
     interface: str,
     mode: MeshMode,
     datapath: Datapath,
+    ports: Sequence[PortProbe] = (),
+    trust_all: bool = True,
+    peer_tunnel: str = "",
 ) -> list[Probe]:
+    """``ports``: the host's declared ports with the fleet's answer for this peer; without
+    them (and with ``trust_all``) any protected mesh packet must be admitted."""
+
     def inbound(proto: str, port: int | None = None, **kw: Any) -> Packet:
         return Packet(peer_public, own_public, proto, port, port, in_iface=interface, **kw)
 
@@ -138,32 +181,67 @@ def probes(
         Probe("ESP out", "OUTPUT", outbound("esp"), True),
         Probe("AH out", "OUTPUT", outbound("ah"), True),
     ]
+
+    def mesh(
+        src: IPv4Address, dst: IPv4Address, port: int = PROBE_PORT, proto: str = "tcp", **kw: Any
+    ) -> Packet:
+        return Packet(src, dst, proto, 40000, port, ctstate="NEW", syn=proto == "tcp", **kw)
+
     if mode is MeshMode.IPIP:
-        return ps + [
+        ps += [
             Probe("IP-IP in, IPsec-protected", "INPUT", inbound("ipencap", ipsec=True), True),
             Probe("IP-IP in, clear text", "INPUT", inbound("ipencap", ipsec=False), False),
             Probe("IP-IP out, clear text", "OUTPUT", outbound("ipencap", ipsec=False), False),
         ]
-
-    def mesh(src: IPv4Address, dst: IPv4Address, **kw: Any) -> Packet:
-        return Packet(src, dst, "tcp", 40000, PROBE_PORT, ctstate="NEW", syn=True, **kw)
-
-    if datapath is Datapath.LIBIPSEC:
-        protected_in = mesh(peer_internal, own_internal, in_iface=LIBIPSEC_IFACE)
-        protected_out = mesh(own_internal, peer_internal, out_iface=LIBIPSEC_IFACE)
+        protected: dict[str, Any] = {"in_iface": peer_tunnel or "ipip-peer"}
+        where = f"out of {peer_tunnel or 'its tunnel'}"
+    elif datapath is Datapath.LIBIPSEC:
+        protected = {"in_iface": LIBIPSEC_IFACE}
         where = f"on {LIBIPSEC_IFACE}"
     else:
-        protected_in = mesh(peer_internal, own_internal, in_iface=interface, ipsec=True)
-        protected_out = mesh(own_internal, peer_internal, out_iface=interface, ipsec=True)
+        protected = {"in_iface": interface, "ipsec": True}
         where = "with an IPsec policy"
+    if mode is not MeshMode.IPIP:
+        out_kw: dict[str, Any] = (
+            {"out_iface": LIBIPSEC_IFACE}
+            if datapath is Datapath.LIBIPSEC
+            else {"out_iface": interface, "ipsec": True}
+        )
+        ps.append(
+            Probe(f"mesh traffic out {where}", "OUTPUT", mesh(own_internal, peer_internal, **out_kw), True)
+        )
+    for pp in ports:
+        verdict = "declared" if pp.admit else "not declared"
+        ps.append(
+            Probe(
+                f"mesh traffic in {where} to {pp.label} ({verdict})",
+                "INPUT",
+                mesh(peer_internal, own_internal, pp.port, pp.protocol, **protected),
+                pp.admit,
+            )
+        )
+    spare = undeclared_port({pp.port for pp in ports})
+    what = "any port (mesh.trust: all)" if trust_all else f"port {spare} (declared for nobody)"
+    ps.append(
+        Probe(
+            f"mesh traffic in {where} to {what}",
+            "INPUT",
+            mesh(peer_internal, own_internal, spare, **protected),
+            trust_all,
+        )
+    )
     clear_in = mesh(peer_internal, own_internal, in_iface=interface, ipsec=False)
     clear_out = mesh(own_internal, peer_internal, out_iface=interface, ipsec=False)
-    return ps + [
-        Probe(f"mesh traffic in {where}", "INPUT", protected_in, True),
-        Probe(f"mesh traffic out {where}", "OUTPUT", protected_out, True),
-        Probe(f"mesh traffic in, clear text on {interface}", "INPUT", clear_in, False),
-        Probe(f"mesh traffic out, clear text on {interface}", "OUTPUT", clear_out, False),
-    ]
+    ps.append(Probe(f"mesh traffic in, clear text on {interface}", "INPUT", clear_in, False))
+    for pp in ports:
+        if pp.admit:
+            clear = mesh(peer_internal, own_internal, pp.port, pp.protocol, in_iface=interface, ipsec=False)
+            ps.append(
+                Probe(f"mesh traffic in, clear text on {interface} to {pp.label}", "INPUT", clear, False)
+            )
+    if mode is not MeshMode.IPIP:
+        ps.append(Probe(f"mesh traffic out, clear text on {interface}", "OUTPUT", clear_out, False))
+    return ps
 
 
 def check(
@@ -178,6 +256,9 @@ def check(
     interface: str,
     mode: MeshMode,
     datapath: Datapath,
+    ports: Sequence[PortProbe] = (),
+    trust_all: bool = True,
+    peer_tunnel: str = "",
 ) -> Check:
     if facts.error is not None:
         return failed(host, peer, NAME, f"cannot read {host}: {facts.error}")
@@ -197,6 +278,9 @@ def check(
         interface=interface,
         mode=mode,
         datapath=datapath,
+        ports=ports,
+        trust_all=trust_all,
+        peer_tunnel=peer_tunnel,
     ):
         try:
             v = evaluate(_for_packet(_prepare(sec.out), p.packet), p.chain, p.packet)
@@ -209,8 +293,10 @@ def check(
         by = f"`{v.rule}`" if v.rule else v.reason
         if p.admit:
             bad.append(f"{p.what} from/to {peer} is refused by {by}")
-        else:
+        elif "clear text" in p.what:
             bad.append(f"{p.what} from/to {peer} is admitted by {by} (must go through IPsec)")
+        else:
+            bad.append(f"{p.what} from/to {peer} is admitted by {by} (least privilege)")
     evidence = f"{len(good)} of {len(good) + len(bad)} probes as required: " + ", ".join(good)
     if bad:
         return failed(host, peer, NAME, "; ".join(bad), evidence)

@@ -14,15 +14,18 @@ import asyncio
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from ipaddress import IPv6Address, IPv6Network
 from typing import Any
 
 from reconciler.domains import apparmor as apparmor_domain
+from reconciler.domains.firewall_access import port_access
 from reconciler.domains.keys import SWANCTL_PUBKEY_DIR, strongswan_keypair
 from reconciler.domains.strongswan import child_name, connection_name
+from reconciler.domains.tunnels import tunnel_name
 from reconciler.errors import ReconcilerError
-from reconciler.fleet.model import Datapath, Fleet, Host, IpsecBackend
+from reconciler.fleet.model import Datapath, Fleet, Host, IpsecBackend, MeshMode, MeshTrust
 from reconciler.log import get_logger
-from reconciler.verify import apache, apparmor, datapath, firewall, ipsec
+from reconciler.verify import apache, apparmor, datapath, firewall, firewall6, ipsec, reach
 from reconciler.verify.checks import Check, VerifyReport, failed, skipped
 from reconciler.verify.facts import FactsRequest, HostFacts, read_facts
 
@@ -39,6 +42,7 @@ class VerifyOptions:
     ping_interval: float = 0.2
     datapath: bool = True  # run the ping + capture probe
     datapath_skip_reason: str = NO_PROBE_REASON  # shown on the datapath check when not run
+    connect_timeout: float = 1.5  # a least-privilege connect with no answer by then was dropped
     advance_cursor: bool = True  # remember how far the charon log was read
     max_concurrency: int = 64
 
@@ -75,7 +79,18 @@ def facts_request(fleet: Fleet, host: Host, *, selected: bool, options: VerifyOp
         esp_probe=selected and ipsec_on and fleet.mesh.datapath is Datapath.KERNEL,
         sites=sites,
         profiles=profiles,
+        listen=options.datapath and ipsec_on,
     )
+
+
+def reach_expects(fleet: Fleet, target: Host, source: Host) -> list[reach.Expect]:
+    """The TCP ports of ``target`` that ``source`` connects to over the mesh, and whether each
+    must connect."""
+    return [
+        reach.Expect(p.port, p.admit, p.label)
+        for p in firewall.port_probes(fleet, target, source)
+        if p.protocol == "tcp"
+    ]
 
 
 async def gather_host(
@@ -90,12 +105,17 @@ async def gather_host(
     except (ReconcilerError, OSError, TimeoutError) as err:
         return HostFacts(host.name, error=_why(err, options.host_timeout))
     if selected and options.datapath and runs_ipsec(fleet, host):
+        peers = fleet.peers_of(host)
         req = datapath.ProbeRequest(
             interface=host.public_interface,
             own=str(host.internal_address),
-            peers=tuple(str(p.internal_address) for p in fleet.peers_of(host)),
+            peers=tuple(str(p.internal_address) for p in peers),
             count=options.ping_count,
             interval=options.ping_interval,
+            connects=tuple(
+                (str(p.internal_address), e.port) for p in peers for e in reach_expects(fleet, p, host)
+            ),
+            connect_timeout=options.connect_timeout,
         )
         try:
             probe = await datapath.run_probe(conn, req, timeout=options.host_timeout)
@@ -142,8 +162,23 @@ def evaluate(
     return checks
 
 
+def v6_probes(fleet: Fleet, host: Host) -> list[firewall6.Probe6]:
+    fw = fleet.firewall
+    return firewall6.probes(
+        own=host.public_address_v6 or IPv6Address("2001:db8::1"),
+        interface=host.public_interface,
+        allow_icmp=fw.allow_icmp,
+        management_port=fw.management_port,
+        management_sources=[n for n in fw.management_sources if isinstance(n, IPv6Network)],
+        ports=[
+            (a, [v6 for v6 in (fleet.host(h).public_address_v6 for h in a.hosts) if v6 is not None])
+            for a in port_access(fleet, host)
+        ],
+    )
+
+
 def _host_checks(fleet: Fleet, host: Host, f: HostFacts) -> list[Check]:
-    out: list[Check] = []
+    out: list[Check] = [firewall6.check(host.name, f, v6_probes(fleet, host))]
     if runs_ipsec(fleet, host):
         out.append(ipsec.daemon_check(f))
         read = _log_of(fleet, host, f)
@@ -193,11 +228,18 @@ def _pair_checks(
             interface=host.public_interface,
             mode=mesh.mode,
             datapath=mesh.datapath,
+            ports=firewall.port_probes(fleet, host, peer),
+            trust_all=mesh.trust is MeshTrust.ALL,
+            peer_tunnel=tunnel_name(peer.name) if mesh.mode is MeshMode.IPIP else "",
         )
     ]
     if mesh.backend is not IpsecBackend.STRONGSWAN:
         reason = "verify checks strongSwan meshes only; racoon (IKEv1) needs PF_KEY, which this kernel lacks"
-        return out + ipsec.skip_all(a, b, reason) + [skipped(a, b, datapath.NAME, reason)]
+        return (
+            out
+            + ipsec.skip_all(a, b, reason)
+            + [skipped(a, b, datapath.NAME, reason), skipped(a, b, reach.NAME, reason)]
+        )
     side_a = ipsec.Side(a, str(host.public_address), str(host.internal_address), fa)
     side_b = ipsec.Side(b, str(peer.public_address), str(peer.internal_address), fb)
     names = ipsec.PairNames(
@@ -242,6 +284,22 @@ def _pair_checks(
             peer_internal=str(peer.internal_address),
             interface=host.public_interface,
             skip_reason=skip,
+        )
+    )
+    # the peer's connects to this host over the mesh (its probe made them)
+    reach_skip = skip
+    if reach_skip is None and fb.error is None and not fb.probe and fb.probe_error is None:
+        reach_skip = f"the connect probe runs on {b}, which was not probed (not selected)"
+    out.append(
+        reach.check(
+            a,
+            b,
+            expects=reach_expects(fleet, host, peer),
+            host_internal=str(host.internal_address),
+            probe=fb.probe if fb.probe else None,
+            probe_error=fb.probe_error or fb.error,
+            listen=fa.get("listen"),
+            skip_reason=reach_skip,
         )
     )
     return out

@@ -1,6 +1,7 @@
 """Faults during apply on real lab hosts: a ruleset that cuts management SSH is rolled back by
-the host itself; the SSH connection killed mid-apply leaves no half-written file and the next
-apply converges; a reload failure restores the old files."""
+the host itself (IPv4 and IPv6 both); a persistent rules file that cannot be written (read-only
+/etc/iptables) is a reported failure, not success; the SSH connection killed mid-apply leaves
+no half-written file and the next apply converges; a reload failure restores the old files."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 
 from reconciler.apply import apply_host
 from reconciler.connection import ConnectionPool, SshTarget
+from reconciler.errors import Reason
 from reconciler.lab import Lab, LabHostSpec
 from reconciler.observe import observe_host
 from reconciler.plan import ActionKind, plan_host
@@ -33,6 +35,19 @@ COMMIT
 """
 # management_sources without 192.0.2.254: render would refuse it, so the Desired is hand-made
 CUTS_SSH = GOOD.replace("192.0.2.254/32", "198.51.100.0/24")
+GOOD6 = """*filter
+:INPUT DROP [0:0]
+:FORWARD DROP [0:0]
+:OUTPUT ACCEPT [0:0]
+-A INPUT -i lo -j ACCEPT
+-A INPUT -p ipv6-icmp -m icmp6 --icmpv6-type 135 -m hl --hl-eq 255 -j ACCEPT
+-A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+COMMIT
+"""
+# the IPv6 half of the change that cuts SSH: it must be rolled back with the IPv4 half
+OTHER6 = GOOD6.replace(
+    "-A INPUT -i lo -j ACCEPT\n", "-A INPUT -i lo -j ACCEPT\n-A INPUT -p tcp -m tcp --dport 80 -j ACCEPT\n"
+)
 
 
 @pytest.fixture(scope="module")
@@ -67,15 +82,18 @@ async def converge(pool: ConnectionPool, host: str, desired: Desired) -> Any:
 
 
 async def test_ruleset_cutting_management_ssh_is_rolled_back_by_the_host(lab: Lab) -> None:
-    good = Desired(host="f1", firewall=FirewallRuleset(GOOD))
-    bad = Desired(host="f1", firewall=FirewallRuleset(CUTS_SSH))
+    good = Desired(host="f1", firewall=FirewallRuleset(GOOD, rules_v6=GOOD6))
+    bad = Desired(host="f1", firewall=FirewallRuleset(CUTS_SSH, rules_v6=OTHER6))
     async with pool_for(lab) as pool:
         plan, result = await converge(pool, "f1", good)
         assert result.ok and result.converged, result.messages
         assert any("confirmed over a new SSH connection" in m for m in result.messages)
     live_good = sh(lab, "f1", "iptables-save | grep -- '^-A'")
+    live_good6 = sh(lab, "f1", "ip6tables-save | grep -- '^-A'")
     persistent_good = sh(lab, "f1", "cat /etc/iptables/rules.v4")
     assert "192.0.2.254/32" in live_good and persistent_good == GOOD
+    assert "--icmpv6-type 135" in live_good6 and "--dport 80" not in live_good6
+    assert sh(lab, "f1", "cat /etc/iptables/rules.v6") == GOOD6
 
     async with pool_for(lab) as pool:
         plan, result = await converge(pool, "f1", bad)
@@ -84,13 +102,51 @@ async def test_ruleset_cutting_management_ssh_is_rolled_back_by_the_host(lab: La
     assert any("firewall change rolled back: management SSH was cut" in m for m in result.messages), (
         result.messages
     )
-    # the host restored the old rules by itself; the persistent file was never written
+    # the host restored the old rules by itself, IPv4 and IPv6 (the IPv6 half had loaded: it
+    # is rolled back too); the persistent files were never written
     assert sh(lab, "f1", "iptables-save | grep -- '^-A'") == live_good
+    assert sh(lab, "f1", "ip6tables-save | grep -- '^-A'") == live_good6
     assert sh(lab, "f1", "cat /etc/iptables/rules.v4") == persistent_good
+    assert sh(lab, "f1", "cat /etc/iptables/rules.v6") == GOOD6
     # and management SSH works again
     async with pool_for(lab) as pool:
         res = await (await pool.get("f1")).run(["true"])
         assert res.exit_status == 0
+
+
+async def test_persistent_file_that_cannot_be_written_is_a_failure_with_its_cause(lab: Lab) -> None:
+    # /etc/iptables read-only (a bind mount inside the host): the live rules load and are
+    # confirmed, then writing rules.v4/rules.v6 fails; that is a failed action, not success
+    ro = "mkdir -p /etc/iptables && mount --bind /etc/iptables /etc/iptables"
+    ro += " && mount -o remount,bind,ro /etc/iptables"
+    assert lab.exec("f2", ["sh", "-c", ro]).returncode == 0
+    before = sh(lab, "f2", "cat /etc/iptables/rules.v4 2>&1")
+    desired = Desired(host="f2", firewall=FirewallRuleset(GOOD, rules_v6=GOOD6))
+    try:
+        async with pool_for(lab) as pool:
+            plan, result = await converge(pool, "f2", desired)
+    finally:
+        lab.exec("f2", ["umount", "/etc/iptables"])
+    assert [a.kind for a in plan.actions] == [ActionKind.RESTORE_FIREWALL]
+    assert not result.ok and not result.rolled_back and result.changed() == 0
+    fw = result.outcomes[0]
+    assert fw.status == "failed", fw
+    assert "applied and confirmed over a new SSH connection, but the persistent file" in fw.message
+    assert "/etc/iptables/rules.v4 /etc/iptables/rules.v6 could not be written" in fw.message
+    assert "Read-only file system" in fw.message
+    # typed for the daemon: an apply failure with this cause (retried: the next apply writes it)
+    assert result.failure is not None and result.failure.reason is Reason.APPLY_FAILED
+    assert "Read-only file system" in result.failure.message
+    # the live rules are the new ones (confirmed, kept); the old file is untouched
+    assert "-A INPUT -s 192.0.2.254/32 -p tcp -m tcp --dport 22 -j ACCEPT" in sh(lab, "f2", "iptables-save")
+    assert "--icmpv6-type 135" in sh(lab, "f2", "ip6tables-save")
+    assert sh(lab, "f2", "cat /etc/iptables/rules.v4 2>&1") == before
+    assert sh(lab, "f2", "ls -a /etc/iptables | grep reconciler || true").strip() == ""
+    # with /etc writable again, the next apply writes the files and converges
+    async with pool_for(lab) as pool:
+        plan2, result2 = await converge(pool, "f2", desired)
+        assert result2.ok and result2.converged, result2.messages
+    assert sh(lab, "f2", "cat /etc/iptables/rules.v6") == GOOD6
 
 
 def kill_ssh_sessions(lab: Lab, host: str) -> None:
@@ -159,7 +215,7 @@ async def test_reload_failure_restores_old_files_and_reloads_again(lab: Lab) -> 
         host="f1",
         files=(conf,),
         handlers=(handler,),
-        firewall=FirewallRuleset(GOOD),  # as in the first test: in sync, not pruned
+        firewall=FirewallRuleset(GOOD, rules_v6=GOOD6),  # as in the first test: in sync, not pruned
     )
     lab.exec("f1", ["touch", "/tmp/fail"])
     async with pool_for(lab) as pool:

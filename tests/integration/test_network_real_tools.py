@@ -86,22 +86,25 @@ def rendered(fleet: Fleet) -> dict[str, dict[str, bytes]]:
 
 @pytest.mark.lab
 def test_every_rendered_ruleset_passes_iptables_restore_and_round_trips(tmp_path: Path) -> None:
-    _need("ip", "iptables-restore", "iptables-save")
+    _need("ip", "iptables-restore", "iptables-save", "ip6tables-restore", "ip6tables-save")
     with netns("fw") as ns:
         for variant, fleet in VARIANTS.items():
             for host, files in rendered(fleet).items():
-                path = tmp_path / f"{variant}-{host}.rules"
-                path.write_bytes(files["/etc/iptables/rules.v4"])
-                test = run(["ip", "netns", "exec", ns, "iptables-restore", "--test", str(path)])
-                assert test.returncode == 0, f"{variant}/{host}: {test.stderr}"
-                load = run(["ip", "netns", "exec", ns, "iptables-restore", str(path)])
-                assert load.returncode == 0, f"{variant}/{host}: {load.stderr}"
-                saved = run(["ip", "netns", "exec", ns, "iptables-save", "-t", "filter"])
-                assert saved.returncode == 0
-                assert rules_of(saved.stdout) == rules_of(path.read_text()), f"{variant}/{host}"
-                # and the engine's canonical form (what plan compares) agrees
-                live = canonical_iptables(saved.stdout).tables["filter"]
-                assert live == canonical_iptables(path.read_text()).tables["filter"], f"{variant}/{host}"
+                for family, name in (("iptables", "rules.v4"), ("ip6tables", "rules.v6")):
+                    path = tmp_path / f"{variant}-{host}.{name}"
+                    path.write_bytes(files[f"/etc/iptables/{name}"])
+                    where = f"{variant}/{host}/{name}"
+                    test = run(["ip", "netns", "exec", ns, f"{family}-restore", "--test", str(path)])
+                    assert test.returncode == 0, f"{where}: {test.stderr}"
+                    load = run(["ip", "netns", "exec", ns, f"{family}-restore", str(path)])
+                    assert load.returncode == 0, f"{where}: {load.stderr}"
+                    saved = run(["ip", "netns", "exec", ns, f"{family}-save", "-t", "filter"])
+                    assert saved.returncode == 0
+                    assert rules_of(saved.stdout) == rules_of(path.read_text()), where
+                    # and the engine's canonical form (what plan compares) agrees
+                    live = canonical_iptables(saved.stdout).tables["filter"]
+                    assert live == canonical_iptables(path.read_text()).tables["filter"], where
+        path = tmp_path / "strongswan-ipip-kernel-web1.rules.v4"
         # and a broken ruleset really is refused, the old rules staying
         bad = tmp_path / "bad.rules"
         bad.write_text(path.read_text().replace("COMMIT", "-A INPUT -p nosuchproto -j ACCEPT\nCOMMIT"))
@@ -308,10 +311,12 @@ def test_libipsec_pair_establishes_with_raw_keys_and_pings_behind_rendered_firew
                 ["ip", "netns", "exec", ns_a, "ping", "-c", "2", "-W", "2", "-I", "10.99.0.11", "10.99.0.12"]
             )
             assert ping.returncode == 0, ping.stdout + ping.stderr
-            # the peer admitted the first packet by its ipsec0 rule (the rest as ESTABLISHED)
+            # the peer admitted the first packet by its ping rule (the rest as ESTABLISHED): the
+            # mesh is least privilege, there is no blanket accept of the peer on ipsec0
             counters = run(["ip", "netns", "exec", ns_b, "iptables", "-L", "INPUT", "-v", "-n", "-x"]).stdout
-            ipsec0 = [line for line in counters.splitlines() if "ipsec0" in line]
-            assert ipsec0 and int(ipsec0[0].split()[0]) >= 1
+            echo = [line for line in counters.splitlines() if "icmptype 8" in line]
+            assert echo and int(echo[0].split()[0]) >= 1, counters
+            assert not [line for line in counters.splitlines() if "ipsec0" in line], counters
 
 
 # ---------------------------------------------------------------- ifupdown

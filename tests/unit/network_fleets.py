@@ -1,7 +1,8 @@
 """Test fleets for the network domains, built directly from the model dataclasses.
 
-``example_fleet()`` mirrors fleet-repo-example (4 hosts web1/web2/db1/db2 on 192.0.2.11/12/21/22
-and 10.99.0.11/12/21/22, roles web and db, management from 192.0.2.254/32 and 198.51.100.0/24),
+``example_fleet()`` mirrors fleet-repo-example (4 hosts web1/web2/db1/db2 on 192.0.2.11/12/21/22,
+10.99.0.11/12/21/22 and 2001:db8::11/12/21/22, roles web and db (MySQL from role web only),
+management from 192.0.2.254/32 and 198.51.100.0/24),
 with the public keys in tests/fixtures/keys/<backend>/ (real keys made once with openssl;
 only the public halves are committed).
 """
@@ -9,7 +10,7 @@ only the public halves are committed).
 from __future__ import annotations
 
 from dataclasses import replace
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address
 from pathlib import Path
 from types import MappingProxyType
 
@@ -41,6 +42,7 @@ def make_host(name: str, last: int, roles: tuple[str, ...], **kw: object) -> Hos
         name=name,
         public_address=IPv4Address(f"192.0.2.{last}"),
         internal_address=IPv4Address(f"10.99.0.{last}"),
+        public_address_v6=IPv6Address(f"2001:db8::{last}"),
         roles=roles,
         source_file=f"hosts/{name}.yaml",
         **kw,  # type: ignore[arg-type]
@@ -57,9 +59,7 @@ def example_fleet(
     roles = {
         "db": Role(
             name="db",
-            ports=(
-                ServicePort(port=3306, protocol="tcp", sources=(IPv4Network("10.99.0.0/24"),), name="mysql"),
-            ),
+            ports=(ServicePort(port=3306, protocol="tcp", source_roles=("web",), name="mysql"),),
             source_file="roles/db.yaml",
         ),
         "web": Role(

@@ -58,7 +58,10 @@ def test_example_fleet_loads_with_every_field() -> None:
     motd = fleet.files["motd"]
     assert (motd.path, motd.mode, motd.template) == ("/etc/motd", 0o644, "templates/motd.j2")
     assert "{{ host.name }}" in fleet.templates["templates/motd.j2"]
-    assert fleet.roles["db"].ports[0].sources == (IPv4Network("10.99.0.0/24"),)
+    mysql = fleet.roles["db"].ports[0]
+    assert (mysql.sources, mysql.source_hosts, mysql.source_roles) == ((), (), ("web",))
+    assert fleet.mesh.trust is m.MeshTrust.LEAST
+    assert str(fleet.host("web1").public_address_v6) == "2001:db8::11"
     assert fleet.warnings == ()
 
 

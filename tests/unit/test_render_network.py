@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network
+from types import MappingProxyType
 
 import pytest
 from network_fleets import VARIANTS, example_fleet, fixture_keys, make_host, with_hosts
@@ -13,7 +14,16 @@ from reconciler.domains import firewall, ipsec, tunnels
 from reconciler.domains.tunnels import tunnel_name
 from reconciler.errors import RenderError
 from reconciler.firewall_check import Packet, verdict
-from reconciler.fleet.model import Datapath, Fleet, IpsecBackend, Mesh, MeshMode, RacoonProposal, Topology
+from reconciler.fleet.model import (
+    Datapath,
+    Fleet,
+    IpsecBackend,
+    Mesh,
+    MeshMode,
+    RacoonProposal,
+    ServicePort,
+    Topology,
+)
 from reconciler.render import merge
 from reconciler.resources import Desired
 
@@ -378,21 +388,24 @@ def test_firewall_ipip_packets_are_judged_right() -> None:
     assert not verdict(text, "INPUT", stranger).accepted
 
 
-def test_firewall_libipsec_admits_the_mesh_on_ipsec0_only() -> None:
-    text = desired(example_fleet(mode=MeshMode.TUNNEL, datapath=Datapath.LIBIPSEC), "web1").firewall.rules_v4  # type: ignore[union-attr]
-    assert "-A INPUT -s 10.99.0.12/32 -d 10.99.0.11/32 -i ipsec0 -j ACCEPT" in text
-    pkt = Packet(src=IPv4Address("10.99.0.12"), dst=IPv4Address("10.99.0.11"), proto="tcp", dport=5000)
+def test_firewall_libipsec_admits_declared_mesh_traffic_on_ipsec0_only() -> None:
+    text = desired(example_fleet(mode=MeshMode.TUNNEL, datapath=Datapath.LIBIPSEC), "db1").firewall.rules_v4  # type: ignore[union-attr]
+    # MySQL is declared for role web: web1's internal address, only on ipsec0
+    assert "-A INPUT -s 10.99.0.11/32 -i ipsec0 -p tcp -m tcp --dport 3306 -j ACCEPT" in text
+    pkt = Packet(src=IPv4Address("10.99.0.11"), dst=IPv4Address("10.99.0.21"), proto="tcp", dport=3306)
     assert verdict(text, "INPUT", replace(pkt, in_iface="ipsec0")).accepted
     assert not verdict(text, "INPUT", replace(pkt, in_iface="eth0")).accepted
-    leak = Packet(src=IPv4Address("10.99.0.11"), dst=IPv4Address("10.99.0.12"), proto="tcp", out_iface="eth0")
+    # no blanket accept of the peer's mesh traffic: another port is refused
+    assert not verdict(text, "INPUT", replace(pkt, in_iface="ipsec0", dport=5000)).accepted
+    leak = Packet(src=IPv4Address("10.99.0.21"), dst=IPv4Address("10.99.0.11"), proto="tcp", out_iface="eth0")
     assert not verdict(text, "OUTPUT", leak).accepted
     assert verdict(text, "OUTPUT", replace(leak, out_iface="ipsec0")).accepted
 
 
 def test_firewall_kernel_tunnel_mode_needs_ipsec_policy_for_internal_traffic() -> None:
-    text = desired(example_fleet(mode=MeshMode.TUNNEL), "web1").firewall.rules_v4  # type: ignore[union-attr]
+    text = desired(example_fleet(mode=MeshMode.TUNNEL), "db1").firewall.rules_v4  # type: ignore[union-attr]
     pkt = Packet(
-        src=IPv4Address("10.99.0.21"), dst=IPv4Address("10.99.0.11"), proto="tcp", dport=5000, in_iface="eth0"
+        src=IPv4Address("10.99.0.12"), dst=IPv4Address("10.99.0.21"), proto="tcp", dport=3306, in_iface="eth0"
     )
     assert not verdict(text, "INPUT", pkt).accepted
     assert verdict(text, "INPUT", replace(pkt, ipsec=True)).accepted
@@ -407,9 +420,12 @@ def test_firewall_service_ports_icmp_and_logging() -> None:
     assert not any("icmp" in ln for ln in web)
     assert web[-1 - sum(1 for ln in web if ln.startswith("-A OUTPUT"))].startswith("-A INPUT -m limit")
     db = rules(desired(base, "db1"))
-    # a port opened to the mesh network is admitted only from the tunnels, never in clear
-    assert "-A INPUT -s 10.99.0.0/24 -i ipip+ -p tcp -m tcp --dport 3306 -j ACCEPT" in db
-    assert "-A INPUT -s 10.99.0.0/24 -p tcp -m tcp --dport 3306 -j ACCEPT" not in db
+    # a port declared for role web: each web host by its internal address, only out of its own
+    # tunnel (never in clear), and by its public address
+    assert "-A INPUT -s 10.99.0.11/32 -i ipip-web1 -p tcp -m tcp --dport 3306 -j ACCEPT" in db
+    assert "-A INPUT -s 10.99.0.12/32 -i ipip-web2 -p tcp -m tcp --dport 3306 -j ACCEPT" in db
+    assert "-A INPUT -s 192.0.2.11/32 -p tcp -m tcp --dport 3306 -j ACCEPT" in db
+    assert not any("10.99.0.22" in ln and "3306" in ln for ln in db)  # the other db host: no
     assert "-A INPUT -p icmp -m icmp --icmp-type 8 -j ACCEPT" in db
     assert not any("--dport 80 " in ln for ln in db)
 
@@ -453,7 +469,13 @@ def test_mesh_defaults_are_the_strong_ones() -> None:
 
 
 def test_mesh_only_port_needs_mesh_protection_in_every_mode() -> None:
+    mysql = ServicePort(port=3306, sources=(IPv4Network("10.99.0.0/24"),), name="mysql")
     for mode, datapath, want in (
+        (
+            MeshMode.IPIP,
+            Datapath.KERNEL,
+            "-A INPUT -s 10.99.0.0/24 -i ipip+ -p tcp -m tcp --dport 3306 -j ACCEPT",
+        ),
         (
             MeshMode.TUNNEL,
             Datapath.KERNEL,
@@ -466,5 +488,9 @@ def test_mesh_only_port_needs_mesh_protection_in_every_mode() -> None:
         ),
     ):
         f = example_fleet()
-        f = replace(f, mesh=replace(f.mesh, mode=mode, datapath=datapath))
+        f = replace(
+            f,
+            mesh=replace(f.mesh, mode=mode, datapath=datapath),
+            roles=MappingProxyType({**f.roles, "db": replace(f.roles["db"], ports=(mysql,))}),
+        )
         assert want in rules(desired(f, "db1")), (mode, datapath)

@@ -60,7 +60,12 @@ def resources_json(d: Desired) -> str:
         "files": [
             {k: v for k, v in asdict(f).items() if k != "content"} | {"mode": oct(f.mode)} for f in d.files
         ],
-        "firewall": None if d.firewall is None else {"persistent_path": d.firewall.persistent_path},
+        "firewall": None
+        if d.firewall is None
+        else {
+            "persistent_path": d.firewall.persistent_path,
+            "persistent_path_v6": d.firewall.persistent_path_v6,
+        },
     }
     return json.dumps(_plain(data), indent=2, sort_keys=True) + "\n"
 

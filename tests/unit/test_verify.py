@@ -2,8 +2,10 @@
 """verify's parsers and evaluators on outputs recorded from a real 4-host lab mesh
 (strongSwan, tunnel mode, libipsec): tests/fixtures/verify/mesh4-libipsec.json holds the framed
 sections each host returned (swanctl --pretty views, key hashes, iptables-save, charon log,
-tcpdump capture and pings, curl headers, apparmor_parser). Faults are the same data with one
-thing changed the way the fault changes it on a live host."""
+tcpdump capture and pings, curl headers, apparmor_parser). The firewall parts (iptables-save,
+ip6tables-save, listening sockets, the probe's TCP connects) were recorded again from a real lab
+once the mesh became least privilege (tests/fixtures/verify/record_firewall_sections.py).
+Faults are the same data with one thing changed the way the fault changes it on a live host."""
 
 from __future__ import annotations
 
@@ -78,6 +80,7 @@ def test_recorded_healthy_mesh_passes_every_check_that_can_run(fleet: Fleet) -> 
         names = {c.name for c in report.for_pair(host, peer)}
         assert names == {
             "firewall",
+            "firewall.reach",
             "ipsec.config",
             "ipsec.keys",
             "ipsec.ike",
@@ -88,6 +91,17 @@ def test_recorded_healthy_mesh_passes_every_check_that_can_run(fleet: Fleet) -> 
         dp = report.get(host, peer, "datapath")
         assert dp.details["esp_udp_encapsulated"] > 0 and dp.details["clear_icmp"] == 0  # type: ignore[operator]
         assert dp.details["ping_received"] == 3
+    for host in ("db1", "db2", "web1", "web2"):
+        assert report.get(host, "", "firewall.v6").status is Status.PASS
+    # the recorded connects: db1 reached Apache on web1 over the mesh (open to anyone), the
+    # web host reached db1's MySQL port (declared for role web: reset, nothing listens), and
+    # nobody reached a declared-for-nobody port or sshd over the mesh
+    reach = report.get("web1", "db1", "firewall.reach")
+    assert "web1:80 (80/tcp (http)) from db1: connected (declared)" in reach.evidence
+    assert "web1:22 (22/tcp (management SSH)) from db1: dropped (not declared)" in reach.evidence
+    mysql = report.get("db1", "db2", "firewall.reach")
+    assert "db1:3306 (3306/tcp (mysql)) from db2: dropped (not declared)" in mysql.evidence
+    assert "admitted (nothing listens" in report.get("db1", "web1", "firewall.reach").evidence
     assert report.get("web1", "", "apache.shop").status is Status.PASS
     assert report.get("db1", "", "apparmor.usr.sbin.mysqld").status is Status.PASS
     assert report.exit_code() == 0
@@ -131,13 +145,53 @@ def test_firewall_dropping_nat_t_from_one_peer_fails_that_pair(fleet: Fleet) -> 
 def test_clear_text_mesh_traffic_admitted_is_a_failure(fleet: Fleet) -> None:
     facts = recorded()
     rules = facts["web2"].get("iptables").out  # type: ignore[union-attr]
-    rules = rules.replace(
-        "-s 10.99.0.11/32 -d 10.99.0.12/32 -i ipsec0 -j ACCEPT", "-s 10.99.0.11/32 -j ACCEPT"
+    guard = "-A INPUT -s 10.99.0.0/24 -i eth0 -m policy --dir in --pol none -j DROP"
+    assert guard in rules
+    # the clear-text guard swapped for a sloppy accept of one peer's internal address
+    facts["web2"] = with_section(
+        facts["web2"], "iptables", out=rules.replace(guard, "-A INPUT -s 10.99.0.11/32 -j ACCEPT")
     )
-    facts["web2"] = with_section(facts["web2"], "iptables", out=rules)
     report = report_of(fleet, facts)
-    assert report.failed_pairs() == {("web2", "web1")}
-    assert "clear text on eth0 from/to web1 is admitted" in report.get("web2", "web1", "firewall").cause
+    # web1's clear text gets in anywhere; without the guard, a forged mesh source in clear also
+    # reaches the port open to anyone (80) from the other peers' addresses
+    assert report.failed_pairs() == {("web2", "web1"), ("web2", "db1"), ("web2", "db2")}
+    cause = report.get("web2", "web1", "firewall").cause
+    assert "mesh traffic in, clear text on eth0 from/to web1 is admitted" in cause
+    db1 = report.get("web2", "db1", "firewall").cause
+    assert db1.startswith("mesh traffic in, clear text on eth0 to 80/tcp (http) from/to db1 is admitted by")
+    assert (
+        "to port 9 (declared for nobody) from/to web1 is admitted" in cause and "(least privilege)" in cause
+    )
+
+
+def test_a_peer_that_reaches_an_undeclared_port_fails_that_pair_only(fleet: Fleet) -> None:
+    facts = recorded()
+    # web1's probe: db1's sshd answered over the mesh (someone opened it to the mesh by hand)
+    reach = facts["web1"].probe["reach"]
+    probe = dict(facts["web1"].probe)
+    probe["reach"] = replace(reach, out=reach.out + "\n10.99.0.21 22 open ")
+    facts["web1"] = replace(facts["web1"], probe=MappingProxyType(probe))
+    report = report_of(fleet, facts)
+    assert report.failed_pairs() == {("db1", "web1")}
+    cause = report.get("db1", "web1", "firewall.reach").cause
+    assert (
+        cause
+        == "db1:22 (22/tcp (management SSH)) from web1: connected although not declared for web1 (least privilege)"
+    )
+
+
+def test_an_open_ipv6_ruleset_fails_that_host_only(fleet: Fleet) -> None:
+    facts = recorded()
+    open6 = "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n"
+    facts["db2"] = with_section(facts["db2"], "ip6tables", out=open6)
+    report = report_of(fleet, facts)
+    assert report.failed_pairs() == set() and not report.ok
+    bad = [c for c in report.checks if c.status is Status.FAIL]
+    assert [(c.host, c.name) for c in bad] == [("db2", "firewall.v6")]
+    assert (
+        "3306/tcp (mysql) from 2001:db8:ffff:ffff::1 (not a source) is admitted by INPUT policy ACCEPT"
+        in bad[0].cause
+    )
 
 
 def test_mismatched_public_key_fails_both_directions_of_that_pair(fleet: Fleet) -> None:
