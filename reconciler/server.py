@@ -409,11 +409,18 @@ def render_status_page(status: dict[str, Any]) -> str:
         )
     rejection = src.get("rejection")
     rejected = (
-        f"<p class=stalled>Refused commit <code>{_e(str(rejection.get('commit', ''))[:12])}</code>: "
-        f"{_e(rejection.get('reason'))}</p>"
+        f"<p class=stalled>Refused commit <code>{_e(str(rejection.get('commit', ''))[:12])}</code> "
+        f"({_e(rejection.get('kind'))}): {_e(rejection.get('reason'))}</p>"
         if isinstance(rejection, dict)
         else ""
     )
+    rollback = src.get("last_rollback")
+    if isinstance(rollback, dict):
+        rejected += (
+            f"<p>Last rollback: to <code>{_e(str(rollback.get('commit', ''))[:12])}</code> from "
+            f"<code>{_e(str(rollback.get('previous', ''))[:12])}</code>, allowed by {_e(rollback.get('by'))} "
+            f"at {_e(_when(rollback.get('at')))}.</p>"
+        )
     return (
         "<!doctype html><html><head><meta charset=utf-8><title>reconciler</title>"
         "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
