@@ -383,6 +383,7 @@ def test_allow_rollback_goes_back_on_purpose(world: World) -> None:
         "rollback mail",
     )
     # and forward again from there: a signed commit on top of the rolled-back one
+    git(w.work, "reset", "-q", "--hard", old)
     w.ports()
     w.motd("{{ host.name }} is managed by reconciler.\n")
     COMMITS["base"] = w.commit("close 8444 again")
