@@ -32,7 +32,7 @@ from reconciler import __version__
 from reconciler.after_apply import AfterApplyVerifier, HostVerify
 from reconciler.bounded_render import RenderRejected, RenderWorker
 from reconciler.config import Config, RunMode, redact_url
-from reconciler.errors import Failure, Reason, ReconcilerError, Terminal
+from reconciler.errors import Failure, Reason, ReconcilerError, RenderError, Terminal
 from reconciler.log import get_logger
 from reconciler.loop import ALL, Backoff, HostFailure, Outcome, ReconcileLoop, ReconcileStep, Target
 from reconciler.metrics import DaemonMetrics
@@ -398,7 +398,7 @@ class Daemon:
             )
             return Refusal("render-limit", f"commit {commit[:12]}: {result.reason}")
         importlib.import_module("reconciler.engine").seed_rendered(fleet, result)
-        failed = sorted(h for h, r in result.items() if not hasattr(r, "files"))
+        failed = sorted(h for h, r in result.items() if isinstance(r, RenderError))
         log.info("commit rendered", commit=commit, hosts=len(result), failed=failed,
                  seconds=round(time.monotonic() - started, 3))  # fmt: skip
         return None
