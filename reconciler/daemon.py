@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 from reconciler import __version__
 from reconciler.after_apply import AfterApplyVerifier, HostVerify
-from reconciler.bounded_render import RenderRejected, RenderWorker
+from reconciler.bounded_render import RenderAborted, RenderRejected, RenderWorker
 from reconciler.config import Config, RunMode, redact_url
 from reconciler.errors import Failure, Reason, ReconcilerError, RenderError, Terminal
 from reconciler.log import get_logger
@@ -642,17 +642,21 @@ class Daemon:
         """Load and render the last good commit (in the render worker), then start the loop.
         Runs while the HTTP server already answers."""
         try:
-            await self.source.prepare()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # e.g. the render worker cannot start: the first fetch retries
-            log.error("cannot load the last good commit", error=str(exc))
-        if self.source.rejection is not None:
-            self._reject(self.source.rejection)
-        if self.source.good and self.source.fleet is not None:
-            fleet = self.source.fleet
-            self.loop.seed(Target(self.source.good, fleet, tuple(fleet.host_names())))
-        self.loop.start()
+            try:
+                await self.source.prepare()
+            except RenderAborted:
+                return  # stopping
+            except ReconcilerError as exc:  # e.g. a git error: the first fetch tries again
+                log.error("cannot load the last good commit", error=str(exc))
+            if self.source.rejection is not None:
+                self._reject(self.source.rejection)
+            if self.source.good and self.source.fleet is not None:
+                fleet = self.source.fleet
+                self.loop.seed(Target(self.source.good, fleet, tuple(fleet.host_names())))
+            self.loop.start()
+        except Exception:  # a bug: a daemon without its loop must not look alive
+            log.exception("daemon start-up failed")
+            self.request_stop()
 
     async def run(self, *, install_signals: bool = True) -> int:
         self._publish_smtp_credentials()
