@@ -25,8 +25,10 @@ import pickle
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import reconciler
 from reconciler import resources
 from reconciler.errors import RenderError, Transient
 from reconciler.log import get_logger
@@ -84,8 +86,15 @@ def _decode(data: bytes) -> tuple[Any, ...]:
 
 
 def _worker_env() -> dict[str, str]:
-    # No daemon settings (secrets such as the SMTP password are published as RECONCILER_*).
-    return {k: v for k, v in os.environ.items() if not k.startswith("RECONCILER_")}
+    """No daemon settings (secrets such as the SMTP password are published as RECONCILER_*),
+    and the same reconciler package as ours first on the path (ours may come from the current
+    directory, which ``-P`` keeps off the worker's path)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RECONCILER_")}
+    ours = str(Path(reconciler.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [ours, *(p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p)]
+    )
+    return env
 
 
 def _describe_exit(code: int | None) -> str:
@@ -102,6 +111,7 @@ class RenderWorker:
     def __init__(self, limits: RenderLimits) -> None:
         self.limits = limits
         self._proc: asyncio.subprocess.Process | None = None
+        self._ready = False  # the current process said it started (imports done)
         self._lock = asyncio.Lock()
         self._closing = False
         self.jobs = 0  # rendered jobs (tests, metrics)
@@ -125,6 +135,7 @@ class RenderWorker:
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
                 env=_worker_env(), cwd="/",
             )  # fmt: skip
+            self._ready = False
         except OSError as exc:
             raise RenderAborted(f"cannot start the render worker: {exc.strerror or exc}") from None
         self.spawned += 1
@@ -156,9 +167,13 @@ class RenderWorker:
                 try:
                     rejected = await self._attempt(fleet, names, results)
                 except (_WorkerGone, ConnectionError) as exc:
-                    code = await self._reap()
+                    ready, code = self._ready, await self._reap()
                     if self._closing:
                         raise RenderAborted("rendering stopped: the render worker was shut down") from None
+                    if not ready:  # not the commit's fault: an install or environment problem
+                        raise RenderAborted(
+                            f"the render worker could not start ({_describe_exit(code)}); see the log"
+                        ) from None
                     if attempt == 1 and not results:
                         log.info("render worker ended before answering; starting a new one", exit=code)
                         continue
@@ -223,9 +238,11 @@ class RenderWorker:
             except asyncio.IncompleteReadError:
                 raise _WorkerGone() from None
             tag = message[0]
-            if tag == "end" and len(message) == 1:
+            if tag == "ready" and len(message) == 1:
+                self._ready = True
+            elif tag == "end" and len(message) == 1:
                 return None
-            if tag == "ok" and len(message) == 3 and isinstance(message[2], Desired):
+            elif tag == "ok" and len(message) == 3 and isinstance(message[2], Desired):
                 results[str(message[1])] = message[2]
             elif tag == "error" and len(message) == 3:
                 results[str(message[1])] = RenderError(str(message[2]))

@@ -12,8 +12,9 @@ cannot enforce from outside without killing it:
 - it dies with its parent (PR_SET_PDEATHSIG), writes no core file, and never sees the
   daemon's settings (the parent passes no ``RECONCILER_*`` variable).
 
-Wire format, both ways: frames of an 8-byte big-endian length and a pickle. The parent sends
-``("render", fleet, hosts, limits)``; the worker answers one frame per host, in order:
+Wire format, both ways: frames of an 8-byte big-endian length and a pickle. Once started, the
+worker says ``("ready",)``. The parent sends ``("render", fleet, hosts, limits)``; the worker
+answers one frame per host, in order:
 ``("ok", host, Desired)``, ``("error", host, message)`` (an ordinary render error of that host)
 or ``("limit", host, kind, message)`` (a broken bound: the job stops there and the worker
 exits), then ``("end",)``. The parent unpickles answers with an allow-list of classes
@@ -213,6 +214,8 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when this process ends
     import reconciler.render  # noqa: F401  - import before the first job, not inside its time
 
+    out.write(encode(("ready",)))  # the parent tells a worker that cannot start from a bad commit
+    out.flush()
     while True:
         header = _read_exactly(inp, HEADER)
         if header is None:

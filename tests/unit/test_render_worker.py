@@ -7,9 +7,12 @@ import asyncio
 import os
 import pickle
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from services_fleets import example_fleet, motd_file
@@ -232,3 +235,34 @@ def test_render_bounded_sync_and_seeding_the_engine() -> None:
     engine.seed_rendered(partial, {"web1": render_host(partial, partial.host("web1"))})
     with pytest.raises(RenderError, match="not rendered"):  # never rendered in process once seeded
         engine.render_cached(partial, "db1")
+
+
+async def test_a_worker_that_cannot_start_refuses_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An install problem is not the commit's fault: a transient error, never a rejection."""
+    monkeypatch.setattr(sys, "executable", "/bin/false")
+    w = RenderWorker(RenderLimits())
+    try:
+        with pytest.raises(RenderAborted, match=r"could not start \(exit code 1\)"):
+            await w.render(example_fleet(), ["web1"])
+    finally:
+        await w.close()
+
+
+def test_the_worker_runs_the_same_package_as_its_parent(tmp_path: Path) -> None:
+    """`python -m reconciler` from a checkout imports the package from the current directory;
+    the worker (which never has the current directory on its path) must run that same code."""
+    root = Path(__file__).resolve().parents[2]
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",) and not k.startswith("RECONCILER_")
+    }
+    argv = ["render", "fleet-repo-example", "--host", "web1", "--out", str(tmp_path)]
+    res = subprocess.run(
+        [sys.executable, "-m", "reconciler", *argv],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "etc" / "motd").exists()
