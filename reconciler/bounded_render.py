@@ -40,6 +40,7 @@ log = get_logger(__name__)
 
 KILL_GRACE = 2.0  # seconds past the worker's own timer before it is killed from outside
 FRAME_OVERHEAD = 1 << 20
+READ_BUFFER = 4 << 20  # keep reading the pipe while answers arrive (asyncio pauses at 2x this)
 
 RenderResults = dict[str, Desired | RenderError]
 
@@ -133,7 +134,7 @@ class RenderWorker:
                 sys.executable, "-P", "-m", "reconciler.render_worker",
                 str(self.limits.memory), str(os.getpid()),
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                env=_worker_env(), cwd="/",
+                env=_worker_env(), cwd="/", limit=READ_BUFFER,
             )  # fmt: skip
             self._ready = False
         except OSError as exc:

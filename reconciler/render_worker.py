@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import copyreg
 import ctypes
+import fcntl
 import io
 import os
 import pickle
@@ -38,6 +39,7 @@ from types import FrameType, MappingProxyType
 from typing import IO, Any
 
 MAX_JOB_BYTES = 1 << 30
+PIPE_SIZE = 1 << 20  # the unprivileged maximum (fs.pipe-max-size) by default
 HEADER = 8
 PR_SET_PDEATHSIG = 1
 
@@ -209,6 +211,8 @@ def main(argv: list[str]) -> int:
     # The protocol owns the original stdout; anything printed by mistake goes to stderr.
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
+    with contextlib.suppress(OSError):  # a host's answers in one write, not in 64 KiB pieces
+        fcntl.fcntl(out.fileno(), fcntl.F_SETPIPE_SZ, PIPE_SIZE)
     inp = os.fdopen(0, "rb", buffering=0)
     signal.signal(signal.SIGALRM, _on_alarm)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when this process ends
