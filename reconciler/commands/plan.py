@@ -121,17 +121,21 @@ def _progress(total: int) -> Any:
     return show
 
 
-def prepare(args: argparse.Namespace) -> tuple[Any, Reach] | int:
-    """The fleet and how to reach its hosts, or an exit code after printing why not. The
-    selected hosts are rendered here, in a worker under the render limits; the engine uses
-    those results (a host whose render failed is an error of that host, as before)."""
+def prepare(args: argparse.Namespace, *, render: bool = True) -> tuple[Any, Reach] | int:
+    """The fleet and how to reach its hosts, or an exit code after printing why not. With
+    ``render`` (plan, apply) the selected hosts are rendered here, in a worker under the render
+    limits (``add_render_args``); the engine uses those results (a host whose render failed is
+    an error of that host, as before)."""
     from reconciler.engine import seed_rendered, select_hosts
 
     try:
-        fleet, rendered = load_and_render(
-            lambda: load(args.repo), lambda f: select_hosts(f, args.host), limits_from_args(args)
-        )
-        seed_rendered(fleet, rendered)
+        if render:
+            fleet, rendered = load_and_render(
+                lambda: load(args.repo), lambda f: select_hosts(f, args.host), limits_from_args(args)
+            )
+            seed_rendered(fleet, rendered)
+        else:
+            fleet = load(args.repo)
         reach = reach_from_args(args)
     except FleetInvalid as err:
         print(f"fleet {args.repo} does not validate:\n{err}", file=sys.stderr)
