@@ -1,7 +1,8 @@
 # The reconciler daemon: `reconciler run`, configured by RECONCILER_* variables and/or a YAML file.
 #   docker build -t reconciler .
 #   docker run -v reconciler-state:/var/lib/reconciler -v reconciler-history:/var/lib/reconciler-history \
-#     -e RECONCILER_SOURCE_URL=https://git.example.org/ops/fleet.git -p 8080:8080 reconciler
+#     -e RECONCILER_SOURCE_URL=https://git.example.org/ops/fleet.git -e RECONCILER_SERVER_READ_TOKEN_FILE=... \
+#     -p 8080:8080 reconciler
 # See docs/DEPLOY.md.
 ARG BASE=python:3.11-slim
 FROM ${BASE}
@@ -32,6 +33,9 @@ RUN if [ -z "$PIP_CERT" ]; then unset PIP_CERT; fi \
 RUN useradd --system --uid 10001 --user-group --home-dir /var/lib/reconciler --shell /usr/sbin/nologin reconciler \
     && install -d -m 0700 -o reconciler -g reconciler /var/lib/reconciler /var/lib/reconciler-history
 
+# 0.0.0.0: webhooks must reach the daemon. Beyond loopback it needs a read token for /status, /
+# and /metrics (RECONCILER_SERVER_READ_TOKEN or ..._FILE; or RECONCILER_SERVER_PUBLIC_STATUS=true)
+# or it refuses to start; /healthz (the HEALTHCHECK below) stays open.
 ENV RECONCILER_STATE_DIR=/var/lib/reconciler \
     RECONCILER_HISTORY_REPO=/var/lib/reconciler-history \
     RECONCILER_SERVER_LISTEN=0.0.0.0 \

@@ -3,15 +3,17 @@
 Precedence: built-in defaults < the YAML file < environment variables. Every setting has an
 environment variable named ``RECONCILER_<SECTION>_<KEY>`` in upper case (for example
 ``source.url`` -> ``RECONCILER_SOURCE_URL``, ``state_dir`` -> ``RECONCILER_STATE_DIR``).
-Secrets (webhook secret, GitLab token, sync token, SMTP password) may also be read from a file
-named by ``<VAR>_FILE`` (Docker/Kubernetes secrets). Secrets are held in :class:`Secret`, whose
-``repr``/``str`` never show the value; they are never logged and never shown in /status.
+Secrets (webhook secret, GitLab token, sync, read and metrics tokens, SMTP password) may also be
+read from a file named by ``<VAR>_FILE`` (Docker/Kubernetes secrets). Secrets are held in
+:class:`Secret`, whose ``repr``/``str`` never show the value; they are never logged and never
+shown in /status.
 
 See docs/DEPLOY.md for the full reference.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -23,6 +25,7 @@ from typing import Any, TypeVar
 import yaml
 
 from reconciler.errors import Terminal
+from reconciler.render_limits import MIB, RenderLimits
 
 MAX_CONFIG_BYTES = 1 << 20
 ENV_PREFIX = "RECONCILER_"
@@ -98,7 +101,16 @@ class ServerConfig:
     webhook_secret: Secret = field(default_factory=lambda: Secret(""))  # GitHub and Gitea HMAC key
     gitlab_token: Secret = field(default_factory=lambda: Secret(""))  # GitLab X-Gitlab-Token
     sync_token: Secret = field(default_factory=lambda: Secret(""))  # bearer token for POST /sync
+    # Bearer (or Basic password) for /status, / and /metrics. Required to start on an address
+    # beyond loopback unless public_status is true; when set it is required on loopback too.
+    read_token: Secret = field(default_factory=lambda: Secret(""))
+    metrics_token: Secret = field(default_factory=lambda: Secret(""))  # also accepted by /metrics
+    public_status: bool = False  # serve /status, / and /metrics to anyone (no read token)
     max_body_bytes: int = 1 << 20
+
+    @property
+    def loopback(self) -> bool:
+        return is_loopback(self.listen)
 
 
 @dataclass(frozen=True)
@@ -128,6 +140,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     ssh: SshConfig = field(default_factory=SshConfig)
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
+    render: RenderLimits = field(default_factory=RenderLimits)
     state_dir: Path = Path("/var/lib/reconciler")
     history_repo: Path | None = None  # default: <state_dir>/history
     concurrency: int = 50  # hosts reconciled at once
@@ -245,6 +258,42 @@ def _parse_secret(value: object, where: str) -> Secret:
     return Secret(_parse_str(value, where))
 
 
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMG]i?B?|B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def parse_size(value: object, where: str) -> int:
+    """Bytes from 1048576, "1M", "1MiB", "512m", "2G" (binary units)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: expected a size such as 1MiB, 512M or 2G")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        m = _SIZE.match(value)
+        if m:
+            unit = (m.group(2) or "").lower()[:1]
+            return int(m.group(1)) * _SIZE_UNITS[unit]
+    raise ConfigError(f"{where}: expected a size such as 1MiB, 512M or 2G, got {value!r}")
+
+
+def _sized(lo: int, hi: int) -> Parser:
+    def parse(value: object, where: str) -> int:
+        n = parse_size(value, where)
+        if not lo <= n <= hi:
+            raise ConfigError(f"{where}: must be between {lo // MIB} MiB and {hi // MIB} MiB" if lo >= MIB
+                              else f"{where}: must be between {lo} and {hi} bytes")  # fmt: skip
+        return n
+
+    return parse
+
+
+def _positive_duration(value: object, where: str) -> float:
+    seconds = parse_duration(value, where)
+    if seconds <= 0:
+        raise ConfigError(f"{where}: must be more than 0")
+    return seconds
+
+
 def _parse_port(value: object, where: str) -> int:
     return _parse_int(value, where, 0, 65535)
 
@@ -290,7 +339,16 @@ _SERVER: dict[str, Parser] = {
     "webhook_secret": _parse_secret,
     "gitlab_token": _parse_secret,
     "sync_token": _parse_secret,
+    "read_token": _parse_secret,
+    "metrics_token": _parse_secret,
+    "public_status": _parse_bool,
     "max_body_bytes": _parse_body_size,
+}
+_RENDER: dict[str, Parser] = {
+    "timeout": _positive_duration,
+    "memory": _sized(128 * MIB, 64 << 30),
+    "max_file_bytes": _sized(1024, 1 << 30),
+    "max_host_bytes": _sized(1024, 8 << 30),
 }
 _SSH: dict[str, Parser] = {
     "known_hosts": _parse_opt_path,
@@ -327,9 +385,17 @@ _SECTIONS: dict[str, tuple[dict[str, Parser], type[Any]]] = {
     "server": (_SERVER, ServerConfig),
     "ssh": (_SSH, SshConfig),
     "smtp": (_SMTP, SmtpConfig),
+    "render": (_RENDER, RenderLimits),
 }
 SECRET_KEYS = frozenset(
-    {"server.webhook_secret", "server.gitlab_token", "server.sync_token", "smtp.password"}
+    {
+        "server.webhook_secret",
+        "server.gitlab_token",
+        "server.sync_token",
+        "server.read_token",
+        "server.metrics_token",
+        "smtp.password",
+    }
 )
 
 
@@ -485,12 +551,33 @@ def _check(cfg: Config) -> None:
         raise ConfigError("source.signed_after: expected a commit id (hex)")
     if cfg.backoff_max < cfg.backoff_base:
         raise ConfigError("backoff_max: must be at least backoff_base")
+    if cfg.render.max_host_bytes < cfg.render.max_file_bytes:
+        raise ConfigError("render.max_host_bytes: must be at least render.max_file_bytes")
+
+
+def is_loopback(address: str) -> bool:
+    """127.0.0.0/8, ::1 and localhost; anything else (0.0.0.0, ::, a name) is not."""
+    text = address.strip().strip("[]").lower()
+    if text == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(text).is_loopback
+    except ValueError:
+        return False
 
 
 def require_runnable(cfg: Config) -> None:
     """Settings `reconciler run` cannot do without."""
     if not cfg.source.url:
         raise ConfigError(f"source.url: required (config file or {env_name('source.url')})")
+    srv = cfg.server
+    if not srv.loopback and not srv.read_token and not srv.public_status:
+        raise ConfigError(
+            f"server.read_token: required when server.listen is {srv.listen!r} (beyond loopback): "
+            f"/status, / and /metrics show host names, commits and errors. Set "
+            f"{env_name('server.read_token')} (or ..._FILE), or server.public_status: true "
+            f"({env_name('server.public_status')}=true) to serve them to anyone"
+        )
 
 
 def _redact(obj: object) -> Any:

@@ -1,14 +1,18 @@
 """`reconciler run`: wires config, source, store, loop, server, outbox and the engine.
 
     fleet repo --FleetSource--> newest good commit + Fleet --ReconcileLoop--> per-host step
+    each candidate commit --RenderWorker (a process, under limits)--> every host rendered once,
+        seeded into the engine's render cache; a broken bound refuses the commit
     webhooks / poll / drift timer / SIGHUP / sync --> the loop's deduplicating queues
     refused commits --> Store (status, events) + Outbox (one mail per commit and reason)
     a host stalled by a terminal failure --> Store (Stalled, reason) + Outbox (one mail per
         host, commit and reason) + metrics; transient failures retry with backoff (loop.py)
+    `sync --allow-rollback` --> FleetSource.rollback --> Store (who, when) + one mail
 
-One daemon per state directory (an exclusive lock file). SIGTERM/SIGINT: stop taking work, let
-in-flight reconciles finish within ``shutdown_grace``, then cancel; SIGHUP: fetch and resync
-every host.
+One daemon per state directory (an exclusive lock file). The HTTP server starts before the last
+good commit is loaded and rendered, so /healthz answers whatever a commit does. SIGTERM/SIGINT:
+kill the render worker, stop taking work, let in-flight reconciles finish within
+``shutdown_grace``, then cancel; SIGHUP: fetch and resync every host.
 """
 
 from __future__ import annotations
@@ -26,14 +30,15 @@ from typing import Any, Protocol
 
 from reconciler import __version__
 from reconciler.after_apply import AfterApplyVerifier, HostVerify
+from reconciler.bounded_render import RenderAborted, RenderRejected, RenderWorker
 from reconciler.config import Config, RunMode, redact_url
-from reconciler.errors import Failure, Reason, Terminal
+from reconciler.errors import Failure, Reason, ReconcilerError, RenderError, Terminal
 from reconciler.log import get_logger
 from reconciler.loop import ALL, Backoff, HostFailure, Outcome, ReconcileLoop, ReconcileStep, Target
 from reconciler.metrics import DaemonMetrics
 from reconciler.resources import Domain
 from reconciler.server import HttpServer
-from reconciler.source import FleetLoader, FleetSource, Rejection, default_loader
+from reconciler.source import FleetLoader, FleetSource, Refusal, Rejection, RollbackRefused, default_loader
 from reconciler.store import HostState, Store
 
 log = get_logger(__name__)
@@ -205,11 +210,13 @@ class Daemon:
         self.state_dir = config.state_dir
         self._lock_fd = _lock_state_dir(self.state_dir)
         self.store = Store(self.state_dir / "state.db")
+        self.renderer = RenderWorker(config.render)
         self.source = FleetSource(
             config.source,
             self.state_dir / "fleet.git",
             loader=loader,
             last_good=self.store.get_meta("source.good"),
+            vet=self._render_commit,
         )
         self.outbox = outbox if outbox is not None else self._default_outbox()
         self._pools = _Pools(config)
@@ -260,8 +267,13 @@ class Daemon:
         history_mod = importlib.import_module("reconciler.history")
         drift_mod = importlib.import_module("reconciler.drift")
         history = history_mod.HistoryRepo.open(self.config.history_dir, self.state_dir)
+        engine = importlib.import_module("reconciler.engine")
         step: DriftStep = drift_mod.make_daemon_step(
-            history, self.outbox, self.state_dir, enforce=drift_mod.engine_follows
+            history,
+            self.outbox,
+            self.state_dir,
+            enforce=drift_mod.engine_follows,
+            render=lambda fleet, host: engine.render_cached(fleet, host.name),  # the worker's results
         )
         return step
 
@@ -383,12 +395,28 @@ class Daemon:
             self.store.add_event("hosts-removed", ", ".join(gone), commit=st.good)
         return Target(st.good, st.fleet, hosts)
 
+    async def _render_commit(self, commit: str, fleet: Any) -> Refusal | None:
+        """Render every host of a candidate commit in the render worker, before it may become
+        the good commit; the results feed the engine (no host is rendered in this process)."""
+        started = time.monotonic()
+        result = await self.renderer.render(fleet, tuple(fleet.host_names()))
+        if isinstance(result, RenderRejected):
+            log.warning(
+                "commit refused by the render limits", commit=commit, limit=result.limit, reason=result.reason
+            )
+            return Refusal("render-limit", f"commit {commit[:12]}: {result.reason}")
+        importlib.import_module("reconciler.engine").seed_rendered(fleet, result)
+        failed = sorted(h for h, r in result.items() if isinstance(r, RenderError))
+        log.info("commit rendered", commit=commit, hosts=len(result), failed=failed,
+                 seconds=round(time.monotonic() - started, 3))  # fmt: skip
+        return None
+
     def _reject(self, rejection: Rejection) -> None:
         if not self.store.reject_commit(rejection.commit, f"{rejection.kind}: {rejection.reason}"):
             return  # already reported (also across restarts)
         self.metrics.rejected.inc(1, rejection.kind)
         self.store.add_event("commit-rejected", rejection.reason, commit=rejection.commit)
-        good = self.source.good
+        good = rejection.good or self.source.good
         subject = f"[reconciler] commit {rejection.commit[:12]} refused: {rejection.kind}"
         body = (
             f"The fleet repo {redact_url(self.config.source.url)} (branch {self.config.source.branch}) has\n"
@@ -397,6 +425,36 @@ class Daemon:
             "Push a fixed (and, if verification is on, properly signed) commit to resume.\n"
         )
         self.mail(rejection.key, subject, body)
+
+    async def rollback(self, commit: str, requested_by: str) -> tuple[bool, dict[str, Any]]:
+        """``reconciler sync --allow-rollback``: move the good commit back on an admin's word
+        (the source checks the commit); recorded in the store, the events and one mail."""
+        try:
+            done = await self.source.rollback(commit)
+        except (RollbackRefused, ReconcilerError) as exc:
+            log.warning("rollback refused", commit=commit, by=requested_by, reason=str(exc))
+            self.store.add_event("rollback-refused", f"{exc} (asked by {requested_by})", commit=commit)
+            return False, {"reason": str(exc)}
+        at = time.time()
+        record = {"commit": done.commit, "previous": done.previous, "head": done.head,
+                  "by": requested_by, "at": at}  # fmt: skip
+        self.store.set_meta("source.good", done.commit)
+        self.store.set_json("source.rollback", record)
+        previous = done.previous[:12] or "(none)"
+        message = f"rolled back from {previous} to {done.commit[:12]}, allowed by {requested_by}"
+        self.store.add_event("rollback", message, commit=done.commit)
+        url = redact_url(self.config.source.url)
+        body = (
+            f"The applied commit of {url} (branch {self.config.source.branch}) was moved back on request:\n\n"
+            f"  from {done.previous or '(none)'}\n  to   {done.commit}\n  by   {requested_by}\n"
+            f"  at   {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(at))}\n\n"
+            f"The branch head is {done.head}. Hosts converge to {done.commit[:12]} now.\n"
+        )
+        self.mail(
+            f"rollback:{done.previous}:{done.commit}", f"[reconciler] rolled back to {done.commit[:12]}", body
+        )
+        self.loop.request_fetch(then=(ALL,), force=True, reason="rollback")
+        return True, {"status": "rolled back", **record}
 
     # ------------------------------------------------------------ hosts
 
@@ -561,7 +619,13 @@ class Daemon:
                 "good": self.source.good,
                 "rejection": None
                 if rejection is None
-                else {"commit": rejection.commit, "kind": rejection.kind, "reason": rejection.reason},
+                else {
+                    "commit": rejection.commit,
+                    "kind": rejection.kind,
+                    "reason": rejection.reason,
+                    "good": rejection.good or self.source.good,
+                },
+                "last_rollback": self.store.get_json("source.rollback"),
             },
             "queue": {"depth": self.loop.hosts.depth, "in_flight": list(self.loop.hosts.in_flight)},
             "hosts": hosts,
@@ -588,17 +652,36 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             aio.remove_signal_handler(sig)
 
+    async def _start_loop(self) -> None:
+        """Load and render the last good commit (in the render worker), then start the loop.
+        Runs while the HTTP server already answers."""
+        try:
+            try:
+                await self.source.prepare()
+            except RenderAborted:
+                return  # stopping
+            except ReconcilerError as exc:  # e.g. a git error: the first fetch tries again
+                log.error("cannot load the last good commit", error=str(exc))
+            if self.source.rejection is not None:
+                self._reject(self.source.rejection)
+            if self.source.good and self.source.fleet is not None:
+                fleet = self.source.fleet
+                self.loop.seed(Target(self.source.good, fleet, tuple(fleet.host_names())))
+            self.loop.start()
+        except Exception:  # a bug: a daemon without its loop must not look alive
+            log.exception("daemon start-up failed")
+            self.request_stop()
+
     async def run(self, *, install_signals: bool = True) -> int:
         self._publish_smtp_credentials()
-        await self.source.prepare()
-        if self.source.good and self.source.fleet is not None:
-            fleet = self.source.fleet
-            self.loop.seed(Target(self.source.good, fleet, tuple(fleet.host_names())))
+        await self.source.setup()  # configuration errors stop the daemon before it serves
+        await self.renderer.start()  # imports while the rest starts
         await self.server.start()
         if install_signals:
             self._install_signals()
-        mail_task = asyncio.get_running_loop().create_task(self._mail_worker(), name="mail")
-        self.loop.start()
+        aio = asyncio.get_running_loop()
+        mail_task = aio.create_task(self._mail_worker(), name="mail")
+        startup = aio.create_task(self._start_loop(), name="startup")
         log.info(
             "daemon started",
             version=__version__,
@@ -607,11 +690,15 @@ class Daemon:
             mode=self.config.mode.value,
             port=self.server.port,
             last_good=self.source.good,
+            render_limits=self.config.render.describe(),
         )
         try:
             await self._stop.wait()
         finally:
             log.info("daemon stopping", grace=self.config.shutdown_grace)
+            await self.renderer.close()  # a render in flight ends now (it is pure: nothing lost)
+            startup.cancel()
+            await asyncio.gather(startup, return_exceptions=True)
             await self.loop.stop(self.config.shutdown_grace)
             await self.verifier.close()
             await self.server.stop()

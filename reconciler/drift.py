@@ -525,9 +525,11 @@ def make_daemon_step(
     state_dir: Path | str,
     *,
     enforce: Callable[[Any, Any], EnforceCallback] | None = None,
+    render: Callable[[Fleet, Any], Desired] | None = None,
 ) -> Callable[[str, Any, Any], Awaitable[int]]:
     """An adapter for ``reconciler.daemon.Daemon(drift=...)``: ``(host, target, pool) -> number
-    of drifted paths``. ``enforce(target, pool)`` may build the engine's callback."""
+    of drifted paths``. ``enforce(target, pool)`` may build the engine's callback; ``render``
+    gives a host's Desired (the daemon's: its render worker's results, never rendered here)."""
 
     async def step(host: str, target: Any, pool: Any) -> int:
         scanner = DriftScanner(
@@ -537,6 +539,7 @@ def make_daemon_step(
             state_dir,
             fleet_commit=target.commit,
             enforce=enforce(target, pool) if enforce is not None else None,
+            render=render,
         )
         conn = await pool.get(host)
         res = await scanner.scan_host(conn)

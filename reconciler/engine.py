@@ -18,14 +18,14 @@ from __future__ import annotations
 import asyncio
 import time
 import weakref
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 from reconciler import deadman
 from reconciler.apply import ApplyResult, apply_host
 from reconciler.connection import Connection
-from reconciler.errors import Failure, IdentityMismatch, Reason, ReconcilerError
+from reconciler.errors import Failure, IdentityMismatch, Reason, ReconcilerError, RenderError
 from reconciler.fleet.model import Fleet
 from reconciler.identity import claim_for
 from reconciler.log import get_logger
@@ -139,20 +139,45 @@ class FleetResult:
 # Rendering is pure and deterministic, so a host's Desired is computed once per Fleet object
 # (the daemon keeps one Fleet per verified commit and reconciles its hosts again and again).
 # Keyed by id() (a Fleet holds mappings: it is not hashable) and dropped with the Fleet.
-_RENDERED: dict[int, tuple[weakref.ref[Fleet], dict[str, Desired]]] = {}
+# A bounded render (reconciler.bounded_render) seeds the results of every host, render errors
+# included; such a fleet is never rendered in this process.
+@dataclass
+class _Rendered:
+    ref: weakref.ref[Fleet]
+    hosts: dict[str, Desired | RenderError] = field(default_factory=dict)
+    sealed: bool = False  # seeded by a bounded render: never render here
+
+
+_RENDERED: dict[int, _Rendered] = {}
+
+
+def _rendered(fleet: Fleet) -> _Rendered:
+    key = id(fleet)
+    entry = _RENDERED.get(key)
+    if entry is None or entry.ref() is not fleet:
+        entry = _Rendered(weakref.ref(fleet, lambda _r, k=key: _RENDERED.pop(k, None)))  # type: ignore[misc]
+        _RENDERED[key] = entry
+    return entry
+
+
+def seed_rendered(fleet: Fleet, rendered: Mapping[str, Desired | RenderError]) -> None:
+    """Use these results (from a bounded render) for ``fleet``; its hosts are never rendered
+    in this process (a host missing from them is a render error)."""
+    entry = _rendered(fleet)
+    entry.hosts.update(rendered)
+    entry.sealed = True
 
 
 def render_cached(fleet: Fleet, name: str) -> Desired:
-    key = id(fleet)
-    entry = _RENDERED.get(key)
-    if entry is None or entry[0]() is not fleet:
-        ref = weakref.ref(fleet, lambda _r, k=key: _RENDERED.pop(k, None))  # type: ignore[misc]
-        entry = (ref, {})
-        _RENDERED[key] = entry
-    desired = entry[1].get(name)
+    entry = _rendered(fleet)
+    desired = entry.hosts.get(name)
     if desired is None:
+        if entry.sealed:
+            raise RenderError(f"host {name}: not rendered for this commit")
         desired = render_host(fleet, fleet.host(name))
-        entry[1][name] = desired
+        entry.hosts[name] = desired
+    if isinstance(desired, RenderError):
+        raise RenderError(str(desired))
     return desired
 
 

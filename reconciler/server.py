@@ -12,14 +12,29 @@ payload is read or trusted. Each provider's authentication is checked over the R
 A missing or wrong header is 401, a body over the limit 413; a good delivery is answered 202 at
 once. A replayed delivery id (``X-GitHub-Delivery``, ``X-Gitea-Delivery``,
 ``X-Gitlab-Event-UUID``/``Idempotency-Key``) is a no-op (200). No secret is ever logged or shown.
+
+Reading (``/status``, ``/`` and ``/metrics``) needs ``server.read_token`` as a bearer token or
+as the password of HTTP Basic authentication (any user name; browsers ask for it on the page);
+``/metrics`` also takes ``server.metrics_token`` (a scraper's token that cannot read /status).
+Without a read token these are open only on a loopback address, or with ``server.public_status``
+(``reconciler run`` refuses to start otherwise). ``/healthz`` and ``/readyz`` are always open;
+webhooks authenticate with their HMAC only; ``POST /sync`` with the sync token. Every token is
+compared in constant time.
+
+``POST /sync`` with ``{"allow_rollback": "<commit>", "by": "<who>"}`` asks the daemon to move
+its applied commit back to an older one that is still on the fetched branch and verifies
+(see ``reconciler.source``); the answer waits for the outcome: 200 with the new commit, or 409
+with the reason.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import html
 import json
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -53,6 +68,10 @@ class DaemonView(Protocol):
     def ready(self) -> bool: ...
 
     def status(self) -> dict[str, Any]: ...
+
+    async def rollback(self, commit: str, requested_by: str) -> tuple[bool, dict[str, Any]]:
+        """Move the applied commit back to ``commit`` if allowed; (done, details or reason)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -94,6 +113,33 @@ def check_gitlab(headers: Any, body: bytes, token: Secret) -> AuthResult:
     if not hmac.compare_digest(token.reveal().encode(), given.encode("utf-8", "replace")):
         return AuthResult(False, "token does not match")
     return AuthResult(True)
+
+
+_COMMIT = re.compile(r"^[0-9a-f]{7,64}$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def given_credential(headers: Any) -> str:
+    """The bearer token, or the password of HTTP Basic authentication ("" if neither)."""
+    header = str(headers.get("Authorization", ""))
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer":
+        return value.strip()
+    if scheme.lower() == "basic":
+        try:
+            decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+        except (ValueError, UnicodeDecodeError):
+            return ""
+        return decoded.partition(":")[2]
+    return ""
+
+
+def token_matches(given: str, tokens: Sequence[Secret]) -> bool:
+    """Constant time in the given value: every configured token is compared."""
+    ok = False
+    for token in tokens:
+        ok |= hmac.compare_digest(token.reveal().encode(), given.encode("utf-8", "replace"))
+    return bool(given) and ok
 
 
 def delivery_id(provider: str, headers: Any) -> str | None:
@@ -242,6 +288,8 @@ class HttpServer:
                 data = json.loads(body)
             except ValueError:
                 return _json({"error": "body must be JSON"}, status=400)
+            if isinstance(data, dict) and "allow_rollback" in data:
+                return await self._rollback(request, data)
             raw = data.get("hosts", []) if isinstance(data, dict) else None
             if not isinstance(raw, list) or not all(isinstance(h, str) for h in raw):
                 return _json({"error": 'expected {"hosts": ["name", ...]}'}, status=400)
@@ -259,7 +307,35 @@ class HttpServer:
             return _json({"error": "unknown hosts", "unknown": unknown}, status=404)
         return _json({"status": "sync queued", "hosts": hosts or "all", "queued": queued}, status=202)
 
+    async def _rollback(self, request: web.Request, data: dict[str, Any]) -> web.Response:
+        commit, by = data.get("allow_rollback"), data.get("by", "")
+        if not isinstance(commit, str) or not _COMMIT.match(commit):
+            return _json({"error": "allow_rollback: expected a commit id (7 to 64 hex digits)"}, status=400)
+        if not isinstance(by, str):
+            return _json({"error": "by: expected a string"}, status=400)
+        who = _CONTROL.sub("?", by)[:200] or "unnamed"
+        requested_by = f"{who} (from {request.remote or 'unknown address'})"
+        log.warning("rollback requested", commit=commit, by=requested_by)
+        done, details = await self.view.rollback(commit, requested_by)
+        return _json(details if done else {"error": details.get("reason", "refused"), **details},
+                     status=200 if done else 409)  # fmt: skip
+
     # ------------------------------------------------------------ visibility
+
+    def _refuse_read(self, request: web.Request, *, metrics: bool = False) -> web.Response | None:
+        """None when the request may read; else the 401/403 answer."""
+        cfg = self.config
+        tokens = [t for t in (cfg.read_token, cfg.metrics_token if metrics else None) if t]
+        if not tokens:
+            if cfg.loopback or cfg.public_status:
+                return None
+            return _json({"error": "reading is disabled: set server.read_token"}, status=403)
+        if token_matches(given_credential(request.headers), tokens):
+            return None
+        response = _json({"error": "missing or wrong token"}, status=401)
+        response.headers.add("WWW-Authenticate", 'Bearer realm="reconciler"')
+        response.headers.add("WWW-Authenticate", 'Basic realm="reconciler", charset="UTF-8"')
+        return response
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
@@ -270,12 +346,21 @@ class HttpServer:
         return web.Response(text="not ready: the first fetch and load have not finished\n", status=503)
 
     async def metrics_page(self, request: web.Request) -> web.Response:
+        refused = self._refuse_read(request, metrics=True)
+        if refused is not None:
+            return refused
         return web.Response(body=self.metrics.render().encode(), headers={"Content-Type": CONTENT_TYPE})
 
     async def status(self, request: web.Request) -> web.Response:
+        refused = self._refuse_read(request)
+        if refused is not None:
+            return refused
         return _json(self.view.status())
 
     async def index(self, request: web.Request) -> web.Response:
+        refused = self._refuse_read(request)
+        if refused is not None:
+            return refused
         page = render_status_page(self.view.status())
         return web.Response(
             text=page,
@@ -324,11 +409,18 @@ def render_status_page(status: dict[str, Any]) -> str:
         )
     rejection = src.get("rejection")
     rejected = (
-        f"<p class=stalled>Refused commit <code>{_e(str(rejection.get('commit', ''))[:12])}</code>: "
-        f"{_e(rejection.get('reason'))}</p>"
+        f"<p class=stalled>Refused commit <code>{_e(str(rejection.get('commit', ''))[:12])}</code> "
+        f"({_e(rejection.get('kind'))}): {_e(rejection.get('reason'))}</p>"
         if isinstance(rejection, dict)
         else ""
     )
+    rollback = src.get("last_rollback")
+    if isinstance(rollback, dict):
+        rejected += (
+            f"<p>Last rollback: to <code>{_e(str(rollback.get('commit', ''))[:12])}</code> from "
+            f"<code>{_e(str(rollback.get('previous', ''))[:12])}</code>, allowed by {_e(rollback.get('by'))} "
+            f"at {_e(_when(rollback.get('at')))}.</p>"
+        )
     return (
         "<!doctype html><html><head><meta charset=utf-8><title>reconciler</title>"
         "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"

@@ -10,10 +10,20 @@
   ``gpg.ssh.allowedSignersFile`` and ``gpg.minTrustLevel=fully``; OpenPGP signatures against a
   private keyring built from ``source.openpgp_keys``. The signature kind must match the mode
   (an OpenPGP-signed commit never passes in SSH mode and vice versa).
-- The newest good commit is the newest commit on the head's first-parent chain whose whole new
-  history verified. An unsigned or wrongly signed head is never used: the last good commit
-  stays, and the refusal (commit, kind, reason) is reported once per commit.
-- The fleet at a commit is read with ``git archive`` (size capped) and given to the loader.
+- Trust only moves forward: a new good commit must descend from the current good one (the
+  applied commit, persisted as ``refs/reconciler/good``). A head that does not (a force-push
+  back to an older signed commit, a rewritten history, an unsigned commit on top of an old
+  one) is refused as ``rollback``, whatever its signatures. Going back is either a revert
+  commit (a descendant, so just forward) or an explicit ``rollback()`` by an admin
+  (``reconciler sync --allow-rollback COMMIT``): the commit must be on the fetched branch and
+  verify like any new commit; who asked and when is recorded by the daemon.
+- The newest good commit is the newest commit on the head's first-parent chain that descends
+  from the good commit and whose whole new history verified. An unsigned or wrongly signed head
+  is never used: the last good commit stays, and the refusal (commit, kind, reason) is reported
+  once per commit and not evaluated again while the good commit stays.
+- The fleet at a commit is read with ``git archive`` (size capped) and given to the loader, then
+  to the optional ``vet`` hook (the daemon renders every host there, under limits); only a
+  commit that loads and passes it becomes good.
 """
 
 from __future__ import annotations
@@ -23,13 +33,14 @@ import base64
 import importlib
 import io
 import os
+import re
 import shlex
 import shutil
 import tarfile
 import tempfile
 import urllib.parse
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -58,6 +69,7 @@ SSH_KEY_TYPES = frozenset(
 )
 
 FleetLoader = Callable[[Mapping[str, bytes]], Any]
+_HEX = re.compile(r"^[0-9a-f]{7,64}$")
 
 
 class SourceError(Transient):
@@ -68,13 +80,20 @@ class SourceConfigError(Terminal):
     """The verification setup itself is wrong (e.g. a malformed allowed-signers file)."""
 
 
+class SourceTrustError(Terminal):
+    """A move of the good commit that trust does not allow (a bug if it is ever raised)."""
+
+
 @dataclass(frozen=True)
 class Rejection:
     """A commit that will not be applied, and why. ``kind`` is a stable word for mail keys."""
 
     commit: str  # the refused head
-    kind: str  # unsigned | bad-signature | untrusted-key | wrong-signature-kind | invalid-fleet | bad-config
+    # unsigned | bad-signature | untrusted-key | wrong-signature-kind | rollback | invalid-fleet
+    # | render-limit | bad-config
+    kind: str
     reason: str  # one line for status and mail; names the offending commit
+    good: str = ""  # the commit hosts stay on
 
     @property
     def key(self) -> str:
@@ -96,6 +115,30 @@ class Verdict:
     ok: bool
     kind: str = ""
     reason: str = ""
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a verified commit cannot be used (its fleet does not load, or the vet hook refused)."""
+
+    kind: str
+    reason: str
+
+
+Vet = Callable[[str, Any], Awaitable[Refusal | None]]
+
+
+class RollbackRefused(Terminal):
+    """An explicit rollback that is not allowed (not on the branch, does not verify...)."""
+
+
+@dataclass(frozen=True)
+class Rollback:
+    """An admin moved the good commit back on purpose."""
+
+    commit: str  # the new good commit (older than the previous one)
+    previous: str  # the good commit before
+    head: str  # the fetched branch head at that moment
 
 
 # ---------------------------------------------------------------- allowed signers
@@ -282,14 +325,16 @@ class FleetSource:
         *,
         loader: FleetLoader = default_loader,
         last_good: str = "",
+        vet: Vet | None = None,
     ) -> None:
         self.config = config
         self.mirror_dir = mirror_dir
         self._loader = loader
+        self._vet = vet
         self._git = Git(mirror_dir, extra_env=self._transport_env())
         self._verified: dict[str, Verdict] = {}
         self._refused: dict[str, tuple[str, Rejection]] = {}  # head -> (good then, why refused)
-        self._invalid: dict[str, str] = {}  # commit -> why its fleet does not load
+        self._invalid: dict[str, Refusal] = {}  # commit -> why it cannot be used (load, vet)
         self._good = last_good
         self._fleet: Any = None
         self._head = ""
@@ -310,7 +355,31 @@ class FleetSource:
         return {"GIT_SSH_COMMAND": " ".join(shlex.quote(a) for a in argv), "GIT_SSH_VARIANT": "ssh"}
 
     async def prepare(self) -> None:
-        """Create the mirror, check the verification setup, load the last good commit if any."""
+        """``setup()``, then load (and vet) the last good commit if there is one."""
+        await self.setup()
+        async with self._lock:
+            await self._load_good()
+
+    async def _load_good(self) -> None:
+        good = self._good
+        if not good or self._fleet is not None or good in self._invalid:
+            return
+        if (await self._git.run(["cat-file", "-e", good + "^{commit}"])).code != 0:
+            return  # not fetched yet (a new mirror): loaded once the fetch brings it
+        refusal = await self._usable(good)
+        if refusal is None:
+            return
+        # The last good commit must stay usable; say so loudly. It stays the floor of trust.
+        log.error(
+            "the last good commit cannot be used", commit=good, kind=refusal.kind, reason=refusal.reason
+        )
+        rejection = Rejection(good, refusal.kind, refusal.reason, good)
+        self._refused[good] = (good, rejection)
+        self._last_rejection = rejection
+
+    async def setup(self) -> None:
+        """Create the mirror, check the verification setup, read the last good commit (cheap:
+        configuration errors surface here, before the daemon serves anything)."""
         if self._prepared:
             return
         self.mirror_dir.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -328,16 +397,17 @@ class FleetSource:
         elif self.config.verify is VerifyMode.OPENPGP:
             await self._build_keyring()
         self._prepared = True
+        res = await self._git.run(["rev-parse", "--verify", "-q", GOOD_REF + "^{commit}"])
+        ref = res.stdout.decode().strip() if res.code == 0 else ""
+        if self._good and ref and self._good != ref and await self._is_ancestor(self._good, ref):
+            self._good = ref  # the ref moved on and the state store did not follow (a crash)
         if not self._good:
-            res = await self._git.run(["rev-parse", "--verify", "-q", GOOD_REF + "^{commit}"])
-            if res.code == 0:
-                self._good = res.stdout.decode().strip()
+            self._good = ref
         if self._good:
-            try:
-                self._fleet = await self.load_at(self._good)
-            except Exception as exc:  # the last good commit must stay usable; say so loudly
-                log.error("cannot load the last good commit", commit=self._good, error=str(exc))
-                self._good, self._fleet = "", None
+            res = await self._git.run(["cat-file", "-e", self._good + "^{commit}"])
+            if res.code != 0:  # the mirror was lost: the floor must not be (trust on first use)
+                log.error("the last good commit is not in the mirror; waiting for it to be fetched",
+                          commit=self._good)  # fmt: skip
 
     async def _build_keyring(self) -> None:
         assert self.config.openpgp_keys is not None
@@ -406,9 +476,10 @@ class FleetSource:
     async def refresh(self) -> SourceState:
         """Fetch, pick the newest good commit, load it. Raises ``SourceError`` if fetch fails."""
         async with self._lock:
-            await self.prepare()
+            await self.setup()
             head = await self.fetch()
             self._head = head
+            await self._load_good()
             if head == self._good and self._fleet is not None:
                 self._last_rejection = None
                 return self.state()
@@ -416,31 +487,138 @@ class FleetSource:
             if known is not None and known[0] == self._good:
                 self._last_rejection = known[1]  # same head, same outcome: no re-verify, no re-load
                 return self.state()
-            candidate, rejection = await self._newest_verified(head)
             changed = False
-            if candidate and candidate != self._good:
-                invalid = self._invalid.get(candidate)
-                if invalid is None:
-                    try:
-                        fleet = await self.load_at(candidate)
-                    except FleetInvalid as exc:
-                        invalid = self._invalid[candidate] = f"commit {candidate[:12]}: {exc}"
-                    else:
-                        await self._set_good(candidate, fleet)
-                        changed = True
-                # A head refused for its signature keeps that reason; else the fleet's problems.
-                if invalid is not None and rejection is None:
-                    rejection = Rejection(head, "invalid-fleet", invalid)
-            elif candidate and self._fleet is None:
-                self._fleet = await self.load_at(candidate)
-                changed = True
-            self._last_rejection = rejection
+            if self._good and head != self._good and not await self._is_ancestor(self._good, head):
+                rejection: Rejection | None = await self._not_descendant(head)
+            else:
+                candidate, rejection = await self._newest_verified(head)
+                if candidate and (candidate != self._good or self._fleet is None):
+                    refusal = await self._usable(candidate)
+                    changed = refusal is None
+                    # A head refused for its signature keeps that reason; else why it is unusable.
+                    if refusal is not None and rejection is None:
+                        rejection = Rejection(head, refusal.kind, refusal.reason)
             if rejection is not None:
+                rejection = replace(rejection, good=self._good)
                 self._refused[head] = (self._good, rejection)
                 log.warning(
                     "commit refused", commit=rejection.commit, kind=rejection.kind, reason=rejection.reason
                 )
+            self._last_rejection = rejection
             return self.state(changed)
+
+    async def _usable(self, commit: str) -> Refusal | None:
+        """Load ``commit`` and vet it; on success it becomes the good commit. A refusal is
+        remembered (a commit is never loaded or rendered twice to be refused twice)."""
+        refusal = self._invalid.get(commit)
+        if refusal is not None:
+            return refusal
+        try:
+            fleet = await self.load_at(commit)
+        except FleetInvalid as exc:
+            refusal = Refusal("invalid-fleet", f"commit {commit[:12]}: {exc}")
+        else:
+            refusal = await self._vet(commit, fleet) if self._vet is not None else None
+            if refusal is None:
+                await self._set_good(commit, fleet)
+                return None
+        self._invalid[commit] = refusal
+        return refusal
+
+    async def _not_descendant(self, head: str) -> Rejection:
+        good = self._good
+        if await self._is_ancestor(head, good):
+            what = f"is older than the applied commit {good[:12]} (the branch was moved back)"
+        else:
+            what = f"does not descend from the applied commit {good[:12]} (the branch history was rewritten)"
+        unsigned = ""
+        if self.config.verify is not VerifyMode.NONE:
+            verdict = await self.verify_commit(head)
+            if not verdict.ok:
+                unsigned = f"; it is also refused on its own: {verdict.reason}"
+        reason = (
+            f"commit {head[:12]} {what}{unsigned}. Hosts stay on {good[:12]}. To go back on purpose, "
+            f"push a revert commit, or run `reconciler sync --allow-rollback {head[:12]}`"
+        )
+        return Rejection(head, "rollback", reason, good)
+
+    async def rollback(self, target: str) -> Rollback:
+        """Make ``target`` (a commit id, at least 7 hex digits) the good commit although it does
+        not descend from the current one. It must be on the fetched branch (the head or one of
+        its ancestors), verify like a new commit (itself and every commit of its history that
+        the current good commit does not have) and load and vet. Raises ``RollbackRefused``."""
+        if not _HEX.match(target):
+            raise RollbackRefused(f"{target[:80]!r} is not a commit id (7 to 64 hex digits)")
+        async with self._lock:
+            await self.setup()
+            head = await self.fetch()
+            self._head = head
+            res = await self._git.run(["rev-parse", "--verify", "-q", target + "^{commit}"])
+            if res.code != 0:
+                raise RollbackRefused(f"commit {target} is not in the fetched repo (or the id is ambiguous)")
+            commit = res.stdout.decode().strip()
+            previous = self._good
+            if commit == previous:
+                raise RollbackRefused(f"commit {commit[:12]} is already the applied commit")
+            if not await self._is_ancestor(commit, head):
+                raise RollbackRefused(
+                    f"commit {commit[:12]} is not on branch {self.config.branch} (head {head[:12]}); "
+                    "push it there first"
+                )
+            if previous and await self._is_ancestor(previous, commit):
+                raise RollbackRefused(
+                    f"commit {commit[:12]} descends from the applied commit {previous[:12]}: this is not "
+                    "a rollback (`reconciler sync` applies it if it verifies)"
+                )
+            verdict = await self._verify_history(commit)
+            if verdict is not None:
+                raise RollbackRefused(f"commit {commit[:12]} cannot be trusted: {verdict.reason}")
+            fleet: Any = None
+            refusal = self._invalid.get(commit)
+            if refusal is None:
+                try:
+                    fleet = await self.load_at(commit)
+                except FleetInvalid as exc:
+                    refusal = Refusal("invalid-fleet", f"commit {commit[:12]}: {exc}")
+                else:
+                    refusal = await self._vet(commit, fleet) if self._vet is not None else None
+                if refusal is not None:
+                    self._invalid[commit] = refusal
+            if refusal is not None:
+                raise RollbackRefused(
+                    f"commit {commit[:12]} cannot be used ({refusal.kind}): {refusal.reason}"
+                )
+            await self._set_good(commit, fleet, rollback=True)
+            self._last_rejection = None
+            self._refused.pop(head, None)
+            log.warning("rolled back on request", commit=commit, previous=previous, head=head)
+            return Rollback(commit, previous, head)
+
+    async def _verify_history(self, commit: str) -> Verdict | None:
+        """The first failing verdict of ``commit`` or of its history that the good commit does
+        not have (nor ``signed_after``); None when everything verifies (or verify is off)."""
+        if self.config.verify is VerifyMode.NONE:
+            return None
+        exclude = [self._good] if self._good else []
+        trusted = ""
+        if self.config.signed_after:
+            res = await self._git.run(["rev-parse", "--verify", "-q", self.config.signed_after + "^{commit}"])
+            if res.code != 0:
+                return Verdict(
+                    False, "bad-config", f"source.signed_after {self.config.signed_after} is not in the repo"
+                )
+            trusted = res.stdout.decode().strip()
+            exclude.append(trusted)
+        commits = await self._rev_list(commit, exclude)
+        if len(commits) > MAX_VERIFY:
+            return Verdict(False, "bad-config", f"{len(commits)} commits to verify (limit {MAX_VERIFY})")
+        if commit not in commits and not (trusted and await self._is_ancestor(commit, trusted)):
+            commits.append(commit)  # an ancestor of the good commit: its own signature still counts
+        for c in commits:
+            verdict = await self.verify_commit(c)
+            if not verdict.ok:
+                return verdict
+        return None
 
     async def fetch(self) -> str:
         """Fetch the branch into the mirror; returns its head commit id."""
@@ -479,11 +657,15 @@ class FleetSource:
         argv.append("upload-pack")
         return ["--upload-pack", " ".join(shlex.quote(a) for a in argv)]
 
-    async def _set_good(self, commit: str, fleet: Any) -> None:
-        await self._git.check(["update-ref", GOOD_REF, commit])
-        if self._good and not await self._is_ancestor(self._good, commit):
-            log.warning("history rewritten: the new good commit does not descend from the old one",
-                        old=self._good, new=commit)  # fmt: skip
+    async def _set_good(self, commit: str, fleet: Any, *, rollback: bool = False) -> None:
+        """The one place the good commit moves: forward only, unless an admin asked."""
+        old = self._good
+        if old and commit != old and not rollback and not await self._is_ancestor(old, commit):
+            raise SourceTrustError(
+                f"refusing to move the good commit from {old[:12]} to {commit[:12]}: not a descendant"
+            )
+        if commit != old:
+            await self._git.check(["update-ref", GOOD_REF, commit])
         self._good, self._fleet = commit, fleet
         log.info("new good commit", commit=commit)
 
@@ -530,6 +712,8 @@ class FleetSource:
         where = "" if newest_bad == head else f", in the history of {head[:12]}"
         rejection = Rejection(head, verdict.kind, f"{verdict.reason}{where}")
         for candidate in await self._rev_list(head, exclude, first_parent=True):
+            if self._good and not await self._is_ancestor(self._good, candidate):
+                continue  # on a side branch merged later: not forward from the good commit
             history = await self._rev_list(candidate, exclude)
             if not any(c in bad for c in history):
                 return candidate, rejection

@@ -24,6 +24,7 @@ from typing import Any
 from reconciler.commands.plan import Reach, add_connection_args, load, make_pool, reach_from_args
 from reconciler.errors import FleetInvalid, ReconcilerError
 from reconciler.identity import IDENTITY_PATH, SeenIdentity, Verdict, claim_for, judge, parse_section
+from reconciler.resources import Desired
 
 MAX_KEY_BYTES = 16 * 1024
 
@@ -88,14 +89,16 @@ async def read_key(conn: Any, path: str) -> tuple[SeenIdentity | None, bytes | N
 
 async def collect(fleet: Any, hosts: list[str], pool: Any, repo: Path) -> list[tuple[str, str, bool]]:
     """(host, message, ok) per host; writes keys/<host>.pub for each key read."""
+    from reconciler.bounded_render import RenderRejected, render_bounded
     from reconciler.engine import select_hosts
-    from reconciler.render import render_host
+    from reconciler.render_limits import RenderLimits
+
+    rendered = await render_bounded(fleet, select_hosts(fleet, hosts), RenderLimits())  # out of process
 
     async def one(name: str) -> tuple[str, str, bool]:
-        try:
-            desired = render_host(fleet, fleet.host(name))
-        except ReconcilerError as err:
-            return name, f"render: {err}", False
+        desired = rendered.reason if isinstance(rendered, RenderRejected) else rendered[name]
+        if not isinstance(desired, Desired):
+            return name, f"render: {desired}", False
         if not desired.keypairs:
             return name, "no key pair for this host (no IPsec peers): nothing to collect", True
         kp = desired.keypairs[0]

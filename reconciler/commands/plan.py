@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from reconciler.commands.bounds import add_render_args, limits_from_args, load_and_render
 from reconciler.errors import FleetInvalid, ReconcilerError
 
 MANY_HOSTS = 5  # above this, a line-based progress display on a terminal
@@ -121,12 +122,14 @@ def register(sub: Any) -> None:
     p = sub.add_parser("plan", help="show what apply would change on each host (changes nothing)")
     add_connection_args(p)
     add_adopt_arg(p, "plan the takeover of")
+    add_render_args(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run_plan)
 
     a = sub.add_parser("apply", help="plan, confirm, then apply the plan to the hosts")
     add_connection_args(a)
     add_adopt_arg(a, "take over")
+    add_render_args(a)
     a.add_argument("--json", action="store_true", help="machine-readable output (needs --yes)")
     a.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     a.add_argument(
@@ -162,10 +165,21 @@ def _progress(total: int) -> Any:
     return show
 
 
-def prepare(args: argparse.Namespace) -> tuple[Any, Reach] | int:
-    """The fleet and how to reach its hosts, or an exit code after printing why not."""
+def prepare(args: argparse.Namespace, *, render: bool = True) -> tuple[Any, Reach] | int:
+    """The fleet and how to reach its hosts, or an exit code after printing why not. With
+    ``render`` (plan, apply) the selected hosts are rendered here, in a worker under the render
+    limits (``add_render_args``); the engine uses those results (a host whose render failed is
+    an error of that host, as before)."""
+    from reconciler.engine import seed_rendered, select_hosts
+
     try:
-        fleet = load(args.repo)
+        if render:
+            fleet, rendered = load_and_render(
+                lambda: load(args.repo), lambda f: select_hosts(f, args.host), limits_from_args(args)
+            )
+            seed_rendered(fleet, rendered)
+        else:
+            fleet = load(args.repo)
         reach = reach_from_args(args, fleet)
     except FleetInvalid as err:
         print(f"fleet {args.repo} does not validate:\n{err}", file=sys.stderr)

@@ -9,6 +9,10 @@ written: bad input prints the loader's (or renderer's) errors, exits 1 and write
 ``--keys DIR`` renders as if ``DIR/<host>.pub`` had been collected into the fleet repo's
 ``keys/`` (a preview, e.g. with tests/fixtures/keys/strongswan); keys in the repo still win
 unless the same host has one in DIR.
+
+Rendering runs in a worker process under limits (``--render-timeout``, ``--render-memory``,
+``--max-file-bytes``, ``--max-host-bytes``; ``reconciler.commands.bounds``): a template that
+loops, allocates or writes too much is refused with its file and line, and nothing is written.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from reconciler.errors import FleetInvalid, ReconcilerError
+from reconciler.commands.bounds import add_render_args, limits_from_args, load_and_render
+from reconciler.errors import FleetInvalid, ReconcilerError, RenderError
 from reconciler.fleet.model import Fleet, frozen_map
 from reconciler.resources import Desired
 
@@ -49,6 +54,7 @@ def register(sub: Any) -> None:
         metavar="DIR",
         help="preview with public keys from DIR/<host>.pub as if collected into keys/",
     )
+    add_render_args(p)
     p.set_defaults(func=run)
 
 
@@ -213,12 +219,20 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as err:
         print(f"reconciler render: the fleet loader is not available ({err})", file=sys.stderr)
         return 1
-    try:
+
+    def load() -> Fleet:
         fleet = load_fleet(Path(args.repo))
-        if args.keys is not None:
-            fleet = with_keys_from(fleet, args.keys)
+        return with_keys_from(fleet, args.keys) if args.keys is not None else fleet
+
+    try:
+        fleet, results = load_and_render(load, lambda f: select_hosts(f, args.host), limits_from_args(args))
         names = select_hosts(fleet, args.host)
-        desired = render_hosts(fleet, names)
+        errors = [r for r in results.values() if isinstance(r, RenderError)]
+        if errors:
+            for error in errors[:-1]:
+                print(f"reconciler render: {error}", file=sys.stderr)
+            raise errors[-1]
+        desired = {n: r for n, r in results.items() if isinstance(r, Desired)}
         written = write_desired(args.out, desired, per_host=args.all or len(names) > 1)
     except FleetInvalid as err:
         for problem in err.problems:

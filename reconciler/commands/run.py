@@ -3,13 +3,21 @@
 ``sync`` asks a running daemon to fetch the fleet repo and reconcile every host (or the named
 ones) now, through ``POST /sync`` with the bearer token ``server.sync_token``
 (``RECONCILER_SERVER_SYNC_TOKEN`` or ``..._FILE``).
+
+``sync --allow-rollback COMMIT [--by NAME]`` lets the daemon move its applied commit back to an
+older one (it refuses any head that does not descend from the applied commit otherwise). The
+commit must be on the fetched branch and verify like any new commit; the daemon records who
+asked (``--by``, default ``user@host``, and the address the request came from) and when, mails
+the admins, and answers once it is done (exit 0) or why not (exit 1).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import json
+import socket
 import sys
 from typing import Any
 
@@ -43,7 +51,15 @@ def register(sub: Any) -> None:
         metavar="NAME",
         help="acknowledge a host shown as removed from the fleet: drop it from /status (repeatable)",
     )
-    s.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the daemon (default 10)")
+    s.add_argument(
+        "--allow-rollback",
+        metavar="COMMIT",
+        help="move the applied commit back to COMMIT (on the branch, verified); see docs/DEPLOY.md",
+    )
+    s.add_argument("--by", metavar="NAME", help="who allows the rollback (default: user@host)")
+    s.add_argument(
+        "--timeout", type=float, help="seconds to wait for the daemon (default 10; 300 with --allow-rollback)"
+    )
     s.set_defaults(func=sync)
 
 
@@ -83,12 +99,20 @@ def sync(args: argparse.Namespace) -> int:
         return 1
     host = config.server.listen if config.server.listen not in ("0.0.0.0", "::", "") else "127.0.0.1"  # noqa: S104
     url = (args.url or f"http://{host}:{config.server.port}").rstrip("/") + "/sync"
-    if args.forget and args.host:
-        print("reconciler sync: --forget and --host do not go together", file=sys.stderr)
+    rollback = args.allow_rollback
+    if sum(map(bool, (args.forget, args.host, rollback is not None))) > 1:
+        print("reconciler sync: --forget, --host and --allow-rollback do not go together", file=sys.stderr)
         return 1
-    payload: dict[str, Any] = {"forget": list(args.forget)} if args.forget else {"hosts": list(args.host)}
+    payload: dict[str, Any]
+    if rollback is not None:
+        payload = {"allow_rollback": rollback.strip().lower(), "by": args.by or _who()}
+    elif args.forget:
+        payload = {"forget": list(args.forget)}
+    else:
+        payload = {"hosts": list(args.host)}
+    timeout = args.timeout if args.timeout is not None else (300.0 if rollback is not None else 10.0)
     try:
-        status, body = asyncio.run(_post(url, token.reveal(), payload, args.timeout))
+        status, body = asyncio.run(_post(url, token.reveal(), payload, timeout))
     except (OSError, TimeoutError) as err:
         print(f"reconciler sync: cannot reach the daemon at {url}: {type(err).__name__}", file=sys.stderr)
         return 1
@@ -98,8 +122,25 @@ def sync(args: argparse.Namespace) -> int:
     if status == 200 and "forgotten" in body:
         print(f"forgotten: {', '.join(body['forgotten'])}")
         return 0
+    if status == 200 and rollback is not None:
+        commit, previous, head = body.get("commit", ""), body.get("previous", ""), body.get("head", "")
+        print(f"rolled back to {commit[:12]} (was {previous[:12] or 'none'}), allowed by {body.get('by')}")
+        if head and head != commit:
+            print(f"note: the branch head {head[:12]} is ahead of it; its newer commits apply if they verify")
+        return 0
+    if status == 409 and rollback is not None:
+        print(f"reconciler sync: rollback refused: {body.get('error', body)}", file=sys.stderr)
+        return 1
     print(f"reconciler sync: the daemon answered {status}: {body.get('error', body)}", file=sys.stderr)
     return 1
+
+
+def _who() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
 
 
 async def _post(url: str, token: str, body: dict[str, Any], timeout: float) -> tuple[int, dict[str, Any]]:

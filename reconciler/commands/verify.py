@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from reconciler.verify import VerifyOptions, verify_fleet
     from reconciler.verify.report import render_text, to_json
 
-    prepared = prepare(args)
+    prepared = prepare(args, render=False)  # verify reads live state; it renders nothing
     if isinstance(prepared, int):
         return prepared
     fleet, reach = prepared

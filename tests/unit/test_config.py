@@ -202,3 +202,56 @@ def test_durations() -> None:
         parse_duration(-1, "x")
     with pytest.raises(ConfigError):
         parse_duration(True, "x")
+
+
+def test_render_limits(tmp_path: Path) -> None:
+    text = "render:\n  timeout: 15s\n  memory: 1G\n  max_file_bytes: 2MiB\n  max_host_bytes: 32m\n"
+    cfg = load_config(write(tmp_path, text), {"RECONCILER_RENDER_TIMEOUT": "10"})
+    assert cfg.render.timeout == 10.0 and cfg.render.memory == 1 << 30
+    assert cfg.render.max_file_bytes == 2 << 20 and cfg.render.max_host_bytes == 32 << 20
+    defaults = load_config(None, {}).render
+    assert (defaults.timeout, defaults.memory, defaults.max_file_bytes, defaults.max_host_bytes) == (
+        20.0, 512 << 20, 1 << 20, 16 << 20,
+    )  # fmt: skip
+    for env, message in (
+        ({"RECONCILER_RENDER_MEMORY": "64M"}, "RECONCILER_RENDER_MEMORY: must be between 128 MiB"),
+        ({"RECONCILER_RENDER_MEMORY": "lots"}, "expected a size such as 1MiB"),
+        ({"RECONCILER_RENDER_TIMEOUT": "0"}, "RECONCILER_RENDER_TIMEOUT: must be more than 0"),
+        ({"RECONCILER_RENDER_MAX_FILE_BYTES": "4M", "RECONCILER_RENDER_MAX_HOST_BYTES": "2M"},
+         "render.max_host_bytes: must be at least render.max_file_bytes"),
+    ):  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, env)
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0", "::", "192.0.2.10", "reconciler.example.org"])
+def test_beyond_loopback_a_read_token_is_required(listen: str) -> None:
+    env = {"RECONCILER_SOURCE_URL": "file:///srv/fleet", "RECONCILER_SERVER_LISTEN": listen}
+    with pytest.raises(ConfigError, match=r"server.read_token: required when server.listen is") as err:
+        require_runnable(load_config(None, env))
+    assert "RECONCILER_SERVER_READ_TOKEN" in str(err.value) and "public_status" in str(err.value)
+    require_runnable(load_config(None, {**env, "RECONCILER_SERVER_READ_TOKEN": "r"}))
+    require_runnable(load_config(None, {**env, "RECONCILER_SERVER_PUBLIC_STATUS": "true"}))
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost"])
+def test_loopback_needs_no_read_token(listen: str) -> None:
+    cfg = load_config(
+        None, {"RECONCILER_SOURCE_URL": "file:///srv/fleet", "RECONCILER_SERVER_LISTEN": listen}
+    )
+    require_runnable(cfg)
+    assert cfg.server.loopback
+
+
+def test_read_and_metrics_tokens_are_secrets(tmp_path: Path) -> None:
+    (tmp_path / "read").write_text("read-canary\n")
+    cfg = load_config(
+        None,
+        {
+            "RECONCILER_SERVER_READ_TOKEN_FILE": str(tmp_path / "read"),
+            "RECONCILER_SERVER_METRICS_TOKEN": "m-canary",
+        },
+    )
+    assert cfg.server.read_token.reveal() == "read-canary" and cfg.server.metrics_token.reveal() == "m-canary"
+    shown = repr(cfg) + str(cfg.redacted())
+    assert "read-canary" not in shown and "m-canary" not in shown

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -164,3 +165,28 @@ def test_unknown_host_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixtu
     )
     assert code == 1 and "nosuch" in err and "web1" in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("template", "flags", "expect"),
+    [
+        ("{{ 'a' * 10**9 }}\n", [], "templates/motd.j2:1: template refused by the sandbox: '*' (repetition)"),
+        ("{% for i in range(100000) %}{{ 'x' * 730 }}\n{% endfor %}", [],
+         "templates/motd.j2: the output is larger than 1 MiB, the limit per file (render.max_file_bytes)"),
+        ("{{ 'x' * 70000 }}", ["--max-file-bytes", "64K"], "the output is larger than 64 KiB"),
+        ("ok\n{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+         ["--render-timeout", "2"], "templates/motd.j2:2: template rendering took longer than 2 s"),
+    ],
+)  # fmt: skip
+def test_a_template_that_breaks_a_bound_is_refused_and_nothing_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], template: str, flags: list[str], expect: str
+) -> None:
+    repo = copy_example(tmp_path)
+    (repo / "templates" / "motd.j2").write_text(template)
+    out_dir = tmp_path / "out"
+    started = time.monotonic()
+    code, _, err = render(capsys, str(repo), "--all", "--out", str(out_dir), *flags)
+    assert code == 1 and expect in err, err
+    assert "render refused" in err and "nothing written" in err and "Traceback" not in err
+    assert time.monotonic() - started < 8
+    assert not out_dir.exists()
