@@ -72,8 +72,9 @@ KERNEL_MODULES = ("ipip", "esp4", "ah4", "xfrm_user", "vxlan", "tun")
 # handlers whose presence means the host runs IPsec: observe charon/swanctl and xfrm policies
 IPSEC_HANDLERS = frozenset({"charon", "charon-restart", "racoon", "setkey"})
 
-# the observation's file record: find -printf, 6 NUL-terminated fields (parse_find_records)
-FIND_FMT = r"%p\0%y\0%m\0%u\0%g\0%l\0"
+# the observation's file record: find -printf, 7 NUL-terminated fields (parse_find_records); the
+# path-safety helper prints the same records (kind "R": refused, the reason in the 6th field)
+FIND_FMT = r"%p\0%y\0%m\0%u\0%g\0%l\0%U\0"
 
 PRELUDE = r"""LC_ALL=C; export LC_ALL
 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin; export PATH
@@ -346,12 +347,18 @@ _KINDS = {"f": "file", "l": "link", "d": "dir"}
 
 
 def parse_find_records(body: bytes) -> dict[str, FileState]:
-    """``find -printf '%p\\0%y\\0%m\\0%u\\0%g\\0%l\\0'`` records (6 NUL-separated fields each)."""
+    """``find -printf '%p\\0%y\\0%m\\0%u\\0%g\\0%l\\0%U\\0'`` records (7 NUL-separated fields
+    each), or the helper's (``reconciler.pathsafe``: kind ``R`` = refused, the reason in place
+    of the link target)."""
     fields = body.split(b"\0")
     out: dict[str, FileState] = {}
-    for i in range(0, len(fields) - 5, 6):
-        raw_path, kind, mode_s, owner, group, target = fields[i : i + 6]
+    for i in range(0, len(fields) - 6, 7):
+        raw_path, kind, mode_s, owner, group, target, uid_s = fields[i : i + 7]
         path = raw_path.decode("utf-8", errors="surrogateescape")
+        if kind == b"R":
+            why = target.decode("utf-8", errors="replace")
+            out[path] = FileState(path=path, exists=False, kind="other", refused=why)
+            continue
         try:
             mode: int | None = int(mode_s, 8)
         except ValueError:
@@ -365,6 +372,7 @@ def parse_find_records(body: bytes) -> dict[str, FileState]:
             owner=owner.decode("utf-8", errors="replace"),
             group=group.decode("utf-8", errors="replace"),
             link_target=target.decode("utf-8", errors="surrogateescape") if k == "link" else None,
+            uid=int(uid_s) if uid_s.isdigit() else None,
         )
     return out
 

@@ -23,6 +23,10 @@ class FileState:
     group: str | None = None
     link_target: str | None = None  # for symlinks (readlink, as written)
     content: bytes | None = None  # fetched only when the hash differs (second round trip)
+    uid: int | None = None  # numeric owner (the directory policy of reconciler.pathsafe)
+    # why the path must not be touched: a directory above it is a link, not root's alone, ...
+    # (reconciler.pathsafe); nothing was read through it; plan shows this, apply refuses it
+    refused: str | None = None
 
 
 @dataclass(frozen=True)
