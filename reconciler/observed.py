@@ -98,3 +98,6 @@ class Observed:
     # handlers whose new files went live but whose reload never ran (an apply interrupted between
     # swap and reload: /var/lib/reconciler/pending-reloads); plan reloads those still desired
     pending_reloads: tuple[str, ...] = ()
+    # declared non-root owners/groups the host does not know (plan refuses those files)
+    unknown_users: frozenset[str] = frozenset()
+    unknown_groups: frozenset[str] = frozenset()

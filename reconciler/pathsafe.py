@@ -141,8 +141,12 @@ class Batch:
         kind = "l" if link_target is not None else "f"
         self._op("swap", idx, path, *rule.fields(), "1" if backup else "0", kind, owner, link_target or "")
 
-    def meta(self, idx: int, path: str, rule: Rule, *, chown: bool, mode: int, owner: str, group: str) -> None:
-        self._op("meta", idx, path, *rule.fields(), "chown" if chown else "chmod", f"{mode:04o}", owner, group)
+    def meta(
+        self, idx: int, path: str, rule: Rule, *, chown: bool, mode: int, owner: str, group: str
+    ) -> None:
+        self._op(
+            "meta", idx, path, *rule.fields(), "chown" if chown else "chmod", f"{mode:04o}", owner, group
+        )
 
     def delete(self, idx: int, path: str, rule: Rule, *, backup: bool) -> None:
         self._op("delete", idx, path, *rule.fields(), "1" if backup else "0")

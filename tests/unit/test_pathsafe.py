@@ -109,7 +109,9 @@ def test_symlinked_parent_is_refused_and_nothing_lands_at_its_target(root: Path,
     (h / ".ssh").symlink_to(canary.parent)  # ~/.ssh -> the root-only directory
     keys = h / ".ssh" / "authorized_keys"
     b = batch()
-    b.stage(0, str(keys), Rule(str(h), "nobody"), content=b"ssh-ed25519 AAAA\n", owner="nobody", group="nogroup")
+    b.stage(
+        0, str(keys), Rule(str(h), "nobody"), content=b"ssh-ed25519 AAAA\n", owner="nobody", group="nogroup"
+    )
     b.gate()
     b.swap(0, str(keys), Rule(str(h), "nobody"), backup=False, link_target=None, owner="nobody")
     r = run(b)
@@ -185,7 +187,12 @@ def test_staged_temp_swapped_for_a_link_is_not_swapped(root: Path, canary: Path)
     b = batch()
     b.swap(0, str(path), rule, backup=True, link_target=None, owner="nobody")
     tags = run(b).tags()
-    assert tags == [("F", f"the staged copy {h}/.app.ini.reconciler-{TOKEN} was replaced (a symlink to {canary}): not swapped")]
+    assert tags == [
+        (
+            "F",
+            f"the staged copy {h}/.app.ini.reconciler-{TOKEN} was replaced (a symlink to {canary}): not swapped",
+        )
+    ]
     assert path.read_text() == "old\n" and not tmp.exists() and not tmp.is_symlink()
     assert untouched(canary)
 
@@ -273,7 +280,12 @@ def test_journal_written_atomically_and_cleared(root: Path) -> None:
     b = batch()
     b.journal(str(root / "bad" / "pending-reloads"), "x\n")
     r = run(b)
-    assert r.rc == 20 and r.tags() == [("J", f"cannot write the pending-reloads journal {root}/bad/pending-reloads: {root}/bad is a symlink to {root}/state")]
+    assert r.rc == 20 and r.tags() == [
+        (
+            "J",
+            f"cannot write the pending-reloads journal {root}/bad/pending-reloads: {root}/bad is a symlink to {root}/state",
+        )
+    ]
 
 
 # ---------------------------------------------------------------- reads
@@ -331,7 +343,9 @@ def test_args_mode_and_bad_input(root: Path) -> None:
     )
     assert res.returncode == 0 and str(root / "a").encode() in res.stdout
     for bad in (b"1\nX", b"5\nstat\n"):
-        res = subprocess.run(pathsafe.command(), input=b"ab" * 8 + b"\n" + bad, capture_output=True, check=False)
+        res = subprocess.run(
+            pathsafe.command(), input=b"ab" * 8 + b"\n" + bad, capture_output=True, check=False
+        )
         assert res.returncode != 0 and b"reconciler pathsafe:" in res.stderr
     b = Batch()
     b.stat("/a\0b", STRICT, hash_it=False)
