@@ -62,11 +62,8 @@ def sh(lab: Lab, script: str, timeout: float = 60) -> str:
 
 def as_user(lab: Lab, user: str, script: str) -> str:
     """Run ``script`` on the host as ``user`` (not root: real uid, gid and groups)."""
-    res = lab.exec(
-        HOST,
-        ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", "sh", "-c", script],
-        timeout=60,
-    )
+    argv = ["env", f"HOME=/home/{user}", "setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups"]
+    res = lab.exec(HOST, [*argv, "sh", "-c", script], timeout=60)
     return res.stdout.decode(errors="replace") + res.stderr.decode(errors="replace")
 
 
