@@ -214,6 +214,7 @@ class _Run:
         self.failures: list[Failure] = []
         # declared services found down that did not start on their live files (_start_down)
         self.down_on_old: set[str] = set()
+        self.staged_ids: dict[int, str] = {}  # action index -> "dev:ino" of its staged temp
 
     def fail(self, reason: Reason, message: str) -> None:
         self.failures.append(Failure(reason, message))
@@ -651,10 +652,12 @@ async def _files(run: _Run) -> None:
             run.messages.append(msg)
             _fail_handlers(run, idx)
             return
-        bad = {i: text.removeprefix("fail ") for i, text in done.items() if text != "ok"}
+        bad = {i: text.removeprefix("fail ") for i, text in done.items() if text.split(" ")[0] != "ok"}
+        # the inode of each staged file: the swap refuses anything else found under its name
+        run.staged_ids.update({i: text[3:] for i, text in done.items() if text.startswith("ok ")})
         if bad:
             held = _hold_back(run, idx, bad, "could not be staged")
-            await _unstage(run, [i for i in staged if i in held and i not in bad])
+            await _unstage(run, [i for i in staged if i in held])
             idx = [i for i in idx if i not in held]
             if not idx:
                 return
@@ -1005,7 +1008,7 @@ def _swap_ops(run: _Run, b: Batch, idx: list[int]) -> None:
         if a.kind in (ActionKind.CREATE, ActionKind.UPDATE, ActionKind.RELINK):
             link = t.target if isinstance(t, LinkResource) else None
             owner = t.owner if isinstance(t, FileResource) else "root"
-            b.swap(i, p, rule, backup=backup, link_target=link, owner=owner)
+            b.swap(i, p, rule, backup=backup, link_target=link, owner=owner, expect=run.staged_ids.get(i, ""))
         elif a.kind in (ActionKind.CHMOD, ActionKind.CHOWN) and isinstance(t, FileResource):
             chown = a.kind is ActionKind.CHOWN
             b.meta(i, p, rule, chown=chown, mode=t.mode, owner=t.owner, group=t.group)

@@ -136,10 +136,22 @@ class Batch:
         self._op("stage", idx, path, *rule.fields(), kind, f"{mode:04o}", owner, group, data, validation_copy)
 
     def swap(
-        self, idx: int, path: str, rule: Rule, *, backup: bool, link_target: str | None, owner: str
+        self,
+        idx: int,
+        path: str,
+        rule: Rule,
+        *,
+        backup: bool,
+        link_target: str | None,
+        owner: str,
+        expect: str = "",
     ) -> None:
+        """``expect``: the staged temp's ``dev:ino`` (from the stage run's answer) when staged by
+        another run: anything else found under the temp's name is refused."""
         kind = "l" if link_target is not None else "f"
-        self._op("swap", idx, path, *rule.fields(), "1" if backup else "0", kind, owner, link_target or "")
+        self._op(
+            "swap", idx, path, *rule.fields(), "1" if backup else "0", kind, owner, link_target or "", expect
+        )
 
     def meta(
         self, idx: int, path: str, rule: Rule, *, chown: bool, mode: int, owner: str, group: str

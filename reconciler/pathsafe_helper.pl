@@ -15,7 +15,8 @@
 # takes the fields from argv and the marker from $RCL_N. Operations (name, then its fields):
 #   token TOKEN | gate | flush ID | stat PATH TOP USER HASH | read ID PATH TOP USER LIMIT
 #   stage IDX PATH TOP USER KIND MODE OWNER GROUP DATA VALCOPY
-#   swap IDX PATH TOP USER BACKUP KIND OWNER TARGET | meta IDX PATH TOP USER WHAT MODE OWNER GROUP
+#   swap IDX PATH TOP USER BACKUP KIND OWNER TARGET EXPECT(dev:ino from stage, or "")
+#   meta IDX PATH TOP USER WHAT MODE OWNER GROUP
 #   delete IDX PATH TOP USER BACKUP | restore IDX PATH TOP USER HADBACKUP | unstage PATH TOP USER
 #   clean PATH TOP USER KEEP | journal PATH CONTENT
 # Output: status lines "\n@@<marker> TAG IDX text\n" (text: printable ASCII only) and, for
@@ -303,9 +304,10 @@ sub op_stage {
         if (!(close($fh) && $ok)) { unlink($tmp); return stage_fail($idx, "cannot write $dir/$tmp: $err") }
         $STAGED{$idx} = "$s[0]:$s[1]";
         if ($valcopy ne '') {
-            my $why = write_private($valcopy, $data);
-            return stage_fail($idx, $why) if $why;
+            my $why = write_private($valcopy, $data);  # (walks away from the target's directory)
+            if ($why) { op_unstage($path, $top, $user); return stage_fail($idx, $why) }
         }
+        return status('S', $idx, "ok $s[0]:$s[1]");
     }
     return status('S', $idx, 'ok');
 }
@@ -338,7 +340,8 @@ sub op_journal {
 }
 
 sub op_swap {
-    my ($idx, $path, $top, $user, $backup, $kind, $owner, $target) = @_;
+    my ($idx, $path, $top, $user, $backup, $kind, $owner, $target, $expect) = @_;
+    $STAGED{$idx} = $expect if $expect ne '';
     my ($st, $leaf, $dir) = walk($path, $top, $user, 0);
     return status('F', $idx, "refused: $leaf") if $st eq 'refused';
     return status('F', $idx, "$leaf vanished after staging") if $st eq 'absent';
@@ -439,7 +442,7 @@ sub op_token {
 my %OPS = (
     token => [1, \&op_token], gate => [0, \&op_gate], flush => [1, \&op_flush],
     stat => [4, \&op_stat], read => [5, \&op_read], stage => [10, \&op_stage],
-    swap => [8, \&op_swap], meta => [8, \&op_meta], delete => [5, \&op_delete],
+    swap => [9, \&op_swap], meta => [8, \&op_meta], delete => [5, \&op_delete],
     restore => [5, \&op_restore], unstage => [3, \&op_unstage], clean => [4, \&op_clean],
     journal => [2, \&op_journal],
 );

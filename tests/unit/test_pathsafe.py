@@ -1,3 +1,4 @@
+# ruff: noqa: E501 - expected messages are long
 """The path-safety helper (reconciler/pathsafe_helper.pl) run for real, as root, in a temp dir,
 against a real non-root user (``nobody``): links in the way, directories another user owns,
 temps and targets swapped for links, hard links, FIFOs, leftovers, the policy's edge cases;
@@ -36,7 +37,12 @@ class Ran:
         return pathsafe.statuses(self.stdout, self.marker)
 
     def tags(self, idx: int = 0) -> list[tuple[str, str]]:
-        return [(s.tag, s.text) for s in self.statuses() if s.idx == idx]
+        """(tag, text) of one operation's status lines; a staged file's ``ok dev:ino`` as ``ok``."""
+        out = []
+        for s in self.statuses():
+            if s.idx == idx:
+                out.append((s.tag, "ok" if s.tag == "S" and s.text.startswith("ok ") else s.text))
+        return out
 
 
 def run(batch: Batch) -> Ran:
@@ -195,6 +201,34 @@ def test_staged_temp_swapped_for_a_link_is_not_swapped(root: Path, canary: Path)
     ]
     assert path.read_text() == "old\n" and not tmp.exists() and not tmp.is_symlink()
     assert untouched(canary)
+
+
+def test_a_temp_replaced_by_another_regular_file_of_the_owner_is_not_swapped(root: Path) -> None:
+    """The user who controls the directory (and owns the file) puts their own file under the
+    temp's name: the swap knows the staged inode and refuses it. (Were the inode number reused,
+    the rename would only do what that user can do anyway: rename their file over their own
+    file, in their own directory; a file of another owner is refused by its owner.)"""
+    h = home(root)
+    rule = Rule(str(h), "nobody")
+    path = h / "authorized_keys"
+    b = batch()
+    b.stage(0, str(path), rule, content=b"key\n", owner="nobody", group="nogroup")
+    r = run(b)
+    (ino,) = [s.text.removeprefix("ok ") for s in r.statuses() if s.tag == "S"]
+    tmp = h / f".authorized_keys.reconciler-{TOKEN}"
+    theirs = h / "theirs"
+    theirs.write_text("attacker key\n")
+    os.chown(theirs, NOBODY.pw_uid, NOBODY.pw_gid)
+    theirs.rename(tmp)
+    b = batch()
+    b.swap(0, str(path), rule, backup=False, link_target=None, owner="nobody", expect=ino)
+    assert run(b).tags() == [
+        (
+            "F",
+            f"the staged copy {h}/.authorized_keys.reconciler-{TOKEN} was replaced (not the staged file): not swapped",
+        )
+    ]
+    assert not path.exists() and not tmp.exists()
 
 
 def test_chown_and_chmod_never_follow_a_link_or_a_hard_link(root: Path, canary: Path) -> None:

@@ -76,7 +76,7 @@ def test_staging_makes_dotfile_temps_with_owner_and_mode_and_links(tmp_path: Any
     _stage_ops(run, b, idx, idx)
     marker = secrets.token_hex(8)
     res = subprocess.run(pathsafe.command(), input=b.payload(marker), capture_output=True, check=True)
-    assert [s.text for s in pathsafe.statuses(res.stdout, marker)] == ["ok", "ok"]
+    assert [s.text.split(" ")[0] for s in pathsafe.statuses(res.stdout, marker)] == ["ok", "ok"]
     assert sorted(os.listdir(x)) == [".link.conf.reconciler-abc123", ".secret.key.reconciler-abc123"]
     key = os.lstat(f"{x}/.secret.key.reconciler-abc123")
     assert key.st_mode & 0o7777 == 0o640 and key.st_uid == 0
