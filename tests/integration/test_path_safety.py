@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -29,7 +30,7 @@ from reconciler.connection import ConnectionLost, ConnectionPool, SshTarget
 from reconciler.lab import Lab, LabHostSpec
 from reconciler.observe import observe_host
 from reconciler.plan import INTERRUPTED, ActionKind, HostPlan, plan_host
-from reconciler.resources import Desired, Domain, FileResource, Handler
+from reconciler.resources import Desired, Domain, FileResource, Handler, Validator
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -53,6 +54,13 @@ def lab(lab_factory: Any) -> Iterator[Lab]:
         for u in USERS:
             sh(lab, f"pkill -KILL -u {u}; userdel -r {u} 2>/dev/null; true")
         lab.down()
+
+
+@pytest.fixture(autouse=True)
+def fresh_records(lab: Lab) -> None:
+    """Each test starts without an inventory or a reload journal of an earlier one (a file an
+    earlier test managed would otherwise be pruned, or refused, here)."""
+    sh(lab, "rm -f /var/lib/reconciler/inventory.json /var/lib/reconciler/pending-reloads")
 
 
 def sh(lab: Lab, script: str, timeout: float = 60) -> str:
@@ -176,8 +184,6 @@ def app_files() -> tuple[FileResource, FileResource]:
         controlled_by="app",
     )
     # a validator keeps the staged temp on disk for a round trip (staging, validation, swap)
-    from reconciler.resources import Validator
-
     ini2 = FileResource(
         "/srv/app/app2.ini",
         b"[app2]\n",
@@ -298,11 +304,13 @@ done
 
 async def test_racing_user_during_repeated_applies(lab: Lab) -> None:
     """A background loop as ``app`` swaps links to /etc/shadow into the target and into every
-    staged temp it sees, while the reconciler applies 30 times (files reset between applies so
-    the plans are updates and chowns)."""
+    staged temp it sees, while the reconciler applies 30 times. The desired mode, owner and
+    content change from one apply to the next, so the plans are updates, chmods and chowns (the
+    test itself never writes into /srv/app while the loop runs)."""
     reset_app(lab)
-    ini, ini2 = app_files()
-    desired = Desired(host=HOST, files=(ini, ini2))
+    base_ini, base_ini2 = app_files()
+    # the validator keeps app2.ini's staged temp on disk for 50 ms: long enough to be caught
+    slow = Validator(("sh", "-c", 'sleep 0.05; grep -q app2 "$1"', "sh", "{path}"))
     before = protected(lab)
     sh(lab, "rm -f /tmp/race.stop /tmp/race.temps /tmp/race.target")
     lab.exec(HOST, ["sh", "-c", "cat > /tmp/race.sh && chmod 644 /tmp/race.sh"], input=RACE.encode())
@@ -316,10 +324,10 @@ async def test_racing_user_during_repeated_applies(lab: Lab) -> None:
     try:
         async with pool_for(lab) as pool:
             for n in range(30):
-                # as root: a fresh file to update, or one to chown
-                if n % 3 == 0:
-                    sh(lab, "printf '[app]\\nport = 8080\\n' > /srv/app/n; mv -f /srv/app/n /srv/app/app.ini")
-                sh(lab, "echo stale > /srv/app/app2.ini")
+                owner = "app" if n % 3 else "root"
+                ini = replace(base_ini, mode=0o640 if n % 2 else 0o600, owner=owner, group=owner)
+                ini2 = replace(base_ini2, content=f"[app2]\nround = {n}\n".encode(), validators=(slow,))
+                desired = Desired(host=HOST, files=(ini, ini2))
                 plan = await plan_of(pool, desired)
                 for a in plan.actions:
                     kinds[f"{a.kind} {a.path}"] = kinds.get(f"{a.kind} {a.path}", 0) + 1
@@ -329,14 +337,15 @@ async def test_racing_user_during_repeated_applies(lab: Lab) -> None:
                 assert protected(lab) == before, f"apply {n}"
     finally:
         sh(lab, f"touch /tmp/race.stop; sleep 0.5; kill -9 {pid.strip()} 2>/dev/null; true")
-    # positive evidence that the attacker really raced: links in the target, links in temps
-    assert sh(lab, "cat /tmp/race.target").strip().isdigit()
+    failed = [o.message for r in results for o in r.outcomes if o.status == "failed"]
     temps = sh(lab, "cat /tmp/race.temps 2>/dev/null || echo 'temp 0'")
-    assert kinds.get("chown /srv/app/app.ini", 0) + kinds.get("update /srv/app/app.ini", 0) > 0, kinds
-    failed = [m for r in results for o in r.outcomes if o.status == "failed" for m in [o.message]]
-    print(f"race: {temps.strip()} swapped, plans {kinds}, {len(failed)} refused at apply time")
+    print(f"race: {temps.strip()} temps swapped for links; plans {kinds}; {len(failed)} failed at apply time")
+    # positive evidence that the attacker really raced: links in the target and in staged temps,
+    # met by the plans and by the apply
+    assert sh(lab, "cat /tmp/race.target").strip().isdigit()
     assert int(temps.split()[1]) > 0, "the loop never caught a staged temp"
-    assert any("symlink" in m or "replaced" in m for m in failed), failed
+    assert kinds.get("update /srv/app/app.ini", 0) > 0 and kinds.get("update /srv/app/app2.ini", 0) > 0, kinds
+    assert any("replaced" in m or "symlink" in m for m in failed), failed
     assert protected(lab) == before
 
 
