@@ -284,17 +284,20 @@ async def test_link_swapped_into_a_parent_before_the_swap(lab: Lab) -> None:
     as_user(lab, "deploy", "rm -f ~/.ssh; mv ~/.ssh.old ~/.ssh")
 
 
+# the attacker's loop; the test switches its two attacks on and off with flag files in /tmp
 RACE = r"""
 i=0; hits=0
-while [ ! -e /tmp/race.stop ] && [ $i -lt 1000000 ]; do
+while [ ! -e /tmp/race.stop ] && [ $i -lt 5000000 ]; do
   i=$((i+1))
-  for t in /srv/app/.app*.ini.reconciler-*; do
-    case $t in *-bak-*|*'*') continue ;; esac
-    if ln -s /etc/shadow /srv/app/.race 2>/dev/null && mv -fT /srv/app/.race "$t" 2>/dev/null; then
-      hits=$((hits+1)); echo "temp $hits" > /tmp/race.temps
-    fi
-  done
-  if [ $((i % 7)) -eq 0 ] && ln -s /etc/shadow /srv/app/.race 2>/dev/null; then
+  if [ -e /tmp/race.temps-on ]; then
+    for t in /srv/app/.app*.ini.reconciler-*; do
+      case $t in *-bak-*|*'*') continue ;; esac
+      if ln -s /etc/shadow /srv/app/.race 2>/dev/null && mv -fT /srv/app/.race "$t" 2>/dev/null; then
+        hits=$((hits+1)); echo "temp $hits" > /tmp/race.temps
+      fi
+    done
+  fi
+  if [ -e /tmp/race.target-on ] && [ $((i % 7)) -eq 0 ] && ln -s /etc/shadow /srv/app/.race 2>/dev/null; then
     mv -fT /srv/app/.race /srv/app/app.ini 2>/dev/null && echo "$i" > /tmp/race.target
   fi
   rm -f /srv/app/.race
@@ -304,15 +307,16 @@ done
 
 async def test_racing_user_during_repeated_applies(lab: Lab) -> None:
     """A background loop as ``app`` swaps links to /etc/shadow into the target and into every
-    staged temp it sees, while the reconciler applies 30 times. The desired mode, owner and
-    content change from one apply to the next, so the plans are updates, chmods and chowns (the
-    test itself never writes into /srv/app while the loop runs)."""
+    staged temp it sees, starting right after each observation, while the reconciler applies 32
+    times: in turn no attack, the target only, the temps only, both. The desired mode, owner
+    and content change from one apply to the next, so the plans are creates, updates, chmods
+    and chowns (the test itself never writes into /srv/app while the loop runs)."""
     reset_app(lab)
     base_ini, base_ini2 = app_files()
     # the validator keeps app2.ini's staged temp on disk for 50 ms: long enough to be caught
     slow = Validator(("sh", "-c", 'sleep 0.05; grep -q app2 "$1"', "sh", "{path}"))
     before = protected(lab)
-    sh(lab, "rm -f /tmp/race.stop /tmp/race.temps /tmp/race.target")
+    sh(lab, "rm -f /tmp/race.stop /tmp/race.temps /tmp/race.target /tmp/race.*-on")
     lab.exec(HOST, ["sh", "-c", "cat > /tmp/race.sh && chmod 644 /tmp/race.sh"], input=RACE.encode())
     pid = sh(
         lab,
@@ -320,32 +324,46 @@ async def test_racing_user_during_repeated_applies(lab: Lab) -> None:
     )
     assert pid.strip().isdigit(), pid
     kinds: dict[str, int] = {}
-    results: list[ApplyResult] = []
+    quiet: list[ApplyResult] = []
+    failed: list[str] = []
     try:
         async with pool_for(lab) as pool:
-            for n in range(30):
+            for n in range(32):
+                attack = n % 4  # 0: none, 1: the target, 2: the temps, 3: both
                 owner = "app" if n % 3 else "root"
                 ini = replace(base_ini, mode=0o640 if n % 2 else 0o600, owner=owner, group=owner)
-                ini2 = replace(base_ini2, content=f"[app2]\nround = {n}\n".encode(), validators=(slow,))
+                ini2 = replace(base_ini2, content=f"[app2]\nround = {n // 4}\n".encode(), validators=(slow,))
                 desired = Desired(host=HOST, files=(ini, ini2))
+                sh(lab, "rm -f /tmp/race.*-on")
                 plan = await plan_of(pool, desired)
                 for a in plan.actions:
                     kinds[f"{a.kind} {a.path}"] = kinds.get(f"{a.kind} {a.path}", 0) + 1
+                # the attack starts after the observation: it races the apply
+                if attack in (1, 3):
+                    sh(lab, "touch /tmp/race.target-on")
+                if attack in (2, 3):
+                    sh(lab, "touch /tmp/race.temps-on")
                 result = await apply_host(pool, HOST, plan, desired)
-                results.append(result)
                 assert not result.ok or result.converged
+                failed += [o.message for o in result.outcomes if o.status == "failed"]
+                if attack == 0:
+                    quiet.append(result)
                 assert protected(lab) == before, f"apply {n}"
     finally:
-        sh(lab, f"touch /tmp/race.stop; sleep 0.5; kill -9 {pid.strip()} 2>/dev/null; true")
-    failed = [o.message for r in results for o in r.outcomes if o.status == "failed"]
+        sh(
+            lab,
+            f"touch /tmp/race.stop; sleep 0.5; kill -9 {pid.strip()} 2>/dev/null; rm -f /tmp/race.*-on; true",
+        )
     temps = sh(lab, "cat /tmp/race.temps 2>/dev/null || echo 'temp 0'")
     print(f"race: {temps.strip()} temps swapped for links; plans {kinds}; {len(failed)} failed at apply time")
-    # positive evidence that the attacker really raced: links in the target and in staged temps,
-    # met by the plans and by the apply
+    # positive evidence that the attacker really raced (links in the target and in staged temps,
+    # met by the plans and by the apply), and that without the attack the applies converge
     assert sh(lab, "cat /tmp/race.target").strip().isdigit()
     assert int(temps.split()[1]) > 0, "the loop never caught a staged temp"
-    assert kinds.get("update /srv/app/app.ini", 0) > 0 and kinds.get("update /srv/app/app2.ini", 0) > 0, kinds
-    assert any("replaced" in m or "symlink" in m for m in failed), failed
+    assert kinds.get("update /srv/app/app.ini", 0) > 0, kinds
+    assert kinds.get("chmod /srv/app/app.ini", 0) + kinds.get("chown /srv/app/app.ini", 0) > 0, kinds
+    assert any("replaced" in m for m in failed) and any("symlink" in m for m in failed), failed
+    assert sum(1 for r in quiet if r.ok) >= len(quiet) // 2, [r.messages for r in quiet]
     assert protected(lab) == before
 
 
