@@ -11,10 +11,13 @@ is systemd, else the service's status command and its init script's runlevel lin
 Lean by construction (every forked process costs: all lab hosts share 2 CPUs): only the
 sections the Desired needs run (iptables-save only with a firewall, ``ip addr``/kernel facts only
 with tunnels or addresses, charon/swanctl/xfrm only with an IPsec handler, dpkg-query only with
-packages); ONE ``find -printf`` stats every declared path (kind, mode, owner, group, link
-target), ONE ``sha256sum -z`` hashes every regular file, ONE ``find`` lists the owned
-directories; the inventory is read with the shell's ``read`` builtin. A no-op observation of
-a host with only files forks 2 processes besides its ``sh``.
+packages); ONE ``find -printf`` stats every declared path and the directories above them (kind,
+mode, owner, group, link target, uid: ``reconciler.pathsafe.refusal`` judges the directories),
+ONE ``sha256sum -z`` hashes every regular file whose directories pass shell-builtin checks, ONE
+``find`` lists the owned directories; the inventory is read with the shell's ``read`` builtin.
+A no-op observation of a host with only files forks 2 processes besides its ``sh``. Paths under
+a directory a user controls (``controlled_dir``) are read only by the path-safety helper (one
+``perl``, and ``sha256sum`` on the files it opened), never through a link.
 
 Output framing (stdout), one section per probe, raw bytes (no encoding)::
 
