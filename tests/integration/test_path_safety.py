@@ -332,7 +332,7 @@ async def test_racing_user_during_repeated_applies(lab: Lab) -> None:
                 attack = n % 4  # 0: none, 1: the target, 2: the temps, 3: both
                 owner = "app" if n % 3 else "root"
                 ini = replace(base_ini, mode=0o640 if n % 2 else 0o600, owner=owner, group=owner)
-                ini2 = replace(base_ini2, content=f"[app2]\nround = {n // 4}\n".encode(), validators=(slow,))
+                ini2 = replace(base_ini2, content=f"[app2]\nround = {n}\n".encode(), validators=(slow,))
                 desired = Desired(host=HOST, files=(ini, ini2))
                 sh(lab, "rm -f /tmp/race.*-on")
                 plan = await plan_of(pool, desired)
