@@ -1436,8 +1436,12 @@ else
   mv -f "$t" "$j" || echo "@@J cannot write $j"
 fi
 [ "${1:-}" = -- ] && shift
-# the rest: the path-safety helper's source and its operations (leftovers removed, never
-# through a link)
+# leftovers (.NAME.reconciler-*: this run's backups, temps and backups of interrupted runs):
+# first in root-only directories, by name (a link is removed, never followed; only root can
+# change those directories), then "--" and the path-safety helper with its operations for
+# directories another user controls
+while [ $# -gt 0 ] && [ "$1" != -- ]; do rm -f -- "$1"/.*.reconciler-* 2>/dev/null; shift; done
+[ "${1:-}" = -- ] && shift
 if [ $# -gt 0 ]; then h=$1; shift; perl -e "$h" -- args "$@" || echo "@@C cannot remove leftovers"; fi
 if [ -n "$inv" ]; then
   d=${inv%/*}; t="$d/.inventory.json.reconciler-$tmpsfx"
@@ -1447,10 +1451,12 @@ fi
 """
 
 
-def _leftover_ops(run: _Run) -> Batch:
-    """Remove this apply's backups and any leftovers (``.NAME.reconciler-*``) of interrupted
-    earlier ones from the directories of this plan's files and of the handlers an interrupted
-    apply left in the journal (a kill during a reload leaves its backups behind)."""
+def _leftover_args(run: _Run) -> list[str]:
+    """FINISH's arguments that remove this apply's backups and any leftovers
+    (``.NAME.reconciler-*``) of interrupted earlier ones from the directories of this plan's
+    files and of the handlers an interrupted apply left in the journal (a kill during a reload
+    leaves its backups behind): root-only directories by shell glob (no process but ``rm``),
+    then "--" and the path-safety helper's operations for directories another user controls."""
     actions = run.plan.actions
     interrupted = {a.handler for a in actions if a.kind is ActionKind.RELOAD and INTERRUPTED in a.reason}
     where: dict[str, tuple[str, Rule]] = {}
@@ -1460,10 +1466,14 @@ def _leftover_ops(run: _Run) -> Batch:
     for f in run.desired.files:
         if f.handler in interrupted:
             where.setdefault(posixpath.dirname(f.path), (f.path, rule_of(f)))
+    strict = [d for d, (_, rule) in where.items() if rule.strict]
+    guarded = [(p, rule) for p, rule in where.values() if not rule.strict]
+    if not guarded:
+        return strict
     b = _batch(run)
-    for path, rule in where.values():
-        b.clean(path, rule, keep_token=False)
-    return b
+    for p, rule in guarded:
+        b.clean(p, rule, keep_token=False)
+    return [*strict, "--", pathsafe.HELPER, *b.args()]
 
 
 async def _finish(run: _Run) -> None:
@@ -1483,10 +1493,9 @@ async def _finish(run: _Run) -> None:
     write_inventory = all_ok and (bool(record) or not unchanged)
     if run.journal is None and not backups and not write_inventory:
         return
-    leftovers = _leftover_ops(run)
-    helper = [pathsafe.HELPER, *leftovers.args()] if backups or run.journal is not None else []
+    leftovers = _leftover_args(run) if backups or run.journal is not None else []
     args = (INVENTORY_PATH if write_inventory else "", run.token, PENDING_RELOADS_PATH, "--", *journal, "--",
-            *helper)  # fmt: skip
+            *leftovers)  # fmt: skip
     run.finished = True
     conn = await run.conn()
     res = await conn.run_script(

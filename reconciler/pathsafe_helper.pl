@@ -21,9 +21,22 @@
 #   clean PATH TOP USER KEEP | journal PATH CONTENT
 # Output: status lines "\n@@<marker> TAG IDX text\n" (text: printable ASCII only) and, for
 # stat/read, sections framed like the observation script ("\n@@<marker><ID\n ... \n@@<marker>>ID RC\n").
-use strict;
-use warnings;
-use Fcntl qw(O_RDONLY O_WRONLY O_CREAT O_EXCL O_NOFOLLOW O_DIRECTORY O_NONBLOCK F_SETFD :mode);
+use strict;    # (these two lines are dropped from the copy sent to hosts: they cost start-up
+use warnings;  # time; the tests run the file as it is, with them)
+# Fcntl without its importer (Exporter's work is most of its load time); the O_* values differ
+# between architectures, the file types and errno-base values below do not (Linux)
+require Fcntl;
+my ($O_RDONLY, $O_WRONLY, $O_CREAT, $O_EXCL, $O_NOFOLLOW, $O_DIRECTORY, $O_NONBLOCK, $F_SETFD) = (
+    Fcntl::O_RDONLY(), Fcntl::O_WRONLY(), Fcntl::O_CREAT(), Fcntl::O_EXCL(),
+    Fcntl::O_NOFOLLOW(), Fcntl::O_DIRECTORY(), Fcntl::O_NONBLOCK(), Fcntl::F_SETFD());
+sub S_ISREG { return ($_[0] & 0170000) == 0100000 }
+sub S_ISDIR { return ($_[0] & 0170000) == 0040000 }
+sub S_ISLNK { return ($_[0] & 0170000) == 0120000 }
+sub S_ISFIFO { return ($_[0] & 0170000) == 0010000 }
+sub S_ISSOCK { return ($_[0] & 0170000) == 0140000 }
+sub S_ISCHR { return ($_[0] & 0170000) == 0020000 }
+sub S_ISBLK { return ($_[0] & 0170000) == 0060000 }
+my ($ENOENT, $EEXIST) = (2, 17);
 
 $ENV{PATH} = '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin';
 $ENV{LC_ALL} = 'C';
@@ -107,7 +120,7 @@ sub walk {
     }
     my @parts = split m{/}, substr($path, 1);
     my $leaf = pop @parts;
-    sysopen(my $dh, '/', O_RDONLY | O_DIRECTORY | O_NOFOLLOW) or return ('refused', "/: $!");
+    sysopen(my $dh, '/', $O_RDONLY | $O_DIRECTORY | $O_NOFOLLOW) or return ('refused', "/: $!");
     my $why = dir_policy('/', $dh, 0, $cuid, !@parts, $user);
     return ('refused', $why) if $why;
     chdir($dh) or return ('refused', "/: cannot enter: $!");
@@ -116,12 +129,12 @@ sub walk {
         my $c = $parts[$i];
         my $here = "$cur/$c";
         my $d;
-        if (!sysopen($d, $c, O_RDONLY | O_DIRECTORY | O_NOFOLLOW)) {
-            my ($err, $missing) = ("$!", $!{ENOENT});
+        if (!sysopen($d, $c, $O_RDONLY | $O_DIRECTORY | $O_NOFOLLOW)) {
+            my ($err, $missing) = ("$!", $! + 0 == $ENOENT);
             return ('refused', describe($c, $here, $err)) unless $missing && !lstat($c);
             return ('absent', $here) unless $create;
-            mkdir($c, 0755) or $!{EEXIST} or return ('refused', "$here: cannot create: $!");
-            sysopen($d, $c, O_RDONLY | O_DIRECTORY | O_NOFOLLOW)
+            mkdir($c, 0755) or $! + 0 == $EEXIST or return ('refused', "$here: cannot create: $!");
+            sysopen($d, $c, $O_RDONLY | $O_DIRECTORY | $O_NOFOLLOW)
               or return ('refused', describe($c, $here, "$!"));
         }
         $why = dir_policy($here, $d, under($here, $top), $cuid, $i == $#parts, $user);
@@ -144,7 +157,7 @@ sub open_read {
     my @l = lstat($leaf) or return (undef, "$path is missing");
     return (undef, "$path is a symlink") if S_ISLNK($l[2]);
     return (undef, "$path is not a regular file") unless S_ISREG($l[2]);
-    sysopen(my $fh, $leaf, O_RDONLY | O_NOFOLLOW | O_NONBLOCK) or return (undef, "$path: $!");
+    sysopen(my $fh, $leaf, $O_RDONLY | $O_NOFOLLOW | $O_NONBLOCK) or return (undef, "$path: $!");
     my @s = stat($fh);
     return (undef, "$path changed while it was opened")
       unless @s && S_ISREG($s[2]) && $s[0] == $l[0] && $s[1] == $l[1];
@@ -182,7 +195,7 @@ sub hash_all {
     while (my @chunk = splice(@HASH, 0, 200)) {
         my (%byfd, @args);
         for my $e (@chunk) {
-            fcntl($e->[1], F_SETFD, 0);
+            fcntl($e->[1], $F_SETFD, 0);
             my $n = '/dev/fd/' . fileno($e->[1]);
             $byfd{$n} = $e->[0];
             push @args, $n;
@@ -276,7 +289,7 @@ sub write_private {
     my ($st, $leaf) = walk($path, '', '', 1);
     return "validation copy: $leaf" unless $st eq 'ok';
     unlink($leaf);
-    sysopen(my $fh, $leaf, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, 0600) or return "validation copy: $!";
+    sysopen(my $fh, $leaf, $O_WRONLY | $O_CREAT | $O_EXCL | $O_NOFOLLOW, 0600) or return "validation copy: $!";
     write_all($fh, $data) or return "validation copy: $!";
     close($fh) or return "validation copy: $!";
     return '';
@@ -296,7 +309,7 @@ sub op_stage {
         my $gid = gid_of($group);
         return stage_fail($idx, "unknown group $group on this host") unless defined $gid;
         return stage_fail($idx, "bad mode $mode") unless $mode =~ /\A[0-7]{1,5}\z/;
-        sysopen(my $fh, $tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, 0600)
+        sysopen(my $fh, $tmp, $O_WRONLY | $O_CREAT | $O_EXCL | $O_NOFOLLOW, 0600)
           or return stage_fail($idx, "cannot create $dir/$tmp: $!");
         my $ok = write_all($fh, $data) && chown($uid, $gid, $fh) && chmod(oct($mode), $fh);
         my $err = "$!";
@@ -323,11 +336,11 @@ sub op_journal {
     my ($st, $leaf, $dir) = walk($path, '', '', 1);
     my $why = $st eq 'ok' ? '' : $leaf;
     if (!$why && $content eq '') {
-        $why = "cannot clear: $!" if !unlink($leaf) && !$!{ENOENT};
+        $why = "cannot clear: $!" if !unlink($leaf) && $! + 0 != $ENOENT;
     } elsif (!$why) {
         my $tmp = ".$leaf.reconciler-$TOKEN";
         unlink($tmp);
-        if (sysopen(my $fh, $tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, 0644)) {
+        if (sysopen(my $fh, $tmp, $O_WRONLY | $O_CREAT | $O_EXCL | $O_NOFOLLOW, 0644)) {
             $why = "cannot write: $!" unless write_all($fh, $content) && close($fh) && rename($tmp, $leaf);
         } else {
             $why = "cannot write: $!";
