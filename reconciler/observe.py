@@ -93,14 +93,19 @@ frame() {
 }
 FMT='@FIND_FMT@'
 st() { [ $# -eq 0 ] || find "$@" -maxdepth 0 -printf "$FMT"; }
-# every directory above $1 is a real directory owned by root (shell builtins: no process);
-# whatever else the policy refuses (group/other-writable) is judged from st's records
+# every directory above $1 is not a link and is owned by root (shell builtins: no process;
+# the answer for the last directory asked is kept: files share directories); whatever else
+# the policy refuses (group/other-writable) is judged from st's records
 anc_ok() {
-  _a=${1%/*}
+  _d=${1%/*}
+  if [ "$_d" = "${_ok_d-/}" ]; then return "$_ok_rc"; fi
+  _a=$_d; _ok_rc=0
   while [ -n "$_a" ]; do
-    if [ -L "$_a" ] || [ ! -d "$_a" ] || [ ! -O "$_a" ]; then return 1; fi
+    if [ -L "$_a" ] || [ ! -O "$_a" ]; then _ok_rc=1; break; fi
     _a=${_a%/*}
   done
+  _ok_d=$_d
+  return "$_ok_rc"
 }
 hs() {
   n=$#
@@ -821,8 +826,12 @@ def judged(states: Mapping[str, FileState], records: Mapping[str, FileState]) ->
     """``states`` with every path whose directories are not root's alone replaced by a refused
     state (the reason; nothing read through it): ``records`` holds their ``find`` records."""
     out = dict(states)
+    by_dir: dict[str, str | None] = {}  # files share directories: judge each chain once
     for p in states:
-        why = refusal(p, records)
+        d = p.rpartition("/")[0]
+        if d not in by_dir:
+            by_dir[d] = refusal(p, records)
+        why = by_dir[d]
         if why:
             out[p] = FileState(path=p, exists=False, kind="other", refused=why)
     return out
