@@ -657,6 +657,10 @@ async def _files(run: _Run) -> None:
         run.staged_ids.update({i: text[3:] for i, text in done.items() if text.startswith("ok ")})
         if bad:
             held = _hold_back(run, idx, bad, "could not be staged")
+            # a refused directory or an unknown owner found while staging (the plan saw the
+            # host before it changed) is a refusal; anything else (a full disk...) may pass
+            refusal = all(t.startswith(("refused: ", "unknown user", "unknown group")) for t in bad.values())
+            run.fail(Reason.REFUSED if refusal else Reason.APPLY_FAILED, "; ".join(bad.values()))
             await _unstage(run, [i for i in staged if i in held])
             idx = [i for i in idx if i not in held]
             if not idx:
@@ -696,6 +700,9 @@ def _refuse(run: _Run) -> None:
     if refused:
         why = {i: run.plan.actions[i].reason for i in refused}
         _hold_back(run, [*refused, *_file_actions(run)], why, "refused")
+        # the host's own state refuses this commit: retrying repeats it until the fleet or the
+        # host changes (a new commit, or an explicit sync after the host is fixed)
+        run.fail(Reason.REFUSED, "; ".join(f"{run.plan.actions[i].resource}: {why[i]}" for i in refused))
 
 
 def _hold_back(run: _Run, idx: list[int], bad: dict[int, str], what: str) -> set[int]:

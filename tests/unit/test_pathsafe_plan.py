@@ -14,7 +14,7 @@ import pytest
 from reconciler import apply as apply_mod
 from reconciler.apply import apply_host
 from reconciler.connection import ConnectionPool, SshTarget
-from reconciler.errors import FleetInvalid
+from reconciler.errors import FleetInvalid, Reason
 from reconciler.fleet.load import load_fleet_files, read_tree
 from reconciler.observe import (
     Section,
@@ -227,4 +227,5 @@ async def test_a_refused_file_fails_holds_back_its_handler_and_independent_ones_
         and (local / "plain.txt").read_text() == "independent\n"
     )
     assert not result.ok and result.partial
+    assert result.failure is not None and result.failure.reason is Reason.REFUSED
     assert os.listdir(theirs) == [] and not (local / "app").exists()
