@@ -240,9 +240,10 @@ def ancestors(path: str) -> tuple[str, ...]:
 
 
 def all_ancestors(paths: Iterable[str]) -> tuple[str, ...]:
+    """The directories above every one of ``paths``, each once (paths share directories)."""
     seen: dict[str, None] = {}
-    for p in paths:
-        for a in ancestors(p):
+    for parent in dict.fromkeys(p.rpartition("/")[0] for p in paths):
+        for a in ancestors(parent + "/x"):
             seen[a] = None
     return tuple(seen)
 
