@@ -42,24 +42,23 @@ reaches a live path by ``rename``.
 
 from __future__ import annotations
 
-import io
 import posixpath
 import secrets
 import shlex
-import tarfile
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import cast
 
-from reconciler import deadman, packaging
+from reconciler import deadman, packaging, pathsafe
 from reconciler.connection import Connection
 from reconciler.errors import Failure, Reason, ReconcilerError, pick_failure
 from reconciler.identity import IDENTITY_PATH, format_identity
 from reconciler.log import get_logger
-from reconciler.observe import observe_host, parse_read_back, read_back_lines
+from reconciler.observe import observe_host, parse_read_back, read_back
 from reconciler.observed import FileState, Observed
+from reconciler.pathsafe import STRICT, Batch, Rule, Status, rule_of
 from reconciler.plan import (
     FILE_KINDS,
     INTERRUPTED,
@@ -95,6 +94,12 @@ PENDING_RELOADS_PATH = "/var/lib/reconciler/pending-reloads"
 # Fault injection for tests only: awaited with the host name right after the swap, before any
 # reload (a test kills the SSH session there). Never set in production code.
 FAULT_AFTER_SWAP: Callable[[str], Awaitable[None]] | None = None
+# ... and right before the swap round trip (staging, if any, done in a round trip of its own):
+# a test races the host's other users there (links swapped in after the observation)
+FAULT_BEFORE_SWAP: Callable[[str], Awaitable[None]] | None = None
+# root-only copies of staged files whose directory a non-root user controls, for their own
+# validators (``{path}``): the temp next to the target could be swapped for a link
+VALIDATE_DIR = "/var/lib/reconciler/validate"
 PROBE_WAIT = 15.0  # seconds a post-reload probe waits for the new configuration to be live
 
 
@@ -212,6 +217,7 @@ class _Run:
         self.failures: list[Failure] = []
         # declared services found down that did not start on their live files (_start_down)
         self.down_on_old: set[str] = set()
+        self.staged_ids: dict[int, str] = {}  # action index -> "dev:ino" of its staged temp
 
     def fail(self, reason: Reason, message: str) -> None:
         self.failures.append(Failure(reason, message))
@@ -568,76 +574,93 @@ def _content_actions(run: _Run, idx: list[int]) -> list[int]:
     return out
 
 
-def _tar_of(run: _Run, idx: list[int]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for i in idx:
-            a = run.plan.actions[i]
-            t = a.target
-            assert a.path is not None
-            name = staged_path(a.path, run.token).lstrip("/")
-            info = tarfile.TarInfo(name)
-            info.uid = info.gid = 0
-            info.uname = info.gname = "root"
-            info.mtime = 0
-            if isinstance(t, FileResource):
-                info.size = len(t.content)
-                info.mode = t.mode if not t.secret else t.mode & 0o700
-                tar.addfile(info, io.BytesIO(t.content))
-            elif isinstance(t, LinkResource):
-                info.type = tarfile.SYMTYPE
-                info.linkname = t.target
-                info.mode = 0o777
-                tar.addfile(info)
-    return buf.getvalue()
+def _rule(a: Action) -> Rule:
+    """Who may control the directories above an action's path (the fleet's controlled_dir)."""
+    return rule_of(a.target)
 
 
-STAGE = r"""
-set -u
-# $@: directories that receive a staged file, "--", other directories holding a change.
-# Create the first ones; drop stale temps of interrupted earlier applies from all of them.
-create=1
-for d in "$@"; do
-  if [ "$d" = "--" ]; then create=0; continue; fi
-  if [ -d "$d" ]; then
-    for f in "$d"/.*.reconciler-*; do
-      if [ -L "$f" ] || [ -f "$f" ]; then rm -f -- "$f"; fi
-    done
-  elif [ $create = 1 ]; then
-    mkdir -p "$d" || exit 10
-  fi
-done
-tar -x -f - -C / --no-same-owner -p --no-overwrite-dir || exit 11
-echo staged
-"""
+def validation_copy(path: str, token: str, idx: int) -> str:
+    """Where a file's own validator reads the staged content when the file's directory is not
+    root's alone: a root-only copy (the staged temp itself could be swapped for a link)."""
+    return posixpath.join(VALIDATE_DIR, token, str(idx), posixpath.basename(path))
+
+
+def _validated_source(run: _Run, i: int) -> str:
+    a = run.plan.actions[i]
+    assert a.path is not None
+    if isinstance(a.target, FileResource) and not _rule(a).strict:
+        return validation_copy(a.path, run.token, i)
+    return staged_path(a.path, run.token)
+
+
+def _batch(run: _Run) -> Batch:
+    b = Batch()
+    b.token(run.token)
+    return b
+
+
+async def _helper(run: _Run, batch: Batch) -> tuple[_Result, list[Status], str]:
+    """Run the path-safety helper (reconciler.pathsafe) with ``batch`` on the host."""
+    marker = secrets.token_hex(16)
+    conn = await run.conn()
+    res = await conn.run(pathsafe.command(), stdin=batch.payload(marker), timeout=DEFAULT_TIMEOUT)
+    return res, pathsafe.statuses(res.stdout, marker), marker
+
+
+def _stage_ops(run: _Run, b: Batch, idx: list[int], staged: list[int]) -> None:
+    """Leftovers of earlier applies removed from every directory with a change (never this
+    run's); then every new file/link created as a dotfile temp next to its target, owner and
+    mode set on the open file."""
+    actions = run.plan.actions
+    dirs: dict[str, int] = {}
+    for i in idx:
+        dirs.setdefault(posixpath.dirname(actions[i].path or "/"), i)
+    staged_dirs = {posixpath.dirname(actions[i].path or "/") for i in staged}
+    for d, i in dirs.items():
+        if d not in staged_dirs:  # (staging cleans its own directories)
+            b.clean(actions[i].path or "/", _rule(actions[i]), keep_token=True)
+    for i in staged:
+        a = actions[i]
+        t = a.target
+        assert a.path is not None
+        if isinstance(t, FileResource):
+            copy = validation_copy(a.path, run.token, i) if t.validators and not _rule(a).strict else ""
+            b.stage(
+                i,
+                a.path,
+                _rule(a),
+                content=t.content,
+                mode=t.mode,
+                owner=t.owner,
+                group=t.group,
+                validation_copy=copy,
+            )
+        elif isinstance(t, LinkResource):
+            b.stage(i, a.path, _rule(a), link_target=t.target)
 
 
 async def _files(run: _Run) -> None:
+    _refuse(run)
     idx = _file_actions(run)
     if not idx:
         return
-    # directory in the way: refused, reported
     staged = _content_actions(run, idx)
-    staged_dirs = sorted({posixpath.dirname(run.plan.actions[i].path or "/") for i in staged})
-    other_dirs = sorted({posixpath.dirname(run.plan.actions[i].path or "/") for i in idx} - set(staged_dirs))
-    dirs = [*staged_dirs, "--", *other_dirs]
-    conn = await run.conn()
-    # nothing to validate between staging and swapping: both in one round trip
-    combined = bool(staged) and not _needs_validation(run, idx)
-    # when the re-observation would only read these files again, the same script reads them
+    # nothing to validate between staging and swapping: both in one round trip (a test hook
+    # that must run between them keeps them apart)
+    combined = bool(staged) and not _needs_validation(run, idx) and FAULT_BEFORE_SWAP is None
+    # when the re-observation would only read these files again, the same run reads them
     back = _read_back_paths(run) if combined else None
-    marker = secrets.token_hex(16)
     if staged:
-        script = STAGE
+        b = _batch(run)
+        _stage_ops(run, b, idx, staged)
         if combined:
-            script += "\n".join(_swap_lines(run, idx)) + "\n"
-        if back:
-            script += "\n".join(read_back_lines(back, marker)) + "\n"
-        res = await conn.run_script(
-            script, args=dirs, stdin_after=_tar_of(run, staged), timeout=DEFAULT_TIMEOUT
-        )
-        # (a login shell's rc file may print before the script: look for the line, not a prefix)
-        if res.exit_status != 0 or b"\nstaged\n" not in b"\n" + res.stdout:
+            b.gate()  # a file that could not be staged: nothing swapped in this run
+            _swap_ops(run, b, idx)
+            if back:
+                read_back(b, {p: _path_rule(run, p) for p in back})
+        res, answer, marker = await _helper(run, b)
+        done = {s.idx: s.text for s in answer if s.tag == "S"}
+        if any(i not in done for i in staged):
             await _unstage(run, staged)
             msg = f"staging failed (exit {res.exit_status}): {_text(res)[-2000:]}"
             for i in idx:
@@ -645,11 +668,28 @@ async def _files(run: _Run) -> None:
             run.messages.append(msg)
             _fail_handlers(run, idx)
             return
-        if combined:
-            _swap_outcome(run, idx, res)
+        bad = {i: text.removeprefix("fail ") for i, text in done.items() if text.split(" ")[0] != "ok"}
+        # the inode of each staged file: the swap refuses anything else found under its name
+        run.staged_ids.update({i: text[3:] for i, text in done.items() if text.startswith("ok ")})
+        if bad:
+            held = _hold_back(run, idx, bad, "could not be staged")
+            # a refused directory or an unknown owner found while staging (the plan saw the
+            # host before it changed) is a refusal; anything else (a full disk...) may pass
+            refusal = all(t.startswith(("refused: ", "unknown user", "unknown group")) for t in bad.values())
+            run.fail(Reason.REFUSED if refusal else Reason.APPLY_FAILED, "; ".join(bad.values()))
+            await _unstage(run, [i for i in staged if i in held])
+            idx = [i for i in idx if i not in held]
+            if not idx:
+                return
+            if combined:  # the gate kept everything back: swap the rest now
+                await _swap(run, idx)
+                return
+        elif combined:
+            _swap_outcome(run, idx, res, answer)
             if back:
                 run.read_back = parse_read_back(res.stdout, back, marker)
             return
+        staged = [i for i in staged if i in idx]
     # validate
     failures = await _validate(run, idx)
     if failures:
@@ -660,6 +700,56 @@ async def _files(run: _Run) -> None:
         if not idx:
             return
     await _swap(run, idx)
+
+
+def _path_rule(run: _Run, path: str) -> Rule:
+    for f in run.desired.files:
+        if f.path == path:
+            return rule_of(f)
+    return STRICT
+
+
+def _refuse(run: _Run) -> None:
+    """Refused actions (the plan saw a link or another user's directory on the path, or an
+    unknown owner) fail with their reason; their handlers' other changes are held back."""
+    refused = run.indices({ActionKind.REFUSED})
+    if refused:
+        why = {i: run.plan.actions[i].reason for i in refused}
+        _hold_back(run, [*refused, *_file_actions(run)], why, "refused")
+        # the host's own state refuses this commit: retrying repeats it until the fleet or the
+        # host changes (a new commit, or an explicit sync after the host is fixed)
+        run.fail(Reason.REFUSED, "; ".join(f"{run.plan.actions[i].resource}: {why[i]}" for i in refused))
+
+
+def _hold_back(run: _Run, idx: list[int], bad: dict[int, str], what: str) -> set[int]:
+    """``bad`` fail with their reason; every other change of their handlers is held back (a
+    handler's files are validated and reloaded as a whole; independent changes still apply).
+    Returns what was held back (``bad`` included)."""
+    actions = run.plan.actions
+    handlers = {h for i in bad if (h := actions[i].handler)}
+    held: set[int] = set()
+    for i in idx:
+        a = actions[i]
+        if i in bad:
+            run.mark(i, "failed", bad[i])
+            run.messages.append(f"{a.resource}: {bad[i]}")
+        elif a.handler in handlers:
+            run.mark(i, "skipped", f"not applied: another change of {a.handler} {what}")
+        else:
+            continue
+        held.add(i)
+    run.failed_handlers |= handlers
+    _skip_services_of_failed(run)
+    return held
+
+
+def _skip_services_of_failed(run: _Run) -> None:
+    """A service named after a held-back handler would start on the old configuration."""
+    for i in run.indices({ActionKind.START_SERVICE}):
+        t = run.plan.actions[i].target
+        if isinstance(t, Service) and t.name in run.failed_handlers:
+            run.mark(i, "skipped", f"not started: the configuration of {t.name} did not apply")
+            run.messages.append(f"service {t.name} not started: its configuration did not apply")
 
 
 @dataclass(frozen=True)
@@ -745,11 +835,13 @@ def _fail_handlers(run: _Run, idx: list[int]) -> None:
 
 
 async def _unstage(run: _Run, staged: list[int]) -> None:
-    paths = [staged_path(run.plan.actions[i].path or "", run.token) for i in staged]
-    if not paths:
+    if not staged:
         return
-    conn = await run.conn()
-    await conn.run(["rm", "-f", "--", *paths], timeout=DEFAULT_TIMEOUT)
+    b = _batch(run)
+    for i in staged:
+        a = run.plan.actions[i]
+        b.unstage(a.path or "/", _rule(a))
+    await _helper(run, b)
 
 
 def _subst(text: str, *, path: str | None, tree: str | None) -> str:
@@ -825,7 +917,7 @@ async def _validate(run: _Run, idx: list[int]) -> list[_Failure]:
         t = actions[i].target
         if isinstance(t, FileResource):
             for v in t.validators:
-                sp = staged_path(t.path, run.token)
+                sp = _validated_source(run, i)
                 add(
                     f"{t.path}: {' '.join(v.argv)}",
                     [_validator_cmd(v, path=sp, tree_var=False)],
@@ -863,7 +955,7 @@ async def _validate(run: _Run, idx: list[int]) -> list[_Failure]:
                             lt_cmd = q(lt)
                         body.append(f"rm -f {dst}; ln -s {lt_cmd} {dst}")
                     else:
-                        body.append(f"rm -f {dst}; cp -p {q(staged_path(a.path, run.token))} {dst}")
+                        body.append(f"rm -f {dst}; cp -p {q(_validated_source(run, i))} {dst}")
                 # drop staged temps copied from the live tree: the copy must hold what will be live
                 body.append("find \"$tree\" -name '.*.reconciler-*' -exec rm -f {} + 2>/dev/null")
                 body.append(f"( cd / && {_validator_cmd(v, path=None, tree_var=True)} ); vrc=$?")
@@ -874,6 +966,8 @@ async def _validate(run: _Run, idx: list[int]) -> list[_Failure]:
             add(f"{name}: {' '.join(v.argv)}", body, v.needs_command, (name, None))
     if not labels:
         return []
+    if any(_validated_source(run, i).startswith(VALIDATE_DIR + "/") for i in changed):
+        lines.append(f"rm -rf -- {q(posixpath.join(VALIDATE_DIR, run.token))}")
     conn = await run.conn()
     res = await conn.run_script("\n".join(lines) + "\n", timeout=DEFAULT_TIMEOUT)
     out = res.stdout.decode(errors="replace")
@@ -905,122 +999,90 @@ async def _validate(run: _Run, idx: list[int]) -> list[_Failure]:
     return problems
 
 
-def _journal_lines(names: set[str], token: str) -> list[str]:
-    """Shell lines that write (temp + rename) or clear the pending-reloads journal."""
-    jp = q(PENDING_RELOADS_PATH)
-    if not names:
-        return [f"rm -f {jp}"]
-    tmp = q(staged_path(PENDING_RELOADS_PATH, token))
-    body = " ".join(q(n) for n in sorted(names))
-    return [
-        f"mkdir -p {q(posixpath.dirname(PENDING_RELOADS_PATH))} && printf '%s\\n' {body} > {tmp} "
-        f"&& mv -f {tmp} {jp}"
-    ]
-
-
 async def _swap(run: _Run, idx: list[int]) -> None:
-    lines = ["set -u", *_swap_lines(run, idx)]
-    conn = await run.conn()
-    res = await conn.run_script("\n".join(lines) + "\n", timeout=DEFAULT_TIMEOUT)
-    _swap_outcome(run, idx, res)
+    b = _batch(run)
+    _swap_ops(run, b, idx)
+    if FAULT_BEFORE_SWAP is not None:
+        await FAULT_BEFORE_SWAP(run.host)
+    res, answer, _ = await _helper(run, b)
+    _swap_outcome(run, idx, res, answer)
 
 
-def _swap_lines(run: _Run, idx: list[int]) -> list[str]:
-    """Shell lines that put the staged files live (rename), with backups of a handler's files."""
+def _swap_ops(run: _Run, b: Batch, idx: list[int]) -> None:
+    """Put the staged files live (rename inside the pinned directory), with backups of a
+    handler's files; mode/owner fixes on the open file; deletes. The pending-reloads journal
+    first: if it cannot be written, nothing goes live."""
     actions = run.plan.actions
-    lines: list[str] = []
     reloading = {a.handler for a in actions if a.kind is ActionKind.RELOAD and a.handler}
     touched = {h for i in idx if (h := actions[i].handler) in reloading}
     if touched:
         # written BEFORE anything goes live: if the apply is cut off before the reloads, the
         # next observation finds the handlers here and the next plan reloads them
         run.journal = (run.journal or set()) | touched
-        lines += [
-            f"{ln} || {{ echo 'cannot write the pending-reloads journal' >&2; exit 20; }}"
-            for ln in _journal_lines(run.journal, run.token)
-        ]
+        b.journal(PENDING_RELOADS_PATH, "".join(f"{n}\n" for n in sorted(run.journal)))
     for i in idx:
         a = actions[i]
         p = a.path
         assert p is not None
-        qp, sp, bp = q(p), q(staged_path(p, run.token)), q(backup_path(p, run.token))
-        # a backup only where a failed reload can roll the file back: a handler's files
-        backup = (
-            f"if [ -L {qp} ]; then cp -P {qp} {bp}; elif [ -f {qp} ]; then ln {qp} {bp} 2>/dev/null "
-            f"|| cp -p {qp} {bp}; fi; [ -e {bp} ] || [ -L {bp} ] && echo '@@B {i}'; "
-            if a.handler
-            else ""
-        )
         t = a.target
+        rule = _rule(a)
+        # a backup only where a failed reload can roll the file back: a handler's files
+        backup = bool(a.handler)
         if a.kind in (ActionKind.CREATE, ActionKind.UPDATE, ActionKind.RELINK):
-            meta = ""
-            if isinstance(t, FileResource) and (t.secret or (t.owner, t.group) != ("root", "root")):
-                # (root:root files are staged by tar, as root, with their final mode already;
-                # a secret is staged with group/other bits cleared, then given its mode here)
-                meta = f"chown {q(t.owner + ':' + t.group)} {sp} && chmod {t.mode:04o} {sp} && "
-            lines.append(
-                f"if [ -d {qp} ] && [ ! -L {qp} ]; then rm -f {sp}; "
-                f"echo '@@F {i} a directory is in the way'; "
-                f"else {backup}{meta}mv -fT {sp} {qp} && echo '@@OK {i}' || "
-                f"{{ rm -f {sp}; echo '@@F {i} could not swap'; }}; fi"
-            )
-        elif a.kind is ActionKind.CHMOD and isinstance(t, FileResource):
-            lines.append(f"chmod {t.mode:04o} {qp} && echo '@@OK {i}' || echo '@@F {i} chmod failed'")
-        elif a.kind is ActionKind.CHOWN and isinstance(t, FileResource):
-            lines.append(
-                f"chown {q(t.owner + ':' + t.group)} {qp} && echo '@@OK {i}' || echo '@@F {i} chown failed'"
-            )
+            link = t.target if isinstance(t, LinkResource) else None
+            owner = t.owner if isinstance(t, FileResource) else "root"
+            b.swap(i, p, rule, backup=backup, link_target=link, owner=owner, expect=run.staged_ids.get(i, ""))
+        elif a.kind in (ActionKind.CHMOD, ActionKind.CHOWN) and isinstance(t, FileResource):
+            chown = a.kind is ActionKind.CHOWN
+            b.meta(i, p, rule, chown=chown, mode=t.mode, owner=t.owner, group=t.group)
         elif a.kind is ActionKind.DELETE:
-            lines.append(
-                f"if [ -d {qp} ] && [ ! -L {qp} ]; then echo '@@F {i} is a directory, not deleted'; "
-                f"else {backup}rm -f {qp} && echo '@@OK {i}' || echo '@@F {i} could not delete'; fi"
-            )
+            b.delete(i, p, rule, backup=backup)
         else:
-            lines.append(f"echo '@@F {i} nothing to do for {a.kind}'")
-    return lines
+            run.mark(i, "failed", f"nothing to do for {a.kind}")
 
 
-def _swap_outcome(run: _Run, idx: list[int], res: _Result) -> None:
+def _swap_outcome(run: _Run, idx: list[int], res: _Result, answer: list[Status]) -> None:
     actions = run.plan.actions
-    out = res.stdout.decode(errors="replace").splitlines()
-    for line in out:
-        if line.startswith("@@B "):
-            run.swapped[int(line.split()[1])] = True
+    journal = next((s.text for s in answer if s.tag == "J"), "")
+    for s in answer:
+        if s.tag == "B":
+            run.swapped[s.idx] = True
     for i in idx:
-        ok_line = f"@@OK {i}"
-        fail = next((ln for ln in out if ln.startswith(f"@@F {i} ")), None)
-        if ok_line in out:
+        if i in run.outcomes:
+            continue
+        ok = next((s for s in answer if s.idx == i and s.tag == "OK"), None)
+        fail = next((s for s in answer if s.idx == i and s.tag == "F"), None)
+        if ok is not None:
             run.swapped.setdefault(i, False)
-            run.mark(i, "done")
+            run.mark(i, "done", ok.text)
+            continue
+        if fail is not None:
+            msg = fail.text
+        elif journal:
+            msg = f"not swapped: {journal}"
         else:
-            msg = (
-                fail[len(f"@@F {i} ") :]
-                if fail
-                else f"no answer (exit {res.exit_status}): {_text(res)[-500:]}"
-            )
-            run.mark(i, "failed", msg)
-            run.messages.append(f"{actions[i].resource}: {msg}")
-            h = actions[i].handler
-            if h:
-                run.failed_handlers.add(h)
+            msg = f"no answer (exit {res.exit_status}): {_text(res)[-500:]}"
+        run.mark(i, "failed", msg)
+        run.messages.append(f"{actions[i].resource}: {msg}")
+        h = actions[i].handler
+        if h:
+            run.failed_handlers.add(h)
 
 
 async def _restore(run: _Run, handler: str) -> str:
-    """Put back the files of one handler from this apply's backups."""
-    lines = ["set -u"]
+    """Put back the files of one handler from this apply's backups (created files removed)."""
+    b = _batch(run)
     for i, had_backup in run.swapped.items():
         a = run.plan.actions[i]
         if a.handler != handler or a.kind in (ActionKind.CHMOD, ActionKind.CHOWN) or not a.path:
             continue
-        qp, bp = q(a.path), q(backup_path(a.path, run.token))
-        if had_backup:
-            lines.append(f"mv -fT {bp} {qp} || echo 'cannot restore {a.path}' >&2")
-        else:
-            lines.append(f"rm -f {qp}")
+        b.restore(i, a.path, _rule(a), had_backup=had_backup)
         run.outcomes[i] = ActionOutcome(a, "failed", f"rolled back: {handler} failed to reload")
-    conn = await run.conn()
-    res = await conn.run_script("\n".join(lines) + "\n", timeout=DEFAULT_TIMEOUT)
-    return _text(res)
+    res, answer, _ = await _helper(run, b)
+    problems = [s.text for s in answer if s.tag == "RF"]
+    if res.exit_status != 0:
+        problems.append(f"restore exit {res.exit_status}: {res.stderr.decode(errors='replace')[-500:]}")
+    return "; ".join(problems)
 
 
 # ---------------------------------------------------------------- tunnels
@@ -1399,7 +1461,13 @@ else
   mv -f "$t" "$j" || echo "@@J cannot write $j"
 fi
 [ "${1:-}" = -- ] && shift
-[ $# -eq 0 ] || rm -f -- "$@"
+# leftovers (.NAME.reconciler-*: this run's backups, temps and backups of interrupted runs):
+# first in root-only directories, by name (a link is removed, never followed; only root can
+# change those directories), then "--" and the path-safety helper with its operations for
+# directories another user controls
+while [ $# -gt 0 ] && [ "$1" != -- ]; do rm -f -- "$1"/.*.reconciler-* 2>/dev/null; shift; done
+[ "${1:-}" = -- ] && shift
+if [ $# -gt 0 ]; then h=$1; shift; perl -e "$h" -- args "$@" || echo "@@C cannot remove leftovers"; fi
 if [ -n "$inv" ]; then
   d=${inv%/*}; t="$d/.inventory.json.reconciler-$tmpsfx"
   if mkdir -p "$d" && cat > "$t" && mv -f "$t" "$inv"; then echo "@@INV ok"
@@ -1414,11 +1482,36 @@ fi
 """
 
 
+def _leftover_args(run: _Run) -> list[str]:
+    """FINISH's arguments that remove this apply's backups and any leftovers
+    (``.NAME.reconciler-*``) of interrupted earlier ones from the directories of this plan's
+    files and of the handlers an interrupted apply left in the journal (a kill during a reload
+    leaves its backups behind): root-only directories by shell glob (no process but ``rm``),
+    then "--" and the path-safety helper's operations for directories another user controls."""
+    actions = run.plan.actions
+    interrupted = {a.handler for a in actions if a.kind is ActionKind.RELOAD and INTERRUPTED in a.reason}
+    where: dict[str, tuple[str, Rule]] = {}
+    for a in actions:
+        if a.kind in FILE_KINDS and a.path:
+            where.setdefault(posixpath.dirname(a.path), (a.path, _rule(a)))
+    for f in run.desired.files:
+        if f.handler in interrupted:
+            where.setdefault(posixpath.dirname(f.path), (f.path, rule_of(f)))
+    strict = [d for d, (_, rule) in where.items() if rule.strict]
+    guarded = [(p, rule) for p, rule in where.values() if not rule.strict]
+    if not guarded:
+        return strict
+    b = _batch(run)
+    for p, rule in guarded:
+        b.clean(p, rule, keep_token=False)
+    return [*strict, "--", pathsafe.HELPER, *b.args()]
+
+
 async def _finish(run: _Run) -> None:
-    """One round trip: remove this apply's backups, bring the pending-reloads journal up to
-    date (cleared once every pending reload ran), record the inventory if every action
-    succeeded."""
-    backups = [backup_path(run.plan.actions[i].path or "", run.token) for i, b in run.swapped.items() if b]
+    """One round trip: remove this apply's backups (and leftovers of interrupted ones), bring
+    the pending-reloads journal up to date (cleared once every pending reload ran), record the
+    inventory if every action succeeded."""
+    backups = [i for i, b in run.swapped.items() if b]
     all_ok = not any(o.status in ("failed", "skipped") for o in run.outcomes.values())
     record = [i for i in run.indices({ActionKind.RECORD_INVENTORY})]
     ident = [i for i in run.indices({ActionKind.RECORD_IDENTITY})]
@@ -1434,10 +1527,11 @@ async def _finish(run: _Run) -> None:
     write_inventory = all_ok and (bool(record) or not unchanged)
     if run.journal is None and not backups and not write_inventory and identity is None:
         return
+    leftovers = _leftover_args(run) if backups or run.journal is not None else []
     args = (INVENTORY_PATH if write_inventory else "", run.token, PENDING_RELOADS_PATH,
             IDENTITY_PATH if identity is not None else "",
             format_identity(identity).decode() if identity is not None else "",
-            "--", *journal, "--", *backups)  # fmt: skip
+            "--", *journal, "--", *leftovers)  # fmt: skip
     run.finished = True
     conn = await run.conn()
     res = await conn.run_script(
@@ -1447,8 +1541,9 @@ async def _finish(run: _Run) -> None:
         timeout=60,
     )
     out = res.stdout.decode(errors="replace")
-    if "@@J " in out:
-        run.messages.append(out.split("@@J ", 1)[1].splitlines()[0])
+    for tag in ("@@J ", "@@C "):
+        if tag in out:
+            run.messages.append(out.split(tag, 1)[1].splitlines()[0])
     if identity is not None:
         written = "@@ID ok" in out
         for i in ident:

@@ -11,10 +11,13 @@ is systemd, else the service's status command and its init script's runlevel lin
 Lean by construction (every forked process costs: all lab hosts share 2 CPUs): only the
 sections the Desired needs run (iptables-save only with a firewall, ``ip addr``/kernel facts only
 with tunnels or addresses, charon/swanctl/xfrm only with an IPsec handler, dpkg-query only with
-packages); ONE ``find -printf`` stats every declared path (kind, mode, owner, group, link
-target), ONE ``sha256sum -z`` hashes every regular file, ONE ``find`` lists the owned
-directories; the inventory is read with the shell's ``read`` builtin. A no-op observation of
-a host with only files forks 2 processes besides its ``sh``.
+packages); ONE ``find -printf`` stats every declared path and the directories above them (kind,
+mode, owner, group, link target, uid: ``reconciler.pathsafe.refusal`` judges the directories),
+ONE ``sha256sum -z`` hashes every regular file whose directories pass shell-builtin checks, ONE
+``find`` lists the owned directories; the inventory is read with the shell's ``read`` builtin.
+A no-op observation of a host with only files forks 2 processes besides its ``sh``. Paths under
+a directory a user controls (``controlled_dir``) are read only by the path-safety helper (one
+``perl``, and ``sha256sum`` on the files it opened), never through a link.
 
 Output framing (stdout), one section per probe, raw bytes (no encoding)::
 
@@ -35,7 +38,6 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-import shlex
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -59,6 +61,7 @@ from reconciler.observed import (
     XfrmPolicy,
 )
 from reconciler.packaging import needed_packages
+from reconciler.pathsafe import HELPER, PERL, STRICT, Batch, Rule, all_ancestors, refusal, rule_of
 from reconciler.remote import ScriptBuilder, token
 from reconciler.resources import Desired
 
@@ -74,8 +77,9 @@ NO_IPV6 = "reconciler-no-ipv6"  # the ip6tables section's answer on a kernel wit
 # handlers whose presence means the host runs IPsec: observe charon/swanctl and xfrm policies
 IPSEC_HANDLERS = frozenset({"charon", "charon-restart", "racoon", "setkey"})
 
-# the observation's file record: find -printf, 6 NUL-terminated fields (parse_find_records)
-FIND_FMT = r"%p\0%y\0%m\0%u\0%g\0%l\0"
+# the observation's file record: find -printf, 7 NUL-terminated fields (parse_find_records); the
+# path-safety helper prints the same records (kind "R": refused, the reason in the 6th field)
+FIND_FMT = r"%p\0%y\0%m\0%u\0%g\0%l\0%U\0"
 
 PRELUDE = r"""LC_ALL=C; export LC_ALL
 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin; export PATH
@@ -91,17 +95,43 @@ frame() {
 }
 FMT='@FIND_FMT@'
 st() { [ $# -eq 0 ] || find "$@" -maxdepth 0 -printf "$FMT"; }
+# every directory above $1 is not a link and is owned by root (shell builtins: no process;
+# the answer for the last directory asked is kept: files share directories); whatever else
+# the policy refuses (group/other-writable) is judged from st's records
+anc_ok() {
+  _d=${1%/*}
+  if [ "$_d" = "${_ok_d-/}" ]; then return "$_ok_rc"; fi
+  _a=$_d; _ok_rc=0
+  while [ -n "$_a" ]; do
+    if [ -L "$_a" ] || [ ! -O "$_a" ]; then _ok_rc=1; break; fi
+    _a=${_a%/*}
+  done
+  _ok_d=$_d
+  return "$_ok_rc"
+}
 hs() {
   n=$#
-  for p do if [ -f "$p" ] && [ ! -L "$p" ]; then set -- "$@" "$p"; fi; done
+  for p do if anc_ok "$p" && [ -f "$p" ] && [ ! -L "$p" ]; then set -- "$@" "$p"; fi; done
   shift "$n"
   [ $# -eq 0 ] || sha256sum -z -- "$@"
 }
 own() {
   n=$#
-  for p do if [ -d "$p" ]; then set -- "$@" "$p"; fi; done
+  for p do if anc_ok "$p" && [ -d "$p" ] && [ ! -L "$p" ]; then set -- "$@" "$p"; fi; done
   shift "$n"
   [ $# -eq 0 ] || find "$@" -mindepth 1 ! -type d -printf "$FMT"
+}
+# "u:NAME" / "g:NAME": does the user/group exist? /etc/passwd|group with builtins, else NSS
+ids() {
+  for a do
+    k=${a%%:*}; n=${a#*:}; f=0
+    if [ "$k" = u ]; then db=/etc/passwd; ns=passwd; else db=/etc/group; ns=group; fi
+    if [ -r "$db" ]; then
+      while IFS=: read -r e _r; do if [ "$e" = "$n" ]; then f=1; break; fi; done < "$db"
+    fi
+    if [ $f = 0 ] && getent "$ns" "$n" >/dev/null 2>&1; then f=1; fi
+    printf '%s %s %s\n' "$k" "$n" "$f"
+  done
 }
 inv_cat() {
   [ -f "$1" ] || return 0
@@ -124,7 +154,11 @@ ident() {
     printf '%s\n' "$_l"; _n=$((_n + 1))
   done < "$1"
 }
-file_head() { if [ -f "$1" ] && [ ! -L "$1" ]; then head -c "$2" -- "$1"; else return 3; fi; }
+file_head() {
+  if anc_ok "$1" && [ -f "$1" ] && [ ! -L "$1" ]; then head -c "$2" -- "$1"; return; fi
+  echo "$1 changed since it was observed (no longer a regular file under root-only directories)" >&2
+  return 3
+}
 charon_state() {
   if [ -r /run/charon.pid ]; then
     read -r pid < /run/charon.pid || pid=
@@ -198,16 +232,39 @@ class Probe:
     unhashed: tuple[str, ...]  # stat only (links, private keys)
     dirs: tuple[str, ...]  # owned directories to list
     secret: frozenset[str] = field(default_factory=frozenset)  # never fetch content
+    # paths under a directory a non-root user controls (the fleet says so): observed only
+    # through the path-safety helper, never by find/sha256sum; (path, rule, hash it)
+    guarded: tuple[tuple[str, Rule, bool], ...] = ()
+    users: tuple[str, ...] = ()  # non-root owners the files declare (do they exist?)
+    groups: tuple[str, ...] = ()
+
+    def ancestors(self) -> tuple[str, ...]:
+        """The directories above every path find stats (and the owned directories): their
+        records decide whether the paths are root's alone (``reconciler.pathsafe.refusal``)."""
+        return all_ancestors((*self.hashed, *self.unhashed, *(f"{d}/x" for d in self.dirs)))
+
+    def rules(self) -> dict[str, Rule]:
+        return {p: r for p, r, _ in self.guarded}
 
 
 def probe_for(desired: Desired) -> Probe:
     hashed: dict[str, None] = {}
     unhashed: dict[str, None] = {}
+    guarded: dict[str, tuple[Rule, bool]] = {}
     secret: set[str] = set()
+    users: dict[str, None] = {}
+    groups: dict[str, None] = {}
     for f in desired.files:
-        hashed[f.path] = None
+        rule = rule_of(f)
+        if rule.strict:
+            hashed[f.path] = None
+        else:
+            guarded[f.path] = (rule, True)
+            users[rule.user] = None
         if f.secret:
             secret.add(f.path)
+        users[f.owner] = None
+        groups[f.group] = None
     if desired.firewall is not None:
         hashed[desired.firewall.persistent_path] = None
         if desired.firewall.rules_v6 is not None:
@@ -217,14 +274,25 @@ def probe_for(desired: Desired) -> Probe:
         secret.add(kp.private_path)
         hashed[kp.public_path] = None
     for lk in desired.links:
-        unhashed[lk.path] = None
+        rule = rule_of(lk)
+        if rule.strict:
+            unhashed[lk.path] = None
+        else:
+            guarded.setdefault(lk.path, (rule, False))
+            users[rule.user] = None
     for p in hashed:
+        unhashed.pop(p, None)
+    for p in guarded:
+        hashed.pop(p, None)
         unhashed.pop(p, None)
     return Probe(
         hashed=tuple(hashed),
         unhashed=tuple(unhashed),
         dirs=tuple(desired.owned_dirs),
         secret=frozenset(secret),
+        guarded=tuple((p, r, h) for p, (r, h) in guarded.items()),
+        users=tuple(u for u in users if u != "root"),
+        groups=tuple(g for g in groups if g != "root"),
     )
 
 
@@ -264,12 +332,24 @@ def build_script(
     want = wanted_for(desired)
     b = ScriptBuilder()
     inv = b.ref(_absolute(inventory_path))
-    stat_paths = b.refs([_absolute(p) for p in (*probe.hashed, *probe.unhashed)])
+    # the paths' directories first: one find call judges them all (few, and shared)
+    stat_list = [*probe.ancestors(), *probe.hashed, *probe.unhashed]
+    stat_paths = b.refs([_absolute(p) for p in stat_list])
     b.add(f"frame files st {stat_paths}".rstrip())
     hashed = b.refs([_absolute(p) for p in probe.hashed])
     b.add(f"frame hashes hs {hashed}".rstrip())
     if probe.dirs:
         b.add(f"frame owned own {b.refs([_absolute(d) for d in probe.dirs])}")
+    if probe.guarded:
+        safe = Batch()
+        for p, rule, hash_it in probe.guarded:
+            safe.stat(_absolute(p), rule, hash_it=hash_it)
+        safe.flush("safe")
+        b.add("printf '@@%s<safe\\n' \"$N\" >&2")
+        b.add(f"RCL_N=$N {PERL} -e {b.ref(HELPER)} -- args {b.refs(safe.args())}")
+    if probe.users or probe.groups:
+        names = [f"u:{u}" for u in probe.users] + [f"g:{g}" for g in probe.groups]
+        b.add(f"frame ids ids {b.refs(names)}")
     b.add(f"frame inventory inv_cat {inv}")
     b.add(f"frame pending inv_cat {b.ref(_absolute(pending_path))}")
     b.add(f"frame identity ident {b.ref(_absolute(identity_path))}")
@@ -378,12 +458,18 @@ _KINDS = {"f": "file", "l": "link", "d": "dir"}
 
 
 def parse_find_records(body: bytes) -> dict[str, FileState]:
-    """``find -printf '%p\\0%y\\0%m\\0%u\\0%g\\0%l\\0'`` records (6 NUL-separated fields each)."""
+    """``find -printf '%p\\0%y\\0%m\\0%u\\0%g\\0%l\\0%U\\0'`` records (7 NUL-separated fields
+    each), or the helper's (``reconciler.pathsafe``: kind ``R`` = refused, the reason in place
+    of the link target)."""
     fields = body.split(b"\0")
     out: dict[str, FileState] = {}
-    for i in range(0, len(fields) - 5, 6):
-        raw_path, kind, mode_s, owner, group, target = fields[i : i + 6]
+    for i in range(0, len(fields) - 6, 7):
+        raw_path, kind, mode_s, owner, group, target, uid_s = fields[i : i + 7]
         path = raw_path.decode("utf-8", errors="surrogateescape")
+        if kind == b"R":
+            why = target.decode("utf-8", errors="replace")
+            out[path] = FileState(path=path, exists=False, kind="other", refused=why)
+            continue
         try:
             mode: int | None = int(mode_s, 8)
         except ValueError:
@@ -397,6 +483,7 @@ def parse_find_records(body: bytes) -> dict[str, FileState]:
             owner=owner.decode("utf-8", errors="replace"),
             group=group.decode("utf-8", errors="replace"),
             link_target=target.decode("utf-8", errors="surrogateescape") if k == "link" else None,
+            uid=int(uid_s) if uid_s.isdigit() else None,
         )
     return out
 
@@ -432,31 +519,22 @@ def file_states(
 # ---------------------------------------------------------------- read-back after a change
 
 
-def read_back_lines(paths: Sequence[str], marker: str) -> list[str]:
-    """Shell lines that print what ``paths`` are now (the observation's file record, and the
-    sha256 of the regular files) between ``@@<marker>`` lines: appended to the script that just
-    changed them, they prove the change without another round trip. ``marker``: random hex."""
-    quoted = " ".join(shlex.quote(p) for p in paths)
-    return [
-        f"printf '\\n@@%s<st\\n' {marker}",
-        f"find {quoted} -maxdepth 0 -printf '{FIND_FMT}' 2>/dev/null",
-        f"printf '\\n@@%s<hs\\n' {marker}",
-        "set --",
-        f'for p in {quoted}; do if [ -f "$p" ] && [ ! -L "$p" ]; then set -- "$@" "$p"; fi; done',
-        '[ $# -eq 0 ] || sha256sum -z -- "$@" 2>/dev/null',
-        f"printf '\\n@@%s<end\\n' {marker}",
-    ]
+def read_back(batch: Batch, paths: Mapping[str, Rule]) -> None:
+    """Add to a helper run (after the operations that changed ``paths``) a read of what they
+    are now: the observation's file record and sha256 (sections ``rb.st``/``rb.hs``), so the
+    change is proven without another round trip. Never through a link."""
+    for p, rule in paths.items():
+        batch.stat(p, rule, hash_it=True)
+    batch.flush("rb")
 
 
 def parse_read_back(stdout: bytes, paths: Sequence[str], marker: str) -> dict[str, FileState] | None:
-    """The file states ``read_back_lines`` printed; None if the output is not all there."""
-    st, hs, end = (f"\n@@{marker}<{t}\n".encode() for t in ("st", "hs", "end"))
-    i, j, k = stdout.find(st), stdout.find(hs), stdout.find(end)
-    if min(i, j, k) < 0 or not i < j < k:
+    """The file states ``read_back`` printed; None if the output is not all there."""
+    secs = split_sections(stdout, nonce=marker)
+    st, hs = secs.get("rb.st"), secs.get("rb.hs")
+    if st is None or hs is None or st.exit_status is None or hs.exit_status != 0:
         return None
-    records = parse_find_records(stdout[i + len(st) : j])
-    hashes = parse_sha256(stdout[j + len(hs) : k])
-    return file_states(paths, records, hashes)
+    return file_states(paths, parse_find_records(st.body), parse_sha256(hs.body))
 
 
 def parse_xfrm_policies(text: str) -> tuple[XfrmPolicy, ...]:
@@ -643,20 +721,34 @@ def parse_observation(host: str, desired: Desired, sections: Mapping[str, Sectio
         return sec.body.decode("utf-8", errors="replace")
 
     want = wanted_for(desired)
+    probe = probe_for(desired)
     files: dict[str, FileState] = {}
-    owned = sections.get("owned")
-    if owned is not None:
-        if _files_ok(owned, "owned directories", errors):
-            files.update(parse_find_records(owned.body))
-    elif desired.owned_dirs:
-        errors.append("owned directories: no answer (observation cut short)")
+    records: dict[str, FileState] = {}
     declared, hashed = sections.get("files"), sections.get("hashes")
     if declared is None or hashed is None:
         errors.append("files: no answer (observation cut short)")
     elif _files_ok(declared, "files", errors) and _files_ok(hashed, "file hashes", errors):
-        probe = probe_for(desired)
         records = parse_find_records(declared.body)
-        files.update(file_states((*probe.hashed, *probe.unhashed), records, parse_sha256(hashed.body)))
+    owned = sections.get("owned")
+    if owned is not None:
+        if _files_ok(owned, "owned directories", errors) and records:
+            files.update(owned_states(parse_find_records(owned.body), desired.owned_dirs, records))
+    elif desired.owned_dirs:
+        errors.append("owned directories: no answer (observation cut short)")
+    if records and hashed is not None:
+        asked = (*probe.hashed, *probe.unhashed)
+        files.update(judged(file_states(asked, records, parse_sha256(hashed.body)), records))
+    if probe.guarded:
+        st, hs = sections.get("safe.st"), sections.get("safe.hs")
+        if st is None or hs is None or st.exit_status is None or hs.exit_status is None:
+            detail = f": {_first_error(st.stderr)}" if st is not None and st.stderr else ""
+            errors.append(f"files under user-controlled directories: no answer (perl ran?){detail}")
+        else:
+            if hs.exit_status != 0:
+                errors.append(f"files under user-controlled directories: sha256sum exit {hs.exit_status}")
+            asked = tuple(p for p, _, _ in probe.guarded)
+            files.update(file_states(asked, parse_find_records(st.body), parse_sha256(hs.body)))
+    unknown_users, unknown_groups = parse_ids(sections.get("ids"), probe, errors)
 
     inventory: tuple[str, ...] = ()
     inv = sections.get("inventory")
@@ -761,6 +853,8 @@ def parse_observation(host: str, desired: Desired, sections: Mapping[str, Sectio
         errors=tuple(errors),
         pending_reloads=pending,
         identity=identity,
+        unknown_users=unknown_users,
+        unknown_groups=unknown_groups,
     )
 
 
@@ -779,6 +873,51 @@ def _files_ok(sec: Section, what: str, errors: list[str]) -> bool:
         errors.append(f"{what}: exit {sec.exit_status}{detail}")
         return False
     return True
+
+
+def judged(states: Mapping[str, FileState], records: Mapping[str, FileState]) -> dict[str, FileState]:
+    """``states`` with every path whose directories are not root's alone replaced by a refused
+    state (the reason; nothing read through it): ``records`` holds their ``find`` records."""
+    out = dict(states)
+    by_dir: dict[str, str | None] = {}  # files share directories: judge each chain once
+    for p in states:
+        d = p.rpartition("/")[0]
+        if d not in by_dir:
+            by_dir[d] = refusal(p, records)
+        why = by_dir[d]
+        if why:
+            out[p] = FileState(path=p, exists=False, kind="other", refused=why)
+    return out
+
+
+def owned_states(
+    found: Mapping[str, FileState], owned_dirs: Iterable[str], records: Mapping[str, FileState]
+) -> dict[str, FileState]:
+    """Files found under the owned directories, refused when the directories above (and the
+    owned directory itself) are not root's alone."""
+    dirs = sorted(owned_dirs, key=len, reverse=True)
+    out: dict[str, FileState] = {}
+    for p, st in found.items():
+        d = next((d for d in dirs if p.startswith(d.rstrip("/") + "/")), None)
+        why = refusal(p, records, upto=d) if d is not None else None
+        out[p] = FileState(path=p, exists=False, kind="other", refused=why) if why else st
+    return out
+
+
+def parse_ids(sec: Section | None, probe: Probe, errors: list[str]) -> tuple[frozenset[str], frozenset[str]]:
+    """The declared non-root owners and groups the host does not know (``ids`` lines)."""
+    if not probe.users and not probe.groups:
+        return frozenset(), frozenset()
+    if sec is None or sec.exit_status is None:
+        errors.append("users and groups: no answer (observation cut short)")
+        return frozenset(), frozenset()
+    users: set[str] = set()
+    groups: set[str] = set()
+    for line in sec.body.decode("utf-8", errors="replace").splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[2] == "0":
+            (users if parts[0] == "u" else groups).add(parts[1])
+    return frozenset(users), frozenset(groups)
 
 
 def parse_pending_reloads(body: bytes) -> tuple[str, ...]:
@@ -812,13 +951,25 @@ def content_wanted(desired: Desired, observed: Observed) -> tuple[str, ...]:
     return tuple(out)
 
 
-def build_fetch_script(paths: Iterable[str], stat_paths: Iterable[str]) -> tuple[str, list[str]]:
+def build_fetch_script(
+    paths: Iterable[str], stat_paths: Iterable[str], rules: Mapping[str, Rule] | None = None
+) -> tuple[str, list[str]]:
+    """Contents for diffs (``content.<i>``; paths under a user-controlled directory through the
+    helper, in one run) and a stat of odd paths with their directories (``files``)."""
+    rules = rules or {}
     b = ScriptBuilder()
+    safe = Batch()
     for i, p in enumerate(paths):
-        b.add(f"frame content.{i} file_head {b.ref(p)} {CONTENT_LIMIT + 1}")
+        rule = rules.get(p, STRICT)
+        if rule.strict:
+            b.add(f"frame content.{i} file_head {b.ref(p)} {CONTENT_LIMIT + 1}")
+        else:
+            safe.read(f"content.{i}", _absolute(p), rule, CONTENT_LIMIT + 1)
+    if safe:
+        b.add(f"RCL_N=$N {PERL} -e {b.ref(HELPER)} -- args {b.refs(safe.args())}")
     stat = [_absolute(p) for p in stat_paths]
     if stat:
-        b.add(f"frame files st {b.refs(stat)}")
+        b.add(f"frame files st {b.refs([*all_ancestors(stat), *stat])}")
     return b.script(PRELUDE), b.args
 
 
@@ -857,7 +1008,7 @@ async def observe_host(
     round_trips = 1
     if fetch or missing:
         round_trips = 2
-        script2, args2 = build_fetch_script(fetch, missing)
+        script2, args2 = build_fetch_script(fetch, missing, probe_for(desired).rules())
         nonce2 = new_nonce()
         result2 = await conn.run_script(
             script2, args=args2, stdin_after=f"{nonce2}\n".encode(), timeout=timeout
@@ -893,6 +1044,10 @@ def _merge_fetch(
         st = files.get(p)
         if st is None:
             continue
+        if sec is not None and sec.exit_status == 3 and sec.stderr:
+            # the helper would not read it (changed since the stat: now a link, hard-linked...)
+            files[p] = FileState(path=p, exists=False, kind="other", refused=sec.stderr.strip()[:300])
+            continue
         if sec is None or sec.exit_status != 0:
             errors.append(f"content of {p}: could not be read for the diff")
             continue
@@ -901,6 +1056,7 @@ def _merge_fetch(
         files[p] = replace(st, content=sec.body)
     extra = sections.get("files")
     if extra is not None and stat_paths and extra.exit_status is not None:
-        for p, st in file_states(stat_paths, parse_find_records(extra.body), {}).items():
+        records = parse_find_records(extra.body)
+        for p, st in judged(file_states(stat_paths, records, {}), records).items():
             files.setdefault(p, st)
     return replace(observed, files=MappingProxyType(dict(sorted(files.items()))), errors=tuple(errors))

@@ -25,6 +25,10 @@ class FileState:
     group: str | None = None
     link_target: str | None = None  # for symlinks (readlink, as written)
     content: bytes | None = None  # fetched only when the hash differs (second round trip)
+    uid: int | None = None  # numeric owner (the directory policy of reconciler.pathsafe)
+    # why the path must not be touched: a directory above it is a link, not root's alone, ...
+    # (reconciler.pathsafe); nothing was read through it; plan shows this, apply refuses it
+    refused: str | None = None
 
 
 @dataclass(frozen=True)
@@ -100,3 +104,6 @@ class Observed:
     pending_reloads: tuple[str, ...] = ()
     # /etc/reconciler/identity as the observation saw it (None: not observed); see reconciler.identity
     identity: SeenIdentity | None = None
+    # declared non-root owners/groups the host does not know (plan refuses those files)
+    unknown_users: frozenset[str] = frozenset()
+    unknown_groups: frozenset[str] = frozenset()

@@ -78,6 +78,9 @@ class ActionKind(StrEnum):
     RECORD_INVENTORY = "record-inventory"
     INITIATE_CHILD = "initiate-child"
     RECORD_IDENTITY = "record-identity"
+    # a change the reconciler will not make: the path's directories are not safe (a link,
+    # another user's), or its owner is unknown; apply reports it as failed, does nothing
+    REFUSED = "refused"
 
 
 ADD_KINDS = frozenset(
@@ -113,6 +116,7 @@ _KIND_ORDER = {
     ActionKind.RELINK: 4,
     ActionKind.CHMOD: 5,
     ActionKind.CHOWN: 5,
+    ActionKind.REFUSED: 5,
     ActionKind.DELETE: 6,
     ActionKind.CREATE_TUNNEL: 7,
     ActionKind.RECREATE_TUNNEL: 7,
@@ -592,7 +596,20 @@ def _plan_keypairs(keypairs: tuple[KeyPair, ...], observed: Observed, warnings: 
     for kp in keypairs:
         priv = observed.files.get(kp.private_path)
         pub = observed.files.get(kp.public_path)
-        if priv is None or not priv.exists:
+        bad = next((st for st in (priv, pub) if st is not None and st.refused), None)
+        if bad is not None:
+            out.append(
+                Action(
+                    ActionKind.REFUSED,
+                    f"keypair {kp.name}",
+                    kp.domain,
+                    refused_reason(bad),
+                    path=kp.private_path,
+                    handler=kp.handler,
+                    target=kp,
+                )
+            )
+        elif priv is None or not priv.exists:
             out.append(
                 Action(
                     ActionKind.GENERATE_KEYPAIR,
@@ -616,12 +633,28 @@ def _plan_files(files: tuple[FileResource, ...], observed: Observed) -> list[Act
     out: list[Action] = []
     for f in files:
         state = observed.files.get(f.path) or FileState(path=f.path, exists=False)
+        unknown = []
+        if f.owner in observed.unknown_users:
+            unknown.append(f"no user {f.owner}")
+        if f.group in observed.unknown_groups:
+            unknown.append(f"no group {f.group}")
+        if unknown and not state.refused:
+            why = f"{' and '.join(unknown)} on this host (owner {f.owner}:{f.group}); nothing changed"
+            out.append(Action(ActionKind.REFUSED, f"file {f.path}", f.domain, why, "", f.path, f.handler, f))
+            continue
         out += _plan_file(f, state)
     return out
 
 
+def refused_reason(state: FileState) -> str:
+    """The reason shown for a refused path: what is wrong, and that nothing went through it."""
+    return f"refused: {state.refused}; nothing read or changed through it"
+
+
 def _plan_file(f: FileResource, state: FileState) -> list[Action]:
     res = f"file {f.path}"
+    if state.refused:
+        return [Action(ActionKind.REFUSED, res, f.domain, refused_reason(state), "", f.path, f.handler, f)]
     if not state.exists:
         diff = SECRET_DIFF if f.secret else text_diff(None, f.content, f.path)
         return [Action(ActionKind.CREATE, res, f.domain, "missing", diff, f.path, f.handler, f)]
@@ -677,7 +710,10 @@ def _plan_links(links: tuple[LinkResource, ...], observed: Observed) -> list[Act
     for lk in links:
         state = observed.files.get(lk.path) or FileState(path=lk.path, exists=False)
         res = f"link {lk.path}"
-        if not state.exists:
+        if state.refused:
+            reason = refused_reason(state)
+            out.append(Action(ActionKind.REFUSED, res, lk.domain, reason, "", lk.path, lk.handler, lk))
+        elif not state.exists:
             out.append(
                 Action(
                     ActionKind.CREATE,
@@ -721,7 +757,7 @@ def _plan_prune(desired: Desired, observed: Observed, *, use_inventory: bool = T
     wanted = _wanted_paths(desired)
     candidates: set[str] = set(_inventory_candidates(desired, observed)) if use_inventory else set()
     for p, st in observed.files.items():
-        if p in wanted or not st.exists or st.kind == "dir":
+        if p in wanted or (not st.exists and not st.refused) or st.kind == "dir":
             continue
         if any(_under(p, d) for d in desired.owned_dirs):
             if TEMP_MARKER in posixpath.basename(p):
@@ -730,11 +766,16 @@ def _plan_prune(desired: Desired, observed: Observed, *, use_inventory: bool = T
     out: list[Action] = []
     for p in sorted(candidates):
         live = observed.files.get(p)
+        handler, domain = _owner_of(p, desired)
+        if live is not None and live.refused:
+            # a link (or another user's directory) on the way: nothing deleted through it
+            reason = f"left the fleet, but not deleted: {live.refused}"
+            out.append(Action(ActionKind.REFUSED, f"file {p}", domain, reason, "", p, handler))
+            continue
         if live is not None and not live.exists:
             continue  # already gone
         if live is not None and live.kind == "dir":
             continue
-        handler, domain = _owner_of(p, desired)
         # no content shown: a file that left the fleet may have been a secret
         diff = ""
         out.append(Action(ActionKind.DELETE, f"file {p}", domain, "left the fleet", diff, p, handler))

@@ -59,10 +59,9 @@ def render_host_plan(plan: HostPlan, paint: _Paint) -> list[str]:
     lines: list[str] = []
     for a in plan.actions:
         b = bucket(a.kind)
-        sym = paint(SYMBOL[b], COLOR[b], BOLD)
-        lines.append(
-            f"  {sym} {paint(str(a.kind), COLOR[b])} {a.resource}  {paint('(' + a.reason + ')', DIM)}"
-        )
+        sym, color = (SYMBOL[b], COLOR[b]) if a.kind is not ActionKind.REFUSED else ("!", RED)
+        reason = paint("(" + a.reason + ")", DIM)
+        lines.append(f"  {paint(sym, color, BOLD)} {paint(str(a.kind), color)} {a.resource}  {reason}")
         if a.diff:
             lines += render_diff(a.diff, paint)
     for p in plan.pending:

@@ -70,6 +70,10 @@ class FileResource:
     handler: str | None = None  # Handler.name to validate/reload when this file changes
     validators: tuple[Validator, ...] = ()  # the file's own validate commands ({path})
     needs_package: str | None = None  # planned after that package is installed
+    # a directory above ``path`` that the non-root user ``controlled_by`` controls (with those
+    # below it on the way): allowed by reconciler.pathsafe, which then does every operation
+    controlled_dir: str | None = None
+    controlled_by: str | None = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,8 @@ class LinkResource:
     domain: Domain
     handler: str | None = None
     needs_package: str | None = None
+    controlled_dir: str | None = None  # as FileResource
+    controlled_by: str | None = None
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,8 @@ def render(fleet: Fleet, host: Host) -> Fragment:
                     domain=Domain.FILES,
                     handler=handler_name,
                     needs_package=mf.package,
+                    controlled_dir=mf.controlled_dir.path if mf.controlled_dir else None,
+                    controlled_by=mf.controlled_by,
                 )
             )
             continue
@@ -84,6 +86,8 @@ def render(fleet: Fleet, host: Host) -> Fragment:
                 handler=handler_name,
                 validators=validators,
                 needs_package=mf.package,
+                controlled_dir=mf.controlled_dir.path if mf.controlled_dir else None,
+                controlled_by=mf.controlled_by,
             )
         )
     return Fragment(

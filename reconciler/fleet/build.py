@@ -224,6 +224,7 @@ def apparmor(d: Mapping[str, Any], file: str) -> m.AppArmorProfile:
 
 def managed_file(d: Mapping[str, Any], file: str) -> m.ManagedFile:
     reload = d.get("reload")
+    cd = d.get("controlled_dir")
     return m.ManagedFile(
         name=d["name"],
         path=d["path"],
@@ -240,4 +241,5 @@ def managed_file(d: Mapping[str, Any], file: str) -> m.ManagedFile:
         else m.ReloadHandler(service=reload["service"], command=tuple(reload["command"])),
         source_file=file,
         package=d.get("package"),
+        controlled_dir=None if cd is None else m.ControlledDir(path=cd["path"], user=cd.get("user")),
     )

@@ -243,6 +243,15 @@ class ReloadHandler:
 
 
 @dataclass(frozen=True)
+class ControlledDir:
+    """A directory above a managed file that a non-root user controls (with those below it on
+    the way to the file): the file is then written only through the no-follow walk."""
+
+    path: str
+    user: str | None = None  # None: the file's owner
+
+
+@dataclass(frozen=True)
 class ManagedFile:
     name: str
     path: str
@@ -259,6 +268,14 @@ class ManagedFile:
     # the Debian package this file belongs to (e.g. its config directory comes with it): it is
     # installed first (implicitly, like the domains' packages) and the file is planned after it
     package: str | None = None
+    controlled_dir: ControlledDir | None = None  # see reconciler.pathsafe
+
+    @property
+    def controlled_by(self) -> str | None:
+        """The non-root user who controls ``controlled_dir`` (None without one)."""
+        if self.controlled_dir is None:
+            return None
+        return self.controlled_dir.user or self.owner
 
 
 # ---------------------------------------------------------------- roles, drift, mail

@@ -536,6 +536,21 @@ class Checker:
                 self.warn(x.doc, ("secret",), "secret: true but the content is in the fleet repo in clear")
             if f.link_target is not None and (f.validate or x.doc.data.get("mode") is not None):
                 self.err(x.doc, ("link_target",), "a symbolic link has no mode and nothing to validate")
+            if f.controlled_dir is not None:
+                cd = f.controlled_dir
+                if not f.path.startswith(cd.path.rstrip("/") + "/") or cd.path == "/":
+                    self.err(
+                        x.doc,
+                        ("controlled_dir", "path"),
+                        f"{cd.path} is not a directory above {f.path} (nor may it be /)",
+                    )
+                if f.controlled_by == "root":
+                    field = ("controlled_dir", "user") if cd.user else ("controlled_dir",)
+                    self.err(
+                        x.doc,
+                        field,
+                        "name the non-root user who controls the directory (root needs no exception)",
+                    )
         # two files with the same path on one host
         seen_combos: set[tuple[str, ...]] = set()
         for hx in hosts:

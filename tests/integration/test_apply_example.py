@@ -190,9 +190,9 @@ async def test_a_file_only_change_is_proven_in_the_same_round_trip(
     lab: Lab, repo: Path, tmp_path: Path
 ) -> None:
     """A plan that only writes declared files (no handler, inventory unchanged) takes two round
-    trips: the observation, then one script that stages, swaps and reads the written files back
-    (kind, mode, owner, sha256 after the renames): the apply's proof that the host converged,
-    without reading iptables, swanctl or services again."""
+    trips: the observation, then one run of the path-safety helper that stages, swaps and reads
+    the written files back (kind, mode, owner, sha256 after the renames): the apply's proof that
+    the host converged, without reading iptables, swanctl or services again."""
     changed = tmp_path / "repo"
     shutil.copytree(repo, changed)
     motd = changed / "templates" / "motd.j2"
@@ -207,10 +207,11 @@ async def test_a_file_only_change_is_proven_in_the_same_round_trip(
         assert out.status == APPLIED and out.result is not None and out.result.converged, out
         assert out.plan is not None
         assert [a.kind for a in out.plan.actions] == ["update"], out.plan.actions
-        assert [r.kind for r in pool.records] == ["script", "script"], [r.text[:80] for r in pool.records]
+        assert [r.kind for r in pool.records] == ["script", "run"], [r.text[:80] for r in pool.records]
         observation, change = (r.text for r in pool.records)
         assert observation.startswith(PRELUDE) and "iptables-save" in observation.split(PRELUDE, 1)[1]
-        assert "tar -x" in change and "mv -fT" in change and "sha256sum -z" in change
+        assert change.startswith("perl -e ") and change.endswith(" -- stdin")  # stage, swap, read back
+        assert "sub op_stage" in change and "sub op_swap" in change and "sha256sum" in change
         assert "iptables-save" not in change and "--list-sas" not in change
         assert out.result.verify is not None and not out.result.verify.actions
         assert "Narrow re-observation test." in sh(lab, "web1", "cat /etc/motd")

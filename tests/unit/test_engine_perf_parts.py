@@ -199,6 +199,8 @@ async def test_journal_survives_a_cut_between_swap_and_reload(
 ) -> None:
     root = local
     d = _two_handlers(root, bad_ok=True)
+    (root / "good").mkdir()
+    (root / "good/app.conf").write_text("good v1\n")  # replaced: backed up by the swap
     seen: list[str] = []
 
     async def cut(host: str) -> None:
@@ -212,6 +214,8 @@ async def test_journal_survives_a_cut_between_swap_and_reload(
     assert not result.ok and seen == ["bad\ngood\n"]  # written before the swap
     assert (root / "good/app.conf").read_text() == "good v2\n"  # live, never reloaded
     assert not (root / "reloads.log").exists()
+    # the interrupted apply's backups stay behind (the next apply removes them)
+    assert any(".reconciler-bak-" in p.name for p in (root / "good").iterdir())
     monkeypatch.setattr(apply_mod, "FAULT_AFTER_SWAP", None)
 
     async with _pool() as pool:
@@ -227,6 +231,8 @@ async def test_journal_survives_a_cut_between_swap_and_reload(
         assert result2.ok, result2.messages
         assert sorted((root / "reloads.log").read_text().split()) == ["bad", "good"]
         assert not (root / "state/pending-reloads").exists()
+        for sub in ("good", "bad"):  # no leftover of the interrupted apply
+            assert not [p.name for p in (root / sub).iterdir() if ".reconciler-" in p.name]
         _, plan3 = await _observe_plan(pool, d, root)
     assert plan3.actions == ()  # type: ignore[attr-defined]
 

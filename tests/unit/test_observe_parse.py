@@ -176,9 +176,10 @@ NONCE = "0123456789abcdef0123456789abcdef"
 
 def test_file_records() -> None:
     found = (
-        b"/etc/a b\x00f\x00644\x00root\x00root\x00\x00"
-        b"/etc/l\x00l\x00777\x00root\x00adm\x00../x\nwith newline\x00"
-        b"/etc/d\x00d\x00755\x00root\x00root\x00\x00"
+        b"/etc/a b\x00f\x00644\x00root\x00root\x00\x000\x00"
+        b"/etc/l\x00l\x00777\x00root\x00adm\x00../x\nwith newline\x000\x00"
+        b"/etc/d\x00d\x00755\x00root\x00root\x00\x000\x00"
+        b"/home/u/k\x00R\x00\x00\x00\x00/home/u is a symlink to /root\x00\x00"
     )
     records = parse_find_records(found)
     hashes = parse_sha256(b"a" * 64 + b"  /etc/a b\0" + b"b" * 64 + b"  /etc/odd\\name\nx\0")
@@ -187,9 +188,11 @@ def test_file_records() -> None:
     assert got["/etc/a b"].mode == 0o644 and got["/etc/a b"].sha256 == "a" * 64
     assert got["/etc/l"].kind == "link" and got["/etc/l"].link_target == "../x\nwith newline"
     assert got["/etc/l"].group == "adm" and got["/etc/l"].sha256 is None
-    assert got["/etc/d"].kind == "dir"
+    assert got["/etc/d"].kind == "dir" and got["/etc/d"].uid == 0
     assert not got["/etc/gone"].exists
     assert len(got) == 4
+    # the path-safety helper's refused record: no state read, only the reason
+    assert records["/home/u/k"].refused == "/home/u is a symlink to /root" and not records["/home/u/k"].exists
 
 
 def _framed(sections: dict[str, tuple[str, int]], nonce: str = NONCE) -> bytes:

@@ -6,7 +6,6 @@ import dataclasses
 import fnmatch
 import io
 import subprocess
-import tarfile
 from types import MappingProxyType
 from typing import Any
 
@@ -16,7 +15,7 @@ from reconciler.apply import (
     ActionOutcome,
     _quote_with_tree,
     _Run,
-    _tar_of,
+    _stage_ops,
     _validator_cmd,
     backup_path,
     reobserve_scope,
@@ -52,23 +51,36 @@ def test_validator_command_quotes_hostile_values_and_substitutes_tree() -> None:
     assert _quote_with_tree("\x00TREE\x00", "\x00TREE\x00") == '"$tree"'
 
 
-def test_tar_stages_dotfile_temps_with_mode_and_links() -> None:
+def test_staging_makes_dotfile_temps_with_owner_and_mode_and_links(tmp_path: Any) -> None:
+    """The staging run of the path-safety helper (as root, in a temp dir): dotfile temps next to
+    their targets, a secret created 0600 and given its mode on the open file, links as links."""
+    import os
+    import secrets
+
+    from reconciler import pathsafe
+
+    if os.geteuid() != 0:
+        pytest.skip("staging chowns files: run as root")
+    os.chmod(tmp_path, 0o755)
+    x = f"{tmp_path}/etc/x"
     d = Desired(
         host="h",
-        files=(FileResource("/etc/x/secret.key", b"k", Domain.FILES, mode=0o640, secret=True),),
-        links=(LinkResource("/etc/x/link.conf", "../y/target.conf", Domain.FILES),),
+        files=(FileResource(f"{x}/secret.key", b"k", Domain.FILES, mode=0o640, secret=True),),
+        links=(LinkResource(f"{x}/link.conf", "../y/target.conf", Domain.FILES),),
     )
     plan = plan_host(d, Observed(host="h"))
-    run = _Run(pool=None, host="h", plan=plan, desired=d, token="tok")  # type: ignore[arg-type]
-    idx = [i for i, a in enumerate(plan.actions) if a.path in ("/etc/x/secret.key", "/etc/x/link.conf")]
-    data = _tar_of(run, idx)
-    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        members = {m.name: m for m in tar.getmembers()}
-    assert set(members) == {"etc/x/.secret.key.reconciler-tok", "etc/x/.link.conf.reconciler-tok"}
-    key = members["etc/x/.secret.key.reconciler-tok"]
-    assert key.mode & 0o077 == 0  # a staged secret is never readable by others
-    link = members["etc/x/.link.conf.reconciler-tok"]
-    assert link.issym() and link.linkname == "../y/target.conf"
+    run = _Run(pool=None, host="h", plan=plan, desired=d, token="abc123")  # type: ignore[arg-type]
+    idx = [i for i, a in enumerate(plan.actions) if a.path in (f"{x}/secret.key", f"{x}/link.conf")]
+    b = pathsafe.Batch()
+    b.token("abc123")
+    _stage_ops(run, b, idx, idx)
+    marker = secrets.token_hex(8)
+    res = subprocess.run(pathsafe.command(), input=b.payload(marker), capture_output=True, check=True)
+    assert [s.text.split(" ")[0] for s in pathsafe.statuses(res.stdout, marker)] == ["ok", "ok"]
+    assert sorted(os.listdir(x)) == [".link.conf.reconciler-abc123", ".secret.key.reconciler-abc123"]
+    key = os.lstat(f"{x}/.secret.key.reconciler-abc123")
+    assert key.st_mode & 0o7777 == 0o640 and key.st_uid == 0
+    assert os.readlink(f"{x}/.link.conf.reconciler-abc123") == "../y/target.conf"
 
 
 def outcome(host: str, status: str, desired: Desired, observed: Observed) -> HostOutcome:
