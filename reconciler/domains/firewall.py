@@ -133,6 +133,17 @@ def _spoof_guard(fleet: Fleet, host: Host) -> Section:
     return Section("mesh addresses arrive only protected, never in clear on the public interface", (rule,))
 
 
+def _clear_ipip_guard(fleet: Fleet, host: Host) -> Section:
+    """An IP-IP packet that arrives on the public interface without IPsec is forged: dropped
+    BEFORE the conntrack rule, else a forged packet that matches a flow the tunnel already
+    carries would pass as "established" (the kernel's xfrm policy drops it later, but the
+    firewall must not depend on that)."""
+    if fleet.mesh.mode is not MeshMode.IPIP or not fleet.peers_of(host):
+        return Section("no IP-IP mesh", ())
+    rule = Rule("INPUT", "DROP", in_iface=host.public_interface, proto="ipencap", matches=NO_IPSEC_IN)
+    return Section("IP-IP arrives only IPsec-protected, checked before established sessions", (rule,))
+
+
 def _peer_output(fleet: Fleet, host: Host) -> list[Section]:
     pub = host.public_interface
     sections: list[Section] = []
@@ -244,6 +255,7 @@ def ruleset(fleet: Fleet, host: Host) -> str:
     sections = [
         Section("loopback", (Rule("INPUT", "ACCEPT", in_iface="lo"),)),
         Section("management SSH, before anything that can drop", mgmt),
+        _clear_ipip_guard(fleet, host),
         Section(
             "established sessions",
             (Rule("INPUT", "ACCEPT", matches=ESTABLISHED), Rule("INPUT", "DROP", matches=INVALID)),

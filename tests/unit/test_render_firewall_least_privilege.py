@@ -261,3 +261,27 @@ def test_ports_are_merged_over_roles_and_anyone_wins() -> None:
     assert by_port[80].anyone and by_port[80].names == ("http", "http2")
     assert by_port[9000].hosts == ("db1", "db2")
     assert "-A INPUT -p tcp -m tcp --dport 80 -j ACCEPT" in v4(fleet, "web1")
+
+
+@pytest.mark.parametrize("ctstate", ["NEW", "ESTABLISHED"])
+def test_clear_ipip_from_a_peer_is_dropped_even_inside_a_tracked_flow(ctstate: str) -> None:
+    """A forged IP-IP packet in clear with a peer's public address: dropped by the guard that
+    comes before the conntrack rule (a forged packet of a flow the tunnel carries is
+    ESTABLISHED to conntrack); the same packet inside IPsec is the peer's tunnel, admitted."""
+    fleet = fleet_with(mode=MeshMode.IPIP, datapath=Datapath.KERNEL)
+    text = v4(fleet, "web1")
+    web1, web2 = fleet.host("web1"), fleet.host("web2")
+    clear = Packet(web2.public_address, web1.public_address, "ipencap", in_iface="eth0", ctstate=ctstate)
+    got = verdict(text, "INPUT", clear)
+    assert not got.accepted and got.rule is not None and "--pol none" in got.rule, got
+    lines = text.splitlines()
+    guard = next(i for i, line in enumerate(lines) if "-p ipencap" in line and "--pol none -j DROP" in line)
+    established = next(i for i, line in enumerate(lines) if "RELATED,ESTABLISHED" in line)
+    assert guard < established
+    protected = replace(clear, ipsec=True)
+    assert verdict(text, "INPUT", protected).accepted
+
+
+def test_no_clear_ipip_guard_without_ipip() -> None:
+    text = v4(fleet_with(mode=MeshMode.TUNNEL, datapath=Datapath.KERNEL), "web1")
+    assert "-p ipencap -m policy --dir in --pol none" not in text

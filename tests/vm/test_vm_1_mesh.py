@@ -150,6 +150,7 @@ def clear_ipip_ping(outer_src: str, outer_dst: str, inner_src: str, inner_dst: s
 @dataclass(frozen=True)
 class Counters:
     policy_drop: int  # INPUT's DROP policy
+    clear_guard: int  # `-i eth0 -p ipencap -m policy --dir in --pol none -j DROP`, before ESTABLISHED
     ipsec_rule: int  # the peer's `-p ipencap -m policy --dir in --pol ipsec -j ACCEPT` rule
     xfrm_tmpl_mismatch: int  # the kernel's xfrm input check: IP-IP that arrived without ESP
     tunnel_rx: int  # packets the ipip-web2 interface received (decapsulated)
@@ -164,9 +165,17 @@ def counters(lab: Lab, peer_public: str) -> Counters:
         for line in out.splitlines()
         if "policy match dir in pol ipsec" in line and peer_public in line
     )
+    guard = sum(
+        int(line.split()[0])
+        for line in out.splitlines()
+        if len(line.split()) > 3
+        and line.split()[2] == "DROP"
+        and line.split()[3] in ("ipencap", "4")
+        and "policy match dir in pol none" in line
+    )
     tmpl = int(re.search(r"XfrmInTmplMismatch\s+(\d+)", out).group(1))  # type: ignore[union-attr]
     rx = int(re.search(r"^rx (\d+)$", out, re.M).group(1))  # type: ignore[union-attr]
-    return Counters(policy, rule, tmpl, rx)
+    return Counters(policy, guard, rule, tmpl, rx)
 
 
 def forge(lab: Lab, fleet: Fleet, ident: int) -> list[bytes]:
@@ -216,37 +225,36 @@ def forge(lab: Lab, fleet: Fleet, ident: int) -> list[bytes]:
 
 def test_clear_ipip_from_a_peer_address_is_dropped(vm_lab: Lab, example_repo: Path) -> None:
     """The attacker on the lab network forges IP-IP with web2's public address as source, to
-    web1, without ESP. Each packet reaches web1 (a capture there sees it) and is dropped: never
-    decapsulated, no echo reply. Two cases, each with counters naming what dropped it:
+    web1, without ESP. Each packet reaches web1 (a capture there sees it) and is dropped by the
+    firewall's clear IP-IP guard (`-p ipencap -m policy --dir in --pol none -j DROP`, which comes
+    BEFORE the ESTABLISHED rule): never decapsulated, no echo reply. Two cases:
 
-    - no tracked IP-IP flow between the two (conntrack cleared): the firewall's
-      `-p ipencap -m policy --dir in --pol ipsec` rule does not admit it (its counter stays) and
-      INPUT's DROP policy counts it;
+    - no tracked IP-IP flow between the two (conntrack cleared);
     - right after protected tunnel traffic (verify's pings): conntrack has the (protected) flow,
-      so the firewall's ESTABLISHED rule, which comes before the policy rule, admits the forged
-      packet; the kernel's xfrm input check then drops it (XfrmInTmplMismatch): IP-IP between
-      the two must arrive inside ESP (the `level required` policy charon installed). The
-      firewall alone does not stop it there; the report names this ordering as a follow-up."""
+      and without the guard's place before ESTABLISHED the forged packet would pass as part of
+      it (only the kernel's xfrm input check, XfrmInTmplMismatch, stopped it before the guard
+      existed). The guard's counter takes the three packets; the xfrm counter does not move."""
     fleet = converged(vm_lab, example_repo)
     peer = str(fleet.host("web2").public_address)
 
-    # 1. no tracked flow: the firewall drops it
+    # 1. no tracked flow
     sh(vm_lab, "web1", "conntrack -D -p 4 >/dev/null 2>&1; true")
     before = counters(vm_lab, peer)
     assert forge(vm_lab, fleet, 0x5A50) == []
     after = counters(vm_lab, peer)
+    assert after.clear_guard >= before.clear_guard + 3  # the firewall's guard dropped them
     assert after.ipsec_rule == before.ipsec_rule  # the ipsec-only rule did not admit them
-    assert after.policy_drop >= before.policy_drop + 3  # the chain's DROP policy took them
     assert after.xfrm_tmpl_mismatch == before.xfrm_tmpl_mismatch  # they never got that far
     assert after.tunnel_rx == before.tunnel_rx
 
-    # 2. with the protected flow tracked: the kernel's IPsec policy drops it
+    # 2. with the protected flow tracked: still the firewall's guard, before ESTABLISHED
     sh(vm_lab, "web1", f"ping -n -q -c 2 -W 5 -I {fleet.host('web1').internal_address} "
                        f"{fleet.host('web2').internal_address}")  # fmt: skip
     assert "unknown  4" in sh(vm_lab, "web1", "conntrack -L -p 4 2>/dev/null")
     before = counters(vm_lab, peer)
     assert forge(vm_lab, fleet, 0x5A60) == []
     after = counters(vm_lab, peer)
+    assert after.clear_guard >= before.clear_guard + 3
     assert after.ipsec_rule == before.ipsec_rule
-    assert after.xfrm_tmpl_mismatch >= before.xfrm_tmpl_mismatch + 3
+    assert after.xfrm_tmpl_mismatch == before.xfrm_tmpl_mismatch
     assert after.tunnel_rx == before.tunnel_rx
