@@ -25,12 +25,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from reconciler.apply import apply_host
-from reconciler.connection import ConnectionPool, SshTarget
+from reconciler.engine.apply import apply_host
+from reconciler.engine.observe import observe_host
+from reconciler.engine.plan import plan_host
+from reconciler.host.connection import ConnectionPool, SshTarget
+from reconciler.kinds.resources import Desired, Domain, FileResource, Handler, Validator
 from reconciler.lab import Lab, LabHostSpec
-from reconciler.observe import observe_host
-from reconciler.plan import plan_host
-from reconciler.resources import Desired, Domain, FileResource, Handler, Validator
 
 OUT = Path(__file__).resolve().parent / "results" / "engine.md"
 

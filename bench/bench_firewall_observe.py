@@ -27,15 +27,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from reconciler import log as logsetup  # noqa: E402
-from reconciler.apply import apply_host  # noqa: E402
-from reconciler.connection import ConnectionPool, targets_for  # noqa: E402
 from reconciler.domains import firewall  # noqa: E402
+from reconciler.engine.apply import apply_host  # noqa: E402
+from reconciler.engine.observe import observe_host  # noqa: E402
+from reconciler.engine.plan import plan_host  # noqa: E402
 from reconciler.fleet.load import load_fleet  # noqa: E402
 from reconciler.fleet.model import Fleet  # noqa: E402
+from reconciler.host.connection import ConnectionPool, targets_for  # noqa: E402
+from reconciler.kinds.resources import Desired  # noqa: E402
 from reconciler.lab import Lab, specs_from_fleet  # noqa: E402
-from reconciler.observe import observe_host  # noqa: E402
-from reconciler.plan import plan_host  # noqa: E402
-from reconciler.resources import Desired  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "firewall.md"
 

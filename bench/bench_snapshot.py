@@ -21,10 +21,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from reconciler.connection import ConnectionPool, SshTarget
-from reconciler.history import HistoryRepo, Recall, commit_subject
+from reconciler.drift.history import HistoryRepo, Recall, commit_subject
+from reconciler.drift.snapshot import PathPolicy, take_snapshot
+from reconciler.host.connection import ConnectionPool, SshTarget
 from reconciler.lab import Lab, LabHostSpec
-from reconciler.snapshot import PathPolicy, take_snapshot
 
 POLICY = PathPolicy(roots=("/etc",), exclude=("/etc/mtab", "/etc/ld.so.cache", "/etc/adjtime"))
 

@@ -29,7 +29,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "vm_lab.md"
 
 
 async def ssh_all(lab: Lab) -> float:
-    from reconciler.connection import ConnectionPool, SshTarget
+    from reconciler.host.connection import ConnectionPool, SshTarget
 
     info = lab.info
     targets = {

@@ -2,7 +2,7 @@
 
 The fleet is loaded here while a render worker starts (its imports overlap the YAML load),
 then every selected host is rendered in that worker under the limits; the engine uses those
-results and never renders in this process (``reconciler.engine.seed_rendered``).
+results and never renders in this process (``reconciler.engine.fleet.seed_rendered``).
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import asyncio
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from reconciler.bounded_render import RenderRejected, RenderResults, RenderWorker
-from reconciler.config import ConfigError, parse_size
+from reconciler.daemon.config import ConfigError, parse_size
+from reconciler.domains.bounded_render import RenderRejected, RenderResults, RenderWorker
+from reconciler.domains.render_limits import RenderLimits, format_size
 from reconciler.errors import Terminal
-from reconciler.render_limits import RenderLimits, format_size
 
 DEFAULTS = RenderLimits()
 

@@ -50,7 +50,7 @@ def register(sub: Any) -> None:
 
 async def _fleet_commit(repo: str) -> str | None:
     """The fleet repo's HEAD (what is in force for a CLI scan), or None if it is not a git repo."""
-    from reconciler.source import Git
+    from reconciler.daemon.source import Git
 
     git_dir = Path(repo) / ".git"
     if not git_dir.exists():
@@ -79,10 +79,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace, fleet: Any, pool: Any) -> int:
-    from reconciler.drift import DriftScanner, engine_enforcer
-    from reconciler.engine import select_hosts
-    from reconciler.history import HistoryRepo
-    from reconciler.notify import Outbox
+    from reconciler.drift.history import HistoryRepo
+    from reconciler.drift.scan import DriftScanner, engine_enforcer
+    from reconciler.engine.fleet import select_hosts
+    from reconciler.notify.outbox import Outbox
 
     state = Path(args.state) if args.state else default_state_dir()
     history = HistoryRepo.open(

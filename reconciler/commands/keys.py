@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from reconciler.commands.plan import Reach, add_connection_args, load, make_pool, reach_from_args
+from reconciler.engine.identity import IDENTITY_PATH, SeenIdentity, Verdict, claim_for, judge, parse_section
 from reconciler.errors import FleetInvalid, ReconcilerError
-from reconciler.identity import IDENTITY_PATH, SeenIdentity, Verdict, claim_for, judge, parse_section
-from reconciler.resources import Desired
+from reconciler.kinds.resources import Desired
 
 MAX_KEY_BYTES = 16 * 1024
 
@@ -69,8 +69,8 @@ def write_atomic(path: Path, data: bytes) -> None:
 async def read_key(conn: Any, path: str) -> tuple[SeenIdentity | None, bytes | None, str]:
     """One round trip: the host's identity and the public key file (a regular file, never
     through a symlink). (identity, key or None, why the key could not be read)."""
-    from reconciler.observe import PRELUDE, new_nonce, split_sections
-    from reconciler.remote import ScriptBuilder
+    from reconciler.engine.observe import PRELUDE, new_nonce, split_sections
+    from reconciler.host.script import ScriptBuilder
 
     b = ScriptBuilder()
     b.add(f"frame identity ident {b.ref(IDENTITY_PATH)}")
@@ -89,9 +89,9 @@ async def read_key(conn: Any, path: str) -> tuple[SeenIdentity | None, bytes | N
 
 async def collect(fleet: Any, hosts: list[str], pool: Any, repo: Path) -> list[tuple[str, str, bool]]:
     """(host, message, ok) per host; writes keys/<host>.pub for each key read."""
-    from reconciler.bounded_render import RenderRejected, render_bounded
-    from reconciler.engine import select_hosts
-    from reconciler.render_limits import RenderLimits
+    from reconciler.domains.bounded_render import RenderRejected, render_bounded
+    from reconciler.domains.render_limits import RenderLimits
+    from reconciler.engine.fleet import select_hosts
 
     rendered = await render_bounded(fleet, select_hosts(fleet, hosts), RenderLimits())  # out of process
 

@@ -72,7 +72,7 @@ def check_lab_for(info: Any, fleet: Any, hosts: Sequence[str] = ()) -> None:
     """Refuse a lab (``LabInfo``) not made for ``fleet`` (by fleet id), or lacking one of the
     fleet's hosts (selected ``hosts``, or all): a host missing from the lab would be dialled at
     its real public address."""
-    from reconciler.identity import fleet_id
+    from reconciler.engine.identity import fleet_id
 
     this = f"fleet '{fleet.name}' (id {fleet_id(fleet)})"
     fix = "start a lab for it: `reconciler lab down && reconciler lab up --fleet REPO`"
@@ -101,7 +101,7 @@ def load(repo: str) -> Any:
 
 
 def make_pool(fleet: Any, reach: Reach, args: argparse.Namespace) -> Any:
-    from reconciler.connection import ConnectionPool, targets_for
+    from reconciler.host.connection import ConnectionPool, targets_for
 
     targets = targets_for(
         fleet,
@@ -152,7 +152,7 @@ def add_adopt_arg(p: argparse.ArgumentParser, verb: str) -> None:
 
 
 def _progress(total: int) -> Any:
-    from reconciler.planview import progress_line
+    from reconciler.engine.planview import progress_line
 
     if total <= MANY_HOSTS or not sys.stderr.isatty():
         return None
@@ -170,7 +170,7 @@ def prepare(args: argparse.Namespace, *, render: bool = True) -> tuple[Any, Reac
     ``render`` (plan, apply) the selected hosts are rendered here, in a worker under the render
     limits (``add_render_args``); the engine uses those results (a host whose render failed is
     an error of that host, as before)."""
-    from reconciler.engine import seed_rendered, select_hosts
+    from reconciler.engine.fleet import seed_rendered, select_hosts
 
     try:
         if render:
@@ -191,8 +191,8 @@ def prepare(args: argparse.Namespace, *, render: bool = True) -> tuple[Any, Reac
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from reconciler.engine import plan_fleet
-    from reconciler.planview import render_plan, to_json, use_color
+    from reconciler.engine.fleet import plan_fleet
+    from reconciler.engine.planview import render_plan, to_json, use_color
 
     prepared = prepare(args)
     if isinstance(prepared, int):
@@ -218,8 +218,8 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 def run_apply(args: argparse.Namespace) -> int:
-    from reconciler.engine import CHANGES, apply_planned, plan_fleet
-    from reconciler.planview import render_apply, render_plan, to_json, use_color
+    from reconciler.engine.fleet import CHANGES, apply_planned, plan_fleet
+    from reconciler.engine.planview import render_apply, render_plan, to_json, use_color
 
     if not args.yes and not sys.stdin.isatty():
         print("refusing to apply: stdin is not a terminal and --yes was not given", file=sys.stderr)

@@ -1,6 +1,6 @@
 """`reconciler render [REPO] (--host NAME ... | --all) --out DIR [--json] [--keys DIR]`.
 
-Loads the fleet, renders the chosen hosts (every domain, through reconciler.render) and writes
+Loads the fleet, renders the chosen hosts (every domain, through reconciler.domains.render) and writes
 every rendered file under DIR at its absolute path, mode kept; symlinks as symlinks. Private
 keys are never rendered, so never written. Layout: one ``--host`` writes ``DIR/etc/...``; several
 hosts (or ``--all``) write ``DIR/<host>/etc/...``. Everything is rendered before anything is
@@ -31,7 +31,7 @@ from typing import Any
 from reconciler.commands.bounds import add_render_args, limits_from_args, load_and_render
 from reconciler.errors import FleetInvalid, ReconcilerError, RenderError
 from reconciler.fleet.model import Fleet, frozen_map
-from reconciler.resources import Desired
+from reconciler.kinds.resources import Desired
 
 MAX_KEY_BYTES = 64 * 1024
 
@@ -98,7 +98,7 @@ def select_hosts(fleet: Fleet, names: Sequence[str] | None) -> list[str]:
 
 
 def render_hosts(fleet: Fleet, names: Sequence[str]) -> dict[str, Desired]:
-    from reconciler.render import render_host
+    from reconciler.domains.render import render_host
 
     return {name: render_host(fleet, fleet.host(name)) for name in names}
 

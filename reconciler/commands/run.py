@@ -22,7 +22,7 @@ import sys
 from typing import Any
 
 from reconciler import log as logsetup
-from reconciler.config import ConfigError, load_config, require_runnable
+from reconciler.daemon.config import ConfigError, load_config, require_runnable
 from reconciler.errors import ReconcilerError
 
 
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     # The daemon's own log settings win over the CLI default (WARNING) unless asked otherwise.
     logsetup.configure(json=True if args.log_json else config.log_json, level=config.log_level)
-    from reconciler.daemon import run_daemon
+    from reconciler.daemon.daemon import run_daemon
 
     try:
         return run_daemon(config)

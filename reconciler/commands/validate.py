@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from reconciler.engine.identity import fleet_id
 from reconciler.errors import FleetInvalid, Problem
 from reconciler.fleet.load import load_fleet
 from reconciler.fleet.model import Fleet, Topology
-from reconciler.identity import fleet_id
 
 
 def register(sub: Any) -> None:

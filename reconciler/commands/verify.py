@@ -38,7 +38,7 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from reconciler.commands.plan import make_pool, prepare
-    from reconciler.planview import use_color
+    from reconciler.engine.planview import use_color
     from reconciler.verify import VerifyOptions, verify_fleet
     from reconciler.verify.report import render_text, to_json
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from reconciler.domains.packages import APACHE_STATUS
 from reconciler.errors import RenderError
 from reconciler.fleet.model import Fleet, Host, JkWorker, Site
-from reconciler.resources import Domain, FileResource, Fragment, Handler, LinkResource, Validator
+from reconciler.kinds.resources import Domain, FileResource, Fragment, Handler, LinkResource, Validator
 
 APACHE_DIR = "/etc/apache2"
 HANDLER = "apache2"
@@ -345,7 +345,7 @@ def handler() -> Handler:
         ),
         reload=("apache2ctl", "graceful"),
         # graceful on a stopped Apache would start it unproven: a stopped Apache is started
-        # through its declared service instead, and proven (reconciler.apply)
+        # through its declared service instead, and proven (reconciler.engine.apply)
         only_if_running=APACHE_STATUS,
         service=SERVICE,
     )

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from reconciler.errors import RenderError
 from reconciler.fleet.model import AppArmorProfile, Fleet, Host, MovedDirectory
-from reconciler.resources import Domain, FileResource, Fragment, Handler, Validator
+from reconciler.kinds.resources import Domain, FileResource, Fragment, Handler, Validator
 
 APPARMOR_DIR = "/etc/apparmor.d"
 PACKAGE = "apparmor"

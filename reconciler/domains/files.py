@@ -2,7 +2,7 @@
 
 A ``ManagedFile`` becomes one of:
 - a ``FileResource`` with inline ``content`` or the output of its Jinja2 ``template``
-  (``reconciler.templating``: sandboxed, StrictUndefined, fed only the fleet model);
+  (``reconciler.domains.templating``: sandboxed, StrictUndefined, fed only the fleet model);
 - a ``LinkResource`` when it declares ``link_target``.
 
 Its ``validate`` argv (with ``{path}`` = the staged copy) becomes the file's own validator, and
@@ -12,10 +12,10 @@ swap and reloads each service once per apply.
 
 from __future__ import annotations
 
+from reconciler.domains.templating import render_template
 from reconciler.errors import RenderError
 from reconciler.fleet.model import Fleet, Host, ManagedFile
-from reconciler.resources import Domain, FileResource, Fragment, Handler, LinkResource, Validator
-from reconciler.templating import render_template
+from reconciler.kinds.resources import Domain, FileResource, Fragment, Handler, LinkResource, Validator
 
 
 def files_of(fleet: Fleet, host: Host) -> tuple[ManagedFile, ...]:

@@ -26,7 +26,7 @@ dropped; mode tunnel: the host's internal /32 never leaves in clear on the publi
 per peer IKE, NAT-T, ESP, AH; policy ACCEPT.
 
 Render refuses (RenderError naming the field) rulesets that would not admit management SSH,
-checked by evaluating the rendered rules (reconciler.firewall_check), IPv4 and, when the host
+checked by evaluating the rendered rules (reconciler.netfilter.check), IPv4 and, when the host
 has a public IPv6 address, IPv6.
 """
 
@@ -36,7 +36,12 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from reconciler.domains import firewall6
 from reconciler.domains.firewall_access import PortAccess, port_access
-from reconciler.domains.netfilter import (
+from reconciler.domains.tunnels import tunnel_name
+from reconciler.errors import RenderError
+from reconciler.fleet.model import Datapath, Fleet, Host, IPNetwork, MeshMode, MeshTrust
+from reconciler.kinds.resources import Domain, FileResource, FirewallRuleset, Fragment, Validator
+from reconciler.netfilter.check import ssh_admitted
+from reconciler.netfilter.rules import (
     ECHO_REQUEST,
     ESTABLISHED,
     INVALID,
@@ -50,11 +55,6 @@ from reconciler.domains.netfilter import (
     Section,
     restore_text,
 )
-from reconciler.domains.tunnels import tunnel_name
-from reconciler.errors import RenderError
-from reconciler.firewall_check import ssh_admitted
-from reconciler.fleet.model import Datapath, Fleet, Host, IPNetwork, MeshMode, MeshTrust
-from reconciler.resources import Domain, FileResource, FirewallRuleset, Fragment, Validator
 
 PERSISTENT_PATH = "/etc/iptables/rules.v4"
 PERSISTENT_PATH_V6 = firewall6.PERSISTENT_PATH

@@ -18,7 +18,8 @@ rate-limited LOG; policy DROP. FORWARD DROP; OUTPUT ACCEPT.
 from __future__ import annotations
 
 from reconciler.domains.firewall_access import PortAccess, port_access
-from reconciler.domains.netfilter import (
+from reconciler.fleet.model import Fleet, Host
+from reconciler.netfilter.rules import (
     ESTABLISHED,
     ICMP6_ECHO_REQUEST,
     ICMP6_NEIGHBOUR_ADVERTISEMENT,
@@ -35,7 +36,6 @@ from reconciler.domains.netfilter import (
     icmp6,
     restore_text,
 )
-from reconciler.fleet.model import Fleet, Host
 
 PERSISTENT_PATH = "/etc/iptables/rules.v6"
 POLICIES = (("INPUT", "DROP"), ("FORWARD", "DROP"), ("OUTPUT", "ACCEPT"))

@@ -12,7 +12,7 @@ from reconciler.domains import racoon, strongswan
 from reconciler.domains.keys import peer_keys
 from reconciler.errors import RenderError
 from reconciler.fleet.model import Datapath, Fleet, Host, IpsecBackend, MeshMode
-from reconciler.resources import Fragment
+from reconciler.kinds.resources import Fragment
 
 
 def check_mesh(fleet: Fleet) -> None:

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 
 from reconciler.fleet.model import Fleet, Host, IpsecBackend
-from reconciler.resources import Domain, KeyPair, Pending
+from reconciler.kinds.resources import Domain, KeyPair, Pending
 
 SWANCTL_DIR = "/etc/swanctl"
 SWANCTL_PRIVATE_DIR = f"{SWANCTL_DIR}/private"

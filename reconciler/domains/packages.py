@@ -10,7 +10,7 @@ it: the resources that need it are then plan errors (docs/PACKAGES.md). Pure.
 from __future__ import annotations
 
 from reconciler.fleet.model import Datapath, Fleet, Host, IpsecBackend, MeshMode
-from reconciler.resources import Fragment, Package, Service
+from reconciler.kinds.resources import Fragment, Package, Service
 
 # What each concern needs installed, on Debian 12.
 FIREWALL_PACKAGES = ("iptables", "iptables-persistent")

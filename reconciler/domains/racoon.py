@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from reconciler.domains.keys import RACOON_PEERS_DIR, RACOON_PRIVATE_KEY, racoon_keypair, racoon_peer_key
 from reconciler.fleet.model import Fleet, Host, MeshMode
-from reconciler.resources import Domain, FileResource, Fragment, Handler, Service
+from reconciler.kinds.resources import Domain, FileResource, Fragment, Handler, Service
 
 SETKEY_CONF = "/etc/ipsec-tools.conf"
 RACOON_CONF = "/etc/racoon/racoon.conf"

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from reconciler.domains.keys import SWANCTL_DIR, strongswan_keypair, swanctl_public_key
 from reconciler.fleet.model import Datapath, Fleet, Host, MeshMode
-from reconciler.resources import Domain, FileResource, Fragment, Handler, Service, Validator
+from reconciler.kinds.resources import Domain, FileResource, Fragment, Handler, Service, Validator
 
 CONF_DIR = f"{SWANCTL_DIR}/conf.d"
 LIBIPSEC_CONF = "/etc/strongswan.d/charon/kernel-libipsec.conf"

@@ -14,7 +14,7 @@ import hashlib
 
 from reconciler.errors import RenderError
 from reconciler.fleet.model import Fleet, Host, MeshMode
-from reconciler.resources import Address, Domain, FileResource, Fragment, Tunnel, Validator
+from reconciler.kinds.resources import Address, Domain, FileResource, Fragment, Tunnel, Validator
 
 INTERFACES_DIR = "/etc/network/interfaces.d"
 LO_FILE = f"{INTERFACES_DIR}/reconciler-mesh-lo"

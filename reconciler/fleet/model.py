@@ -268,7 +268,7 @@ class ManagedFile:
     # the Debian package this file belongs to (e.g. its config directory comes with it): it is
     # installed first (implicitly, like the domains' packages) and the file is planned after it
     package: str | None = None
-    controlled_dir: ControlledDir | None = None  # see reconciler.pathsafe
+    controlled_dir: ControlledDir | None = None  # see reconciler.host.pathsafe
 
     @property
     def controlled_by(self) -> str | None:
@@ -346,7 +346,7 @@ class Fleet:
     public_keys: Mapping[str, str] = field(default_factory=frozen_map)
     templates: Mapping[str, str] = field(default_factory=frozen_map)  # repo path -> text
     warnings: tuple[str, ...] = ()  # e.g. legacy crypto allowed for a host
-    # fleet.yaml ``id:``; "" = not pinned: reconciler.identity.fleet_id derives one from the name
+    # fleet.yaml ``id:``; "" = not pinned: reconciler.engine.identity.fleet_id derives one from the name
     id: str = ""
 
     @functools.cached_property

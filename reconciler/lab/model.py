@@ -95,7 +95,7 @@ class LabFleet:
     @classmethod
     def of(cls, fleet: Any) -> LabFleet:
         """``fleet`` is a ``reconciler.fleet.model.Fleet``."""
-        from reconciler.identity import fleet_id
+        from reconciler.engine.identity import fleet_id
 
         return cls(name=str(fleet.name), id=fleet_id(fleet))
 

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from reconciler import netns
+from reconciler.host import netns
 from reconciler.lab import procs
 from reconciler.lab.model import LAB_NETWORK, LabError
 from reconciler.lab.state import atomic_write

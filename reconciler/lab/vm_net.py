@@ -4,7 +4,7 @@ bridge (``br0``, 192.0.2.254/24) and one tap device per guest (``tap<n>``).
 Nothing links that namespace to the machine's root namespace: no veth, no route, no forwarding.
 Guest traffic can reach the other guests and 192.0.2.254 (the namespace itself), never the
 machine's uplink. The reconciler reaches the guests by opening its TCP sockets inside the
-namespace (``SshTarget.netns``, ``reconciler.netns``); QEMU runs inside it to open the taps.
+namespace (``SshTarget.netns``, ``reconciler.host.netns``); QEMU runs inside it to open the taps.
 The namespace's name matches the lab's other names (``<prefix>-*``), so ``lab down`` and the
 crash cleanup remove it (and with it the bridge and the taps) like any lab namespace.
 """

@@ -24,7 +24,7 @@ STDERR_BYTES = 4096
 
 
 class Runner(Protocol):
-    """The part of ``reconciler.connection.Connection`` verify uses."""
+    """The part of ``reconciler.host.connection.Connection`` verify uses."""
 
     host: str
 

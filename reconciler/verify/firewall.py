@@ -6,7 +6,7 @@ declared; ``mesh.trust: all``: any port), and keep clear-text mesh traffic off t
 interface in both directions?
 
 Each question is a synthetic packet run through the conservative evaluator of
-``reconciler.firewall_check`` (the one render uses for the SSH lock-out check): "admitted"
+``reconciler.netfilter.check`` (the one render uses for the SSH lock-out check): "admitted"
 is only answered when certain. Pure.
 """
 
@@ -19,8 +19,8 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 from reconciler.domains.firewall_access import management_admits, mesh_admits, port_access
-from reconciler.firewall_check import Packet, ParseError, Table, evaluate, parse_filter
 from reconciler.fleet.model import Datapath, Fleet, Host, MeshMode
+from reconciler.netfilter.check import Packet, ParseError, Table, evaluate, parse_filter
 from reconciler.verify.checks import Check, failed, passed
 from reconciler.verify.facts import HostFacts
 

@@ -2,7 +2,7 @@
 (``ip6tables-save -t filter``) drop what nobody declared and admit what IPv6 and the fleet need?
 
 Probes, each a synthetic packet through the conservative evaluator of
-``reconciler.firewall_check`` (the same as for IPv4): neighbour and router solicitations and
+``reconciler.netfilter.check`` (the same as for IPv4): neighbour and router solicitations and
 advertisements from the link (hop limit 255) and packet-too-big admitted; echo request admitted
 only if ``firewall.allow_icmp``; a SYN from an outside address to a port nobody declared
 refused; management SSH from every IPv6 management source admitted; every role port admitted
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from ipaddress import IPv6Address, IPv6Network
 
 from reconciler.domains.firewall_access import PortAccess
-from reconciler.firewall_check import Packet, ParseError, evaluate, parse_filter
+from reconciler.netfilter.check import Packet, ParseError, evaluate, parse_filter
 from reconciler.verify.checks import Check, failed, passed, skipped
 from reconciler.verify.facts import HostFacts
 from reconciler.verify.firewall import undeclared_port

@@ -431,7 +431,10 @@ def render_worker(daemon_pid: int) -> int | None:
             cmdline = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == daemon_pid and b"reconciler.render_worker" in cmdline:
+        if (
+            int(stat.rsplit(")", 1)[1].split()[1]) == daemon_pid
+            and b"reconciler.domains.render_worker" in cmdline
+        ):
             return int(entry.name)
     return None
 

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from reconciler.apply import apply_host
 from reconciler.commands.keys import collect
-from reconciler.connection import ConnectionPool, targets_for
-from reconciler.engine import (
+from reconciler.domains.render import render_host
+from reconciler.engine.apply import apply_host
+from reconciler.engine.fleet import (
     APPLIED,
     CHANGES,
     ERROR,
@@ -27,11 +27,11 @@ from reconciler.engine import (
     plan_fleet,
     reconcile_fleet,
 )
+from reconciler.engine.observe import PRELUDE, observe_host
+from reconciler.engine.plan import plan_host
 from reconciler.fleet.load import load_fleet
+from reconciler.host.connection import ConnectionPool, targets_for
 from reconciler.lab import VOID_ADDRESS, Lab, specs_from_fleet
-from reconciler.observe import PRELUDE, observe_host
-from reconciler.plan import plan_host
-from reconciler.render import render_host
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 

@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 
-from reconciler.apply import apply_host
-from reconciler.connection import ConnectionPool, SshTarget
+from reconciler.engine.apply import apply_host
+from reconciler.engine.observe import observe_host
+from reconciler.engine.plan import ActionKind, plan_host
 from reconciler.errors import Reason
+from reconciler.host.connection import ConnectionPool, SshTarget
+from reconciler.kinds.resources import Desired, Domain, FileResource, FirewallRuleset, Handler, Validator
 from reconciler.lab import Lab, LabHostSpec
-from reconciler.observe import observe_host
-from reconciler.plan import ActionKind, plan_host
-from reconciler.resources import Desired, Domain, FileResource, FirewallRuleset, Handler, Validator
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 

@@ -18,12 +18,12 @@ from typing import Any
 
 import pytest
 
-from reconciler.connection import ConnectionPool, targets_for
-from reconciler.engine import APPLIED, FAILED, IN_SYNC, HostOutcome, reconcile_fleet
+from reconciler.engine.fleet import APPLIED, FAILED, IN_SYNC, HostOutcome, reconcile_fleet
+from reconciler.engine.plan import ActionKind
 from reconciler.errors import Reason
 from reconciler.fleet.load import load_fleet
+from reconciler.host.connection import ConnectionPool, targets_for
 from reconciler.lab import Lab, LabHostSpec
-from reconciler.plan import ActionKind
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 

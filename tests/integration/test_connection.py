@@ -18,14 +18,14 @@ from typing import Any
 
 import pytest
 
-from reconciler.connection import (
+from reconciler.errors import HostKeyRefused, Transient
+from reconciler.host.connection import (
     CommandTimeout,
     ConnectFailed,
     ConnectionLost,
     ConnectionPool,
     SshTarget,
 )
-from reconciler.errors import HostKeyRefused, Transient
 from reconciler.lab import VOID_ADDRESS, Lab, LabHostSpec
 from tests.faults.proxy import FaultProxy
 

@@ -23,14 +23,14 @@ import structlog
 from aiosmtpd.controller import Controller
 
 from reconciler import cli
-from reconciler.connection import ConnectionPool, targets_for
-from reconciler.drift import DriftScanner, HostDrift
+from reconciler.drift.history import HistoryRepo
+from reconciler.drift.scan import DriftScanner, HostDrift
 from reconciler.fleet.load import load_fleet
 from reconciler.fleet.model import DriftMode, DriftPolicy, Fleet, MailSettings, Notifications, SmtpSettings
-from reconciler.history import HistoryRepo
+from reconciler.host.connection import ConnectionPool, targets_for
+from reconciler.kinds.resources import Desired, Domain, FileResource
 from reconciler.lab import Lab, specs_from_fleet
-from reconciler.notify import Outbox
-from reconciler.resources import Desired, Domain, FileResource
+from reconciler.notify.outbox import Outbox
 
 pytestmark = [pytest.mark.lab]
 

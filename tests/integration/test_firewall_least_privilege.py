@@ -31,11 +31,11 @@ from typing import Any
 import pytest
 
 from reconciler.commands.render import render_hosts
+from reconciler.engine.plan import iptables_text
 from reconciler.fleet.load import load_fleet
 from reconciler.fleet.model import Fleet
-from reconciler.iptables import canonical_iptables
 from reconciler.lab import Lab, specs_from_fleet
-from reconciler.plan import iptables_text
+from reconciler.netfilter.iptables import canonical_iptables
 from reconciler.verify import Status
 
 pytestmark = pytest.mark.lab

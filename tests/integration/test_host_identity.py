@@ -16,15 +16,15 @@ from typing import Any
 import pytest
 
 from reconciler.cli import main
-from reconciler.connection import ConnectionPool, targets_for
-from reconciler.daemon import engine_step
-from reconciler.engine import ERROR, reconcile_fleet
+from reconciler.daemon.daemon import engine_step
+from reconciler.daemon.loop import Target
+from reconciler.engine.fleet import ERROR, reconcile_fleet
+from reconciler.engine.identity import HostIdentity, derived_fleet_id, parse_identity
 from reconciler.errors import Reason, Terminal
 from reconciler.fleet.load import load_fleet
-from reconciler.identity import HostIdentity, derived_fleet_id, parse_identity
+from reconciler.host.connection import ConnectionPool, targets_for
 from reconciler.lab import Lab, LabFleet, LabHostSpec
 from reconciler.lab.pytest_plugin import _timeout_paused
-from reconciler.loop import Target
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 

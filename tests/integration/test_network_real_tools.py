@@ -35,7 +35,7 @@ from network_fleets import VARIANTS, example_fleet, make_host  # noqa: E402
 
 from reconciler.commands.render import render_hosts, write_desired  # noqa: E402
 from reconciler.fleet.model import Datapath, Fleet, IpsecBackend, MeshMode, frozen_map  # noqa: E402
-from reconciler.iptables import canonical_iptables  # noqa: E402
+from reconciler.netfilter.iptables import canonical_iptables  # noqa: E402
 
 PREFIX = f"rcnnet{os.getpid() % 100000}"
 CHARON = "/usr/lib/ipsec/charon"

@@ -12,11 +12,9 @@ from typing import Any
 
 import pytest
 
-from reconciler.connection import CommandResult, Connection, ConnectionPool, SshTarget
-from reconciler.iptables import canonical_iptables
-from reconciler.lab import Lab, LabHostSpec
-from reconciler.observe import observe_host, split_sections
-from reconciler.resources import (
+from reconciler.engine.observe import observe_host, split_sections
+from reconciler.host.connection import CommandResult, Connection, ConnectionPool, SshTarget
+from reconciler.kinds.resources import (
     Desired,
     Domain,
     FileResource,
@@ -28,6 +26,8 @@ from reconciler.resources import (
     Service,
     Tunnel,
 )
+from reconciler.lab import Lab, LabHostSpec
+from reconciler.netfilter.iptables import canonical_iptables
 
 pytestmark = [pytest.mark.lab]
 

@@ -25,15 +25,15 @@ from typing import Any
 
 import pytest
 
-from reconciler.apply import ApplyResult, apply_host
-from reconciler.connection import ConnectionPool, SshTarget
+from reconciler.domains.render import render_host
+from reconciler.engine.apply import ApplyResult, apply_host
+from reconciler.engine.observe import observe_host
+from reconciler.engine.plan import ActionKind, HostPlan, plan_host
+from reconciler.engine.planview import _Paint, render_host_plan
 from reconciler.fleet.model import FirewallPolicy, Fleet, Host, ManagedFile, Mesh, Role
+from reconciler.host.connection import ConnectionPool, SshTarget
+from reconciler.kinds.resources import Desired, Domain, FileResource, Package
 from reconciler.lab import Lab, LabHostSpec
-from reconciler.observe import observe_host
-from reconciler.plan import ActionKind, HostPlan, plan_host
-from reconciler.planview import _Paint, render_host_plan
-from reconciler.render import render_host
-from reconciler.resources import Desired, Domain, FileResource, Package
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 

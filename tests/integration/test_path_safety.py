@@ -24,13 +24,13 @@ from typing import Any
 
 import pytest
 
-from reconciler import apply as apply_mod
-from reconciler.apply import ApplyResult, apply_host
-from reconciler.connection import ConnectionLost, ConnectionPool, SshTarget
+from reconciler.engine import apply as apply_mod
+from reconciler.engine.apply import ApplyResult, apply_host
+from reconciler.engine.observe import observe_host
+from reconciler.engine.plan import INTERRUPTED, ActionKind, HostPlan, plan_host
+from reconciler.host.connection import ConnectionLost, ConnectionPool, SshTarget
+from reconciler.kinds.resources import Desired, Domain, FileResource, Handler, Validator
 from reconciler.lab import Lab, LabHostSpec
-from reconciler.observe import observe_host
-from reconciler.plan import INTERRUPTED, ActionKind, HostPlan, plan_host
-from reconciler.resources import Desired, Domain, FileResource, Handler, Validator
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 

@@ -37,7 +37,7 @@ from services_golden import render_services  # noqa: E402
 
 from reconciler.domains import apache, apparmor  # noqa: E402
 from reconciler.fleet.model import AppArmorProfile, Fleet, Site, TlsSpec  # noqa: E402
-from reconciler.resources import Desired, Validator  # noqa: E402
+from reconciler.kinds.resources import Desired, Validator  # noqa: E402
 
 IS_ROOT = os.geteuid() == 0
 

@@ -9,7 +9,7 @@ a peer's charon stopped, a firewall that drops UDP 4500 (libipsec's ESP) from on
 peer holding a wrong public key. Then a 2-host lab with the kernel datapath: the IKE SA
 establishes, and verify says the CHILD_SA cannot be installed for lack of kernel ESP.
 
-Convergence uses the real engine (reconciler.engine.reconcile_fleet + keys collect).
+Convergence uses the real engine (reconciler.engine.fleet.reconcile_fleet + keys collect).
 TEST SCAFFOLDING (marked below): `establish()` re-initiates pairs whose SAs are not up, for a
 gap of the engine today: an initiator that got NO_PROPOSAL_CHOSEN from a peer whose config
 was not loaded yet does not retry, and apply does not (re)initiate SAs.
@@ -31,11 +31,11 @@ from typing import Any
 import pytest
 
 from reconciler.commands.keys import collect
-from reconciler.connection import ConnectionPool, targets_for
 from reconciler.domains.strongswan import charon_service, child_name, connection_name
-from reconciler.engine import APPLIED, IN_SYNC, reconcile_fleet
+from reconciler.engine.fleet import APPLIED, IN_SYNC, reconcile_fleet
 from reconciler.fleet.load import load_fleet
 from reconciler.fleet.model import Fleet
+from reconciler.host.connection import ConnectionPool, targets_for
 from reconciler.lab import Lab, specs_from_fleet
 from reconciler.verify import Status, VerifyOptions, VerifyReport, verify_fleet
 

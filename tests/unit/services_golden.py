@@ -12,9 +12,9 @@ import shutil
 from pathlib import Path
 
 from reconciler.domains import apache, apparmor, files
+from reconciler.domains.render import merge
 from reconciler.fleet.model import Fleet, Host
-from reconciler.render import merge
-from reconciler.resources import Desired, Validator
+from reconciler.kinds.resources import Desired, Validator
 
 GOLDEN_ROOT = Path(__file__).resolve().parents[1] / "golden" / "services"
 

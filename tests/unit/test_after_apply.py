@@ -1,4 +1,4 @@
-"""The daemon's verify-after-apply scheduling (reconciler.after_apply): hosts applied on one
+"""The daemon's verify-after-apply scheduling (reconciler.daemon.after_apply): hosts applied on one
 commit are verified together once the push has settled, one batch at a time, and the ping
 probe runs only when the apply could have changed the mesh. The verify run itself is replaced
 by a recorder here (what it checks is tested in test_verify.py and on the lab)."""
@@ -9,8 +9,8 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
-from reconciler.after_apply import NO_PROBE_AFTER_APPLY, AfterApplyVerifier, needs_datapath_probe
-from reconciler.resources import Domain
+from reconciler.daemon.after_apply import NO_PROBE_AFTER_APPLY, AfterApplyVerifier, needs_datapath_probe
+from reconciler.kinds.resources import Domain
 from reconciler.verify import VerifyOptions, VerifyReport
 from reconciler.verify.checks import failed, passed, skipped
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.audit import (
+from reconciler.drift.audit import (
     CursorStore,
     parse_denial,
     parse_lines,

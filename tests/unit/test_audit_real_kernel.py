@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from reconciler.audit import parse_denial, suggest
+from reconciler.drift.audit import parse_denial, suggest
 
 REAL = [
     'audit: type=1400 audit(1796302157.763:16): apparmor="DENIED" operation="mknod" '

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from reconciler import engine
 from reconciler.cli import build_parser
 from reconciler.commands.plan import prepare
-from reconciler.resources import Desired
+from reconciler.engine import fleet as engine
+from reconciler.kinds.resources import Desired
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "fleet-repo-example"
 REACH = ["--known-hosts", "/dev/null", "--identity", "/dev/null"]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.config import (
+from reconciler.daemon.config import (
     ConfigError,
     RunMode,
     Secret,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.connection import CommandTimeout, ConnectionPool, LocalConnection, SshTarget
+from reconciler.host.connection import CommandTimeout, ConnectionPool, LocalConnection, SshTarget
 
 
 def _running(marker: str) -> list[int]:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import hashlib
 from types import MappingProxyType
 
-from reconciler.drift import HostDrift, classify_managed, commit_message, trailer
+from reconciler.drift.history import Change, ChangeSet
+from reconciler.drift.scan import HostDrift, classify_managed, commit_message, trailer
+from reconciler.drift.snapshot import Entry, PathPolicy, Snapshot
 from reconciler.fleet.model import DriftMode
-from reconciler.history import Change, ChangeSet
-from reconciler.resources import Desired, Domain, FileResource, LinkResource
-from reconciler.snapshot import Entry, PathPolicy, Snapshot
+from reconciler.kinds.resources import Desired, Domain, FileResource, LinkResource
 
 POLICY = PathPolicy(roots=("/etc",))
 

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from reconciler import apply as apply_mod
-from reconciler.apply import APACHE_GRACEFUL, apply_host
-from reconciler.connection import ConnectionLost, ConnectionPool, SshTarget
-from reconciler.observe import build_script, new_nonce, observe_host
-from reconciler.observed import FileState, Observed
-from reconciler.plan import INTERRUPTED, ActionKind, plan_host
-from reconciler.resources import Desired, Domain, FileResource, Handler, Service, Validator
+from reconciler.engine import apply as apply_mod
+from reconciler.engine.apply import APACHE_GRACEFUL, apply_host
+from reconciler.engine.observe import build_script, new_nonce, observe_host
+from reconciler.engine.plan import INTERRUPTED, ActionKind, plan_host
+from reconciler.host.connection import ConnectionLost, ConnectionPool, SshTarget
+from reconciler.kinds.observed import FileState, Observed
+from reconciler.kinds.resources import Desired, Domain, FileResource, Handler, Service, Validator
 
 # ---------------------------------------------------------------- observation cost
 
@@ -304,7 +304,7 @@ def test_render_is_cached_per_fleet_object() -> None:
     import gc
     from pathlib import Path as _P
 
-    from reconciler import engine
+    from reconciler.engine import fleet as engine
     from reconciler.fleet.load import load_fleet
 
     repo = _P(__file__).resolve().parents[2] / "fleet-repo-example"

@@ -10,10 +10,12 @@ from typing import Any
 
 import pytest
 
-from reconciler import apply as apply_mod
-from reconciler import daemon, engine
-from reconciler.apply import ActionOutcome, ApplyResult, _failure, _Run
-from reconciler.connection import AuthRefused, CommandTimeout, ConnectFailed, ConnectionLost
+from reconciler.daemon import daemon
+from reconciler.daemon.loop import Target
+from reconciler.engine import apply as apply_mod
+from reconciler.engine import fleet as engine
+from reconciler.engine.apply import ActionOutcome, ApplyResult, _failure, _Run
+from reconciler.engine.plan import Action, ActionKind, HostPlan
 from reconciler.errors import (
     Failure,
     FleetInvalid,
@@ -28,9 +30,8 @@ from reconciler.errors import (
     pick_failure,
 )
 from reconciler.fleet.load import load_fleet
-from reconciler.loop import Target
-from reconciler.plan import Action, ActionKind, HostPlan
-from reconciler.resources import Desired, Domain, Package, Service
+from reconciler.host.connection import AuthRefused, CommandTimeout, ConnectFailed, ConnectionLost
+from reconciler.kinds.resources import Desired, Domain, Package, Service
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "fleet-repo-example"
 

@@ -11,13 +11,13 @@ from types import MappingProxyType
 
 from test_observe_parse import NONCE, _framed
 
-from reconciler.deadman import _confirm_outcome
-from reconciler.firewall_check import Packet, verdict
-from reconciler.iptables import canonical_iptables
-from reconciler.observe import NO_IPV6, build_script, parse_observation, split_sections
-from reconciler.observed import FileState, Observed
-from reconciler.plan import ActionKind, managed_paths, plan_host
-from reconciler.resources import Desired, FirewallRuleset
+from reconciler.engine.deadman import _confirm_outcome
+from reconciler.engine.observe import NO_IPV6, build_script, parse_observation, split_sections
+from reconciler.engine.plan import ActionKind, managed_paths, plan_host
+from reconciler.kinds.observed import FileState, Observed
+from reconciler.kinds.resources import Desired, FirewallRuleset
+from reconciler.netfilter.check import Packet, verdict
+from reconciler.netfilter.iptables import canonical_iptables
 
 V4 = """*filter
 :INPUT DROP [0:0]

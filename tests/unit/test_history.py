@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from snapshot_local import LocalRunner, git
 
-from reconciler.history import HistoryError, HistoryRepo, commit_subject
-from reconciler.snapshot import PathPolicy, Snapshot, is_builtin_secret, take_snapshot
+from reconciler.drift.history import HistoryError, HistoryRepo, commit_subject
+from reconciler.drift.snapshot import PathPolicy, Snapshot, is_builtin_secret, take_snapshot
 
 CANARY = "CANARY-s3cr3t-7f1d"
 

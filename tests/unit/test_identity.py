@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.apply import FINISH
-from reconciler.identity import (
+from reconciler.engine.apply import FINISH
+from reconciler.engine.identity import (
     FORMAT,
     HostIdentity,
     IdentityFormatError,
@@ -29,11 +29,11 @@ from reconciler.identity import (
     parse_identity,
     parse_section,
 )
-from reconciler.observe import PRELUDE, build_script, new_nonce, split_sections
-from reconciler.observed import FileState, Observed
-from reconciler.plan import ActionKind, plan_host
-from reconciler.remote import ScriptBuilder
-from reconciler.resources import Desired, Domain, FileResource
+from reconciler.engine.observe import PRELUDE, build_script, new_nonce, split_sections
+from reconciler.engine.plan import ActionKind, plan_host
+from reconciler.host.script import ScriptBuilder
+from reconciler.kinds.observed import FileState, Observed
+from reconciler.kinds.resources import Desired, Domain, FileResource
 
 A = HostIdentity("shop-prod", "6f1c2e0a-5d7b-4c1e-9a53-2f0d8c7b1e44", "db2")
 B = HostIdentity("lab-b", derived_fleet_id("lab-b"), "web1")
@@ -442,7 +442,7 @@ class _Pool:
 async def test_engine_refuses_with_a_terminal_identity_mismatch_and_adopts_only_named_hosts(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from reconciler import engine
+    from reconciler.engine import fleet as engine
     from reconciler.errors import Reason
     from reconciler.fleet.load import load_fleet
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from reconciler.commands.plan import check_lab_for, register
-from reconciler.config import load_config
+from reconciler.daemon.config import load_config
+from reconciler.engine.identity import derived_fleet_id
 from reconciler.errors import ReconcilerError
 from reconciler.fleet.load import load_fleet
-from reconciler.identity import derived_fleet_id
 from reconciler.lab.model import LabFleet, LabHost, LabInfo
 from reconciler.lab.state import HostRecord, LabState
 

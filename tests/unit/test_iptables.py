@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from reconciler.iptables import IptablesParseError, canonical_iptables, canonical_rule
+from reconciler.netfilter.iptables import IptablesParseError, canonical_iptables, canonical_rule
 
 DESIRED = """\
 # written by the firewall domain

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from reconciler import netns
-from reconciler.connection import targets_for
 from reconciler.fleet.load import load_fleet
+from reconciler.host import netns
+from reconciler.host.connection import targets_for
 from reconciler.lab import vm_guest, vm_image, vm_net
 from reconciler.lab.model import LabError
 from reconciler.lab.state import HostRecord, LabState

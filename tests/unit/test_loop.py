@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from reconciler.daemon.loop import ALL, Backoff, HostFailure, KeyedQueue, Outcome, ReconcileLoop, Target
+from reconciler.daemon.store import HostState, Store
 from reconciler.errors import FleetInvalid, Problem, Reason, Terminal, Transient
-from reconciler.loop import ALL, Backoff, HostFailure, KeyedQueue, Outcome, ReconcileLoop, Target
-from reconciler.store import HostState, Store
 
 HOSTS = ("db1", "db2", "web1", "web2", "web3")
 

@@ -19,9 +19,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from reconciler import notify
 from reconciler.fleet.model import SmtpSecurity, SmtpSettings
-from reconciler.notify import Mail, MailConfigError, Outbox
+from reconciler.notify import outbox as notify
+from reconciler.notify.outbox import Mail, MailConfigError, Outbox
 
 PASSWORD = "CANARY-smtp-pw-91c2"
 

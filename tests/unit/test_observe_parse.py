@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.connection import Connection, SshTarget
-from reconciler.observe import (
+from reconciler.engine.observe import (
     Section,
     build_script,
     content_wanted,
@@ -31,7 +30,8 @@ from reconciler.observe import (
     parse_xfrm_policies,
     split_sections,
 )
-from reconciler.resources import (
+from reconciler.host.connection import Connection, SshTarget
+from reconciler.kinds.resources import (
     Desired,
     Domain,
     FileResource,
@@ -355,7 +355,7 @@ def _desired_files(tmp: Path) -> Desired:
 
 
 def test_content_is_wanted_only_for_non_secret_files_that_differ(tmp_path: Path) -> None:
-    from reconciler.observed import FileState, Observed
+    from reconciler.kinds.observed import FileState, Observed
 
     d = _desired_files(tmp_path)
 
@@ -457,7 +457,7 @@ class _Recorder:
 async def test_argv_is_quoted_and_prefixed_with_sudo_for_non_root() -> None:
     import asyncio
 
-    from reconciler.connection import ConnectionLost
+    from reconciler.host.connection import ConnectionLost
 
     for user, prefix in (("root", "timeout -k 2 5.000 "), ("deploy", "sudo -n -- timeout -k 2 5.000 ")):
         rec = _Recorder()

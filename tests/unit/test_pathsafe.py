@@ -1,5 +1,5 @@
 # ruff: noqa: E501 - expected messages are long
-"""The path-safety helper (reconciler/pathsafe_helper.pl) run for real, as root, in a temp dir,
+"""The path-safety helper (reconciler/host/pathsafe_helper.pl) run for real, as root, in a temp dir,
 against a real non-root user (``nobody``): links in the way, directories another user owns,
 temps and targets swapped for links, hard links, FIFOs, leftovers, the policy's edge cases;
 and the Python side of the same policy on ``find`` records."""
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from reconciler import pathsafe
-from reconciler.observe import FIND_FMT, parse_find_records, parse_sha256, split_sections
-from reconciler.pathsafe import STRICT, Batch, Rule, Status
+from reconciler.engine.observe import FIND_FMT, parse_find_records, parse_sha256, split_sections
+from reconciler.host import pathsafe
+from reconciler.host.pathsafe import STRICT, Batch, Rule, Status
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the helper chowns files: run as root")
 

@@ -11,12 +11,10 @@ from types import MappingProxyType
 
 import pytest
 
-from reconciler import apply as apply_mod
-from reconciler.apply import apply_host
-from reconciler.connection import ConnectionPool, SshTarget
-from reconciler.errors import FleetInvalid, Reason
-from reconciler.fleet.load import load_fleet_files, read_tree
-from reconciler.observe import (
+from reconciler.domains.render import render_host
+from reconciler.engine import apply as apply_mod
+from reconciler.engine.apply import apply_host
+from reconciler.engine.observe import (
     Section,
     build_script,
     judged,
@@ -25,11 +23,13 @@ from reconciler.observe import (
     parse_ids,
     probe_for,
 )
-from reconciler.observed import FileState, Observed
-from reconciler.plan import ActionKind, plan_host
-from reconciler.planview import _Paint, render_host_plan
-from reconciler.render import render_host
-from reconciler.resources import Desired, Domain, FileResource, Handler, KeyPair, LinkResource
+from reconciler.engine.plan import ActionKind, plan_host
+from reconciler.engine.planview import _Paint, render_host_plan
+from reconciler.errors import FleetInvalid, Reason
+from reconciler.fleet.load import load_fleet_files, read_tree
+from reconciler.host.connection import ConnectionPool, SshTarget
+from reconciler.kinds.observed import FileState, Observed
+from reconciler.kinds.resources import Desired, Domain, FileResource, Handler, KeyPair, LinkResource
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "fleet-repo-example"
 

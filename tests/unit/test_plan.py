@@ -5,9 +5,7 @@ from __future__ import annotations
 import hashlib
 from types import MappingProxyType
 
-from reconciler.iptables import canonical_iptables
-from reconciler.observed import FileState, LinkState, Observed, ServiceState
-from reconciler.plan import (
+from reconciler.engine.plan import (
     INVENTORY_PATH,
     SECRET_DIFF,
     ActionKind,
@@ -15,7 +13,8 @@ from reconciler.plan import (
     plan_host,
     summary_line,
 )
-from reconciler.resources import (
+from reconciler.kinds.observed import FileState, LinkState, Observed, ServiceState
+from reconciler.kinds.resources import (
     Address,
     Desired,
     Domain,
@@ -29,6 +28,7 @@ from reconciler.resources import (
     Tunnel,
     Validator,
 )
+from reconciler.netfilter.iptables import canonical_iptables
 
 RULES = """*filter
 :INPUT DROP [0:0]

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from reconciler.apply import (
+from reconciler.engine.apply import (
     ActionOutcome,
     _quote_with_tree,
     _Run,
@@ -21,11 +21,11 @@ from reconciler.apply import (
     reobserve_scope,
     staged_path,
 )
-from reconciler.engine import CHANGES, ERROR, IN_SYNC, FleetResult, HostOutcome
-from reconciler.observed import Observed
-from reconciler.plan import ActionKind, plan_host
-from reconciler.planview import render_plan, to_json, use_color
-from reconciler.resources import Desired, Domain, FileResource, Handler, LinkResource, Validator
+from reconciler.engine.fleet import CHANGES, ERROR, IN_SYNC, FleetResult, HostOutcome
+from reconciler.engine.plan import ActionKind, plan_host
+from reconciler.engine.planview import render_plan, to_json, use_color
+from reconciler.kinds.observed import Observed
+from reconciler.kinds.resources import Desired, Domain, FileResource, Handler, LinkResource, Validator
 
 
 @pytest.mark.parametrize("path", ["/etc/apache2/sites-enabled/shop.conf", "/etc/apparmor.d/usr.sbin.mysqld"])
@@ -57,7 +57,7 @@ def test_staging_makes_dotfile_temps_with_owner_and_mode_and_links(tmp_path: Any
     import os
     import secrets
 
-    from reconciler import pathsafe
+    from reconciler.host import pathsafe
 
     if os.geteuid() != 0:
         pytest.skip("staging chowns files: run as root")

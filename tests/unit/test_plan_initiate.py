@@ -7,10 +7,10 @@ from dataclasses import replace
 
 from network_fleets import example_fleet
 
+from reconciler.domains.render import render_host
+from reconciler.engine.plan import SETTLING_KINDS, ActionKind, plan_host
 from reconciler.fleet.model import Datapath, MeshMode
-from reconciler.observed import IpsecState, Observed
-from reconciler.plan import SETTLING_KINDS, ActionKind, plan_host
-from reconciler.render import render_host
+from reconciler.kinds.observed import IpsecState, Observed
 
 
 def libipsec_desired(host: str):  # type: ignore[no-untyped-def]

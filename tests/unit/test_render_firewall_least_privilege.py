@@ -16,8 +16,8 @@ from network_fleets import example_fleet, with_hosts
 from reconciler.domains import firewall, firewall6
 from reconciler.domains.firewall_access import management_admits, mesh_admits, port_access
 from reconciler.errors import RenderError
-from reconciler.firewall_check import Packet, ssh_admitted, verdict
 from reconciler.fleet.model import Datapath, Fleet, MeshMode, MeshTrust, Role, ServicePort, Topology
+from reconciler.netfilter.check import Packet, ssh_admitted, verdict
 
 WEB1, WEB2, DB1, DB2 = (IPv4Address(f"10.99.0.{n}") for n in (11, 12, 21, 22))
 

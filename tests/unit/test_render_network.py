@@ -11,9 +11,9 @@ import pytest
 from network_fleets import VARIANTS, example_fleet, fixture_keys, make_host, with_hosts
 
 from reconciler.domains import firewall, ipsec, tunnels
+from reconciler.domains.render import merge
 from reconciler.domains.tunnels import tunnel_name
 from reconciler.errors import RenderError
-from reconciler.firewall_check import Packet, verdict
 from reconciler.fleet.model import (
     Datapath,
     Fleet,
@@ -24,8 +24,8 @@ from reconciler.fleet.model import (
     ServicePort,
     Topology,
 )
-from reconciler.render import merge
-from reconciler.resources import Desired
+from reconciler.kinds.resources import Desired
+from reconciler.netfilter.check import Packet, verdict
 
 
 def desired(fleet: Fleet, host: str) -> Desired:

@@ -6,7 +6,7 @@ from ipaddress import IPv4Address
 
 import pytest
 
-from reconciler.firewall_check import Packet, ParseError, ssh_admitted, verdict
+from reconciler.netfilter.check import Packet, ParseError, ssh_admitted, verdict
 
 ME = IPv4Address("192.0.2.11")
 ADMIN = IPv4Address("192.0.2.254")

@@ -20,9 +20,9 @@ import pytest
 from network_fleets import VARIANTS, example_fleet
 
 from reconciler.domains import firewall, ipsec, tunnels
+from reconciler.domains.render import merge
 from reconciler.fleet.model import Fleet
-from reconciler.render import merge
-from reconciler.resources import Desired
+from reconciler.kinds.resources import Desired
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "network"
 UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"

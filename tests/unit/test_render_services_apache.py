@@ -9,7 +9,7 @@ from services_golden import render_services
 from reconciler.domains import apache
 from reconciler.errors import RenderError
 from reconciler.fleet.model import JkMount, JkWorker, Site, TlsSpec
-from reconciler.resources import Desired
+from reconciler.kinds.resources import Desired
 
 
 def web(*sites: Site) -> Desired:

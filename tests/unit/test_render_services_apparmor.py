@@ -9,7 +9,7 @@ from services_golden import render_services
 from reconciler.domains import apparmor
 from reconciler.errors import RenderError
 from reconciler.fleet.model import AppArmorProfile, MovedDirectory
-from reconciler.resources import Desired
+from reconciler.kinds.resources import Desired
 
 
 def db(*profiles: AppArmorProfile) -> Desired:

@@ -8,7 +8,7 @@ from services_golden import render_services
 
 from reconciler.errors import RenderError
 from reconciler.fleet.model import ManagedFile, ReloadHandler
-from reconciler.resources import Desired
+from reconciler.kinds.resources import Desired
 
 
 def web(*files: ManagedFile, templates: dict[str, str] | None = None) -> Desired:

@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 from services_fleets import example_fleet, motd_file
 
-from reconciler import engine
-from reconciler.bounded_render import (
+from reconciler.domains.bounded_render import (
     RenderAborted,
     RenderRejected,
     RenderWorker,
@@ -26,11 +25,12 @@ from reconciler.bounded_render import (
     render_bounded,
     render_bounded_sync,
 )
+from reconciler.domains.render import render_host
+from reconciler.domains.render_limits import MIB, RenderLimits
+from reconciler.engine import fleet as engine
 from reconciler.errors import RenderError
 from reconciler.fleet.model import Fleet, ManagedFile
-from reconciler.render import render_host
-from reconciler.render_limits import MIB, RenderLimits
-from reconciler.resources import Desired
+from reconciler.kinds.resources import Desired
 
 HANG = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
 GREEDY = (  # doubles a string 40 times: a terabyte, if nothing stopped it

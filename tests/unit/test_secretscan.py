@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 from snapshot_local import LocalRunner
 
-from reconciler.drift import DriftScanner
+from reconciler.drift.history import HistoryRepo
+from reconciler.drift.scan import DriftScanner
+from reconciler.drift.secretscan import ContentRules, is_builtin_secret, literal_ere
+from reconciler.drift.snapshot import PathPolicy, fetch_files
 from reconciler.errors import FleetInvalid
 from reconciler.fleet.load import load_fleet
 from reconciler.fleet.model import DriftPolicy
-from reconciler.history import HistoryRepo
-from reconciler.secretscan import ContentRules, is_builtin_secret, literal_ere
-from reconciler.snapshot import PathPolicy, fetch_files
 
 ROOT = Path(__file__).resolve().parents[2]
 CANARY = "CANARYq7x"  # in every secret sample below

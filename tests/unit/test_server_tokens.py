@@ -13,9 +13,9 @@ import aiohttp
 import pytest
 from test_webhooks import BODY, SECRET, SYNC, FakeView, gh_sig, post
 
-from reconciler.config import Secret, ServerConfig
-from reconciler.metrics import DaemonMetrics
-from reconciler.server import HttpServer, given_credential, token_matches
+from reconciler.daemon.config import Secret, ServerConfig
+from reconciler.daemon.metrics import DaemonMetrics
+from reconciler.daemon.server import HttpServer, given_credential, token_matches
 
 READ = "canary-read-token-19af"
 METRICS = "canary-metrics-token-c07e"

@@ -17,10 +17,9 @@ from pathlib import Path
 import pytest
 from snapshot_local import LocalRunner, Result, all_objects, git, git_bytes
 
-from reconciler.drift import commit_message, trailer
-from reconciler.fleet.model import DriftMode
-from reconciler.history import HistoryRepo, Prepared, Recall, Recorded, git_storable
-from reconciler.snapshot import (
+from reconciler.drift.history import HistoryRepo, Prepared, Recall, Recorded, git_storable
+from reconciler.drift.scan import commit_message, trailer
+from reconciler.drift.snapshot import (
     ENDS_BYTES,
     FETCH_SCRIPT,
     LARGE_NOTE,
@@ -30,6 +29,7 @@ from reconciler.snapshot import (
     display_path,
     take_snapshot,
 )
+from reconciler.fleet.model import DriftMode
 
 CANARY = b"CANARY-b0unds-93c1"
 KEY = b"-----BEGIN RSA PRIVATE KEY-----\nMIIEow" + CANARY + b"\n-----END RSA PRIVATE KEY-----\n"

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.config import SourceConfig, VerifyMode
-from reconciler.errors import FleetInvalid, Problem, Terminal, Transient
-from reconciler.source import (
+from reconciler.daemon.config import SourceConfig, VerifyMode
+from reconciler.daemon.source import (
     FleetSource,
     SourceConfigError,
     check_allowed_signers,
 )
+from reconciler.errors import FleetInvalid, Problem, Terminal, Transient
 
 GIT_ENV = {
     "GIT_CONFIG_NOSYSTEM": "1",

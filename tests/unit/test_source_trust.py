@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from test_source import Repo, fake_loader, git, keys  # noqa: F401 (keys: a fixture)
 
-from reconciler.config import SourceConfig, VerifyMode
-from reconciler.source import GOOD_REF, FleetSource, Refusal, RollbackRefused
+from reconciler.daemon.config import SourceConfig, VerifyMode
+from reconciler.daemon.source import GOOD_REF, FleetSource, Refusal, RollbackRefused
 
 
 class Counting:

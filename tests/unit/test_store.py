@@ -9,7 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from reconciler.store import INTERRUPTED_REASON, MAX_TEXT, HostState, Store
+from reconciler.daemon.store import INTERRUPTED_REASON, MAX_TEXT, HostState, Store
 
 
 def test_wal_mode_and_private_dir(tmp_path: Path) -> None:
@@ -112,7 +112,7 @@ def test_survives_sigkill_mid_reconcile(tmp_path: Path) -> None:
     code = textwrap.dedent(
         f"""
         import os, signal
-        from reconciler.store import Store
+        from reconciler.daemon.store import Store
         s = Store({str(path)!r})
         s.mark_ready("db1", "c1")
         s.mark_reconciling("db1", "c2")

@@ -8,9 +8,9 @@ import time
 import pytest
 from services_fleets import example_fleet
 
+from reconciler.domains.render_limits import RenderLimitExceeded
+from reconciler.domains.templating import MAX_SEQUENCE, output_limit, render_template
 from reconciler.errors import RenderError
-from reconciler.render_limits import RenderLimitExceeded
-from reconciler.templating import MAX_SEQUENCE, output_limit, render_template
 
 
 def render(text: str) -> str:

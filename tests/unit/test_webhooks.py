@@ -12,9 +12,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from reconciler.config import Secret, ServerConfig
-from reconciler.metrics import DaemonMetrics
-from reconciler.server import HttpServer
+from reconciler.daemon.config import Secret, ServerConfig
+from reconciler.daemon.metrics import DaemonMetrics
+from reconciler.daemon.server import HttpServer
 
 SECRET = "canary-webhook-secret-7f3a"
 GITLAB = "canary-gitlab-token-91b2"

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 from vm_fleet import converge, pool_for, sh
 
-from reconciler import netns
-from reconciler.engine import IN_SYNC, reconcile_fleet
+from reconciler.engine.fleet import IN_SYNC, reconcile_fleet
 from reconciler.fleet.model import Fleet
+from reconciler.host import netns
 from reconciler.lab import Lab
 from reconciler.verify import Status, VerifyOptions, VerifyReport, verify_fleet
 

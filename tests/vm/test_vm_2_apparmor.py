@@ -26,13 +26,13 @@ import pytest
 from aiosmtpd.controller import Controller
 from vm_fleet import FIREWALL_WINDOW, apply, converge, pool_for, sh
 
-from reconciler.drift import DriftScanner, HostDrift
-from reconciler.engine import APPLIED, FAILED
+from reconciler.drift.history import HistoryRepo
+from reconciler.drift.scan import DriftScanner, HostDrift
+from reconciler.engine.fleet import APPLIED, FAILED
 from reconciler.fleet.load import load_fleet
 from reconciler.fleet.model import DriftPolicy, Fleet, MailSettings, Notifications, SmtpSettings
-from reconciler.history import HistoryRepo
 from reconciler.lab import Lab
-from reconciler.notify import Outbox
+from reconciler.notify.outbox import Outbox
 
 pytestmark = [pytest.mark.lab, pytest.mark.vm, pytest.mark.timeout(1800)]
 
@@ -272,7 +272,7 @@ def test_moved_datadir_denied_mailed_fixed_by_the_override(
 
 
 async def _apply_db1(fleet: Fleet, lab: Lab) -> Any:
-    from reconciler.engine import reconcile_fleet
+    from reconciler.engine.fleet import reconcile_fleet
 
     async with pool_for(fleet, lab) as pool:
         return await reconcile_fleet(fleet, ["db1"], pool, apply=True, firewall_window=FIREWALL_WINDOW)

@@ -6,10 +6,10 @@ import asyncio
 from pathlib import Path
 
 from reconciler.commands.keys import collect
-from reconciler.connection import ConnectionPool, targets_for
-from reconciler.engine import APPLIED, IN_SYNC, FleetResult, reconcile_fleet
+from reconciler.engine.fleet import APPLIED, IN_SYNC, FleetResult, reconcile_fleet
 from reconciler.fleet.load import load_fleet
 from reconciler.fleet.model import Fleet
+from reconciler.host.connection import ConnectionPool, targets_for
 from reconciler.lab import Lab
 
 ROOT = Path(__file__).resolve().parents[2]

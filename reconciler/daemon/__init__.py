@@ -1,0 +1,1 @@
+"""`reconciler run`: source, loop, server, store, config, metrics."""

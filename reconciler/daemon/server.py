@@ -1,0 +1,439 @@
+"""HTTP: push webhooks (HMAC), ``POST /sync``, /healthz, /readyz, /metrics, /status and a page.
+
+Webhooks are only a hint: a verified delivery queues a fetch of the fleet repo, nothing in the
+payload is read or trusted. Each provider's authentication is checked over the RAW body with
+``hmac.compare_digest``:
+
+- ``POST /hooks/github``: ``X-Hub-Signature-256: sha256=<hex HMAC-SHA256>`` (the SHA-1
+  ``X-Hub-Signature`` alone is refused);
+- ``POST /hooks/gitea``: ``X-Gitea-Signature: <hex HMAC-SHA256>``;
+- ``POST /hooks/gitlab``: ``X-Gitlab-Token: <shared token>``.
+
+A missing or wrong header is 401, a body over the limit 413; a good delivery is answered 202 at
+once. A replayed delivery id (``X-GitHub-Delivery``, ``X-Gitea-Delivery``,
+``X-Gitlab-Event-UUID``/``Idempotency-Key``) is a no-op (200). No secret is ever logged or shown.
+
+Reading (``/status``, ``/`` and ``/metrics``) needs ``server.read_token`` as a bearer token or
+as the password of HTTP Basic authentication (any user name; browsers ask for it on the page);
+``/metrics`` also takes ``server.metrics_token`` (a scraper's token that cannot read /status).
+Without a read token these are open only on a loopback address, or with ``server.public_status``
+(``reconciler run`` refuses to start otherwise). ``/healthz`` and ``/readyz`` are always open;
+webhooks authenticate with their HMAC only; ``POST /sync`` with the sync token. Every token is
+compared in constant time.
+
+``POST /sync`` with ``{"allow_rollback": "<commit>", "by": "<who>"}`` asks the daemon to move
+its applied commit back to an older one that is still on the fetched branch and verifies
+(see ``reconciler.daemon.source``); the answer waits for the outcome: 200 with the new commit, or 409
+with the reason.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import html
+import json
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from reconciler.daemon.config import Secret, ServerConfig
+from reconciler.daemon.metrics import CONTENT_TYPE, DaemonMetrics
+from reconciler.log import get_logger
+
+log = get_logger(__name__)
+
+DELIVERY_MEMORY = 4096
+PROVIDERS = ("github", "gitea", "gitlab")
+
+
+class DaemonView(Protocol):
+    """What the HTTP server needs from the daemon."""
+
+    def push_hint(self, provider: str) -> None:
+        """A verified push notification: fetch the fleet repo soon."""
+
+    def sync(self, hosts: Sequence[str]) -> tuple[int, list[str]]:
+        """Fetch, then resync ``hosts`` (all when empty); returns (queued, unknown host names)."""
+
+    def forget(self, hosts: Sequence[str]) -> tuple[list[str], list[str]]:
+        """Acknowledge hosts removed from the fleet; returns (forgotten, refused)."""
+
+    def ready(self) -> bool: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+    async def rollback(self, commit: str, requested_by: str) -> tuple[bool, dict[str, Any]]:
+        """Move the applied commit back to ``commit`` if allowed; (done, details or reason)."""
+        ...
+
+
+@dataclass(frozen=True)
+class AuthResult:
+    ok: bool
+    reason: str = ""
+
+
+def _hmac_hex(secret: Secret, body: bytes) -> str:
+    return hmac.new(secret.reveal().encode(), body, hashlib.sha256).hexdigest()
+
+
+def check_github(headers: Any, body: bytes, secret: Secret) -> AuthResult:
+    sig = headers.get("X-Hub-Signature-256")
+    if sig is None:
+        if headers.get("X-Hub-Signature") is not None:
+            return AuthResult(False, "SHA-1 X-Hub-Signature is not accepted; send X-Hub-Signature-256")
+        return AuthResult(False, "missing X-Hub-Signature-256")
+    expected = "sha256=" + _hmac_hex(secret, body)
+    if not hmac.compare_digest(expected.encode(), sig.strip().encode("ascii", "replace")):
+        return AuthResult(False, "signature does not match")
+    return AuthResult(True)
+
+
+def check_gitea(headers: Any, body: bytes, secret: Secret) -> AuthResult:
+    sig = headers.get("X-Gitea-Signature")
+    if sig is None:
+        return AuthResult(False, "missing X-Gitea-Signature")
+    expected = _hmac_hex(secret, body)
+    if not hmac.compare_digest(expected.encode(), sig.strip().lower().encode("ascii", "replace")):
+        return AuthResult(False, "signature does not match")
+    return AuthResult(True)
+
+
+def check_gitlab(headers: Any, body: bytes, token: Secret) -> AuthResult:
+    given = headers.get("X-Gitlab-Token")
+    if given is None:
+        return AuthResult(False, "missing X-Gitlab-Token")
+    if not hmac.compare_digest(token.reveal().encode(), given.encode("utf-8", "replace")):
+        return AuthResult(False, "token does not match")
+    return AuthResult(True)
+
+
+_COMMIT = re.compile(r"^[0-9a-f]{7,64}$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def given_credential(headers: Any) -> str:
+    """The bearer token, or the password of HTTP Basic authentication ("" if neither)."""
+    header = str(headers.get("Authorization", ""))
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer":
+        return value.strip()
+    if scheme.lower() == "basic":
+        try:
+            decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+        except (ValueError, UnicodeDecodeError):
+            return ""
+        return decoded.partition(":")[2]
+    return ""
+
+
+def token_matches(given: str, tokens: Sequence[Secret]) -> bool:
+    """Constant time in the given value: every configured token is compared."""
+    ok = False
+    for token in tokens:
+        ok |= hmac.compare_digest(token.reveal().encode(), given.encode("utf-8", "replace"))
+    return bool(given) and ok
+
+
+def delivery_id(provider: str, headers: Any) -> str | None:
+    names = {
+        "github": ("X-GitHub-Delivery",),
+        "gitea": ("X-Gitea-Delivery", "X-GitHub-Delivery"),
+        "gitlab": ("X-Gitlab-Event-UUID", "Idempotency-Key", "X-Gitlab-Webhook-UUID"),
+    }[provider]
+    for name in names:
+        value = headers.get(name)
+        if value:
+            return f"{provider}:{value.strip()[:200]}"
+    return None
+
+
+class _Deliveries:
+    """Recently seen delivery ids (bounded)."""
+
+    def __init__(self, size: int = DELIVERY_MEMORY) -> None:
+        self._seen: OrderedDict[str, float] = OrderedDict()
+        self._size = size
+
+    def seen(self, key: str) -> bool:
+        if key in self._seen:
+            self._seen.move_to_end(key)
+            return True
+        self._seen[key] = time.time()
+        while len(self._seen) > self._size:
+            self._seen.popitem(last=False)
+        return False
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise _TooLarge
+    buf = bytearray()
+    while True:
+        chunk = await request.content.read(65536)
+        if not chunk:
+            break
+        buf += chunk
+        if len(buf) > limit:
+            raise _TooLarge
+    return bytes(buf)
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        text=json.dumps(data, sort_keys=True, default=str) + "\n",
+        status=status,
+        content_type="application/json",
+    )
+
+
+class HttpServer:
+    def __init__(self, config: ServerConfig, view: DaemonView, metrics: DaemonMetrics) -> None:
+        self.config = config
+        self.view = view
+        self.metrics = metrics
+        self._deliveries = _Deliveries()
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+        self.app = self._build_app()
+
+    def _build_app(self) -> web.Application:
+        app = web.Application(client_max_size=self.config.max_body_bytes)
+        app.router.add_post("/hooks/{provider}", self.hook)
+        app.router.add_post("/sync", self.sync)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/metrics", self.metrics_page)
+        app.router.add_get("/status", self.status)
+        app.router.add_get("/", self.index)
+        return app
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.config.listen, self.config.port, reuse_address=True)
+        await site.start()
+        addresses = self._runner.addresses
+        self.port = int(addresses[0][1]) if addresses else self.config.port
+        log.info("http listening", address=self.config.listen, port=self.port)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # ------------------------------------------------------------ webhooks
+
+    async def hook(self, request: web.Request) -> web.Response:
+        provider = request.match_info["provider"]
+        if provider not in PROVIDERS:
+            raise web.HTTPNotFound(text="unknown webhook provider\n")
+        try:
+            body = await _read_body(request, self.config.max_body_bytes)
+        except _TooLarge:
+            self.metrics.webhooks.inc(1, provider, "too-large")
+            return _json({"error": "body too large"}, status=413)
+        secret = self.config.gitlab_token or self.config.webhook_secret
+        if provider != "gitlab":
+            secret = self.config.webhook_secret
+        if not secret:
+            self.metrics.webhooks.inc(1, provider, "disabled")
+            return _json({"error": f"{provider} webhooks are not configured (no secret set)"}, status=403)
+        if provider == "github":
+            auth = check_github(request.headers, body, secret)
+        elif provider == "gitea":
+            auth = check_gitea(request.headers, body, secret)
+        else:
+            auth = check_gitlab(request.headers, body, secret)
+        if not auth.ok:
+            self.metrics.webhooks.inc(1, provider, "unauthorized")
+            log.warning("webhook refused", provider=provider, reason=auth.reason, peer=request.remote)
+            return _json({"error": auth.reason}, status=401)
+        delivery = delivery_id(provider, request.headers)
+        if delivery is not None and self._deliveries.seen(delivery):
+            self.metrics.webhooks.inc(1, provider, "duplicate")
+            return _json({"status": "duplicate delivery ignored"}, status=200)
+        self.metrics.webhooks.inc(1, provider, "accepted")
+        self.view.push_hint(provider)
+        return _json({"status": "fetch queued"}, status=202)
+
+    # ------------------------------------------------------------ sync
+
+    async def sync(self, request: web.Request) -> web.Response:
+        token = self.config.sync_token
+        if not token:
+            return _json({"error": "sync is disabled: set server.sync_token"}, status=403)
+        header = request.headers.get("Authorization", "")
+        given = header[7:] if header.startswith("Bearer ") else ""
+        if not given or not hmac.compare_digest(token.reveal().encode(), given.encode("utf-8", "replace")):
+            return _json({"error": "missing or wrong bearer token"}, status=401)
+        try:
+            body = await _read_body(request, 65536)
+        except _TooLarge:
+            return _json({"error": "body too large"}, status=413)
+        hosts: list[str] = []
+        if body.strip():
+            try:
+                data = json.loads(body)
+            except ValueError:
+                return _json({"error": "body must be JSON"}, status=400)
+            if isinstance(data, dict) and "allow_rollback" in data:
+                return await self._rollback(request, data)
+            raw = data.get("hosts", []) if isinstance(data, dict) else None
+            if not isinstance(raw, list) or not all(isinstance(h, str) for h in raw):
+                return _json({"error": 'expected {"hosts": ["name", ...]}'}, status=400)
+            hosts = raw
+            forget = data.get("forget")
+            if forget is not None:  # acknowledge hosts removed from the fleet (no sync)
+                if not isinstance(forget, list) or not all(isinstance(h, str) for h in forget) or hosts:
+                    return _json({"error": 'expected {"forget": ["name", ...]}'}, status=400)
+                forgotten, refused = self.view.forget(forget)
+                if refused:
+                    return _json({"error": "not removed from the fleet", "refused": refused}, status=409)
+                return _json({"status": "forgotten", "forgotten": forgotten}, status=200)
+        queued, unknown = self.view.sync(hosts)
+        if unknown:
+            return _json({"error": "unknown hosts", "unknown": unknown}, status=404)
+        return _json({"status": "sync queued", "hosts": hosts or "all", "queued": queued}, status=202)
+
+    async def _rollback(self, request: web.Request, data: dict[str, Any]) -> web.Response:
+        commit, by = data.get("allow_rollback"), data.get("by", "")
+        if not isinstance(commit, str) or not _COMMIT.match(commit):
+            return _json({"error": "allow_rollback: expected a commit id (7 to 64 hex digits)"}, status=400)
+        if not isinstance(by, str):
+            return _json({"error": "by: expected a string"}, status=400)
+        who = _CONTROL.sub("?", by)[:200] or "unnamed"
+        requested_by = f"{who} (from {request.remote or 'unknown address'})"
+        log.warning("rollback requested", commit=commit, by=requested_by)
+        done, details = await self.view.rollback(commit, requested_by)
+        return _json(details if done else {"error": details.get("reason", "refused"), **details},
+                     status=200 if done else 409)  # fmt: skip
+
+    # ------------------------------------------------------------ visibility
+
+    def _refuse_read(self, request: web.Request, *, metrics: bool = False) -> web.Response | None:
+        """None when the request may read; else the 401/403 answer."""
+        cfg = self.config
+        tokens = [t for t in (cfg.read_token, cfg.metrics_token if metrics else None) if t]
+        if not tokens:
+            if cfg.loopback or cfg.public_status:
+                return None
+            return _json({"error": "reading is disabled: set server.read_token"}, status=403)
+        if token_matches(given_credential(request.headers), tokens):
+            return None
+        response = _json({"error": "missing or wrong token"}, status=401)
+        response.headers.add("WWW-Authenticate", 'Bearer realm="reconciler"')
+        response.headers.add("WWW-Authenticate", 'Basic realm="reconciler", charset="UTF-8"')
+        return response
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        if self.view.ready():
+            return web.Response(text="ready\n")
+        return web.Response(text="not ready: the first fetch and load have not finished\n", status=503)
+
+    async def metrics_page(self, request: web.Request) -> web.Response:
+        refused = self._refuse_read(request, metrics=True)
+        if refused is not None:
+            return refused
+        return web.Response(body=self.metrics.render().encode(), headers={"Content-Type": CONTENT_TYPE})
+
+    async def status(self, request: web.Request) -> web.Response:
+        refused = self._refuse_read(request)
+        if refused is not None:
+            return refused
+        return _json(self.view.status())
+
+    async def index(self, request: web.Request) -> web.Response:
+        refused = self._refuse_read(request)
+        if refused is not None:
+            return refused
+        page = render_status_page(self.view.status())
+        return web.Response(
+            text=page,
+            content_type="text/html",
+            headers={
+                "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'",
+                "X-Content-Type-Options": "nosniff",
+                "Cache-Control": "no-store",
+            },
+        )
+
+
+def _e(value: object) -> str:
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def _when(ts: object) -> str:
+    if not isinstance(ts, int | float) or not ts:
+        return ""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
+
+
+def render_status_page(status: dict[str, Any]) -> str:
+    """A small HTML page; every value is escaped."""
+    src = status.get("source", {})
+    rows = []
+    for h in status.get("hosts", []):
+        state = str(h.get("state", ""))
+        rows.append(
+            "<tr>"
+            f"<td>{_e(h.get('name'))}</td>"
+            f'<td class="{_e(state.lower())}">{_e(state)}</td>'
+            f"<td><code>{_e(str(h.get('applied_commit', ''))[:12])}</code></td>"
+            f"<td><code>{_e(str(h.get('attempted_commit', ''))[:12])}</code></td>"
+            f"<td>{_e(_when(h.get('last_drift_at')))}</td>"
+            f"<td>{_e(h.get('reason'))}</td>"
+            "</tr>"
+        )
+    events = []
+    for ev in status.get("events", [])[:30]:
+        events.append(
+            "<tr>"
+            f"<td>{_e(_when(ev.get('at')))}</td><td>{_e(ev.get('kind'))}</td><td>{_e(ev.get('host'))}</td>"
+            f"<td><code>{_e(str(ev.get('commit', ''))[:12])}</code></td><td>{_e(ev.get('message'))}</td>"
+            "</tr>"
+        )
+    rejection = src.get("rejection")
+    rejected = (
+        f"<p class=stalled>Refused commit <code>{_e(str(rejection.get('commit', ''))[:12])}</code> "
+        f"({_e(rejection.get('kind'))}): {_e(rejection.get('reason'))}</p>"
+        if isinstance(rejection, dict)
+        else ""
+    )
+    rollback = src.get("last_rollback")
+    if isinstance(rollback, dict):
+        rejected += (
+            f"<p>Last rollback: to <code>{_e(str(rollback.get('commit', ''))[:12])}</code> from "
+            f"<code>{_e(str(rollback.get('previous', ''))[:12])}</code>, allowed by {_e(rollback.get('by'))} "
+            f"at {_e(_when(rollback.get('at')))}.</p>"
+        )
+    return (
+        "<!doctype html><html><head><meta charset=utf-8><title>reconciler</title>"
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}"
+        ".ready{color:#070}.stalled{color:#a00}.reconciling{color:#a60}</style></head><body>"
+        "<h1>reconciler</h1>"
+        f"<p>Fleet repo <code>{_e(src.get('url'))}</code> branch <code>{_e(src.get('branch'))}</code>: "
+        f"head <code>{_e(str(src.get('head', ''))[:12])}</code>, "
+        f"applying <code>{_e(str(src.get('good', ''))[:12])}</code>. "
+        f"Mode {_e(status.get('mode'))}. Queue depth {_e(status.get('queue', {}).get('depth'))}.</p>"
+        f"{rejected}"
+        "<h2>Hosts</h2><table><tr><th>host</th><th>state</th><th>applied</th><th>attempted</th>"
+        "<th>last drift</th><th>reason</th></tr>" + "".join(rows) + "</table>"
+        "<h2>Recent drift and errors</h2><table><tr><th>when</th><th>kind</th><th>host</th>"
+        "<th>commit</th><th>message</th></tr>" + "".join(events) + "</table></body></html>\n"
+    )

@@ -1,0 +1,829 @@
+"""The fleet repo: fetch into a private mirror, verify signatures, pick the newest good commit.
+
+- The repo is fetched (``file://``, ``ssh://``/``user@host:path``, ``https://``) with the git
+  CLI, argv lists only, into a bare mirror under the state directory; a work tree the user owns
+  is never touched. git runs with the user's global and system config ignored, so nothing there
+  (an allowed-signers file, a credential helper, hooks) changes what we trust.
+- Signature verification (optional): every commit reachable from the branch head but not from
+  the last good commit (nor from ``source.signed_after``) must carry a good signature from an
+  allowed key. SSH signatures are checked with ``git verify-commit`` against
+  ``gpg.ssh.allowedSignersFile`` and ``gpg.minTrustLevel=fully``; OpenPGP signatures against a
+  private keyring built from ``source.openpgp_keys``. The signature kind must match the mode
+  (an OpenPGP-signed commit never passes in SSH mode and vice versa).
+- Trust only moves forward: a new good commit must descend from the current good one (the
+  applied commit, persisted as ``refs/reconciler/good``). A head that does not (a force-push
+  back to an older signed commit, a rewritten history, an unsigned commit on top of an old
+  one) is refused as ``rollback``, whatever its signatures. Going back is either a revert
+  commit (a descendant, so just forward) or an explicit ``rollback()`` by an admin
+  (``reconciler sync --allow-rollback COMMIT``): the commit must be on the fetched branch and
+  verify like any new commit; who asked and when is recorded by the daemon.
+- The newest good commit is the newest commit on the head's first-parent chain that descends
+  from the good commit and whose whole new history verified. An unsigned or wrongly signed head
+  is never used: the last good commit stays, and the refusal (commit, kind, reason) is reported
+  once per commit and not evaluated again while the good commit stays.
+- The fleet at a commit is read with ``git archive`` (size capped) and given to the loader, then
+  to the optional ``vet`` hook (the daemon renders every host there, under limits); only a
+  commit that loads and passes it becomes good.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import importlib
+import io
+import os
+import re
+import shlex
+import shutil
+import tarfile
+import tempfile
+import urllib.parse
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from reconciler.daemon.config import SourceConfig, VerifyMode, redact_url
+from reconciler.errors import FleetInvalid, Problem, Terminal, Transient
+from reconciler.log import get_logger
+
+log = get_logger(__name__)
+
+GOOD_REF = "refs/reconciler/good"
+MAX_ARCHIVE_BYTES = 64 << 20
+MAX_FILES = 20_000
+MAX_VERIFY = 2000  # commits verified in one refresh at most
+SSH_SIG_BEGIN = "-----BEGIN SSH SIGNATURE-----"
+PGP_SIG_BEGIN = "-----BEGIN PGP SIGNATURE-----"
+SSH_KEY_TYPES = frozenset(
+    {
+        "ssh-ed25519",
+        "ssh-rsa",
+        "ecdsa-sha2-nistp256",
+        "ecdsa-sha2-nistp384",
+        "ecdsa-sha2-nistp521",
+        "sk-ssh-ed25519@openssh.com",
+        "sk-ecdsa-sha2-nistp256@openssh.com",
+    }
+)
+
+FleetLoader = Callable[[Mapping[str, bytes]], Any]
+_HEX = re.compile(r"^[0-9a-f]{7,64}$")
+
+
+class SourceError(Transient):
+    """git failed (network, server, timeout): retried with backoff."""
+
+
+class SourceConfigError(Terminal):
+    """The verification setup itself is wrong (e.g. a malformed allowed-signers file)."""
+
+
+class SourceTrustError(Terminal):
+    """A move of the good commit that trust does not allow (a bug if it is ever raised)."""
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A commit that will not be applied, and why. ``kind`` is a stable word for mail keys."""
+
+    commit: str  # the refused head
+    # unsigned | bad-signature | untrusted-key | wrong-signature-kind | rollback | invalid-fleet
+    # | render-limit | bad-config
+    kind: str
+    reason: str  # one line for status and mail; names the offending commit
+    good: str = ""  # the commit hosts stay on
+
+    @property
+    def key(self) -> str:
+        """The idempotency key: one mail per bad commit and reason."""
+        return f"source:{self.commit}:{self.kind}"
+
+
+@dataclass(frozen=True)
+class SourceState:
+    head: str  # the branch head as fetched ("" if never fetched)
+    good: str  # the commit hosts converge to ("" if none yet)
+    fleet: Any  # the fleet loaded at ``good`` (None if none yet)
+    rejection: Rejection | None  # why ``head`` is not used, if it is not
+    changed: bool  # ``good`` moved in this refresh
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool
+    kind: str = ""
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a verified commit cannot be used (its fleet does not load, or the vet hook refused)."""
+
+    kind: str
+    reason: str
+
+
+Vet = Callable[[str, Any], Awaitable[Refusal | None]]
+
+
+class RollbackRefused(Terminal):
+    """An explicit rollback that is not allowed (not on the branch, does not verify...)."""
+
+
+@dataclass(frozen=True)
+class Rollback:
+    """An admin moved the good commit back on purpose."""
+
+    commit: str  # the new good commit (older than the previous one)
+    previous: str  # the good commit before
+    head: str  # the fetched branch head at that moment
+
+
+# ---------------------------------------------------------------- allowed signers
+
+
+def check_allowed_signers(path: Path) -> int:
+    """Parse an OpenSSH allowed-signers file; returns how many keys it holds.
+
+    Raises ``SourceConfigError`` (naming the file and line) for a malformed line, an unknown key
+    type, a key blob that is not base64, or a blob whose embedded type differs from the type
+    written before it (the "key type mismatch" case).
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        raise SourceConfigError(f"{path}: cannot read the allowed-signers file") from None
+    keys = 0
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            tokens = shlex.split(line, comments=False, posix=True)
+        except ValueError:
+            raise SourceConfigError(f"{path}:{lineno}: unbalanced quotes") from None
+        idx = next((i for i, t in enumerate(tokens) if t in SSH_KEY_TYPES), None)
+        if idx is None or idx == 0 or idx + 1 >= len(tokens):
+            raise SourceConfigError(f"{path}:{lineno}: expected 'PRINCIPALS [OPTIONS] KEYTYPE BASE64KEY'")
+        keytype, blob = tokens[idx], tokens[idx + 1]
+        try:
+            data = base64.b64decode(blob, validate=True)
+            n = int.from_bytes(data[:4], "big")
+            embedded = data[4 : 4 + n].decode("ascii")
+        except (ValueError, UnicodeDecodeError):
+            raise SourceConfigError(f"{path}:{lineno}: the key is not valid base64") from None
+        if embedded != keytype:
+            raise SourceConfigError(
+                f"{path}:{lineno}: key type mismatch: line says {keytype}, key is {embedded}"
+            )
+        keys += 1
+    if keys == 0:
+        raise SourceConfigError(f"{path}: no keys in the allowed-signers file")
+    return keys
+
+
+# ---------------------------------------------------------------- git plumbing
+
+
+@dataclass(frozen=True)
+class GitResult:
+    code: int
+    stdout: bytes
+    stderr: bytes
+
+
+class Git:
+    """Runs git with argv lists in an isolated environment (no global/system config)."""
+
+    def __init__(self, git_dir: Path, *, extra_env: Mapping[str, str] | None = None) -> None:
+        self.git_dir = git_dir
+        # No GIT_* from our environment, and none of our own settings (secrets) for children.
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("GIT_", "RECONCILER_"))}
+        env.update(
+            {
+                "GIT_CONFIG_NOSYSTEM": "1",
+                "GIT_CONFIG_GLOBAL": os.devnull,
+                "GIT_TERMINAL_PROMPT": "0",
+                "GIT_ASKPASS": "/bin/false",
+                "SSH_ASKPASS": "/bin/false",
+                "LC_ALL": "C",
+            }
+        )
+        env.update(extra_env or {})
+        self.env = env
+
+    async def run(
+        self,
+        args: Sequence[str],
+        *,
+        timeout: float = 60.0,
+        config: Sequence[tuple[str, str]] = (),
+        env: Mapping[str, str] | None = None,
+        max_output: int = MAX_ARCHIVE_BYTES,
+    ) -> GitResult:
+        argv = ["git", f"--git-dir={self.git_dir}"]
+        for key, value in config:
+            argv += ["-c", f"{key}={value}"]
+        argv += list(args)
+        run_env = dict(self.env)
+        run_env.update(env or {})
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=run_env,
+        )
+        try:
+            stdout, stderr = await asyncio.wait_for(_read_capped(proc, max_output), timeout)
+        except (TimeoutError, asyncio.CancelledError) as exc:
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise SourceError(f"git {args[0]} timed out after {timeout:.0f}s") from None
+        except _TooLarge:
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
+            raise FleetInvalid(
+                [Problem("", 0, 0, "", f"the repo tree is larger than {max_output} bytes")]
+            ) from None
+        code = await proc.wait()
+        return GitResult(code, stdout, stderr)
+
+    async def check(self, args: Sequence[str], **kw: Any) -> bytes:
+        res = await self.run(args, **kw)
+        if res.code != 0:
+            raise SourceError(f"git {args[0]} failed: {_first_line(res.stderr)}")
+        return res.stdout
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _read_capped(proc: asyncio.subprocess.Process, limit: int) -> tuple[bytes, bytes]:
+    assert proc.stdout is not None and proc.stderr is not None
+
+    async def read_out() -> bytes:
+        assert proc.stdout is not None
+        buf = bytearray()
+        while chunk := await proc.stdout.read(1 << 16):
+            buf += chunk
+            if len(buf) > limit:
+                raise _TooLarge
+        return bytes(buf)
+
+    async def read_err() -> bytes:
+        assert proc.stderr is not None
+        data = await proc.stderr.read(1 << 16)
+        while await proc.stderr.read(1 << 16):  # drain, keep the first 64 KiB
+            pass
+        return data
+
+    out, err = await asyncio.gather(read_out(), read_err())
+    return out, err
+
+
+def _first_line(data: bytes) -> str:
+    for line in data.decode("utf-8", "replace").splitlines():
+        line = line.strip()
+        if line and not line.startswith("hint:"):
+            return line[:300]
+    return "no message"
+
+
+# ---------------------------------------------------------------- the source
+
+
+def default_loader(files: Mapping[str, bytes]) -> Any:
+    """Load the fleet with reconciler.fleet.load (in memory if it can, else from a temp dir)."""
+    fleet_load = importlib.import_module("reconciler.fleet.load")
+
+    if hasattr(fleet_load, "load_fleet_files"):
+        return fleet_load.load_fleet_files(files)
+    with tempfile.TemporaryDirectory(prefix="reconciler-fleet-") as tmp:
+        root = Path(tmp)
+        for rel, data in files.items():
+            dest = root / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(data)
+        return fleet_load.load_fleet(root)
+
+
+class FleetSource:
+    """Fetches the fleet repo and keeps the newest good commit and its loaded fleet."""
+
+    def __init__(
+        self,
+        config: SourceConfig,
+        mirror_dir: Path,
+        *,
+        loader: FleetLoader = default_loader,
+        last_good: str = "",
+        vet: Vet | None = None,
+    ) -> None:
+        self.config = config
+        self.mirror_dir = mirror_dir
+        self._loader = loader
+        self._vet = vet
+        self._git = Git(mirror_dir, extra_env=self._transport_env())
+        self._verified: dict[str, Verdict] = {}
+        self._refused: dict[str, tuple[str, Rejection]] = {}  # head -> (good then, why refused)
+        self._invalid: dict[str, Refusal] = {}  # commit -> why it cannot be used (load, vet)
+        self._good = last_good
+        self._fleet: Any = None
+        self._head = ""
+        self._last_rejection: Rejection | None = None
+        self._gnupg_home = mirror_dir.parent / (mirror_dir.name + ".gnupg")
+        self._lock = asyncio.Lock()
+        self._prepared = False
+
+    # ------------------------------------------------------------ set-up
+
+    def _transport_env(self) -> dict[str, str]:
+        cfg = self.config
+        argv = ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", "ConnectTimeout=15"]
+        if cfg.ssh_known_hosts is not None:
+            argv += ["-o", f"UserKnownHostsFile={cfg.ssh_known_hosts}"]
+        if cfg.ssh_key is not None:
+            argv += ["-o", "IdentitiesOnly=yes", "-i", str(cfg.ssh_key)]
+        return {"GIT_SSH_COMMAND": " ".join(shlex.quote(a) for a in argv), "GIT_SSH_VARIANT": "ssh"}
+
+    async def prepare(self) -> None:
+        """``setup()``, then load (and vet) the last good commit if there is one."""
+        await self.setup()
+        async with self._lock:
+            await self._load_good()
+
+    async def _load_good(self) -> None:
+        good = self._good
+        if not good or self._fleet is not None or good in self._invalid:
+            return
+        if (await self._git.run(["cat-file", "-e", good + "^{commit}"])).code != 0:
+            return  # not fetched yet (a new mirror): loaded once the fetch brings it
+        refusal = await self._usable(good)
+        if refusal is None:
+            return
+        # The last good commit must stay usable; say so loudly. It stays the floor of trust.
+        log.error(
+            "the last good commit cannot be used", commit=good, kind=refusal.kind, reason=refusal.reason
+        )
+        rejection = Rejection(good, refusal.kind, refusal.reason, good)
+        self._refused[good] = (good, rejection)
+        self._last_rejection = rejection
+
+    async def setup(self) -> None:
+        """Create the mirror, check the verification setup, read the last good commit (cheap:
+        configuration errors surface here, before the daemon serves anything)."""
+        if self._prepared:
+            return
+        self.mirror_dir.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not (self.mirror_dir / "HEAD").exists():
+            proc = await asyncio.create_subprocess_exec(
+                "git", "init", "--bare", "-q", str(self.mirror_dir), env=self._git.env,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            _, err = await proc.communicate()
+            if proc.returncode != 0:
+                raise SourceError(f"git init failed: {_first_line(err)}")
+        if self.config.verify is VerifyMode.SSH:
+            assert self.config.allowed_signers is not None
+            check_allowed_signers(self.config.allowed_signers)
+        elif self.config.verify is VerifyMode.OPENPGP:
+            await self._build_keyring()
+        self._prepared = True
+        res = await self._git.run(["rev-parse", "--verify", "-q", GOOD_REF + "^{commit}"])
+        ref = res.stdout.decode().strip() if res.code == 0 else ""
+        if self._good and ref and self._good != ref and await self._is_ancestor(self._good, ref):
+            self._good = ref  # the ref moved on and the state store did not follow (a crash)
+        if not self._good:
+            self._good = ref
+        if self._good:
+            res = await self._git.run(["cat-file", "-e", self._good + "^{commit}"])
+            if res.code != 0:  # the mirror was lost: the floor must not be (trust on first use)
+                log.error("the last good commit is not in the mirror; waiting for it to be fetched",
+                          commit=self._good)  # fmt: skip
+
+    async def _build_keyring(self) -> None:
+        assert self.config.openpgp_keys is not None
+        home = self._gnupg_home
+        shutil.rmtree(home, ignore_errors=True)
+        home.mkdir(mode=0o700, parents=True)
+        env = {**self._git.env, "GNUPGHOME": str(home)}
+        try:
+            keys = self.config.openpgp_keys.read_bytes()
+        except OSError:
+            raise SourceConfigError(f"{self.config.openpgp_keys}: cannot read the OpenPGP keys") from None
+        proc = await asyncio.create_subprocess_exec(
+            "gpg", "--batch", "--quiet", "--import", env=env,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, err = await proc.communicate(keys)
+        if proc.returncode != 0:
+            raise SourceConfigError(f"{self.config.openpgp_keys}: gpg cannot import: {_first_line(err)}")
+        proc = await asyncio.create_subprocess_exec(
+            "gpg", "--batch", "--with-colons", "--list-keys", env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        out, _ = await proc.communicate()
+        fprs: list[str] = []
+        primary = False
+        for line in out.decode().splitlines():
+            parts = line.split(":")
+            if parts[0] == "pub":
+                primary = True
+            elif parts[0] == "fpr" and primary:
+                fprs.append(parts[9])
+                primary = False
+        if not fprs:
+            raise SourceConfigError(f"{self.config.openpgp_keys}: no OpenPGP public keys found")
+        trust = "".join(f"{f}:6:\n" for f in fprs).encode()
+        proc = await asyncio.create_subprocess_exec(
+            "gpg", "--batch", "--quiet", "--import-ownertrust", env=env,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        await proc.communicate(trust)
+
+    # ------------------------------------------------------------ state
+
+    @property
+    def good(self) -> str:
+        return self._good
+
+    @property
+    def fleet(self) -> Any:
+        return self._fleet
+
+    @property
+    def head(self) -> str:
+        return self._head
+
+    @property
+    def rejection(self) -> Rejection | None:
+        return self._last_rejection
+
+    def state(self, changed: bool = False) -> SourceState:
+        return SourceState(self._head, self._good, self._fleet, self._last_rejection, changed)
+
+    # ------------------------------------------------------------ refresh
+
+    async def refresh(self) -> SourceState:
+        """Fetch, pick the newest good commit, load it. Raises ``SourceError`` if fetch fails."""
+        async with self._lock:
+            await self.setup()
+            head = await self.fetch()
+            self._head = head
+            await self._load_good()
+            if head == self._good and self._fleet is not None:
+                self._last_rejection = None
+                return self.state()
+            known = self._refused.get(head)
+            if known is not None and known[0] == self._good:
+                self._last_rejection = known[1]  # same head, same outcome: no re-verify, no re-load
+                return self.state()
+            changed = False
+            if self._good and head != self._good and not await self._is_ancestor(self._good, head):
+                rejection: Rejection | None = await self._not_descendant(head)
+            else:
+                candidate, rejection = await self._newest_verified(head)
+                if candidate and (candidate != self._good or self._fleet is None):
+                    refusal = await self._usable(candidate)
+                    changed = refusal is None
+                    # A head refused for its signature keeps that reason; else why it is unusable.
+                    if refusal is not None and rejection is None:
+                        rejection = Rejection(head, refusal.kind, refusal.reason)
+            if rejection is not None:
+                rejection = replace(rejection, good=self._good)
+                self._refused[head] = (self._good, rejection)
+                log.warning(
+                    "commit refused", commit=rejection.commit, kind=rejection.kind, reason=rejection.reason
+                )
+            self._last_rejection = rejection
+            return self.state(changed)
+
+    async def _usable(self, commit: str) -> Refusal | None:
+        """Load ``commit`` and vet it; on success it becomes the good commit. A refusal is
+        remembered (a commit is never loaded or rendered twice to be refused twice)."""
+        refusal = self._invalid.get(commit)
+        if refusal is not None:
+            return refusal
+        try:
+            fleet = await self.load_at(commit)
+        except FleetInvalid as exc:
+            refusal = Refusal("invalid-fleet", f"commit {commit[:12]}: {exc}")
+        else:
+            refusal = await self._vet(commit, fleet) if self._vet is not None else None
+            if refusal is None:
+                await self._set_good(commit, fleet)
+                return None
+        self._invalid[commit] = refusal
+        return refusal
+
+    async def _not_descendant(self, head: str) -> Rejection:
+        good = self._good
+        if await self._is_ancestor(head, good):
+            what = f"is older than the applied commit {good[:12]} (the branch was moved back)"
+        else:
+            what = f"does not descend from the applied commit {good[:12]} (the branch history was rewritten)"
+        unsigned = ""
+        if self.config.verify is not VerifyMode.NONE:
+            verdict = await self.verify_commit(head)
+            if not verdict.ok:
+                unsigned = f"; it is also refused on its own: {verdict.reason}"
+        reason = (
+            f"commit {head[:12]} {what}{unsigned}. Hosts stay on {good[:12]}. To go back on purpose, "
+            f"push a revert commit, or run `reconciler sync --allow-rollback {head[:12]}`"
+        )
+        return Rejection(head, "rollback", reason, good)
+
+    async def rollback(self, target: str) -> Rollback:
+        """Make ``target`` (a commit id, at least 7 hex digits) the good commit although it does
+        not descend from the current one. It must be on the fetched branch (the head or one of
+        its ancestors), verify like a new commit (itself and every commit of its history that
+        the current good commit does not have) and load and vet. Raises ``RollbackRefused``."""
+        if not _HEX.match(target):
+            raise RollbackRefused(f"{target[:80]!r} is not a commit id (7 to 64 hex digits)")
+        async with self._lock:
+            await self.setup()
+            head = await self.fetch()
+            self._head = head
+            res = await self._git.run(["rev-parse", "--verify", "-q", target + "^{commit}"])
+            if res.code != 0:
+                raise RollbackRefused(f"commit {target} is not in the fetched repo (or the id is ambiguous)")
+            commit = res.stdout.decode().strip()
+            previous = self._good
+            if commit == previous:
+                raise RollbackRefused(f"commit {commit[:12]} is already the applied commit")
+            if not await self._is_ancestor(commit, head):
+                raise RollbackRefused(
+                    f"commit {commit[:12]} is not on branch {self.config.branch} (head {head[:12]}); "
+                    "push it there first"
+                )
+            if previous and await self._is_ancestor(previous, commit):
+                raise RollbackRefused(
+                    f"commit {commit[:12]} descends from the applied commit {previous[:12]}: this is not "
+                    "a rollback (`reconciler sync` applies it if it verifies)"
+                )
+            verdict = await self._verify_history(commit)
+            if verdict is not None:
+                raise RollbackRefused(f"commit {commit[:12]} cannot be trusted: {verdict.reason}")
+            fleet: Any = None
+            refusal = self._invalid.get(commit)
+            if refusal is None:
+                try:
+                    fleet = await self.load_at(commit)
+                except FleetInvalid as exc:
+                    refusal = Refusal("invalid-fleet", f"commit {commit[:12]}: {exc}")
+                else:
+                    refusal = await self._vet(commit, fleet) if self._vet is not None else None
+                if refusal is not None:
+                    self._invalid[commit] = refusal
+            if refusal is not None:
+                raise RollbackRefused(
+                    f"commit {commit[:12]} cannot be used ({refusal.kind}): {refusal.reason}"
+                )
+            await self._set_good(commit, fleet, rollback=True)
+            self._last_rejection = None
+            self._refused.pop(head, None)
+            log.warning("rolled back on request", commit=commit, previous=previous, head=head)
+            return Rollback(commit, previous, head)
+
+    async def _verify_history(self, commit: str) -> Verdict | None:
+        """The first failing verdict of ``commit`` or of its history that the good commit does
+        not have (nor ``signed_after``); None when everything verifies (or verify is off)."""
+        if self.config.verify is VerifyMode.NONE:
+            return None
+        exclude = [self._good] if self._good else []
+        trusted = ""
+        if self.config.signed_after:
+            res = await self._git.run(["rev-parse", "--verify", "-q", self.config.signed_after + "^{commit}"])
+            if res.code != 0:
+                return Verdict(
+                    False, "bad-config", f"source.signed_after {self.config.signed_after} is not in the repo"
+                )
+            trusted = res.stdout.decode().strip()
+            exclude.append(trusted)
+        commits = await self._rev_list(commit, exclude)
+        if len(commits) > MAX_VERIFY:
+            return Verdict(False, "bad-config", f"{len(commits)} commits to verify (limit {MAX_VERIFY})")
+        if commit not in commits and not (trusted and await self._is_ancestor(commit, trusted)):
+            commits.append(commit)  # an ancestor of the good commit: its own signature still counts
+        for c in commits:
+            verdict = await self.verify_commit(c)
+            if not verdict.ok:
+                return verdict
+        return None
+
+    async def fetch(self) -> str:
+        """Fetch the branch into the mirror; returns its head commit id."""
+        cfg = self.config
+        ref = f"refs/remotes/origin/{cfg.branch}"
+        res = await self._git.run(
+            [
+                "fetch",
+                *self._upload_pack_args(),
+                "--quiet",
+                "--no-tags",
+                "--prune",
+                "--force",
+                "--",
+                cfg.url,
+                f"+refs/heads/{cfg.branch}:{ref}",
+            ],
+            timeout=cfg.fetch_timeout,
+        )
+        if res.code != 0:
+            raise SourceError(f"fetch of {redact_url(cfg.url)} failed: {_redact_bytes(res.stderr, cfg.url)}")
+        out = await self._git.check(["rev-parse", "--verify", ref + "^{commit}"])
+        return out.decode().strip()
+
+    def _upload_pack_args(self) -> list[str]:
+        """For a file:// repo owned by another user (a mounted volume in a container), trust
+        that one path for reading: git refuses "dubious ownership" otherwise. Only the path
+        the operator configured is trusted, and only for upload-pack (read-only)."""
+        url = self.config.url
+        if not url.startswith("file://"):
+            return []
+        path = urllib.parse.unquote(urllib.parse.urlsplit(url).path).rstrip("/") or "/"
+        argv = ["git"]
+        for p in (path, f"{path}/.git"):
+            argv += ["-c", f"safe.directory={p}"]
+        argv.append("upload-pack")
+        return ["--upload-pack", " ".join(shlex.quote(a) for a in argv)]
+
+    async def _set_good(self, commit: str, fleet: Any, *, rollback: bool = False) -> None:
+        """The one place the good commit moves: forward only, unless an admin asked."""
+        old = self._good
+        if old and commit != old and not rollback and not await self._is_ancestor(old, commit):
+            raise SourceTrustError(
+                f"refusing to move the good commit from {old[:12]} to {commit[:12]}: not a descendant"
+            )
+        if commit != old:
+            await self._git.check(["update-ref", GOOD_REF, commit])
+        self._good, self._fleet = commit, fleet
+        log.info("new good commit", commit=commit)
+
+    async def _is_ancestor(self, a: str, b: str) -> bool:
+        res = await self._git.run(["merge-base", "--is-ancestor", a, b])
+        return res.code == 0
+
+    async def _rev_list(self, tip: str, exclude: Sequence[str], *, first_parent: bool = False) -> list[str]:
+        args = ["rev-list", "--topo-order"]
+        if first_parent:
+            args.append("--first-parent")
+        args.append(tip)
+        args += [f"^{e}" for e in exclude if e]
+        args.append("--")
+        out = await self._git.check(args)
+        return out.decode().split()
+
+    async def _newest_verified(self, head: str) -> tuple[str, Rejection | None]:
+        """The newest first-parent ancestor of ``head`` whose new history all verifies."""
+        if self.config.verify is VerifyMode.NONE:
+            return head, None
+        exclude = [self._good] if self._good else []
+        if self.config.signed_after:
+            res = await self._git.run(["rev-parse", "--verify", "-q", self.config.signed_after + "^{commit}"])
+            if res.code != 0:
+                rej = Rejection(
+                    head, "bad-config", f"source.signed_after {self.config.signed_after} is not in the repo"
+                )
+                return self._good, rej
+            exclude.append(res.stdout.decode().strip())
+        new = await self._rev_list(head, exclude)
+        if len(new) > MAX_VERIFY:
+            reason = f"{len(new)} new commits to verify (limit {MAX_VERIFY}); set source.signed_after"
+            return self._good, Rejection(head, "bad-config", reason)
+        bad: dict[str, Verdict] = {}
+        for commit in new:
+            verdict = await self.verify_commit(commit)
+            if not verdict.ok:
+                bad[commit] = verdict
+        if not bad:
+            return head, None
+        newest_bad = next(c for c in new if c in bad)
+        verdict = bad[newest_bad]
+        where = "" if newest_bad == head else f", in the history of {head[:12]}"
+        rejection = Rejection(head, verdict.kind, f"{verdict.reason}{where}")
+        for candidate in await self._rev_list(head, exclude, first_parent=True):
+            if self._good and not await self._is_ancestor(self._good, candidate):
+                continue  # on a side branch merged later: not forward from the good commit
+            history = await self._rev_list(candidate, exclude)
+            if not any(c in bad for c in history):
+                return candidate, rejection
+        return self._good, rejection
+
+    async def verify_commit(self, commit: str) -> Verdict:
+        cached = self._verified.get(commit)
+        if cached is not None:
+            return cached
+        verdict = await self._verify(commit)
+        self._verified[commit] = verdict
+        return verdict
+
+    async def _verify(self, commit: str) -> Verdict:
+        short = commit[:12]
+        raw = (await self._git.check(["cat-file", "commit", commit])).decode("utf-8", "replace")
+        header = raw.split("\n\n", 1)[0]
+        sig_kind = ""
+        for line in header.splitlines():
+            if line.startswith(("gpgsig ", "gpgsig-sha256 ")):
+                body = line.split(" ", 1)[1]
+                sig_kind = (
+                    "ssh"
+                    if body.startswith(SSH_SIG_BEGIN)
+                    else "openpgp"
+                    if body.startswith(PGP_SIG_BEGIN)
+                    else "x509"
+                )
+                break
+        if not sig_kind:
+            return Verdict(False, "unsigned", f"commit {short} is not signed")
+        mode = self.config.verify
+        if sig_kind != mode.value:
+            return Verdict(
+                False,
+                "wrong-signature-kind",
+                f"commit {short} has an {sig_kind} signature; {mode.value} is required",
+            )
+        config: list[tuple[str, str]] = [("gpg.minTrustLevel", "fully")]
+        env = {"GNUPGHOME": str(self._gnupg_home)}
+        if mode is VerifyMode.SSH:
+            assert self.config.allowed_signers is not None
+            config.append(("gpg.ssh.allowedSignersFile", str(self.config.allowed_signers)))
+        res = await self._git.run(["verify-commit", "--raw", commit], config=config, env=env, timeout=30)
+        if res.code == 0:
+            return Verdict(True)
+        text = res.stderr.decode("utf-8", "replace")
+        if "No principal matched" in text or "[GNUPG:] NO_PUBKEY" in text or "TRUST_UNDEFINED" in text:
+            return Verdict(False, "untrusted-key", f"commit {short} is signed by a key that is not allowed")
+        return Verdict(False, "bad-signature", f"commit {short} has a signature that does not verify")
+
+    # ------------------------------------------------------------ loading
+
+    async def read_tree(self, commit: str) -> dict[str, bytes]:
+        """Every regular file of the commit's tree (path -> bytes), via ``git archive``."""
+        data = await self._git.check(["archive", "--format=tar", commit], max_output=MAX_ARCHIVE_BYTES)
+        return _files_from_tar(data)
+
+    async def load_at(self, commit: str) -> Any:
+        files = await self.read_tree(commit)
+        return await asyncio.to_thread(self._loader, files)
+
+
+def _files_from_tar(data: bytes) -> dict[str, bytes]:
+    files: dict[str, bytes] = {}
+    links: dict[str, str] = {}
+    problems: list[Problem] = []
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        members = tar.getmembers()
+        if len(members) > MAX_FILES:
+            raise FleetInvalid([Problem("", 0, 0, "", f"more than {MAX_FILES} files in the repo")])
+        for m in members:
+            name = m.name
+            if m.isdir() or m.type == tarfile.XGLTYPE or name == "pax_global_header":
+                continue
+            if m.issym():
+                links[name] = m.linkname
+            elif m.isfile():
+                f = tar.extractfile(m)
+                files[name] = f.read() if f is not None else b""
+            else:
+                problems.append(Problem(name, 0, 0, "", "not a regular file"))
+    for name, target in links.items():
+        resolved = _resolve_link(name, target, links)
+        if resolved is None or resolved not in files:
+            problems.append(Problem(name, 0, 0, "", "symlink leaves the repo or does not point to a file"))
+        else:
+            files[name] = files[resolved]
+    if problems:
+        raise FleetInvalid(problems)
+    return files
+
+
+def _resolve_link(name: str, target: str, links: Mapping[str, str], depth: int = 0) -> str | None:
+    if depth > 20 or target.startswith("/"):
+        return None
+    parts: list[str] = list(PurePosixPath(name).parent.parts)
+    for part in PurePosixPath(target).parts:
+        if part == "..":
+            if not parts:
+                return None
+            parts.pop()
+        elif part != ".":
+            parts.append(part)
+    resolved = "/".join(parts)
+    if resolved in links:
+        return _resolve_link(resolved, links[resolved], links, depth + 1)
+    return resolved
+
+
+def _redact_bytes(stderr: bytes, url: str) -> str:
+    line = _first_line(stderr)
+    return line.replace(url, redact_url(url)) if url else line

@@ -1,0 +1,1 @@
+"""/etc history, drift classification and mail, AppArmor denials."""

@@ -1,0 +1,1 @@
+"""observe -> plan (pure) -> apply, per host and for a fleet."""

@@ -1,0 +1,1 @@
+"""What a host is made of: one module per kind of resource (observe, diff, change)."""

@@ -1,0 +1,488 @@
+"""Packages and services on a host: apt-get/dpkg and the service manager (systemd or init scripts).
+
+Used by ``reconciler.engine.apply`` (the packages phase and the services phase) and, for the names to
+observe, by ``reconciler.engine.observe``. Every value from the fleet (package and service names, paths)
+travels as a positional argument or an argv element, never inside script text.
+
+apt-get runs non-interactively (``DEBIAN_FRONTEND=noninteractive``, ``--force-confdef
+--force-confold``, ``--no-install-recommends``), under ``timeout``, and never waits for the
+dpkg lock (``-o DPkg::Lock::Timeout=0``): a lock held by another process (an unattended upgrade,
+an admin's apt-get) is reported with that process's pid and retried later. ``apt-get update``
+runs only when a planned package has no install candidate. Installing never removes a package
+(``--no-remove``); a purge is refused when apt would remove any package the fleet did not name.
+Nothing here ever runs ``autoremove``.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from reconciler.host.script import Result as _Result
+from reconciler.host.script import Runner
+from reconciler.kinds.resources import Desired, Service
+from reconciler.log import get_logger
+
+log = get_logger(__name__)
+
+INSTALL_TIMEOUT = 600.0  # seconds for one apt-get install/purge run
+UPDATE_TIMEOUT = 180.0  # seconds for apt-get update (only when a candidate is missing)
+LOG_TAIL = 25  # lines of apt/dpkg output (or a service's log) shown in a report
+SERVICE_TIMEOUT = 60.0
+
+# Debian package names (policy 5.6.1), optionally with an architecture qualifier.
+_PACKAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9+.-]+(?::[a-z0-9-]+)?$")
+_SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")
+_LOCK = re.compile(
+    r"Could not get lock (?P<path>\S+?)\.?\s+It is held by process (?P<pid>\d+)(?: \((?P<comm>[^)]*)\))?"
+)
+_LOCK_NO_PID = re.compile(
+    r"Could not get lock (?P<path>\S+?)\.?(?:\s|$)|Unable to acquire the dpkg frontend lock"
+    r"|Unable to lock the administration directory|is another process using it"
+)
+
+
+def needed_packages(desired: Desired) -> tuple[str, ...]:
+    """Every package name the plan must know the state of: the declared packages and every
+    ``needs_package`` of a file, link, key pair or service (sorted, unique)."""
+    names = {p.name for p in desired.packages}
+    deps: list[str | None] = [f.needs_package for f in desired.files]
+    deps += [lk.needs_package for lk in desired.links]
+    deps += [k.needs_package for k in desired.keypairs]
+    deps += [s.needs_package for s in desired.services]
+    names.update(d for d in deps if d)
+    return tuple(sorted(names))
+
+
+def check_package_name(name: str) -> str:
+    if not _PACKAGE_NAME.match(name):
+        raise ValueError(f"not a Debian package name: {name!r}")
+    return name
+
+
+def check_service_name(name: str) -> str:
+    if not _SERVICE_NAME.match(name):
+        raise ValueError(f"not a service name: {name!r}")
+    return name
+
+
+# ---------------------------------------------------------------- dpkg lock
+
+
+@dataclass(frozen=True)
+class LockHolder:
+    path: str  # e.g. /var/lib/dpkg/lock-frontend
+    pid: int | None = None
+    command: str | None = None
+
+    def message(self) -> str:
+        who = ""
+        if self.pid is not None:
+            who = f" (pid {self.pid}" + (f", {self.command}" if self.command else "") + ")"
+        what = "the apt package lists are" if "/lists/" in self.path else "dpkg is"
+        return f"{what} locked by another process{who} [{self.path}]; nothing installed, will retry"
+
+
+def parse_lock(text: str) -> LockHolder | None:
+    """apt's "Could not get lock ... It is held by process N (name)" (or an older wording)."""
+    m = _LOCK.search(text)
+    if m:
+        return LockHolder(m.group("path"), int(m.group("pid")), m.group("comm") or None)
+    m2 = _LOCK_NO_PID.search(text)
+    if m2:
+        path = m2.groupdict().get("path") or "/var/lib/dpkg/lock-frontend"
+        return LockHolder(path)
+    return None
+
+
+# ---------------------------------------------------------------- apt-get
+
+
+APT_SCRIPT = r"""
+set -u
+verb=$1; t_apt=$2; t_update=$3; shift 3
+DEBIAN_FRONTEND=noninteractive; export DEBIAN_FRONTEND
+APT_LISTCHANGES_FRONTEND=none; export APT_LISTCHANGES_FRONTEND
+LC_ALL=C; export LC_ALL
+PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin; export PATH
+log=$(mktemp /tmp/.reconciler-apt.XXXXXX) || { echo "@@APT error cannot create a temp file"; exit 0; }
+trap 'rm -f "$log"' EXIT
+tail_log() { echo "@@LOG"; tail -n TAIL "$log"; echo "@@ENDLOG"; }
+status() {
+  for p do
+    if s=$(dpkg-query -W -f='${db:Status-Abbrev}' -- "$p" 2>/dev/null); then echo "@@PKG $p $s"
+    else echo "@@PKG $p missing"; fi
+  done
+}
+report() {  # $1 = exit status of apt-get (124/137: timed out); then the package names
+  rc=$1; shift
+  case $rc in
+    0) echo "@@APT ok" ;;
+    124|137) echo "@@APT timeout $rc" ;;
+    *) echo "@@APT failed $rc" ;;
+  esac
+  status "$@"
+  [ "$rc" = 0 ] || tail_log
+}
+no_candidate() {
+  c=$(apt-cache policy -- "$1" 2>/dev/null | sed -n 's/^ *Candidate: *//p' | head -n 1)
+  case $c in ''|'(none)') return 0 ;; esac
+  return 1
+}
+# apt and dpkg lock with fcntl (apt-get below reports the holder's pid); a script that
+# serialises its apt runs with flock(1) on the same file is only visible to flock itself
+if [ -e /var/lib/dpkg/lock-frontend ] && command -v flock >/dev/null 2>&1; then
+  flock -n -E 75 /var/lib/dpkg/lock-frontend true 2>/dev/null
+  if [ $? = 75 ]; then echo "@@APT flocked /var/lib/dpkg/lock-frontend"; status "$@"; exit 0; fi
+fi
+if [ "$verb" = install ]; then
+  need_update=0
+  for p do if no_candidate "$p"; then need_update=1; fi; done
+  if [ $need_update = 1 ]; then
+    echo "@@APT update"
+    timeout -k 10 "$t_update" apt-get -q -o DPkg::Lock::Timeout=0 update >"$log" 2>&1; rc=$?
+    if [ $rc != 0 ]; then echo "@@APT update-failed $rc"; tail_log; status "$@"; exit 0; fi
+    bad=0
+    for p do if no_candidate "$p"; then echo "@@APT no-candidate $p"; bad=1; fi; done
+    if [ $bad = 1 ]; then status "$@"; exit 0; fi
+  fi
+  timeout -k 30 "$t_apt" apt-get -y -q -o DPkg::Lock::Timeout=0 \
+    -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
+    --no-install-recommends --no-remove install -- "$@" >"$log" 2>&1
+  report $? "$@"
+else
+  # a purge never takes anything the fleet did not name with it
+  sim=$(apt-get -s -q -o DPkg::Lock::Timeout=0 purge -- "$@" 2>&1); rc=$?
+  if [ $rc != 0 ]; then
+    printf '%s\n' "$sim" > "$log"; echo "@@APT failed $rc"; status "$@"; tail_log; exit 0
+  fi
+  extra=0
+  for r in $(printf '%s\n' "$sim" | sed -n 's/^\(Purg\|Remv\) \([^ ]*\).*/\2/p'); do
+    named=0
+    for p do if [ "$r" = "$p" ] || [ "${r%%:*}" = "$p" ]; then named=1; fi; done
+    if [ $named = 0 ]; then echo "@@APT would-remove $r"; extra=1; fi
+  done
+  if [ $extra = 1 ]; then status "$@"; exit 0; fi
+  timeout -k 30 "$t_apt" apt-get -y -q -o DPkg::Lock::Timeout=0 \
+    -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold purge -- "$@" >"$log" 2>&1
+  report $? "$@"
+fi
+""".replace("TAIL", str(LOG_TAIL))
+
+
+@dataclass(frozen=True)
+class AptRun:
+    """What one apt-get run did, parsed from the script's markers."""
+
+    verb: str  # "install" or "purge"
+    names: tuple[str, ...]
+    ok: bool  # every package ended in the wanted state
+    done: tuple[str, ...] = ()  # packages now in the wanted state
+    failed: tuple[tuple[str, str], ...] = ()  # (package, why) for the others
+    lock: LockHolder | None = None  # dpkg was locked: nothing ran; retry later
+    updated: bool = False  # apt-get update ran (a package had no candidate)
+    output_tail: str = ""  # the last lines of apt/dpkg output when something failed
+
+    @property
+    def transient(self) -> bool:
+        return self.lock is not None
+
+    def summary(self) -> str:
+        if self.ok:
+            return f"apt-get {self.verb} {' '.join(self.names)}: done" + (
+                " (after apt-get update)" if self.updated else ""
+            )
+        head = f"apt-get {self.verb} {' '.join(self.names)} failed"
+        if self.lock is not None:
+            head = f"apt-get {self.verb} {' '.join(self.names)} not run: {self.lock.message()}"
+        lines = [head]
+        lines += [f"  {name}: {why}" for name, why in self.failed]
+        if self.output_tail and self.lock is None:
+            lines.append("  last lines of apt/dpkg output:")
+            lines += ["    " + ln for ln in self.output_tail.splitlines()]
+        return "\n".join(lines)
+
+
+def _state_ok(verb: str, abbrev: str) -> bool:
+    if verb == "install":
+        return abbrev[:2] == "ii"
+    return abbrev == "missing" or (len(abbrev) >= 2 and abbrev[1] == "n")
+
+
+def _state_words(abbrev: str) -> str:
+    if abbrev == "missing":
+        return "unknown to dpkg"
+    states = {
+        "n": "not installed",
+        "c": "only its config files remain",
+        "H": "half-installed",
+        "U": "unpacked but not configured",
+        "F": "half-configured (a maintainer script failed)",
+        "W": "awaiting triggers",
+        "t": "triggers pending",
+        "i": "installed",
+    }
+    word = states.get(abbrev[1:2], f"dpkg status {abbrev.strip()!r}")
+    if abbrev[2:3] == "R":
+        word += ", reinstall required"
+    return word
+
+
+def parse_apt_output(verb: str, names: Sequence[str], text: str) -> AptRun:
+    """Parse ``APT_SCRIPT``'s markers (pure; unit-tested)."""
+    states: dict[str, str] = {}
+    failed_reason = ""
+    no_candidate: list[str] = []
+    would_remove: list[str] = []
+    updated = False
+    tail: list[str] = []
+    in_log = False
+    ran_ok = False
+    flocked: LockHolder | None = None
+    for line in text.splitlines():
+        if in_log:
+            if line == "@@ENDLOG":
+                in_log = False
+            else:
+                tail.append(line.rstrip("\r").split("\r")[-1])  # dpkg's progress: keep the last state
+            continue
+        if line == "@@LOG":
+            in_log = True
+        elif line.startswith("@@PKG "):
+            parts = line.split(" ", 2)
+            if len(parts) == 3:
+                states[parts[1]] = parts[2]
+        elif line.startswith("@@APT "):
+            word = line[6:].split()
+            if not word:
+                continue
+            if word[0] == "ok":
+                ran_ok = True
+            elif word[0] == "update":
+                updated = True
+            elif word[0] == "update-failed":
+                failed_reason = f"apt-get update failed (exit {word[1] if len(word) > 1 else '?'})"
+            elif word[0] == "timeout":
+                failed_reason = (
+                    f"apt-get {verb} timed out and was stopped; if dpkg was interrupted, "
+                    "the next run says so (fix with: dpkg --configure -a)"
+                )
+            elif word[0] == "failed":
+                failed_reason = f"apt-get {verb} failed (exit {word[1] if len(word) > 1 else '?'})"
+            elif word[0] == "no-candidate" and len(word) > 1:
+                no_candidate.append(word[1])
+            elif word[0] == "would-remove" and len(word) > 1:
+                would_remove.append(word[1])
+            elif word[0] == "error":
+                failed_reason = " ".join(word[1:])
+            elif word[0] == "flocked":
+                flocked = LockHolder(word[1] if len(word) > 1 else "/var/lib/dpkg/lock-frontend")
+    output = "\n".join(tail).strip()
+    lock = flocked or (parse_lock(output) if not ran_ok else None)
+    done: list[str] = []
+    failed: list[tuple[str, str]] = []
+    for name in names:
+        st = states.get(name, "")
+        if st and _state_ok(verb, st):
+            done.append(name)
+            continue
+        if lock is not None:
+            why = lock.message()
+        elif name in no_candidate:
+            why = "no installation candidate, even after apt-get update (check the host's apt sources)"
+        elif would_remove:
+            why = (
+                "not purged: apt would also remove "
+                + ", ".join(would_remove)
+                + " (not named by the fleet; purge them explicitly if that is wanted)"
+            )
+        elif no_candidate:
+            why = "not installed: other packages of this run have no installation candidate ("
+            why += ", ".join(no_candidate) + ")"
+        else:
+            now = _state_words(st) if st else "state unknown"
+            why = f"{failed_reason or 'apt-get did not finish'}; now {now}"
+        failed.append((name, why))
+    return AptRun(
+        verb=verb,
+        names=tuple(names),
+        ok=not failed,
+        done=tuple(done),
+        failed=tuple(failed),
+        lock=lock,
+        updated=updated,
+        output_tail=output if failed else "",
+    )
+
+
+async def apt(
+    conn: Runner,
+    verb: str,
+    names: Iterable[str],
+    *,
+    timeout: float = INSTALL_TIMEOUT,
+    update_timeout: float = UPDATE_TIMEOUT,
+) -> AptRun:
+    """Run ``apt-get install`` or ``apt-get purge`` for ``names`` in one round trip."""
+    if verb not in ("install", "purge"):
+        raise ValueError(f"unknown apt verb {verb!r}")
+    pkgs = [check_package_name(n) for n in names]
+    if not pkgs:
+        return AptRun(verb, (), True)
+    res = await conn.run_script(
+        APT_SCRIPT,
+        args=(verb, str(int(timeout)), str(int(update_timeout)), *pkgs),
+        timeout=timeout + update_timeout + 120,
+    )
+    text = res.stdout.decode(errors="replace")
+    run = parse_apt_output(verb, pkgs, text)
+    if not any(line.startswith("@@APT ") for line in text.splitlines()):
+        # the script itself did not run (no sh, killed): report what we have
+        detail = (res.stderr + res.stdout).decode(errors="replace").strip()[-1500:]
+        run = AptRun(
+            verb,
+            tuple(pkgs),
+            False,
+            failed=tuple((n, f"apt script did not run (exit {res.exit_status}): {detail}") for n in pkgs),
+        )
+    log.info(
+        "packages.apt",
+        host=getattr(conn, "host", "?"),
+        verb=verb,
+        packages=pkgs,
+        ok=run.ok,
+        locked=run.lock is not None,
+        updated=run.updated,
+    )
+    return run
+
+
+# ---------------------------------------------------------------- services
+
+
+SYSV_ENABLE = r"""
+set -u
+n=$1
+[ -f "/etc/init.d/$n" ] || { echo "@@NOINIT"; exit 0; }
+for f in /etc/rc2.d/S*"$n" /etc/rc3.d/S*"$n" /etc/rc4.d/S*"$n" /etc/rc5.d/S*"$n"; do
+  case ${f##*/} in S[0-9][0-9]"$n") [ -e "$f" ] && { echo "@@ALREADY"; exit 0; } ;; esac
+done
+update-rc.d "$n" defaults 2>&1 && echo "@@ENABLED" || echo "@@FAILED"
+"""
+
+WAIT_STATUS = r"""
+i=0
+while ! "$@" >/dev/null 2>&1; do
+  i=$((i+1)); [ $i -ge 40 ] && exit 1; sleep 0.25
+done
+"""
+
+WAIT_ACTIVE = r"""
+i=0
+while :; do
+  s=$(systemctl is-active -- "$1" 2>/dev/null)
+  case $s in active) exit 0 ;; activating|reloading) ;; *) echo "$s"; exit 1 ;; esac
+  i=$((i+1)); [ $i -ge 40 ] && { echo "$s"; exit 1; }; sleep 0.25
+done
+"""
+
+
+@dataclass(frozen=True)
+class ServiceRun:
+    ok: bool
+    message: str = ""
+
+
+def _text(res: _Result) -> str:
+    return (res.stderr + res.stdout).decode(errors="replace").strip()
+
+
+def _tail(text: str, lines: int = LOG_TAIL) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+async def enable_service(conn: Runner, s: Service, init_system: str) -> ServiceRun:
+    """Make the service start at boot: ``systemctl enable`` or ``update-rc.d NAME defaults``
+    (when an init script exists; a daemon without one has nothing to enable)."""
+    name = check_service_name(s.name)
+    if init_system == "systemd":
+        res = await conn.run(["systemctl", "enable", "--", name], timeout=SERVICE_TIMEOUT)
+        if res.exit_status != 0:
+            return ServiceRun(False, f"systemctl enable {name} failed: {_tail(_text(res))}")
+        return ServiceRun(True, f"enabled {name} (systemd)")
+    res = await conn.run_script(SYSV_ENABLE, args=(name,), timeout=SERVICE_TIMEOUT)
+    out = res.stdout.decode(errors="replace")
+    if "@@NOINIT" in out:
+        return ServiceRun(True, f"{name} has no init script: started by its own control command")
+    if "@@ALREADY" in out:
+        return ServiceRun(True, f"{name} already enabled in the runlevels")
+    if "@@ENABLED" in out:
+        return ServiceRun(True, f"enabled {name} (update-rc.d {name} defaults)")
+    return ServiceRun(False, f"update-rc.d {name} defaults failed: {_tail(_text(res))}")
+
+
+async def start_service(conn: Runner, s: Service, init_system: str) -> ServiceRun:
+    """Enable (when wanted) and start a service, then check it runs. On failure the message
+    holds the start command's output and the last lines of the service's log (journalctl on
+    systemd, ``Service.log_path`` otherwise)."""
+    name = check_service_name(s.name)
+    if init_system == "systemd":
+        argv = (
+            ["systemctl", "enable", "--now", "--", name] if s.enabled else ["systemctl", "start", "--", name]
+        )
+        res = await conn.run(argv, timeout=SERVICE_TIMEOUT)
+        probe = await conn.run_script(WAIT_ACTIVE, args=(name,), timeout=SERVICE_TIMEOUT)
+        if res.exit_status == 0 and probe.exit_status == 0:
+            if s.post_start:
+                post = await conn.run(list(s.post_start), timeout=SERVICE_TIMEOUT)
+                if post.exit_status != 0:
+                    return ServiceRun(
+                        False,
+                        f"{name} is active but its post-start step failed "
+                        f"({shlex.join(s.post_start)}: exit {post.exit_status})\n{_tail(_text(post))}",
+                    )
+            return ServiceRun(True, f"{' '.join(argv[:3])} {name}: active")
+        journal = await conn.run(
+            ["journalctl", "-u", name, "-n", "20", "--no-pager", "-o", "short"], timeout=30
+        )
+        state = probe.stdout.decode(errors="replace").strip() or "not active"
+        msg = f"{name} failed to start ({' '.join(argv)}: exit {res.exit_status}; is-active: {state})"
+        if _text(res):
+            msg += f"\n{_tail(_text(res))}"
+        msg += f"\njournalctl -u {name} -n 20:\n{_tail(journal.stdout.decode(errors='replace'), 20)}"
+        return ServiceRun(False, msg)
+
+    notes: list[str] = []
+    if s.status:
+        pre = await conn.run(list(s.status), timeout=30)
+        if pre.exit_status == 0:
+            notes.append("already running (started by its package)")
+    if s.enabled:
+        en = await enable_service(conn, s, init_system)
+        if not en.ok:
+            return en
+        if "enabled" in en.message and "already" not in en.message:
+            notes.append(en.message)
+    if notes and notes[0].startswith("already running"):
+        return ServiceRun(True, "; ".join(notes))
+    start = list(s.start) if s.start else ["service", name, "start"]
+    res = await conn.run(start, timeout=SERVICE_TIMEOUT)
+    if res.exit_status == 0 and s.status:
+        probe = await conn.run_script(WAIT_STATUS, args=tuple(s.status), timeout=SERVICE_TIMEOUT)
+        if probe.exit_status == 0:
+            return ServiceRun(True, "; ".join([*notes, f"started ({shlex.join(start)})"]))
+        why = f"{name} started ({shlex.join(start)} exit 0) but its status probe still fails"
+    elif res.exit_status == 0:
+        return ServiceRun(True, "; ".join([*notes, f"started ({shlex.join(start)})"]))
+    else:
+        why = f"{name} failed to start ({shlex.join(start)}: exit {res.exit_status})"
+    msg = why
+    if _text(res):
+        msg += f"\n{_tail(_text(res))}"
+    if s.log_path:
+        tail = await conn.run(["tail", "-n", "20", "--", s.log_path], timeout=30)
+        body = tail.stdout.decode(errors="replace").strip() or "(empty or missing)"
+        msg += f"\nlast lines of {s.log_path}:\n{body}"
+    return ServiceRun(False, msg)

@@ -1,0 +1,1 @@
+"""iptables/ip6tables rulesets: the rule model, canonical form, lockout check."""
