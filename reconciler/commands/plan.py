@@ -40,6 +40,12 @@ def add_connection_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--connect-timeout", type=float, default=10.0, metavar="S", help="SSH connect timeout")
     p.add_argument("--command-timeout", type=float, default=120.0, metavar="S", help="per-command timeout")
+    p.add_argument(
+        "--time-scale",
+        type=float,
+        metavar="F",
+        help="multiply every per-command timeout by F >= 1 for slow hosts (default 1; 5 on a VM lab)",
+    )
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,12 @@ class Reach:
     identities: tuple[str, ...]
     address_override: dict[str, str]
     netns: str | None = None  # dial from inside this network namespace (a VM lab)
+    time_scale: float | None = None  # per-command timeouts x this (None: --time-scale, default 1)
+
+
+# emulated (TCG) guests run commands several times slower than a real host: a service start
+# that takes 10 s on a host can take a minute there
+VM_TIME_SCALE = 5.0
 
 
 def reach_from_args(args: argparse.Namespace, fleet: Any) -> Reach:
@@ -64,6 +76,7 @@ def reach_from_args(args: argparse.Namespace, fleet: Any) -> Reach:
             (str(info.client_key),),
             {h.name: h.address for h in info.hosts},
             info.ssh_netns or None,
+            VM_TIME_SCALE if info.kind == "vm" else None,
         )
     return Reach(args.known_hosts, tuple(args.identity), {})
 
@@ -115,6 +128,7 @@ def make_pool(fleet: Any, reach: Reach, args: argparse.Namespace) -> Any:
         connect_timeout=args.connect_timeout,
         command_timeout=args.command_timeout,
         max_concurrency=100,
+        time_scale=getattr(args, "time_scale", None) or reach.time_scale or 1.0,
     )
 
 

@@ -235,12 +235,14 @@ class Connection:
         semaphore: asyncio.Semaphore,
         command_timeout: float,
         on_close: Any = None,
+        time_scale: float = 1.0,
     ) -> None:
         self.host = target.host
         self.target = target
         self._conn = conn
         self._sem = semaphore
         self._command_timeout = command_timeout
+        self._time_scale = time_scale
         self._on_close = on_close
         self._prefix: tuple[str, ...] = () if target.user == "root" else ("sudo", "-n", "--")
 
@@ -259,7 +261,8 @@ class Connection:
         """
         if not argv:
             raise ValueError("empty argv")
-        limit = self._command_timeout if timeout is None else timeout
+        # an explicit per-command timeout is sized for a normal host: slow hosts scale it
+        limit = self._command_timeout if timeout is None else timeout * self._time_scale
         if limit <= 0:
             raise ValueError("timeout must be positive")
         full = (*self._prefix, "timeout", "-k", f"{_KILL_GRACE:g}", f"{limit:.3f}", *argv)
@@ -351,11 +354,13 @@ class LocalConnection(Connection):
         semaphore: asyncio.Semaphore,
         command_timeout: float,
         on_close: Any = None,
+        time_scale: float = 1.0,
     ) -> None:
         self.host = target.host
         self.target = target
         self._sem = semaphore
         self._command_timeout = command_timeout
+        self._time_scale = time_scale
         self._on_close = on_close
         self._closed = False
         self._prefix = () if os.geteuid() == 0 else ("sudo", "-n", "--")
@@ -371,7 +376,8 @@ class LocalConnection(Connection):
             raise ValueError("empty argv")
         if self._closed:
             raise ConnectionLost(f"host {self.host} (local): connection closed")
-        limit = self._command_timeout if timeout is None else timeout
+        # an explicit per-command timeout is sized for a normal host: slow hosts scale it
+        limit = self._command_timeout if timeout is None else timeout * self._time_scale
         if limit <= 0:
             raise ValueError("timeout must be positive")
         async with self._sem:
@@ -448,8 +454,14 @@ class ConnectionPool:
         retries: int = 2,
         backoff_base: float = 0.5,
         backoff_max: float = 8.0,
+        time_scale: float = 1.0,
     ) -> None:
+        """``time_scale`` multiplies every per-command timeout the engine sets (sized for a normal
+        host: a service start within 60 s...) for slow hosts, e.g. emulated VMs (5)."""
+        if time_scale < 1:
+            raise ValueError("time_scale must be >= 1")
         self.targets = dict(targets)
+        self.time_scale = time_scale
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
         self.keepalive_interval = keepalive_interval
@@ -515,7 +527,11 @@ class ConnectionPool:
         if target.local:
             on_close_local = None if cached else self._extra.discard
             return LocalConnection(
-                target, semaphore=self._sem, command_timeout=self.command_timeout, on_close=on_close_local
+                target,
+                semaphore=self._sem,
+                command_timeout=self.command_timeout,
+                on_close=on_close_local,
+                time_scale=self.time_scale,
             )
         known = known_hosts_for(target)  # raises HostKeyRefused before any packet
         attempt = 0
@@ -537,7 +553,12 @@ class ConnectionPool:
             log.debug("ssh.connected", host=target.host, seconds=round(time.monotonic() - started, 3))
             on_close = None if cached else self._extra.discard
             return Connection(
-                target, raw, semaphore=self._sem, command_timeout=self.command_timeout, on_close=on_close
+                target,
+                raw,
+                semaphore=self._sem,
+                command_timeout=self.command_timeout,
+                on_close=on_close,
+                time_scale=self.time_scale,
             )
 
     async def _connect(

@@ -45,3 +45,18 @@ async def test_local_timeout_kills_the_whole_process_group() -> None:
             await conn.run(["sh", "-c", f"sleep {marker} & sleep {marker}"], timeout=0.5)
     await asyncio.sleep(0.2)
     assert _running(f"sleep\0{marker}") == []
+
+
+async def test_time_scale_stretches_the_engines_per_command_timeouts_for_slow_hosts() -> None:
+    """A per-command timeout sized for a normal host (0.3 s here) times out a 0.9 s command;
+    on a pool for slow hosts (time_scale 5: emulated VMs) the same call completes."""
+    target = {"me": SshTarget(host="me", address="", local=True)}
+    async with ConnectionPool(target) as pool:
+        conn = await pool.get("me")
+        with pytest.raises(CommandTimeout):
+            await conn.run(["sleep", "0.9"], timeout=0.3)
+    async with ConnectionPool(target, time_scale=5) as pool:
+        conn = await pool.get("me")
+        assert (await conn.run(["sleep", "0.9"], timeout=0.3)).exit_status == 0
+    with pytest.raises(ValueError):
+        ConnectionPool(target, time_scale=0.5)

@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 
 from reconciler.commands.keys import collect
+from reconciler.commands.plan import VM_TIME_SCALE
 from reconciler.engine.fleet import APPLIED, IN_SYNC, FleetResult, reconcile_fleet
 from reconciler.fleet.load import load_fleet
 from reconciler.fleet.model import Fleet
@@ -24,7 +25,10 @@ def pool_for(fleet: Fleet, lab: Lab, command_timeout: float = 300) -> Connection
         client_keys=[str(lab.info.client_key)],
         netns=lab.info.ssh_netns,
     )
-    return ConnectionPool(targets, connect_timeout=30, command_timeout=command_timeout)
+    # emulated guests: every per-command timeout of the engine x VM_TIME_SCALE
+    return ConnectionPool(
+        targets, connect_timeout=30, command_timeout=command_timeout, time_scale=VM_TIME_SCALE
+    )
 
 
 async def apply(fleet: Fleet, lab: Lab, *, expect_ok: bool = True) -> FleetResult:
