@@ -38,6 +38,7 @@ from reconciler.fleet.model import Fleet
 from reconciler.host.connection import ConnectionPool, targets_for
 from reconciler.lab import Lab, specs_from_fleet
 from reconciler.verify import Status, VerifyOptions, VerifyReport, verify_fleet
+from tests.skip_policy import skip_kernel_feature
 
 pytestmark = pytest.mark.lab
 
@@ -294,7 +295,7 @@ def test_kernel_datapath_reports_child_sa_failure_for_lack_of_kernel_esp(
     from reconciler.lab import probe_capabilities
 
     if probe_capabilities().has("kernel_esp"):
-        pytest.skip("this kernel has ESP: the lack-of-ESP report cannot be shown here")
+        skip_kernel_feature("this kernel has ESP: the lack-of-ESP report cannot be shown here")
     repo = make_repo(tmp_path, datapath="kernel", drop_hosts=("db1", "db2"))
     fleet = load_fleet(repo)
     lab = lab_factory(specs_from_fleet(fleet))
