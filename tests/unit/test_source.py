@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -279,8 +279,22 @@ async def test_in_repo_symlink_resolves(tmp_path: Path, repo: Repo, keys: Path) 
     assert files["alias.yaml"] == files["fleet.yaml"]
 
 
+def kill_gpg_agents(under: Path) -> None:
+    """Stop the gpg-agent of every GnuPG home under ``under`` (gpg starts one per home and
+    leaves it running after the test; ``gpgconf --kill`` ends exactly that home's agent)."""
+    homes = [p for p in under.rglob("*") if p.is_dir() and (p.name == "gnupg" or p.name.endswith(".gnupg"))]
+    for home in homes:
+        subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], capture_output=True, timeout=30)
+
+
+@pytest.fixture(autouse=True)
+def _no_gpg_agent_left(tmp_path: Path) -> Iterator[None]:
+    yield
+    kill_gpg_agents(tmp_path)  # a Source in OpenPGP mode imports keys into its own GnuPG home
+
+
 @pytest.fixture(scope="module")
-def gpg_key(keys: Path) -> str:
+def gpg_key(keys: Path) -> Iterator[str]:
     home = keys / "gnupg"
     home.mkdir(mode=0o700)
     env = {**os.environ, "GNUPGHOME": str(home)}
@@ -293,7 +307,10 @@ def gpg_key(keys: Path) -> str:
     fpr = next(line.split(":")[9] for line in out.stdout.decode().splitlines() if line.startswith("fpr"))
     armored = subprocess.run(["gpg", "--armor", "--export", fpr], check=True, env=env, capture_output=True)
     (keys / "openpgp.asc").write_bytes(armored.stdout)
-    return fpr
+    try:
+        yield fpr
+    finally:
+        kill_gpg_agents(keys)
 
 
 async def test_openpgp_signature_is_refused_in_ssh_mode(
