@@ -95,6 +95,12 @@ MUTATIONS: tuple[Mutation, ...] = (
         ),
         ("tests/unit/test_commands_keys.py",),
     ),
+    Mutation(
+        "outbox-no-lease",
+        "two processes delivering from one outbox never send one message twice",
+        (Edit(PY, r"\bnow\s*\+\s*self\.lease_seconds\b", "now", function="_claim"),),
+        ("tests/unit/test_outbox_lease.py",),
+    ),
 )
 
 
