@@ -337,6 +337,15 @@ async def test_managed_drift_enforce_and_report(
     assert "enforcement unavailable" in r.enforcement
     [m] = await env.deliver()
     assert "Enforcement: enforcement unavailable" in body(m)
+    # mode report, with an engine at hand: the drift is seen and mailed, the host never changed
+    env.fleet = fleet_with(example, smtp, mode=DriftMode.REPORT)
+    sh(lab, "web2", f"echo 'edited in report mode' >> {path}")
+    r = await env.scan("web2", render=render, enforce=enforce)
+    assert r.commit and r.enforcement == "drift mode report: not put back", r
+    [m] = await env.deliver()  # positive evidence first: this scan saw the edit
+    assert "+edited in report mode" in body(m), body(m)
+    assert calls == [("web2", (path,))]  # the engine was not called again
+    assert "edited in report mode" in sh(lab, "web2", f"cat {path}")
 
 
 def test_cli_drift_json_one_failed_host(tmp_path: Path, lab: Lab, capsys: pytest.CaptureFixture[str]) -> None:
