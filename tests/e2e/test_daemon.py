@@ -327,8 +327,8 @@ async def test_push_and_webhook_converges(world: World) -> None:
         assert f"webhook push {i}" in motd(world, "web1")
     print(f"\npush-to-converged via webhook (warm, 4 hosts): {[round(t, 2) for t in timings]}, "
           f"median {statistics.median(timings):.2f}s")  # fmt: skip
-    # the documented histogram saw every convergence (the first start and these three pushes)
-    assert await metric(world, "reconciler_commit_to_converged_seconds_count") >= 4
+    # the documented histogram saw these three convergences (docs/DEPLOY.md)
+    assert await metric(world, "reconciler_commit_to_converged_seconds_count") >= 3
 
 
 async def test_applied_hosts_are_verified_live_in_one_batch(world: World) -> None:
