@@ -472,7 +472,10 @@ async def test_webhook_storm_one_in_flight_per_host(world: World) -> None:
         assert len(in_flight) == len(set(in_flight))  # never two reconciles of one host
         assert st["queue"]["depth"] <= n_hosts  # at most one queued follow-up per host
     reconciles = after.get("ok", 0) - before.get("ok", 0)
-    assert reconciles <= 3 * n_hosts, reconciles  # not 100 per host (a drift tick may add one each)
+    # not 100 per host: the push's reconcile and at most one follow-up per host, plus one per
+    # drift-timer scan that fell in the window (counted, not guessed: a loaded machine is slower)
+    ticks = after.get("drift_scans", 0) - before.get("drift_scans", 0)
+    assert reconciles <= 2 * n_hosts + ticks, (reconciles, ticks)
     print(f"\n100 webhooks in {sent_in:.2f}s -> {reconciles:.0f} host reconciles for {n_hosts} hosts")
 
 
@@ -484,6 +487,8 @@ async def metrics(world: World) -> dict[str, float]:
         if line.startswith("reconciler_reconciles_total{"):
             result = line.split('result="', 1)[1].split('"', 1)[0]
             out[result] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith("reconciler_drift_scans_total "):
+            out["drift_scans"] = float(line.rsplit(" ", 1)[1])
     return out
 
 
