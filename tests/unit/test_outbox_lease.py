@@ -28,11 +28,12 @@ async def main() -> int:
     box = Outbox(sys.argv[1])
     settings = SmtpSettings(host="127.0.0.1", port=int(sys.argv[2]))
     sent = 0
-    while True:
+    for _ in range(int(sys.argv[3])):  # bounded: a broken lease must not resend forever
         rep = await box.deliver_due(settings, limit=1, timeout=10)
         if not rep.sent and not rep.failed:
-            return sent
+            break
         sent += rep.sent
+    return sent
 
 print(asyncio.run(main()))
 """
@@ -57,7 +58,9 @@ def test_two_processes_never_send_one_message_twice(tmp_path: Path) -> None:
         env = dict(os.environ, PYTHONPATH=str(REPO))
         procs = [
             subprocess.Popen(
-                [sys.executable, "-c", DELIVER, str(db), str(port)], stdout=subprocess.PIPE, env=env
+                [sys.executable, "-c", DELIVER, str(db), str(port), str(2 * N)],
+                stdout=subprocess.PIPE,
+                env=env,
             )
             for _ in range(2)
         ]
