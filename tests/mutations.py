@@ -63,7 +63,11 @@ MUTATIONS: tuple[Mutation, ...] = (
         (
             Edit(PY, r"_e\((rejection\.get\(['\"]reason['\"]\))\)", r"\1", function="render_status_page"),
             *(Edit(glob, r"\{\{\s*([^{}|]*reason[^{}|]*?)\s*\}\}", r"{{ \1 | safe }}") for glob in TEMPLATES),
-            Edit("reconciler/daemon/**/*.py", r"autoescape\s*=\s*[^,)\n]+(\([^)]*\))?", "autoescape=False"),
+            Edit(
+                "reconciler/daemon/**/*.py",
+                r"autoescape\s*=\s*(?:[\w.]+\([^)]*\)|[^,)\n]+)",
+                "autoescape=False",
+            ),
         ),
         ("tests/unit/test_status_page.py",),
     ),

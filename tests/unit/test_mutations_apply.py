@@ -33,3 +33,18 @@ def test_a_mutation_that_no_longer_applies_fails_loudly() -> None:
         assert "no_such_function_anywhere" in str(err) and "gone" in str(err)
     else:
         raise AssertionError("a stale mutation must raise")
+
+
+def test_the_status_page_mutation_follows_a_jinja2_rewrite() -> None:
+    """The page is being moved to Jinja2 (autoescape): the mutation's other forms still apply."""
+    import re
+
+    (m,) = [m for m in mutations.MUTATIONS if m.name == "status-reason-unescaped"]
+    template = next(e for e in m.edits if e.glob.endswith(".j2"))
+    text = "<p>Refused {{ rejection.commit[:12] }}: {{ rejection.reason }}</p>"
+    assert re.sub(template.pattern, template.replacement, text) == (
+        "<p>Refused {{ rejection.commit[:12] }}: {{ rejection.reason | safe }}</p>"
+    )
+    env = m.edits[-1]
+    code = 'env = Environment(loader=loader, autoescape=select_autoescape(["html"]), trim_blocks=True)'
+    assert "autoescape=False, trim_blocks" in re.sub(env.pattern, env.replacement, code)
