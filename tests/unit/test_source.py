@@ -368,3 +368,33 @@ async def test_unsigned_head_on_top_of_an_invalid_commit_reports_unsigned(
     repo.commit("name: fixed-but-unsigned\n")
     st = await src.refresh()
     assert st.good == c1 and st.rejection is not None and st.rejection.kind == "unsigned"
+
+
+async def test_the_real_loader_reads_the_fleet_at_the_commit_and_names_a_bad_file(
+    tmp_path: Path, repo: Repo, keys: Path
+) -> None:
+    """No fake loader: the source's default loader (reconciler.fleet.load) reads the example
+    fleet repo from the signed commit; a signed commit with a broken host file is refused as
+    invalid-fleet naming the file and line, and the good fleet stays."""
+    import shutil
+
+    from reconciler.daemon.source import default_loader
+
+    example = Path(__file__).resolve().parents[2] / "fleet-repo-example"
+    shutil.copytree(example, repo.path, dirs_exist_ok=True)
+    good = repo.commit((example / "fleet.yaml").read_text(), key="admin")
+    cfg = SourceConfig(
+        url=f"file://{repo.path}", verify=VerifyMode.SSH, allowed_signers=keys / "allowed_signers"
+    )
+    src = FleetSource(cfg, tmp_path / "state" / "mirror.git", loader=default_loader)
+    st = await src.refresh()
+    assert st.good == good and st.rejection is None
+    assert sorted(st.fleet.host_names()) == ["db1", "db2", "web1", "web2"]
+    host_file = repo.path / "hosts" / "web2.yaml"
+    host_file.write_text(host_file.read_text().replace("public_address:", "public_adress:"))
+    bad = repo.commit((example / "fleet.yaml").read_text(), key="admin")
+    st = await src.refresh()
+    assert st.head == bad and st.good == good
+    assert st.rejection is not None and st.rejection.kind == "invalid-fleet"
+    assert "hosts/web2.yaml:" in st.rejection.reason and "public_adress" in st.rejection.reason
+    assert sorted(st.fleet.host_names()) == ["db1", "db2", "web1", "web2"]
