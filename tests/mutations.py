@@ -54,7 +54,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "lockout-network-end-only",
         "the management-SSH lockout check probes both ends of each source network",
-        (Edit(PY, r"\bnet\.broadcast_address\b", "net.network_address", function="check_management"),),
+        (Edit(PY, r"\b(\w+)\.broadcast_address\b", r"\1.network_address", function="check_management"),),
         ("tests/unit/test_firewall_management_check.py",),
     ),
     Mutation(
