@@ -24,6 +24,7 @@ from typing import Any
 from reconciler.commands.plan import Reach, add_connection_args, load, make_pool, reach_from_args
 from reconciler.engine.identity import IDENTITY_PATH, SeenIdentity, Verdict, claim_for, judge, parse_section
 from reconciler.errors import FleetInvalid, ReconcilerError
+from reconciler.fleet.keys import KeyFileError, parse_public_key
 from reconciler.kinds.resources import Desired
 
 MAX_KEY_BYTES = 16 * 1024
@@ -38,18 +39,30 @@ def register(sub: Any) -> None:
     c.set_defaults(func=run)
 
 
+_PRIVATE_MARKS = (b"PRIVATE KEY", b"PRIVATEEXPONENT", b"PRIVATE-LINES", b": RSA")
+
+
 def check_public_key(text: bytes) -> str | None:
-    """Why ``text`` is not acceptable as a public key file (None when it is)."""
+    """Why ``text`` is not acceptable as a public key file (None when it is): only a file that
+    parses as a public key (``parse_public_key``: one PEM ``PUBLIC KEY`` block or one racoon
+    ``: PUB 0s...`` line) is accepted, and anything that looks like private key material
+    (PEM/OpenSSH/PuTTY private keys, racoon's ``: RSA {...}`` block), in any case, is refused
+    by name even where it would also fail to parse."""
     if not text.strip():
         return "empty"
     if len(text) > MAX_KEY_BYTES:
         return f"larger than {MAX_KEY_BYTES} bytes"
-    if b"PRIVATE KEY" in text or b": RSA" in text and b"PrivateExponent" in text:
+    upper = text.upper()
+    if any(mark in upper for mark in _PRIVATE_MARKS):
         return "looks like a PRIVATE key: refused (private keys never leave the host)"
     try:
         text.decode("ascii")
     except UnicodeDecodeError:
         return "not ASCII text"
+    try:
+        parse_public_key(text)
+    except KeyFileError as err:
+        return f"not a public key: {err}"
     return None
 
 

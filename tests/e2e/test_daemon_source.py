@@ -68,6 +68,9 @@ class Inbox:
         return "250 OK"
 
 
+FETCHED = 'reconciler_source_fetches_total{result="ok"}'
+
+
 class Daemon:
     def __init__(self, tmp: Path, env: dict[str, str]) -> None:
         self.tmp, self.env = tmp, env
@@ -97,6 +100,20 @@ class Daemon:
             return e.code, e.read().decode()
         except OSError:
             return 0, ""
+
+    def metric(self, sample: str) -> float:
+        """One sample of /metrics, e.g. ``reconciler_source_fetches_total{result="ok"}`` (0 if absent)."""
+        code, text = self.get("/metrics")
+        assert code == 200, text
+        for line in text.splitlines():
+            if line.rsplit(" ", 1)[0] == sample:
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    def wait_fetches(self, n: int) -> None:
+        """Positive evidence that the daemon looked again: ``n`` more successful fetches."""
+        start = self.metric(FETCHED)
+        self.wait(lambda: self.metric(FETCHED) >= start + n, f"{n} more fetches")
 
     def status(self) -> dict[str, Any]:
         code, text = self.get("/status")
@@ -203,7 +220,7 @@ def test_source_trust_mail_webhooks_and_restart(setup: tuple[Daemon, Path, Path,
     d.wait(lambda: len(inbox.subjects) >= 1, "refusal mail")
     for i in range(3):
         d.hook(b"{}", f"u-more-{i}")
-    time.sleep(2.5)
+    d.wait_fetches(3)  # the daemon fetched the same refused head again (webhooks, polls)
     st = d.status()["source"]
     assert st["good"] == good and st["head"] == bad and st["rejection"]["kind"] == "unsigned"
     assert len(inbox.subjects) == 1 and bad[:12] in inbox.subjects[0]
@@ -214,11 +231,16 @@ def test_source_trust_mail_webhooks_and_restart(setup: tuple[Daemon, Path, Path,
     invalid = commit(work, key, "invalid host")
     d.hook(b"{}", "i-1")
     d.wait(lambda: len(inbox.subjects) >= 2, "invalid-fleet mail")
-    time.sleep(2.5)
+    d.wait_fetches(2)
     st = d.status()["source"]
     assert st["good"] == good and st["rejection"]["kind"] == "invalid-fleet"
     assert "hosts/web2.yaml" in st["rejection"]["reason"]
     assert len(inbox.subjects) == 2 and invalid[:12] in inbox.subjects[1]
+    # the documented metrics count what happened (docs/DEPLOY.md)
+    assert d.metric('reconciler_source_rejected_commits_total{reason="unsigned"}') == 1
+    assert d.metric('reconciler_source_rejected_commits_total{reason="invalid-fleet"}') == 1
+    d.wait(lambda: d.metric('reconciler_mail_outbox{status="pending"}') == 0, "outbox drained")
+    assert d.metric('reconciler_mail_outbox{status="sent"}') == len(inbox.subjects) + len(inbox.stalls)
     page = d.get("/")[1]
     assert "invalid-fleet" in page or "hosts/web2.yaml" in page
 
@@ -232,7 +254,8 @@ def test_source_trust_mail_webhooks_and_restart(setup: tuple[Daemon, Path, Path,
     assert time.monotonic() - t0 < 10
     d.start()
     assert d.status()["source"]["good"] == good
-    time.sleep(3)  # several polls over the same refused head
+    d.wait_fetches(3)  # several polls over the same refused head
+    assert d.status()["source"]["head"] == invalid
     assert len(inbox.subjects) == 2
     # each host's stall (host-key-refused on the good commit) was mailed once, not again after
     # the restart (the stall is kept in the state store: the commit is not tried again)

@@ -193,10 +193,13 @@ class World:
         return data
 
     def fetches(self) -> float:
+        return self.metric('reconciler_source_fetches_total{result="ok"}')
+
+    def metric(self, sample: str) -> float:
         code, text = self.get("/metrics")
         assert code == 200
         for line in text.splitlines():
-            if line.startswith('reconciler_source_fetches_total{result="ok"}'):
+            if line.rsplit(" ", 1)[0] == sample:
                 return float(line.rsplit(" ", 1)[1])
         return 0.0
 
@@ -332,7 +335,8 @@ def test_force_push_back_to_the_older_signed_commit_is_refused_and_mailed_once(w
     for i in range(3):
         assert w.hook(f"rollback-more-{i}") == 202
     w.wait(lambda: w.fetches() >= before + 3, "three more fetches of the same head")
-    time.sleep(1)  # the outbox's wake-up: a second mail would be out by now
+    # a second mail would have been queued by those fetches: the outbox is drained, so it would be out
+    w.wait(lambda: w.metric('reconciler_mail_outbox{status="pending"}') == 0, "the outbox drained")
     assert len(w.inbox.about(old)) == 1
     status = w.status()
     assert all(h["applied_commit"] == closed for h in status["hosts"])

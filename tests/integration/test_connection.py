@@ -98,7 +98,9 @@ async def test_changed_host_key_is_refused_naming_the_host_and_never_recorded(
     assert (kh.read_bytes(), user_known_hosts_digest()) == before  # the key was written nowhere
 
 
-async def test_unknown_host_is_refused_before_any_connection(lab: Lab, tmp_path: Path) -> None:
+async def test_unknown_or_wrongly_keyed_host_is_refused(lab: Lab, tmp_path: Path) -> None:
+    """On real lab hosts. That the first two are refused before any TCP connection (and the
+    third after exactly one) is counted in tests/unit/test_host_keys.py."""
     c1, c2 = lab.info.hosts[0], lab.info.hosts[1]
     empty = tmp_path / "known_hosts"
     empty.write_text(f"{c2.address} {host_key(lab, c2.address)}\n")

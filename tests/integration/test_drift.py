@@ -24,7 +24,7 @@ from aiosmtpd.controller import Controller
 
 from reconciler import cli
 from reconciler.drift.history import HistoryRepo
-from reconciler.drift.scan import DriftScanner, HostDrift
+from reconciler.drift.scan import DriftScanner, HostDrift, engine_enforcer
 from reconciler.fleet.load import load_fleet
 from reconciler.fleet.model import DriftMode, DriftPolicy, Fleet, MailSettings, Notifications, SmtpSettings
 from reconciler.host.connection import ConnectionPool, targets_for
@@ -337,6 +337,40 @@ async def test_managed_drift_enforce_and_report(
     assert "enforcement unavailable" in r.enforcement
     [m] = await env.deliver()
     assert "Enforcement: enforcement unavailable" in body(m)
+    # mode report, with an engine at hand: the drift is seen and mailed, the host never changed
+    env.fleet = fleet_with(example, smtp, mode=DriftMode.REPORT)
+    sh(lab, "web2", f"echo 'edited in report mode' >> {path}")
+    r = await env.scan("web2", render=render, enforce=enforce)
+    assert r.commit and r.enforcement == "drift mode report: not put back", r
+    [m] = await env.deliver()  # positive evidence first: this scan saw the edit
+    assert "+edited in report mode" in body(m), body(m)
+    assert calls == [("web2", (path,))]  # the engine was not called again
+    assert "edited in report mode" in sh(lab, "web2", f"cat {path}")
+
+
+async def test_managed_drift_is_put_back_by_the_real_engine(
+    tmp_path: Path, lab: Lab, example: Fleet, smtp: SmtpServer
+) -> None:
+    """mode enforce with the engine's own enforcer (``engine_enforcer``, what ``reconciler drift
+    --enforce`` uses): a hand edit of a managed file (/etc/motd, from the fleet's template) is
+    put back by a real reconcile of the host, and the alert says so."""
+    fleet = fleet_with(example, smtp, mode=DriftMode.ENFORCE)
+    env = Env(tmp_path, lab, fleet, smtp)
+    async with pool_for(lab, fleet) as pool:
+        scanner = env.scanner(enforce=engine_enforcer(fleet, pool))
+        [first] = await scanner.scan(pool, ["web2"])  # baseline (the engine brings web2 in line)
+        assert first.ok, first.error
+        managed = sh(lab, "web2", "cat /etc/motd")
+        assert "managed by reconciler" in managed
+        await env.deliver()
+        sh(lab, "web2", "echo 'edited by hand' >> /etc/motd")
+        [r] = await scanner.scan(pool, ["web2"])
+    assert r.ok and r.enforcement == "put back by the engine", r
+    assert sh(lab, "web2", "cat /etc/motd") == managed  # the engine, not the test, wrote it back
+    mails = await env.deliver()
+    assert any(
+        "+edited by hand" in body(m) and "Enforcement: put back by the engine" in body(m) for m in mails
+    )
 
 
 def test_cli_drift_json_one_failed_host(tmp_path: Path, lab: Lab, capsys: pytest.CaptureFixture[str]) -> None:

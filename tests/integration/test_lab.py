@@ -22,6 +22,7 @@ import pytest
 from reconciler.lab import Lab, LabError, LabHostSpec, LabInfo, probe_capabilities
 from reconciler.lab.cleanup import leftovers
 from reconciler.lab.pytest_plugin import LabFactory, _timeout_paused
+from tests.skip_policy import skip_kernel_feature
 
 pytestmark = pytest.mark.lab
 
@@ -264,7 +265,7 @@ class TestLabHosts:
     def test_kernel_esp_sa_when_the_kernel_has_it(self, lab: Lab) -> None:
         caps = probe_capabilities()
         if not caps.has("kernel_esp"):
-            pytest.skip(caps.reason("kernel_esp"))
+            skip_kernel_feature(caps.reason("kernel_esp"))
         r = lab.exec("web2", ["ip", "xfrm", "state", "add", "src", "192.0.2.12", "dst", "192.0.2.11", "proto",
                               "esp", "spi", "0x200", "mode", "transport", "enc", "cbc(aes)", "0x" + "33" * 16,
                               "auth", "hmac(sha256)", "0x" + "44" * 32])  # fmt: skip

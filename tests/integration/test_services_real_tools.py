@@ -38,6 +38,7 @@ from services_golden import render_services  # noqa: E402
 from reconciler.domains import apache, apparmor  # noqa: E402
 from reconciler.fleet.model import AppArmorProfile, Fleet, Site, TlsSpec  # noqa: E402
 from reconciler.kinds.resources import Desired, Validator  # noqa: E402
+from tests.skip_policy import skip_kernel_feature  # noqa: E402
 
 IS_ROOT = os.geteuid() == 0
 
@@ -407,7 +408,7 @@ def test_profile_reload_waits_for_an_enabled_apparmor() -> None:
     h = apparmor.handler_for(mysqld_profile())
     probe = subprocess.run(list(h.only_if_running), capture_output=True, check=False)
     if probe.returncode == 0:
-        pytest.skip("AppArmor is enabled here: the reload would really load the profile")
+        skip_kernel_feature("the AppArmor LSM is enabled here: the reload would really load the profile")
     assert probe.returncode != 0
 
 
@@ -457,11 +458,9 @@ def test_site_dataclass_fields_all_reach_the_config() -> None:
 
 
 def _example_repo_fleet() -> Fleet:
-    try:
-        from reconciler.fleet.load import load_fleet  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        pytest.skip("reconciler.fleet.load is not there yet (another helper writes it)")
-    return load_fleet(Path(__file__).resolve().parents[2] / "fleet-repo-example")  # type: ignore[no-any-return,unused-ignore]
+    from reconciler.fleet.load import load_fleet
+
+    return load_fleet(Path(__file__).resolve().parents[2] / "fleet-repo-example")
 
 
 def test_example_repo_sites_pass_apache2ctl(tmp_path: Path) -> None:

@@ -174,3 +174,21 @@ def test_builtin_secrets() -> None:
         assert is_builtin_secret(p), p
     for p in ("/etc/ssh/ssh_host_ed25519_key.pub", "/etc/hosts", "/etc/ssl/certs/a.pem", "/etc/private"):
         assert not is_builtin_secret(p), p
+
+
+async def test_the_mail_diff_is_capped_with_a_note(tmp_path: Path, tree: Path) -> None:
+    """A huge change (a log dumped into /etc) never makes a huge mail: the diff is cut at the
+    cap and says where the rest is."""
+    repo = HistoryRepo.open(tmp_path / "hist", tmp_path / "state")
+    runner = LocalRunner()
+    policy = policy_for(tree)
+    await record(repo, runner, policy)
+    (tree / "dump.conf").write_text("".join(f"line {i} of a very large file\n" for i in range(40_000)))
+    _, (_, info) = await record(repo, runner, policy)
+    assert info is not None
+    full = await repo.diff(info.sha, "local", max_bytes=10_000_000)  # type: ignore[attr-defined]
+    assert len(full) > 1_000_000 and "line 39999 of" in full  # positive evidence: a big diff
+    capped = await repo.diff(info.sha, "local")  # type: ignore[attr-defined]
+    assert capped.startswith(full[:200_000])
+    assert capped.endswith("\n[diff truncated at 200000 bytes; see the history repo]\n")
+    assert len(capped) < 200_100

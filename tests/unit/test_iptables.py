@@ -9,6 +9,7 @@ import subprocess
 import pytest
 
 from reconciler.netfilter.iptables import IptablesParseError, canonical_iptables, canonical_rule
+from tests.skip_policy import skip_kernel_feature
 
 DESIRED = """\
 # written by the firewall domain
@@ -130,6 +131,6 @@ def test_real_iptables_save_round_trip() -> None:
         timeout=30,
     )
     if proc.returncode != 0 and b"Could not fetch rule set generation id" in proc.stderr:
-        pytest.skip("this kernel has no nf_tables: " + proc.stderr.decode(errors="replace"))
+        skip_kernel_feature("this kernel has no nf_tables: " + proc.stderr.decode(errors="replace"))
     assert proc.returncode == 0, proc.stderr
     assert canonical_iptables(proc.stdout.decode()).tables == canonical_iptables(DESIRED).tables

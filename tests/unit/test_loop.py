@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import random
-import signal
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -288,26 +286,17 @@ async def test_stop_cancels_after_grace_and_marks_host(store: Store, tmp_path: P
     assert "db1" not in rec.applied
 
 
-async def test_sigterm_handler_drains_then_stops(store: Store) -> None:
+async def test_stop_drains_hosts_in_flight_then_stops(store: Store) -> None:
+    """What the daemon's SIGTERM handler does (the signal itself goes to the real daemon process
+    in tests/e2e/test_daemon.py, with an apply proven in flight): in-flight reconciles finish."""
     src, rec = FakeSource(hosts=("db1", "db2")), Recorder(delay=0.2)
     loop = make_loop(rec, src, store)
-    aio = asyncio.get_running_loop()
-    stopped = asyncio.Event()
-
-    async def on_term() -> None:
-        await loop.stop(grace=5)
-        stopped.set()
-
-    previous = signal.getsignal(signal.SIGTERM)  # e.g. the lab plugin's clean-up handler
-    aio.add_signal_handler(signal.SIGTERM, lambda: aio.create_task(on_term()))
-    try:
-        loop.start()
-        await asyncio.sleep(0.05)
-        os.kill(os.getpid(), signal.SIGTERM)
-        await asyncio.wait_for(stopped.wait(), timeout=5)
-    finally:
-        aio.remove_signal_handler(signal.SIGTERM)
-        signal.signal(signal.SIGTERM, previous)
+    loop.start()
+    deadline = time.monotonic() + 5
+    while not loop.hosts.in_flight:
+        assert time.monotonic() < deadline, "no reconcile ever started"
+        await asyncio.sleep(0.01)
+    await asyncio.wait_for(loop.stop(grace=5), timeout=10)
     assert all(store.host(h).state is HostState.READY for h in ("db1", "db2"))
 
 

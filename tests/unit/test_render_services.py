@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pytest
 from services_fleets import example_fleet, mysqld_profile
 from services_golden import check_golden, render_services, snapshot
 
@@ -20,11 +19,9 @@ def test_golden_test_fleet() -> None:
 
 
 def _load_example() -> Fleet:
-    try:
-        from reconciler.fleet.load import load_fleet  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        pytest.skip("reconciler.fleet.load is not there yet (another helper writes it)")
-    return load_fleet(REPO / "fleet-repo-example")  # type: ignore[no-any-return,unused-ignore]
+    from reconciler.fleet.load import load_fleet
+
+    return load_fleet(REPO / "fleet-repo-example")
 
 
 def test_golden_example_fleet_repo() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -279,8 +279,22 @@ async def test_in_repo_symlink_resolves(tmp_path: Path, repo: Repo, keys: Path) 
     assert files["alias.yaml"] == files["fleet.yaml"]
 
 
+def kill_gpg_agents(under: Path) -> None:
+    """Stop the gpg-agent of every GnuPG home under ``under`` (gpg starts one per home and
+    leaves it running after the test; ``gpgconf --kill`` ends exactly that home's agent)."""
+    homes = [p for p in under.rglob("*") if p.is_dir() and (p.name == "gnupg" or p.name.endswith(".gnupg"))]
+    for home in homes:
+        subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], capture_output=True, timeout=30)
+
+
+@pytest.fixture(autouse=True)
+def _no_gpg_agent_left(tmp_path: Path) -> Iterator[None]:
+    yield
+    kill_gpg_agents(tmp_path)  # a Source in OpenPGP mode imports keys into its own GnuPG home
+
+
 @pytest.fixture(scope="module")
-def gpg_key(keys: Path) -> str:
+def gpg_key(keys: Path) -> Iterator[str]:
     home = keys / "gnupg"
     home.mkdir(mode=0o700)
     env = {**os.environ, "GNUPGHOME": str(home)}
@@ -293,7 +307,10 @@ def gpg_key(keys: Path) -> str:
     fpr = next(line.split(":")[9] for line in out.stdout.decode().splitlines() if line.startswith("fpr"))
     armored = subprocess.run(["gpg", "--armor", "--export", fpr], check=True, env=env, capture_output=True)
     (keys / "openpgp.asc").write_bytes(armored.stdout)
-    return fpr
+    try:
+        yield fpr
+    finally:
+        kill_gpg_agents(keys)
 
 
 async def test_openpgp_signature_is_refused_in_ssh_mode(
@@ -351,3 +368,33 @@ async def test_unsigned_head_on_top_of_an_invalid_commit_reports_unsigned(
     repo.commit("name: fixed-but-unsigned\n")
     st = await src.refresh()
     assert st.good == c1 and st.rejection is not None and st.rejection.kind == "unsigned"
+
+
+async def test_the_real_loader_reads_the_fleet_at_the_commit_and_names_a_bad_file(
+    tmp_path: Path, repo: Repo, keys: Path
+) -> None:
+    """No fake loader: the source's default loader (reconciler.fleet.load) reads the example
+    fleet repo from the signed commit; a signed commit with a broken host file is refused as
+    invalid-fleet naming the file and line, and the good fleet stays."""
+    import shutil
+
+    from reconciler.daemon.source import default_loader
+
+    example = Path(__file__).resolve().parents[2] / "fleet-repo-example"
+    shutil.copytree(example, repo.path, dirs_exist_ok=True)
+    good = repo.commit((example / "fleet.yaml").read_text(), key="admin")
+    cfg = SourceConfig(
+        url=f"file://{repo.path}", verify=VerifyMode.SSH, allowed_signers=keys / "allowed_signers"
+    )
+    src = FleetSource(cfg, tmp_path / "state" / "mirror.git", loader=default_loader)
+    st = await src.refresh()
+    assert st.good == good and st.rejection is None
+    assert sorted(st.fleet.host_names()) == ["db1", "db2", "web1", "web2"]
+    host_file = repo.path / "hosts" / "web2.yaml"
+    host_file.write_text(host_file.read_text().replace("public_address:", "public_adress:"))
+    bad = repo.commit((example / "fleet.yaml").read_text(), key="admin")
+    st = await src.refresh()
+    assert st.head == bad and st.good == good
+    assert st.rejection is not None and st.rejection.kind == "invalid-fleet"
+    assert "hosts/web2.yaml:" in st.rejection.reason and "public_adress" in st.rejection.reason
+    assert sorted(st.fleet.host_names()) == ["db1", "db2", "web1", "web2"]

@@ -264,3 +264,29 @@ async def test_the_good_ref_ahead_of_the_state_store_wins(tmp_path: Path, repo: 
     src = FleetSource(cfg, tmp_path / "state" / "mirror.git", loader=fake_loader, last_good=c1)
     await src.prepare()
     assert src.good == c2
+
+
+async def test_more_new_commits_than_max_verify_are_refused_without_verifying_them(
+    tmp_path: Path, repo: Repo, keys: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A push of more new commits than MAX_VERIFY (a history bomb, or a forgotten
+    source.signed_after) is refused as bad-config naming the limit; the hosts stay on the good
+    commit, and a push within the limit is taken."""
+    from reconciler.daemon import source as source_module
+
+    monkeypatch.setattr(source_module, "MAX_VERIFY", 3)
+    count = Counting()
+    good = repo.commit("name: one\n", key="admin")
+    src = source(tmp_path, repo, keys, count)
+    assert (await src.refresh()).good == good
+    for i in range(4):
+        head = repo.commit(f"name: bomb-{i}\n", key="admin")
+    st = await src.refresh()
+    assert st.head == head and st.good == good, st  # fetched the new head, did not take it
+    assert st.rejection is not None and st.rejection.kind == "bad-config"
+    assert "4 new commits to verify (limit 3)" in st.rejection.reason
+    assert good_ref(tmp_path) == good
+    git(repo.path, "reset", "-q", "--hard", good)
+    for i in range(3):
+        head = repo.commit(f"name: ok-{i}\n", key="admin")
+    assert (await src.refresh()).good == head  # within the limit: verified and taken
