@@ -11,9 +11,9 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from reconciler.lab import cleanup, host, lock, network, procs, vm_lab
+from reconciler.lab import aptproxy, cleanup, host, lock, network, procs, vm_lab
 from reconciler.lab.init_script import INIT_SCRIPT
-from reconciler.lab.model import LabError, LabFleet, LabHost, LabHostSpec, LabInfo
+from reconciler.lab.model import BRIDGE_ADDRESS, LabError, LabFleet, LabHost, LabHostSpec, LabInfo
 from reconciler.lab.state import (
     HostRecord,
     LabState,
@@ -219,6 +219,7 @@ class Lab:
         state.iptables_rules = network.allow_forward(prefix)
         state.neigh_limits = network.raise_neigh_table(len(specs))
         state.save()
+        package_path(d, [d / "hosts" / s.name / "upper" for s in specs])
         t_net = time.monotonic()
 
         popens = []
@@ -382,6 +383,16 @@ class Lab:
         if state is None:
             raise LabError(f"no lab with prefix {prefix}")
         return Lab(_info_from_state(state), owned=False)
+
+
+def package_path(d: Path, roots: Sequence[Path]) -> aptproxy.ProxyHandle:
+    """The hosts' package path: the lab's apt proxy on the bridge address (stopped with the lab:
+    its pid file in the lab directory is on its command line) and the apt drop-in in each host
+    root (``roots``: the hosts' overlay upper layers)."""
+    handle = aptproxy.start(str(BRIDGE_ADDRESS), d / "aptproxy.pid")
+    for root in roots:
+        aptproxy.write_dropin(root, str(BRIDGE_ADDRESS))
+    return handle
 
 
 def _which(tool: str) -> bool:
