@@ -27,11 +27,12 @@ from reconciler.engine import deadman
 from reconciler.engine.apply import ApplyResult, apply_host
 from reconciler.engine.identity import claim_for
 from reconciler.engine.observe import observe_host
-from reconciler.engine.plan import HostPlan, plan_host
+from reconciler.engine.plan import ActionKind, HostPlan, plan_host
 from reconciler.errors import Failure, IdentityMismatch, Reason, ReconcilerError, RenderError
 from reconciler.fleet.model import Fleet
 from reconciler.host.connection import Connection
-from reconciler.kinds.resources import Desired
+from reconciler.kinds import aptsim
+from reconciler.kinds.resources import Desired, Package
 from reconciler.log import get_logger
 
 log = get_logger(__name__)
@@ -220,6 +221,12 @@ async def _plan_one(
             conn = RecordingConnection(conn, records)
         observed = await observe_host(cast(Connection, conn), desired, fetch_diffs=fetch_diffs)
         plan = plan_host(desired, observed, claim_for(fleet, name), adopt=_adopts(adopt, name))
+        if not plan.refusal and not plan.errors and _package_names(plan) != ((), ()):
+            # packages change: ask apt for its solution (one read-only round trip), plan again
+            installs, purges = _package_names(plan)
+            sim = await aptsim.simulate(conn, installs, purges)
+            observed = replace(observed, apt=sim)
+            plan = plan_host(desired, observed, claim_for(fleet, name), adopt=_adopts(adopt, name))
     except ReconcilerError as err:
         return HostOutcome(
             name,
@@ -267,6 +274,15 @@ async def _plan_one(
             failure=Failure(Reason.OBSERVE_INCOMPLETE, message),
         )
     return HostOutcome(name, status, plan, desired, seconds=time.monotonic() - started)
+
+
+def _package_names(plan: HostPlan) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The packages the plan installs and purges."""
+    names: dict[ActionKind, list[str]] = {ActionKind.INSTALL_PACKAGE: [], ActionKind.PURGE_PACKAGE: []}
+    for a in plan.actions:
+        if a.kind in names and isinstance(a.target, Package):
+            names[a.kind].append(a.target.name)
+    return tuple(names[ActionKind.INSTALL_PACKAGE]), tuple(names[ActionKind.PURGE_PACKAGE])
 
 
 async def plan_fleet(
