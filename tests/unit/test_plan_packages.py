@@ -337,9 +337,13 @@ def test_lock_held_by_another_process_is_transient_with_its_pid() -> None:
 
 
 def test_no_candidate_after_update_and_refused_purge() -> None:
-    run = parse_apt_output("install", ["nope"], "@@APT update\n@@APT no-candidate nope\n@@PKG nope missing\n")
+    run = parse_apt_output(
+        "install",
+        ["nope"],
+        "@@APT update\n@@APT no-candidate nope\n@@ERR nope E: Unable to locate package nope\n",
+    )
     assert run.updated and not run.ok
-    assert "no installation candidate, even after apt-get update" in run.failed[0][1]
+    assert run.failed[0][1].startswith("E: Unable to locate package nope (after apt-get update")
     purge = parse_apt_output("purge", ["libfoo"], "@@APT would-remove apache2\n@@PKG libfoo ii \n")
     assert not purge.ok
     assert "apt would also remove apache2" in purge.failed[0][1]
