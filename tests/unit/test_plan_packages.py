@@ -306,7 +306,11 @@ def test_postinst_failure_names_the_package_its_state_and_the_dpkg_output() -> N
     assert not run.ok and run.lock is None and not run.transient
     assert run.done == ("rcl-hello",)
     assert run.failed == (
-        ("rcl-broken", "apt-get install failed (exit 100); now half-configured (a maintainer script failed)"),
+        (
+            "rcl-broken",
+            "apt-get install failed (exit 100): E: Sub-process /usr/bin/dpkg returned an error code (1); "
+            "now half-configured (a maintainer script failed)",
+        ),
     )
     text = run.summary()
     assert "rcl-broken: apt-get install failed" in text
