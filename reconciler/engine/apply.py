@@ -143,6 +143,11 @@ class ApplyResult:
             f"{o.action.kind} {o.action.resource}" for o in self.outcomes if o.status in ("failed", "skipped")
         )
 
+    def change_counts(self) -> tuple[int, int]:
+        """(changes that landed, changes planned), reloads not counted."""
+        changes = [o for o in self.outcomes if o.action.kind is not ActionKind.RELOAD]
+        return sum(1 for o in changes if o.status == "done"), len(changes)
+
     @property
     def partial(self) -> bool:
         """Some changes applied, others failed or were held back (independent ones still ran)."""
