@@ -8,9 +8,11 @@ apt-get runs non-interactively (``DEBIAN_FRONTEND=noninteractive``, ``--force-co
 --force-confold``, ``--no-install-recommends``), under ``timeout``, and never waits for the
 dpkg lock (``-o DPkg::Lock::Timeout=0``): a lock held by another process (an unattended upgrade,
 an admin's apt-get) is reported with that process's pid and retried later. ``apt-get update``
-runs only when a planned package has no install candidate. Installing never removes a package
-(``--no-remove``); a purge is refused when apt would remove any package the fleet did not name.
-Nothing here ever runs ``autoremove``.
+runs only when a planned package has no install candidate (one still without a candidate fails
+alone, with apt's own line). Installing removes only the packages the fleet allows (a role's
+``replaces``, checked against ``apt-get -s`` on the host; else ``--no-remove``); a purge is
+refused when apt would remove any package the fleet did not name. A failed transaction is
+retried package by package. Nothing here ever runs ``autoremove``.
 """
 
 from __future__ import annotations
