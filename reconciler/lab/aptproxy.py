@@ -112,15 +112,31 @@ def start(
     allow: Sequence[str] | None = None,
     cache_dir: Path = CACHE_DIR,
     timeout: float = 10.0,
+    upstream: str | None = None,
 ) -> ProxyHandle:
     """Start the proxy as a process of its own (it outlives ``lab up``); ``pidfile``'s path is
     on its command line, so the lab's cleanup (which kills processes naming the lab directory)
     stops it with the lab. Returns once it listens."""
+    started = spawn(address, pidfile, port=port, allow=allow, cache_dir=cache_dir, upstream=upstream)
+    return wait_listening(started, timeout)
+
+
+def spawn(
+    address: str,
+    pidfile: Path,
+    *,
+    port: int = PORT,
+    allow: Sequence[str] | None = None,
+    cache_dir: Path = CACHE_DIR,
+    upstream: str | None = None,
+) -> Starting:
+    """Start the proxy process and return at once (``wait_listening`` waits for it): the lab
+    starts it before its hosts and waits after them, so it costs no bring-up time."""
     hosts = tuple(allow) if allow is not None else mirror_hosts()
     cache_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
     argv = [sys.executable, "-m", "reconciler.lab.aptproxy", "--listen", address, "--port", str(port)]
     argv += ["--pidfile", str(pidfile), "--cache", str(cache_dir)]
-    up = upstream_proxy()
+    up = upstream or upstream_proxy()  # ``upstream``: a proxy to go through (else the machine's apt's)
     if up:
         argv += ["--upstream", up]
     for h in hosts:
@@ -128,15 +144,30 @@ def start(
     log_path = pidfile.with_suffix(".log")
     with open(log_path, "ab") as out:
         p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+    return Starting(p, pidfile, address, port)
+
+
+@dataclass(frozen=True)
+class Starting:
+    process: subprocess.Popen[bytes]
+    pidfile: Path
+    address: str
+    port: int
+
+
+def wait_listening(s: Starting, timeout: float = 10.0) -> ProxyHandle:
+    p = s.process
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if p.poll() is not None:
-            raise RuntimeError(f"the lab's apt proxy exited ({p.returncode}): see {log_path}")
-        if pidfile.exists() and pidfile.read_text().strip() == str(p.pid):
-            return ProxyHandle(p.pid, procs.start_time(p.pid), address, port)
+            raise RuntimeError(
+                f"the lab's apt proxy exited ({p.returncode}): see {s.pidfile.with_suffix('.log')}"
+            )
+        if s.pidfile.exists() and s.pidfile.read_text().strip() == str(p.pid):
+            return ProxyHandle(p.pid, procs.start_time(p.pid), s.address, s.port)
         time.sleep(0.02)
     p.kill()
-    raise RuntimeError(f"the lab's apt proxy did not listen on {address}:{port} in {timeout:.0f} s")
+    raise RuntimeError(f"the lab's apt proxy did not listen on {s.address}:{s.port} in {timeout:.0f} s")
 
 
 def stop(handle: ProxyHandle) -> None:
@@ -202,7 +233,7 @@ class _Proxy:
             await self._reply(writer, 403, "only port 80")
             return
         path = url.path or "/"
-        cached = self._cache_path(url.hostname or "", path) if method == "GET" else None
+        cached = self._cache_path(url.hostname or "", path) if method == "GET" and not url.query else None
         if cached is not None and cached.is_file():
             size = cached.stat().st_size
             writer.write(f"HTTP/1.1 200 OK\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n".encode())

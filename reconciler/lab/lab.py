@@ -219,7 +219,7 @@ class Lab:
         state.iptables_rules = network.allow_forward(prefix)
         state.neigh_limits = network.raise_neigh_table(len(specs))
         state.save()
-        package_path(d, [d / "hosts" / s.name / "upper" for s in specs])
+        proxy = package_path(d, [d / "hosts" / s.name / "upper" for s in specs])
         t_net = time.monotonic()
 
         popens = []
@@ -249,6 +249,7 @@ class Lab:
         with ThreadPoolExecutor(max_workers=min(32, len(specs))) as pool:
             for fut in [pool.submit(ready, i) for i in range(len(specs))]:
                 fut.result()
+        aptproxy.wait_listening(proxy)
 
         known = "".join(f"{s.address} {host_keys[s.name]}\n" for s in specs)
         atomic_write(d / "known_hosts", known, 0o644)
@@ -385,14 +386,15 @@ class Lab:
         return Lab(_info_from_state(state), owned=False)
 
 
-def package_path(d: Path, roots: Sequence[Path]) -> aptproxy.ProxyHandle:
+def package_path(d: Path, roots: Sequence[Path]) -> aptproxy.Starting:
     """The hosts' package path: the lab's apt proxy on the bridge address (stopped with the lab:
     its pid file in the lab directory is on its command line) and the apt drop-in in each host
-    root (``roots``: the hosts' overlay upper layers)."""
-    handle = aptproxy.start(str(BRIDGE_ADDRESS), d / "aptproxy.pid")
+    root (``roots``: the hosts' overlay upper layers). Wait for it with
+    ``aptproxy.wait_listening`` (after the hosts started: it costs no bring-up time)."""
+    starting = aptproxy.spawn(str(BRIDGE_ADDRESS), d / "aptproxy.pid")
     for root in roots:
         aptproxy.write_dropin(root, str(BRIDGE_ADDRESS))
-    return handle
+    return starting
 
 
 def _which(tool: str) -> bool:
