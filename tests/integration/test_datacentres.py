@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -45,13 +46,25 @@ from reconciler.engine.planview import render_apply, render_plan
 from reconciler.fleet.load import load_fleet
 from reconciler.fleet.model import Fleet
 from reconciler.host.connection import ConnectionPool, targets_for
-from reconciler.lab import Lab, specs_from_fleet
+from reconciler.lab import Lab, aptproxy, specs_from_fleet
 from reconciler.verify import VerifyOptions, VerifyReport, verify_fleet
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 WINDOW = 4.0
+
+
+def _mirror_reachable() -> str | None:
+    """Why the machine cannot reach its own apt mirror (then there is no package path), or None."""
+    hosts = aptproxy.mirror_hosts()
+    if not hosts:
+        return "the machine has no http(s) apt source"
+    try:
+        socket.create_connection((hosts[0], 80), timeout=5).close()
+    except OSError as err:
+        return f"the machine cannot reach its apt mirror {hosts[0]}: {err}"
+    return None
 
 
 def _machine_dpkg() -> str:
@@ -80,6 +93,9 @@ def machine_dpkg() -> str:
 
 @pytest.fixture(scope="module")
 def lab(lab_factory: Any, repo: Path, machine_dpkg: str) -> Iterator[Lab]:
+    why = _mirror_reachable()
+    if why:
+        pytest.skip(f"no package path for the lab: {why}")
     lab = lab_factory(specs_from_fleet(load_fleet(repo)), lock_timeout=3000)
     yield lab
     lab.down()
