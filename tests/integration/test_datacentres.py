@@ -247,6 +247,9 @@ def test_a_missing_package_fails_alone_and_the_host_is_partly_applied(lab: Lab, 
             "0 unreachable or in error"
         )
         assert mon.as_dict()["outcome"] == "partly applied"
+        # what the daemon records for the host (its status and events show this message)
+        assert (mon.error or "").startswith(f"partly applied: {done} of {total} changes; failed: ")
+        assert "install-package package nosuchpkg: E: Unable to locate package nosuchpkg" in (mon.error or "")
     finally:
         role.write_text(saved)
         motd.write_text(saved_motd)
