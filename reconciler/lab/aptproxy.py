@@ -9,8 +9,10 @@ else is refused (403). Downloaded ``.deb`` files are cached on the machine (``po
 immutable), so seven hosts installing chrony fetch it once. When the machine's apt itself uses a
 proxy (``Acquire::http::Proxy``), requests go through it.
 
-Used by the namespace lab (``Lab.up``) and meant for VM hosts too: ``start`` / ``stop`` /
-``dropin_text`` are the whole interface (docs/LAB.md).
+Used by the namespace lab (``Lab.up``) and meant for VM hosts too: ``spawn``/``wait_listening``
+(or ``start``), ``stop``, ``write_dropin``/``dropin_text`` are the whole interface; ``netns=``
+makes the proxy listen inside a VM lab's guest network namespace while it fetches from the
+machine's (docs/LAB.md).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import hashlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -113,11 +116,14 @@ def start(
     cache_dir: Path = CACHE_DIR,
     timeout: float = 10.0,
     upstream: str | None = None,
+    netns: str | None = None,
 ) -> ProxyHandle:
     """Start the proxy as a process of its own (it outlives ``lab up``); ``pidfile``'s path is
     on its command line, so the lab's cleanup (which kills processes naming the lab directory)
     stops it with the lab. Returns once it listens."""
-    started = spawn(address, pidfile, port=port, allow=allow, cache_dir=cache_dir, upstream=upstream)
+    started = spawn(
+        address, pidfile, port=port, allow=allow, cache_dir=cache_dir, upstream=upstream, netns=netns
+    )
     return wait_listening(started, timeout)
 
 
@@ -129,9 +135,12 @@ def spawn(
     allow: Sequence[str] | None = None,
     cache_dir: Path = CACHE_DIR,
     upstream: str | None = None,
+    netns: str | None = None,
 ) -> Starting:
     """Start the proxy process and return at once (``wait_listening`` waits for it): the lab
-    starts it before its hosts and waits after them, so it costs no bring-up time."""
+    starts it before its hosts and waits after them, so it costs no bring-up time. ``netns``:
+    listen inside that network namespace (a VM lab's guests reach ``address`` there), while the
+    proxy itself, and every fetch, stays in the machine's namespace."""
     hosts = tuple(allow) if allow is not None else mirror_hosts()
     cache_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
     argv = [sys.executable, "-m", "reconciler.lab.aptproxy", "--listen", address, "--port", str(port)]
@@ -141,6 +150,8 @@ def spawn(
         argv += ["--upstream", up]
     for h in hosts:
         argv += ["--allow", h]
+    if netns:  # listen inside it (a VM lab's guest network), fetch from the machine's
+        argv += ["--netns", netns]
     log_path = pidfile.with_suffix(".log")
     with open(log_path, "ab") as out:
         p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
@@ -300,9 +311,42 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         writer.close()
 
 
+_CLONE_NEWNET = 0x40000000
+
+
+def _setns(fd: int) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, _CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def listening_socket(address: str, port: int, netns: str | None = None) -> socket.socket:
+    """A listening TCP socket on ``address:port``; with ``netns``, created inside that network
+    namespace (``/run/netns/NAME``: e.g. a VM lab's guest network) while this process, and so
+    every upstream connection, stays in the machine's own."""
+    own = os.open("/proc/self/ns/net", os.O_RDONLY) if netns else -1
+    try:
+        if netns:
+            target = os.open(f"/run/netns/{netns}", os.O_RDONLY)
+            try:
+                _setns(target)
+            finally:
+                os.close(target)
+        sock = socket.create_server((address, port), reuse_port=False)
+    finally:
+        if netns:
+            _setns(own)
+            os.close(own)
+    return sock
+
+
 async def _main(args: argparse.Namespace) -> None:
     proxy = _Proxy(args.allow or (), Path(args.cache), args.upstream)
-    server = await asyncio.start_server(proxy.handle, args.listen, args.port, limit=MAX_HEAD * 2)
+    sock = listening_socket(args.listen, args.port, args.netns)
+    server = await asyncio.start_server(proxy.handle, sock=sock, limit=MAX_HEAD * 2)
     pidfile = Path(args.pidfile)
     tmp = pidfile.with_name(f".{pidfile.name}.tmp")
     tmp.write_text(f"{os.getpid()}\n")
@@ -324,6 +368,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--cache", default=str(CACHE_DIR))
     p.add_argument("--upstream", default=None)
     p.add_argument("--allow", action="append", default=[])
+    p.add_argument("--netns", default=None, help="listen inside this network namespace (/run/netns/NAME)")
     asyncio.run(_main(p.parse_args(argv)))
 
 

@@ -5,7 +5,10 @@ local HTTP server reached as the upstream proxy (no network)."""
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -129,3 +132,46 @@ def test_mirror_hosts_from_the_machines_sources_and_the_dropin(tmp_path: Path) -
     assert path == tmp_path / "root/etc/apt/apt.conf.d/80reconciler-lab-proxy"
     assert 'Acquire::http::Proxy "http://192.0.2.254:3142/";' in path.read_text()
     assert oct(path.stat().st_mode & 0o777) == "0o644"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="creating a network namespace needs root")
+def test_in_a_netns_it_listens_there_and_fetches_from_the_machines(tmp_path: Path) -> None:
+    """The VM lab's case: guests live in a namespace of their own with no route out."""
+    ns = f"rcltest-aptpx-{os.getpid()}"
+    mirror = ThreadingHTTPServer(("127.0.0.1", 0), _Mirror)
+    threading.Thread(target=mirror.serve_forever, daemon=True).start()
+    _Mirror.seen = []
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    handle = None
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        handle = aptproxy.start(
+            "127.0.0.1",
+            tmp_path / "aptproxy.pid",
+            port=3142,
+            allow=["deb.debian.org"],
+            cache_dir=tmp_path / "cache",
+            upstream=f"http://127.0.0.1:{mirror.server_address[1]}",
+            netns=ns,
+        )
+        client = (
+            "import socket,sys\n"
+            "s=socket.create_connection(('127.0.0.1',3142),timeout=10)\n"
+            "u=b'http://deb.debian.org/debian/pool/main/t/tree/tree_2.1.0-1_amd64.deb'\n"
+            "s.sendall(b'GET '+u+b' HTTP/1.1\\r\\n\\r\\n')\n"
+            "out=b''\n"
+            "while (c:=s.recv(65536)): out+=c\n"
+            "sys.stdout.buffer.write(out)\n"
+        )
+        inside = subprocess.run(
+            ["ip", "netns", "exec", ns, sys.executable, "-c", client], capture_output=True
+        )
+        assert inside.stdout.endswith(DEB), inside.stderr
+        assert len(_Mirror.seen) == 1  # reached the machine's loopback: the fetch ran outside the netns
+        with pytest.raises(OSError):  # and nothing listens on the machine's own 127.0.0.1:3142 for it
+            socket.create_connection(("127.0.0.1", 3142), timeout=2).close()
+    finally:
+        if handle is not None:
+            aptproxy.stop(handle)
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+        mirror.shutdown()
