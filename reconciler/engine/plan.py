@@ -316,7 +316,7 @@ def plan_host(
     actions += t_actions
     skipped += t_skipped
     actions += _plan_addresses(desired.addresses, observed)
-    actions += _plan_services(services, observed)
+    actions += _plan_services(_known_services(services, observed, errors), observed)
     actions += _plan_initiate(desired, observed)
 
     actions = [deps.annotate(a, desired) for a in actions]
@@ -933,6 +933,34 @@ def _plan_addresses(addresses: tuple[Address, ...], observed: Observed) -> list[
                 )
             )
     return out
+
+
+def _known_services(
+    services: tuple[Service, ...], observed: Observed, errors: list[str]
+) -> tuple[Service, ...]:
+    """Drop (as a plan error) a role service started through ``service NAME start`` that no
+    package is tied to and that the host does not know (no init script, no unit): starting it
+    could only fail ("NAME: unrecognized service"). A service tied to a package being installed
+    is planned as if the package were there (``_Packages``)."""
+    out: list[Service] = []
+    for s in services:
+        state = observed.services.get(s.name)
+        unknown = (
+            s.needs_package is None
+            and s.start == ("service", s.name, "start")
+            and observed.init_system in ("sysv", "systemd")
+            and state is not None
+            and not state.running
+            and state.enabled is None
+        )
+        if unknown:
+            errors.append(
+                f"service {s.name}: the host has no init script or unit for it and no package is tied to "
+                f"it; not planned (name the package that brings it: {{name: {s.name}, package: PACKAGE}})"
+            )
+            continue
+        out.append(s)
+    return tuple(out)
 
 
 def _plan_services(services: tuple[Service, ...], observed: Observed) -> list[Action]:

@@ -305,3 +305,27 @@ def test_outcomes_applied_partly_applied_failed_in_sync() -> None:
     assert doc["outcome"] == "partly applied" and (doc["changes_applied"], doc["changes_total"]) == (3, 5)
     nothing = HostOutcome("d", FAILED, result=_result("d", ["failed", "skipped"]))
     assert nothing.outcome == "failed" and FleetResult((*hosts, nothing)).exit_code() == 1
+
+
+def test_an_untied_service_the_host_does_not_know_is_a_plan_error_not_an_apply_failure() -> None:
+    generic = Service(
+        "mariadb", start=("service", "mariadb", "start"), status=("service", "mariadb", "status")
+    )
+    desired = Desired(host="h1", services=(generic,))
+    unknown = Observed(
+        host="h1",
+        services=MappingProxyType({"mariadb": ServiceState("mariadb", False, None)}),  # rc none
+        init_system="sysv",
+    )
+    plan = plan_host(desired, unknown)
+    assert plan.actions == ()
+    assert plan.errors == (
+        "service mariadb: the host has no init script or unit for it and no package is tied to it; not "
+        "planned (name the package that brings it: {name: mariadb, package: PACKAGE})",
+    )
+    known = Observed(
+        host="h1",
+        services=MappingProxyType({"mariadb": ServiceState("mariadb", False, False)}),  # script, no links
+        init_system="sysv",
+    )
+    assert [a.kind for a in plan_host(desired, known).actions] == [ActionKind.START_SERVICE]
