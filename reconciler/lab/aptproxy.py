@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from reconciler.host.netns import socket_in as netns_socket_in
 from reconciler.lab import procs
 from reconciler.log import get_logger
 
@@ -311,35 +312,20 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         writer.close()
 
 
-_CLONE_NEWNET = 0x40000000
-
-
-def _setns(fd: int) -> None:
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.setns(fd, _CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
 def listening_socket(address: str, port: int, netns: str | None = None) -> socket.socket:
     """A listening TCP socket on ``address:port``; with ``netns``, created inside that network
-    namespace (``/run/netns/NAME``: e.g. a VM lab's guest network) while this process, and so
-    every upstream connection, stays in the machine's own."""
-    own = os.open("/proc/self/ns/net", os.O_RDONLY) if netns else -1
+    namespace (``/run/netns/NAME``: e.g. a VM lab's guest network, ``host.netns.socket_in``)
+    while this process, and so every upstream connection, stays in the machine's own."""
+    if not netns:
+        return socket.create_server((address, port))
+    sock = netns_socket_in(netns)
     try:
-        if netns:
-            target = os.open(f"/run/netns/{netns}", os.O_RDONLY)
-            try:
-                _setns(target)
-            finally:
-                os.close(target)
-        sock = socket.create_server((address, port), reuse_port=False)
-    finally:
-        if netns:
-            _setns(own)
-            os.close(own)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((address, port))
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 
