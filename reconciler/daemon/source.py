@@ -194,6 +194,9 @@ class GitResult:
     stderr: bytes
 
 
+_COMMIT_ID = re.compile(r"^[0-9a-f]{7,64}$")
+
+
 class Git:
     """Runs git with argv lists in an isolated environment (no global/system config)."""
 
@@ -718,6 +721,22 @@ class FleetSource:
             if not any(c in bad for c in history):
                 return candidate, rejection
         return self._good, rejection
+
+    async def commit_summary(self, commit: str) -> dict[str, str]:
+        """Subject, author and signature (as the trust check found it) of a fetched commit, for
+        the status page; {} if the mirror does not have it."""
+        if not _COMMIT_ID.match(commit):
+            return {}
+        res = await self._git.run(["log", "-1", "--format=%s%x00%an <%ae>%x00%GK", commit, "--"], timeout=10)
+        if res.code != 0:
+            return {}
+        subject, _, rest = res.stdout.decode("utf-8", "replace").strip().partition("\0")
+        author, _, key = rest.partition("\0")
+        verdict = self._verified.get(commit)
+        signer = ""
+        if self.config.verify.value != "none":
+            signer = f"{self.config.verify.value} key {key}".strip() if verdict and verdict.ok else ""
+        return {"subject": subject[:200], "author": author[:200], "signer": signer}
 
     async def verify_commit(self, commit: str) -> Verdict:
         cached = self._verified.get(commit)

@@ -526,12 +526,12 @@ def make_daemon_step(
     *,
     enforce: Callable[[Any, Any], EnforceCallback] | None = None,
     render: Callable[[Fleet, Any], Desired] | None = None,
-) -> Callable[[str, Any, Any], Awaitable[int]]:
-    """An adapter for ``reconciler.daemon.daemon.Daemon(drift=...)``: ``(host, target, pool) -> number
-    of drifted paths``. ``enforce(target, pool)`` may build the engine's callback; ``render``
-    gives a host's Desired (the daemon's: its render worker's results, never rendered here)."""
+) -> Callable[[str, Any, Any], Awaitable[DriftFinding]]:
+    """An adapter for ``reconciler.daemon.daemon.Daemon(drift=...)``: ``(host, target, pool) ->
+    DriftFinding`` (the hand-edited paths). ``enforce(target, pool)`` may build the engine's
+    callback; ``render`` gives a host's Desired (the daemon's: its render worker's results, never rendered here)."""
 
-    async def step(host: str, target: Any, pool: Any) -> int:
+    async def step(host: str, target: Any, pool: Any) -> DriftFinding:
         scanner = DriftScanner(
             target.fleet,
             history,
@@ -543,9 +543,21 @@ def make_daemon_step(
         )
         conn = await pool.get(host)
         res = await scanner.scan_host(conn)
-        return len(res.drift) + len(res.managed_drift)
+        # drift is what changed by hand since the last snapshot: a managed file that differs
+        # only because the fleet moved on (a new commit not applied yet) is the fleet's change,
+        # and what the reconciler itself applied is "now as the fleet wants it" (not drift)
+        return DriftFinding(len(res.drift), res.commit or "", tuple(display_path(p) for p in res.drift[:20]))
 
     return step
+
+
+@dataclass(frozen=True)
+class DriftFinding:
+    """What one daemon scan found: hand-edited paths (never the reconciler's own changes)."""
+
+    count: int
+    history_commit: str = ""  # the /etc history commit that recorded them ("" = none made)
+    paths: tuple[str, ...] = ()  # the first few, display form
 
 
 def engine_enforcer(fleet: Fleet, pool: Any) -> EnforceCallback:

@@ -209,8 +209,8 @@ async def test_health_ready_metrics_status_page(served: Any) -> None:
     async with s.get(f"{base}/metrics") as r:
         assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
         text = await r.text()
-    assert 'reconciler_webhook_requests_total{provider="github",result="accepted"} 1' in text
-    assert 'reconciler_reconcile_duration_seconds_bucket{result="ok",le="0.5"} 1' in text
+    assert 'reconciler_webhook_requests_total{provider="github",result="accepted"} 1.0' in text
+    assert 'reconciler_reconcile_duration_seconds_bucket{le="0.5",result="ok"} 1.0' in text
     assert "# TYPE reconciler_hosts gauge" in text
     async with s.get(f"{base}/status") as r:
         data = await r.json()
