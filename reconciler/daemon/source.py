@@ -727,16 +727,23 @@ class FleetSource:
         the status page; {} if the mirror does not have it."""
         if not _COMMIT_ID.match(commit):
             return {}
-        res = await self._git.run(["log", "-1", "--format=%s%x00%an <%ae>%x00%GK", commit, "--"], timeout=10)
+        config: list[tuple[str, str]] = []
+        if self.config.verify is VerifyMode.SSH and self.config.allowed_signers is not None:
+            config.append(("gpg.ssh.allowedSignersFile", str(self.config.allowed_signers)))
+        res = await self._git.run(
+            ["log", "-1", "--format=%s%x00%an <%ae>%x00%GS%x00%GK", commit, "--"],
+            config=config,
+            env={"GNUPGHOME": str(self._gnupg_home)},
+            timeout=10,
+        )
         if res.code != 0:
             return {}
-        subject, _, rest = res.stdout.decode("utf-8", "replace").strip().partition("\0")
-        author, _, key = rest.partition("\0")
+        subject, author, who, key = (res.stdout.decode("utf-8", "replace").strip().split("\0") + ["", "", ""])[:4]
         verdict = self._verified.get(commit)
         signer = ""
-        if self.config.verify.value != "none":
-            signer = f"{self.config.verify.value} key {key}".strip() if verdict and verdict.ok else ""
-        return {"subject": subject[:200], "author": author[:200], "signer": signer}
+        if self.config.verify is not VerifyMode.NONE and verdict is not None and verdict.ok:
+            signer = f"{who or 'a trusted key'} ({self.config.verify.value} key {key})" if key else who
+        return {"subject": subject[:200], "author": author[:200], "signer": signer[:300]}
 
     async def verify_commit(self, commit: str) -> Verdict:
         cached = self._verified.get(commit)
