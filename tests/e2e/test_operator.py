@@ -225,3 +225,138 @@ async def test_pages_in_a_headless_browser(op: World, browser: Browser) -> None:
     assert "no such host" in browser.source()
     console = [m for m in browser.console() if "Content Security Policy" in m or "Refused" in m]
     assert not console, console  # nothing on the pages needs more than the strict policy
+
+
+# ---------------------------------------------------------------- the image (marker: container)
+
+ROOT = Path(__file__).resolve().parents[2]
+IMAGE = "localhost/reconciler:e2e"
+UID = 10001  # the image's user
+GRACE = 20
+
+
+def podman_env() -> dict[str, str]:
+    """podman settings for the cached base (scripts/container-base.sh --env)."""
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "container-base.sh"), "--env"], check=True,
+                         capture_output=True, text=True).stdout  # fmt: skip
+    env = dict(os.environ)
+    for word in out.replace("export ", "").split():
+        key, _, value = word.partition("=")
+        env[key] = value
+    return env
+
+
+def podman(env: dict[str, str], *args: str, check: bool = True, timeout: float = 900) -> str:
+    res = subprocess.run(["podman", *args], env=env, capture_output=True, text=True, timeout=timeout)
+    if check and res.returncode != 0:
+        raise AssertionError(
+            f"podman {' '.join(args[:3])}: {res.returncode}\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
+        )
+    return res.stdout.strip()
+
+
+def owned_copy(src: Path, dest: Path, mode: int = 0o600) -> Path:
+    shutil.copy(src, dest)
+    os.chown(dest, UID, UID)
+    dest.chmod(mode)
+    return dest
+
+
+@pytest.fixture
+def container_env() -> dict[str, str]:
+    if shutil.which("podman") is None:
+        pytest.skip("podman not installed (Debian packages podman, buildah, runc: scripts/install.sh)")
+    env = podman_env()
+    started = time.monotonic()
+    base = subprocess.run(["bash", str(ROOT / "scripts" / "container-base.sh")], env=env, check=True,
+                          capture_output=True, text=True, timeout=1800).stdout.strip()  # fmt: skip
+    print(f"\nbase image {base} ready in {time.monotonic() - started:.1f}s")
+    env["RECONCILER_BASE_IMAGE"] = base
+    return env
+
+
+@pytest.mark.container
+async def test_the_image_runs_against_the_lab(op: World, container_env: dict[str, str]) -> None:
+    """The Dockerfile built with podman (base: the cached debootstrap image) runs with host
+    networking against the lab and the fleet repo: healthy by its HEALTHCHECK, converges every
+    host on a pushed commit, stops on SIGTERM within the grace period with exit code 0."""
+    env = container_env
+    started = time.monotonic()
+    podman(env, "build", "--format", "docker", "--network=host", "--pull=never", "-q",
+           "--build-arg", f"BASE={env['RECONCILER_BASE_IMAGE']}",
+           "--build-arg", "PIP_CERT=/etc/ssl/certs/ca-certificates.crt", "-t", IMAGE, str(ROOT))  # fmt: skip
+    print(f"image built in {time.monotonic() - started:.1f}s")
+    if op.proc is not None:
+        assert op.stop() == 0  # the host's daemon hands the fleet to the container
+
+    box = op.tmp / "container"
+    for sub in ("state", "history", "ssh"):
+        (box / sub).mkdir(parents=True)
+        os.chown(box / sub, UID, UID)
+    (box / "ssh").chmod(0o700)
+    info = op.lab.info
+    owned_copy(Path(info.known_hosts), box / "ssh" / "known_hosts", 0o644)
+    owned_copy(Path(info.client_key), box / "ssh" / "id")
+    owned_copy(op.allowed_signers, box / "ssh" / "allowed_signers", 0o644)
+    remote = box / "fleet.git"  # the daemon's user must own the repo it reads (git's safe.directory)
+    shutil.copytree(op.remote, remote)
+    subprocess.run(["chown", "-R", f"{UID}:{UID}", str(remote)], check=True)
+    token = "container-read-canary-5e1f"  # noqa: S105 (a test value)
+    port = free_port()
+    name = f"reconciler-e2e-{os.getpid()}"
+    podman(env, "run", "-d", "--name", name, "--network=host",
+           "-v", f"{box / 'state'}:/var/lib/reconciler",
+           "-v", f"{box / 'history'}:/var/lib/reconciler-history",
+           "-v", f"{box / 'ssh'}:/etc/reconciler-ssh:ro", "-v", f"{remote}:/srv/fleet.git:ro",
+           "-e", "RECONCILER_SOURCE_URL=file:///srv/fleet.git", "-e", "RECONCILER_SOURCE_POLL_INTERVAL=2s",
+           "-e", "RECONCILER_SOURCE_VERIFY=ssh",
+           "-e", "RECONCILER_SOURCE_ALLOWED_SIGNERS=/etc/reconciler-ssh/allowed_signers",
+           "-e", "RECONCILER_SSH_KNOWN_HOSTS=/etc/reconciler-ssh/known_hosts",
+           "-e", "RECONCILER_SSH_IDENTITY=/etc/reconciler-ssh/id",
+           "-e", "RECONCILER_SERVER_LISTEN=127.0.0.1", "-e", f"RECONCILER_SERVER_PORT={port}",
+           "-e", f"RECONCILER_SERVER_READ_TOKEN={token}", "-e", f"RECONCILER_SHUTDOWN_GRACE={GRACE}s",
+           IMAGE)  # fmt: skip
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while subprocess.run(["podman", "healthcheck", "run", name], env=env, capture_output=True).returncode:
+            assert time.monotonic() < deadline, podman(env, "logs", name, check=False)[-3000:]
+            await asyncio.sleep(1)
+        assert podman(env, "inspect", "--format", "{{.State.Health.Status}}", name) == "healthy"
+        auth = {"Authorization": f"Bearer {token}"}
+        async with aiohttp.ClientSession() as s:
+            async with s.get(base + "/status") as r:
+                assert r.status == 401  # the read token holds in the image too
+
+            async def converged(commit: str) -> bool:
+                async with s.get(base + "/status", headers=auth) as r:
+                    hosts = (await r.json())["hosts"]
+                return bool(hosts) and all(
+                    h["state"] == "Ready" and h["applied_commit"] == commit for h in hosts
+                )
+
+            motd = op.work / "templates" / "motd.j2"
+            motd.write_text(motd.read_text() + "\nNote: served by the container\n")
+            head = op.commit("motd: from the container")
+            git(
+                op.work,
+                "push",
+                "-q",
+                "--receive-pack=git -c safe.directory=* receive-pack",
+                str(remote),
+                "main",
+            )
+            deadline = time.monotonic() + 240
+            while not await converged(head):
+                assert time.monotonic() < deadline, podman(env, "logs", name, check=False)[-4000:]
+                await asyncio.sleep(1)
+        for host in ("web1", "db2"):
+            assert "served by the container" in op.lab.exec(host, ["cat", "/etc/motd"]).stdout.decode()
+        t0 = time.monotonic()
+        podman(env, "stop", "-t", str(GRACE + 10), name)
+        stopped_in = time.monotonic() - t0
+        code = podman(env, "inspect", "--format", "{{.State.ExitCode}}", name)
+        print(f"container stopped in {stopped_in:.1f}s, exit code {code}")
+        assert code == "0" and stopped_in < GRACE, (code, stopped_in)
+    finally:
+        podman(env, "rm", "-f", "-t", "0", name, check=False)
