@@ -738,7 +738,8 @@ class FleetSource:
         )
         if res.code != 0:
             return {}
-        subject, author, who, key = (res.stdout.decode("utf-8", "replace").strip().split("\0") + ["", "", ""])[:4]
+        fields = res.stdout.decode("utf-8", "replace").strip().split("\0")
+        subject, author, who, key = (fields + ["", "", ""])[:4]
         verdict = self._verified.get(commit)
         signer = ""
         if self.config.verify is not VerifyMode.NONE and verdict is not None and verdict.ok:

@@ -529,7 +529,8 @@ def make_daemon_step(
 ) -> Callable[[str, Any, Any], Awaitable[DriftFinding]]:
     """An adapter for ``reconciler.daemon.daemon.Daemon(drift=...)``: ``(host, target, pool) ->
     DriftFinding`` (the hand-edited paths). ``enforce(target, pool)`` may build the engine's
-    callback; ``render`` gives a host's Desired (the daemon's: its render worker's results, never rendered here)."""
+    callback; ``render`` gives a host's Desired (the daemon's: its render worker's results, never
+    rendered here)."""
 
     async def step(host: str, target: Any, pool: Any) -> DriftFinding:
         scanner = DriftScanner(
