@@ -18,8 +18,8 @@ UP, DOWN, PENDING_KEYS, NOT_VERIFIED = "up", "down", "pending-keys", "not-verifi
 LINK_STATES = (UP, DOWN, PENDING_KEYS, NOT_VERIFIED)
 NO_SITE = "fleet"
 
-GROUP_RADIUS = 70.0
-NODE_SPACING = 300.0
+GROUP_RADIUS = 95.0
+NODE_SPACING = 340.0
 
 
 def pair_state(a: str, b: str, keys: set[str], checks: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
