@@ -134,6 +134,31 @@ def classify_managed(desired: Desired | None, snap: Snapshot, policy: PathPolicy
             continue
         e = snap.entries.get(f.path)
         out[f.path] = _file_reason(e, f.content, f.mode, f.owner, f.group)
+    # what the engine writes besides files and links: the firewall's persistent rules (their
+    # content is the ruleset) and the key pairs made on the host (any content: never copied off)
+    fw = desired.firewall
+    persistent = [] if fw is None else [(fw.persistent_path, fw.rules_v4)]
+    if fw is not None and fw.rules_v6 is not None:
+        persistent.append((fw.persistent_path_v6, fw.rules_v6))
+    for path, rules in persistent:
+        if under_roots(path, policy.roots) and not policy.excluded(path):
+            e = snap.entries.get(path)
+            out[path] = (
+                "missing"
+                if e is None
+                else None
+                if e.kind == "file" and e.sha256 == hashlib.sha256(rules.encode()).hexdigest()
+                else "differs from the fleet's firewall"
+            )
+    for kp in desired.keypairs:
+        for path in (kp.private_path, kp.public_path):
+            if under_roots(path, policy.roots) and not policy.excluded(path):
+                e = snap.entries.get(path)
+                out[path] = (
+                    None
+                    if e is not None and e.kind == "file"
+                    else "missing (the key pair is made on the host)"
+                )
     for lk in desired.links:
         if not under_roots(lk.path, policy.roots) or policy.excluded(lk.path):
             continue
