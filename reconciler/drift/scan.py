@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import posixpath
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -171,6 +172,15 @@ def classify_managed(desired: Desired | None, snap: Snapshot, policy: PathPolicy
             out[lk.path] = f"points to {e.target}, the fleet says {lk.target}"
         else:
             out[lk.path] = None
+    # the directories the engine made for them (e.g. /etc/reconciler, a drop-in directory)
+    for path in [*out, *(posixpath.join(d, ".") for d in desired.owned_dirs), IDENTITY_PATH]:
+        parent = posixpath.dirname(path)
+        while parent not in out and under_roots(parent, policy.roots) and parent not in policy.roots:
+            e = snap.entries.get(parent)
+            if e is None or e.kind != "dir":
+                break
+            out[parent] = None
+            parent = posixpath.dirname(parent)
     return out
 
 

@@ -118,3 +118,14 @@ def test_the_engines_own_writes_are_in_line() -> None:
     assert got["/etc/iptables/rules.v4"] is None and got["/etc/swanctl/private/k.pem"] is None
     assert got["/etc/iptables/rules.v6"] == "differs from the fleet's firewall"
     assert got["/etc/swanctl/pubkey/self.pub"] == "missing (the key pair is made on the host)"
+
+
+def test_the_directories_the_engine_made_are_in_line() -> None:
+    conf = FileResource("/etc/strongswan.d/reconciler/a.conf", b"a\n", Domain.FILES)
+    desired = Desired(host="web1", files=(conf,), owned_dirs=("/etc/apache2/reconciler",))
+    dirs = ("/etc/strongswan.d", "/etc/strongswan.d/reconciler", "/etc/reconciler", "/etc/apache2/reconciler")
+    d = {p: Entry(p, "dir", 0o755, "root", "root") for p in dirs}
+    got = classify_managed(desired, Snapshot("web1", ("/etc",), MappingProxyType(d)), POLICY)
+    assert got["/etc/strongswan.d/reconciler"] is None and got["/etc/strongswan.d"] is None
+    assert got["/etc/reconciler"] is None and got["/etc/apache2/reconciler"] is None
+    assert "/etc" not in got
