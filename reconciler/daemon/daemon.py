@@ -34,6 +34,7 @@ from reconciler.daemon.config import Config, RunMode, redact_url
 from reconciler.daemon.loop import ALL, Backoff, HostFailure, Outcome, ReconcileLoop, ReconcileStep, Target
 from reconciler.daemon.metrics import DaemonMetrics
 from reconciler.daemon.server import HttpServer
+from reconciler.daemon.shard import PeerClient, Shard, merge_status
 from reconciler.daemon.source import (
     FleetLoader,
     FleetSource,
@@ -261,7 +262,10 @@ class Daemon:
             on_result=self._on_verified,
             on_error=lambda host: self.metrics.verify_runs.inc(1, "error"),
         )
-        self.server = HttpServer(config.server, self, self.metrics)
+        self.shard = Shard.from_config(config.shard)
+        self._peers = PeerClient(self.shard, config.server.read_token)
+        self._forwards: set[asyncio.Task[dict[str, int | str]]] = set()
+        self.server = HttpServer(config.server, self, self.metrics, shard=self)
         self._stop = asyncio.Event()
         self._mail_wakeup = asyncio.Event()
         self._started = time.time()
@@ -400,7 +404,7 @@ class Daemon:
         gone = self.store.mark_removed_except(set(hosts), st.good)
         if gone:
             self.store.add_event("hosts-removed", ", ".join(gone), commit=st.good)
-        return Target(st.good, st.fleet, hosts)
+        return Target(st.good, st.fleet, self.shard.owned(hosts))  # sharded: only this replica's
 
     async def _render_commit(self, commit: str, fleet: Any) -> Refusal | None:
         """Render every host of a candidate commit in the render worker, before it may become
@@ -584,7 +588,9 @@ class Daemon:
     def sync(self, hosts: Sequence[str]) -> tuple[int, list[str]]:
         target = self.loop.target
         if hosts and target is not None:
-            unknown = [h for h in hosts if h not in target.hosts]
+            fleet = self.source.fleet
+            known = set(fleet.host_names()) if fleet is not None else set(target.hosts)
+            unknown = [h for h in hosts if h not in known]  # another replica's host: its sync
             if unknown:
                 return 0, unknown
         self.loop.request_fetch(then=tuple(hosts) or (ALL,), force=True, reason="sync")
@@ -635,11 +641,31 @@ class Daemon:
                 "last_rollback": self.store.get_json("source.rollback"),
             },
             "queue": {"depth": self.loop.hosts.depth, "in_flight": list(self.loop.hosts.in_flight)},
+            **({"scope": "local", "shard": self.shard.describe()} if self.shard.sharded else {}),
             "hosts": hosts,
             "events": [e.as_json() for e in self.store.events(limit=50)],
             "outbox": outbox,
             "verify": {h: v.as_json() for h, v in sorted(self.verifier.results.items()) if h in names},
         }
+
+    # ------------------------------------------------------------ shard (reconciler/daemon/shard.py)
+
+    @property
+    def sharded(self) -> bool:
+        return self.shard.sharded
+
+    async def fleet_status(self) -> dict[str, Any]:
+        """This replica's status merged with its peers': every host of the fleet, with its owner."""
+        local = self.status()
+        peers = await self._peers.statuses()
+        fleet = self.source.fleet
+        names = list(fleet.host_names()) if fleet is not None else [h["name"] for h in local["hosts"]]
+        return merge_status(self.shard, local, peers, names)
+
+    def forward_hook(self, provider: str, headers: Any, body: bytes) -> None:
+        task = asyncio.get_running_loop().create_task(self._peers.forward_hook(provider, headers, body))
+        self._forwards.add(task)
+        task.add_done_callback(self._forwards.discard)  # forward_hook logs its own failures
 
     # ------------------------------------------------------------ lifecycle
 
@@ -673,7 +699,7 @@ class Daemon:
                 self._reject(self.source.rejection)
             if self.source.good and self.source.fleet is not None:
                 fleet = self.source.fleet
-                self.loop.seed(Target(self.source.good, fleet, tuple(fleet.host_names())))
+                self.loop.seed(Target(self.source.good, fleet, self.shard.owned(fleet.host_names())))
             self.loop.start()
         except Exception:  # a bug: a daemon without its loop must not look alive
             log.exception("daemon start-up failed")
@@ -709,6 +735,8 @@ class Daemon:
             await self.loop.stop(self.config.shutdown_grace)
             await self.verifier.close()
             await self.server.stop()
+            await asyncio.gather(*self._forwards, return_exceptions=True)
+            await self._peers.close()
             mail_task.cancel()
             await asyncio.gather(mail_task, return_exceptions=True)
             await self._pools.close_all()
