@@ -309,7 +309,7 @@ def test_an_overlapping_apply_waits_for_the_host_lock(world: World) -> None:
     k = NAMES.index(owner_of(host, NAMES[:2]))
     holder = subprocess.Popen(
         [*world.lab.nsenter_argv(host), "--", "sh", "-c",
-         "mkdir -p -m 700 /run/reconciler && exec flock /run/reconciler/apply.lock sleep 6"],
+         "mkdir -p -m 700 /run/reconciler && exec flock /run/reconciler/apply.lock sleep 15"],
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 10
