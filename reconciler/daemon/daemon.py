@@ -21,6 +21,7 @@ import asyncio
 import fcntl
 import importlib
 import os
+import resource
 import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -757,6 +758,15 @@ def _indent(text: str) -> str:
     return "\n".join(f"  {line}" if line else "" for line in text.splitlines())
 
 
+def _raise_fd_limit() -> None:
+    """One socket per host: a 1,000-host fleet passes systemd's default soft limit of 1,024 open
+    files; take the hard limit (the soft one is only a default)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def run_daemon(config: Config) -> int:
+    _raise_fd_limit()
     daemon = Daemon(config)
     return asyncio.run(daemon.run())
