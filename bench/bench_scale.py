@@ -97,7 +97,7 @@ def make_fleet(work: Path, lab: Lab) -> None:
 
 def proc_stats(pid: int) -> dict[str, float]:
     status = Path(f"/proc/{pid}/status").read_text()
-    vals = {line.split(":")[0]: line.split(":")[1].split()[0] for line in status.splitlines() if ":" in line}
+    vals = {k: v.split()[0] for k, _, v in (line.partition(":") for line in status.splitlines()) if v.split()}
     fds = len(os.listdir(f"/proc/{pid}/fd"))
     with open(f"/proc/{pid}/stat") as fh:
         parts = fh.read().rsplit(")", 1)[1].split()
@@ -224,15 +224,19 @@ def run(
     try:
         labrow["PSS/host (kB)"] = statistics.median(pss_per_host(lab))
         print("lab", labrow, flush=True)
-        for size in sizes:
-            part = subset(lab, size)
-            row: dict[str, Any] = {"hosts": size, **asyncio.run(measure(part, files))}
+        for size in sizes:  # the engine first, every size; then the daemon (a failure loses no row)
+            row: dict[str, Any] = {"hosts": size, **asyncio.run(measure(subset(lab, size), files))}
             print(size, {k: round(v, 2) for k, v in row.items() if isinstance(v, float)}, flush=True)
-            if size <= daemon_max:
-                with tempfile.TemporaryDirectory(prefix=f"bench-scale-{size}-") as tmp:
-                    row["daemon"] = daemon_bench(part, Path(tmp), pushes)
-                print(size, "daemon", row["daemon"], flush=True)
             rows.append(row)
+        for row in rows:
+            if row["hosts"] > daemon_max:
+                continue
+            try:
+                with tempfile.TemporaryDirectory(prefix=f"bench-scale-{row['hosts']}-") as tmp:
+                    row["daemon"] = daemon_bench(subset(lab, row["hosts"]), Path(tmp), pushes)
+                print(row["hosts"], "daemon", row["daemon"], flush=True)
+            except (Exception, SystemExit) as exc:  # noqa: BLE001 - report and keep the other rows
+                print(row["hosts"], "daemon failed:", exc, flush=True)
     finally:
         t = time.monotonic()
         left = lab.down()
