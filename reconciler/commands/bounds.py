@@ -10,12 +10,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
-from reconciler.daemon.config import ConfigError, parse_size
+from reconciler.daemon.config_values import ConfigError, parse_size
 from reconciler.domains.bounded_render import RenderRejected, RenderResults, RenderWorker
 from reconciler.domains.render_limits import RenderLimits, format_size
 from reconciler.errors import Terminal
+
+if TYPE_CHECKING:
+    from reconciler.fleet.model import Fleet
 
 DEFAULTS = RenderLimits()
 
@@ -57,13 +60,13 @@ def limits_from_args(args: argparse.Namespace) -> RenderLimits:
 
 
 def load_and_render(
-    load: Callable[[], Any], hosts: Callable[[Any], Sequence[str]], limits: RenderLimits
-) -> tuple[Any, RenderResults]:
+    load: Callable[[], Fleet], hosts: Callable[[Fleet], Sequence[str]], limits: RenderLimits
+) -> tuple[Fleet, RenderResults]:
     """``load()`` the fleet and render ``hosts(fleet)`` under ``limits``; raises the loader's
     errors, or ``RenderRefused`` when a bound is broken. Render errors of single hosts are in
     the results."""
 
-    async def main() -> tuple[Any, RenderResults | RenderRejected]:
+    async def main() -> tuple[Fleet, RenderResults | RenderRejected]:
         worker = RenderWorker(limits)
         try:
             await worker.start()

@@ -13,9 +13,14 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from reconciler.errors import FleetInvalid, ReconcilerError
+
+if TYPE_CHECKING:
+    from reconciler.drift.scan import HostDrift
+    from reconciler.fleet.model import Fleet
+    from reconciler.host.connection import ConnectionPool
 
 
 def default_state_dir() -> Path:
@@ -50,13 +55,16 @@ def register(sub: Any) -> None:
 
 async def _fleet_commit(repo: str) -> str | None:
     """The fleet repo's HEAD (what is in force for a CLI scan), or None if it is not a git repo."""
-    from reconciler.daemon.source import Git
+    from reconciler.gitrepo import GitRepo
 
     git_dir = Path(repo) / ".git"
     if not git_dir.exists():
         return None
-    res = await Git(git_dir).run(["rev-parse", "--verify", "-q", "HEAD"])
-    return res.stdout.decode().strip() or None if res.code == 0 else None
+    git = GitRepo(git_dir)
+    try:
+        return await git.resolve("HEAD")
+    finally:
+        git.close()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,34 +86,28 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
 
-async def _run(args: argparse.Namespace, fleet: Any, pool: Any) -> int:
-    from reconciler.drift.history import HistoryRepo
-    from reconciler.drift.scan import DriftScanner, engine_enforcer
+async def _run(args: argparse.Namespace, fleet: Fleet, pool: ConnectionPool) -> int:
+    from reconciler import usecases
     from reconciler.engine.fleet import select_hosts
-    from reconciler.notify.outbox import Outbox
 
     state = Path(args.state) if args.state else default_state_dir()
-    history = HistoryRepo.open(
-        Path(args.history) if args.history else state / "history", state, remote=args.history_remote
+    drift = usecases.Drift.open(
+        state, Path(args.history) if args.history else None, remote=args.history_remote
     )
-    outbox = Outbox.in_state_dir(state)
+    history, outbox = drift.history, drift.outbox
+    assert outbox is not None
     hosts = select_hosts(fleet, args.host)
     async with pool:
-        scanner = DriftScanner(
+        run = await usecases.drift_scan(
+            drift,
             fleet,
-            history,
-            outbox,
-            state,
+            pool,
+            hosts,
             fleet_commit=args.fleet_commit or await _fleet_commit(args.repo),
-            enforce=engine_enforcer(fleet, pool) if args.enforce else None,
+            enforce=usecases.enforce_with_engine(fleet, pool) if args.enforce else None,
+            push_always=True,
         )
-        results = await scanner.scan(pool, hosts)
-    push_error = None
-    if history.remote:
-        try:
-            await history.push()
-        except ReconcilerError as err:
-            push_error = str(err)
+    results, push_error = run.hosts, run.push_error
     delivery: dict[str, object] = {}
     mail = fleet.notifications.mail
     if mail is not None and not args.no_mail:
@@ -139,7 +141,7 @@ async def _run(args: argparse.Namespace, fleet: Any, pool: Any) -> int:
     return 0 if all(r.ok for r in results) else 1
 
 
-def _summary(r: Any) -> str:
+def _summary(r: HostDrift) -> str:
     if not r.ok:
         return f"{r.host}: FAILED: {r.error}"
     if r.baseline:

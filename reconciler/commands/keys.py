@@ -25,6 +25,8 @@ from reconciler.commands.plan import Reach, add_connection_args, load, make_pool
 from reconciler.engine.identity import IDENTITY_PATH, SeenIdentity, Verdict, claim_for, judge, parse_section
 from reconciler.errors import FleetInvalid, ReconcilerError
 from reconciler.fleet.keys import KeyFileError, parse_public_key
+from reconciler.fleet.model import Fleet
+from reconciler.host.script import Pool, Runner
 from reconciler.kinds.resources import Desired
 
 MAX_KEY_BYTES = 16 * 1024
@@ -79,7 +81,7 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-async def read_key(conn: Any, path: str) -> tuple[SeenIdentity | None, bytes | None, str]:
+async def read_key(conn: Runner, path: str) -> tuple[SeenIdentity | None, bytes | None, str]:
     """One round trip: the host's identity and the public key file (a regular file, never
     through a symlink). (identity, key or None, why the key could not be read)."""
     from reconciler.engine.observe import PRELUDE, new_nonce, split_sections
@@ -100,7 +102,7 @@ async def read_key(conn: Any, path: str) -> tuple[SeenIdentity | None, bytes | N
     return seen, key.body, ""
 
 
-async def collect(fleet: Any, hosts: list[str], pool: Any, repo: Path) -> list[tuple[str, str, bool]]:
+async def collect(fleet: Fleet, hosts: list[str], pool: Pool, repo: Path) -> list[tuple[str, str, bool]]:
     """(host, message, ok) per host; writes keys/<host>.pub for each key read."""
     from reconciler.domains.bounded_render import RenderRejected, render_bounded
     from reconciler.domains.render_limits import RenderLimits

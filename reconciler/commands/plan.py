@@ -18,10 +18,16 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from reconciler.commands.bounds import add_render_args, limits_from_args, load_and_render
 from reconciler.errors import FleetInvalid, ReconcilerError
+
+if TYPE_CHECKING:  # imported where used: `reconciler --help` loads none of them
+    from reconciler.engine.fleet import FleetResult, HostOutcome, Progress
+    from reconciler.fleet.model import Fleet
+    from reconciler.host.connection import ConnectionPool
+    from reconciler.lab.model import LabInfo
 
 MANY_HOSTS = 5  # above this, a line-based progress display on a terminal
 
@@ -63,7 +69,7 @@ class Reach:
 VM_TIME_SCALE = 5.0
 
 
-def reach_from_args(args: argparse.Namespace, fleet: Any) -> Reach:
+def reach_from_args(args: argparse.Namespace, fleet: Fleet) -> Reach:
     """How to reach ``fleet``'s hosts. ``--lab``: only a lab made for this very fleet."""
     if args.lab:
         from reconciler.lab import Lab
@@ -82,7 +88,7 @@ def reach_from_args(args: argparse.Namespace, fleet: Any) -> Reach:
     return Reach(args.known_hosts, tuple(args.identity), {})
 
 
-def check_lab_for(info: Any, fleet: Any, hosts: Sequence[str] = ()) -> None:
+def check_lab_for(info: LabInfo, fleet: Fleet, hosts: Sequence[str] = ()) -> None:
     """Refuse a lab (``LabInfo``) not made for ``fleet`` (by fleet id), or lacking one of the
     fleet's hosts (selected ``hosts``, or all): a host missing from the lab would be dialled at
     its real public address."""
@@ -108,13 +114,13 @@ def check_lab_for(info: Any, fleet: Any, hosts: Sequence[str] = ()) -> None:
         )
 
 
-def load(repo: str) -> Any:
+def load(repo: str) -> Fleet:
     from reconciler.fleet.load import load_fleet
 
     return load_fleet(Path(repo))
 
 
-def make_pool(fleet: Any, reach: Reach, args: argparse.Namespace) -> Any:
+def make_pool(fleet: Fleet, reach: Reach, args: argparse.Namespace) -> ConnectionPool:
     from reconciler.host.connection import ConnectionPool, targets_for
 
     targets = targets_for(
@@ -166,14 +172,14 @@ def add_adopt_arg(p: argparse.ArgumentParser, verb: str) -> None:
     )
 
 
-def _progress(total: int) -> Any:
+def _progress(total: int) -> Progress | None:
     from reconciler.engine.planview import progress_line
 
     if total <= MANY_HOSTS or not sys.stderr.isatty():
         return None
     done = [0]
 
-    def show(o: Any) -> None:
+    def show(o: HostOutcome) -> None:
         done[0] += 1
         print(progress_line(o, done[0], total), file=sys.stderr, flush=True)
 
@@ -206,7 +212,7 @@ def prepare(args: argparse.Namespace, *, render: bool = True) -> tuple[Any, Reac
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from reconciler.engine.fleet import plan_fleet
+    from reconciler import usecases
     from reconciler.engine.planview import render_plan, to_json, use_color
 
     prepared = prepare(args)
@@ -214,10 +220,10 @@ def run_plan(args: argparse.Namespace) -> int:
         return prepared
     fleet, reach = prepared
 
-    async def main() -> Any:
+    async def main() -> FleetResult:
         async with make_pool(fleet, reach, args) as pool:
             total = len(args.host) or len(fleet.hosts)
-            return await plan_fleet(fleet, args.host, pool, progress=_progress(total), adopt=args.adopt)
+            return await usecases.plan(fleet, args.host, pool, progress=_progress(total), adopt=args.adopt)
 
     try:
         result = asyncio.run(main())
@@ -233,7 +239,8 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 def run_apply(args: argparse.Namespace) -> int:
-    from reconciler.engine.fleet import CHANGES, apply_planned, plan_fleet
+    from reconciler import usecases
+    from reconciler.engine.fleet import CHANGES
     from reconciler.engine.planview import render_apply, render_plan, to_json, use_color
 
     if not args.yes and not sys.stdin.isatty():
@@ -248,7 +255,7 @@ def run_apply(args: argparse.Namespace) -> int:
     async def main() -> tuple[Any, Any]:
         async with make_pool(fleet, reach, args) as pool:
             total = len(args.host) or len(fleet.hosts)
-            planned = await plan_fleet(fleet, args.host, pool, progress=_progress(total), adopt=args.adopt)
+            planned = await usecases.plan(fleet, args.host, pool, progress=_progress(total), adopt=args.adopt)
             if not args.json:
                 sys.stdout.write(render_plan(planned, color=color))
                 sys.stdout.flush()
@@ -260,7 +267,7 @@ def run_apply(args: argparse.Namespace) -> int:
                 answer = await asyncio.get_running_loop().run_in_executor(None, input, prompt)
                 if answer.strip() != "yes":
                     return planned, "cancelled"
-            result = await apply_planned(
+            result = await usecases.apply_planned(
                 planned, pool, progress=_progress(len(changing)), firewall_window=args.firewall_window
             )
             return planned, result

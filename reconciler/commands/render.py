@@ -18,12 +18,11 @@ loops, allocates or writes too much is refused with its file and line, and nothi
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -214,11 +213,7 @@ def print_text(desired: dict[str, Desired], written: list[Written], fleet_warnin
 
 
 def run(args: argparse.Namespace) -> int:
-    try:  # imported lazily: the loader is a separate module (and heavier: YAML, JSON Schema)
-        load_fleet: Callable[[Path], Fleet] = importlib.import_module("reconciler.fleet.load").load_fleet
-    except ImportError as err:
-        print(f"reconciler render: the fleet loader is not available ({err})", file=sys.stderr)
-        return 1
+    from reconciler.fleet.load import load_fleet  # heavier (YAML, JSON Schema): only when rendering
 
     def load() -> Fleet:
         fleet = load_fleet(Path(args.repo))

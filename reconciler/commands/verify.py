@@ -37,9 +37,10 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from reconciler import usecases
     from reconciler.commands.plan import make_pool, prepare
     from reconciler.engine.planview import use_color
-    from reconciler.verify import VerifyOptions, verify_fleet
+    from reconciler.verify import VerifyOptions
     from reconciler.verify.report import render_text, to_json
 
     prepared = prepare(args, render=False)  # verify reads live state; it renders nothing
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
 
     async def main() -> Any:
         async with make_pool(fleet, reach, args) as pool:
-            return await verify_fleet(fleet, args.host, pool, options=options)
+            return await usecases.verify(fleet, args.host, pool, options=options)
 
     try:
         report = asyncio.run(main())

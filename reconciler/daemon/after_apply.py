@@ -22,9 +22,12 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from reconciler import usecases
+from reconciler.daemon.loop import Target
+from reconciler.host.connection import ConnectionPool
 from reconciler.kinds.resources import Domain
 from reconciler.log import get_logger
-from reconciler.verify import VerifyOptions, VerifyReport, verify_fleet
+from reconciler.verify import VerifyOptions, VerifyReport
 
 log = get_logger(__name__)
 
@@ -42,14 +45,14 @@ def needs_datapath_probe(domains: Iterable[Domain]) -> bool:
 
 
 class Pools(Protocol):
-    async def acquire(self, target: Any) -> Any: ...
+    async def acquire(self, target: Target) -> ConnectionPool: ...
 
-    async def release(self, target: Any) -> None: ...
+    async def release(self, target: Target) -> None: ...
 
 
 @dataclass
 class _Batch:
-    target: Any  # reconciler.daemon.loop.Target
+    target: Target
     hosts: set[str] = field(default_factory=set)
     datapath: bool = False
     last_added: float = 0.0
@@ -88,7 +91,7 @@ class HostVerify:
 MAX_CHECKS_SHOWN = 400
 
 Listener = Callable[[str, HostVerify], None]
-VerifyFn = Callable[..., Awaitable[VerifyReport]]  # reconciler.verify.verify_fleet's signature
+VerifyFn = Callable[..., Awaitable[VerifyReport]]  # usecases.verify's signature
 ErrorListener = Callable[[str], None]
 
 
@@ -105,7 +108,7 @@ class AfterApplyVerifier:
         settle: float = 0.5,
         max_wait: float = 30.0,
         host_timeout: float = 60.0,
-        verify: VerifyFn = verify_fleet,
+        verify: VerifyFn = usecases.verify,
     ) -> None:
         self._verify = verify
         self._pools = pools
@@ -120,7 +123,7 @@ class AfterApplyVerifier:
         self._task: asyncio.Task[None] | None = None
         self.results: dict[str, HostVerify] = {}
 
-    def add(self, host: str, target: Any, domains: Iterable[Domain]) -> None:
+    def add(self, host: str, target: Target, domains: Iterable[Domain]) -> None:
         """``host`` was applied on ``target`` (changing ``domains``): verify it soon."""
         now = time.monotonic()
         batch = self._pending.get(target.commit)

@@ -16,49 +16,48 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import yaml
-
+from reconciler.daemon.config_values import (
+    ConfigError as ConfigError,
+)
+from reconciler.daemon.config_values import (
+    Parser,
+    parse_body_size,
+    parse_bool,
+    parse_enum,
+    parse_int,
+    parse_list,
+    parse_log_level,
+    parse_opt_bool,
+    parse_opt_path,
+    parse_path,
+    parse_port,
+    parse_positive_int,
+    parse_secret,
+    parse_str,
+    positive_duration,
+    sized,
+)
+from reconciler.daemon.config_values import (
+    Secret as Secret,
+)
+from reconciler.daemon.config_values import (
+    parse_duration as parse_duration,
+)
+from reconciler.daemon.config_values import (
+    parse_size as parse_size,
+)
 from reconciler.domains.render_limits import MIB, RenderLimits
-from reconciler.errors import Terminal
+from reconciler.fleet.model import SmtpSecurity
+from reconciler.fleet.yamlsafe import load_documents
+from reconciler.gitrepo import redact_url
 
-MAX_CONFIG_BYTES = 1 << 20
 ENV_PREFIX = "RECONCILER_"
-
-
-class ConfigError(Terminal):
-    """The configuration is invalid; the message names the file or variable and the field."""
-
-
-class Secret:
-    """A secret string that never shows itself in repr/str/logs."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __bool__(self) -> bool:
-        return bool(self._value)
-
-    def __repr__(self) -> str:
-        return "Secret('***')" if self._value else "Secret('')"
-
-    __str__ = __repr__
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(("Secret", self._value))
 
 
 class VerifyMode(StrEnum):
@@ -70,12 +69,6 @@ class VerifyMode(StrEnum):
 class RunMode(StrEnum):
     APPLY = "apply"  # converge hosts
     PLAN = "plan"  # observe and plan only; never change a host
-
-
-class SmtpSecurity(StrEnum):
-    NONE = "none"
-    STARTTLS = "starttls"
-    TLS = "tls"
 
 
 @dataclass(frozen=True)
@@ -155,6 +148,8 @@ class Config:
     shard: ShardConfig = field(default_factory=ShardConfig)
     state_dir: Path = Path("/var/lib/reconciler")
     history_repo: Path | None = None  # default: <state_dir>/history
+    # push the history repo here after drift scans that recorded something (git URL; "": never)
+    history_remote: str = ""
     concurrency: int = 50  # hosts reconciled at once
     # seconds between drift scans of every host; None = the fleet's drift.interval_seconds; 0 = off
     drift_interval: float | None = None
@@ -178,225 +173,71 @@ class Config:
         return out
 
 
-# ---------------------------------------------------------------- parsing helpers
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
-E = TypeVar("E", bound=StrEnum)
-
-
-def parse_duration(value: object, where: str) -> float:
-    """Seconds from 30, 2.5, "30s", "5m", "1h", "1d", "250ms"."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{where}: expected a duration such as 30s, 5m or 1h, got a boolean")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str):
-        m = _DURATION.match(value)
-        if not m:
-            raise ConfigError(f"{where}: expected a duration such as 30s, 5m or 1h, got {value!r}")
-        seconds = float(m.group(1)) * _UNITS[m.group(2)]
-    else:
-        raise ConfigError(f"{where}: expected a duration such as 30s, 5m or 1h")
-    if seconds < 0:
-        raise ConfigError(f"{where}: must not be negative")
-    return seconds
-
-
-def _parse_int(value: object, where: str, lo: int, hi: int) -> int:
-    if isinstance(value, bool):
-        raise ConfigError(f"{where}: expected an integer")
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        value = int(value.strip())
-    if not isinstance(value, int):
-        raise ConfigError(f"{where}: expected an integer")
-    if not lo <= value <= hi:
-        raise ConfigError(f"{where}: must be between {lo} and {hi}, got {value}")
-    return value
-
-
-def _parse_bool(value: object, where: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-        return value.strip().lower() in _TRUE
-    raise ConfigError(f"{where}: expected true or false")
-
-
-def _parse_str(value: object, where: str) -> str:
-    if isinstance(value, bool) or not isinstance(value, str | int | float):
-        raise ConfigError(f"{where}: expected a string")
-    text = str(value)
-    if "\n" in text or "\x00" in text:
-        raise ConfigError(f"{where}: must not contain a newline or NUL")
-    return text
-
-
-def _parse_path(value: object, where: str) -> Path:
-    text = _parse_str(value, where)
-    if not text:
-        raise ConfigError(f"{where}: must not be empty")
-    return Path(text).expanduser()
-
-
-def _parse_opt_path(value: object, where: str) -> Path | None:
-    if value is None or value == "":
-        return None
-    return _parse_path(value, where)
-
-
-def _parse_enum(cls: type[E], value: object, where: str) -> E:
-    text = _parse_str(value, where).strip().lower()
-    try:
-        return cls(text)
-    except ValueError:
-        choices = ", ".join(m.value for m in cls)
-        raise ConfigError(f"{where}: expected one of {choices}, got {text!r}") from None
-
-
-def _parse_list(value: object, where: str) -> tuple[str, ...]:
-    if isinstance(value, str):  # environment form: comma separated
-        return tuple(part.strip() for part in value.split(",") if part.strip())
-    if isinstance(value, list):
-        return tuple(_parse_str(v, f"{where}[{i}]") for i, v in enumerate(value))
-    raise ConfigError(f"{where}: expected a list")
-
-
-def _parse_secret(value: object, where: str) -> Secret:
-    if value is None:
-        return Secret("")
-    return Secret(_parse_str(value, where))
-
-
-_SIZE = re.compile(r"^\s*(\d+)\s*([KMG]i?B?|B)?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-
-
-def parse_size(value: object, where: str) -> int:
-    """Bytes from 1048576, "1M", "1MiB", "512m", "2G" (binary units)."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{where}: expected a size such as 1MiB, 512M or 2G")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str):
-        m = _SIZE.match(value)
-        if m:
-            unit = (m.group(2) or "").lower()[:1]
-            return int(m.group(1)) * _SIZE_UNITS[unit]
-    raise ConfigError(f"{where}: expected a size such as 1MiB, 512M or 2G, got {value!r}")
-
-
-def _sized(lo: int, hi: int) -> Parser:
-    def parse(value: object, where: str) -> int:
-        n = parse_size(value, where)
-        if not lo <= n <= hi:
-            raise ConfigError(f"{where}: must be between {lo // MIB} MiB and {hi // MIB} MiB" if lo >= MIB
-                              else f"{where}: must be between {lo} and {hi} bytes")  # fmt: skip
-        return n
-
-    return parse
-
-
-def _positive_duration(value: object, where: str) -> float:
-    seconds = parse_duration(value, where)
-    if seconds <= 0:
-        raise ConfigError(f"{where}: must be more than 0")
-    return seconds
-
-
-def _parse_port(value: object, where: str) -> int:
-    return _parse_int(value, where, 0, 65535)
-
-
-def _parse_positive_int(value: object, where: str) -> int:
-    return _parse_int(value, where, 1, 10_000)
-
-
-def _parse_body_size(value: object, where: str) -> int:
-    return _parse_int(value, where, 1024, 256 << 20)
-
-
-def _parse_log_level(value: object, where: str) -> str:
-    text = _parse_str(value, where).upper()
-    if text not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
-        raise ConfigError(f"{where}: expected DEBUG, INFO, WARNING, ERROR or CRITICAL")
-    return text
-
-
-def _parse_opt_bool(value: object, where: str) -> bool | None:
-    if value is None or value == "" or value == "auto":
-        return None
-    return _parse_bool(value, where)
-
-
-Parser = Callable[[object, str], Any]
-
 _SOURCE: dict[str, Parser] = {
-    "url": _parse_str,
-    "branch": _parse_str,
+    "url": parse_str,
+    "branch": parse_str,
     "poll_interval": parse_duration,
-    "verify": lambda v, w: _parse_enum(VerifyMode, v, w),
-    "allowed_signers": _parse_opt_path,
-    "openpgp_keys": _parse_opt_path,
-    "signed_after": _parse_str,
-    "ssh_key": _parse_opt_path,
-    "ssh_known_hosts": _parse_opt_path,
+    "verify": lambda v, w: parse_enum(VerifyMode, v, w),
+    "allowed_signers": parse_opt_path,
+    "openpgp_keys": parse_opt_path,
+    "signed_after": parse_str,
+    "ssh_key": parse_opt_path,
+    "ssh_known_hosts": parse_opt_path,
     "fetch_timeout": parse_duration,
 }
 _SERVER: dict[str, Parser] = {
-    "listen": _parse_str,
-    "port": _parse_port,
-    "webhook_secret": _parse_secret,
-    "gitlab_token": _parse_secret,
-    "sync_token": _parse_secret,
-    "read_token": _parse_secret,
-    "metrics_token": _parse_secret,
-    "public_status": _parse_bool,
-    "max_body_bytes": _parse_body_size,
+    "listen": parse_str,
+    "port": parse_port,
+    "webhook_secret": parse_secret,
+    "gitlab_token": parse_secret,
+    "sync_token": parse_secret,
+    "read_token": parse_secret,
+    "metrics_token": parse_secret,
+    "public_status": parse_bool,
+    "max_body_bytes": parse_body_size,
 }
 _RENDER: dict[str, Parser] = {
-    "timeout": _positive_duration,
-    "memory": _sized(128 * MIB, 64 << 30),
-    "max_file_bytes": _sized(1024, 1 << 30),
-    "max_host_bytes": _sized(1024, 8 << 30),
+    "timeout": positive_duration,
+    "memory": sized(128 * MIB, 64 << 30),
+    "max_file_bytes": sized(1024, 1 << 30),
+    "max_host_bytes": sized(1024, 8 << 30),
 }
 _SSH: dict[str, Parser] = {
-    "known_hosts": _parse_opt_path,
-    "identity": lambda v, w: tuple(Path(p).expanduser() for p in _parse_list(v, w)),
+    "known_hosts": parse_opt_path,
+    "identity": lambda v, w: tuple(Path(p).expanduser() for p in parse_list(v, w)),
     "connect_timeout": parse_duration,
     "command_timeout": parse_duration,
-    "netns": _parse_str,
+    "netns": parse_str,
 }
 _SMTP: dict[str, Parser] = {
-    "host": _parse_str,
-    "port": _parse_port,
-    "security": lambda v, w: _parse_enum(SmtpSecurity, v, w),
-    "username": _parse_str,
-    "password": _parse_secret,
-    "sender": _parse_str,
-    "to": _parse_list,
+    "host": parse_str,
+    "port": parse_port,
+    "security": lambda v, w: parse_enum(SmtpSecurity, v, w),
+    "username": parse_str,
+    "password": parse_secret,
+    "sender": parse_str,
+    "to": parse_list,
     "timeout": parse_duration,
 }
 _SHARD: dict[str, Parser] = {
-    "replicas": lambda v, w: _parse_int(v, w, 1, 1000),
-    "name": _parse_str,
-    "peer_url": _parse_str,
-    "peer_timeout": _positive_duration,
+    "replicas": lambda v, w: parse_int(v, w, 1, 1000),
+    "name": parse_str,
+    "peer_url": parse_str,
+    "peer_timeout": positive_duration,
 }
 _TOP: dict[str, Parser] = {
-    "state_dir": _parse_path,
-    "history_repo": _parse_opt_path,
-    "concurrency": _parse_positive_int,
+    "state_dir": parse_path,
+    "history_repo": parse_opt_path,
+    "history_remote": lambda v, w: _parse_git_url(parse_str(v, w), w),
+    "concurrency": parse_positive_int,
     "drift_interval": lambda v, w: None if v is None or v == "" else parse_duration(v, w),
-    "mode": lambda v, w: _parse_enum(RunMode, v, w),
+    "mode": lambda v, w: parse_enum(RunMode, v, w),
     "shutdown_grace": parse_duration,
     "backoff_base": parse_duration,
     "backoff_max": parse_duration,
-    "log_level": _parse_log_level,
-    "log_json": _parse_opt_bool,
-    "adopt": _parse_list,
+    "log_level": parse_log_level,
+    "log_json": parse_opt_bool,
+    "adopt": parse_list,
 }
 _SECTIONS: dict[str, tuple[dict[str, Parser], type[Any]]] = {
     "source": (_SOURCE, SourceConfig),
@@ -429,53 +270,25 @@ def all_settings() -> list[str]:
     return names + list(_TOP)
 
 
-# ---------------------------------------------------------------- YAML with duplicate-key check
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    pass
-
-
-def _construct_mapping(
-    loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False
-) -> dict[Any, Any]:
-    seen: set[Any] = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise ConfigError(f"{loader.name}:{key_node.start_mark.line + 1}: duplicate key {key!r}")
-        seen.add(key)
-    return loader.construct_mapping(node, deep=deep)
-
-
-_UniqueKeyLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
-    _construct_mapping,
-)
+# ---------------------------------------------------------------- YAML (the fleet's safe loader)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    """The config file through fleet/yamlsafe.py, the one YAML loader: size cap, strict UTF-8,
+    no tags, aliases or merge keys beyond the core schema, duplicate keys refused, marks kept."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}") from None
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{path}: config file larger than {MAX_CONFIG_BYTES} bytes")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: config file is not UTF-8") from None
-    loader = _UniqueKeyLoader(text)
-    loader.name = str(path)
-    try:
-        data = loader.get_single_data()
-    except yaml.MarkedYAMLError as exc:
-        line = exc.problem_mark.line + 1 if exc.problem_mark else 0
-        raise ConfigError(f"{path}:{line}: invalid YAML: {exc.problem}") from None
-    except yaml.YAMLError:
-        raise ConfigError(f"{path}: invalid YAML") from None
-    finally:
-        loader.dispose()
+    docs, problems = load_documents(str(path), raw)
+    if problems:
+        p = problems[0]
+        where = f"{path}:{p.line}" if p.line else str(path)
+        field_ = f" {p.field}:" if p.field else ""
+        raise ConfigError(f"{where}:{field_} invalid YAML: {p.message}")
+    if len(docs) > 1:
+        raise ConfigError(f"{path}:{docs[1].line}: one YAML document expected, found {len(docs)}")
+    data = docs[0].data if docs else None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -552,6 +365,12 @@ _SCP_LIKE = re.compile(r"^[A-Za-z0-9._-]+@[A-Za-z0-9.-]+:[^/].*$")
 _BRANCH = re.compile(r"^[A-Za-z0-9._/-]{1,200}$")
 
 
+def _parse_git_url(url: str, where: str) -> str:
+    if url and (url.startswith("-") or not (url.startswith(_SCHEMES) or _SCP_LIKE.match(url))):
+        raise ConfigError(f"{where}: expected file://, ssh://, https:// or user@host:path")
+    return url
+
+
 def _check(cfg: Config) -> None:
     src = cfg.source
     if src.url and not (src.url.startswith(_SCHEMES) or _SCP_LIKE.match(src.url)):
@@ -612,10 +431,7 @@ def _redact(obj: object) -> Any:
         out = {f.name: _redact(getattr(obj, f.name)) for f in fields(obj)}
         if isinstance(obj, SourceConfig):
             out["url"] = redact_url(obj.url)
+        if isinstance(obj, Config):
+            out["history_remote"] = redact_url(obj.history_remote)
         return out
     return obj
-
-
-def redact_url(url: str) -> str:
-    """Drop any ``user:password@`` from a URL before it is shown or logged."""
-    return re.sub(r"^(https?://)[^/@]*@", r"\1***@", url)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
-import importlib
 import os
 import resource
 import signal
@@ -27,13 +26,16 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from reconciler import __version__
+from reconciler import __version__, usecases
+from reconciler.daemon import mail as mails
 from reconciler.daemon.after_apply import AfterApplyVerifier, HostVerify
-from reconciler.daemon.config import Config, RunMode, redact_url
+from reconciler.daemon.config import Config, RunMode
 from reconciler.daemon.loop import ALL, Backoff, HostFailure, Outcome, ReconcileLoop, ReconcileStep, Target
+from reconciler.daemon.mail import AdminMail
 from reconciler.daemon.metrics import DaemonMetrics
+from reconciler.daemon.pools import Pools
 from reconciler.daemon.records import DriftSeen, add_drift, plan_record
 from reconciler.daemon.server import HttpServer
 from reconciler.daemon.shard import PeerClient, Shard, merge_status
@@ -48,29 +50,23 @@ from reconciler.daemon.source import (
 from reconciler.daemon.statuspage.mesh import pair_state
 from reconciler.daemon.store import HostState, Store
 from reconciler.domains.bounded_render import RenderAborted, RenderRejected, RenderWorker
+from reconciler.drift.scan import DriftFinding
+from reconciler.drift.snapshot import display_path
+from reconciler.engine import fleet as engine
+from reconciler.engine.deadman import DEFAULT_WINDOW
 from reconciler.errors import Failure, Reason, ReconcilerError, RenderError, Terminal
+from reconciler.fleet.model import Fleet
+from reconciler.gitrepo import redact_url
+from reconciler.host.connection import ConnectionPool
 from reconciler.kinds.resources import Domain
 from reconciler.log import get_logger
+from reconciler.notify.outbox import Outbox
 
 log = get_logger(__name__)
 
-OUTBOX_INTERVAL = 5.0
 MESH_MAX_LINKS = 2000  # /status lists the mesh's pairs up to this many
-SMTP_USER_VAR = "RECONCILER_SMTP_USERNAME"
-SMTP_PASSWORD_VAR = "RECONCILER_SMTP_PASSWORD"  # noqa: S105 (a variable name, not a value)
 
-
-class MailOutbox(Protocol):
-    """The part of reconciler.notify.outbox.Outbox the daemon uses."""
-
-    def enqueue(self, key: str, mail: Any, *, dedupe: Any = ()) -> bool: ...
-
-    async def deliver_due(self, smtp: Any, *, limit: int = 100, timeout: float = 30) -> Any: ...
-
-    def counts(self) -> Any: ...
-
-
-DriftStep = Callable[[str, Target, Any], Awaitable[Any]]  # a count or a drift.scan.DriftFinding
+DriftStep = Callable[[str, Target, ConnectionPool], Awaitable[DriftFinding | int]]
 
 
 class StateDirLocked(Terminal):
@@ -90,83 +86,6 @@ def _lock_state_dir(state_dir: Path) -> int:
     return fd
 
 
-@dataclass
-class _PoolEntry:
-    pool: Any
-    targets: dict[str, Any]
-    users: int = 0
-
-
-class _Pools:
-    """SSH connection pools, reused across commits while the fleet's SSH targets (addresses,
-    ports, users, host keys) stay the same, so a push costs no new SSH handshakes. When the
-    targets change, a new pool is made and the old one closes once nothing uses it."""
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self._current: _PoolEntry | None = None
-        self._by_commit: dict[str, _PoolEntry] = {}
-
-    def _targets(self, fleet: Any) -> dict[str, Any]:
-        connection = importlib.import_module("reconciler.host.connection")
-        ssh = self.config.ssh
-        targets: dict[str, Any] = connection.targets_for(
-            fleet,
-            known_hosts=str(ssh.known_hosts) if ssh.known_hosts else None,
-            client_keys=[str(p) for p in ssh.identity],
-            netns=ssh.netns or None,
-        )
-        return targets
-
-    def _make(self, targets: dict[str, Any]) -> Any:
-        connection = importlib.import_module("reconciler.host.connection")
-        ssh = self.config.ssh
-        return connection.ConnectionPool(
-            targets,
-            connect_timeout=ssh.connect_timeout,
-            command_timeout=ssh.command_timeout,
-            max_concurrency=max(1, self.config.concurrency) * 2,
-        )
-
-    async def acquire(self, target: Target) -> Any:
-        entry = self._by_commit.get(target.commit)
-        if entry is None:
-            targets = self._targets(target.fleet)
-            current = self._current
-            if current is not None and current.targets == targets:
-                entry = current
-            else:
-                entry = _PoolEntry(self._make(targets), targets)
-                self._current = entry
-                if current is not None and current.users == 0:
-                    await self._close(current)
-            self._by_commit[target.commit] = entry
-        entry.users += 1
-        return entry.pool
-
-    async def release(self, target: Target) -> None:
-        entry = self._by_commit.get(target.commit)
-        if entry is None:
-            return
-        entry.users -= 1
-        if entry is not self._current and entry.users == 0:
-            await self._close(entry)
-
-    async def _close(self, entry: _PoolEntry) -> None:
-        for commit in [c for c, e in self._by_commit.items() if e is entry]:
-            del self._by_commit[commit]
-        await entry.pool.close()
-
-    async def close_all(self) -> None:
-        entries = {id(e): e for e in self._by_commit.values()}
-        if self._current is not None:
-            entries[id(self._current)] = self._current
-        self._by_commit.clear()
-        self._current = None
-        for entry in entries.values():
-            await entry.pool.close()
-
-
 @dataclass(frozen=True)
 class EngineStep:
     outcome: Outcome
@@ -177,24 +96,20 @@ class EngineStep:
 async def engine_step(
     host: str,
     target: Target,
-    pool: Any,
+    pool: ConnectionPool,
     *,
     apply: bool,
-    firewall_window: float | None = None,
+    firewall_window: float = DEFAULT_WINDOW,
     adopt: bool = False,
 ) -> EngineStep:
     """One host through reconciler.engine.fleet.reconcile_fleet. A failed host raises the error its
     outcome's typed failure stands for (Terminal or Transient by its reason; loop.py acts on it).
     ``adopt``: take the host over when it claims another fleet or host name (config ``adopt``);
     otherwise that is a Terminal refusal (reason ``identity-mismatch``)."""
-    engine = importlib.import_module("reconciler.engine.fleet")
-    # diffs for the status page's last plan: read only when something differs (a second round
-    # trip on a reconcile that changes something; the no-op path is unchanged)
-    kwargs: dict[str, Any] = {"apply": apply, "fetch_diffs": True, "adopt": adopt}
-    if firewall_window is not None:
-        kwargs["firewall_window"] = firewall_window
-    result = await engine.reconcile_fleet(target.fleet, [host], pool, **kwargs)
-    out = result.hosts[0]
+    out = await usecases.reconcile_host(
+        target.fleet, host, pool, apply=apply, adopt=adopt, firewall_window=firewall_window,
+        fetch_diffs=True,  # for the status page's last plan: read only when something differs
+    )  # fmt: skip
     if out.status in (engine.ERROR, engine.FAILED):
         failure = out.failure or Failure(Reason.FAILED, out.error or out.status)
         raise failure.error()
@@ -222,7 +137,7 @@ class Daemon:
         drift: DriftStep | None = None,
         drift_scan: bool = True,
         loader: FleetLoader = default_loader,
-        outbox: MailOutbox | None = None,
+        outbox: Outbox | None = None,
     ) -> None:
         self.config = config
         self.state_dir = config.state_dir
@@ -237,8 +152,11 @@ class Daemon:
             vet=self._render_commit,
         )
         self.outbox = outbox if outbox is not None else self._default_outbox()
-        self._pools = _Pools(config)
+        self.admin_mail = AdminMail(config, self.outbox, lambda: self.source.fleet)
+        self._mail_wakeup = self.admin_mail.wakeup
+        self._pools = Pools(config)
         self._custom_step = step
+        self.drift_io: usecases.Drift | None = None  # the history, outbox and remote (default drift)
         self._drift = drift if drift is not None or not drift_scan else self._default_drift()
         self._scanned_once: set[str] = set()
         self.metrics = DaemonMetrics(
@@ -277,26 +195,41 @@ class Daemon:
         self._forwards: set[asyncio.Task[dict[str, int | str]]] = set()
         self.server = HttpServer(config.server, self, self.metrics, shard=self)
         self._stop = asyncio.Event()
-        self._mail_wakeup = asyncio.Event()
         self._started = time.time()
 
     # ------------------------------------------------------------ drift
 
     def _default_drift(self) -> DriftStep:
-        """reconciler.drift.scan's scan: /etc snapshot -> history repo -> drift mail (no enforcement
-        here: the engine step that follows a scan converges the host)."""
-        history_mod = importlib.import_module("reconciler.drift.history")
-        drift_mod = importlib.import_module("reconciler.drift.scan")
-        history = history_mod.HistoryRepo.open(self.config.history_dir, self.state_dir)
-        engine = importlib.import_module("reconciler.engine.fleet")
-        step: DriftStep = drift_mod.make_daemon_step(
-            history,
-            self.outbox,
+        """The drift use case (usecases.drift_scan_host): /etc snapshot -> history repo -> drift
+        mail -> history pushed to ``history_remote`` (no enforcement here: the engine step that
+        follows a scan converges the host)."""
+        drift = usecases.Drift.open(
             self.state_dir,
-            enforce=drift_mod.engine_follows,
-            render=lambda fleet, host: engine.render_cached(fleet, host.name),  # the worker's results
+            self.config.history_dir,
+            remote=self.config.history_remote or None,
+            outbox=self.outbox,
+            on_push_error=self._history_push_failed,
         )
+        self.drift_io = drift
+
+        async def step(host: str, target: Target, pool: ConnectionPool) -> DriftFinding:
+            res = await usecases.drift_scan_host(
+                drift,
+                target.fleet,
+                pool,
+                host,
+                fleet_commit=target.commit,
+                enforce=usecases.engine_follows,
+                render=lambda fleet, h: engine.render_cached(fleet, h.name),  # the worker's results
+            )
+            # drift is what changed by hand since the last snapshot (never the reconciler's own)
+            paths = tuple(display_path(p) for p in res.drift[:20])
+            return DriftFinding(len(res.drift), res.commit or "", paths)
+
         return step
+
+    def _history_push_failed(self, error: str) -> None:
+        self.store.add_event("history-push-failed", error)
 
     def _drift_interval(self) -> float:
         if self._drift is None:
@@ -312,86 +245,15 @@ class Daemon:
 
     # ------------------------------------------------------------ mail
 
-    def _default_outbox(self) -> MailOutbox | None:
-        try:
-            notify = importlib.import_module("reconciler.notify.outbox")
-        except ImportError:  # pragma: no cover - notify ships with the package
-            return None
-        box: MailOutbox = notify.Outbox.in_state_dir(self.state_dir)
-        return box
-
-    def _mail_settings(self) -> tuple[Any, tuple[str, ...], str] | None:
-        """(fleet-model SmtpSettings, recipients, sender), config first, then the fleet's."""
-        model = importlib.import_module("reconciler.fleet.model")
-        cfg = self.config.smtp
-        fleet_mail = None
-        fleet = self.source.fleet
-        if fleet is not None and getattr(fleet, "notifications", None) is not None:
-            fleet_mail = fleet.notifications.mail
-        to = cfg.to or (tuple(fleet_mail.to) if fleet_mail is not None else ())
-        if not to:
-            return None
-        if cfg.host:
-            smtp = model.SmtpSettings(
-                host=cfg.host,
-                port=cfg.port,
-                security=model.SmtpSecurity(cfg.security.value),
-                username_env=SMTP_USER_VAR if cfg.username else None,
-                password_env=SMTP_PASSWORD_VAR if cfg.password else None,
-            )
-            sender = cfg.sender
-        elif fleet_mail is not None:
-            smtp, sender = fleet_mail.smtp, fleet_mail.sender
-        else:
-            return None
-        return smtp, tuple(to), sender
-
-    def _publish_smtp_credentials(self) -> None:
-        # notify reads credentials from named environment variables; the config may have read
-        # them from a file. Child processes never see them: source.Git scrubs RECONCILER_*.
-        if self.config.smtp.username:
-            os.environ[SMTP_USER_VAR] = self.config.smtp.username
-        if self.config.smtp.password:
-            os.environ[SMTP_PASSWORD_VAR] = self.config.smtp.password.reveal()
+    def _default_outbox(self) -> Outbox:
+        return Outbox.in_state_dir(self.state_dir)
 
     def mail(self, key: str, subject: str, body: str) -> bool:
         """Queue one mail to the admins under an idempotency key; False if known or no mail."""
-        settings = self._mail_settings()
-        if settings is None or self.outbox is None:
-            log.warning("no mail recipients configured; not mailed", key=key)
-            return False
-        _, to, sender = settings
-        notify = importlib.import_module("reconciler.notify.outbox")
-        new = self.outbox.enqueue(key, notify.Mail(subject=subject, body=body, to=to, sender=sender))
-        if new:
-            self._mail_wakeup.set()
-        return bool(new)
-
-    async def _mail_worker(self) -> None:
-        while not self._stop.is_set():
-            try:
-                await asyncio.wait_for(self._mail_wakeup.wait(), OUTBOX_INTERVAL)
-            except TimeoutError:
-                pass
-            self._mail_wakeup.clear()
-            settings = self._mail_settings()
-            if settings is None or self.outbox is None:
-                continue
-            try:
-                await self.outbox.deliver_due(settings[0], timeout=self.config.smtp.timeout)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # delivery problems never stop the daemon
-                log.warning("mail delivery failed", error=type(exc).__name__)
+        return self.admin_mail.send(key, subject, body)
 
     def _outbox_counts(self) -> list[tuple[tuple[str, ...], float]]:
-        if self.outbox is None:
-            return []
-        try:
-            c = self.outbox.counts()
-        except Exception:
-            return []
-        return [(("pending",), float(c.pending)), (("sent",), float(c.sent))]
+        return self.admin_mail.counts()
 
     # ------------------------------------------------------------ source
 
@@ -416,7 +278,7 @@ class Daemon:
             self.store.add_event("hosts-removed", ", ".join(gone), commit=st.good)
         return Target(st.good, st.fleet, self.shard.owned(hosts))  # sharded: only this replica's
 
-    async def _render_commit(self, commit: str, fleet: Any) -> Refusal | None:
+    async def _render_commit(self, commit: str, fleet: Fleet) -> Refusal | None:
         """Render every host of a candidate commit in the render worker, before it may become
         the good commit; the results feed the engine (no host is rendered in this process)."""
         started = time.monotonic()
@@ -426,7 +288,7 @@ class Daemon:
                 "commit refused by the render limits", commit=commit, limit=result.limit, reason=result.reason
             )
             return Refusal("render-limit", f"commit {commit[:12]}: {result.reason}")
-        importlib.import_module("reconciler.engine.fleet").seed_rendered(fleet, result)
+        engine.seed_rendered(fleet, result)
         failed = sorted(h for h, r in result.items() if isinstance(r, RenderError))
         log.info("commit rendered", commit=commit, hosts=len(result), failed=failed,
                  seconds=round(time.monotonic() - started, 3))  # fmt: skip
@@ -438,14 +300,7 @@ class Daemon:
         self.metrics.rejected.inc(1, rejection.kind)
         self.store.add_event("commit-rejected", rejection.reason, commit=rejection.commit)
         good = rejection.good or self.source.good
-        subject = f"[reconciler] commit {rejection.commit[:12]} refused: {rejection.kind}"
-        body = (
-            f"The fleet repo {redact_url(self.config.source.url)} (branch {self.config.source.branch}) has\n"
-            f"head {rejection.commit}, which will not be applied:\n\n  {rejection.reason}\n\n"
-            f"Hosts stay on the last good commit: {good or '(none yet)'}.\n"
-            "Push a fixed (and, if verification is on, properly signed) commit to resume.\n"
-        )
-        self.mail(rejection.key, subject, body)
+        self.mail(rejection.key, *mails.rejected(self.config.source, rejection, good))
 
     async def rollback(self, commit: str, requested_by: str) -> tuple[bool, dict[str, Any]]:
         """``reconciler sync --allow-rollback``: move the good commit back on an admin's word
@@ -464,16 +319,8 @@ class Daemon:
         previous = done.previous[:12] or "(none)"
         message = f"rolled back from {previous} to {done.commit[:12]}, allowed by {requested_by}"
         self.store.add_event("rollback", message, commit=done.commit)
-        url = redact_url(self.config.source.url)
-        body = (
-            f"The applied commit of {url} (branch {self.config.source.branch}) was moved back on request:\n\n"
-            f"  from {done.previous or '(none)'}\n  to   {done.commit}\n  by   {requested_by}\n"
-            f"  at   {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(at))}\n\n"
-            f"The branch head is {done.head}. Hosts converge to {done.commit[:12]} now.\n"
-        )
-        self.mail(
-            f"rollback:{done.previous}:{done.commit}", f"[reconciler] rolled back to {done.commit[:12]}", body
-        )
+        key = f"rollback:{done.previous}:{done.commit}"
+        self.mail(key, *mails.rolled_back(self.config.source, done, requested_by, at))
         self.loop.request_fetch(then=(ALL,), force=True, reason="rollback")
         return True, {"status": "rolled back", **record}
 
@@ -488,7 +335,7 @@ class Daemon:
         try:
             found = 0
             scan = self._drift is not None and ("drift" in reasons or host not in self._scanned_once)
-            if scan and self._drift is not None:
+            if scan and self._drift is not None and pool is not None:
                 started = time.monotonic()
                 found = self._record_drift(host, target, await self._drift(host, target, pool))
                 self.metrics.phase_duration.observe(time.monotonic() - started, "drift_scan")
@@ -496,7 +343,8 @@ class Daemon:
                 if reasons <= {"drift"} and self._drift_report_only(target):
                     return Outcome(applied=True, reason="drift scan (report mode)", drift=found)
             started = time.monotonic()
-            if self._custom_step is not None:
+            if self._custom_step is not None or pool is None:
+                assert self._custom_step is not None  # no pool only with a custom step
                 outcome = await self._custom_step(host, target, reasons) or Outcome()
             else:
                 step = await engine_step(
@@ -562,15 +410,7 @@ class Daemon:
         if not hf.terminal:
             return
         self.metrics.stalls.inc(1, str(reason))
-        subject = f"[reconciler] {hf.host} stalled on commit {hf.commit[:12]}: {reason}"
-        body = (
-            f"Host {hf.host} did not converge on commit {hf.commit} of {redact_url(self.config.source.url)}\n"
-            f"(branch {self.config.source.branch}), and retrying the same commit cannot help:\n\n"
-            f"  reason: {reason}\n\n{_indent(hf.failure.message)}\n\n"
-            f"Nothing more is tried on {hf.host} for this commit. Push a fixed commit (or, once the\n"
-            f"cause is fixed outside the repo, run `reconciler sync --host {hf.host}`) to resume.\n"
-        )
-        self.mail(f"stall:{hf.host}:{hf.commit}:{reason}", subject, body)
+        self.mail(f"stall:{hf.host}:{hf.commit}:{reason}", *mails.stalled(self.config.source, hf))
 
     def forget(self, hosts: Sequence[str]) -> tuple[list[str], list[str]]:
         """Acknowledge hosts shown as removed from the fleet: drop their status rows. Returns
@@ -803,14 +643,14 @@ class Daemon:
             self.request_stop()
 
     async def run(self, *, install_signals: bool = True) -> int:
-        self._publish_smtp_credentials()
+        self.admin_mail.publish_credentials()
         await self.source.setup()  # configuration errors stop the daemon before it serves
         await self.renderer.start()  # imports while the rest starts
         await self.server.start()
         if install_signals:
             self._install_signals()
         aio = asyncio.get_running_loop()
-        mail_task = aio.create_task(self._mail_worker(), name="mail")
+        mail_task = aio.create_task(self.admin_mail.worker(self._stop), name="mail")
         startup = aio.create_task(self._start_loop(), name="startup")
         log.info(
             "daemon started",
@@ -848,10 +688,6 @@ class Daemon:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
-
-
-def _indent(text: str) -> str:
-    return "\n".join(f"  {line}" if line else "" for line in text.splitlines())
 
 
 def _raise_fd_limit() -> None:

@@ -29,55 +29,43 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import importlib
-import io
-import os
 import re
 import shlex
-import shutil
-import tarfile
-import tempfile
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path, PurePosixPath
-from typing import Any
+from pathlib import Path
 
-from reconciler.daemon.config import SourceConfig, VerifyMode, redact_url
+from reconciler.daemon.config import SourceConfig, VerifyMode
+from reconciler.daemon.signatures import SourceConfigError as SourceConfigError
+from reconciler.daemon.signatures import Verdict as Verdict
+from reconciler.daemon.signatures import build_keyring, verify_signature
+from reconciler.daemon.signatures import check_allowed_signers as check_allowed_signers
+from reconciler.daemon.tree import files_from_tar
 from reconciler.errors import FleetInvalid, Problem, Terminal, Transient
+from reconciler.fleet.load import load_fleet_files
+from reconciler.fleet.model import Fleet
+from reconciler.gitrepo import (
+    GitRepo,
+    OutputTooLarge,
+    first_line,
+    init_bare,
+    isolated_env,
+    redact_url,
+)
 from reconciler.log import get_logger
 
 log = get_logger(__name__)
 
 GOOD_REF = "refs/reconciler/good"
 MAX_ARCHIVE_BYTES = 64 << 20
-MAX_FILES = 20_000
 MAX_VERIFY = 2000  # commits verified in one refresh at most
-SSH_SIG_BEGIN = "-----BEGIN SSH SIGNATURE-----"
-PGP_SIG_BEGIN = "-----BEGIN PGP SIGNATURE-----"
-SSH_KEY_TYPES = frozenset(
-    {
-        "ssh-ed25519",
-        "ssh-rsa",
-        "ecdsa-sha2-nistp256",
-        "ecdsa-sha2-nistp384",
-        "ecdsa-sha2-nistp521",
-        "sk-ssh-ed25519@openssh.com",
-        "sk-ecdsa-sha2-nistp256@openssh.com",
-    }
-)
-
-FleetLoader = Callable[[Mapping[str, bytes]], Any]
+FleetLoader = Callable[[Mapping[str, bytes]], Fleet]
 _HEX = re.compile(r"^[0-9a-f]{7,64}$")
 
 
 class SourceError(Transient):
     """git failed (network, server, timeout): retried with backoff."""
-
-
-class SourceConfigError(Terminal):
-    """The verification setup itself is wrong (e.g. a malformed allowed-signers file)."""
 
 
 class SourceTrustError(Terminal):
@@ -105,16 +93,9 @@ class Rejection:
 class SourceState:
     head: str  # the branch head as fetched ("" if never fetched)
     good: str  # the commit hosts converge to ("" if none yet)
-    fleet: Any  # the fleet loaded at ``good`` (None if none yet)
+    fleet: Fleet | None  # the fleet loaded at ``good`` (None if none yet)
     rejection: Rejection | None  # why ``head`` is not used, if it is not
     changed: bool  # ``good`` moved in this refresh
-
-
-@dataclass(frozen=True)
-class Verdict:
-    ok: bool
-    kind: str = ""
-    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -125,7 +106,7 @@ class Refusal:
     reason: str
 
 
-Vet = Callable[[str, Any], Awaitable[Refusal | None]]
+Vet = Callable[[str, Fleet], Awaitable[Refusal | None]]
 
 
 class RollbackRefused(Terminal):
@@ -141,181 +122,15 @@ class Rollback:
     head: str  # the fetched branch head at that moment
 
 
-# ---------------------------------------------------------------- allowed signers
-
-
-def check_allowed_signers(path: Path) -> int:
-    """Parse an OpenSSH allowed-signers file; returns how many keys it holds.
-
-    Raises ``SourceConfigError`` (naming the file and line) for a malformed line, an unknown key
-    type, a key blob that is not base64, or a blob whose embedded type differs from the type
-    written before it (the "key type mismatch" case).
-    """
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        raise SourceConfigError(f"{path}: cannot read the allowed-signers file") from None
-    keys = 0
-    for lineno, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        try:
-            tokens = shlex.split(line, comments=False, posix=True)
-        except ValueError:
-            raise SourceConfigError(f"{path}:{lineno}: unbalanced quotes") from None
-        idx = next((i for i, t in enumerate(tokens) if t in SSH_KEY_TYPES), None)
-        if idx is None or idx == 0 or idx + 1 >= len(tokens):
-            raise SourceConfigError(f"{path}:{lineno}: expected 'PRINCIPALS [OPTIONS] KEYTYPE BASE64KEY'")
-        keytype, blob = tokens[idx], tokens[idx + 1]
-        try:
-            data = base64.b64decode(blob, validate=True)
-            n = int.from_bytes(data[:4], "big")
-            embedded = data[4 : 4 + n].decode("ascii")
-        except (ValueError, UnicodeDecodeError):
-            raise SourceConfigError(f"{path}:{lineno}: the key is not valid base64") from None
-        if embedded != keytype:
-            raise SourceConfigError(
-                f"{path}:{lineno}: key type mismatch: line says {keytype}, key is {embedded}"
-            )
-        keys += 1
-    if keys == 0:
-        raise SourceConfigError(f"{path}: no keys in the allowed-signers file")
-    return keys
-
-
-# ---------------------------------------------------------------- git plumbing
-
-
-@dataclass(frozen=True)
-class GitResult:
-    code: int
-    stdout: bytes
-    stderr: bytes
-
-
 _COMMIT_ID = re.compile(r"^[0-9a-f]{7,64}$")
-
-
-class Git:
-    """Runs git with argv lists in an isolated environment (no global/system config)."""
-
-    def __init__(self, git_dir: Path, *, extra_env: Mapping[str, str] | None = None) -> None:
-        self.git_dir = git_dir
-        # No GIT_* from our environment, and none of our own settings (secrets) for children.
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("GIT_", "RECONCILER_"))}
-        env.update(
-            {
-                "GIT_CONFIG_NOSYSTEM": "1",
-                "GIT_CONFIG_GLOBAL": os.devnull,
-                "GIT_TERMINAL_PROMPT": "0",
-                "GIT_ASKPASS": "/bin/false",
-                "SSH_ASKPASS": "/bin/false",
-                "LC_ALL": "C",
-            }
-        )
-        env.update(extra_env or {})
-        self.env = env
-
-    async def run(
-        self,
-        args: Sequence[str],
-        *,
-        timeout: float = 60.0,
-        config: Sequence[tuple[str, str]] = (),
-        env: Mapping[str, str] | None = None,
-        max_output: int = MAX_ARCHIVE_BYTES,
-    ) -> GitResult:
-        argv = ["git", f"--git-dir={self.git_dir}"]
-        for key, value in config:
-            argv += ["-c", f"{key}={value}"]
-        argv += list(args)
-        run_env = dict(self.env)
-        run_env.update(env or {})
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=run_env,
-        )
-        try:
-            stdout, stderr = await asyncio.wait_for(_read_capped(proc, max_output), timeout)
-        except (TimeoutError, asyncio.CancelledError) as exc:
-            if proc.returncode is None:
-                proc.kill()
-            await proc.wait()
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            raise SourceError(f"git {args[0]} timed out after {timeout:.0f}s") from None
-        except _TooLarge:
-            if proc.returncode is None:
-                proc.kill()
-            await proc.wait()
-            raise FleetInvalid(
-                [Problem("", 0, 0, "", f"the repo tree is larger than {max_output} bytes")]
-            ) from None
-        code = await proc.wait()
-        return GitResult(code, stdout, stderr)
-
-    async def check(self, args: Sequence[str], **kw: Any) -> bytes:
-        res = await self.run(args, **kw)
-        if res.code != 0:
-            raise SourceError(f"git {args[0]} failed: {_first_line(res.stderr)}")
-        return res.stdout
-
-
-class _TooLarge(Exception):
-    pass
-
-
-async def _read_capped(proc: asyncio.subprocess.Process, limit: int) -> tuple[bytes, bytes]:
-    assert proc.stdout is not None and proc.stderr is not None
-
-    async def read_out() -> bytes:
-        assert proc.stdout is not None
-        buf = bytearray()
-        while chunk := await proc.stdout.read(1 << 16):
-            buf += chunk
-            if len(buf) > limit:
-                raise _TooLarge
-        return bytes(buf)
-
-    async def read_err() -> bytes:
-        assert proc.stderr is not None
-        data = await proc.stderr.read(1 << 16)
-        while await proc.stderr.read(1 << 16):  # drain, keep the first 64 KiB
-            pass
-        return data
-
-    out, err = await asyncio.gather(read_out(), read_err())
-    return out, err
-
-
-def _first_line(data: bytes) -> str:
-    for line in data.decode("utf-8", "replace").splitlines():
-        line = line.strip()
-        if line and not line.startswith("hint:"):
-            return line[:300]
-    return "no message"
 
 
 # ---------------------------------------------------------------- the source
 
 
-def default_loader(files: Mapping[str, bytes]) -> Any:
-    """Load the fleet with reconciler.fleet.load (in memory if it can, else from a temp dir)."""
-    fleet_load = importlib.import_module("reconciler.fleet.load")
-
-    if hasattr(fleet_load, "load_fleet_files"):
-        return fleet_load.load_fleet_files(files)
-    with tempfile.TemporaryDirectory(prefix="reconciler-fleet-") as tmp:
-        root = Path(tmp)
-        for rel, data in files.items():
-            dest = root / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_bytes(data)
-        return fleet_load.load_fleet(root)
+def default_loader(files: Mapping[str, bytes]) -> Fleet:
+    """Load the fleet with reconciler.fleet.load, in memory."""
+    return load_fleet_files(files)
 
 
 class FleetSource:
@@ -334,12 +149,12 @@ class FleetSource:
         self.mirror_dir = mirror_dir
         self._loader = loader
         self._vet = vet
-        self._git = Git(mirror_dir, extra_env=self._transport_env())
+        self._git = GitRepo(mirror_dir, env=isolated_env(self._transport_env()), error=SourceError)
         self._verified: dict[str, Verdict] = {}
         self._refused: dict[str, tuple[str, Rejection]] = {}  # head -> (good then, why refused)
         self._invalid: dict[str, Refusal] = {}  # commit -> why it cannot be used (load, vet)
         self._good = last_good
-        self._fleet: Any = None
+        self._fleet: Fleet | None = None
         self._head = ""
         self._last_rejection: Rejection | None = None
         self._gnupg_home = mirror_dir.parent / (mirror_dir.name + ".gnupg")
@@ -367,7 +182,7 @@ class FleetSource:
         good = self._good
         if not good or self._fleet is not None or good in self._invalid:
             return
-        if (await self._git.run(["cat-file", "-e", good + "^{commit}"])).code != 0:
+        if not await self._git.exists(good):
             return  # not fetched yet (a new mirror): loaded once the fetch brings it
         refusal = await self._usable(good)
         if refusal is None:
@@ -387,71 +202,24 @@ class FleetSource:
             return
         self.mirror_dir.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         if not (self.mirror_dir / "HEAD").exists():
-            proc = await asyncio.create_subprocess_exec(
-                "git", "init", "--bare", "-q", str(self.mirror_dir), env=self._git.env,
-                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-            )  # fmt: skip
-            _, err = await proc.communicate()
-            if proc.returncode != 0:
-                raise SourceError(f"git init failed: {_first_line(err)}")
+            await asyncio.to_thread(init_bare, self.mirror_dir, env=self._git.env)
         if self.config.verify is VerifyMode.SSH:
             assert self.config.allowed_signers is not None
             check_allowed_signers(self.config.allowed_signers)
         elif self.config.verify is VerifyMode.OPENPGP:
-            await self._build_keyring()
+            assert self.config.openpgp_keys is not None
+            await build_keyring(self.config.openpgp_keys, self._gnupg_home, self._git.env)
         self._prepared = True
-        res = await self._git.run(["rev-parse", "--verify", "-q", GOOD_REF + "^{commit}"])
-        ref = res.stdout.decode().strip() if res.code == 0 else ""
+        ref = await self._git.resolve(GOOD_REF) or ""
         if self._good and ref and self._good != ref and await self._is_ancestor(self._good, ref):
             self._good = ref  # the ref moved on and the state store did not follow (a crash)
         if not self._good:
             self._good = ref
         if self._good:
-            res = await self._git.run(["cat-file", "-e", self._good + "^{commit}"])
-            if res.code != 0:  # the mirror was lost: the floor must not be (trust on first use)
+            # the mirror was lost: the floor must not be (trust on first use)
+            if not await self._git.exists(self._good):
                 log.error("the last good commit is not in the mirror; waiting for it to be fetched",
                           commit=self._good)  # fmt: skip
-
-    async def _build_keyring(self) -> None:
-        assert self.config.openpgp_keys is not None
-        home = self._gnupg_home
-        shutil.rmtree(home, ignore_errors=True)
-        home.mkdir(mode=0o700, parents=True)
-        env = {**self._git.env, "GNUPGHOME": str(home)}
-        try:
-            keys = self.config.openpgp_keys.read_bytes()
-        except OSError:
-            raise SourceConfigError(f"{self.config.openpgp_keys}: cannot read the OpenPGP keys") from None
-        proc = await asyncio.create_subprocess_exec(
-            "gpg", "--batch", "--quiet", "--import", env=env,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        _, err = await proc.communicate(keys)
-        if proc.returncode != 0:
-            raise SourceConfigError(f"{self.config.openpgp_keys}: gpg cannot import: {_first_line(err)}")
-        proc = await asyncio.create_subprocess_exec(
-            "gpg", "--batch", "--with-colons", "--list-keys", env=env,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-        )  # fmt: skip
-        out, _ = await proc.communicate()
-        fprs: list[str] = []
-        primary = False
-        for line in out.decode().splitlines():
-            parts = line.split(":")
-            if parts[0] == "pub":
-                primary = True
-            elif parts[0] == "fpr" and primary:
-                fprs.append(parts[9])
-                primary = False
-        if not fprs:
-            raise SourceConfigError(f"{self.config.openpgp_keys}: no OpenPGP public keys found")
-        trust = "".join(f"{f}:6:\n" for f in fprs).encode()
-        proc = await asyncio.create_subprocess_exec(
-            "gpg", "--batch", "--quiet", "--import-ownertrust", env=env,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )  # fmt: skip
-        await proc.communicate(trust)
 
     # ------------------------------------------------------------ state
 
@@ -460,7 +228,7 @@ class FleetSource:
         return self._good
 
     @property
-    def fleet(self) -> Any:
+    def fleet(self) -> Fleet | None:
         return self._fleet
 
     @property
@@ -556,10 +324,10 @@ class FleetSource:
             await self.setup()
             head = await self.fetch()
             self._head = head
-            res = await self._git.run(["rev-parse", "--verify", "-q", target + "^{commit}"])
-            if res.code != 0:
+            resolved = await self._git.resolve(target)
+            if resolved is None:
                 raise RollbackRefused(f"commit {target} is not in the fetched repo (or the id is ambiguous)")
-            commit = res.stdout.decode().strip()
+            commit = resolved
             previous = self._good
             if commit == previous:
                 raise RollbackRefused(f"commit {commit[:12]} is already the applied commit")
@@ -576,7 +344,7 @@ class FleetSource:
             verdict = await self._verify_history(commit)
             if verdict is not None:
                 raise RollbackRefused(f"commit {commit[:12]} cannot be trusted: {verdict.reason}")
-            fleet: Any = None
+            fleet: Fleet | None = None
             refusal = self._invalid.get(commit)
             if refusal is None:
                 try:
@@ -605,12 +373,12 @@ class FleetSource:
         exclude = [self._good] if self._good else []
         trusted = ""
         if self.config.signed_after:
-            res = await self._git.run(["rev-parse", "--verify", "-q", self.config.signed_after + "^{commit}"])
-            if res.code != 0:
+            resolved = await self._git.resolve(self.config.signed_after)
+            if resolved is None:
                 return Verdict(
                     False, "bad-config", f"source.signed_after {self.config.signed_after} is not in the repo"
                 )
-            trusted = res.stdout.decode().strip()
+            trusted = resolved
             exclude.append(trusted)
         commits = await self._rev_list(commit, exclude)
         if len(commits) > MAX_VERIFY:
@@ -643,8 +411,10 @@ class FleetSource:
         )
         if res.code != 0:
             raise SourceError(f"fetch of {redact_url(cfg.url)} failed: {_redact_bytes(res.stderr, cfg.url)}")
-        out = await self._git.check(["rev-parse", "--verify", ref + "^{commit}"])
-        return out.decode().strip()
+        head = await self._git.resolve(ref)
+        if head is None:
+            raise SourceError(f"fetch of {redact_url(cfg.url)}: no branch {cfg.branch}")
+        return head
 
     def _upload_pack_args(self) -> list[str]:
         """For a file:// repo owned by another user (a mounted volume in a container), trust
@@ -660,7 +430,7 @@ class FleetSource:
         argv.append("upload-pack")
         return ["--upload-pack", " ".join(shlex.quote(a) for a in argv)]
 
-    async def _set_good(self, commit: str, fleet: Any, *, rollback: bool = False) -> None:
+    async def _set_good(self, commit: str, fleet: Fleet | None, *, rollback: bool = False) -> None:
         """The one place the good commit moves: forward only, unless an admin asked."""
         old = self._good
         if old and commit != old and not rollback and not await self._is_ancestor(old, commit):
@@ -673,8 +443,7 @@ class FleetSource:
         log.info("new good commit", commit=commit)
 
     async def _is_ancestor(self, a: str, b: str) -> bool:
-        res = await self._git.run(["merge-base", "--is-ancestor", a, b])
-        return res.code == 0
+        return await self._git.is_ancestor(a, b)
 
     async def _rev_list(self, tip: str, exclude: Sequence[str], *, first_parent: bool = False) -> list[str]:
         args = ["rev-list", "--topo-order"]
@@ -692,13 +461,13 @@ class FleetSource:
             return head, None
         exclude = [self._good] if self._good else []
         if self.config.signed_after:
-            res = await self._git.run(["rev-parse", "--verify", "-q", self.config.signed_after + "^{commit}"])
-            if res.code != 0:
+            trusted = await self._git.resolve(self.config.signed_after)
+            if trusted is None:
                 rej = Rejection(
                     head, "bad-config", f"source.signed_after {self.config.signed_after} is not in the repo"
                 )
                 return self._good, rej
-            exclude.append(res.stdout.decode().strip())
+            exclude.append(trusted)
         new = await self._rev_list(head, exclude)
         if len(new) > MAX_VERIFY:
             reason = f"{len(new)} new commits to verify (limit {MAX_VERIFY}); set source.signed_after"
@@ -750,107 +519,27 @@ class FleetSource:
         cached = self._verified.get(commit)
         if cached is not None:
             return cached
-        verdict = await self._verify(commit)
+        verdict = await verify_signature(self._git, commit, self.config, self._gnupg_home)
         self._verified[commit] = verdict
         return verdict
-
-    async def _verify(self, commit: str) -> Verdict:
-        short = commit[:12]
-        raw = (await self._git.check(["cat-file", "commit", commit])).decode("utf-8", "replace")
-        header = raw.split("\n\n", 1)[0]
-        sig_kind = ""
-        for line in header.splitlines():
-            if line.startswith(("gpgsig ", "gpgsig-sha256 ")):
-                body = line.split(" ", 1)[1]
-                sig_kind = (
-                    "ssh"
-                    if body.startswith(SSH_SIG_BEGIN)
-                    else "openpgp"
-                    if body.startswith(PGP_SIG_BEGIN)
-                    else "x509"
-                )
-                break
-        if not sig_kind:
-            return Verdict(False, "unsigned", f"commit {short} is not signed")
-        mode = self.config.verify
-        if sig_kind != mode.value:
-            return Verdict(
-                False,
-                "wrong-signature-kind",
-                f"commit {short} has an {sig_kind} signature; {mode.value} is required",
-            )
-        config: list[tuple[str, str]] = [("gpg.minTrustLevel", "fully")]
-        env = {"GNUPGHOME": str(self._gnupg_home)}
-        if mode is VerifyMode.SSH:
-            assert self.config.allowed_signers is not None
-            config.append(("gpg.ssh.allowedSignersFile", str(self.config.allowed_signers)))
-        res = await self._git.run(["verify-commit", "--raw", commit], config=config, env=env, timeout=30)
-        if res.code == 0:
-            return Verdict(True)
-        text = res.stderr.decode("utf-8", "replace")
-        if "No principal matched" in text or "[GNUPG:] NO_PUBKEY" in text or "TRUST_UNDEFINED" in text:
-            return Verdict(False, "untrusted-key", f"commit {short} is signed by a key that is not allowed")
-        return Verdict(False, "bad-signature", f"commit {short} has a signature that does not verify")
 
     # ------------------------------------------------------------ loading
 
     async def read_tree(self, commit: str) -> dict[str, bytes]:
         """Every regular file of the commit's tree (path -> bytes), via ``git archive``."""
-        data = await self._git.check(["archive", "--format=tar", commit], max_output=MAX_ARCHIVE_BYTES)
-        return _files_from_tar(data)
+        try:
+            data = await self._git.check(["archive", "--format=tar", commit], max_output=MAX_ARCHIVE_BYTES)
+        except OutputTooLarge:
+            raise FleetInvalid(
+                [Problem("", 0, 0, "", f"the repo tree is larger than {MAX_ARCHIVE_BYTES} bytes")]
+            ) from None
+        return files_from_tar(data)
 
-    async def load_at(self, commit: str) -> Any:
+    async def load_at(self, commit: str) -> Fleet:
         files = await self.read_tree(commit)
         return await asyncio.to_thread(self._loader, files)
 
 
-def _files_from_tar(data: bytes) -> dict[str, bytes]:
-    files: dict[str, bytes] = {}
-    links: dict[str, str] = {}
-    problems: list[Problem] = []
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-        members = tar.getmembers()
-        if len(members) > MAX_FILES:
-            raise FleetInvalid([Problem("", 0, 0, "", f"more than {MAX_FILES} files in the repo")])
-        for m in members:
-            name = m.name
-            if m.isdir() or m.type == tarfile.XGLTYPE or name == "pax_global_header":
-                continue
-            if m.issym():
-                links[name] = m.linkname
-            elif m.isfile():
-                f = tar.extractfile(m)
-                files[name] = f.read() if f is not None else b""
-            else:
-                problems.append(Problem(name, 0, 0, "", "not a regular file"))
-    for name, target in links.items():
-        resolved = _resolve_link(name, target, links)
-        if resolved is None or resolved not in files:
-            problems.append(Problem(name, 0, 0, "", "symlink leaves the repo or does not point to a file"))
-        else:
-            files[name] = files[resolved]
-    if problems:
-        raise FleetInvalid(problems)
-    return files
-
-
-def _resolve_link(name: str, target: str, links: Mapping[str, str], depth: int = 0) -> str | None:
-    if depth > 20 or target.startswith("/"):
-        return None
-    parts: list[str] = list(PurePosixPath(name).parent.parts)
-    for part in PurePosixPath(target).parts:
-        if part == "..":
-            if not parts:
-                return None
-            parts.pop()
-        elif part != ".":
-            parts.append(part)
-    resolved = "/".join(parts)
-    if resolved in links:
-        return _resolve_link(resolved, links[resolved], links, depth + 1)
-    return resolved
-
-
 def _redact_bytes(stderr: bytes, url: str) -> str:
-    line = _first_line(stderr)
+    line = first_line(stderr)
     return line.replace(url, redact_url(url)) if url else line

@@ -35,17 +35,57 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import json
 import os
 import secrets as _secrets
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from reconciler.drift.snapshot import LARGE_NOTE, Entry, Snapshot, content_id, display_path, path_bytes
-from reconciler.errors import ReconcilerError
+from reconciler.drift.history_meta import (  # re-exported: the history's vocabulary
+    SECRET_NOTE as SECRET_NOTE,
+)
+from reconciler.drift.history_meta import (
+    Change as Change,
+)
+from reconciler.drift.history_meta import (
+    ChangeSet as ChangeSet,
+)
+from reconciler.drift.history_meta import (
+    HistoryError as HistoryError,
+)
+from reconciler.drift.history_meta import (
+    Recorded as Recorded,
+)
+from reconciler.drift.history_meta import (
+    commit_subject as commit_subject,
+)
+from reconciler.drift.history_meta import (
+    decode_meta as decode_meta,
+)
+from reconciler.drift.history_meta import (
+    diff_meta as diff_meta,
+)
+from reconciler.drift.history_meta import (
+    encode_meta as encode_meta,
+)
+from reconciler.drift.history_meta import (
+    git_storable as git_storable,
+)
+from reconciler.drift.history_prepare import Prepared as Prepared
+from reconciler.drift.history_prepare import prepare_snapshot
+from reconciler.drift.snapshot import Snapshot, display_path, path_bytes
+from reconciler.gitrepo import (
+    GitRepo,
+    GitResult,
+    OutputTooLarge,
+    UnreadableObject,
+    first_line,
+    init_bare,
+    isolated_env,
+    redact_url,
+)
 from reconciler.log import get_logger
 
 log = get_logger(__name__)
@@ -55,123 +95,9 @@ REF = f"refs/heads/{BRANCH}"
 EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
 ZERO = "0" * 40
 DEFAULT_AUTHOR = ("reconciler", "reconciler@localhost")
-SECRET_MARKER_HEAD = b"# reconciler: secret file, content never stored\n"
-SECRET_NOTE = "secret (content hidden)"  # noqa: S105 (a label, not a password)
-# how a file's content is held: "content" (a blob), "secret" (a keyed hash), "large" (size,
-# mtime, hash of its ends), "unreadable", "hash-only" (a name git refuses: sha256, no blob);
-# "too-large" (full sha256, no blob) was written by earlier versions
-_LARGE = ("large", "too-large")
+GIT_TIMEOUT = 600.0  # a plumbing command of a large /etc (a disk stall is an error, not a hang)
+MAX_GIT_OUTPUT = 1 << 30
 _LOCK_FILES = ("index.lock", "HEAD.lock", f"{REF}.lock", "packed-refs.lock", "config.lock")
-
-
-class HistoryError(ReconcilerError):
-    """The history repo could not be read or written. Loud: never treated as "no drift"."""
-
-
-@dataclass(frozen=True)
-class Recorded:
-    """What the history holds for one path (one line of meta/<host>.json)."""
-
-    kind: str
-    mode: int
-    owner: str
-    group: str
-    sha256: str | None = None  # non-secret regular files
-    secret: str | None = None  # "hmac-sha256:<hex>" for secrets
-    target: str | None = None
-    stored: str = "content"  # "content", "secret", "large", "unreadable", "hash-only", "none"
-    size: int | None = None  # large files
-    mtime: float | None = None  # large files
-    ends_sha256: str | None = None  # large files: sha256 of the first and last 64 KiB
-
-    def to_json(self) -> dict[str, object]:
-        d: dict[str, object] = {
-            "kind": self.kind,
-            "mode": f"{self.mode:04o}",
-            "owner": self.owner,
-            "group": self.group,
-        }
-        if self.sha256 is not None:
-            d["sha256"] = self.sha256
-        if self.secret is not None:
-            d["secret"] = self.secret
-        if self.target is not None:
-            d["target"] = self.target
-        if self.stored != "content":
-            d["stored"] = self.stored
-        if self.size is not None:
-            d["size"] = self.size
-        if self.mtime is not None:
-            d["mtime"] = self.mtime
-        if self.ends_sha256 is not None:
-            d["ends_sha256"] = self.ends_sha256
-        return d
-
-    @staticmethod
-    def from_json(d: Mapping[str, object]) -> Recorded:
-        def opt(k: str) -> str | None:
-            v = d.get(k)
-            return None if v is None else str(v)
-
-        return Recorded(
-            kind=str(d["kind"]),
-            mode=int(str(d["mode"]), 8),
-            owner=str(d["owner"]),
-            group=str(d["group"]),
-            sha256=opt("sha256"),
-            secret=opt("secret"),
-            target=opt("target"),
-            stored=str(d.get("stored", "content")),
-            size=None if d.get("size") is None else int(str(d["size"])),
-            mtime=None if d.get("mtime") is None else float(str(d["mtime"])),
-            ends_sha256=opt("ends_sha256"),
-        )
-
-
-@dataclass(frozen=True)
-class Change:
-    path: str
-    what: str  # "new", "removed", "changed", "secret-changed", "meta", "type"
-    detail: str = ""  # e.g. "mode 0644 -> 0600"; never content
-
-
-@dataclass(frozen=True)
-class ChangeSet:
-    host: str
-    changes: tuple[Change, ...] = ()
-
-    def paths(self, *whats: str) -> tuple[str, ...]:
-        return tuple(c.path for c in self.changes if c.what in whats)
-
-    @property
-    def new(self) -> tuple[str, ...]:
-        return self.paths("new")
-
-    @property
-    def removed(self) -> tuple[str, ...]:
-        return self.paths("removed")
-
-    @property
-    def changed(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(self.paths("changed", "secret-changed", "type", "meta")))
-
-    @property
-    def secret_changed(self) -> tuple[str, ...]:
-        return self.paths("secret-changed")
-
-    def __bool__(self) -> bool:
-        return bool(self.changes)
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """A snapshot turned into what the history will hold, before it is committed."""
-
-    host: str
-    meta: Mapping[str, Recorded]
-    previous: Mapping[str, Recorded]
-    changes: ChangeSet
-    blobs: Mapping[str, tuple[str, bytes | None]] = field(default_factory=dict)  # (git mode, data)
 
 
 @dataclass(frozen=True)
@@ -182,137 +108,8 @@ class CommitInfo:
     message: str
 
 
-# ---------------------------------------------------------------- pure parts
-
-
-def encode_meta(meta: Mapping[str, Recorded]) -> bytes:
-    """One path per line, sorted, so diffs of the metadata are readable."""
-    lines = [json.dumps(p) + ": " + json.dumps(meta[p].to_json(), sort_keys=True) for p in sorted(meta)]
-    return ("{\n" + ",\n".join(lines) + "\n}\n").encode()
-
-
-def decode_meta(data: bytes) -> dict[str, Recorded]:
-    try:
-        raw = json.loads(data)
-        return {str(p): Recorded.from_json(v) for p, v in raw.items()}
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
-        raise HistoryError(f"history metadata is unreadable: {err}") from None
-
-
-def _secret_change(a: Recorded, b: Recorded) -> str | None:
-    if a.secret == b.secret:
-        return None
-    if a.secret is None:
-        return f"{SECRET_NOTE}: now recorded by keyed hash only"
-    if b.secret is None:
-        return "no longer secret: its content is recorded from now on"
-    return SECRET_NOTE
-
-
-def _large_change(a: Recorded, b: Recorded) -> str:
-    if a.stored not in _LARGE or a.ends_sha256 is None:
-        return LARGE_NOTE
-    if b.stored not in _LARGE:
-        return "no longer a large file: its content is recorded from now on"
-    what = []
-    if a.size != b.size:
-        what.append(f"size {a.size} -> {b.size}")
-    if a.mtime != b.mtime:
-        what.append("mtime changed")
-    if a.ends_sha256 != b.ends_sha256:
-        what.append("first or last 64 KiB changed")
-    return "large file: " + ", ".join(what or ["changed"])
-
-
-def _content_change(a: Recorded, b: Recorded) -> str | None:
-    """None when the content is the same, else a note (never content) for the message."""
-    if a.stored in _LARGE or b.stored in _LARGE:
-        same = (a.stored, a.ends_sha256, a.size, a.mtime) == (b.stored, b.ends_sha256, b.size, b.mtime)
-        return None if same else _large_change(a, b)
-    if a.sha256 == b.sha256 and a.target == b.target and a.stored == b.stored:
-        return None
-    if b.stored == "unreadable":
-        return "could not be read: content unknown"
-    if a.stored == "unreadable":
-        return "readable again"
-    if b.stored == "hash-only":
-        return "a name git cannot store: recorded by sha256 only"
-    return f"-> {display_path(b.target or '')}" if b.kind == "link" else ""
-
-
-def _new_note(b: Recorded | None) -> str:
-    if b is None or b.kind != "file":
-        return ""
-    return {
-        "secret": SECRET_NOTE,
-        "large": LARGE_NOTE,
-        "unreadable": "could not be read: content unknown",
-        "hash-only": "a name git cannot store: recorded by sha256 only",
-    }.get(b.stored, "")
-
-
-def diff_meta(host: str, old: Mapping[str, Recorded], new: Mapping[str, Recorded]) -> ChangeSet:
-    out: list[Change] = []
-    for p in sorted(set(old) | set(new)):
-        a, b = old.get(p), new.get(p)
-        if a is None:
-            out.append(Change(p, "new", _new_note(b)))
-        elif b is None:
-            out.append(Change(p, "removed"))
-        elif a.kind != b.kind:
-            out.append(Change(p, "type", f"{a.kind} -> {b.kind}"))
-        else:
-            if b.secret is not None or a.secret is not None:
-                note = _secret_change(a, b)
-                if note is not None:
-                    out.append(Change(p, "secret-changed", note))
-            else:
-                note = _content_change(a, b)
-                if note is not None:
-                    out.append(Change(p, "changed", note))
-            meta = []
-            if a.mode != b.mode:
-                meta.append(f"mode {a.mode:04o} -> {b.mode:04o}")
-            if a.owner != b.owner:
-                meta.append(f"owner {display_path(a.owner)} -> {display_path(b.owner)}")
-            if a.group != b.group:
-                meta.append(f"group {display_path(a.group)} -> {display_path(b.group)}")
-            if meta:
-                out.append(Change(p, "meta", ", ".join(meta)))
-    return ChangeSet(host, tuple(out))
-
-
-def _git_mode(e: Entry) -> str:
-    if e.kind == "link":
-        return "120000"
-    return "100755" if e.mode & 0o111 else "100644"
-
-
 def _tree_path(host: str, path: str) -> str:
     return f"hosts/{host}/{path.lstrip('/')}"
-
-
-def _is_dotgit_alias(component: str) -> bool:
-    """git's own tree-path checks (verify_path: ``.git`` in any case; core.protectNTFS, on by
-    default: ``.git`` or ``git~1`` followed only by spaces or dots, or a ``:`` stream)."""
-    for part in component.split("\\"):  # NTFS reads a backslash as a separator
-        name = part.split(":", 1)[0].rstrip(" .").lower()
-        if name in (".git", "git~1"):
-            return True
-    return False
-
-
-def git_storable(path: str, kind: str) -> bool:
-    """False for a path git refuses (silently: "Ignoring path") in a tree; such a path is
-    recorded in the metadata only. Stricter than git where in doubt."""
-    parts = path.lstrip("/").split("/")
-    if any(p in ("", ".", "..") or _is_dotgit_alias(p) for p in parts):
-        return False
-    if kind == "link":  # a symlinked .gitmodules (or its NTFS short name) is refused
-        last = parts[-1].rstrip(" .").lower()
-        if last.startswith(".gitmodules") or last.startswith("gitmod~"):
-            return False
-    return True
 
 
 # ---------------------------------------------------------------- the repository
@@ -334,6 +131,7 @@ class HistoryRepo:
         self.author = author
         self.remote = remote
         self._lock = asyncio.Lock()
+        self._repo = GitRepo(path, env=isolated_env(inherit=False), error=HistoryError)
 
     # -- set-up
 
@@ -357,7 +155,7 @@ class HistoryRepo:
         if fresh:
             if any(repo.iterdir()):
                 raise HistoryError(f"{repo} exists, is not empty and is not a git repository")
-            _git_sync(repo, "init", "--quiet", "--bare", f"--initial-branch={BRANCH}", str(repo))
+            init_bare(repo, initial_branch=BRANCH, env=isolated_env(inherit=False))
         elif not (repo / "objects").is_dir():
             raise HistoryError(f"{repo} is not a bare git repository")
         return cls(repo, key, author=author, remote=remote)
@@ -367,29 +165,21 @@ class HistoryRepo:
     async def _git(
         self, *args: str, stdin: bytes | None = None, env: Mapping[str, str] | None = None, check: bool = True
     ) -> tuple[int, bytes, bytes]:
-        full_env = _base_env()
-        full_env.update(env or {})
-        proc = await asyncio.create_subprocess_exec(
-            "git",
-            f"--git-dir={self.path}",
-            *args,
-            stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=full_env,
-        )
-        out, err = await proc.communicate(stdin)
-        rc = proc.returncode if proc.returncode is not None else -1
-        if check and rc != 0:
-            raise HistoryError(
-                f"history repo {self.path}: git {args[0]} failed (exit {rc}): "
-                + err.decode("utf-8", "replace").strip()[:500]
+        try:
+            res: GitResult = await self._repo.run(
+                args, stdin=stdin, env=env, timeout=GIT_TIMEOUT, max_output=MAX_GIT_OUTPUT
             )
-        return rc, out, err
+        except OutputTooLarge:
+            raise HistoryError(f"history repo {self.path}: git {args[0]} wrote too much") from None
+        if check and res.code != 0:
+            raise HistoryError(
+                f"history repo {self.path}: git {args[0]} failed (exit {res.code}): "
+                + res.stderr.decode("utf-8", "replace").strip()[:500]
+            )
+        return res.code, res.stdout, res.stderr
 
     async def head(self) -> str | None:
-        rc, out, _ = await self._git("rev-parse", "--verify", "-q", f"{REF}^{{commit}}", check=False)
-        return out.decode().strip() if rc == 0 else None
+        return await self._repo.resolve(REF)
 
     def check_locks(self) -> None:
         for name in _LOCK_FILES:
@@ -405,13 +195,8 @@ class HistoryRepo:
         rev = commit or await self.head()
         if rev is None:
             return {}
-        rc, out, _ = await self._git("cat-file", "blob", f"{rev}:meta/{host}.json", check=False)
-        if rc != 0:
-            rc2, out2, _ = await self._git("ls-tree", "--name-only", rev, f"meta/{host}.json", check=False)
-            if rc2 == 0 and not out2.strip():
-                return {}
-            raise HistoryError(f"history repo {self.path}: cannot read meta/{host}.json at {rev}")
-        return decode_meta(out)
+        data = await self._repo.read_blob(rev, f"meta/{host}.json")  # names we wrote: GitPython
+        return {} if data is None else decode_meta(data)
 
     # -- recording
 
@@ -423,60 +208,7 @@ class HistoryRepo:
         """Turn a snapshot into recorded metadata and the blobs that changed (pure apart from
         reading the previous state)."""
         prev = dict(previous) if previous is not None else await self.recorded(snap.host)
-        meta: dict[str, Recorded] = {}
-        blobs: dict[str, tuple[str, bytes | None]] = {}
-        for path, e in snap.entries.items():
-            storable = git_storable(path, e.kind)
-            if e.kind == "file":
-                if path in snap.secrets:
-                    digest = self.secret_digest(path, content_id(e))
-                    rec = Recorded("file", e.mode, e.owner, e.group, secret=digest, stored="secret")
-                    data = (
-                        SECRET_MARKER_HEAD
-                        + f"# {digest} (keyed hash; the key is not in this repo)\n".encode()
-                    )
-                elif e.large and e.ends_sha256 is not None:
-                    rec = Recorded(
-                        "file", e.mode, e.owner, e.group, stored="large",
-                        size=e.size, mtime=e.mtime, ends_sha256=e.ends_sha256,
-                    )  # fmt: skip
-                    data = (
-                        f"# reconciler: {LARGE_NOTE}\n# size {e.size}\n# mtime {e.mtime!r}\n"
-                        f"# sha256 of the first and last 64 KiB {e.ends_sha256}\n"
-                    ).encode()
-                elif e.sha256 is None:
-                    rec = Recorded("file", e.mode, e.owner, e.group, stored="unreadable")
-                    data = b"# reconciler: content not readable\n"
-                elif not storable:
-                    rec = Recorded("file", e.mode, e.owner, e.group, sha256=e.sha256, stored="hash-only")
-                    meta[path] = rec
-                    continue
-                else:
-                    rec = Recorded("file", e.mode, e.owner, e.group, sha256=e.sha256)
-                    old = prev.get(path)
-                    if old is not None and old.sha256 == e.sha256 and old.stored == "content":
-                        if (old.mode & 0o111 != 0) == (e.mode & 0o111 != 0):
-                            meta[path] = rec
-                            continue  # same blob, same git mode: nothing to write
-                    if path not in snap.contents:
-                        if old is not None and old.sha256 == e.sha256:
-                            blobs[path] = (_git_mode(e), None)  # git mode change only: reuse the blob
-                            meta[path] = rec
-                            continue
-                        shown = display_path(path)
-                        raise HistoryError(f"{snap.host}:{shown}: content changed but was not fetched")
-                    data = snap.contents[path]
-                if storable:
-                    blobs[path] = (_git_mode(e), data)
-                meta[path] = rec
-            elif e.kind == "link":
-                meta[path] = Recorded("link", e.mode, e.owner, e.group, target=e.target or "", stored="none")
-                old = prev.get(path)
-                if storable and (old is None or old.target != e.target or old.kind != "link"):
-                    blobs[path] = ("120000", path_bytes(e.target or ""))
-            else:
-                meta[path] = Recorded(e.kind, e.mode, e.owner, e.group, stored="none")
-        return Prepared(snap.host, meta, prev, diff_meta(snap.host, prev, meta), blobs)
+        return prepare_snapshot(snap, prev, self.secret_digest)
 
     async def commit(self, prep: Prepared, message: str) -> CommitInfo | None:
         """Record ``prep`` as one commit, or return None if HEAD already holds exactly this tree
@@ -649,8 +381,7 @@ class HistoryRepo:
         return out.decode().split()
 
     async def get_ref(self, ref: str) -> str | None:
-        rc, out, _ = await self._git("rev-parse", "--verify", "-q", f"{ref}^{{commit}}", check=False)
-        return out.decode().strip() if rc == 0 else None
+        return await self._repo.resolve(ref)
 
     async def set_ref(self, ref: str, new: str, old: str | None) -> None:
         """Move a bookkeeping ref (e.g. refs/mailed/<host>) from ``old`` to ``new``."""
@@ -661,11 +392,17 @@ class HistoryRepo:
         await self._git("update-ref", ref, new, old or "")
 
     async def message(self, commit: str) -> str:
-        return (await self._git("log", "-1", "--format=%B", commit))[1].decode("utf-8", "replace")
+        try:
+            return (await self._repo.commit(commit)).message
+        except UnreadableObject as err:
+            raise HistoryError(str(err)) from None
 
     async def parent(self, commit: str) -> str | None:
-        rc, out, _ = await self._git("rev-parse", "--verify", "-q", f"{commit}^", check=False)
-        return out.decode().strip() if rc == 0 else None
+        try:
+            parents = (await self._repo.commit(commit)).parents
+        except UnreadableObject as err:
+            raise HistoryError(str(err)) from None
+        return parents[0] if parents else None
 
     async def changes_in(self, commit: str, host: str) -> ChangeSet:
         parent = await self.parent(commit)
@@ -704,9 +441,20 @@ class HistoryRepo:
         return text
 
     async def push(self) -> None:
+        """Push the branch to ``remote`` (ssh: batch mode, known host keys only). Raises
+        HistoryError naming the remote without credentials."""
         if not self.remote:
             return
-        await self._git("push", "--quiet", self.remote, f"{REF}:{REF}")
+        ssh = "ssh -o BatchMode=yes -o StrictHostKeyChecking=yes -o ConnectTimeout=15"
+        res = await self._repo.run(
+            ["push", "--quiet", "--", self.remote, f"{REF}:{REF}"],
+            env={"GIT_SSH_COMMAND": ssh, "GIT_SSH_VARIANT": "ssh"},
+            timeout=GIT_TIMEOUT,
+        )
+        if res.code != 0:
+            shown = redact_url(self.remote)
+            why = first_line(res.stderr).replace(self.remote, shown)
+            raise HistoryError(f"history push to {shown} failed: {why}")
 
 
 class _RefMoved(Exception):
@@ -740,33 +488,6 @@ class HistoryConflict(HistoryError):
     """Another writer recorded this host between our read and our commit: scan again."""
 
 
-def _base_env() -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k in ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "SSH_AUTH_SOCK")
-    }
-    env.update(
-        {
-            "GIT_CONFIG_NOSYSTEM": "1",
-            "GIT_CONFIG_GLOBAL": os.devnull,
-            "GIT_TERMINAL_PROMPT": "0",
-            "LC_ALL": "C",
-        }
-    )
-    return env
-
-
-def _git_sync(repo: Path, *args: str) -> None:
-    import subprocess
-
-    res = subprocess.run(["git", *args], capture_output=True, env=_base_env(), check=False)
-    if res.returncode != 0:
-        raise HistoryError(
-            f"history repo {repo}: git {args[0]} failed: {res.stderr.decode(errors='replace')[:500]}"
-        )
-
-
 def load_or_create_key(path: Path) -> bytes:
     """The history's secret-hash key: 32 random bytes, mode 0600, created atomically once."""
     try:
@@ -792,16 +513,3 @@ def load_or_create_key(path: Path) -> bytes:
         return path.read_bytes()
     os.unlink(tmp)
     return key
-
-
-def commit_subject(changes: ChangeSet, roots: Sequence[str], in_line: frozenset[str] = frozenset()) -> str:
-    """The commit's first line (and the mail subject); ``in_line``: paths that changed to what
-    the fleet wants (applied or enforced), which are not drift and not counted."""
-
-    def n(paths: Sequence[str]) -> int:
-        return sum(1 for p in paths if p not in in_line)
-
-    return (
-        f"{changes.host}: {n(changes.changed)} changed, {n(changes.new)} new, "
-        f"{n(changes.removed)} removed in {', '.join(roots)}"
-    )

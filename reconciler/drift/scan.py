@@ -26,27 +26,25 @@ import asyncio
 import hashlib
 import posixpath
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from reconciler.drift import audit
 from reconciler.drift.history import (
-    SECRET_NOTE,
     ChangeSet,
     CommitInfo,
     HistoryConflict,
     HistoryRepo,
     Recall,
-    commit_subject,
 )
+from reconciler.drift.messages import SUBJECT_PREFIX, commit_message, denial_mail, drift_mail_body, trailer
 from reconciler.drift.secretscan import ContentRules
 from reconciler.drift.snapshot import Entry, PathPolicy, Snapshot, display_path, take_snapshot
 from reconciler.engine.identity import IDENTITY_PATH, identity_in_line
 from reconciler.errors import ReconcilerError
-from reconciler.fleet.model import DriftMode, Fleet
-from reconciler.host.script import Runner
+from reconciler.fleet.model import DriftMode, Fleet, Host
+from reconciler.host.script import Pool, Runner
 from reconciler.kinds.resources import Desired
 from reconciler.log import get_logger
 from reconciler.notify.outbox import Mail, Outbox
@@ -54,9 +52,7 @@ from reconciler.notify.outbox import Mail, Outbox
 log = get_logger(__name__)
 
 EnforceCallback = Callable[[str, Sequence[str]], Awaitable[object]]
-SUBJECT_PREFIX = "[reconciler] "
 UNAVAILABLE = "enforcement unavailable (no engine in this process): reported only"
-MAX_NOTES = 50  # warnings listed in one commit message (a hashing time-out can leave thousands)
 
 
 @dataclass(frozen=True)
@@ -199,128 +195,6 @@ def _file_reason(e: Entry | None, content: bytes, mode: int, owner: str, group: 
     return "; ".join(reasons) or None
 
 
-def commit_message(
-    changes: ChangeSet,
-    roots: Sequence[str],
-    managed: Mapping[str, str | None],
-    *,
-    mode: DriftMode,
-    fleet_commit: str | None,
-    baseline: bool,
-    entries: int,
-    render_error: str | None = None,
-    content_secrets: Mapping[str, str] | None = None,
-    notes: Sequence[str] = (),
-) -> tuple[str, tuple[str, ...]]:
-    """(message, drift paths). The message names every path (display form: one line, bytes
-    that are not UTF-8 escaped) with what happened; never content. ``content_secrets``: paths
-    found secret by their content; ``notes``: the snapshot's warnings (already display text)."""
-    host = changes.host
-    where = ", ".join(roots)
-    drift: list[str] = []
-    if baseline:
-        lines = [f"{host}: initial snapshot of {where} ({entries} paths)", ""]
-    else:
-        in_line = frozenset(
-            p for p in (c.path for c in changes.changes) if p in managed and managed[p] is None
-        )
-        lines = [commit_subject(changes, roots, in_line), ""]
-        details: dict[str, list[str]] = {}
-        for c in changes.changes:
-            details.setdefault(c.path, []).append(
-                c.detail or (SECRET_NOTE if c.what == "secret-changed" else "")
-            )
-        for p, what in (content_secrets or {}).items():
-            if p in details:
-                details[p].append(f"its content holds {_SECRET_KINDS.get(what, 'a secret')}")
-        for p in dict.fromkeys(c.path for c in changes.changes):
-            if p in managed and managed[p] is None:
-                continue  # back in line with the fleet (e.g. applied or enforced): not drift
-            drift.append(p)
-
-        def section(title: str, paths: Sequence[str]) -> None:
-            if paths:
-                lines.append(title)
-                for p in paths:
-                    extra = "; ".join(d for d in details.get(p, []) if d)
-                    lines.append(f"  {display_path(p)}" + (f" ({extra})" if extra else ""))
-
-        section("Changed:", [p for p in changes.changed if p not in in_line])
-        section(f"New files in {where} on {host} (not from the fleet repo: check them in or remove them):",
-                [p for p in changes.new if p not in in_line])  # fmt: skip
-        section("Removed:", [p for p in changes.removed if p not in in_line])
-        differing = [p for p in dict.fromkeys(c.path for c in changes.changes) if managed.get(p)]
-        if differing:
-            lines.append(f"Managed by the fleet and now different from it (drift mode {mode.value}):")
-            lines += [f"  {display_path(p)}: {managed[p]}" for p in differing]
-        back = [p for p in dict.fromkeys(c.path for c in changes.changes) if p in in_line]
-        if back:
-            lines.append("Now as the fleet wants them (not drift):")
-            lines += [f"  {display_path(p)}" for p in back]
-        if notes:
-            lines.append("Not recorded normally this scan (the rest was):")
-            lines += [f"  {n}" for n in notes[:MAX_NOTES]]
-            if len(notes) > MAX_NOTES:
-                lines.append(f"  ... and {len(notes) - MAX_NOTES} more (see the scan's warnings)")
-        if render_error:
-            lines.append(
-                f"Fleet could not be rendered for this host ({render_error}); every change counts as drift."
-            )
-    lines += [
-        "",
-        f"Reconciler-Host: {host}",
-        f"Fleet-Commit: {fleet_commit or 'unknown'}",
-        f"Drift: {'yes' if drift else 'no'}",
-    ]
-    return "\n".join(lines) + "\n", tuple(drift)
-
-
-_SECRET_KINDS = {
-    "private key": "a private key",
-    "password hash": "a password hash",
-    "secret marker": "a secret marker of the fleet's drift.secret_content",
-    "secret content": "a private key, a password hash or a secret marker",
-}
-
-
-def trailer(message: str, name: str) -> str | None:
-    for line in reversed(message.splitlines()):
-        if line.startswith(name + ": "):
-            return line[len(name) + 2 :].strip()
-    return None
-
-
-def drift_mail_body(message: str, commit: str, diff: str, enforcement: str | None, repo: Path) -> str:
-    body_lines = message.splitlines()[2:]  # drop the subject line and the blank line
-    body = "\n".join(ln for ln in body_lines if not ln.startswith(("Reconciler-Host:", "Drift:"))).rstrip()
-    parts = [body, ""]
-    if enforcement:
-        parts.append(f"Enforcement: {enforcement}")
-    parts += [
-        f"History commit: {commit} in {repo}",
-        "",
-        "Diff (secret files are never shown; they are recorded by keyed hash only):",
-        diff.rstrip() or "(no content changes: metadata only)",
-        "",
-    ]
-    return "\n".join(parts)
-
-
-def denial_mail(
-    host: str, suggestions: Sequence[audit.Suggestion], denials: Sequence[audit.Denial]
-) -> tuple[str, str]:
-    subject = f"{SUBJECT_PREFIX}{host}: {len(denials)} new AppArmor denial(s)"
-    lines = [f"New AppArmor denials on {host}. Rules that would allow them (review before adding):", ""]
-    for s in suggestions:
-        lines.append(s.text())
-        lines.append("")
-    lines.append("Then validate with `apparmor_parser -Q -K` and reload the profile; in a fleet repo, put")
-    lines.append("the rules in the profile's `rules:` so the reconciler writes the local override.")
-    lines += ["", "Denials:"]
-    lines += [f"  {d.line}" for d in denials]
-    return subject, "\n".join(lines) + "\n"
-
-
 # ---------------------------------------------------------------- the scanner
 
 
@@ -334,7 +208,7 @@ class DriftScanner:
         *,
         fleet_commit: str | None = None,
         enforce: EnforceCallback | None = None,
-        render: Callable[[Fleet, Any], Desired] | None = None,
+        render: Callable[[Fleet, Host], Desired] | None = None,
         read_denials: bool = True,
     ) -> None:
         self.fleet = fleet
@@ -536,7 +410,7 @@ class DriftScanner:
         self.cursors.save(host, read.cursor)
         return tuple(suggestions), queued
 
-    async def scan(self, pool: Any, hosts: Sequence[str]) -> list[HostDrift]:
+    async def scan(self, pool: Pool, hosts: Sequence[str]) -> list[HostDrift]:
         """Scan ``hosts`` concurrently; one failed host never stops the others."""
 
         async def one(name: str) -> HostDrift:
@@ -554,39 +428,6 @@ class DriftScanner:
         return list(await asyncio.gather(*(one(h) for h in hosts)))
 
 
-def make_daemon_step(
-    history: HistoryRepo,
-    outbox: Outbox | None,
-    state_dir: Path | str,
-    *,
-    enforce: Callable[[Any, Any], EnforceCallback] | None = None,
-    render: Callable[[Fleet, Any], Desired] | None = None,
-) -> Callable[[str, Any, Any], Awaitable[DriftFinding]]:
-    """An adapter for ``reconciler.daemon.daemon.Daemon(drift=...)``: ``(host, target, pool) ->
-    DriftFinding`` (the hand-edited paths). ``enforce(target, pool)`` may build the engine's
-    callback; ``render`` gives a host's Desired (the daemon's: its render worker's results, never
-    rendered here)."""
-
-    async def step(host: str, target: Any, pool: Any) -> DriftFinding:
-        scanner = DriftScanner(
-            target.fleet,
-            history,
-            outbox,
-            state_dir,
-            fleet_commit=target.commit,
-            enforce=enforce(target, pool) if enforce is not None else None,
-            render=render,
-        )
-        conn = await pool.get(host)
-        res = await scanner.scan_host(conn)
-        # drift is what changed by hand since the last snapshot: a managed file that differs
-        # only because the fleet moved on (a new commit not applied yet) is the fleet's change,
-        # and what the reconciler itself applied is "now as the fleet wants it" (not drift)
-        return DriftFinding(len(res.drift), res.commit or "", tuple(display_path(p) for p in res.drift[:20]))
-
-    return step
-
-
 @dataclass(frozen=True)
 class DriftFinding:
     """What one daemon scan found: hand-edited paths (never the reconciler's own changes)."""
@@ -594,37 +435,3 @@ class DriftFinding:
     count: int
     history_commit: str = ""  # the /etc history commit that recorded them ("" = none made)
     paths: tuple[str, ...] = ()  # the first few, display form
-
-
-def engine_enforcer(fleet: Fleet, pool: Any) -> EnforceCallback:
-    """Put managed files back with the engine: a full reconcile (plan + apply) of the host."""
-
-    async def enforce(host: str, paths: Sequence[str]) -> object:
-        from reconciler.engine.fleet import reconcile_fleet
-
-        res = await reconcile_fleet(fleet, [host], pool, apply=True)
-        for out in res.hosts:
-            if out.error:
-                raise ReconcilerError(out.error)
-        return res
-
-    return enforce
-
-
-def engine_follows(target: Any, pool: Any) -> EnforceCallback:
-    """For the daemon, whose engine step reconciles the host right after the scan: nothing to
-    do here, and the alert says who puts the files back."""
-
-    async def enforce(host: str, paths: Sequence[str]) -> str:
-        return "the engine's reconcile that follows this scan puts it back"
-
-    return enforce
-
-
-@dataclass(frozen=True)
-class ScanSummary:
-    hosts: tuple[HostDrift, ...]
-    delivered: int = 0
-    delivery_error: str | None = None
-    pending: int = 0
-    extra: dict[str, object] = field(default_factory=dict)

@@ -31,6 +31,7 @@ from reconciler.engine.plan import ActionKind, HostPlan, plan_host
 from reconciler.errors import Failure, IdentityMismatch, Reason, ReconcilerError, RenderError
 from reconciler.fleet.model import Fleet
 from reconciler.host.connection import Connection
+from reconciler.host.script import Pool
 from reconciler.kinds import aptsim
 from reconciler.kinds.resources import Desired, Package
 from reconciler.log import get_logger
@@ -227,7 +228,7 @@ def _adopts(adopt: Adopt, name: str) -> bool:
 async def _plan_one(
     fleet: Fleet,
     name: str,
-    pool: Any,
+    pool: Pool,
     records: list[CommandRecord] | None,
     *,
     fetch_diffs: bool = True,
@@ -314,7 +315,7 @@ def _package_names(plan: HostPlan) -> tuple[tuple[str, ...], tuple[str, ...]]:
 async def plan_fleet(
     fleet: Fleet,
     hosts: Iterable[str] | None,
-    pool: Any,
+    pool: Pool,
     *,
     progress: Progress | None = None,
     record: bool = True,
@@ -336,7 +337,7 @@ async def plan_fleet(
     return FleetResult(tuple(outs), tuple(records or ()), time.monotonic() - started)
 
 
-async def _apply_one(outcome: HostOutcome, pool: Any, firewall_window: float) -> HostOutcome:
+async def _apply_one(outcome: HostOutcome, pool: Pool, firewall_window: float) -> HostOutcome:
     if outcome.status != CHANGES or outcome.plan is None or outcome.desired is None:
         return outcome
     started = time.monotonic()
@@ -381,7 +382,7 @@ async def _apply_one(outcome: HostOutcome, pool: Any, firewall_window: float) ->
 
 async def apply_planned(
     planned: FleetResult,
-    pool: Any,
+    pool: Pool,
     *,
     progress: Progress | None = None,
     firewall_window: float = deadman.DEFAULT_WINDOW,
@@ -402,7 +403,7 @@ async def apply_planned(
 async def reconcile_fleet(
     fleet: Fleet,
     hosts: Iterable[str] | None,
-    pool: Any,
+    pool: Pool,
     *,
     apply: bool,
     progress: Progress | None = None,

@@ -3,15 +3,13 @@
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
-from typing import Any
 
-from reconciler.lab.model import LabError, LabHostSpec
+from reconciler.fleet.model import Fleet
+from reconciler.lab.model import LabHostSpec
 
 
-def specs_from_fleet(fleet: Any) -> list[LabHostSpec]:
-    """``fleet`` is a ``reconciler.fleet.model.Fleet``."""
+def specs_from_fleet(fleet: Fleet) -> list[LabHostSpec]:
     return [
         LabHostSpec(
             name=h.name,
@@ -23,26 +21,7 @@ def specs_from_fleet(fleet: Any) -> list[LabHostSpec]:
 
 
 def specs_from_repo(repo: Path) -> list[LabHostSpec]:
-    """Load the fleet repo with the real loader when present, else read hosts/*.yaml minimally."""
-    try:
-        load = importlib.import_module("reconciler.fleet.load")
-    except ModuleNotFoundError:
-        return _fallback_specs_from_hosts_dir(repo)
-    return specs_from_fleet(load.load_fleet(repo))
+    """Load the fleet repo with the real loader (validated) and take its hosts."""
+    from reconciler.fleet.load import load_fleet  # YAML and JSON Schema: only when a lab is made
 
-
-def _fallback_specs_from_hosts_dir(repo: Path) -> list[LabHostSpec]:
-    """FALLBACK used only while reconciler.fleet.load does not exist: name + public_address
-    from hosts/*.yaml (yaml.safe_load), without the loader's validation."""
-    import yaml
-
-    specs = []
-    hosts_dir = repo / "hosts"
-    if not hosts_dir.is_dir():
-        raise LabError(f"{hosts_dir}: no hosts directory in the fleet repo")
-    for path in sorted(hosts_dir.glob("*.yaml")):
-        data = yaml.safe_load(path.read_text())
-        if not isinstance(data, dict) or "name" not in data or "public_address" not in data:
-            raise LabError(f"{path}: a Host needs name and public_address")
-        specs.append(LabHostSpec(name=str(data["name"]), address=str(data["public_address"])))
-    return sorted(specs, key=lambda s: s.name)
+    return specs_from_fleet(load_fleet(repo))

@@ -24,13 +24,14 @@ from aiosmtpd.controller import Controller
 
 from reconciler import cli
 from reconciler.drift.history import HistoryRepo
-from reconciler.drift.scan import DriftScanner, HostDrift, engine_enforcer
+from reconciler.drift.scan import DriftScanner, HostDrift
 from reconciler.fleet.load import load_fleet
 from reconciler.fleet.model import DriftMode, DriftPolicy, Fleet, MailSettings, Notifications, SmtpSettings
 from reconciler.host.connection import ConnectionPool, targets_for
 from reconciler.kinds.resources import Desired, Domain, FileResource
 from reconciler.lab import Lab, specs_from_fleet
 from reconciler.notify.outbox import Outbox
+from reconciler.usecases import enforce_with_engine
 
 pytestmark = [pytest.mark.lab]
 
@@ -351,13 +352,13 @@ async def test_managed_drift_enforce_and_report(
 async def test_managed_drift_is_put_back_by_the_real_engine(
     tmp_path: Path, lab: Lab, example: Fleet, smtp: SmtpServer
 ) -> None:
-    """mode enforce with the engine's own enforcer (``engine_enforcer``, what ``reconciler drift
+    """mode enforce with the engine's own enforcer (``usecases.enforce_with_engine``, what ``reconciler drift
     --enforce`` uses): a hand edit of a managed file (/etc/motd, from the fleet's template) is
     put back by a real reconcile of the host, and the alert says so."""
     fleet = fleet_with(example, smtp, mode=DriftMode.ENFORCE)
     env = Env(tmp_path, lab, fleet, smtp)
     async with pool_for(lab, fleet) as pool:
-        scanner = env.scanner(enforce=engine_enforcer(fleet, pool))
+        scanner = env.scanner(enforce=enforce_with_engine(fleet, pool))
         [first] = await scanner.scan(pool, ["web2"])  # baseline (the engine brings web2 in line)
         assert first.ok, first.error
         managed = sh(lab, "web2", "cat /etc/motd")

@@ -24,7 +24,7 @@ from reconciler.errors import Reason, Terminal
 from reconciler.fleet.load import load_fleet
 from reconciler.host.connection import ConnectionPool, targets_for
 from reconciler.lab import Lab, LabFleet, LabHostSpec
-from reconciler.lab.pytest_plugin import _timeout_paused
+from tests.lab_plugin import _timeout_paused
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 

@@ -21,7 +21,7 @@ import pytest
 
 from reconciler.lab import Lab, LabError, LabHostSpec, LabInfo, probe_capabilities
 from reconciler.lab.cleanup import leftovers
-from reconciler.lab.pytest_plugin import LabFactory, _timeout_paused
+from tests.lab_plugin import LabFactory, _timeout_paused
 from tests.skip_policy import skip_kernel_feature
 
 pytestmark = pytest.mark.lab

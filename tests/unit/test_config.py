@@ -164,6 +164,8 @@ def test_url_credentials_are_redacted() -> None:
         ("- a\n- b\n", "must be a mapping"),
         ("source: [\n", "invalid YAML"),
         ('smtp:\n  sender: "a\\nb"\n', "newline"),
+        ("history_remote: --receive-pack=touch /tmp/x\n", "history_remote: expected file://"),
+        ("history_remote: ftp://h/x\n", "history_remote: expected file://"),
     ],
 )
 def test_bad_values_name_the_file_and_field(tmp_path: Path, text: str, message: str) -> None:
@@ -184,7 +186,7 @@ def test_missing_or_non_utf8_file(tmp_path: Path) -> None:
         load_config(tmp_path / "nope.yaml", {})
     bad = tmp_path / "bad.yaml"
     bad.write_bytes(b"\xff\xfe")
-    with pytest.raises(ConfigError, match="not UTF-8"):
+    with pytest.raises(ConfigError, match="not valid UTF-8"):
         load_config(bad, {})
 
 
@@ -255,3 +257,33 @@ def test_read_and_metrics_tokens_are_secrets(tmp_path: Path) -> None:
     assert cfg.server.read_token.reveal() == "read-canary" and cfg.server.metrics_token.reveal() == "m-canary"
     shown = repr(cfg) + str(cfg.redacted())
     assert "read-canary" not in shown and "m-canary" not in shown
+
+
+LAUGHS = "".join(
+    f"{n}: &{n} [{', '.join([f'*{p}'] * 10 if p else ['x'] * 10)}]\n"
+    for p, n in zip(["", "a", "b", "c", "d"], ["a", "b", "c", "d", "e"], strict=True)
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # the fleet's loader (fleet/yamlsafe.py) reads the config too: its caps and refusals hold
+        (LAUGHS, "invalid YAML"),
+        ("source: {<<: {url: file:///x}}\n", "invalid YAML"),
+        ("mode: plan\n---\nmode: apply\n", "one YAML document expected"),
+        ("source:\n  url: x\n  url: y\n", "first at line 2"),
+    ],
+)
+def test_config_yaml_is_read_by_the_fleet_loader(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, {})
+    assert message in str(err.value) and str(path) in str(err.value)
+
+
+def test_one_smtp_security_enum() -> None:
+    from reconciler.daemon import config
+    from reconciler.fleet import model
+
+    assert config.SmtpSecurity is model.SmtpSecurity

@@ -1,6 +1,6 @@
 """pytest plugin: ``lab_factory`` (session) and the ``lab`` and ``vm`` markers.
 
-Enable with ``pytest_plugins = ["reconciler.lab.pytest_plugin"]`` in tests/conftest.py.
+Enabled by ``pytest_plugins = ["tests.lab_plugin", ...]`` in tests/conftest.py.
 Tests marked ``@pytest.mark.lab`` skip, with the reason printed, when not root or when the
 tools the lab needs are missing. Tests marked ``@pytest.mark.vm`` (QEMU guests,
 ``lab_factory(specs, vm=True)``) also skip when QEMU or the image tools are missing, or when
