@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import secrets
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -47,9 +46,17 @@ from typing import Any
 from reconciler.domains.strongswan import SWANCTL_CLIENT_CONF
 from reconciler.engine.identity import IDENTITY_PATH, MAX_LINES, SeenIdentity, parse_section
 from reconciler.errors import Reason, Transient
-from reconciler.host.connection import CommandResult, Connection
+from reconciler.host.connection import Connection
 from reconciler.host.pathsafe import HELPER, PERL, STRICT, Batch, Rule, all_ancestors, refusal, rule_of
-from reconciler.host.script import ScriptBuilder, token
+from reconciler.host.script import (
+    Framed,
+    ScriptBuilder,
+    Section,
+    prelude,
+    run_framed,
+    split_sections,
+    token,
+)
 from reconciler.kinds.observed import (
     FileState,
     IpsecState,
@@ -81,19 +88,10 @@ IPSEC_HANDLERS = frozenset({"charon", "charon-restart", "racoon", "setkey"})
 # path-safety helper prints the same records (kind "R": refused, the reason in the 6th field)
 FIND_FMT = r"%p\0%y\0%m\0%u\0%g\0%l\0%U\0"
 
-PRELUDE = r"""LC_ALL=C; export LC_ALL
-PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin; export PATH
-IFS= read -r N || N=
-exec </dev/null
-case $N in ''|*[!0-9a-f]*) echo 'reconciler: no framing nonce on stdin' >&2; exit 97;; esac
-frame() {
-  _fid=$1; shift
-  printf '\n@@%s<%s\n' "$N" "$_fid"
-  printf '@@%s<%s\n' "$N" "$_fid" >&2
-  "$@"
-  printf '\n@@%s>%s %s\n' "$N" "$_fid" "$?"
-}
-FMT='@FIND_FMT@'
+# the framing (reconciler.host.script) and the observation's shell functions
+PRELUDE = (
+    prelude()
+    + r"""FMT='@FIND_FMT@'
 st() { [ $# -eq 0 ] || find "$@" -maxdepth 0 -printf "$FMT"; }
 # every directory above $1 is not a link and is owned by root (shell builtins: no process;
 # the answer for the last directory asked is kept: files share directories); whatever else
@@ -219,6 +217,7 @@ svc_pid() {
 swanctl_q() { if [ -n "${SW:-}" ]; then STRONGSWAN_CONF=$SW swanctl "$@"; else swanctl "$@"; fi; }
 PID1=unknown; read -r PID1 < /proc/1/comm 2>/dev/null || PID1=unknown
 """.replace("@FIND_FMT@", FIND_FMT).replace("@MAX_LINES@", str(MAX_LINES))
+)
 
 
 # ---------------------------------------------------------------- what to look at
@@ -395,61 +394,6 @@ def _absolute(path: str) -> str:
     if not path.startswith("/"):
         raise ValueError(f"not an absolute path: {path!r}")
     return path
-
-
-def new_nonce() -> str:
-    """The framing nonce for one run (sent as the first line of the script's stdin)."""
-    return secrets.token_hex(16)
-
-
-# ---------------------------------------------------------------- framing
-
-
-@dataclass(frozen=True)
-class Section:
-    id: str
-    body: bytes
-    exit_status: int | None  # None: the section never ended (script killed)
-    stderr: str = ""
-
-
-def split_sections(stdout: bytes, stderr: bytes = b"", *, nonce: str) -> dict[str, Section]:
-    """Split the framed output into sections (raw bodies); see the module doc."""
-    mark = b"\n@@" + nonce.encode("ascii")
-    errs = _split_stderr(stderr, nonce)
-    out: dict[str, Section] = {}
-    current: str | None = None
-    body = b""
-    for chunk in stdout.split(mark)[1:]:
-        head, _, rest = chunk.partition(b"\n")
-        if head.startswith(b"<"):
-            if current is not None:
-                out[current] = Section(current, body, None, errs.get(current, ""))
-            current, body = head[1:].decode("ascii", errors="replace"), rest
-        elif head.startswith(b">") and current is not None:
-            parts = head[1:].decode("ascii", errors="replace").split()
-            rc: int | None
-            try:
-                rc = int(parts[1]) if len(parts) == 2 and parts[0] == current else None
-            except ValueError:
-                rc = None
-            out[current] = Section(current, body, rc, errs.get(current, ""))
-            current, body = None, b""
-    if current is not None:
-        out[current] = Section(current, body, None, errs.get(current, ""))
-    return out
-
-
-def _split_stderr(stderr: bytes, nonce: str) -> dict[str, str]:
-    mark = f"@@{nonce}<"
-    out: dict[str, list[str]] = {}
-    current = ""
-    for line in stderr.decode("utf-8", errors="replace").splitlines():
-        if line.startswith(mark):
-            current = line[len(mark) :].strip()
-            continue
-        out.setdefault(current, []).append(line)
-    return {k: "\n".join(v).strip() for k, v in out.items()}
 
 
 # ---------------------------------------------------------------- parsers
@@ -997,11 +941,9 @@ async def observe_host(
     """
     started = time.monotonic()
     script, args = build_script(desired, inventory_path, pending_path, identity_path)
-    nonce = new_nonce()
-    result = await conn.run_script(script, args=args, stdin_after=f"{nonce}\n".encode(), timeout=timeout)
-    _check(conn, result, nonce)
-    sections = split_sections(result.stdout, result.stderr, nonce=nonce)
-    observed = parse_observation(conn.host, desired, sections)
+    run = await run_framed(conn, script, args, timeout=timeout)
+    _check(conn, run)
+    observed = parse_observation(conn.host, desired, run.sections)
     # inventory entries the script could not stat (JSON escapes): stat them now
     missing = tuple(p for p in observed.inventory if p not in observed.files) if stat_inventory else ()
     fetch = content_wanted(desired, observed) if fetch_diffs else ()
@@ -1009,13 +951,9 @@ async def observe_host(
     if fetch or missing:
         round_trips = 2
         script2, args2 = build_fetch_script(fetch, missing, probe_for(desired).rules())
-        nonce2 = new_nonce()
-        result2 = await conn.run_script(
-            script2, args=args2, stdin_after=f"{nonce2}\n".encode(), timeout=timeout
-        )
-        _check(conn, result2, nonce2)
-        sections2 = split_sections(result2.stdout, result2.stderr, nonce=nonce2)
-        observed = _merge_fetch(observed, fetch, missing, sections2)
+        run2 = await run_framed(conn, script2, args2, timeout=timeout)
+        _check(conn, run2)
+        observed = _merge_fetch(observed, fetch, missing, run2.sections)
     log.debug(
         "observe.done",
         host=conn.host,
@@ -1026,10 +964,10 @@ async def observe_host(
     return observed
 
 
-def _check(conn: Connection, result: CommandResult, nonce: str) -> None:
-    if result.exit_status in (97, 127) and f"@@{nonce}".encode() not in result.stdout:
+def _check(conn: Connection, run: Framed) -> None:
+    if not run.started:
         raise Transient(
-            f"host {conn.host}: cannot run sh for observation: {result.stderr[-200:]!r}",
+            f"host {conn.host}: cannot run sh for observation: {run.result.stderr[-200:]!r}",
             reason=Reason.OBSERVE_INCOMPLETE,
         )
 

@@ -10,11 +10,9 @@ from pathlib import Path
 import pytest
 
 from reconciler.engine.observe import (
-    Section,
     build_script,
     content_wanted,
     file_states,
-    new_nonce,
     parse_charon,
     parse_dpkg,
     parse_find_records,
@@ -28,9 +26,9 @@ from reconciler.engine.observe import (
     parse_swanctl_conns,
     parse_swanctl_sas,
     parse_xfrm_policies,
-    split_sections,
 )
 from reconciler.host.connection import Connection, SshTarget
+from reconciler.host.script import Section, new_nonce, split_sections
 from reconciler.kinds.resources import (
     Desired,
     Domain,
