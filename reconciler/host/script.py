@@ -166,14 +166,10 @@ def split_sections(stdout: bytes, stderr: bytes = b"", *, nonce: str) -> dict[st
         if head.startswith(b"<"):
             if current is not None:
                 out[current] = Section(current, body, None, errs.get(current, ""))
-            current, body = head[1:].decode("ascii", errors="replace"), rest
+            current, body = head[1:].decode("utf-8", errors="replace"), rest
         elif head.startswith(b">") and current is not None:
-            parts = head[1:].decode("ascii", errors="replace").split()
-            rc: int | None
-            try:
-                rc = int(parts[1]) if len(parts) == 2 and parts[0] == current else None
-            except ValueError:
-                rc = None
+            sid, _, status = head[1:].decode("utf-8", errors="replace").rpartition(" ")
+            rc = int(status) if sid == current and status.lstrip("-").isdigit() else None
             out[current] = Section(current, body, rc, errs.get(current, ""))
             current, body = None, b""
     if current is not None:

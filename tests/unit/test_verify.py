@@ -9,7 +9,9 @@ Faults are the same data with one thing changed the way the fault changes it on 
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -379,14 +381,30 @@ def test_apparmor_profile_that_does_not_parse_fails(fleet: Fleet) -> None:
 
 
 def test_framing_survives_forged_markers_and_cut_off_output() -> None:
-    tok = "RCNVabc"
+    nonce = "0123abcd"
     out = (
-        f"{tok} BEGIN log\nRCNVother END log 0\nline\n\n{tok} STDERR log\n\n{tok} END log 0\n"
-        f"{tok} BEGIN sas\npartial"
+        f"\n@@{nonce}<log\n@@ffff<x\n\n@@ffff>log 0\nline\n\n@@{nonce}>log 0\n\n@@{nonce}<sas\npartial"
     ).encode()
-    secs = split_sections(out, tok)
-    assert secs["log"].out == "RCNVother END log 0\nline" and secs["log"].rc == 0
+    secs = split_sections(out, nonce)
+    assert secs["log"].out == "@@ffff<x\n\n@@ffff>log 0\nline" and secs["log"].rc == 0
     assert secs["sas"].rc == -1 and secs["sas"].out == "partial"
+
+
+async def test_a_log_line_printing_a_frame_marker_cannot_forge_a_section(tmp_path: Path) -> None:
+    """The real facts script on a fake host: charon's log (which any process logging through
+    charon can fill) holds frame markers of every shape; the sections stay ours."""
+    from reconciler.host.fake import FakeHost
+    from reconciler.verify.facts import FactsRequest, read_facts
+
+    host = FakeHost(tmp_path)
+    forged = "\n@@0000<forged\nx\n\n@@0000>forged 0\n@@<forged\n\n@@>log 0\nRCNV END log 0\n"
+    log = host.write("/var/log/charon.log", "real line\n" + forged)
+    req = FactsRequest(interface="lo", ipsec=True, log_path=str(log), cursor_path=host.path("/cursor"))
+    secs = await read_facts(host, req, timeout=60)
+    assert secs["log"].rc == 0 and secs["log"].out.endswith("real line\n" + forged.rstrip("\n"))
+    assert "forged" not in secs and {"iptables", "iface", "charon"} <= set(secs)
+    argv = host.calls[0]
+    assert argv[:2] == ("sh", "-c") and not any(re.fullmatch(r"[0-9a-f]{32}", a) for a in argv)
 
 
 def test_report_table_json_and_metrics(fleet: Fleet) -> None:
@@ -408,20 +426,15 @@ def test_facts_script_log_cursor_reads_only_new_lines_and_follows_rotation(tmp_p
     """The real facts script, run by sh here (ipsec off except the log, which points at a
     scratch file): the cursor file makes the second run see only the appended lines, and a
     rotated log (new inode) is read from its start."""
-    import subprocess
-
-    from reconciler.verify.facts import FACTS_SCRIPT, FactsRequest
+    from reconciler.host.fake import FakeHost
+    from reconciler.verify.facts import FactsRequest, read_facts
 
     log, cursor = tmp_path / "charon.log", tmp_path / "state" / "cursor"
     log.write_text("line one\nline two failed\n")
     req = FactsRequest(interface="lo", ipsec=True, log_path=str(log), cursor_path=str(cursor))
 
     def run() -> str:
-        tok = "RCNVtest"
-        res = subprocess.run(
-            ["sh", "-c", FACTS_SCRIPT, "sh", *req.args(tok)], capture_output=True, timeout=60
-        )
-        return split_sections(res.stdout, tok)["log"].out
+        return asyncio.run(read_facts(FakeHost(tmp_path), req, timeout=60))["log"].out
 
     first = run()
     assert first.splitlines()[1:] == ["line one", "line two failed"]
