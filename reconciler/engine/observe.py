@@ -57,6 +57,7 @@ from reconciler.host.script import (
     split_sections,
     token,
 )
+from reconciler.kinds.ipsec_state import ViciParseError, loaded_conns, up_names
 from reconciler.kinds.observed import (
     FileState,
     IpsecState,
@@ -370,8 +371,8 @@ def build_script(
         # swanctl loads every crypto plugin at start (~10 ms a call); listing needs none: the
         # rendered client settings load one tiny plugin (plain swanctl until they are applied)
         b.add(f'  SW={SWANCTL_CLIENT_CONF}; [ -r "$SW" ] || SW=')
-        b.add("  frame conns swanctl_q --list-conns")
-        b.add("  frame sas swanctl_q --list-sas")
+        b.add("  frame conns swanctl_q --list-conns --pretty")
+        b.add("  frame sas swanctl_q --list-sas --pretty")
         b.add("fi")
     if want.kernel:
         b.add(f"KMODS='{' '.join(token(m) for m in KERNEL_MODULES)}'")
@@ -550,32 +551,6 @@ def parse_links(data: str) -> tuple[LinkState, ...]:
     return tuple(out)
 
 
-def parse_swanctl_conns(text: str) -> tuple[str, ...]:
-    """Connection names from ``swanctl --list-conns`` (top-level ``name: IKEv2, ...`` lines)."""
-    names = []
-    for line in text.splitlines():
-        if line and not line[0].isspace() and ": IKEv" in line:
-            names.append(line.split(":", 1)[0])
-    return tuple(names)
-
-
-def parse_swanctl_sas(text: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(IKE_SA names ESTABLISHED, CHILD_SA names INSTALLED) from ``swanctl --list-sas``."""
-    ike: list[str] = []
-    children: list[str] = []
-    for line in text.splitlines():
-        if not line.strip() or ": #" not in line:
-            continue
-        name, rest = line.strip().split(": #", 1)
-        states = [w.strip() for w in rest.split(",")]
-        if not line[0].isspace():
-            if "ESTABLISHED" in states:
-                ike.append(name)
-        elif "INSTALLED" in states:
-            children.append(name)
-    return tuple(dict.fromkeys(ike)), tuple(dict.fromkeys(children))
-
-
 def parse_charon(text: str) -> bool:
     """charon runs if its pid file names a live charon process; without a pid file, if any
     charon process is visible (``/proc/*/comm``)."""
@@ -752,8 +727,11 @@ def parse_observation(host: str, desired: Desired, sections: Mapping[str, Sectio
     ike: tuple[str, ...] = ()
     children: tuple[str, ...] = ()
     if running and ("conns" in sections or "sas" in sections):
-        conns = parse_swanctl_conns(body("conns", "swanctl --list-conns") or "")
-        ike, children = parse_swanctl_sas(body("sas", "swanctl --list-sas") or "")
+        try:
+            conns = loaded_conns(body("conns", "swanctl --list-conns") or "")
+            ike, children = up_names(body("sas", "swanctl --list-sas") or "")
+        except ViciParseError as err:
+            errors.append(f"swanctl: cannot parse its output: {err}")
     elif running:
         errors.append("swanctl: charon runs but its vici socket (/var/run/charon.vici) is missing")
     ipsec = IpsecState(

@@ -21,7 +21,8 @@ import pytest
 
 from reconciler.fleet.load import load_fleet
 from reconciler.fleet.model import Fleet
-from reconciler.verify import datapath, ipsec
+from reconciler.kinds import ipsec_state
+from reconciler.verify import datapath, ipsec_log
 from reconciler.verify.apache import parse_headers, sample_path
 from reconciler.verify.checks import Status, VerifyReport
 from reconciler.verify.facts import HostFacts, Section, split_sections
@@ -280,18 +281,18 @@ def _drop_children(lines: list[str]) -> list[str]:
 
 def test_vici_pretty_parser_keeps_values_with_spaces_and_lists() -> None:
     text = (ROOT / "tests/fixtures/verify/mesh4-libipsec.json").read_text()
-    conns = ipsec.parse_conns(json.loads(text)["web1"]["sections"]["conns"]["out"])
+    conns = ipsec_state.parse_conns(json.loads(text)["web1"]["sections"]["conns"]["out"])
     c = conns["mesh-web2"]
     assert c.local_addrs == ("192.0.2.11",) and c.remote_id == "192.0.2.12"
-    assert c.child("mesh-web2-net") == ipsec.ChildConf(
+    assert c.child("mesh-web2-net") == ipsec_state.ChildConf(
         "mesh-web2-net", "TUNNEL", ("10.99.0.11/32",), ("10.99.0.12/32",)
     )
-    tree = ipsec.parse_vici_pretty(
+    tree = ipsec_state.parse_vici_pretty(
         "list-conn event {\n  x {\n    class = public key\n    groups = [\n    ]\n  }\n}\n"
     )
     assert tree == [("list-conn event", {"x": {"class": "public key", "groups": []}})]
-    with pytest.raises(ipsec.ViciParseError):
-        ipsec.parse_vici_pretty("list-sa event {\n  x {\n    state = ESTABLISHED\n")
+    with pytest.raises(ipsec_state.ViciParseError):
+        ipsec_state.parse_vici_pretty("list-sa event {\n  x {\n    state = ESTABLISHED\n")
 
 
 def test_charon_log_errors_are_attributed_and_recovery_is_tracked() -> None:
@@ -304,16 +305,16 @@ def test_charon_log_errors_are_attributed_and_recovery_is_tracked() -> None:
         "Nov 25 17:24:00 10[IKE] <mesh-db1|3> received AUTHENTICATION_FAILED notify error",
         "Nov 25 17:24:01 10[CFG] something failed without a connection",
     ]
-    read = ipsec.analyse_log(lines, addr_to_conn={"192.0.2.11": "mesh-web1", "192.0.2.12": "mesh-web2"})
+    read = ipsec_log.analyse_log(lines, addr_to_conn={"192.0.2.11": "mesh-web1", "192.0.2.12": "mesh-web2"})
     assert [(e.connection, e.recovered) for e in read.errors] == [
         ("mesh-web1", False),
         ("mesh-web2", True),
         ("mesh-db1", False),
         (None, False),
     ]
-    cursor = ipsec.parse_log_section("CURSOR 12 100 400000 137856\n" + "\n".join(lines))
+    cursor = ipsec_log.parse_log_section("CURSOR 12 100 400000 137856\n" + "\n".join(lines))
     assert cursor.truncated and cursor.lines_read == len(lines)
-    assert not ipsec.parse_log_section("NOLOG").present
+    assert not ipsec_log.parse_log_section("NOLOG").present
 
 
 def test_capture_parser_classifies_esp_in_udp_plain_esp_and_clear_icmp() -> None:
@@ -446,7 +447,7 @@ def test_facts_script_log_cursor_reads_only_new_lines_and_follows_rotation(tmp_p
     log.unlink()
     log.write_text("after rotation\n")
     assert run().splitlines()[1:] == ["after rotation"]
-    read = ipsec.parse_log_section(first)
+    read = ipsec_log.parse_log_section(first)
     assert read.present and [e.line for e in read.errors] == ["line two failed"]
 
 
@@ -467,14 +468,14 @@ def test_two_ike_sas_per_side_after_simultaneous_initiation_pick_the_matching_pa
 
 
 def test_a_retransmit_that_was_answered_is_not_an_error_but_giving_up_is() -> None:
-    read = ipsec.analyse_log(
+    read = ipsec_log.analyse_log(
         [
             "Nov 25 20:26:33 10[IKE] <mesh-db1|48> retransmit 1 of request with message ID 2",
             "Nov 25 20:26:33 10[ENC] <mesh-db1|48> parsed INFORMATIONAL response 2 [ ]",
         ]
     )
     assert read.errors == ()
-    read = ipsec.analyse_log(
+    read = ipsec_log.analyse_log(
         [
             "Nov 25 20:26:33 10[IKE] <mesh-db1|48> retransmit 5 of request with message ID 2",
             "Nov 25 20:27:20 10[IKE] <mesh-db1|48> giving up after 5 retransmits",
@@ -504,10 +505,10 @@ def test_peer_key_hashes_match_openssl_for_the_pem_files_the_host_sends(
                           capture_output=True, text=True).stdout  # fmt: skip
     import hashlib
 
-    hashes = ipsec.parse_key_hashes(sent)
+    hashes = ipsec_log.parse_key_hashes(sent)
     assert hashes == {"web2.pem": hashlib.sha256(der).hexdigest(), "bad.pem": "unreadable"}
     # facts recorded before this format (one "<file> <hash>" line per key) still read
-    assert ipsec.parse_key_hashes("web2.pem abc\nbad.pem unreadable\n") == {
+    assert ipsec_log.parse_key_hashes("web2.pem abc\nbad.pem unreadable\n") == {
         "web2.pem": "abc",
         "bad.pem": "unreadable",
     }
