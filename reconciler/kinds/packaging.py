@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from reconciler.host.script import Result as _Result
-from reconciler.host.script import Runner
+from reconciler.host.script import Runner, Sections, prelude, run_framed
 from reconciler.kinds.resources import Desired, Service
 from reconciler.log import get_logger
 
@@ -100,28 +100,34 @@ def parse_lock(text: str) -> LockHolder | None:
 # ---------------------------------------------------------------- apt-get
 
 
-APT_SCRIPT = r"""
+# The framing (reconciler.host.script): each event "@@APT <words>" is its own section
+# (apt.1, apt.2...), the package states one section (pkgs), the apt/dpkg log tail one (log):
+# what apt, dpkg or a maintainer script prints can never pass for an event or a state.
+APT_SCRIPT = (
+    prelude()
+    + r"""
 set -u
 verb=$1; t_apt=$2; t_update=$3; shift 3
 DEBIAN_FRONTEND=noninteractive; export DEBIAN_FRONTEND
 APT_LISTCHANGES_FRONTEND=none; export APT_LISTCHANGES_FRONTEND
-LC_ALL=C; export LC_ALL
-PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin; export PATH
-log=$(mktemp /tmp/.reconciler-apt.XXXXXX) || { echo "@@APT error cannot create a temp file"; exit 0; }
+_e=0
+ev() { _e=$((_e + 1)); frame "apt.$_e" printf '%s\n' "$*"; }
+log=$(mktemp /tmp/.reconciler-apt.XXXXXX) || { ev error cannot create a temp file; exit 0; }
 trap 'rm -f "$log"' EXIT
-tail_log() { echo "@@LOG"; tail -n TAIL "$log"; echo "@@ENDLOG"; }
-status() {
+tail_log() { frame log tail -n TAIL "$log"; }
+states() {
   for p do
-    if s=$(dpkg-query -W -f='${db:Status-Abbrev}' -- "$p" 2>/dev/null); then echo "@@PKG $p $s"
-    else echo "@@PKG $p missing"; fi
+    if s=$(dpkg-query -W -f='${db:Status-Abbrev}' -- "$p" 2>/dev/null); then echo "$p $s"
+    else echo "$p missing"; fi
   done
 }
+status() { frame pkgs states "$@"; }
 report() {  # $1 = exit status of apt-get (124/137: timed out); then the package names
   rc=$1; shift
   case $rc in
-    0) echo "@@APT ok" ;;
-    124|137) echo "@@APT timeout $rc" ;;
-    *) echo "@@APT failed $rc" ;;
+    0) ev ok ;;
+    124|137) ev timeout "$rc" ;;
+    *) ev failed "$rc" ;;
   esac
   status "$@"
   [ "$rc" = 0 ] || tail_log
@@ -135,17 +141,17 @@ no_candidate() {
 # serialises its apt runs with flock(1) on the same file is only visible to flock itself
 if [ -e /var/lib/dpkg/lock-frontend ] && command -v flock >/dev/null 2>&1; then
   flock -n -E 75 /var/lib/dpkg/lock-frontend true 2>/dev/null
-  if [ $? = 75 ]; then echo "@@APT flocked /var/lib/dpkg/lock-frontend"; status "$@"; exit 0; fi
+  if [ $? = 75 ]; then ev flocked /var/lib/dpkg/lock-frontend; status "$@"; exit 0; fi
 fi
 if [ "$verb" = install ]; then
   need_update=0
   for p do if no_candidate "$p"; then need_update=1; fi; done
   if [ $need_update = 1 ]; then
-    echo "@@APT update"
+    ev update
     timeout -k 10 "$t_update" apt-get -q -o DPkg::Lock::Timeout=0 update >"$log" 2>&1; rc=$?
-    if [ $rc != 0 ]; then echo "@@APT update-failed $rc"; tail_log; status "$@"; exit 0; fi
+    if [ $rc != 0 ]; then ev update-failed "$rc"; tail_log; status "$@"; exit 0; fi
     bad=0
-    for p do if no_candidate "$p"; then echo "@@APT no-candidate $p"; bad=1; fi; done
+    for p do if no_candidate "$p"; then ev no-candidate "$p"; bad=1; fi; done
     if [ $bad = 1 ]; then status "$@"; exit 0; fi
   fi
   timeout -k 30 "$t_apt" apt-get -y -q -o DPkg::Lock::Timeout=0 \
@@ -156,13 +162,13 @@ else
   # a purge never takes anything the fleet did not name with it
   sim=$(apt-get -s -q -o DPkg::Lock::Timeout=0 purge -- "$@" 2>&1); rc=$?
   if [ $rc != 0 ]; then
-    printf '%s\n' "$sim" > "$log"; echo "@@APT failed $rc"; status "$@"; tail_log; exit 0
+    printf '%s\n' "$sim" > "$log"; ev failed "$rc"; status "$@"; tail_log; exit 0
   fi
   extra=0
   for r in $(printf '%s\n' "$sim" | sed -n 's/^\(Purg\|Remv\) \([^ ]*\).*/\2/p'); do
     named=0
     for p do if [ "$r" = "$p" ] || [ "${r%%:*}" = "$p" ]; then named=1; fi; done
-    if [ $named = 0 ]; then echo "@@APT would-remove $r"; extra=1; fi
+    if [ $named = 0 ]; then ev would-remove "$r"; extra=1; fi
   done
   if [ $extra = 1 ]; then status "$@"; exit 0; fi
   timeout -k 30 "$t_apt" apt-get -y -q -o DPkg::Lock::Timeout=0 \
@@ -170,6 +176,7 @@ else
   report $? "$@"
 fi
 """.replace("TAIL", str(LOG_TAIL))
+)
 
 
 @dataclass(frozen=True)
@@ -230,8 +237,21 @@ def _state_words(abbrev: str) -> str:
     return word
 
 
-def parse_apt_output(verb: str, names: Sequence[str], text: str) -> AptRun:
-    """Parse ``APT_SCRIPT``'s markers (pure; unit-tested)."""
+def apt_text(sections: Sections) -> tuple[str, str]:
+    """``APT_SCRIPT``'s sections as (the event and state lines ``parse_apt_output`` reads, the
+    apt/dpkg log tail: never read for markers)."""
+    events = sorted(
+        (k for k in sections if k.startswith("apt.")), key=lambda k: int(k[4:]) if k[4:].isdigit() else 0
+    )
+    lines = [f"@@APT {sections[k].text}" for k in events]
+    pkgs = sections.get("pkgs")
+    lines += [f"@@PKG {ln}" for ln in (pkgs.text.splitlines() if pkgs is not None else ())]
+    log_sec = sections.get("log")
+    return "\n".join(lines) + "\n", log_sec.text if log_sec is not None else ""
+
+
+def parse_apt_output(verb: str, names: Sequence[str], text: str, log_tail: str = "") -> AptRun:
+    """Parse ``APT_SCRIPT``'s events (``apt_text``; pure; unit-tested)."""
     states: dict[str, str] = {}
     failed_reason = ""
     no_candidate: list[str] = []
@@ -279,6 +299,7 @@ def parse_apt_output(verb: str, names: Sequence[str], text: str) -> AptRun:
                 failed_reason = " ".join(word[1:])
             elif word[0] == "flocked":
                 flocked = LockHolder(word[1] if len(word) > 1 else "/var/lib/dpkg/lock-frontend")
+    tail += [ln.rstrip("\r").split("\r")[-1] for ln in log_tail.splitlines()]
     output = "\n".join(tail).strip()
     lock = flocked or (parse_lock(output) if not ran_ok else None)
     done: list[str] = []
@@ -331,14 +352,16 @@ async def apt(
     pkgs = [check_package_name(n) for n in names]
     if not pkgs:
         return AptRun(verb, (), True)
-    res = await conn.run_script(
+    framed = await run_framed(
+        conn,
         APT_SCRIPT,
-        args=(verb, str(int(timeout)), str(int(update_timeout)), *pkgs),
+        (verb, str(int(timeout)), str(int(update_timeout)), *pkgs),
         timeout=timeout + update_timeout + 120,
     )
-    text = res.stdout.decode(errors="replace")
-    run = parse_apt_output(verb, pkgs, text)
-    if not any(line.startswith("@@APT ") for line in text.splitlines()):
+    res = framed.result
+    text, log_tail = apt_text(framed.sections)
+    run = parse_apt_output(verb, pkgs, text, log_tail)
+    if not any(k.startswith("apt.") for k in framed.sections):
         # the script itself did not run (no sh, killed): report what we have
         detail = (res.stderr + res.stdout).decode(errors="replace").strip()[-1500:]
         run = AptRun(
@@ -362,15 +385,20 @@ async def apt(
 # ---------------------------------------------------------------- services
 
 
-SYSV_ENABLE = r"""
+SYSV_ENABLE = (
+    prelude()
+    + r"""
 set -u
 n=$1
-[ -f "/etc/init.d/$n" ] || { echo "@@NOINIT"; exit 0; }
+verdict() { frame verdict echo "$1"; exit 0; }
+upd() { update-rc.d "$1" defaults 2>&1; }
+[ -f "/etc/init.d/$n" ] || verdict NOINIT
 for f in /etc/rc2.d/S*"$n" /etc/rc3.d/S*"$n" /etc/rc4.d/S*"$n" /etc/rc5.d/S*"$n"; do
-  case ${f##*/} in S[0-9][0-9]"$n") [ -e "$f" ] && { echo "@@ALREADY"; exit 0; } ;; esac
+  case ${f##*/} in S[0-9][0-9]"$n") [ -e "$f" ] && verdict ALREADY ;; esac
 done
-update-rc.d "$n" defaults 2>&1 && echo "@@ENABLED" || echo "@@FAILED"
+frame update upd "$n"
 """
+)
 
 WAIT_STATUS = r"""
 i=0
@@ -412,15 +440,16 @@ async def enable_service(conn: Runner, s: Service, init_system: str) -> ServiceR
         if res.exit_status != 0:
             return ServiceRun(False, f"systemctl enable {name} failed: {_tail(_text(res))}")
         return ServiceRun(True, f"enabled {name} (systemd)")
-    res = await conn.run_script(SYSV_ENABLE, args=(name,), timeout=SERVICE_TIMEOUT)
-    out = res.stdout.decode(errors="replace")
-    if "@@NOINIT" in out:
+    run = await run_framed(conn, SYSV_ENABLE, (name,), timeout=SERVICE_TIMEOUT)
+    verdict, update = run.sections.get("verdict"), run.sections.get("update")
+    if verdict is not None and verdict.text == "NOINIT":
         return ServiceRun(True, f"{name} has no init script: started by its own control command")
-    if "@@ALREADY" in out:
+    if verdict is not None and verdict.text == "ALREADY":
         return ServiceRun(True, f"{name} already enabled in the runlevels")
-    if "@@ENABLED" in out:
+    if update is not None and update.ok:
         return ServiceRun(True, f"enabled {name} (update-rc.d {name} defaults)")
-    return ServiceRun(False, f"update-rc.d {name} defaults failed: {_tail(_text(res))}")
+    why = update.text if update is not None else _text(run.result)
+    return ServiceRun(False, f"update-rc.d {name} defaults failed: {_tail(why)}")
 
 
 async def start_service(conn: Runner, s: Service, init_system: str) -> ServiceRun:
