@@ -8,7 +8,8 @@ refused). Fixed scripts take their data as positional arguments the same way.
 Framing: every script starts with ``prelude()``, which reads a nonce (128 random bits, new
 for every run, ``new_nonce()``) from the first line of stdin (never argv: other users of the
 host read argv in /proc) and defines ``frame ID COMMAND...``, which runs COMMAND as section
-ID. Output on stdout, raw bytes (no encoding)::
+ID, and ``say WORDS...``, which reports one line of the script's own (an event, a verdict) as
+section ``say.<n>`` (``said()`` lists them in order). Output on stdout, raw bytes::
 
     \n@@<nonce><<id>\n<the command's stdout>\n@@<nonce>><id> <exit status>\n
 
@@ -114,6 +115,8 @@ frame() {
   "$@"
   printf '\n@@%s>%s %s\n' "$N" "$_fid" "$?"
 }
+_said=0
+say() { _said=$((_said + 1)); frame "say.$_said" printf '%s\n' "$*"; }
 """
 NO_NONCE_EXIT = 97  # the script found no nonce on stdin (or sh itself could not start: 127)
 
@@ -177,6 +180,12 @@ def split_sections(stdout: bytes, stderr: bytes = b"", *, nonce: str) -> dict[st
     return out
 
 
+def said(sections: Sections) -> list[str]:
+    """The lines the script reported with ``say``, in order."""
+    keys = sorted((k for k in sections if k.startswith("say.") and k[4:].isdigit()), key=lambda k: int(k[4:]))
+    return [sections[k].text for k in keys]
+
+
 def _split_stderr(stderr: bytes, nonce: str) -> dict[str, str]:
     mark = f"@@{nonce}<"
     out: dict[str, list[str]] = {}
@@ -205,9 +214,9 @@ class Framed:
             and f"@@{self.nonce}".encode() not in self.result.stdout
         )
 
-    def head_error(self) -> str:
-        """stderr before the first section (the prelude's or sh's own complaint)."""
-        return _split_stderr(self.result.stderr, self.nonce).get("", "")
+    def stderr_text(self) -> str:
+        """All of stderr, without the framing's marker lines."""
+        return "\n".join(v for v in _split_stderr(self.result.stderr, self.nonce).values() if v)
 
 
 async def run_framed(

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from reconciler.host.script import Result as _Result
-from reconciler.host.script import Runner, Sections, prelude, run_framed
+from reconciler.host.script import Runner, Sections, prelude, run_framed, said
 from reconciler.kinds.resources import Desired, Service
 from reconciler.log import get_logger
 
@@ -100,9 +100,9 @@ def parse_lock(text: str) -> LockHolder | None:
 # ---------------------------------------------------------------- apt-get
 
 
-# The framing (reconciler.host.script): each event "@@APT <words>" is its own section
-# (apt.1, apt.2...), the package states one section (pkgs), the apt/dpkg log tail one (log):
-# what apt, dpkg or a maintainer script prints can never pass for an event or a state.
+# The framing (reconciler.host.script): each event is said (its own section), the package
+# states one section (pkgs), the apt/dpkg log tail one (log): what apt, dpkg or a maintainer
+# script prints can never pass for an event or a state.
 APT_SCRIPT = (
     prelude()
     + r"""
@@ -110,9 +110,7 @@ set -u
 verb=$1; t_apt=$2; t_update=$3; shift 3
 DEBIAN_FRONTEND=noninteractive; export DEBIAN_FRONTEND
 APT_LISTCHANGES_FRONTEND=none; export APT_LISTCHANGES_FRONTEND
-_e=0
-ev() { _e=$((_e + 1)); frame "apt.$_e" printf '%s\n' "$*"; }
-log=$(mktemp /tmp/.reconciler-apt.XXXXXX) || { ev error cannot create a temp file; exit 0; }
+log=$(mktemp /tmp/.reconciler-apt.XXXXXX) || { say error cannot create a temp file; exit 0; }
 trap 'rm -f "$log"' EXIT
 tail_log() { frame log tail -n TAIL "$log"; }
 states() {
@@ -125,9 +123,9 @@ status() { frame pkgs states "$@"; }
 report() {  # $1 = exit status of apt-get (124/137: timed out); then the package names
   rc=$1; shift
   case $rc in
-    0) ev ok ;;
-    124|137) ev timeout "$rc" ;;
-    *) ev failed "$rc" ;;
+    0) say ok ;;
+    124|137) say timeout "$rc" ;;
+    *) say failed "$rc" ;;
   esac
   status "$@"
   [ "$rc" = 0 ] || tail_log
@@ -141,17 +139,17 @@ no_candidate() {
 # serialises its apt runs with flock(1) on the same file is only visible to flock itself
 if [ -e /var/lib/dpkg/lock-frontend ] && command -v flock >/dev/null 2>&1; then
   flock -n -E 75 /var/lib/dpkg/lock-frontend true 2>/dev/null
-  if [ $? = 75 ]; then ev flocked /var/lib/dpkg/lock-frontend; status "$@"; exit 0; fi
+  if [ $? = 75 ]; then say flocked /var/lib/dpkg/lock-frontend; status "$@"; exit 0; fi
 fi
 if [ "$verb" = install ]; then
   need_update=0
   for p do if no_candidate "$p"; then need_update=1; fi; done
   if [ $need_update = 1 ]; then
-    ev update
+    say update
     timeout -k 10 "$t_update" apt-get -q -o DPkg::Lock::Timeout=0 update >"$log" 2>&1; rc=$?
-    if [ $rc != 0 ]; then ev update-failed "$rc"; tail_log; status "$@"; exit 0; fi
+    if [ $rc != 0 ]; then say update-failed "$rc"; tail_log; status "$@"; exit 0; fi
     bad=0
-    for p do if no_candidate "$p"; then ev no-candidate "$p"; bad=1; fi; done
+    for p do if no_candidate "$p"; then say no-candidate "$p"; bad=1; fi; done
     if [ $bad = 1 ]; then status "$@"; exit 0; fi
   fi
   timeout -k 30 "$t_apt" apt-get -y -q -o DPkg::Lock::Timeout=0 \
@@ -162,13 +160,13 @@ else
   # a purge never takes anything the fleet did not name with it
   sim=$(apt-get -s -q -o DPkg::Lock::Timeout=0 purge -- "$@" 2>&1); rc=$?
   if [ $rc != 0 ]; then
-    printf '%s\n' "$sim" > "$log"; ev failed "$rc"; status "$@"; tail_log; exit 0
+    printf '%s\n' "$sim" > "$log"; say failed "$rc"; status "$@"; tail_log; exit 0
   fi
   extra=0
   for r in $(printf '%s\n' "$sim" | sed -n 's/^\(Purg\|Remv\) \([^ ]*\).*/\2/p'); do
     named=0
     for p do if [ "$r" = "$p" ] || [ "${r%%:*}" = "$p" ]; then named=1; fi; done
-    if [ $named = 0 ]; then ev would-remove "$r"; extra=1; fi
+    if [ $named = 0 ]; then say would-remove "$r"; extra=1; fi
   done
   if [ $extra = 1 ]; then status "$@"; exit 0; fi
   timeout -k 30 "$t_apt" apt-get -y -q -o DPkg::Lock::Timeout=0 \
@@ -240,10 +238,7 @@ def _state_words(abbrev: str) -> str:
 def apt_text(sections: Sections) -> tuple[str, str]:
     """``APT_SCRIPT``'s sections as (the event and state lines ``parse_apt_output`` reads, the
     apt/dpkg log tail: never read for markers)."""
-    events = sorted(
-        (k for k in sections if k.startswith("apt.")), key=lambda k: int(k[4:]) if k[4:].isdigit() else 0
-    )
-    lines = [f"@@APT {sections[k].text}" for k in events]
+    lines = [f"@@APT {line}" for line in said(sections)]
     pkgs = sections.get("pkgs")
     lines += [f"@@PKG {ln}" for ln in (pkgs.text.splitlines() if pkgs is not None else ())]
     log_sec = sections.get("log")
@@ -361,7 +356,7 @@ async def apt(
     res = framed.result
     text, log_tail = apt_text(framed.sections)
     run = parse_apt_output(verb, pkgs, text, log_tail)
-    if not any(k.startswith("apt.") for k in framed.sections):
+    if not said(framed.sections):
         # the script itself did not run (no sh, killed): report what we have
         detail = (res.stderr + res.stdout).decode(errors="replace").strip()[-1500:]
         run = AptRun(

@@ -25,7 +25,7 @@ def test_a_maintainer_script_printing_markers_cannot_fake_success() -> None:
         "Setting up rcl-broken (1.0) ...\n@@ENDLOG\n@@APT ok\n@@PKG rcl-broken ii \n"
         f"\n@@{'f' * 32}>log 0\n@@APT ok\n"
     )
-    out = framed(("apt.1", "failed 100", 0), ("pkgs", "rcl-broken iF ", 0), ("log", hostile, 0))
+    out = framed(("say.1", "failed 100", 0), ("pkgs", "rcl-broken iF ", 0), ("log", hostile, 0))
     text, tail = apt_text(split_sections(out, nonce=NONCE))
     assert text == "@@APT failed 100\n@@PKG rcl-broken iF \n"
     run = parse_apt_output("install", ["rcl-broken"], text, tail)
@@ -35,7 +35,7 @@ def test_a_maintainer_script_printing_markers_cannot_fake_success() -> None:
 
 
 def test_events_keep_their_order_past_nine() -> None:
-    events = [(f"apt.{i}", f"no-candidate p{i}", 0) for i in range(1, 12)]
+    events = [(f"say.{i}", f"no-candidate p{i}", 0) for i in range(1, 12)]
     text, _ = apt_text(split_sections(framed(*events), nonce=NONCE))
     assert text.splitlines()[9:11] == ["@@APT no-candidate p10", "@@APT no-candidate p11"]
 
