@@ -104,9 +104,9 @@ class Pool(Protocol):
 
 # ---------------------------------------------------------------- the one framing
 
+_FIXED_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin; export PATH\n"
 _FRAME = r"""LC_ALL=C; export LC_ALL
-PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin; export PATH
-IFS= read -r N || N=
+@PATH@IFS= read -r N || N=
 @STDIN@case $N in ''|*[!0-9a-f]*) echo 'reconciler: no framing nonce on stdin' >&2; exit 97;; esac
 frame() {
   _fid=$1; shift
@@ -121,10 +121,13 @@ say() { _said=$((_said + 1)); frame "say.$_said" printf '%s\n' "$*"; }
 NO_NONCE_EXIT = 97  # the script found no nonce on stdin (or sh itself could not start: 127)
 
 
-def prelude(*, keep_stdin: bool = False) -> str:
+def prelude(*, keep_stdin: bool = False, fixed_path: bool = True) -> str:
     """The start of every host script: C locale, a fixed PATH, the nonce read from stdin and
-    ``frame``. stdin is closed after the nonce unless the script reads data from it."""
-    return _FRAME.replace("@STDIN@", "" if keep_stdin else "exec </dev/null\n")
+    ``frame``. stdin is closed after the nonce unless the script reads data from it; the
+    drift scripts keep the login PATH (as they always did: tests put fault-injection shims on
+    it)."""
+    text = _FRAME.replace("@PATH@", _FIXED_PATH if fixed_path else "")
+    return text.replace("@STDIN@", "" if keep_stdin else "exec </dev/null\n")
 
 
 def new_nonce() -> str:
