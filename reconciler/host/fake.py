@@ -3,9 +3,11 @@ scripts run there under the local ``sh`` (as the current user, no SSH, no namesp
 
 It implements ``reconciler.host.script.Runner``/``Conn`` (and ``FakePool`` the ``Pool``), so
 observe, verify, snapshot, packaging and deadman code runs unchanged against it. The scripts
-are the real ones; what a fake host cannot rebase is the paths a script hard-codes (``/proc``,
-``/run/charon.pid``...): tests pass the paths the code takes as parameters through ``path()``
-(e.g. an inventory path, a log path, a declared file) so every write stays under ``root``.
+are the real ones. Paths the code takes as parameters (an inventory path, a log path, a
+declared file) are rebased by the test through ``path()``; paths a script hard-codes
+(``/var/log/kern.log``...) are rebased with ``bind``: each such directory is bind-mounted from
+under ``root`` in a private mount namespace of each command (needs root and ``unshare``:
+``bind_supported()`` says whether this machine can). Every write stays under ``root``.
 Every command run is recorded in ``calls`` (to prove a plan ran nothing that mutates).
 """
 
@@ -13,9 +15,27 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+# $1 = how many (source, target) pairs follow, then the pairs, then the command
+_BIND = r"""n=$1; shift
+while [ "$n" -gt 0 ]; do mount --bind "$1" "$2" || exit 125; shift 2; n=$((n - 1)); done
+exec "$@"
+"""
+
+
+def bind_supported() -> str | None:
+    """None when ``FakeHost.bind`` works here, else why not (for a test's skip reason)."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return "needs root and unshare for private mounts"
+    probe = subprocess.run(["unshare", "--mount", "true"], capture_output=True, check=False)
+    if probe.returncode != 0:
+        return f"mount namespaces unavailable: {probe.stderr.decode().strip()}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -32,6 +52,7 @@ class FakeHost:
     env: Mapping[str, str] = field(default_factory=dict)
     calls: list[tuple[str, ...]] = field(default_factory=list)
     default_timeout: float = 60.0
+    bind: tuple[str, ...] = ()  # host directories seen from under root (private mounts)
 
     def path(self, p: str) -> str:
         """``p`` (absolute on the host) as a path under this fake host's root."""
@@ -52,6 +73,12 @@ class FakeHost:
     ) -> FakeResult:
         self.calls.append(tuple(argv))
         env = {**os.environ, **self.env}
+        if self.bind:
+            mounts = [w for d in self.bind for w in (self.path(d), d)]
+            argv = [
+                "unshare", "--mount", "--propagation", "private", "sh", "-c", _BIND, "bind",
+                str(len(self.bind)), *mounts, *argv,
+            ]  # fmt: skip
         proc = await asyncio.create_subprocess_exec(
             *argv,
             stdin=asyncio.subprocess.PIPE,
