@@ -29,12 +29,13 @@ from dataclasses import dataclass
 
 from reconciler.errors import ReconcilerError
 from reconciler.host.script import Pool, prelude, run_framed, said
+from reconciler.host.state import FIREWALL_STATE_DIR
 from reconciler.kinds.resources import FirewallRuleset
 from reconciler.log import get_logger
 
 log = get_logger(__name__)
 
-STATE_DIR = "/var/lib/reconciler/firewall"
+STATE_DIR = FIREWALL_STATE_DIR
 DEFAULT_WINDOW = 10.0  # seconds before the host restores the old rules (iptables-apply's default)
 
 

@@ -57,6 +57,7 @@ from reconciler.host.script import (
     split_sections,
     token,
 )
+from reconciler.host.state import INVENTORY_PATH, PENDING_RELOADS_PATH
 from reconciler.kinds.ipsec_state import ViciParseError, loaded_conns, up_names
 from reconciler.kinds.observed import (
     FileState,
@@ -75,10 +76,6 @@ from reconciler.netfilter.iptables import IptablesParseError, canonical_iptables
 
 log = get_logger(__name__)
 
-INVENTORY_PATH = "/var/lib/reconciler/inventory.json"  # JSON list of absolute paths (plan writes it)
-# handlers whose files were swapped in but not yet reloaded (apply writes it before a swap and
-# clears it after the reloads; a leftover means an apply was interrupted in between)
-PENDING_RELOADS_PATH = "/var/lib/reconciler/pending-reloads"
 CONTENT_LIMIT = 4 * 1024 * 1024  # larger files are compared by hash only (no diff)
 KERNEL_MODULES = ("ipip", "esp4", "ah4", "xfrm_user", "vxlan", "tun")
 NO_IPV6 = "reconciler-no-ipv6"  # the ip6tables section's answer on a kernel without IPv6

@@ -19,8 +19,9 @@ from reconciler.domains.strongswan import SWANCTL_CLIENT_CONF
 from reconciler.host.script import Runner, prelude, run_framed
 from reconciler.host.script import Section as Frame
 from reconciler.host.script import split_sections as split_frames
+from reconciler.host.state import VERIFY_CURSOR_PATH
 
-CURSOR_PATH = "/var/lib/reconciler/verify/charon-log.cursor"
+CURSOR_PATH = VERIFY_CURSOR_PATH
 LOG_TAIL_BYTES = 262144  # read at most this much new log per run
 STDERR_BYTES = 4096
 
