@@ -20,7 +20,8 @@ from typing import Any
 
 from reconciler.domains.firewall_access import management_admits, mesh_admits, port_access
 from reconciler.fleet.model import Datapath, Fleet, Host, MeshMode
-from reconciler.netfilter.check import Packet, ParseError, Table, evaluate, parse_filter
+from reconciler.netfilter.check import Packet, evaluate
+from reconciler.netfilter.iptables import ParseError, Table, parse_filter
 from reconciler.verify.checks import Check, failed, passed
 from reconciler.verify.facts import HostFacts
 

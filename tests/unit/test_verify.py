@@ -520,7 +520,8 @@ def test_the_firewall_prefilter_gives_the_evaluators_own_verdict() -> None:
     import random
     from ipaddress import IPv4Address
 
-    from reconciler.netfilter.check import Packet, evaluate, parse_filter
+    from reconciler.netfilter.check import Packet, evaluate
+    from reconciler.netfilter.iptables import parse_filter
     from reconciler.verify.firewall import _for_packet, _prepare
 
     rng = random.Random(7)
