@@ -46,10 +46,10 @@ from typing import Any
 from reconciler.domains.strongswan import SWANCTL_CLIENT_CONF
 from reconciler.engine.identity import IDENTITY_PATH, MAX_LINES, SeenIdentity, parse_section
 from reconciler.errors import Reason, Transient
-from reconciler.host.connection import Connection
 from reconciler.host.pathsafe import HELPER, PERL, STRICT, Batch, Rule, all_ancestors, refusal, rule_of
 from reconciler.host.script import (
     Framed,
+    Runner,
     ScriptBuilder,
     Section,
     prelude,
@@ -896,7 +896,7 @@ def build_fetch_script(
 
 
 async def observe_host(
-    conn: Connection,
+    conn: Runner,
     desired: Desired,
     *,
     fetch_diffs: bool = True,
@@ -939,7 +939,7 @@ async def observe_host(
     return observed
 
 
-def _check(conn: Connection, run: Framed) -> None:
+def _check(conn: Runner, run: Framed) -> None:
     if not run.started:
         raise Transient(
             f"host {conn.host}: cannot run sh for observation: {run.result.stderr[-200:]!r}",
