@@ -402,14 +402,17 @@ while ! "$@" >/dev/null 2>&1; do
 done
 """
 
-WAIT_ACTIVE = r"""
+WAIT_ACTIVE = (
+    prelude()
+    + r"""
 i=0
 while :; do
   s=$(systemctl is-active -- "$1" 2>/dev/null)
-  case $s in active) exit 0 ;; activating|reloading) ;; *) echo "$s"; exit 1 ;; esac
-  i=$((i+1)); [ $i -ge 40 ] && { echo "$s"; exit 1; }; sleep 0.25
+  case $s in active) exit 0 ;; activating|reloading) ;; *) say "$s"; exit 1 ;; esac
+  i=$((i+1)); [ $i -ge 40 ] && { say "$s"; exit 1; }; sleep 0.25
 done
 """
+)
 
 
 @dataclass(frozen=True)
@@ -457,7 +460,8 @@ async def start_service(conn: Runner, s: Service, init_system: str) -> ServiceRu
             ["systemctl", "enable", "--now", "--", name] if s.enabled else ["systemctl", "start", "--", name]
         )
         res = await conn.run(argv, timeout=SERVICE_TIMEOUT)
-        probe = await conn.run_script(WAIT_ACTIVE, args=(name,), timeout=SERVICE_TIMEOUT)
+        waited = await run_framed(conn, WAIT_ACTIVE, (name,), timeout=SERVICE_TIMEOUT)
+        probe = waited.result
         if res.exit_status == 0 and probe.exit_status == 0:
             if s.post_start:
                 post = await conn.run(list(s.post_start), timeout=SERVICE_TIMEOUT)
@@ -471,7 +475,7 @@ async def start_service(conn: Runner, s: Service, init_system: str) -> ServiceRu
         journal = await conn.run(
             ["journalctl", "-u", name, "-n", "20", "--no-pager", "-o", "short"], timeout=30
         )
-        state = probe.stdout.decode(errors="replace").strip() or "not active"
+        state = " ".join(said(waited.sections)).strip() or "not active"
         msg = f"{name} failed to start ({' '.join(argv)}: exit {res.exit_status}; is-active: {state})"
         if _text(res):
             msg += f"\n{_tail(_text(res))}"
