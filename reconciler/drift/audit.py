@@ -301,12 +301,8 @@ for spec in kern:/var/log/kern.log audit:/var/log/audit/audit.log syslog:/var/lo
 done
 jcur=$1; dts=$2
 journal() {
-  if [ "$jcur" = - ] || [ "$mode" != read ]; then
-    journalctl -k -q --no-pager -o short-monotonic -n 200 --show-cursor 2>/dev/null | tail -c "$max"
-  else
-    journalctl -k -q --no-pager -o short-monotonic --after-cursor="$jcur" --show-cursor 2>/dev/null \
-      | tail -c "$max"
-  fi
+  if [ "$jcur" = - ] || [ "$mode" != read ]; then set -- -n 200; else set -- --after-cursor="$jcur"; fi
+  journalctl -k -q --no-pager -o short-monotonic "$@" --show-cursor 2>/dev/null | tail -c "$max"
 }
 kmsg() { dmesg 2>/dev/null | tail -c "$max"; }
 if [ $found = 0 ] && [ -d /run/systemd/system ] && command -v journalctl >/dev/null 2>&1; then
@@ -436,11 +432,7 @@ async def read_kernel_log(
 KIND_SCRIPT = (
     prelude(fixed_path=False)
     + r"""
-kinds() {
-  for p in "$@"; do
-    if [ -d "$p" ]; then echo d; elif [ -e "$p" ]; then echo f; else echo -; fi
-  done
-}
+kinds() { for p do if [ -d "$p" ]; then echo d; elif [ -e "$p" ]; then echo f; else echo -; fi; done; }
 frame kinds kinds "$@"
 """
 )

@@ -11,6 +11,7 @@ from reconciler.drift.audit import (
     CursorStore,
     parse_denial,
     parse_lines,
+    path_kinds,
     profile_file,
     read_kernel_log,
     rule_perms,
@@ -158,3 +159,13 @@ async def test_cursor_reads_only_new_lines_and_survives_rotation(varlog: FakeHos
     # tail mode (plan): recent lines, cursor unchanged
     t = await read_kernel_log(varlog, None, tail=True)
     assert MODERN in t.lines
+
+
+async def test_path_kinds_runs_its_framed_script_on_a_fake_host(tmp_path: Path) -> None:
+    host = FakeHost(tmp_path)
+    d = tmp_path / "srv" / "a b"
+    d.mkdir(parents=True)
+    (d / "f.conf").write_text("x\n")
+    asked = [f"{d}/", str(d / "f.conf"), str(tmp_path / "missing"), "relative/path"]
+    assert await path_kinds(host, asked) == {str(d): "dir", str(d / "f.conf"): "file"}
+    assert len(host.calls) == 1
