@@ -183,10 +183,16 @@ def split_sections(stdout: bytes, stderr: bytes = b"", *, nonce: str) -> dict[st
     return out
 
 
+def numbered(sections: Sections, prefix: str) -> list[str]:
+    """The texts of sections ``<prefix>.1``, ``<prefix>.2``... in order."""
+    n = len(prefix) + 1
+    keys = [k for k in sections if k.startswith(prefix + ".") and k[n:].isdigit()]
+    return [sections[k].text for k in sorted(keys, key=lambda k: int(k[n:]))]
+
+
 def said(sections: Sections) -> list[str]:
     """The lines the script reported with ``say``, in order."""
-    keys = sorted((k for k in sections if k.startswith("say.") and k[4:].isdigit()), key=lambda k: int(k[4:]))
-    return [sections[k].text for k in keys]
+    return numbered(sections, "say")
 
 
 def _split_stderr(stderr: bytes, nonce: str) -> dict[str, str]:
