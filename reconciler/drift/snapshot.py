@@ -2,20 +2,23 @@
 
 Two round trips at most:
 
+Both scripts use the one host-script framing (``reconciler.host.script``).
+
 1. ``manifest``: one generated script lists every file, symlink and directory under the
    recorded roots with size, mtime, mode, owner, group and link target, and hashes every
    regular file up to ``max_file_bytes`` in full (``sha256sum -z``, under ``timeout``: a file
    that blocks, a FIFO swapped in, or grows while it is read costs at most that long and is
    reported; it never stops the scan). Larger files are not read: their size and mtime say
    whether they changed. The roots travel as script arguments.
-2. ``fetch``, only when something changed: ONE script that hashes the first and last 64 KiB
-   of the large files that are new or whose size or mtime moved (a 40 GB sparse file costs two
-   64 KiB reads), runs ``reconciler.drift.secretscan``'s content rules (``grep -E``) over the files
-   to fetch and names the ones that hold a secret, never sending them, and sends the others as
-   ONE ``tar`` stream whose file list travels on stdin and whose length is capped (a file
-   swapped for a huge one is cut off, not read). Secret files by path and excluded paths are
-   never fetched; fetched bytes go through the same content rules again before anything
-   records them (a file that became secret between the host's grep and its tar).
+2. ``fetch`` (``reconciler.drift.fetch``), only when something changed: ONE script that
+   hashes the first and last 64 KiB of the large files that are new or whose size or mtime
+   moved (a 40 GB sparse file costs two 64 KiB reads), runs ``reconciler.drift.secretscan``'s
+   content rules (``grep -E``) over the files to fetch and names the ones that hold a secret,
+   never sending them, and sends the others as ONE ``tar`` stream whose file list travels on
+   stdin and whose length is capped (a file swapped for a huge one is cut off, not read).
+   Secret files by path and excluded paths are never fetched; fetched bytes go through the
+   same content rules again before anything records them (a file that became secret between
+   the host's grep and its tar).
 
 Paths are ``str`` holding the host's bytes (``surrogateescape``): any byte string but NUL is a
 valid path. ``display_path`` is the form for mail, logs and status (``bad\\xffname.conf``).
