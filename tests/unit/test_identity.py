@@ -4,6 +4,7 @@ what is pruned), and the finish script that writes it (real sh)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import shutil
@@ -31,7 +32,8 @@ from reconciler.engine.identity import (
 )
 from reconciler.engine.observe import PRELUDE, build_script
 from reconciler.engine.plan import ActionKind, plan_host
-from reconciler.host.script import ScriptBuilder, new_nonce, split_sections
+from reconciler.host.fake import FakeHost
+from reconciler.host.script import ScriptBuilder, new_nonce, run_framed, said, split_sections
 from reconciler.kinds.observed import FileState, Observed
 from reconciler.kinds.resources import Desired, Domain, FileResource
 
@@ -375,6 +377,7 @@ def test_plan_without_a_readable_identity_refuses() -> None:
 
 
 def _finish(tmp: Path, *, inventory: bool, identity: HostIdentity | None) -> str:
+    """FINISH on a fake host: the lines it said."""
     inv = tmp / "var/lib/reconciler/inventory.json"
     idp = tmp / "etc/reconciler/identity"
     args = [
@@ -387,19 +390,13 @@ def _finish(tmp: Path, *, inventory: bool, identity: HostIdentity | None) -> str
         "-",
         "--",
     ]
-    res = subprocess.run(
-        ["sh", "-c", FINISH, "sh", *args],
-        input=b'["/etc/motd"]\n',
-        capture_output=True,
-        timeout=30,
-        check=False,
-    )
-    return res.stdout.decode() + res.stderr.decode()
+    run = asyncio.run(run_framed(FakeHost(tmp), FINISH, args, stdin_after=b'["/etc/motd"]\n', timeout=30))
+    return "\n".join(said(run.sections))
 
 
 def test_finish_writes_the_identity_after_the_inventory(tmp_path: Path) -> None:
     out = _finish(tmp_path, inventory=True, identity=THIS)
-    assert "@@INV ok" in out and "@@ID ok" in out
+    assert out.splitlines() == ["INV ok", "ID ok"]
     idp = tmp_path / "etc/reconciler/identity"
     assert parse_identity(idp.read_bytes()) == THIS
     assert idp.stat().st_mode & 0o777 == 0o644
@@ -412,7 +409,7 @@ def test_finish_replaces_a_symlinked_identity_without_touching_its_target(tmp_pa
     idp = tmp_path / "etc/reconciler/identity"
     idp.parent.mkdir(parents=True)
     idp.symlink_to(target)
-    assert "@@ID ok" in _finish(tmp_path, inventory=False, identity=THIS)
+    assert _finish(tmp_path, inventory=False, identity=THIS) == "ID ok"
     assert not idp.is_symlink() and parse_identity(idp.read_bytes()) == THIS
     assert target.read_text() == "not yours\n"
 
@@ -422,7 +419,7 @@ def test_finish_never_writes_the_identity_without_the_inventory(tmp_path: Path) 
     (tmp_path / "var/lib").mkdir(parents=True)
     (tmp_path / "var/lib/reconciler").write_text("a file where the directory should be\n")
     out = _finish(tmp_path, inventory=True, identity=THIS)
-    assert "@@INV failed" in out and "@@ID" not in out
+    assert out == "INV failed"
     assert not (tmp_path / "etc/reconciler/identity").exists()
 
 
