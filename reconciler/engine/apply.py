@@ -69,7 +69,7 @@ from reconciler.errors import Failure, Reason, ReconcilerError, pick_failure
 from reconciler.host import pathsafe
 from reconciler.host.connection import Connection
 from reconciler.host.pathsafe import STRICT, Batch, Rule, Status, rule_of
-from reconciler.host.script import Conn, Pool, ScriptBuilder, prelude, run_framed, said
+from reconciler.host.script import Conn, Pool
 from reconciler.host.script import Result as _Result
 from reconciler.host.state import INVENTORY_PATH, PENDING_RELOADS_PATH
 from reconciler.kinds import packaging
@@ -528,30 +528,28 @@ async def _keypairs(run: _Run) -> None:
     idx = run.indices({ActionKind.GENERATE_KEYPAIR})
     if not idx:
         return
-    b = ScriptBuilder()
-    b.add("set -u")
-    b.add("umask 077")
-    b.add("log=$(mktemp) || exit 9")
+    lines = ["set -u", "umask 077", "log=$(mktemp) || exit 9"]
     for i in idx:
         kp = run.plan.actions[i].target
         assert isinstance(kp, KeyPair)
-        priv, pub = b.ref(kp.private_path), b.ref(kp.public_path)
-        dirs = b.refs([posixpath.dirname(kp.private_path), posixpath.dirname(kp.public_path)])
-        cmds = " && ".join(b.refs(list(argv)) for argv in kp.generate) or "true"
-        b.add(f"if [ -e {priv} ]; then say {i} exists")
-        b.add(f'elif mkdir -p {dirs} && ( {cmds} ) >"$log" 2>&1 && [ -e {priv} ]; then')
-        b.add(f"  chmod 0644 {pub} 2>/dev/null; say {i} ok")
-        b.add(f'else say {i} failed; frame keylog.{i} cat "$log"; fi')
-    b.add('rm -f "$log"')
+        cmds = " && ".join(shlex.join(argv) for argv in kp.generate) or "true"
+        log_file = '"$log"'
+        lines += [
+            f"if [ -e {q(kp.private_path)} ]; then echo '@@K {i} exists'",
+            f"elif mkdir -p {q(posixpath.dirname(kp.private_path))} {q(posixpath.dirname(kp.public_path))} "
+            f"&& ( {cmds} ) >{log_file} 2>&1 && [ -e {q(kp.private_path)} ]; then",
+            f"  chmod 0644 {q(kp.public_path)} 2>/dev/null; echo '@@K {i} ok'",
+            f"else echo '@@K {i} failed'; cat {log_file} 2>/dev/null; fi",
+        ]
+    lines.append('rm -f "$log"')
     conn = await run.conn()
-    framed = await run_framed(conn, b.script(prelude()), b.args, timeout=DEFAULT_TIMEOUT)
-    done = {line.split(" ", 1)[0] for line in said(framed.sections) if line.endswith((" ok", " exists"))}
+    res = await conn.run_script("\n".join(lines) + "\n", timeout=DEFAULT_TIMEOUT)
+    out = res.stdout.decode(errors="replace")
     for i in idx:
-        if str(i) in done:
+        if f"@@K {i} ok" in out or f"@@K {i} exists" in out:
             run.mark(i, "done", "key pair generated on the host (private key never read)")
         else:
-            keylog = framed.sections.get(f"keylog.{i}")
-            detail = keylog.text.strip() if keylog is not None else _text(framed.result)
+            detail = out.split(f"@@K {i} failed", 1)[-1].split("@@K ", 1)[0].strip()
             run.mark(i, "failed", f"key generation failed: {detail[-1000:]}")
             run.messages.append(f"{run.plan.actions[i].resource}: key generation failed: {detail[-1000:]}")
             h = run.plan.actions[i].handler
@@ -898,18 +896,21 @@ async def _validate(run: _Run, idx: list[int]) -> list[_Failure]:
     lines = ["set -u", "rc_all=0"]
     labels: list[str] = []
     owners: list[tuple[str | None, int | None]] = []
-    # each validator is section v.<n> of the one framing (its output cannot forge a frame: the
-    # nonce is on stdin); one whose command is not installed says "skip <n>"
+    mark = f"@@V-{run.token} "  # a validator's own output cannot forge it (random per apply)
 
     def add(label: str, body: list[str], needs: str | None, owner: tuple[str | None, int | None]) -> None:
         n = len(labels)
         labels.append(label)
         owners.append(owner)
         guard = f"command -v {q(needs)} >/dev/null 2>&1" if needs else "true"
-        lines.append(f"v_{n}() (")
-        lines.extend("  " + b for b in body)
-        lines.append(") 2>&1")
-        lines.append(f"if {guard}; then frame v.{n} v_{n}; else say skip {n}; fi")
+        lines.append(f"if {guard}; then")
+        lines.append("  out=$( {")
+        lines.extend("    " + b for b in body)
+        lines.append("  } 2>&1 ); rc=$?")
+        lines.append(f"  echo '{mark}{n}' $rc; printf '%s\\n' \"$out\"")
+        lines.append("else")
+        lines.append(f"  echo '{mark}{n} skip'")
+        lines.append("fi")
 
     # the files' own validators, on the staged file
     for i in changed:
@@ -968,23 +969,25 @@ async def _validate(run: _Run, idx: list[int]) -> list[_Failure]:
     if any(_validated_source(run, i).startswith(VALIDATE_DIR + "/") for i in changed):
         lines.append(f"rm -rf -- {q(posixpath.join(VALIDATE_DIR, run.token))}")
     conn = await run.conn()
-    framed = await run_framed(conn, prelude() + "\n".join(lines) + "\n", timeout=DEFAULT_TIMEOUT)
-    res = framed.result
+    res = await conn.run_script("\n".join(lines) + "\n", timeout=DEFAULT_TIMEOUT)
+    out = res.stdout.decode(errors="replace")
     problems: list[_Failure] = []
-    skipped = {
-        int(w[1]) for w in (line.split() for line in said(framed.sections)) if w[1:] and w[1].isdigit()
-    }
+    chunks = out.split(mark)[1:]
     seen = set()
-    for n, label in enumerate(labels):
-        sec = framed.sections.get(f"v.{n}")
-        if n in skipped:
-            seen.add(n)
-            run.messages.append(f"validator skipped ({label}): its command is not installed")
-        elif sec is not None and sec.exit_status is not None:
-            seen.add(n)
-            if sec.exit_status != 0:
-                message = f"{label} (exit {sec.exit_status}):\n{sec.text.strip()[-3000:]}"
-                problems.append(_Failure(label, message, handler=owners[n][0], action=owners[n][1]))
+    for chunk in chunks:
+        head, _, body_text = chunk.partition("\n")
+        parts = head.split()
+        if len(parts) < 2 or not parts[0].isdigit():
+            continue
+        n = int(parts[0])
+        seen.add(n)
+        if n >= len(labels):
+            continue
+        if parts[1] == "skip":
+            run.messages.append(f"validator skipped ({labels[n]}): its command is not installed")
+        elif parts[1] != "0":
+            message = f"{labels[n]} (exit {parts[1]}):\n{body_text.strip()[-3000:]}"
+            problems.append(_Failure(labels[n], message, handler=owners[n][0], action=owners[n][1]))
     if len(seen) < len(labels):
         problems.append(
             _Failure(
@@ -1085,23 +1088,20 @@ async def _restore(run: _Run, handler: str) -> str:
 # ---------------------------------------------------------------- tunnels
 
 
-TUNNEL_SCRIPT = (
-    prelude()
-    + r"""
-# $1 name $2 local $3 remote $4 address $5 peer $6 recreate(0|1); says OK, NOIPIP or FAIL (why)
+TUNNEL_SCRIPT = r"""
+# $1 name $2 local $3 remote $4 address $5 peer $6 recreate(0|1)
 n=$1
 if [ "$6" = 1 ]; then ip link del "$n" 2>/dev/null; fi
 if ! out=$(ip link add "$n" type ipip local "$2" remote "$3" 2>&1); then
   case "$out" in
-    *"Unknown device type"*|*"No such device"*) say NOIPIP "$out"; exit 0;;
+    *"Unknown device type"*|*"No such device"*) echo "@@NOIPIP $out"; exit 0;;
   esac
-  say FAIL "ip link add: $out"; exit 0
+  echo "@@FAIL ip link add: $out"; exit 0
 fi
-out=$(ip addr add "$4" peer "$5" dev "$n" 2>&1) || { say FAIL "ip addr add: $out"; exit 0; }
-out=$(ip link set "$n" up 2>&1) || { say FAIL "ip link set up: $out"; exit 0; }
-say OK
+ip addr add "$4" peer "$5" dev "$n" 2>&1 || { echo "@@FAIL ip addr add"; exit 0; }
+ip link set "$n" up 2>&1 || { echo "@@FAIL ip link set up"; exit 0; }
+echo "@@OK"
 """
-)
 
 
 async def _tunnels(run: _Run) -> None:
@@ -1115,21 +1115,22 @@ async def _tunnels(run: _Run) -> None:
         assert isinstance(t, Tunnel)
         local_addr, _, peer = tunnel_addresses(t)[0].partition(" peer ")
         recreate = "1" if a.kind is ActionKind.RECREATE_TUNNEL else "0"
-        framed = await run_framed(
-            conn, TUNNEL_SCRIPT, (t.name, t.local, t.remote, local_addr, peer, recreate), timeout=30
+        res = await conn.run_script(
+            TUNNEL_SCRIPT, args=(t.name, t.local, t.remote, local_addr, peer, recreate), timeout=30
         )
-        tag, _, why = (said(framed.sections) or [""])[-1].partition(" ")
-        why = why.strip()
-        if tag == "OK":
+        out = res.stdout.decode(errors="replace")
+        if "@@OK" in out:
             run.mark(i, "done")
-        elif tag == "NOIPIP":
-            msg = f"tunnel {t.name} skipped: the kernel has no ipip module (ip link add type ipip: {why})"
+        elif "@@NOIPIP" in out:
+            msg = (
+                f"tunnel {t.name} skipped: the kernel has no ipip module "
+                f"(ip link add type ipip: {out.split('@@NOIPIP', 1)[1].strip()})"
+            )
             run.mark(i, "n/a", msg)
             run.messages.append(msg)
         else:
-            why = why or _text(framed.result)
-            run.mark(i, "failed", why)
-            run.messages.append(f"tunnel {t.name}: {why}")
+            run.mark(i, "failed", out.strip() or _text(res))
+            run.messages.append(f"tunnel {t.name}: {out.strip() or _text(res)}")
 
 
 async def _addresses(run: _Run) -> None:
@@ -1449,17 +1450,15 @@ async def _initiate(run: _Run) -> None:
 # the journal alone, nothing to clear it), "--", backups to remove. stdin: the inventory.
 # The identity is written after the inventory and never without it (a new identity over an
 # old inventory would let the next plan prune another fleet's paths).
-FINISH = (
-    prelude(keep_stdin=True)
-    + r"""
+FINISH = r"""
 set -u
 inv=$1; tmpsfx=$2; j=$3; idp=$4; idc=$5; shift 6
 if [ "${1:-}" = - ]; then shift
-elif [ "${1:-}" = -- ]; then rm -f "$j" || say J cannot clear "$j"
+elif [ "${1:-}" = -- ]; then rm -f "$j" || echo "@@J cannot clear $j"
 else
   mkdir -p "${j%/*}"; t="${j%/*}/.pending-reloads.reconciler-$tmpsfx"; : > "$t"
   while [ $# -gt 0 ] && [ "$1" != -- ]; do printf '%s\n' "$1" >> "$t"; shift; done
-  mv -f "$t" "$j" || say J cannot write "$j"
+  mv -f "$t" "$j" || echo "@@J cannot write $j"
 fi
 [ "${1:-}" = -- ] && shift
 # leftovers (.NAME.reconciler-*: this run's backups, temps and backups of interrupted runs):
@@ -1468,20 +1467,19 @@ fi
 # directories another user controls
 while [ $# -gt 0 ] && [ "$1" != -- ]; do rm -f -- "$1"/.*.reconciler-* 2>/dev/null; shift; done
 [ "${1:-}" = -- ] && shift
-if [ $# -gt 0 ]; then h=$1; shift; perl -e "$h" -- args "$@" || say C cannot remove leftovers; fi
+if [ $# -gt 0 ]; then h=$1; shift; perl -e "$h" -- args "$@" || echo "@@C cannot remove leftovers"; fi
 if [ -n "$inv" ]; then
   d=${inv%/*}; t="$d/.inventory.json.reconciler-$tmpsfx"
-  if mkdir -p "$d" && cat > "$t" && mv -f "$t" "$inv"; then say INV ok
-  else rm -f "$t"; say INV failed; idp=; fi
+  if mkdir -p "$d" && cat > "$t" && mv -f "$t" "$inv"; then echo "@@INV ok"
+  else rm -f "$t"; echo "@@INV failed"; idp=; fi
 fi
 if [ -n "$idp" ]; then
   d=${idp%/*}; t="$d/.identity.reconciler-$tmpsfx"
   if mkdir -p "$d" && printf '%s' "$idc" > "$t" && chmod 0644 "$t" && mv -fT "$t" "$idp"
-  then say ID ok
-  else rm -f "$t"; say ID failed; fi
+  then echo "@@ID ok"
+  else rm -f "$t"; echo "@@ID failed"; fi
 fi
 """
-)
 
 
 def _leftover_args(run: _Run) -> list[str]:
@@ -1536,25 +1534,25 @@ async def _finish(run: _Run) -> None:
             "--", *journal, "--", *leftovers)  # fmt: skip
     run.finished = True
     conn = await run.conn()
-    framed = await run_framed(
-        conn,
+    res = await conn.run_script(
         FINISH,
-        args,
-        stdin_after=inventory_json(run.plan.inventory) if write_inventory else b"",
+        args=args,
+        stdin_after=inventory_json(run.plan.inventory) if write_inventory else None,
         timeout=60,
     )
-    res = framed.result
-    lines = said(framed.sections)
-    run.messages += [line.split(" ", 1)[1] for line in lines if line.startswith(("J ", "C "))]
+    out = res.stdout.decode(errors="replace")
+    for tag in ("@@J ", "@@C "):
+        if tag in out:
+            run.messages.append(out.split(tag, 1)[1].splitlines()[0])
     if identity is not None:
-        written = "ID ok" in lines
+        written = "@@ID ok" in out
         for i in ident:
             run.mark(i, "done" if written else "failed", "" if written else f"not written: {_text(res)}")
         if not written:
             run.messages.append(f"could not record the host identity {IDENTITY_PATH}: {_text(res)}")
     if not write_inventory:
         return
-    ok = "INV ok" in lines
+    ok = "@@INV ok" in out
     for i in record:
         run.mark(i, "done" if ok else "failed", "" if ok else _text(res))
     if not ok:

@@ -4,7 +4,6 @@ what is pruned), and the finish script that writes it (real sh)."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
 import shutil
@@ -32,8 +31,7 @@ from reconciler.engine.identity import (
 )
 from reconciler.engine.observe import PRELUDE, build_script
 from reconciler.engine.plan import ActionKind, plan_host
-from reconciler.host.fake import FakeHost
-from reconciler.host.script import ScriptBuilder, new_nonce, run_framed, said, split_sections
+from reconciler.host.script import ScriptBuilder, new_nonce, split_sections
 from reconciler.kinds.observed import FileState, Observed
 from reconciler.kinds.resources import Desired, Domain, FileResource
 
@@ -377,7 +375,6 @@ def test_plan_without_a_readable_identity_refuses() -> None:
 
 
 def _finish(tmp: Path, *, inventory: bool, identity: HostIdentity | None) -> str:
-    """FINISH on a fake host: the lines it said."""
     inv = tmp / "var/lib/reconciler/inventory.json"
     idp = tmp / "etc/reconciler/identity"
     args = [
@@ -390,13 +387,19 @@ def _finish(tmp: Path, *, inventory: bool, identity: HostIdentity | None) -> str
         "-",
         "--",
     ]
-    run = asyncio.run(run_framed(FakeHost(tmp), FINISH, args, stdin_after=b'["/etc/motd"]\n', timeout=30))
-    return "\n".join(said(run.sections))
+    res = subprocess.run(
+        ["sh", "-c", FINISH, "sh", *args],
+        input=b'["/etc/motd"]\n',
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    return res.stdout.decode() + res.stderr.decode()
 
 
 def test_finish_writes_the_identity_after_the_inventory(tmp_path: Path) -> None:
     out = _finish(tmp_path, inventory=True, identity=THIS)
-    assert out.splitlines() == ["INV ok", "ID ok"]
+    assert "@@INV ok" in out and "@@ID ok" in out
     idp = tmp_path / "etc/reconciler/identity"
     assert parse_identity(idp.read_bytes()) == THIS
     assert idp.stat().st_mode & 0o777 == 0o644
@@ -409,7 +412,7 @@ def test_finish_replaces_a_symlinked_identity_without_touching_its_target(tmp_pa
     idp = tmp_path / "etc/reconciler/identity"
     idp.parent.mkdir(parents=True)
     idp.symlink_to(target)
-    assert _finish(tmp_path, inventory=False, identity=THIS) == "ID ok"
+    assert "@@ID ok" in _finish(tmp_path, inventory=False, identity=THIS)
     assert not idp.is_symlink() and parse_identity(idp.read_bytes()) == THIS
     assert target.read_text() == "not yours\n"
 
@@ -419,7 +422,7 @@ def test_finish_never_writes_the_identity_without_the_inventory(tmp_path: Path) 
     (tmp_path / "var/lib").mkdir(parents=True)
     (tmp_path / "var/lib/reconciler").write_text("a file where the directory should be\n")
     out = _finish(tmp_path, inventory=True, identity=THIS)
-    assert out == "INV failed"
+    assert "@@INV failed" in out and "@@ID" not in out
     assert not (tmp_path / "etc/reconciler/identity").exists()
 
 
