@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from reconciler.engine.identity import SeenIdentity
+from reconciler.kinds.aptsim import AptSimulation
 
 
 @dataclass(frozen=True)
@@ -107,3 +108,6 @@ class Observed:
     # declared non-root owners/groups the host does not know (plan refuses those files)
     unknown_users: frozenset[str] = frozenset()
     unknown_groups: frozenset[str] = frozenset()
+    # apt's solution for the planned package transaction (``apt-get -s``), asked only when the
+    # plan has package actions (reconciler.kinds.aptsim); None: not asked
+    apt: AptSimulation | None = None

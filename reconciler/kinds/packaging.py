@@ -8,9 +8,11 @@ apt-get runs non-interactively (``DEBIAN_FRONTEND=noninteractive``, ``--force-co
 --force-confold``, ``--no-install-recommends``), under ``timeout``, and never waits for the
 dpkg lock (``-o DPkg::Lock::Timeout=0``): a lock held by another process (an unattended upgrade,
 an admin's apt-get) is reported with that process's pid and retried later. ``apt-get update``
-runs only when a planned package has no install candidate. Installing never removes a package
-(``--no-remove``); a purge is refused when apt would remove any package the fleet did not name.
-Nothing here ever runs ``autoremove``.
+runs only when a planned package has no install candidate (one still without a candidate fails
+alone, with apt's own line). Installing removes only the packages the fleet allows (a role's
+``replaces``, checked against ``apt-get -s`` on the host; else ``--no-remove``); a purge is
+refused when apt would remove any package the fleet did not name. A failed transaction is
+retried package by package. Nothing here ever runs ``autoremove``.
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ from __future__ import annotations
 import re
 import shlex
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from reconciler.host.script import Result as _Result
-from reconciler.host.script import Runner, Sections, prelude, run_framed, said
+from reconciler.host.script import Runner
 from reconciler.kinds.resources import Desired, Service
 from reconciler.log import get_logger
 
@@ -100,32 +102,31 @@ def parse_lock(text: str) -> LockHolder | None:
 # ---------------------------------------------------------------- apt-get
 
 
-# The framing (reconciler.host.script): each event is said (its own section), the package
-# states one section (pkgs), the apt/dpkg log tail one (log): what apt, dpkg or a maintainer
-# script prints can never pass for an event or a state.
-APT_SCRIPT = (
-    prelude()
-    + r"""
+APT_SCRIPT = r"""
 set -u
-verb=$1; t_apt=$2; t_update=$3; shift 3
+verb=$1; t_apt=$2; t_update=$3; nallow=$4; shift 4
+# the packages apt may remove to install these (a role's replaces), then the package names
+allow=""; i=0
+while [ $i -lt "$nallow" ]; do allow="$allow $1"; shift; i=$((i+1)); done
 DEBIAN_FRONTEND=noninteractive; export DEBIAN_FRONTEND
 APT_LISTCHANGES_FRONTEND=none; export APT_LISTCHANGES_FRONTEND
-log=$(mktemp /tmp/.reconciler-apt.XXXXXX) || { say error cannot create a temp file; exit 0; }
+LC_ALL=C; export LC_ALL
+PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin; export PATH
+log=$(mktemp /tmp/.reconciler-apt.XXXXXX) || { echo "@@APT error cannot create a temp file"; exit 0; }
 trap 'rm -f "$log"' EXIT
-tail_log() { frame log tail -n TAIL "$log"; }
-states() {
+tail_log() { echo "@@LOG"; tail -n TAIL "$log"; echo "@@ENDLOG"; }
+status() {
   for p do
-    if s=$(dpkg-query -W -f='${db:Status-Abbrev}' -- "$p" 2>/dev/null); then echo "$p $s"
-    else echo "$p missing"; fi
+    if s=$(dpkg-query -W -f='${db:Status-Abbrev}' -- "$p" 2>/dev/null); then echo "@@PKG $p $s"
+    else echo "@@PKG $p missing"; fi
   done
 }
-status() { frame pkgs states "$@"; }
 report() {  # $1 = exit status of apt-get (124/137: timed out); then the package names
   rc=$1; shift
   case $rc in
-    0) say ok ;;
-    124|137) say timeout "$rc" ;;
-    *) say failed "$rc" ;;
+    0) echo "@@APT ok" ;;
+    124|137) echo "@@APT timeout $rc" ;;
+    *) echo "@@APT failed $rc" ;;
   esac
   status "$@"
   [ "$rc" = 0 ] || tail_log
@@ -139,34 +140,54 @@ no_candidate() {
 # serialises its apt runs with flock(1) on the same file is only visible to flock itself
 if [ -e /var/lib/dpkg/lock-frontend ] && command -v flock >/dev/null 2>&1; then
   flock -n -E 75 /var/lib/dpkg/lock-frontend true 2>/dev/null
-  if [ $? = 75 ]; then say flocked /var/lib/dpkg/lock-frontend; status "$@"; exit 0; fi
+  if [ $? = 75 ]; then echo "@@APT flocked /var/lib/dpkg/lock-frontend"; status "$@"; exit 0; fi
 fi
 if [ "$verb" = install ]; then
   need_update=0
   for p do if no_candidate "$p"; then need_update=1; fi; done
   if [ $need_update = 1 ]; then
-    say update
+    echo "@@APT update"
     timeout -k 10 "$t_update" apt-get -q -o DPkg::Lock::Timeout=0 update >"$log" 2>&1; rc=$?
-    if [ $rc != 0 ]; then say update-failed "$rc"; tail_log; status "$@"; exit 0; fi
-    bad=0
-    for p do if no_candidate "$p"; then say no-candidate "$p"; bad=1; fi; done
-    if [ $bad = 1 ]; then status "$@"; exit 0; fi
+    if [ $rc != 0 ]; then echo "@@APT update-failed $rc"; tail_log; fi
+    # a package still without a candidate fails alone, with apt's own line; the others go on
+    for p do
+      shift
+      if no_candidate "$p"; then
+        echo "@@APT no-candidate $p"
+        e=$(apt-get -s -q -o Debug::NoLocking=1 install -- "$p" 2>&1 | grep '^E: ' | head -n 1)
+        echo "@@ERR $p ${e:-E: Package '$p' has no installation candidate}"
+      else set -- "$@" "$p"; fi
+    done
+    [ $# -gt 0 ] || exit 0
+  fi
+  noremove=--no-remove
+  if [ -n "$allow" ]; then
+    # removals only of packages the fleet allows (replaces), checked again against apt's solution
+    sim=$(apt-get -s -q -o Debug::NoLocking=1 --no-install-recommends install -- "$@" 2>&1)
+    extra=0
+    for r in $(printf '%s\n' "$sim" | sed -n 's/^\(Purg\|Remv\) \([^ ]*\).*/\2/p'); do
+      ok=0
+      for a in $allow; do if [ "$r" = "$a" ] || [ "${r%%:*}" = "$a" ]; then ok=1; fi; done
+      if [ $ok = 0 ]; then echo "@@APT would-remove $r"; extra=1; fi
+    done
+    if [ $extra = 1 ]; then status "$@"; exit 0; fi
+    noremove=
   fi
   timeout -k 30 "$t_apt" apt-get -y -q -o DPkg::Lock::Timeout=0 \
     -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
-    --no-install-recommends --no-remove install -- "$@" >"$log" 2>&1
+    --no-install-recommends $noremove install -- "$@" >"$log" 2>&1
   report $? "$@"
 else
   # a purge never takes anything the fleet did not name with it
   sim=$(apt-get -s -q -o DPkg::Lock::Timeout=0 purge -- "$@" 2>&1); rc=$?
   if [ $rc != 0 ]; then
-    printf '%s\n' "$sim" > "$log"; say failed "$rc"; status "$@"; tail_log; exit 0
+    printf '%s\n' "$sim" > "$log"; echo "@@APT failed $rc"; status "$@"; tail_log; exit 0
   fi
   extra=0
   for r in $(printf '%s\n' "$sim" | sed -n 's/^\(Purg\|Remv\) \([^ ]*\).*/\2/p'); do
     named=0
     for p do if [ "$r" = "$p" ] || [ "${r%%:*}" = "$p" ]; then named=1; fi; done
-    if [ $named = 0 ]; then say would-remove "$r"; extra=1; fi
+    if [ $named = 0 ]; then echo "@@APT would-remove $r"; extra=1; fi
   done
   if [ $extra = 1 ]; then status "$@"; exit 0; fi
   timeout -k 30 "$t_apt" apt-get -y -q -o DPkg::Lock::Timeout=0 \
@@ -174,7 +195,6 @@ else
   report $? "$@"
 fi
 """.replace("TAIL", str(LOG_TAIL))
-)
 
 
 @dataclass(frozen=True)
@@ -189,6 +209,7 @@ class AptRun:
     lock: LockHolder | None = None  # dpkg was locked: nothing ran; retry later
     updated: bool = False  # apt-get update ran (a package had no candidate)
     output_tail: str = ""  # the last lines of apt/dpkg output when something failed
+    retried: tuple[str, ...] = ()  # installed alone after the whole transaction failed
 
     @property
     def transient(self) -> bool:
@@ -200,6 +221,8 @@ class AptRun:
                 " (after apt-get update)" if self.updated else ""
             )
         head = f"apt-get {self.verb} {' '.join(self.names)} failed"
+        if self.retried:
+            head += f"; tried alone: {' '.join(self.retried)}"
         if self.lock is not None:
             head = f"apt-get {self.verb} {' '.join(self.names)} not run: {self.lock.message()}"
         lines = [head]
@@ -235,21 +258,12 @@ def _state_words(abbrev: str) -> str:
     return word
 
 
-def apt_text(sections: Sections) -> tuple[str, str]:
-    """``APT_SCRIPT``'s sections as (the event and state lines ``parse_apt_output`` reads, the
-    apt/dpkg log tail: never read for markers)."""
-    lines = [f"@@APT {line}" for line in said(sections)]
-    pkgs = sections.get("pkgs")
-    lines += [f"@@PKG {ln}" for ln in (pkgs.text.splitlines() if pkgs is not None else ())]
-    log_sec = sections.get("log")
-    return "\n".join(lines) + "\n", log_sec.text if log_sec is not None else ""
-
-
-def parse_apt_output(verb: str, names: Sequence[str], text: str, log_tail: str = "") -> AptRun:
-    """Parse ``APT_SCRIPT``'s events (``apt_text``; pure; unit-tested)."""
+def parse_apt_output(verb: str, names: Sequence[str], text: str) -> AptRun:
+    """Parse ``APT_SCRIPT``'s markers (pure; unit-tested)."""
     states: dict[str, str] = {}
     failed_reason = ""
     no_candidate: list[str] = []
+    apt_lines: dict[str, str] = {}  # package -> apt's own E: line about it
     would_remove: list[str] = []
     updated = False
     tail: list[str] = []
@@ -265,6 +279,10 @@ def parse_apt_output(verb: str, names: Sequence[str], text: str, log_tail: str =
             continue
         if line == "@@LOG":
             in_log = True
+        elif line.startswith("@@ERR "):
+            parts = line.split(" ", 2)
+            if len(parts) == 3:
+                apt_lines[parts[1]] = parts[2]
         elif line.startswith("@@PKG "):
             parts = line.split(" ", 2)
             if len(parts) == 3:
@@ -294,8 +312,10 @@ def parse_apt_output(verb: str, names: Sequence[str], text: str, log_tail: str =
                 failed_reason = " ".join(word[1:])
             elif word[0] == "flocked":
                 flocked = LockHolder(word[1] if len(word) > 1 else "/var/lib/dpkg/lock-frontend")
-    tail += [ln.rstrip("\r").split("\r")[-1] for ln in log_tail.splitlines()]
     output = "\n".join(tail).strip()
+    e_lines = [ln for ln in tail if ln.startswith("E: ")]
+    if e_lines and failed_reason.startswith(f"apt-get {verb} failed"):
+        failed_reason += ": " + e_lines[0]
     lock = flocked or (parse_lock(output) if not ran_ok else None)
     done: list[str] = []
     failed: list[tuple[str, str]] = []
@@ -307,16 +327,14 @@ def parse_apt_output(verb: str, names: Sequence[str], text: str, log_tail: str =
         if lock is not None:
             why = lock.message()
         elif name in no_candidate:
-            why = "no installation candidate, even after apt-get update (check the host's apt sources)"
+            why = apt_lines.get(name) or "no installation candidate"
+            why += " (after apt-get update; check the package name and the host's apt sources)"
         elif would_remove:
             why = (
                 "not purged: apt would also remove "
                 + ", ".join(would_remove)
-                + " (not named by the fleet; purge them explicitly if that is wanted)"
+                + " (not named by the fleet; purge them explicitly or list them in the role's replaces)"
             )
-        elif no_candidate:
-            why = "not installed: other packages of this run have no installation candidate ("
-            why += ", ".join(no_candidate) + ")"
         else:
             now = _state_words(st) if st else "state unknown"
             why = f"{failed_reason or 'apt-get did not finish'}; now {now}"
@@ -340,23 +358,64 @@ async def apt(
     *,
     timeout: float = INSTALL_TIMEOUT,
     update_timeout: float = UPDATE_TIMEOUT,
+    allow_removal: Iterable[str] = (),
 ) -> AptRun:
-    """Run ``apt-get install`` or ``apt-get purge`` for ``names`` in one round trip."""
+    """Run ``apt-get install`` or ``apt-get purge`` for ``names`` in one round trip.
+
+    ``allow_removal``: packages apt may remove to install these (a role's ``replaces``; any
+    other removal still aborts). When the whole install transaction fails, each package that
+    did not install is tried alone (one more round trip each), so one bad package blocks only
+    itself and what depends on it."""
+    run = await _apt_once(conn, verb, names, timeout, update_timeout, allow_removal)
+    transaction_failed = [n for n, why in run.failed if why.startswith(f"apt-get {verb} failed")]
+    if verb != "install" or len(run.names) < 2 or not transaction_failed or run.lock is not None:
+        return run
+    done = list(run.done)
+    failed = dict(run.failed)
+    tails: list[str] = [run.output_tail] if run.output_tail else []
+    for name in transaction_failed:
+        alone = await _apt_once(conn, verb, [name], timeout, update_timeout, allow_removal)
+        if alone.ok:
+            done.append(name)
+            failed.pop(name, None)
+        else:
+            failed[name] = dict(alone.failed).get(name, failed[name])
+            if alone.output_tail:
+                tails.append(alone.output_tail)
+        if alone.lock is not None:
+            break
+    return replace(
+        run,
+        ok=not failed,
+        done=tuple(n for n in run.names if n in done),
+        failed=tuple((n, failed[n]) for n in run.names if n in failed),
+        retried=tuple(transaction_failed),
+        output_tail="\n".join(tails[-2:]) if failed else "",
+    )
+
+
+async def _apt_once(
+    conn: Runner,
+    verb: str,
+    names: Iterable[str],
+    timeout: float,
+    update_timeout: float,
+    allow_removal: Iterable[str],
+) -> AptRun:
     if verb not in ("install", "purge"):
         raise ValueError(f"unknown apt verb {verb!r}")
     pkgs = [check_package_name(n) for n in names]
+    allow = [check_package_name(n) for n in allow_removal] if verb == "install" else []
     if not pkgs:
         return AptRun(verb, (), True)
-    framed = await run_framed(
-        conn,
+    res = await conn.run_script(
         APT_SCRIPT,
-        (verb, str(int(timeout)), str(int(update_timeout)), *pkgs),
+        args=(verb, str(int(timeout)), str(int(update_timeout)), str(len(allow)), *allow, *pkgs),
         timeout=timeout + update_timeout + 120,
     )
-    res = framed.result
-    text, log_tail = apt_text(framed.sections)
-    run = parse_apt_output(verb, pkgs, text, log_tail)
-    if not said(framed.sections):
+    text = res.stdout.decode(errors="replace")
+    run = parse_apt_output(verb, pkgs, text)
+    if not any(line.startswith("@@APT ") for line in text.splitlines()):
         # the script itself did not run (no sh, killed): report what we have
         detail = (res.stderr + res.stdout).decode(errors="replace").strip()[-1500:]
         run = AptRun(
@@ -380,20 +439,15 @@ async def apt(
 # ---------------------------------------------------------------- services
 
 
-SYSV_ENABLE = (
-    prelude()
-    + r"""
+SYSV_ENABLE = r"""
 set -u
 n=$1
-verdict() { frame verdict echo "$1"; exit 0; }
-upd() { update-rc.d "$1" defaults 2>&1; }
-[ -f "/etc/init.d/$n" ] || verdict NOINIT
+[ -f "/etc/init.d/$n" ] || { echo "@@NOINIT"; exit 0; }
 for f in /etc/rc2.d/S*"$n" /etc/rc3.d/S*"$n" /etc/rc4.d/S*"$n" /etc/rc5.d/S*"$n"; do
-  case ${f##*/} in S[0-9][0-9]"$n") [ -e "$f" ] && verdict ALREADY ;; esac
+  case ${f##*/} in S[0-9][0-9]"$n") [ -e "$f" ] && { echo "@@ALREADY"; exit 0; } ;; esac
 done
-frame update upd "$n"
+update-rc.d "$n" defaults 2>&1 && echo "@@ENABLED" || echo "@@FAILED"
 """
-)
 
 WAIT_STATUS = r"""
 i=0
@@ -402,17 +456,14 @@ while ! "$@" >/dev/null 2>&1; do
 done
 """
 
-WAIT_ACTIVE = (
-    prelude()
-    + r"""
+WAIT_ACTIVE = r"""
 i=0
 while :; do
   s=$(systemctl is-active -- "$1" 2>/dev/null)
-  case $s in active) exit 0 ;; activating|reloading) ;; *) say "$s"; exit 1 ;; esac
-  i=$((i+1)); [ $i -ge 40 ] && { say "$s"; exit 1; }; sleep 0.25
+  case $s in active) exit 0 ;; activating|reloading) ;; *) echo "$s"; exit 1 ;; esac
+  i=$((i+1)); [ $i -ge 40 ] && { echo "$s"; exit 1; }; sleep 0.25
 done
 """
-)
 
 
 @dataclass(frozen=True)
@@ -438,16 +489,15 @@ async def enable_service(conn: Runner, s: Service, init_system: str) -> ServiceR
         if res.exit_status != 0:
             return ServiceRun(False, f"systemctl enable {name} failed: {_tail(_text(res))}")
         return ServiceRun(True, f"enabled {name} (systemd)")
-    run = await run_framed(conn, SYSV_ENABLE, (name,), timeout=SERVICE_TIMEOUT)
-    verdict, update = run.sections.get("verdict"), run.sections.get("update")
-    if verdict is not None and verdict.text == "NOINIT":
+    res = await conn.run_script(SYSV_ENABLE, args=(name,), timeout=SERVICE_TIMEOUT)
+    out = res.stdout.decode(errors="replace")
+    if "@@NOINIT" in out:
         return ServiceRun(True, f"{name} has no init script: started by its own control command")
-    if verdict is not None and verdict.text == "ALREADY":
+    if "@@ALREADY" in out:
         return ServiceRun(True, f"{name} already enabled in the runlevels")
-    if update is not None and update.ok:
+    if "@@ENABLED" in out:
         return ServiceRun(True, f"enabled {name} (update-rc.d {name} defaults)")
-    why = update.text if update is not None else _text(run.result)
-    return ServiceRun(False, f"update-rc.d {name} defaults failed: {_tail(why)}")
+    return ServiceRun(False, f"update-rc.d {name} defaults failed: {_tail(_text(res))}")
 
 
 async def start_service(conn: Runner, s: Service, init_system: str) -> ServiceRun:
@@ -460,8 +510,7 @@ async def start_service(conn: Runner, s: Service, init_system: str) -> ServiceRu
             ["systemctl", "enable", "--now", "--", name] if s.enabled else ["systemctl", "start", "--", name]
         )
         res = await conn.run(argv, timeout=SERVICE_TIMEOUT)
-        waited = await run_framed(conn, WAIT_ACTIVE, (name,), timeout=SERVICE_TIMEOUT)
-        probe = waited.result
+        probe = await conn.run_script(WAIT_ACTIVE, args=(name,), timeout=SERVICE_TIMEOUT)
         if res.exit_status == 0 and probe.exit_status == 0:
             if s.post_start:
                 post = await conn.run(list(s.post_start), timeout=SERVICE_TIMEOUT)
@@ -475,7 +524,7 @@ async def start_service(conn: Runner, s: Service, init_system: str) -> ServiceRu
         journal = await conn.run(
             ["journalctl", "-u", name, "-n", "20", "--no-pager", "-o", "short"], timeout=30
         )
-        state = " ".join(said(waited.sections)).strip() or "not active"
+        state = probe.stdout.decode(errors="replace").strip() or "not active"
         msg = f"{name} failed to start ({' '.join(argv)}: exit {res.exit_status}; is-active: {state})"
         if _text(res):
             msg += f"\n{_tail(_text(res))}"
