@@ -21,6 +21,7 @@ import asyncio
 import fcntl
 import importlib
 import os
+import resource
 import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -35,6 +36,7 @@ from reconciler.daemon.loop import ALL, Backoff, HostFailure, Outcome, Reconcile
 from reconciler.daemon.metrics import DaemonMetrics
 from reconciler.daemon.records import DriftSeen, add_drift, plan_record
 from reconciler.daemon.server import HttpServer
+from reconciler.daemon.shard import PeerClient, Shard, merge_status
 from reconciler.daemon.source import (
     FleetLoader,
     FleetSource,
@@ -270,7 +272,10 @@ class Daemon:
             on_result=self._on_verified,
             on_error=lambda host: self.metrics.verify_runs.inc(1, "error"),
         )
-        self.server = HttpServer(config.server, self, self.metrics)
+        self.shard = Shard.from_config(config.shard)
+        self._peers = PeerClient(self.shard, config.server.read_token)
+        self._forwards: set[asyncio.Task[dict[str, int | str]]] = set()
+        self.server = HttpServer(config.server, self, self.metrics, shard=self)
         self._stop = asyncio.Event()
         self._mail_wakeup = asyncio.Event()
         self._started = time.time()
@@ -409,7 +414,7 @@ class Daemon:
         gone = self.store.mark_removed_except(set(hosts), st.good)
         if gone:
             self.store.add_event("hosts-removed", ", ".join(gone), commit=st.good)
-        return Target(st.good, st.fleet, hosts)
+        return Target(st.good, st.fleet, self.shard.owned(hosts))  # sharded: only this replica's
 
     async def _render_commit(self, commit: str, fleet: Any) -> Refusal | None:
         """Render every host of a candidate commit in the render worker, before it may become
@@ -611,7 +616,9 @@ class Daemon:
     def sync(self, hosts: Sequence[str]) -> tuple[int, list[str]]:
         target = self.loop.target
         if hosts and target is not None:
-            unknown = [h for h in hosts if h not in target.hosts]
+            fleet = self.source.fleet
+            known = set(fleet.host_names()) if fleet is not None else set(target.hosts)
+            unknown = [h for h in hosts if h not in known]  # another replica's host: its sync
             if unknown:
                 return 0, unknown
         self.loop.request_fetch(then=tuple(hosts) or (ALL,), force=True, reason="sync")
@@ -662,6 +669,7 @@ class Daemon:
                 "last_rollback": self.store.get_json("source.rollback"),
             },
             "queue": {"depth": self.loop.hosts.depth, "in_flight": list(self.loop.hosts.in_flight)},
+            **({"scope": "local", "shard": self.shard.describe()} if self.shard.sharded else {}),
             "hosts": hosts,
             "events": [e.as_json() for e in self.store.events(limit=50)],
             "outbox": outbox,
@@ -737,6 +745,25 @@ class Daemon:
         rejected = [{"commit": c, "reason": r, "at": a} for c, r, a in self.store.rejected_commits()]
         return {"running": running, "rejected": rejected}
 
+    # ------------------------------------------------------------ shard (reconciler/daemon/shard.py)
+
+    @property
+    def sharded(self) -> bool:
+        return self.shard.sharded
+
+    async def fleet_status(self) -> dict[str, Any]:
+        """This replica's status merged with its peers': every host of the fleet, with its owner."""
+        local = self.status()
+        peers = await self._peers.statuses()
+        fleet = self.source.fleet
+        names = list(fleet.host_names()) if fleet is not None else [h["name"] for h in local["hosts"]]
+        return merge_status(self.shard, local, peers, names)
+
+    def forward_hook(self, provider: str, headers: Any, body: bytes) -> None:
+        task = asyncio.get_running_loop().create_task(self._peers.forward_hook(provider, headers, body))
+        self._forwards.add(task)
+        task.add_done_callback(self._forwards.discard)  # forward_hook logs its own failures
+
     # ------------------------------------------------------------ lifecycle
 
     def request_stop(self) -> None:
@@ -769,7 +796,7 @@ class Daemon:
                 self._reject(self.source.rejection)
             if self.source.good and self.source.fleet is not None:
                 fleet = self.source.fleet
-                self.loop.seed(Target(self.source.good, fleet, tuple(fleet.host_names())))
+                self.loop.seed(Target(self.source.good, fleet, self.shard.owned(fleet.host_names())))
             self.loop.start()
         except Exception:  # a bug: a daemon without its loop must not look alive
             log.exception("daemon start-up failed")
@@ -805,6 +832,8 @@ class Daemon:
             await self.loop.stop(self.config.shutdown_grace)
             await self.verifier.close()
             await self.server.stop()
+            await asyncio.gather(*self._forwards, return_exceptions=True)
+            await self._peers.close()
             mail_task.cancel()
             await asyncio.gather(mail_task, return_exceptions=True)
             await self._pools.close_all()
@@ -825,6 +854,15 @@ def _indent(text: str) -> str:
     return "\n".join(f"  {line}" if line else "" for line in text.splitlines())
 
 
+def _raise_fd_limit() -> None:
+    """One socket per host: a 1,000-host fleet passes systemd's default soft limit of 1,024 open
+    files; take the hard limit (the soft one is only a default)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def run_daemon(config: Config) -> int:
+    _raise_fd_limit()
     daemon = Daemon(config)
     return asyncio.run(daemon.run())

@@ -44,6 +44,7 @@ from aiohttp import web
 
 from reconciler.daemon.config import Secret, ServerConfig
 from reconciler.daemon.metrics import CONTENT_TYPE, DaemonMetrics
+from reconciler.daemon.shard import FORWARDED_HEADER
 from reconciler.daemon.statuspage import render_commits, render_host, render_overview
 from reconciler.log import get_logger
 
@@ -80,6 +81,17 @@ class DaemonView(Protocol):
     async def rollback(self, commit: str, requested_by: str) -> tuple[bool, dict[str, Any]]:
         """Move the applied commit back to ``commit`` if allowed; (done, details or reason)."""
         ...
+
+
+class ShardView(Protocol):
+    """A sharded daemon (reconciler/daemon/shard.py): the whole fleet's status, webhooks sent on."""
+
+    @property
+    def sharded(self) -> bool: ...
+
+    async def fleet_status(self) -> dict[str, Any]: ...
+
+    def forward_hook(self, provider: str, headers: Any, body: bytes) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -207,7 +219,10 @@ def _json(data: Any, status: int = 200) -> web.Response:
 
 
 class HttpServer:
-    def __init__(self, config: ServerConfig, view: DaemonView, metrics: DaemonMetrics) -> None:
+    def __init__(
+        self, config: ServerConfig, view: DaemonView, metrics: DaemonMetrics, shard: ShardView | None = None
+    ) -> None:
+        self.shard = shard
         self.config = config
         self.view = view
         self.metrics = metrics
@@ -276,6 +291,8 @@ class HttpServer:
             return _json({"status": "duplicate delivery ignored"}, status=200)
         self.metrics.webhooks.inc(1, provider, "accepted")
         self.view.push_hint(provider)
+        if self.shard is not None and self.shard.sharded and FORWARDED_HEADER not in request.headers:
+            self.shard.forward_hook(provider, request.headers, body)  # the other replicas fetch too
         return _json({"status": "fetch queued"}, status=202)
 
     # ------------------------------------------------------------ sync
@@ -365,13 +382,17 @@ class HttpServer:
         refused = self._refuse_read(request)
         if refused is not None:
             return refused
+        if self.shard is not None and self.shard.sharded and request.query.get("scope") != "local":
+            return _json(await self.shard.fleet_status())  # every replica's hosts, with their owner
         return _json(self.view.status())
 
     async def index(self, request: web.Request) -> web.Response:
         refused = self._refuse_read(request)
         if refused is not None:
             return refused
-        return _page(render_overview(self.view.status()))
+        sharded = self.shard is not None and self.shard.sharded
+        status = await self.shard.fleet_status() if self.shard is not None and sharded else self.view.status()
+        return _page(render_overview(status))
 
     async def host_page(self, request: web.Request) -> web.Response:
         refused = self._refuse_read(request)

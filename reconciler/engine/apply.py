@@ -52,6 +52,7 @@ from types import MappingProxyType
 from typing import cast
 
 from reconciler.engine import deadman
+from reconciler.engine.hostlock import Holder, host_lock
 from reconciler.engine.identity import IDENTITY_PATH, format_identity
 from reconciler.engine.observe import observe_host, parse_read_back, read_back
 from reconciler.engine.plan import (
@@ -253,30 +254,32 @@ async def apply_host(
     run = _Run(conn_pool, host, plan, desired, secrets.token_hex(6))
     phase = "start"
     try:
-        phase = "packages"
-        await _packages(run)
-        phase = "firewall"
-        await _firewall(run, firewall_window)
-        if run.stopped is None:
-            phase = "key pairs"
-            await _keypairs(run)
-            phase = "services down before the swap"
-            await _start_down(run)
-            phase = "files"
-            await _files(run)
-            if FAULT_AFTER_SWAP is not None:
-                await FAULT_AFTER_SWAP(host)
-            phase = "tunnels"
-            await _tunnels(run)
-            await _addresses(run)
-            phase = "reloads"
-            await _reloads(run)
-            phase = "services"
-            await _services(run)
-            phase = "ipsec children"
-            await _initiate(run)
-            phase = "finish"
-            await _finish(run)
+        phase = "host lock"
+        async with host_lock(cast(Holder, await run.conn()), host):
+            phase = "packages"
+            await _packages(run)
+            phase = "firewall"
+            await _firewall(run, firewall_window)
+            if run.stopped is None:
+                phase = "key pairs"
+                await _keypairs(run)
+                phase = "services down before the swap"
+                await _start_down(run)
+                phase = "files"
+                await _files(run)
+                if FAULT_AFTER_SWAP is not None:
+                    await FAULT_AFTER_SWAP(host)
+                phase = "tunnels"
+                await _tunnels(run)
+                await _addresses(run)
+                phase = "reloads"
+                await _reloads(run)
+                phase = "services"
+                await _services(run)
+                phase = "ipsec children"
+                await _initiate(run)
+                phase = "finish"
+                await _finish(run)
     except ReconcilerError as err:
         run.stopped = f"{phase}: {err}"
         run.fail(err.reason, f"apply stopped during {phase}: {err}")
