@@ -84,15 +84,13 @@ def write_atomic(path: Path, data: bytes) -> None:
 async def read_key(conn: Runner, path: str) -> tuple[SeenIdentity | None, bytes | None, str]:
     """One round trip: the host's identity and the public key file (a regular file, never
     through a symlink). (identity, key or None, why the key could not be read)."""
-    from reconciler.engine.observe import PRELUDE, new_nonce, split_sections
-    from reconciler.host.script import ScriptBuilder
+    from reconciler.engine.observe import PRELUDE
+    from reconciler.host.script import ScriptBuilder, run_framed
 
     b = ScriptBuilder()
     b.add(f"frame identity ident {b.ref(IDENTITY_PATH)}")
     b.add(f"frame key file_head {b.ref(path)} {MAX_KEY_BYTES + 1}")
-    nonce = new_nonce()
-    res = await conn.run_script(b.script(PRELUDE), args=b.args, stdin_after=f"{nonce}\n".encode(), timeout=30)
-    sections = split_sections(res.stdout, res.stderr, nonce=nonce)
+    sections = (await run_framed(conn, b.script(PRELUDE), b.args, timeout=30)).sections
     ident = sections.get("identity")
     seen = parse_section(ident.body) if ident is not None and ident.exit_status == 0 else None
     key = sections.get("key")

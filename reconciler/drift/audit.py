@@ -15,7 +15,6 @@ its logs (history before the reconciler came is not mailed).
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import hashlib
 import json
@@ -28,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from reconciler.drift.snapshot import SnapshotError
-from reconciler.host.script import Runner
+from reconciler.host.script import Runner, prelude, run_framed, said
 from reconciler.log import get_logger
 
 log = get_logger(__name__)
@@ -267,52 +266,53 @@ def suggest(
 # ---------------------------------------------------------------- reading kernel logs
 
 # Args: $1 max bytes, $2 mode (base|read|tail), then ino/off per LOG_FILES entry, then the
-# journal cursor and the dmesg timestamp ("-" = none). Output lines: a header, then (for chunks)
-# one base64 line: "C src ino start" / "R src ino start" (rotated file) / "A src" (absent) /
-# "J" (journal; next line base64) / "D" (dmesg; next line base64).
-READ_SCRIPT = r"""
+# journal cursor and the dmesg timestamp ("-" = none). Framed (reconciler.host.script), raw
+# bytes: said lines "C src ino start" / "R src ino start" (rotated file), each followed by its
+# chunk (section "C.src" / "R.src", not in base mode), "A src" (absent), "J" (journal, section
+# "J"), "D" (dmesg, section "D").
+READ_SCRIPT = (
+    prelude(fixed_path=False)
+    + r"""
 set -u
 max=$1; mode=$2; shift 2
 found=0
 chunk() { # file start
-  tail -c +$(($2 + 1)) "$1" 2>/dev/null | head -c "$max" | base64 -w0; echo
+  tail -c +$(($2 + 1)) "$1" 2>/dev/null | head -c "$max"
 }
 for spec in kern:/var/log/kern.log audit:/var/log/audit/audit.log syslog:/var/log/syslog; do
   src=${spec%%:*}; f=${spec#*:}; cino=$1; coff=$2; shift 2
-  if [ ! -f "$f" ]; then echo "A $src"; continue; fi
+  if [ ! -f "$f" ]; then say A "$src"; continue; fi
   found=1
   ino=$(stat -c %i "$f"); size=$(stat -c %s "$f")
-  if [ "$mode" = base ]; then echo "C $src $ino $size"; echo; continue; fi
+  if [ "$mode" = base ]; then say C "$src" "$ino" "$size"; continue; fi
   if [ "$mode" = tail ]; then
-    start=$((size > max ? size - max : 0)); echo "C $src $ino $start"; chunk "$f" "$start"; continue
+    start=$((size > max ? size - max : 0)); say C "$src" "$ino" "$start"; frame "C.$src" chunk "$f" "$start"
+    continue
   fi
   if [ "$cino" != - ] && [ "$cino" != "$ino" ]; then
     if [ -f "$f.1" ] && [ "$(stat -c %i "$f.1")" = "$cino" ]; then
-      echo "R $src $cino $coff"; chunk "$f.1" "$coff"
+      say R "$src" "$cino" "$coff"; frame "R.$src" chunk "$f.1" "$coff"
     fi
     coff=0
   fi
   [ "$cino" = - ] && coff=0
   [ "$size" -lt "$coff" ] && coff=0
-  echo "C $src $ino $coff"; chunk "$f" "$coff"
+  say C "$src" "$ino" "$coff"; frame "C.$src" chunk "$f" "$coff"
 done
 jcur=$1; dts=$2
+journal() {
+  if [ "$jcur" = - ] || [ "$mode" != read ]; then set -- -n 200; else set -- --after-cursor="$jcur"; fi
+  journalctl -k -q --no-pager -o short-monotonic "$@" --show-cursor 2>/dev/null | tail -c "$max"
+}
+kmsg() { dmesg 2>/dev/null | tail -c "$max"; }
 if [ $found = 0 ] && [ -d /run/systemd/system ] && command -v journalctl >/dev/null 2>&1; then
-  echo J
-  if [ "$jcur" = - ] || [ "$mode" != read ]; then
-    journalctl -k -q --no-pager -o short-monotonic -n 200 --show-cursor 2>/dev/null \
-      | tail -c "$max" | base64 -w0
-  else
-    journalctl -k -q --no-pager -o short-monotonic --after-cursor="$jcur" --show-cursor 2>/dev/null \
-      | tail -c "$max" | base64 -w0
-  fi
-  echo
+  say J; frame J journal
 elif [ $found = 0 ]; then
-  echo D
-  dmesg 2>/dev/null | tail -c "$max" | base64 -w0; echo
+  say D; frame D kmsg
 fi
 exit 0
 """
+)
 
 
 @dataclass(frozen=True)
@@ -371,18 +371,17 @@ async def read_kernel_log(
         fc = cur.files.get(src)
         args += [fc.inode if fc and fc.inode else "-", str(fc.offset if fc else 0)]
     args += [cur.journal or "-", "-" if cur.dmesg is None else repr(cur.dmesg)]
-    res = await conn.run_script(READ_SCRIPT, args=args, timeout=60)
-    if res.exit_status != 0:
-        raise SnapshotError(f"host {conn.host}: reading kernel logs failed (exit {res.exit_status})")
-    out_lines = res.stdout.decode("ascii", "replace").split("\n")
+    run = await run_framed(conn, READ_SCRIPT, args, timeout=60)
+    if run.result.exit_status != 0:
+        raise SnapshotError(f"host {conn.host}: reading kernel logs failed (exit {run.result.exit_status})")
     lines: list[str] = []
     files: dict[str, FileCursor] = {}
     sources: list[str] = []
     journal, dmesg = cur.journal, cur.dmesg
-    i = 0
 
-    def payload(idx: int) -> bytes:
-        return base64.b64decode(out_lines[idx]) if idx < len(out_lines) and out_lines[idx] else b""
+    def payload(sid: str) -> bytes:
+        sec = run.sections.get(sid)
+        return sec.body if sec is not None else b""
 
     def complete(data: bytes) -> tuple[list[str], int]:
         end = data.rfind(b"\n") + 1
@@ -391,38 +390,31 @@ async def read_kernel_log(
         text = data[:end].decode("utf-8", "replace")
         return text.splitlines(), end
 
-    while i < len(out_lines):
-        parts = out_lines[i].split(" ")
+    for said_line in said(run.sections):
+        parts = said_line.split(" ")
         tag = parts[0]
-        if tag == "A":
+        if tag == "A" and len(parts) == 2:
             files[parts[1]] = FileCursor(None, 0)
-            i += 1
-        elif tag in ("C", "R"):
+        elif tag in ("C", "R") and len(parts) == 4:
             src, ino, start = parts[1], parts[2], int(parts[3])
-            data = payload(i + 1)
-            i += 2
             if mode == "base":
                 files[src] = FileCursor(ino, start)
                 continue
-            got, used = complete(data)
+            got, used = complete(payload(f"{tag}.{src}"))
             lines += got
             sources.append(src)
             if tag == "C":
                 files[src] = FileCursor(ino, start + used)
         elif tag == "J":
-            text = payload(i + 1).decode("utf-8", "replace").splitlines()
-            i += 2
-            for ln in text:
+            for ln in payload("J").decode("utf-8", "replace").splitlines():
                 if ln.startswith(_JOURNAL_CURSOR):
                     journal = ln[len(_JOURNAL_CURSOR) :].strip()
                 elif mode != "base" and (cur.journal is not None or tail):
                     lines.append(ln)
             sources.append("journal")
         elif tag == "D":
-            text = payload(i + 1).decode("utf-8", "replace").splitlines()
-            i += 2
             last = dmesg
-            for ln in text:
+            for ln in payload("D").decode("utf-8", "replace").splitlines():
                 m = _DMESG_TS.match(ln)
                 ts = float(m.group(1)) if m else None
                 if mode == "read" and (cur.dmesg is None or (ts is not None and ts > cur.dmesg)):
@@ -433,17 +425,17 @@ async def read_kernel_log(
                     last = ts
             dmesg = last
             sources.append("dmesg")
-        else:
-            i += 1
     new_cursor = cur if tail else LogCursor(files, journal, dmesg)
     return LogRead(tuple(lines), new_cursor, tuple(sources), baseline=mode == "base")
 
 
-KIND_SCRIPT = r"""
-for p in "$@"; do
-  if [ -d "$p" ]; then echo d; elif [ -e "$p" ]; then echo f; else echo -; fi
-done
+KIND_SCRIPT = (
+    prelude(fixed_path=False)
+    + r"""
+kinds() { for p do if [ -d "$p" ]; then echo d; elif [ -e "$p" ]; then echo f; else echo -; fi; done; }
+frame kinds kinds "$@"
 """
+)
 
 
 async def path_kinds(conn: Runner, paths: Sequence[str]) -> dict[str, str]:
@@ -451,9 +443,10 @@ async def path_kinds(conn: Runner, paths: Sequence[str]) -> dict[str, str]:
     uniq = sorted({p.rstrip("/") or "/" for p in paths if p.startswith("/")})
     if not uniq:
         return {}
-    res = await conn.run_script(KIND_SCRIPT, args=uniq, timeout=30)
+    run = await run_framed(conn, KIND_SCRIPT, uniq, timeout=30)
+    sec = run.sections.get("kinds")
     kinds: dict[str, str] = {}
-    for p, k in zip(uniq, res.stdout.decode().split(), strict=False):
+    for p, k in zip(uniq, sec.text.split() if sec is not None else (), strict=False):
         if k in ("d", "f"):
             kinds[p] = "dir" if k == "d" else "file"
     return kinds

@@ -2,20 +2,23 @@
 
 Two round trips at most:
 
+Both scripts use the one host-script framing (``reconciler.host.script``).
+
 1. ``manifest``: one generated script lists every file, symlink and directory under the
    recorded roots with size, mtime, mode, owner, group and link target, and hashes every
    regular file up to ``max_file_bytes`` in full (``sha256sum -z``, under ``timeout``: a file
    that blocks, a FIFO swapped in, or grows while it is read costs at most that long and is
    reported; it never stops the scan). Larger files are not read: their size and mtime say
    whether they changed. The roots travel as script arguments.
-2. ``fetch``, only when something changed: ONE script that hashes the first and last 64 KiB
-   of the large files that are new or whose size or mtime moved (a 40 GB sparse file costs two
-   64 KiB reads), runs ``reconciler.drift.secretscan``'s content rules (``grep -E``) over the files
-   to fetch and names the ones that hold a secret, never sending them, and sends the others as
-   ONE ``tar`` stream whose file list travels on stdin and whose length is capped (a file
-   swapped for a huge one is cut off, not read). Secret files by path and excluded paths are
-   never fetched; fetched bytes go through the same content rules again before anything
-   records them (a file that became secret between the host's grep and its tar).
+2. ``fetch`` (``reconciler.drift.fetch``), only when something changed: ONE script that
+   hashes the first and last 64 KiB of the large files that are new or whose size or mtime
+   moved (a 40 GB sparse file costs two 64 KiB reads), runs ``reconciler.drift.secretscan``'s
+   content rules (``grep -E``) over the files to fetch and names the ones that hold a secret,
+   never sending them, and sends the others as ONE ``tar`` stream whose file list travels on
+   stdin and whose length is capped (a file swapped for a huge one is cut off, not read).
+   Secret files by path and excluded paths are never fetched; fetched bytes go through the
+   same content rules again before anything records them (a file that became secret between
+   the host's grep and its tar).
 
 Paths are ``str`` holding the host's bytes (``surrogateescape``): any byte string but NUL is a
 valid path. ``display_path`` is the form for mail, logs and status (``bad\\xffname.conf``).
@@ -26,17 +29,27 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
-import io
 import posixpath
-import tarfile
 import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
+from reconciler.drift.fetch import (
+    EMPTY_SHA256,
+    LIMIT_NOTE,
+    MAX_ENDS_PER_SCAN,
+    TIMED_OUT,
+    Fetched,
+    SnapshotError,
+    dec,
+    fetch_bounded,
+    fetch_cap,
+    fetch_files,
+    path_bytes,
+)
 from reconciler.drift.secretscan import BUILTIN_SECRET_GLOBS, ContentRules, is_builtin_secret
-from reconciler.errors import Transient
-from reconciler.host.script import Runner
+from reconciler.host.script import Runner, Sections, prelude, run_framed
 from reconciler.log import get_logger
 
 __all__ = [
@@ -51,7 +64,12 @@ __all__ = [
     "ends_digest",
     "is_builtin_secret",
     "parse_manifest",
+    "path_bytes",
     "take_snapshot",
+    "fetch_files",
+    "fetch_cap",
+    "Fetched",
+    "EMPTY_SHA256",
 ]
 
 log = get_logger(__name__)
@@ -60,14 +78,9 @@ DEFAULT_MAX_FILE_BYTES = 16 * 1024 * 1024
 MIN_MAX_FILE_BYTES = 1024 * 1024  # the first and last blocks of a large file never overlap
 ENDS_BYTES = 64 * 1024  # a large file is hashed by its first and last ENDS_BYTES
 LARGE_NOTE = "large file: recorded by size, mtime and a hash of its first and last 64 KiB"
-EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
 # Never recorded: git refuses these path components, and they are some other tool's history.
 _NEVER_RECORDED_COMPONENTS = frozenset({".git", ".svn", ".hg"})
-
-
-class SnapshotError(Transient):
-    """The host did not answer the manifest or fetch as expected."""
 
 
 @dataclass(frozen=True)
@@ -125,10 +138,6 @@ def display_path(path: str) -> str:
     return "".join(_escape_char(c) for c in path)
 
 
-def path_bytes(path: str) -> bytes:
-    return path.encode("utf-8", "surrogateescape")
-
-
 # ---------------------------------------------------------------- path policy
 
 
@@ -173,51 +182,49 @@ class PathPolicy:
 
 # ---------------------------------------------------------------- manifest
 
-# $1 = size bound (bytes), $2 = seconds the hashing may take, then the roots. Output (every
-# field NUL-terminated):
-#   "reconciler-manifest-v2"
-#   8 fields per entry (%y %p %s %T@ %m %u %g %l)                                     "END"
-#   sha256sum -z records "HEX  PATH" of regular files up to the bound                 "END"
-#   the hashing's exit status
-#   only when hashing failed for some file: PATH of every regular file now present    "END"
-# A path always starts with "/", so it never reads as "END"; a hash record starts with hex.
+# $1 = size bound (bytes), $2 = seconds the hashing may take, then the roots. Framed
+# (reconciler.host.script), every field NUL-terminated:
+#   listing  8 fields per entry (%y %p %s %T@ %m %u %g %l)
+#   hashes   sha256sum -z records "HEX  PATH" of regular files up to the bound; its exit
+#            status is the hashing's
+#   present  only when hashing failed for some file: PATH of every regular file now present
 # Larger files are not read here: the listing's size and mtime say whether one changed.
-MANIFEST_SCRIPT = r"""
+MANIFEST_SCRIPT = (
+    prelude(fixed_path=False)
+    + r"""
 set -u
 bound=$1 stage=$2
 shift 2
-LC_ALL=C
-export LC_ALL
 limit=
 if command -v timeout >/dev/null 2>&1; then limit="timeout -k 2 $stage"; fi
-printf 'reconciler-manifest-v2\0'
-for root in "$@"; do
-  if [ -e "$root" ] || [ -L "$root" ]; then
-    find -P "$root" -printf '%y\0%p\0%s\0%T@\0%m\0%u\0%g\0%l\0'
-  fi
-done
-printf 'END\0'
-for root in "$@"; do
-  if [ -e "$root" ]; then find -P "$root" -type f ! -size +"$bound"c -print0; fi
-done | $limit xargs -0 -r sha256sum -z -- 2>/dev/null
-hashed=$?
-printf 'END\0%s\0' "$hashed"
-if [ "$hashed" -ne 0 ]; then
-  for root in "$@"; do
+listing() {
+  for root do
+    if [ -e "$root" ] || [ -L "$root" ]; then
+      find -P "$root" -printf '%y\0%p\0%s\0%T@\0%m\0%u\0%g\0%l\0'
+    fi
+  done
+}
+hashes() {
+  for root do
+    if [ -e "$root" ]; then find -P "$root" -type f ! -size +"$bound"c -print0; fi
+  done | $limit xargs -0 -r sha256sum -z -- 2>/dev/null
+  hashed=$?
+  return "$hashed"
+}
+present() {
+  for root do
     if [ -e "$root" ]; then find -P "$root" -type f -print0; fi
   done
-fi
-printf 'END\0'
+}
+frame listing listing "$@"
+hashed=0
+frame hashes hashes "$@"
+if [ "$hashed" -ne 0 ]; then frame present present "$@"; fi
 exit 0
 """
+)
 
 _KINDS = {"f": "file", "l": "link", "d": "dir"}
-_TIMED_OUT_B = b"124"  # timeout(1)'s exit status
-_LIMIT_NOTE = "stopped after its time limit (a file that blocks or grows while read?)"
-
-
-def _dec(b: bytes) -> str:
-    return b.decode("utf-8", "surrogateescape")
 
 
 @dataclass(frozen=True)
@@ -227,56 +234,48 @@ class Manifest:
     hashing_cut: bool = False  # hashing timed out: the files it did not reach have no hash
 
 
-def _section(fields: list[bytes], i: int, what: str) -> tuple[list[bytes], int]:
-    """The fields from ``i`` up to the next "END" and the index after it."""
-    try:
-        end = fields.index(b"END", i)
-    except ValueError:
-        raise SnapshotError(f"manifest: truncated output from the host (no end of {what})") from None
-    return fields[i:end], end + 1
+def _fields(sections: Sections, sid: str, what: str) -> tuple[list[bytes], int | None]:
+    """The NUL-terminated fields of a section, and its exit status."""
+    sec = sections.get(sid)
+    if sec is None or sec.exit_status is None:
+        raise SnapshotError(f"manifest: truncated output from the host (no end of {what})")
+    return sec.body.split(b"\0")[:-1], sec.exit_status
 
 
-def parse_manifest(data: bytes) -> Manifest:
-    """Parse the manifest script's output (pure)."""
-    head, sep, rest = data.partition(b"\0")
-    if head != b"reconciler-manifest-v2" or not sep:
-        raise SnapshotError("manifest: unexpected output from the host (no header)")
-    fields = rest.split(b"\0")
-    records, i = _section(fields, 0, "the listing")
+def parse_manifest(sections: Sections) -> Manifest:
+    """Parse the manifest script's sections (pure)."""
+    records, _ = _fields(sections, "listing", "the listing")
     if len(records) % 8:
         raise SnapshotError("manifest: truncated output from the host")
     entries: dict[str, Entry] = {}
     for k in range(0, len(records), 8):
         y, p, s, t, m, u, g, tgt = records[k : k + 8]
-        path = _dec(p)
-        kind = _KINDS.get(_dec(y), "other")
+        path = dec(p)
+        kind = _KINDS.get(dec(y), "other")
         try:
             entries[path] = Entry(
                 path=path,
                 kind=kind,
                 mode=int(m, 8),
-                owner=_dec(u),
-                group=_dec(g),
+                owner=dec(u),
+                group=dec(g),
                 size=int(s),
                 mtime=float(t),
-                target=_dec(tgt) if kind == "link" else None,
+                target=dec(tgt) if kind == "link" else None,
             )
         except ValueError:
             raise SnapshotError(f"manifest: malformed record for {display_path(path)}") from None
-    hashes, i = _section(fields, i, "the hashes")
+    hashes, status = _fields(sections, "hashes", "the hashes")
     for record in hashes:
         digest, sep2, p = record.partition(b"  ")
-        e = entries.get(_dec(p))
+        e = entries.get(dec(p))
         if sep2 and len(digest) == 64 and e is not None and e.kind == "file":
             entries[e.path] = replace(e, sha256=digest.decode("ascii"))
-    if i >= len(fields):
-        raise SnapshotError("manifest: truncated output from the host (no status)")
-    status = fields[i]
     present: frozenset[str] | None = None
-    if status != b"0":
-        now, _ = _section(fields, i + 1, "the recheck")
-        present = frozenset(_dec(p) for p in now)
-    return Manifest(entries, present, status == _TIMED_OUT_B)
+    if status != 0:
+        now, _ = _fields(sections, "present", "the recheck")
+        present = frozenset(dec(p) for p in now)
+    return Manifest(entries, present, status == TIMED_OUT)
 
 
 def _check_roots(roots: Sequence[str]) -> list[str]:
@@ -297,206 +296,10 @@ async def fetch_manifest(
     """One round trip: every entry under ``roots`` with metadata, and the sha256 of every
     regular file up to ``max_file_bytes``."""
     args = [str(int(max_file_bytes)), f"{max(1.0, stage_timeout):g}", *_check_roots(roots)]
-    res = await conn.run_script(MANIFEST_SCRIPT, args=args, timeout=timeout)
-    if res.exit_status != 0:
-        raise SnapshotError(f"host {conn.host}: manifest script failed (exit {res.exit_status})")
-    return parse_manifest(res.stdout)
-
-
-# ---------------------------------------------------------------- fetch
-
-# Only when something changed. $1 = the most bytes of tar to send, $2 = the content rules (ERE,
-# one per line), $3 = seconds each stage may take, then the large files to hash by their first
-# and last 64 KiB. Stdin: the regular files to fetch, relative to /, NUL-terminated.
-# On fd 3 (the channel's stderr; every tool's own stderr goes to /dev/null), NUL-terminated:
-#   PATH, HEX pairs for the large files, then "" and "ENDS<status>";
-#   the files to fetch whose content matches a rule (never put into tar), then "" and
-#   "SCAN<status>".
-# On stdout: one tar stream of the other files, cut at $1 bytes: tar writes each file's size
-# as it stats it, so only a file swapped for a bigger one after the manifest can grow the
-# stream; the cut stops it there. A matching file is found by one grep over each batch; only a
-# batch with a match is searched file by file. grep skips FIFOs and devices (-D skip) and, on
-# binary data, the holes of sparse files.
-FETCH_SCRIPT = r"""
-set -u
-cap=$1 rules=$2 stage=$3
-shift 3
-exec 3>&2 2>/dev/null
-LC_ALL=C
-export LC_ALL
-cd / || exit 1
-limit=
-if command -v timeout >/dev/null 2>&1; then limit="timeout -k 2 $stage"; fi
-if [ $# -gt 0 ]; then
-  $limit sh -c '
-for f do
-  if [ -f "$f" ] && [ ! -L "$f" ]; then
-    h=$({ head -c 65536 -- "$f"; tail -c 65536 -- "$f"; } | sha256sum)
-    printf "%s\0%s\0" "$f" "${h%% *}" >&3
-  fi
-done' sh "$@"
-  printf '\0ENDS%s\0' "$?" >&3
-fi
-{
-  $limit xargs -0 -r sh -c '
-if grep -q -s -D skip -E -e "$0" -- "$@"; then
-  for f do
-    if grep -q -s -D skip -E -e "$0" -- "$f"; then
-      printf "%s\0" "$f" >&3
-    else
-      printf "%s\0" "$f"
-    fi
-  done
-else
-  printf "%s\0" "$@"
-fi' "$rules"
-  printf '\0SCAN%s\0' "$?" >&3
-} | tar --null --no-recursion --verbatim-files-from -cf - -T - | head -c "$cap"
-exit 0
-"""
-_TAR_BLOCK = 512
-MAX_ENDS_PER_SCAN = 500  # large files hashed in one fetch (their names travel as arguments)
-
-
-def fetch_cap(sizes: Iterable[tuple[str, int]]) -> int:
-    """Bytes a tar stream of files of these sizes may take: data, headers, long names, end."""
-    total = 20 * _TAR_BLOCK  # end-of-archive blocks and the record padding
-    for path, size in sizes:
-        blocks = -(-size // _TAR_BLOCK) + 3 + -(-len(path_bytes(path)) // _TAR_BLOCK)
-        total += blocks * _TAR_BLOCK
-    return total
-
-
-@dataclass(frozen=True)
-class Fetched:
-    contents: dict[str, bytes]
-    secret: frozenset[str] = frozenset()  # their content matched a rule on the host: not sent
-    ends: Mapping[str, str] = field(default_factory=dict)  # large file -> sha256 of its ends
-    cut: bool = False  # the stream ended at the cap: missing files may still exist
-    cut_in: str | None = None  # the file whose content the cap cut (it grew)
-    problems: tuple[str, ...] = ()  # stages that timed out (display text)
-    unscanned: bool = False  # the content scan did not finish: missing files may still exist
-
-
-def _fd3(data: bytes) -> tuple[dict[str, str], set[str], list[str]]:
-    """The fetch script's fd 3: (large file -> ends hash, secret names, timed-out stages)."""
-    fields = data.split(b"\0")
-    ends: dict[str, str] = {}
-    secret: set[str] = set()
-    problems: list[str] = []
-    i = 0
-    pending: list[bytes] = []
-    while i < len(fields):
-        f = fields[i]
-        if f == b"" and i + 1 < len(fields) and fields[i + 1][:4] in (b"ENDS", b"SCAN"):
-            tag, status = fields[i + 1][:4], fields[i + 1][4:]
-            if tag == b"ENDS":
-                for k in range(0, len(pending) - 1, 2):
-                    if len(pending[k + 1]) == 64 and pending[k + 1] != EMPTY_SHA256.encode():
-                        ends[_dec(pending[k])] = pending[k + 1].decode("ascii")
-            else:
-                secret.update("/" + _dec(p) for p in pending if p)
-            if status == _TIMED_OUT_B:
-                what = "hashing large files" if tag == b"ENDS" else "the secret content scan"
-                problems.append(f"{what} {_LIMIT_NOTE}")
-            pending = []
-            i += 2
-            continue
-        pending.append(f)
-        i += 1
-    return ends, secret, problems
-
-
-async def fetch_files(
-    conn: Runner,
-    paths: Sequence[str],
-    *,
-    large: Sequence[str] = (),
-    rules: ContentRules | None = None,
-    cap: int | None = None,
-    stage_timeout: float = 60,
-    timeout: float = 300,
-) -> Fetched:
-    """One round trip: the content of ``paths`` (regular files) as one tar stream of at most
-    ``cap`` bytes, leaving out (and naming) those whose content matches ``rules`` on the host;
-    and the ends hash of the ``large`` files. Files that vanished meanwhile are missing."""
-    if not paths and not large:
-        return Fetched({})
-    wanted = {p.lstrip("/"): p for p in paths}
-    stdin = b"".join(path_bytes(p) + b"\0" for p in wanted)
-    limit = cap if cap is not None else 1 << 62
-    args = [str(limit), (rules or ContentRules()).ere, f"{max(1.0, stage_timeout):g}", *large]
-    res = await conn.run_script(FETCH_SCRIPT, args=args, stdin_after=stdin, timeout=timeout)
-    if res.exit_status != 0:
-        raise SnapshotError(f"host {conn.host}: fetching files failed (exit {res.exit_status})")
-    ends, secret, problems = _fd3(res.stderr)
-    out: dict[str, bytes] = {}
-    reading: str | None = None
-    if paths:
-        try:
-            with tarfile.open(fileobj=io.BytesIO(res.stdout), mode="r:") as tar:
-                for member in tar:
-                    name = member.name
-                    if not member.isreg() or name not in wanted:
-                        continue
-                    reading = wanted[name]
-                    f = tar.extractfile(member)
-                    if f is not None:
-                        data = f.read()
-                        if len(data) != member.size:
-                            raise tarfile.ReadError("unexpected end of data")
-                        out[wanted[name]] = data
-                        reading = None
-        except tarfile.TarError as err:
-            if len(res.stdout) < limit:
-                raise SnapshotError(f"host {conn.host}: unreadable tar stream: {err}") from None
-    # at the cap, the members after the cut are missing although their files may exist
-    cut = bool(paths) and len(res.stdout) >= limit
-    unscanned = any("content scan" in p for p in problems)
-    return Fetched(out, frozenset(secret), ends, cut, reading if cut else None, tuple(problems), unscanned)
-
-
-async def fetch_bounded(
-    conn: Runner,
-    paths: Sequence[str],
-    sizes: Mapping[str, int],
-    *,
-    large: Sequence[str] = (),
-    rules: ContentRules | None = None,
-    stage_timeout: float = 60,
-    timeout: float = 300,
-) -> tuple[Fetched, set[str]]:
-    """``fetch_files``, and the files that could not be fetched although they may exist (a
-    file that grew past its listed size, and whatever the cap cut after it: fetched again once
-    without it). Missing from both the result and that set: vanished."""
-    contents: dict[str, bytes] = {}
-    secret: set[str] = set()
-    unfetched: set[str] = set()
-    todo = list(paths)
-    first: Fetched | None = None
-    for attempt in range(2):
-        got = await fetch_files(
-            conn, todo, large=large if attempt == 0 else (), rules=rules,
-            cap=fetch_cap((p, sizes[p]) for p in todo), stage_timeout=stage_timeout, timeout=timeout,
-        )  # fmt: skip
-        first = first or got
-        contents.update(got.contents)
-        secret |= got.secret
-        if got.unscanned:  # not classified: neither sent nor named; keep them apart
-            unfetched.update(p for p in todo if p not in got.contents and p not in got.secret)
-            break
-        if not got.cut:
-            break
-        if got.cut_in:
-            unfetched.add(got.cut_in)
-        todo = [p for p in todo if p not in got.contents and p not in got.secret and p not in unfetched]
-        if attempt == 1:
-            unfetched.update(todo)
-        elif not todo:
-            break
-    assert first is not None
-    merged = Fetched(contents, frozenset(secret), first.ends, problems=first.problems)
-    return merged, unfetched
+    run = await run_framed(conn, MANIFEST_SCRIPT, args, timeout=timeout)
+    if run.result.exit_status != 0:
+        raise SnapshotError(f"host {conn.host}: manifest script failed (exit {run.result.exit_status})")
+    return parse_manifest(run.sections)
 
 
 # ---------------------------------------------------------------- snapshot
@@ -547,7 +350,7 @@ async def take_snapshot(
     large: set[str] = set()
     to_fetch: list[str] = []
     to_hash_ends: list[str] = []
-    warnings: list[str] = [f"hashing {_LIMIT_NOTE}"] if man.hashing_cut else []
+    warnings: list[str] = [f"hashing {LIMIT_NOTE}"] if man.hashing_cut else []
     for path in sorted(man.entries):
         if policy.excluded(path):
             continue

@@ -58,7 +58,6 @@ from reconciler.engine.observe import observe_host, parse_read_back, read_back
 from reconciler.engine.plan import (
     FILE_KINDS,
     INTERRUPTED,
-    INVENTORY_PATH,
     SETTLING_KINDS,
     Action,
     ActionKind,
@@ -73,6 +72,7 @@ from reconciler.host.connection import Connection
 from reconciler.host.pathsafe import STRICT, Batch, Rule, Status, rule_of
 from reconciler.host.script import Conn, Pool
 from reconciler.host.script import Result as _Result
+from reconciler.host.state import INVENTORY_PATH, PENDING_RELOADS_PATH
 from reconciler.kinds import packaging
 from reconciler.kinds.observed import FileState, Observed
 from reconciler.kinds.resources import (
@@ -92,8 +92,6 @@ from reconciler.log import get_logger
 log = get_logger(__name__)
 
 DEFAULT_TIMEOUT = 120.0
-# handlers whose files are live but not yet reloaded; observe reads it (Observed.pending_reloads)
-PENDING_RELOADS_PATH = "/var/lib/reconciler/pending-reloads"
 # Fault injection for tests only: awaited with the host name right after the swap, before any
 # reload (a test kills the SSH session there). Never set in production code.
 FAULT_AFTER_SWAP: Callable[[str], Awaitable[None]] | None = None

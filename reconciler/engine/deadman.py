@@ -28,13 +28,14 @@ import time
 from dataclasses import dataclass
 
 from reconciler.errors import ReconcilerError
-from reconciler.host.script import Pool
+from reconciler.host.script import Pool, prelude, run_framed, said
+from reconciler.host.state import FIREWALL_STATE_DIR
 from reconciler.kinds.resources import FirewallRuleset
 from reconciler.log import get_logger
 
 log = get_logger(__name__)
 
-STATE_DIR = "/var/lib/reconciler/firewall"
+STATE_DIR = FIREWALL_STATE_DIR
 DEFAULT_WINDOW = 10.0  # seconds before the host restores the old rules (iptables-apply's default)
 
 
@@ -52,7 +53,9 @@ class FirewallOutcome:
 
 # $1 token, $2 window seconds, $3 bytes of IPv4 rules on stdin, $4 "1" when IPv6 rules follow
 # them. Exit 3: rules refused by --test; 4: a load failed (nothing changed).
-ARM_AND_APPLY = r"""
+ARM_AND_APPLY = (
+    prelude(keep_stdin=True)
+    + r"""
 set -u
 d=/var/lib/reconciler/firewall
 tok=$1; win=$2; n4=$3; has6=$4
@@ -100,18 +103,21 @@ if [ -n "$saved6" ] && ! out=$(ip6tables-restore < "$new6" 2>&1); then
   exit 4
 fi
 : > "$d/applied.$tok"
-echo applied
+say applied
 """
+)
 
 # $1 token, $2 IPv4 persistent path, $3 IPv6 persistent path ("" without IPv6). Run ONLY over
 # a new connection. Exit 6 (after "live-confirmed"): a persistent file did not write.
-CONFIRM = r"""
+CONFIRM = (
+    prelude()
+    + r"""
 set -u
 d=/var/lib/reconciler/firewall
 tok=$1; persist=$2; persist6=$3
 armed="$d/armed.$tok"
 if ! mv "$armed" "$d/confirmed.$tok" 2>/dev/null; then
-  if [ -e "$armed.fired" ]; then echo "rolled-back"; else echo "no-such-change"; fi
+  if [ -e "$armed.fired" ]; then say rolled-back; else say no-such-change; fi
   exit 5
 fi
 pid=$(cat "$d/pid.$tok" 2>/dev/null)
@@ -120,9 +126,9 @@ clean() {
   for f in new new6 saved saved6 pid confirmed applied; do rm -f "$d/$f.$tok"; done
 }
 if [ ! -e "$d/applied.$tok" ]; then
-  clean; echo "not-applied"; exit 7
+  clean; say not-applied; exit 7
 fi
-echo "live-confirmed"
+say live-confirmed
 umask 077
 persist() {
   dir=$(dirname "$2"); base=$(basename "$2"); tmp="$dir/.$base.reconciler-$tok"
@@ -133,24 +139,24 @@ failed=
 persist "$d/new.$tok" "$persist" || failed=$persist
 if [ -n "$persist6" ]; then persist "$d/new6.$tok" "$persist6" || failed="${failed:+$failed }$persist6"; fi
 clean
-if [ -n "$failed" ]; then echo "persist-failed $failed"; exit 6; fi
-echo confirmed
+if [ -n "$failed" ]; then say persist-failed "$failed"; exit 6; fi
+say confirmed
 """
+)
 
 # $1 token: did the host restore the old rules by itself?
-CHECK_FIRED = r"""
+CHECK_FIRED = (
+    prelude()
+    + r"""
 d=/var/lib/reconciler/firewall
-if [ -e "$d/armed.$1.fired" ]; then echo fired; else echo not-fired; fi
+if [ -e "$d/armed.$1.fired" ]; then say fired; else say not-fired; fi
 """
+)
 
 
 def _why(err: BaseException) -> str:
     """An error's text for a log line or message (never empty)."""
     return str(err) or type(err).__name__
-
-
-def _text(data: bytes) -> str:
-    return data.decode(errors="replace").strip()
 
 
 async def apply_firewall(
@@ -170,9 +176,10 @@ async def apply_firewall(
     rules_v6 = fw.rules_v6.encode() if fw.rules_v6 is not None else b""
     has6 = "1" if fw.rules_v6 is not None else "0"
     try:
-        res = await conn.run_script(
+        armed = await run_framed(
+            conn,
             ARM_AND_APPLY,
-            args=(token, f"{window:g}", str(len(rules_v4)), has6),
+            (token, f"{window:g}", str(len(rules_v4)), has6),
             stdin_after=rules_v4 + rules_v6,
             timeout=arm_timeout,
         )
@@ -180,12 +187,13 @@ async def apply_firewall(
         # The new rules may have cut the connection before the answer came back; the
         # confirmation over a new connection below decides.
         log.warning("firewall.arm_no_answer", host=host, error=_why(err))
-        res = None
-    if res is not None and res.exit_status != 0:
-        detail = _text(res.stderr or res.stdout)
-        if res.exit_status == 3:
+        armed = None
+    if armed is not None and armed.result.exit_status != 0:
+        status = armed.result.exit_status
+        detail = armed.stderr_text().strip() or "\n".join(said(armed.sections))
+        if status == 3:
             return FirewallOutcome(False, False, f"ruleset refused by {detail}", refused=True)
-        return FirewallOutcome(False, False, f"firewall not changed (exit {res.exit_status}): {detail}")
+        return FirewallOutcome(False, False, f"firewall not changed (exit {status}): {detail}")
 
     remaining = window - (time.monotonic() - started) - 1.0
     try:
@@ -195,19 +203,19 @@ async def apply_firewall(
         return await _rolled_back(pool, host, token, started, window)
     persist6 = fw.persistent_path_v6 if fw.rules_v6 is not None else ""
     try:
-        conf = await fresh.run_script(
-            CONFIRM, args=(token, fw.persistent_path, persist6), timeout=max(2.0, remaining)
+        conf = await run_framed(
+            fresh, CONFIRM, (token, fw.persistent_path, persist6), timeout=max(2.0, remaining)
         )
     except ReconcilerError as err:
         log.warning("firewall.confirm_failed", host=host, error=_why(err))
         return await _rolled_back(pool, host, token, started, window)
     finally:
         await fresh.close()
-    return _confirm_outcome(host, conf.exit_status, _text(conf.stdout), _text(conf.stderr))
+    return _confirm_outcome(host, conf.result.exit_status, "\n".join(said(conf.sections)), conf.stderr_text())
 
 
 def _confirm_outcome(host: str, status: int, out: str, err: str) -> FirewallOutcome:
-    """The outcome of the CONFIRM script (its exit status, stdout and stderr)."""
+    """The outcome of the CONFIRM script (its exit status, the lines it said, its stderr)."""
     lines = out.splitlines()
     if status == 0 and lines and lines[-1] == "confirmed":
         return FirewallOutcome(
@@ -249,10 +257,10 @@ async def _rolled_back(pool: Pool, host: str, token: str, started: float, window
     try:
         again = await asyncio.wait_for(pool.fresh(host), timeout=window)
         try:
-            res = await again.run_script(CHECK_FIRED, args=(token,), timeout=10)
+            fired = await run_framed(again, CHECK_FIRED, (token,), timeout=10)
         finally:
             await again.close()
-        if b"not-fired" in res.stdout:
+        if said(fired.sections) == ["not-fired"]:
             msg += " (but the rollback flag was not claimed: check the host's rules by hand)"
         else:
             msg += " (old rules restored by the host; SSH works again)"

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import secrets
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -47,9 +46,19 @@ from typing import Any
 from reconciler.domains.strongswan import SWANCTL_CLIENT_CONF
 from reconciler.engine.identity import IDENTITY_PATH, MAX_LINES, SeenIdentity, parse_section
 from reconciler.errors import Reason, Transient
-from reconciler.host.connection import CommandResult, Connection
 from reconciler.host.pathsafe import HELPER, PERL, STRICT, Batch, Rule, all_ancestors, refusal, rule_of
-from reconciler.host.script import ScriptBuilder, token
+from reconciler.host.script import (
+    Framed,
+    Runner,
+    ScriptBuilder,
+    Section,
+    prelude,
+    run_framed,
+    split_sections,
+    token,
+)
+from reconciler.host.state import INVENTORY_PATH, PENDING_RELOADS_PATH
+from reconciler.kinds.ipsec_state import ViciParseError, loaded_conns, up_names
 from reconciler.kinds.observed import (
     FileState,
     IpsecState,
@@ -67,10 +76,6 @@ from reconciler.netfilter.iptables import IptablesParseError, canonical_iptables
 
 log = get_logger(__name__)
 
-INVENTORY_PATH = "/var/lib/reconciler/inventory.json"  # JSON list of absolute paths (plan writes it)
-# handlers whose files were swapped in but not yet reloaded (apply writes it before a swap and
-# clears it after the reloads; a leftover means an apply was interrupted in between)
-PENDING_RELOADS_PATH = "/var/lib/reconciler/pending-reloads"
 CONTENT_LIMIT = 4 * 1024 * 1024  # larger files are compared by hash only (no diff)
 KERNEL_MODULES = ("ipip", "esp4", "ah4", "xfrm_user", "vxlan", "tun")
 NO_IPV6 = "reconciler-no-ipv6"  # the ip6tables section's answer on a kernel without IPv6
@@ -81,19 +86,10 @@ IPSEC_HANDLERS = frozenset({"charon", "charon-restart", "racoon", "setkey"})
 # path-safety helper prints the same records (kind "R": refused, the reason in the 6th field)
 FIND_FMT = r"%p\0%y\0%m\0%u\0%g\0%l\0%U\0"
 
-PRELUDE = r"""LC_ALL=C; export LC_ALL
-PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin; export PATH
-IFS= read -r N || N=
-exec </dev/null
-case $N in ''|*[!0-9a-f]*) echo 'reconciler: no framing nonce on stdin' >&2; exit 97;; esac
-frame() {
-  _fid=$1; shift
-  printf '\n@@%s<%s\n' "$N" "$_fid"
-  printf '@@%s<%s\n' "$N" "$_fid" >&2
-  "$@"
-  printf '\n@@%s>%s %s\n' "$N" "$_fid" "$?"
-}
-FMT='@FIND_FMT@'
+# the framing (reconciler.host.script) and the observation's shell functions
+PRELUDE = (
+    prelude()
+    + r"""FMT='@FIND_FMT@'
 st() { [ $# -eq 0 ] || find "$@" -maxdepth 0 -printf "$FMT"; }
 # every directory above $1 is not a link and is owned by root (shell builtins: no process;
 # the answer for the last directory asked is kept: files share directories); whatever else
@@ -219,6 +215,7 @@ svc_pid() {
 swanctl_q() { if [ -n "${SW:-}" ]; then STRONGSWAN_CONF=$SW swanctl "$@"; else swanctl "$@"; fi; }
 PID1=unknown; read -r PID1 < /proc/1/comm 2>/dev/null || PID1=unknown
 """.replace("@FIND_FMT@", FIND_FMT).replace("@MAX_LINES@", str(MAX_LINES))
+)
 
 
 # ---------------------------------------------------------------- what to look at
@@ -371,8 +368,8 @@ def build_script(
         # swanctl loads every crypto plugin at start (~10 ms a call); listing needs none: the
         # rendered client settings load one tiny plugin (plain swanctl until they are applied)
         b.add(f'  SW={SWANCTL_CLIENT_CONF}; [ -r "$SW" ] || SW=')
-        b.add("  frame conns swanctl_q --list-conns")
-        b.add("  frame sas swanctl_q --list-sas")
+        b.add("  frame conns swanctl_q --list-conns --pretty")
+        b.add("  frame sas swanctl_q --list-sas --pretty")
         b.add("fi")
     if want.kernel:
         b.add(f"KMODS='{' '.join(token(m) for m in KERNEL_MODULES)}'")
@@ -395,61 +392,6 @@ def _absolute(path: str) -> str:
     if not path.startswith("/"):
         raise ValueError(f"not an absolute path: {path!r}")
     return path
-
-
-def new_nonce() -> str:
-    """The framing nonce for one run (sent as the first line of the script's stdin)."""
-    return secrets.token_hex(16)
-
-
-# ---------------------------------------------------------------- framing
-
-
-@dataclass(frozen=True)
-class Section:
-    id: str
-    body: bytes
-    exit_status: int | None  # None: the section never ended (script killed)
-    stderr: str = ""
-
-
-def split_sections(stdout: bytes, stderr: bytes = b"", *, nonce: str) -> dict[str, Section]:
-    """Split the framed output into sections (raw bodies); see the module doc."""
-    mark = b"\n@@" + nonce.encode("ascii")
-    errs = _split_stderr(stderr, nonce)
-    out: dict[str, Section] = {}
-    current: str | None = None
-    body = b""
-    for chunk in stdout.split(mark)[1:]:
-        head, _, rest = chunk.partition(b"\n")
-        if head.startswith(b"<"):
-            if current is not None:
-                out[current] = Section(current, body, None, errs.get(current, ""))
-            current, body = head[1:].decode("ascii", errors="replace"), rest
-        elif head.startswith(b">") and current is not None:
-            parts = head[1:].decode("ascii", errors="replace").split()
-            rc: int | None
-            try:
-                rc = int(parts[1]) if len(parts) == 2 and parts[0] == current else None
-            except ValueError:
-                rc = None
-            out[current] = Section(current, body, rc, errs.get(current, ""))
-            current, body = None, b""
-    if current is not None:
-        out[current] = Section(current, body, None, errs.get(current, ""))
-    return out
-
-
-def _split_stderr(stderr: bytes, nonce: str) -> dict[str, str]:
-    mark = f"@@{nonce}<"
-    out: dict[str, list[str]] = {}
-    current = ""
-    for line in stderr.decode("utf-8", errors="replace").splitlines():
-        if line.startswith(mark):
-            current = line[len(mark) :].strip()
-            continue
-        out.setdefault(current, []).append(line)
-    return {k: "\n".join(v).strip() for k, v in out.items()}
 
 
 # ---------------------------------------------------------------- parsers
@@ -604,32 +546,6 @@ def parse_links(data: str) -> tuple[LinkState, ...]:
             )
         )
     return tuple(out)
-
-
-def parse_swanctl_conns(text: str) -> tuple[str, ...]:
-    """Connection names from ``swanctl --list-conns`` (top-level ``name: IKEv2, ...`` lines)."""
-    names = []
-    for line in text.splitlines():
-        if line and not line[0].isspace() and ": IKEv" in line:
-            names.append(line.split(":", 1)[0])
-    return tuple(names)
-
-
-def parse_swanctl_sas(text: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(IKE_SA names ESTABLISHED, CHILD_SA names INSTALLED) from ``swanctl --list-sas``."""
-    ike: list[str] = []
-    children: list[str] = []
-    for line in text.splitlines():
-        if not line.strip() or ": #" not in line:
-            continue
-        name, rest = line.strip().split(": #", 1)
-        states = [w.strip() for w in rest.split(",")]
-        if not line[0].isspace():
-            if "ESTABLISHED" in states:
-                ike.append(name)
-        elif "INSTALLED" in states:
-            children.append(name)
-    return tuple(dict.fromkeys(ike)), tuple(dict.fromkeys(children))
 
 
 def parse_charon(text: str) -> bool:
@@ -808,8 +724,11 @@ def parse_observation(host: str, desired: Desired, sections: Mapping[str, Sectio
     ike: tuple[str, ...] = ()
     children: tuple[str, ...] = ()
     if running and ("conns" in sections or "sas" in sections):
-        conns = parse_swanctl_conns(body("conns", "swanctl --list-conns") or "")
-        ike, children = parse_swanctl_sas(body("sas", "swanctl --list-sas") or "")
+        try:
+            conns = loaded_conns(body("conns", "swanctl --list-conns") or "")
+            ike, children = up_names(body("sas", "swanctl --list-sas") or "")
+        except ViciParseError as err:
+            errors.append(f"swanctl: cannot parse its output: {err}")
     elif running:
         errors.append("swanctl: charon runs but its vici socket (/var/run/charon.vici) is missing")
     ipsec = IpsecState(
@@ -977,7 +896,7 @@ def build_fetch_script(
 
 
 async def observe_host(
-    conn: Connection,
+    conn: Runner,
     desired: Desired,
     *,
     fetch_diffs: bool = True,
@@ -997,11 +916,9 @@ async def observe_host(
     """
     started = time.monotonic()
     script, args = build_script(desired, inventory_path, pending_path, identity_path)
-    nonce = new_nonce()
-    result = await conn.run_script(script, args=args, stdin_after=f"{nonce}\n".encode(), timeout=timeout)
-    _check(conn, result, nonce)
-    sections = split_sections(result.stdout, result.stderr, nonce=nonce)
-    observed = parse_observation(conn.host, desired, sections)
+    run = await run_framed(conn, script, args, timeout=timeout)
+    _check(conn, run)
+    observed = parse_observation(conn.host, desired, run.sections)
     # inventory entries the script could not stat (JSON escapes): stat them now
     missing = tuple(p for p in observed.inventory if p not in observed.files) if stat_inventory else ()
     fetch = content_wanted(desired, observed) if fetch_diffs else ()
@@ -1009,13 +926,9 @@ async def observe_host(
     if fetch or missing:
         round_trips = 2
         script2, args2 = build_fetch_script(fetch, missing, probe_for(desired).rules())
-        nonce2 = new_nonce()
-        result2 = await conn.run_script(
-            script2, args=args2, stdin_after=f"{nonce2}\n".encode(), timeout=timeout
-        )
-        _check(conn, result2, nonce2)
-        sections2 = split_sections(result2.stdout, result2.stderr, nonce=nonce2)
-        observed = _merge_fetch(observed, fetch, missing, sections2)
+        run2 = await run_framed(conn, script2, args2, timeout=timeout)
+        _check(conn, run2)
+        observed = _merge_fetch(observed, fetch, missing, run2.sections)
     log.debug(
         "observe.done",
         host=conn.host,
@@ -1026,10 +939,10 @@ async def observe_host(
     return observed
 
 
-def _check(conn: Connection, result: CommandResult, nonce: str) -> None:
-    if result.exit_status in (97, 127) and f"@@{nonce}".encode() not in result.stdout:
+def _check(conn: Runner, run: Framed) -> None:
+    if not run.started:
         raise Transient(
-            f"host {conn.host}: cannot run sh for observation: {result.stderr[-200:]!r}",
+            f"host {conn.host}: cannot run sh for observation: {run.result.stderr[-200:]!r}",
             reason=Reason.OBSERVE_INCOMPLETE,
         )
 

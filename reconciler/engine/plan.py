@@ -35,6 +35,7 @@ from enum import StrEnum
 from typing import TypeVar
 
 from reconciler.engine.identity import IDENTITY_PATH, HostIdentity, Judgement, Verdict, judge
+from reconciler.host.state import INVENTORY_PATH
 from reconciler.kinds import aptsim
 from reconciler.kinds.aptsim import AptSimulation
 from reconciler.kinds.observed import FileState, IptablesState, LinkState, Observed
@@ -55,7 +56,6 @@ from reconciler.netfilter.iptables import canonical_iptables
 
 _R = TypeVar("_R", FileResource, LinkResource, KeyPair, Service)
 
-INVENTORY_PATH = "/var/lib/reconciler/inventory.json"
 SECRET_DIFF = "(secret: content hidden)"  # noqa: S105 (a label, not a secret)
 TEMP_MARKER = ".reconciler-"  # staged temps are "<dir>/.<name>.reconciler-<random>"
 

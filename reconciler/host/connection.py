@@ -237,14 +237,26 @@ class Connection:
         on_close: Any = None,
         time_scale: float = 1.0,
     ) -> None:
+        self._conn = conn
+        self._setup(target, semaphore, command_timeout, on_close, time_scale, as_root=target.user == "root")
+
+    def _setup(
+        self,
+        target: SshTarget,
+        semaphore: asyncio.Semaphore,
+        command_timeout: float,
+        on_close: Any,
+        time_scale: float,
+        *,
+        as_root: bool,
+    ) -> None:
         self.host = target.host
         self.target = target
-        self._conn = conn
         self._sem = semaphore
         self._command_timeout = command_timeout
         self._time_scale = time_scale
         self._on_close = on_close
-        self._prefix: tuple[str, ...] = () if target.user == "root" else ("sudo", "-n", "--")
+        self._prefix: tuple[str, ...] = () if as_root else ("sudo", "-n", "--")
 
     @property
     def closed(self) -> bool:
@@ -391,14 +403,8 @@ class LocalConnection(Connection):
         on_close: Any = None,
         time_scale: float = 1.0,
     ) -> None:
-        self.host = target.host
-        self.target = target
-        self._sem = semaphore
-        self._command_timeout = command_timeout
-        self._time_scale = time_scale
-        self._on_close = on_close
+        self._setup(target, semaphore, command_timeout, on_close, time_scale, as_root=os.geteuid() == 0)
         self._closed = False
-        self._prefix = () if os.geteuid() == 0 else ("sudo", "-n", "--")
 
     @property
     def closed(self) -> bool:

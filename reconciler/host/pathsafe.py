@@ -32,6 +32,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 
+from reconciler.host.script import numbered, split_sections
 from reconciler.kinds.observed import FileState
 
 PERL = "perl"
@@ -212,13 +213,10 @@ class Status:
 
 
 def statuses(stdout: bytes, marker: str) -> list[Status]:
-    """The helper's status lines (``\\n@@<marker> TAG IDX text``), in order."""
-    head = f"@@{marker} "
+    """The helper's statuses (sections ``status.<n>``: ``TAG IDX text``), in order."""
     out = []
-    for line in stdout.decode("utf-8", errors="replace").split("\n"):
-        if not line.startswith(head):
-            continue
-        parts = line[len(head) :].split(" ", 2)
+    for line in numbered(split_sections(stdout, nonce=marker), "status"):
+        parts = line.split(" ", 2)
         if len(parts) < 2 or not parts[1].isdigit():
             continue
         out.append(Status(parts[0], int(parts[1]), parts[2] if len(parts) > 2 else ""))

@@ -19,8 +19,9 @@
 #   meta IDX PATH TOP USER WHAT MODE OWNER GROUP
 #   delete IDX PATH TOP USER BACKUP | restore IDX PATH TOP USER HADBACKUP | unstage PATH TOP USER
 #   clean PATH TOP USER KEEP | journal PATH CONTENT
-# Output: status lines "\n@@<marker> TAG IDX text\n" (text: printable ASCII only) and, for
-# stat/read, sections framed like the observation script ("\n@@<marker><ID\n ... \n@@<marker>>ID RC\n").
+# Output: the one host-script framing (reconciler.host.script), the marker as its nonce: each
+# status "TAG IDX text" (text: printable ASCII only) is section "status.<n>"; stat/read print
+# their sections ("\n@@<marker><ID\n ... \n@@<marker>>ID RC\n").
 use strict;    # (these two lines are dropped from the copy sent to hosts: they cost start-up
 use warnings;  # time; the tests run the file as it is, with them)
 # Fcntl without its importer (Exporter's work is most of its load time); the O_* values differ
@@ -51,9 +52,12 @@ my (%STAGED, %CLEANED, @REC, @HASH);
 my $MARK = qr/\A\..+\.reconciler-(?:bak-)?[0-9a-f]+\z/s;
 
 sub txt { my $t = shift; $t =~ s/[^\x20-\x7e]/?/g; return $t }
+my $NSTATUS = 0;
 sub status {
     my ($tag, $idx, $text) = @_;
-    print "\n\@\@$M $tag $idx" . (defined $text && length $text ? ' ' . txt($text) : '') . "\n";
+    my $id = 'status.' . ++$NSTATUS;
+    print "\n\@\@$M<$id\n$tag $idx" . (defined $text && length $text ? ' ' . txt($text) : '')
+        . "\n\@\@$M>$id 0\n";
     return 0;
 }
 

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import functools
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from ipaddress import IPv4Address, IPv6Address, ip_network
+
+from reconciler.netfilter.iptables import Table, parse_filter
 
 PROTOCOLS = {
     "0": "all",
@@ -81,53 +83,6 @@ class Verdict:
     line: int | None  # 1-based line in the ruleset of the deciding rule; None = chain policy
     rule: str | None
     reason: str
-
-
-@dataclass
-class Table:
-    policies: dict[str, str] = field(default_factory=dict)
-    rules: dict[str, list[tuple[int, list[str]]]] = field(default_factory=dict)
-
-
-class ParseError(ValueError):
-    pass
-
-
-def parse_filter(text: str) -> Table:
-    """The ``*filter`` table of an iptables-restore text."""
-    table = Table()
-    current: str | None = None
-    for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("*"):
-            current = line[1:]
-            continue
-        if current != "filter":
-            continue
-        if line == "COMMIT":
-            current = None
-            continue
-        if line.startswith(":"):
-            parts = line[1:].split()
-            if len(parts) < 2:
-                raise ParseError(f"line {number}: bad chain line")
-            table.policies[parts[0]] = parts[1]
-            table.rules.setdefault(parts[0], [])
-            continue
-        try:
-            # shlex is slow; only a quoted word (e.g. a LOG prefix) needs it
-            words = shlex.split(line) if ('"' in line or "'" in line or "\\" in line) else line.split()
-        except ValueError as err:
-            raise ParseError(f"line {number}: {err}") from err
-        if len(words) < 2 or words[0] not in ("-A", "--append"):
-            raise ParseError(f"line {number}: only -A rules are understood")
-        chain = words[1]
-        if chain not in table.rules:
-            raise ParseError(f"line {number}: chain {chain} was not declared")
-        table.rules[chain].append((number, words[2:]))
-    return table
 
 
 def _iface(pattern: str, name: str | None) -> Tri:

@@ -21,7 +21,7 @@ import functools
 import ipaddress
 import re
 import shlex
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from reconciler.kinds.observed import IptablesState
@@ -376,3 +376,54 @@ def _canonical_iptables(text: str) -> IptablesState:
     if table is not None:
         raise IptablesParseError(f"table {table} has no COMMIT")
     return IptablesState(tables=MappingProxyType(dict(sorted(tables.items()))), raw=text)
+
+
+# ---------------------------------------------------------------- the filter table, as written
+# (for evaluating packets: reconciler.netfilter.check; the rules keep their words and line)
+
+
+@dataclass
+class Table:
+    policies: dict[str, str] = field(default_factory=dict)
+    rules: dict[str, list[tuple[int, list[str]]]] = field(default_factory=dict)
+
+
+class ParseError(ValueError):
+    pass
+
+
+def parse_filter(text: str) -> Table:
+    """The ``*filter`` table of an iptables-restore text."""
+    table = Table()
+    current: str | None = None
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("*"):
+            current = line[1:]
+            continue
+        if current != "filter":
+            continue
+        if line == "COMMIT":
+            current = None
+            continue
+        if line.startswith(":"):
+            parts = line[1:].split()
+            if len(parts) < 2:
+                raise ParseError(f"line {number}: bad chain line")
+            table.policies[parts[0]] = parts[1]
+            table.rules.setdefault(parts[0], [])
+            continue
+        try:
+            # shlex is slow; only a quoted word (e.g. a LOG prefix) needs it
+            words = shlex.split(line) if ('"' in line or "'" in line or "\\" in line) else line.split()
+        except ValueError as err:
+            raise ParseError(f"line {number}: {err}") from err
+        if len(words) < 2 or words[0] not in ("-A", "--append"):
+            raise ParseError(f"line {number}: only -A rules are understood")
+        chain = words[1]
+        if chain not in table.rules:
+            raise ParseError(f"line {number}: chain {chain} was not declared")
+        table.rules[chain].append((number, words[2:]))
+    return table

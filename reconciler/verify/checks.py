@@ -55,25 +55,17 @@ def passed(
     return Check(host, peer, name, Status.PASS, evidence, "", _details(details))
 
 
-def failed(
-    host: str,
-    peer: str,
-    name: str,
-    cause: str,
-    evidence: str = "",
-    details: Mapping[str, object] | None = None,
-) -> Check:
+Details = Mapping[str, object] | None
+
+
+def failed(host: str, peer: str, name: str, cause: str, evidence: str = "", details: Details = None) -> Check:
     return Check(host, peer, name, Status.FAIL, evidence, cause, _details(details))
 
 
 def skipped(
-    host: str,
-    peer: str,
-    name: str,
-    reason: str,
-    evidence: str = "",
-    details: Mapping[str, object] | None = None,
+    host: str, peer: str, name: str, reason: str, evidence: str = "", details: Details = None
 ) -> Check:
+    """Not run or not conclusive: ``reason`` says why (in the cause field)."""
     return Check(host, peer, name, Status.SKIP, evidence, reason, _details(details))
 
 

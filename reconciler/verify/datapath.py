@@ -17,8 +17,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from reconciler.host.script import Runner
 from reconciler.verify.checks import Check, failed, passed, skipped
-from reconciler.verify.facts import _PRELUDE, Runner, Section, new_token, split_sections
+from reconciler.verify.facts import PRELUDE, Section, run_sections
 
 NAME = "datapath"
 
@@ -62,11 +63,11 @@ done
 """
 
 PROBE_SCRIPT = (
-    _PRELUDE
+    PRELUDE
     + REACH_FUNCTION
     + r"""
 iface=$1; own=$2; cap=$3; count=$4; interval=$5; npeers=$6; ctimeout=$7; shift 7
-command -v tcpdump >/dev/null 2>&1 || { sec notcpdump false; exit 0; }
+command -v tcpdump >/dev/null 2>&1 || { frame notcpdump false; exit 0; }
 # the connects first: their timeout runs while tcpdump starts and the pings go
 connects=0
 if [ "$#" -gt "$npeers" ] && command -v bash >/dev/null 2>&1; then
@@ -93,14 +94,14 @@ for p in $pids; do wait "$p"; done
 sleep 0.3
 kill -INT "$tp" 2>/dev/null; wait "$tp"
 [ "$connects" = 1 ] && wait "$rp"
-sec capture cat "$d/cap"
-sec caperr cat "$d/caperr"
+frame capture cat "$d/cap"
+frame caperr cat "$d/caperr"
 i=0
 for peer in "$@"; do
   i=$((i + 1)); [ "$i" -gt "$npeers" ] && break
-  sec "ping:$peer" cat "$d/ping-$peer"
+  frame "ping:$peer" cat "$d/ping-$peer"
 done
-[ "$connects" = 1 ] && sec reach cat "$d/reach.out"
+[ "$connects" = 1 ] && frame reach cat "$d/reach.out"
 true
 """
 )
@@ -116,11 +117,10 @@ class ProbeRequest:
     connects: tuple[tuple[str, int], ...] = ()  # (peer internal address, TCP port) to connect to
     connect_timeout: float = 1.5  # the kernel sends the SYN again at 1 s: two tries
 
-    def args(self, token: str) -> list[str]:
+    def args(self) -> list[str]:
         cap = str(max(64, 40 * len(self.peers) * self.count + 10 * len(self.connects)))
         targets = [w for address, port in self.connects for w in (address, str(port))]
         return [
-            token,
             self.interface,
             self.own,
             cap,
@@ -134,13 +134,7 @@ class ProbeRequest:
 
 
 async def run_probe(conn: Runner, request: ProbeRequest, *, timeout: float) -> dict[str, Section]:
-    token = new_token()
-    res = await conn.run_script(PROBE_SCRIPT, args=request.args(token), timeout=timeout)
-    sections = split_sections(res.stdout, token)
-    if not sections:
-        err = res.stderr.decode(errors="replace").strip().splitlines()
-        raise RuntimeError(f"datapath probe exited {res.exit_status}: {err[-1] if err else 'no output'}")
-    return sections
+    return await run_sections(conn, PROBE_SCRIPT, request.args(), timeout=timeout, what="datapath probe")
 
 
 # ---------------------------------------------------------------- parsing (pure)

@@ -1,6 +1,7 @@
 """What verify reads from a host, in one SSH round trip: fixed shell scripts (no fleet data
-in their text: every value is a positional argument) whose output is split into framed
-sections by a random per-run token, so no log line or config can forge a frame.
+in their text: every value is a positional argument) whose output is framed by
+``reconciler.host.script`` (a random per-run nonce on stdin), so no log line or config can
+forge a frame.
 
 Read-only except for two things, both documented in docs/VERIFY.md: the charon log cursor
 (``/var/lib/reconciler/verify/charon-log.cursor``, so the next run reads only new lines) and
@@ -10,38 +11,19 @@ the kernel-ESP probe, which runs ``ip xfrm state add`` in a throw-away network n
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Protocol
 
 from reconciler.domains.strongswan import SWANCTL_CLIENT_CONF
+from reconciler.host.script import Runner, prelude, run_framed
+from reconciler.host.script import Section as Frame
+from reconciler.host.script import split_sections as split_frames
+from reconciler.host.state import VERIFY_CURSOR_PATH
 
-CURSOR_PATH = "/var/lib/reconciler/verify/charon-log.cursor"
+CURSOR_PATH = VERIFY_CURSOR_PATH
 LOG_TAIL_BYTES = 262144  # read at most this much new log per run
 STDERR_BYTES = 4096
-
-
-class Runner(Protocol):
-    """The part of ``reconciler.host.connection.Connection`` verify uses."""
-
-    host: str
-
-    async def run_script(
-        self,
-        script: str,
-        *,
-        args: Sequence[str] = (),
-        stdin_after: bytes | None = None,
-        timeout: float | None = None,
-    ) -> _Result: ...
-
-
-class _Result(Protocol):
-    exit_status: int
-    stdout: bytes
-    stderr: bytes
 
 
 @dataclass(frozen=True)
@@ -78,10 +60,12 @@ class HostFacts:
         return self.sections.get(name)
 
 
-# A shell function shared by the scripts: run "$@" as section $1, framed by the token.
-_PRELUDE = r"""
+# The framing (reconciler.host.script: ``frame ID CMD...``, nonce on stdin) and what the
+# scripts share: a scratch directory, swanctl without its crypto plugins.
+PRELUDE = (
+    prelude()
+    + r"""
 set -u
-tok=$1; shift
 d=$(mktemp -d /tmp/.reconciler-verify.XXXXXX) || exit 97
 trap 'rm -rf "$d"' EXIT
 # swanctl loads every crypto plugin at start (~10 ms a call); listing needs none: the rendered
@@ -89,21 +73,14 @@ trap 'rm -rf "$d"' EXIT
 swanctl_q() {
   if [ -r SWANCTL_CLIENT_CONF ]; then STRONGSWAN_CONF=SWANCTL_CLIENT_CONF swanctl "$@"; else swanctl "$@"; fi
 }
-sec() {
-  n=$1; shift
-  printf '%s BEGIN %s\n' "$tok" "$n"
-  "$@" 2>"$d/err"; rc=$?
-  printf '\n%s STDERR %s\n' "$tok" "$n"
-  head -c STDERR_BYTES "$d/err"
-  printf '\n%s END %s %s\n' "$tok" "$n" "$rc"
-}
-""".replace("STDERR_BYTES", str(STDERR_BYTES)).replace("SWANCTL_CLIENT_CONF", SWANCTL_CLIENT_CONF)
+""".replace("SWANCTL_CLIENT_CONF", SWANCTL_CLIENT_CONF)
+)
 
 # Facts: charon, swanctl views, keys, firewall (IPv4, IPv6), listening sockets, links, charon log
 # (from the cursor), kernel ESP probe, HTTP header probes of the sites, AppArmor parse of the
 # profiles.
 FACTS_SCRIPT = (
-    _PRELUDE
+    PRELUDE
     + r"""
 iface=$1; priv=$2; pubdir=$3; cursor=$4; log=$5; readlog=$6; espprobe=$7; ipsec=$8; nsites=$9
 shift 9
@@ -149,75 +126,59 @@ aa_parse() {
   apparmor_parser -Q -K "$1"
 }
 if [ "$ipsec" = 1 ]; then
-  sec charon charon_pid
-  sec stats swanctl_q --stats
-  sec conns swanctl_q --list-conns --pretty
-  sec sas swanctl_q --list-sas --pretty
-  sec ownkey own_key "$priv"
-  sec peerkeys peer_keys "$pubdir"
-  sec links ip -o link show
+  frame charon charon_pid
+  frame stats swanctl_q --stats
+  frame conns swanctl_q --list-conns --pretty
+  frame sas swanctl_q --list-sas --pretty
+  frame ownkey own_key "$priv"
+  frame peerkeys peer_keys "$pubdir"
+  frame links ip -o link show
   advance=0; [ "$readlog" = 1 ] && advance=1
-  [ "$readlog" != 0 ] && sec log read_log "$log" "$cursor" "$advance"
-  [ "$espprobe" = 1 ] && sec kernel_esp esp_probe
+  [ "$readlog" != 0 ] && frame log read_log "$log" "$cursor" "$advance"
+  [ "$espprobe" = 1 ] && frame kernel_esp esp_probe
 fi
-sec iptables iptables-save -t filter
-if [ "$ip6" = 1 ] && [ -e /proc/net/if_inet6 ]; then sec ip6tables ip6tables-save -t filter
-elif [ "$ip6" = 1 ]; then sec ip6tables echo NO-IPV6
+frame iptables iptables-save -t filter
+if [ "$ip6" = 1 ] && [ -e /proc/net/if_inet6 ]; then frame ip6tables ip6tables-save -t filter
+elif [ "$ip6" = 1 ]; then frame ip6tables echo NO-IPV6
 fi
 # listening TCP sockets (for the connect checks: what a refused connect means)
-[ "$listen" = 1 ] && sec listen cat /proc/net/tcp /proc/net/tcp6
-sec iface ip -o addr show dev "$iface"
+[ "$listen" = 1 ] && frame listen cat /proc/net/tcp /proc/net/tcp6
+frame iface ip -o addr show dev "$iface"
 i=0
 while [ "$i" -lt "$nsites" ]; do
-  sec "http:$1" http_head "$2" "$3"
+  frame "http:$1" http_head "$2" "$3"
   shift 3; i=$((i + 1))
 done
-if [ "$#" -gt 0 ]; then sec apparmor aa_state; fi
-for p in "$@"; do sec "aa:$p" aa_parse "$p"; done
+if [ "$#" -gt 0 ]; then frame apparmor aa_state; fi
+for p in "$@"; do frame "aa:$p" aa_parse "$p"; done
 true
 """
 ).replace("LOG_TAIL_BYTES", str(LOG_TAIL_BYTES))
 
 
-def new_token() -> str:
-    return "RCNV" + secrets.token_hex(8)
+def view(sections: Mapping[str, Frame]) -> dict[str, Section]:
+    """The framed sections (``reconciler.host.script.split_sections``) as verify reads them:
+    text, exit status -1 for a section cut off, stderr capped."""
+    return {
+        k: Section(k, -1 if v.exit_status is None else v.exit_status, v.text, v.stderr[:STDERR_BYTES])
+        for k, v in sections.items()
+    }
 
 
-def split_sections(stdout: bytes, token: str) -> dict[str, Section]:
-    """Framed sections of a script's output. A section without its END line (the script was
-    cut off) is kept with rc -1."""
-    text = stdout.decode("utf-8", errors="replace")
-    out: dict[str, Section] = {}
-    name: str | None = None
-    body: list[str] = []
-    err: list[str] = []
-    in_err = False
-    begin, mid, end = f"{token} BEGIN ", f"{token} STDERR ", f"{token} END "
-    for line in text.split("\n"):
-        if line.startswith(begin):
-            name, body, err, in_err = line[len(begin) :], [], [], False
-            continue
-        if name is None:
-            continue
-        if line.startswith(mid):
-            in_err = True
-            continue
-        if line.startswith(end):
-            rest = line[len(end) :].rsplit(" ", 1)
-            rc = int(rest[1]) if len(rest) == 2 and rest[1].lstrip("-").isdigit() else -1
-            out[name] = Section(name, rc, _trim(body), _trim(err))
-            name = None
-            continue
-        (err if in_err else body).append(line)
-    if name is not None:
-        out[name] = Section(name, -1, _trim(body), _trim(err))
-    return out
+def split_sections(stdout: bytes, nonce: str, stderr: bytes = b"") -> dict[str, Section]:
+    return view(split_frames(stdout, stderr, nonce=nonce))
 
 
-def _trim(lines: list[str]) -> str:
-    # sec() prints one newline before STDERR/END so markers always start a line
-    text = "\n".join(lines)
-    return text[:-1] if text.endswith("\n") else text
+async def run_sections(
+    conn: Runner, script: str, args: Sequence[str], *, timeout: float, what: str
+) -> dict[str, Section]:
+    """Run one of verify's framed scripts; its sections (RuntimeError if none came back)."""
+    run = await run_framed(conn, script, args, timeout=timeout)
+    if not run.sections:
+        res = run.result
+        err = res.stderr.decode(errors="replace").strip().splitlines()
+        raise RuntimeError(f"{what} exited {res.exit_status}: {err[-1] if err else 'no output'}")
+    return view(run.sections)
 
 
 @dataclass(frozen=True)
@@ -238,10 +199,9 @@ class FactsRequest:
     log_path: str = "/var/log/charon.log"
     cursor_path: str = CURSOR_PATH
 
-    def args(self, token: str) -> list[str]:
+    def args(self) -> list[str]:
         readlog = "0" if not self.read_log else ("1" if self.advance_cursor else "2")
         out = [
-            token,
             self.interface,
             self.private_key or "/nonexistent",
             self.pubkey_dir or "/nonexistent",
@@ -261,10 +221,4 @@ class FactsRequest:
 
 
 async def read_facts(conn: Runner, request: FactsRequest, *, timeout: float) -> dict[str, Section]:
-    token = new_token()
-    res = await conn.run_script(FACTS_SCRIPT, args=request.args(token), timeout=timeout)
-    sections = split_sections(res.stdout, token)
-    if res.exit_status != 0 and not sections:
-        err = res.stderr.decode(errors="replace").strip().splitlines()
-        raise RuntimeError(f"facts script exited {res.exit_status}: {err[-1] if err else 'no output'}")
-    return sections
+    return await run_sections(conn, FACTS_SCRIPT, request.args(), timeout=timeout, what="facts script")

@@ -16,11 +16,12 @@ import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
-from typing import Any
+from typing import Any, Required, TypedDict, Unpack
 
 from reconciler.domains.firewall_access import management_admits, mesh_admits, port_access
 from reconciler.fleet.model import Datapath, Fleet, Host, MeshMode
-from reconciler.netfilter.check import Packet, ParseError, Table, evaluate, parse_filter
+from reconciler.netfilter.check import Packet, evaluate
+from reconciler.netfilter.iptables import ParseError, Table, parse_filter
 from reconciler.verify.checks import Check, failed, passed
 from reconciler.verify.facts import HostFacts
 
@@ -244,22 +245,22 @@ def probes(
     return ps
 
 
-def check(
-    host: str,
-    peer: str,
-    facts: HostFacts,
-    *,
-    own_public: IPv4Address,
-    peer_public: IPv4Address,
-    own_internal: IPv4Address,
-    peer_internal: IPv4Address,
-    interface: str,
-    mode: MeshMode,
-    datapath: Datapath,
-    ports: Sequence[PortProbe] = (),
-    trust_all: bool = True,
-    peer_tunnel: str = "",
-) -> Check:
+class PairArgs(TypedDict, total=False):
+    """``probes``' arguments, which ``check`` passes on."""
+
+    own_public: Required[IPv4Address]
+    peer_public: Required[IPv4Address]
+    own_internal: Required[IPv4Address]
+    peer_internal: Required[IPv4Address]
+    interface: Required[str]
+    mode: Required[MeshMode]
+    datapath: Required[Datapath]
+    ports: Sequence[PortProbe]
+    trust_all: bool
+    peer_tunnel: str
+
+
+def check(host: str, peer: str, facts: HostFacts, **pair: Unpack[PairArgs]) -> Check:
     if facts.error is not None:
         return failed(host, peer, NAME, f"cannot read {host}: {facts.error}")
     sec = facts.get("iptables")
@@ -270,18 +271,7 @@ def check(
         return failed(host, peer, NAME, f"{host} has no filter table loaded (iptables-save printed none)")
     bad: list[str] = []
     good: list[str] = []
-    for p in probes(
-        own_public=own_public,
-        peer_public=peer_public,
-        own_internal=own_internal,
-        peer_internal=peer_internal,
-        interface=interface,
-        mode=mode,
-        datapath=datapath,
-        ports=ports,
-        trust_all=trust_all,
-        peer_tunnel=peer_tunnel,
-    ):
+    for p in probes(**pair):
         try:
             v = evaluate(_for_packet(_prepare(sec.out), p.packet), p.chain, p.packet)
         except ParseError as err:

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from ipaddress import IPv6Address, IPv6Network
 
 from reconciler.domains.firewall_access import PortAccess
-from reconciler.netfilter.check import Packet, ParseError, evaluate, parse_filter
+from reconciler.netfilter.check import Packet, evaluate
+from reconciler.netfilter.iptables import ParseError, parse_filter
 from reconciler.verify.checks import Check, failed, passed, skipped
 from reconciler.verify.facts import HostFacts
 from reconciler.verify.firewall import undeclared_port

@@ -2,351 +2,23 @@
 holds the other's real public key, the IKE SA and the CHILD_SA with the peer are up (on both
 sides, with matching SPIs), and charon's log has no new, unrecovered errors.
 
-Parsers read ``swanctl --list-conns --pretty`` / ``--list-sas --pretty`` (the vici message
-tree, one key per line, so values with spaces such as ``class = public key`` parse exactly).
+swanctl's output is parsed in ``reconciler.kinds.ipsec_state`` (shared with observe).
 Everything here is pure: it works on recorded output.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import functools
-import hashlib
-import posixpath
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
+from reconciler.kinds.ipsec_state import ChildSa, ConnConf, IkeSa, ViciParseError, parse_conns, parse_sas
 from reconciler.verify.checks import Check, failed, passed, skipped
 from reconciler.verify.facts import HostFacts, Section
+from reconciler.verify.ipsec_log import LogRead, parse_key_hashes
 
-VNode = dict[str, "VValue"]
-VValue = str | list[str] | VNode
-
-# ---------------------------------------------------------------- vici --pretty
-
-
-class ViciParseError(ValueError):
-    pass
-
-
-def parse_vici_pretty(text: str) -> list[tuple[str, VNode]]:
-    """``swanctl --pretty`` output -> [(event name, tree)] (e.g. ("list-sa event", {...}))."""
-    events: list[tuple[str, VNode]] = []
-    stack: list[VNode] = []
-    current_list: list[str] | None = None
-    for n, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line:
-            continue
-        if current_list is not None:
-            if line == "]":
-                current_list = None
-            else:
-                current_list.append(line)
-            continue
-        if line.endswith(" {") or line == "{":
-            name = line[:-1].strip()
-            node: VNode = {}
-            if not stack:
-                events.append((name, node))
-            else:
-                stack[-1][name] = node
-            stack.append(node)
-            continue
-        if line == "}":
-            if not stack:
-                raise ViciParseError(f"line {n}: unbalanced '}}'")
-            stack.pop()
-            continue
-        if not stack:
-            continue  # noise outside any message (e.g. a plugin warning)
-        if line.endswith(" = ["):
-            items: list[str] = []
-            stack[-1][line[:-4].strip()] = items
-            current_list = items
-            continue
-        key, sep, value = line.partition(" = ")
-        if not sep:
-            if line.endswith(" ="):
-                stack[-1][line[:-2].strip()] = ""
-                continue
-            raise ViciParseError(f"line {n}: not 'key = value': {line!r}")
-        stack[-1][key.strip()] = value
-    if stack:
-        raise ViciParseError("unterminated section (output cut off?)")
-    return events
-
-
-def _s(node: Mapping[str, VValue], key: str) -> str:
-    v = node.get(key, "")
-    return v if isinstance(v, str) else ""
-
-
-def _l(node: Mapping[str, VValue], key: str) -> tuple[str, ...]:
-    v = node.get(key, [])
-    return tuple(v) if isinstance(v, list) else ()
-
-
-def _n(node: Mapping[str, VValue], key: str) -> VNode:
-    v = node.get(key, {})
-    return v if isinstance(v, dict) else {}
-
-
-@dataclass(frozen=True)
-class ChildConf:
-    name: str
-    mode: str
-    local_ts: tuple[str, ...]
-    remote_ts: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class ConnConf:
-    name: str
-    local_addrs: tuple[str, ...]
-    remote_addrs: tuple[str, ...]
-    local_id: str
-    remote_id: str
-    children: tuple[ChildConf, ...]
-
-    def child(self, name: str) -> ChildConf | None:
-        return next((c for c in self.children if c.name == name), None)
-
-
-@functools.lru_cache(maxsize=512)
-def parse_conns(text: str) -> dict[str, ConnConf]:
-    """Connections of ``swanctl --list-conns --pretty`` (cached on the text: every pair of a
-    host reads the same output; callers must not mutate the result)."""
-    out: dict[str, ConnConf] = {}
-    for event, tree in parse_vici_pretty(text):
-        if event != "list-conn event":
-            continue
-        for name, node in tree.items():
-            if not isinstance(node, dict):
-                continue
-            local = next((v for k, v in node.items() if k.startswith("local") and isinstance(v, dict)), {})
-            remote = next((v for k, v in node.items() if k.startswith("remote") and isinstance(v, dict)), {})
-            children = tuple(
-                ChildConf(cname, _s(c, "mode"), _l(c, "local-ts"), _l(c, "remote-ts"))
-                for cname, c in _n(node, "children").items()
-                if isinstance(c, dict)
-            )
-            out[name] = ConnConf(
-                name,
-                _l(node, "local_addrs"),
-                _l(node, "remote_addrs"),
-                _s(local, "id"),
-                _s(remote, "id"),
-                children,
-            )
-    return out
-
-
-@dataclass(frozen=True)
-class ChildSa:
-    name: str
-    state: str
-    mode: str
-    protocol: str
-    encap: bool
-    spi_in: str
-    spi_out: str
-    local_ts: tuple[str, ...]
-    remote_ts: tuple[str, ...]
-    packets_in: int
-    packets_out: int
-
-
-@dataclass(frozen=True)
-class IkeSa:
-    name: str
-    uniqueid: str
-    state: str
-    local_host: str
-    remote_host: str
-    remote_id: str
-    initiator_spi: str
-    responder_spi: str
-    children: tuple[ChildSa, ...]
-
-
-def _int(v: str) -> int:
-    return int(v) if v.isdigit() else 0
-
-
-@functools.lru_cache(maxsize=512)
-def parse_sas(text: str) -> tuple[IkeSa, ...]:
-    """IKE SAs of ``swanctl --list-sas --pretty`` (cached on the text)."""
-    out: list[IkeSa] = []
-    for event, tree in parse_vici_pretty(text):
-        if event != "list-sa event":
-            continue
-        for name, node in tree.items():
-            if not isinstance(node, dict):
-                continue
-            children = tuple(
-                ChildSa(
-                    _s(c, "name") or cname,
-                    _s(c, "state"),
-                    _s(c, "mode"),
-                    _s(c, "protocol"),
-                    _s(c, "encap") == "yes",
-                    _s(c, "spi-in"),
-                    _s(c, "spi-out"),
-                    _l(c, "local-ts"),
-                    _l(c, "remote-ts"),
-                    _int(_s(c, "packets-in")),
-                    _int(_s(c, "packets-out")),
-                )
-                for cname, c in _n(node, "child-sas").items()
-                if isinstance(c, dict)
-            )
-            out.append(
-                IkeSa(
-                    name,
-                    _s(node, "uniqueid"),
-                    _s(node, "state"),
-                    _s(node, "local-host"),
-                    _s(node, "remote-host"),
-                    _s(node, "remote-id"),
-                    _s(node, "initiator-spi"),
-                    _s(node, "responder-spi"),
-                    children,
-                )
-            )
-    return tuple(out)
-
-
-_TAIL_HEADER = re.compile(r"^==> (.+) <==$")
-_PEM_PUBLIC = re.compile(r"-----BEGIN PUBLIC KEY-----\s*(.*?)\s*-----END PUBLIC KEY-----", re.DOTALL)
-
-
-def parse_key_hashes(text: str) -> dict[str, str]:
-    """The peer keys section: file name -> sha256 of the key's DER (SubjectPublicKeyInfo, as
-    ``openssl pkey -pubout -outform DER`` prints it), or ``unreadable``.
-
-    The host sends the PEM files as they are (``tail -v -n +1``: a ``==> path <==`` header
-    before each); hashing here costs microseconds instead of one openssl run per peer on the
-    host. Older facts (``<file> <hash>`` lines) are read too."""
-    if not text.startswith("==> "):
-        out: dict[str, str] = {}
-        for line in text.splitlines():
-            parts = line.split()
-            if len(parts) == 2:
-                out[parts[0]] = parts[1]
-        return out
-    files: dict[str, list[str]] = {}
-    current: list[str] | None = None
-    for line in text.splitlines():
-        head = _TAIL_HEADER.match(line)
-        if head:
-            current = files.setdefault(posixpath.basename(head.group(1)), [])
-        elif current is not None:
-            current.append(line)
-    return {name: _der_hash("\n".join(lines)) for name, lines in files.items()}
-
-
-def _der_hash(pem: str) -> str:
-    found = _PEM_PUBLIC.search(pem)
-    if found is None:
-        return "unreadable"
-    try:
-        der = base64.b64decode("".join(found.group(1).split()), validate=True)
-    except (binascii.Error, ValueError):
-        return "unreadable"
-    return hashlib.sha256(der).hexdigest() if der else "unreadable"
-
-
-# ---------------------------------------------------------------- charon log
-
-_TAG = re.compile(r"<([^|>]+)\|\d+>")
-# A single "retransmit N of request" is not an error: under load a DPD or rekey request is
-# often answered on its first retransmit. A peer that never answers ends in "giving up after N
-# retransmits" / "peer not responding", which are.
-_ERROR = re.compile(
-    r"\b(error|errors|failed|failure|unable|giving up|no trusted|no matching|no proposal|"
-    r"NO_PROPOSAL_CHOSEN|AUTHENTICATION_FAILED|TS_UNACCEPTABLE|INVALID_[A-Z_]+|"
-    r"peer not responding|deleting IKE_SA .* after timeout)\b",
-    re.IGNORECASE,
-)
-# harmless on Debian 12 hosts without a TPM/tss2 library, and capability lines
-_NOISE = re.compile(
-    r"plugin '[^']+': failed to load|TPM 2\.0 - could not load|failed to load .*tss2|"
-    r"HA config misses|loading .* failed: No such file|loaded plugins: ",
-    re.IGNORECASE,
-)
-# untagged responder-side lines name the addresses: "no IKE config found for B...A, sending ..."
-_ADDRS = re.compile(r"\bfor (\d+\.\d+\.\d+\.\d+)\.\.\.(\d+\.\d+\.\d+\.\d+)")
-_IKE_UP = re.compile(r"IKE_SA (\S+?)\[\d+\] established")
-_CHILD_UP = re.compile(r"CHILD_SA (\S+?)\{\d+\} established")
-
-
-@dataclass(frozen=True)
-class LogError:
-    line: str
-    connection: str | None  # the IKE_SA/connection name the line is tagged with
-    recovered: bool  # the same connection established again later in the read part
-
-
-@dataclass(frozen=True)
-class LogRead:
-    present: bool
-    lines_read: int
-    truncated: bool
-    errors: tuple[LogError, ...]
-    sad_install_failures: tuple[str, ...]  # "unable to install ... IPsec SA (SAD) in kernel"
-
-
-def parse_log_section(text: str, addr_to_conn: Mapping[str, str] | None = None) -> LogRead:
-    """The ``log`` section: ``CURSOR ino offset size start`` then the new log text (cached:
-    every pair of a host reads the same section)."""
-    return _parse_log_cached(text, tuple(sorted((addr_to_conn or {}).items())))
-
-
-@functools.lru_cache(maxsize=256)
-def _parse_log_cached(text: str, addrs: tuple[tuple[str, str], ...]) -> LogRead:
-    addr_to_conn = dict(addrs)
-    lines = text.splitlines()
-    if not lines or lines[0] == "NOLOG":
-        return LogRead(False, 0, False, (), ())
-    head = lines[0].split()
-    truncated = len(head) == 5 and head[0] == "CURSOR" and head[4] != head[2]
-    body = lines[1:] if head and head[0] == "CURSOR" else lines
-    return analyse_log(body, truncated=truncated, addr_to_conn=addr_to_conn)
-
-
-def analyse_log(
-    lines: Sequence[str], *, truncated: bool = False, addr_to_conn: Mapping[str, str] | None = None
-) -> LogRead:
-    """Error lines of the charon log, each attributed to a connection (by its ``<conn|n>``
-    tag, or by the peer address an untagged line names) and marked recovered when that
-    connection established an SA later in the lines read."""
-    by_addr = addr_to_conn or {}
-    found: list[tuple[int, str, str | None]] = []
-    last_up: dict[str, int] = {}
-    sad: list[str] = []
-    for i, line in enumerate(lines):
-        tag = _TAG.search(line)
-        conn = tag.group(1) if tag else None
-        if conn is None and (addrs := _ADDRS.search(line)):
-            conn = by_addr.get(addrs.group(2)) or by_addr.get(addrs.group(1))
-        up = _IKE_UP.search(line) or _CHILD_UP.search(line)
-        if up:
-            # a CHILD_SA line is tagged with its IKE_SA's connection (<mesh-web2|3>)
-            last_up[conn or up.group(1)] = i
-        if "(SAD) in kernel" in line and "unable to install" in line:
-            sad.append(line.strip())
-        if _ERROR.search(line) and not _NOISE.search(line):
-            found.append((i, line.strip(), conn))
-    errors = tuple(
-        LogError(text, conn, conn is not None and last_up.get(conn, -1) > i) for i, text, conn in found
-    )
-    return LogRead(True, len(lines), truncated, errors, tuple(sad))
-
-
-# ---------------------------------------------------------------- checks
+T = TypeVar("T")
 
 KERNEL_ESP_MISSING = (
     "child SA not installed: the kernel has no ESP (xfrm state add ... {error}); use datapath libipsec"
@@ -397,28 +69,25 @@ def daemon_check(facts: HostFacts) -> Check:
     return failed(facts.host, "", "ipsec.daemon", text)
 
 
-def _conns(facts: HostFacts) -> tuple[dict[str, ConnConf] | None, str]:
-    sec = facts.get("conns")
+def _swanctl(facts: HostFacts, sid: str, parse: Callable[[str], T]) -> tuple[T | None, str]:
+    """One swanctl view of a host, parsed (``reconciler.kinds.ipsec_state``), or why not."""
+    sec = facts.get(sid)
     if facts.error is not None:
         return None, f"cannot read {facts.host}: {facts.error}"
     if sec is None or not sec.ok:
-        return None, f"swanctl --list-conns failed on {facts.host}: {_last(sec)}"
+        return None, f"swanctl --list-{sid} failed on {facts.host}: {_last(sec)}"
     try:
-        return parse_conns(sec.out), ""
+        return parse(sec.out), ""
     except ViciParseError as err:
-        return None, f"cannot parse swanctl --list-conns on {facts.host}: {err}"
+        return None, f"cannot parse swanctl --list-{sid} on {facts.host}: {err}"
+
+
+def _conns(facts: HostFacts) -> tuple[dict[str, ConnConf] | None, str]:
+    return _swanctl(facts, "conns", parse_conns)
 
 
 def _sas(facts: HostFacts) -> tuple[tuple[IkeSa, ...] | None, str]:
-    sec = facts.get("sas")
-    if facts.error is not None:
-        return None, f"cannot read {facts.host}: {facts.error}"
-    if sec is None or not sec.ok:
-        return None, f"swanctl --list-sas failed on {facts.host}: {_last(sec)}"
-    try:
-        return parse_sas(sec.out), ""
-    except ViciParseError as err:
-        return None, f"cannot parse swanctl --list-sas on {facts.host}: {err}"
+    return _swanctl(facts, "sas", parse_sas)
 
 
 def _last(sec: Section | None) -> str:

@@ -25,7 +25,7 @@ from reconciler.domains.tunnels import tunnel_name
 from reconciler.errors import ReconcilerError
 from reconciler.fleet.model import Datapath, Fleet, Host, IpsecBackend, MeshMode, MeshTrust
 from reconciler.log import get_logger
-from reconciler.verify import apache, apparmor, datapath, firewall, firewall6, ipsec, reach
+from reconciler.verify import apache, apparmor, datapath, firewall, firewall6, ipsec, ipsec_log, reach
 from reconciler.verify.checks import Check, VerifyReport, failed, skipped
 from reconciler.verify.facts import FactsRequest, HostFacts, read_facts
 
@@ -197,12 +197,12 @@ def _host_checks(fleet: Fleet, host: Host, f: HostFacts) -> list[Check]:
     return out
 
 
-def _log_of(fleet: Fleet, host: Host, f: HostFacts) -> ipsec.LogRead | None:
+def _log_of(fleet: Fleet, host: Host, f: HostFacts) -> ipsec_log.LogRead | None:
     sec = f.get("log")
     if sec is None or not sec.ok:
         return None
     addrs = {str(p.public_address): connection_name(p) for p in fleet.peers_of(host)}
-    return ipsec.parse_log_section(sec.out, addrs)
+    return ipsec_log.parse_log_section(sec.out, addrs)
 
 
 def _pair_checks(

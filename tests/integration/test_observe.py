@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
-from reconciler.engine.observe import observe_host, split_sections
+from reconciler.engine.observe import observe_host
 from reconciler.host.connection import CommandResult, Connection, ConnectionPool, SshTarget
+from reconciler.host.script import split_sections
 from reconciler.kinds.resources import (
     Desired,
     Domain,

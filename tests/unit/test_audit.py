@@ -3,12 +3,6 @@ locally in a private mount namespace whose /var/log is a temp dir)."""
 
 from __future__ import annotations
 
-import asyncio
-import os
-import shutil
-import subprocess
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -17,11 +11,13 @@ from reconciler.drift.audit import (
     CursorStore,
     parse_denial,
     parse_lines,
+    path_kinds,
     profile_file,
     read_kernel_log,
     rule_perms,
     suggest,
 )
+from reconciler.host.fake import FakeHost, bind_supported
 
 SEED = (
     'Nov 25 10:00:00 db1 kernel: [ 123.456] audit(1290000000.123:42): type=1503 operation="inode_create" '
@@ -117,64 +113,19 @@ def test_masks_and_other_kinds() -> None:
     assert s.rules == ('"/srv/a b\\*/" r,', '"/srv/a b\\*/**" rwk,')
 
 
-@dataclass(frozen=True)
-class Result:
-    exit_status: int
-    stdout: bytes
-    stderr: bytes
-
-
-class PrivateVarLog:
-    """Runs commands in a fresh mount namespace with ``logdir`` bind-mounted on /var/log."""
-
-    host = "local"
-
-    def __init__(self, logdir: Path) -> None:
-        self.logdir = logdir
-
-    async def run(
-        self, argv: Sequence[str], *, stdin: bytes | None = None, timeout: float | None = None
-    ) -> Result:
-        wrapper = [
-            "unshare", "--mount", "--propagation", "private", "sh", "-c",
-            'mount --bind "$0" /var/log && exec "$@"', str(self.logdir), *argv,
-        ]  # fmt: skip
-        proc = await asyncio.create_subprocess_exec(
-            *wrapper,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        out, err = await proc.communicate(stdin or b"")
-        return Result(proc.returncode or 0, out, err)
-
-    async def run_script(
-        self,
-        script: str,
-        *,
-        args: Sequence[str] = (),
-        stdin_after: bytes | None = None,
-        timeout: float | None = None,
-    ) -> Result:
-        return await self.run(["sh", "-c", script, "sh", *args], stdin=stdin_after)
-
-
 @pytest.fixture
-def varlog(tmp_path: Path) -> PrivateVarLog:
-    if os.geteuid() != 0 or shutil.which("unshare") is None:
-        pytest.skip("needs root and unshare for a private /var/log")
-    probe = subprocess.run(["unshare", "--mount", "true"], capture_output=True)
-    if probe.returncode != 0:
-        pytest.skip(f"mount namespaces unavailable: {probe.stderr.decode().strip()}")
-    d = tmp_path / "log"
-    d.mkdir()
-    return PrivateVarLog(d)
+def varlog(tmp_path: Path) -> FakeHost:
+    """A fake host whose /var/log is <tmp>/root/var/log (a private bind mount per command)."""
+    why = bind_supported()
+    if why is not None:
+        pytest.skip(why)
+    host = FakeHost(tmp_path / "root", host="local", bind=("/var/log",))
+    Path(host.path("/var/log")).mkdir(parents=True)
+    return host
 
 
-async def test_cursor_reads_only_new_lines_and_survives_rotation(
-    varlog: PrivateVarLog, tmp_path: Path
-) -> None:
-    kern = varlog.logdir / "kern.log"
+async def test_cursor_reads_only_new_lines_and_survives_rotation(varlog: FakeHost, tmp_path: Path) -> None:
+    kern = Path(varlog.path("/var/log")) / "kern.log"
     kern.write_text("old boot line\n" + SEED + "\n")
     store = CursorStore(tmp_path / "state")
     # first contact: baseline at the end, nothing reported
@@ -192,7 +143,7 @@ async def test_cursor_reads_only_new_lines_and_survives_rotation(
     # rotation: the rest of the old file, then the new file from its start
     with kern.open("a") as f:
         f.write(" line\n")
-    kern.rename(varlog.logdir / "kern.log.1")
+    kern.rename(Path(varlog.path("/var/log")) / "kern.log.1")
     kern.write_text(SEED + "\n")
     r = await read_kernel_log(varlog, store.load("h"))
     assert r.lines == ("partial line", SEED)
@@ -202,9 +153,19 @@ async def test_cursor_reads_only_new_lines_and_survives_rotation(
     r = await read_kernel_log(varlog, store.load("h"))
     assert r.lines == ("x",)
     # a file that appears after the baseline is read from its start
-    (varlog.logdir / "syslog").write_text(MODERN + "\n")
+    (Path(varlog.path("/var/log")) / "syslog").write_text(MODERN + "\n")
     r = await read_kernel_log(varlog, r.cursor)
     assert r.lines == (MODERN,) and r.sources == ("kern", "syslog")
     # tail mode (plan): recent lines, cursor unchanged
     t = await read_kernel_log(varlog, None, tail=True)
     assert MODERN in t.lines
+
+
+async def test_path_kinds_runs_its_framed_script_on_a_fake_host(tmp_path: Path) -> None:
+    host = FakeHost(tmp_path)
+    d = tmp_path / "srv" / "a b"
+    d.mkdir(parents=True)
+    (d / "f.conf").write_text("x\n")
+    asked = [f"{d}/", str(d / "f.conf"), str(tmp_path / "missing"), "relative/path"]
+    assert await path_kinds(host, asked) == {str(d): "dir", str(d / "f.conf"): "file"}
+    assert len(host.calls) == 1

@@ -21,6 +21,7 @@ import pytest
 
 from reconciler.engine import deadman
 from reconciler.host.connection import CommandResult, ConnectFailed, ConnectionLost
+from reconciler.host.script import run_framed, said
 from reconciler.kinds.resources import FirewallRuleset
 
 OLD = "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n" \
@@ -213,15 +214,18 @@ async def test_confirm_and_rollback_never_both_win(tmp_path: Path) -> None:
 
         async def trial(h: NetnsHost, delay: float) -> tuple[bool, bool]:
             pool = NsPool(h)
-            armed = await pool.cached.run_script(
-                deadman.ARM_AND_APPLY, args=("tr", "5", str(len(GOOD)), "0"), stdin_after=GOOD.encode()
+            armed = await run_framed(
+                pool.cached,
+                deadman.ARM_AND_APPLY,
+                ("tr", "5", str(len(GOOD)), "0"),
+                stdin_after=GOOD.encode(),
             )
-            assert armed.exit_status == 0, armed
+            assert armed.result.exit_status == 0, armed
             await asyncio.sleep(delay)
             conn = await pool.fresh("h")
-            res = await conn.run_script(deadman.CONFIRM, args=("tr", str(tmp_path / f"p{delay}"), ""))
+            res = await run_framed(conn, deadman.CONFIRM, ("tr", str(tmp_path / f"p{delay}"), ""))
             await asyncio.sleep(2.0)  # the rollback, if it is still armed, has fired by now
-            confirmed = b"live-confirmed" in res.stdout
+            confirmed = "live-confirmed" in said(res.sections)
             fired = (h.state / "armed.tr.fired").exists()
             live = h.live()
             assert ("7002" in live) == confirmed and ("7001" in live) == fired, (delay, res, live)

@@ -17,9 +17,10 @@ import pytest
 
 from reconciler.engine import apply as apply_mod
 from reconciler.engine.apply import APACHE_GRACEFUL, apply_host
-from reconciler.engine.observe import build_script, new_nonce, observe_host
+from reconciler.engine.observe import build_script, observe_host
 from reconciler.engine.plan import INTERRUPTED, ActionKind, plan_host
 from reconciler.host.connection import ConnectionLost, ConnectionPool, SshTarget
+from reconciler.host.script import new_nonce
 from reconciler.kinds.observed import FileState, Observed
 from reconciler.kinds.resources import Desired, Domain, FileResource, Handler, Service, Validator
 

@@ -53,7 +53,7 @@ async def test_first_snapshot_then_incremental_diff(tmp_path: Path, tree: Path) 
     policy = policy_for(tree)
     snap, (prep, info) = await record(repo, runner, policy)
     assert info is not None
-    assert runner.calls == 2  # manifest + one tar stream
+    assert len(runner.calls) == 2  # manifest + one tar stream
     assert snap.fetched == 3  # hosts, motd, empty: never the secrets
     assert f"{tree}/ignored.cache" not in prep.meta  # type: ignore[attr-defined]
     files = git(repo.path, "ls-tree", "-r", "--name-only", "main")
@@ -63,9 +63,9 @@ async def test_first_snapshot_then_incremental_diff(tmp_path: Path, tree: Path) 
     assert git(repo.path, "cat-file", "-p", f"main:hosts/local{tree}/localtime") == "/usr/share/zoneinfo/UTC"
 
     # nothing changed: no fetch, no commit
-    runner.calls = 0
+    runner.calls.clear()
     snap, (prep, info) = await record(repo, runner, policy)
-    assert info is None and snap.fetched == 0 and runner.calls == 1
+    assert info is None and snap.fetched == 0 and len(runner.calls) == 1
 
     # one edit, one new file, one removed file, a secret change, a mode change
     (tree / "hosts").write_text("127.0.0.1 localhost\n192.0.2.7 db\n")

@@ -29,9 +29,9 @@ from reconciler.engine.identity import (
     parse_identity,
     parse_section,
 )
-from reconciler.engine.observe import PRELUDE, build_script, new_nonce, split_sections
+from reconciler.engine.observe import PRELUDE, build_script
 from reconciler.engine.plan import ActionKind, plan_host
-from reconciler.host.script import ScriptBuilder
+from reconciler.host.script import ScriptBuilder, new_nonce, split_sections
 from reconciler.kinds.observed import FileState, Observed
 from reconciler.kinds.resources import Desired, Domain, FileResource
 

@@ -10,11 +10,9 @@ from pathlib import Path
 import pytest
 
 from reconciler.engine.observe import (
-    Section,
     build_script,
     content_wanted,
     file_states,
-    new_nonce,
     parse_charon,
     parse_dpkg,
     parse_find_records,
@@ -25,12 +23,11 @@ from reconciler.engine.observe import (
     parse_pending_reloads,
     parse_service,
     parse_sha256,
-    parse_swanctl_conns,
-    parse_swanctl_sas,
     parse_xfrm_policies,
-    split_sections,
 )
 from reconciler.host.connection import Connection, SshTarget
+from reconciler.host.script import Section, new_nonce, split_sections
+from reconciler.kinds.ipsec_state import ViciParseError, loaded_conns, up_names
 from reconciler.kinds.resources import (
     Desired,
     Domain,
@@ -44,35 +41,75 @@ from reconciler.kinds.resources import (
     Tunnel,
 )
 
-# Recorded on a lab host (strongSwan 5.9.8, kernel-libipsec, PSK), `swanctl --list-conns`.
+# Recorded on a lab host (strongSwan 5.9.8, kernel-libipsec), `swanctl --list-conns --pretty`
+# (abridged: the keys observe does not read are left out).
 LIST_CONNS = """\
-h1-h2: IKEv2, no reauthentication, rekeying every 14400s
-  local:  192.0.2.11
-  remote: 192.0.2.12
-  local pre-shared key authentication:
-    id: 192.0.2.11
-  remote pre-shared key authentication:
-    id: 192.0.2.12
-  h1-h2: TUNNEL, rekeying every 3600s
-    local:  10.99.0.11/32
-    remote: 10.99.0.12/32
+list-conn event {
+  h1-h2 {
+    local_addrs = [
+      192.0.2.11
+    ]
+    remote_addrs = [
+      192.0.2.12
+    ]
+    version = IKEv2
+    local-1 {
+      id = 192.0.2.11
+      class = public key
+    }
+    remote-1 {
+      id = 192.0.2.12
+      class = public key
+    }
+    children {
+      h1-h2-net {
+        mode = TUNNEL
+        local-ts = [
+          10.99.0.11/32
+        ]
+        remote-ts = [
+          10.99.0.12/32
+        ]
+      }
+    }
+  }
+}
 """
-# `swanctl --list-sas` on the same host a few seconds later.
+# `swanctl --list-sas --pretty` on the same host a few seconds later (abridged), and a second
+# IKE SA still connecting.
 LIST_SAS = """\
-h1-h2: #1, ESTABLISHED, IKEv2, 233c5f08f091077c_i* 0a31600a8c8ee932_r
-  local  '192.0.2.11' @ 192.0.2.11[4500]
-  remote '192.0.2.12' @ 192.0.2.12[4500]
-  AES_GCM_16-256/PRF_HMAC_SHA2_384/CURVE_25519
-  established 0s ago, rekeying in 13001s
-  h1-h2: #1, reqid 1, INSTALLED, TUNNEL-in-UDP, ESP:AES_GCM_16-256
-    installed 0s ago, rekeying in 3504s, expires in 3960s
-    in  a24484d8,      0 bytes,     0 packets
-    out 2772d342,      0 bytes,     0 packets
-    local  10.99.0.11/32
-    remote 10.99.0.12/32
-h1-h3: #2, CONNECTING, IKEv2, 9b1c5f08f091077c_i* 0000000000000000_r
-  local  '192.0.2.11' @ 192.0.2.11[500]
-  remote '%any' @ 192.0.2.13[500]
+list-sa event {
+  h1-h2 {
+    uniqueid = 1
+    version = 2
+    state = ESTABLISHED
+    local-host = 192.0.2.11
+    remote-host = 192.0.2.12
+    child-sas {
+      h1-h2-net-1 {
+        name = h1-h2-net
+        uniqueid = 1
+        state = INSTALLED
+        mode = TUNNEL
+        protocol = ESP
+        encap = yes
+        spi-in = a24484d8
+        spi-out = 2772d342
+      }
+    }
+  }
+}
+list-sa event {
+  h1-h3 {
+    uniqueid = 2
+    version = 2
+    state = CONNECTING
+    local-host = 192.0.2.11
+    remote-host = 192.0.2.13
+    child-sas {
+    }
+  }
+}
 """
 # `ip xfrm policy` in a namespace (iproute2 6.1 prints no JSON for xfrm), with charon's socket
 # bypass policies as they appear when charon runs with the kernel datapath.
@@ -105,8 +142,10 @@ IP_ADDR = (
 
 
 def test_swanctl_conns_and_sas() -> None:
-    assert parse_swanctl_conns(LIST_CONNS) == ("h1-h2",)
-    assert parse_swanctl_sas(LIST_SAS) == (("h1-h2",), ("h1-h2",))
+    assert loaded_conns(LIST_CONNS) == ("h1-h2",)
+    assert up_names(LIST_SAS) == (("h1-h2",), ("h1-h2-net",))
+    with pytest.raises(ViciParseError):  # cut off: never half a view
+        up_names(LIST_SAS[:200])
 
 
 def test_xfrm_policies_skip_socket_bypass() -> None:

@@ -14,20 +14,13 @@ import pytest
 from reconciler.domains.render import render_host
 from reconciler.engine import apply as apply_mod
 from reconciler.engine.apply import apply_host
-from reconciler.engine.observe import (
-    Section,
-    build_script,
-    judged,
-    observe_host,
-    owned_states,
-    parse_ids,
-    probe_for,
-)
+from reconciler.engine.observe import build_script, judged, observe_host, owned_states, parse_ids, probe_for
 from reconciler.engine.plan import ActionKind, plan_host
 from reconciler.engine.planview import _Paint, render_host_plan
 from reconciler.errors import FleetInvalid, Reason
 from reconciler.fleet.load import load_fleet_files, read_tree
 from reconciler.host.connection import ConnectionPool, SshTarget
+from reconciler.host.script import Section
 from reconciler.kinds.observed import FileState, Observed
 from reconciler.kinds.resources import Desired, Domain, FileResource, Handler, KeyPair, LinkResource
 

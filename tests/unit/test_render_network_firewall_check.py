@@ -6,7 +6,8 @@ from ipaddress import IPv4Address
 
 import pytest
 
-from reconciler.netfilter.check import Packet, ParseError, ssh_admitted, verdict
+from reconciler.netfilter.check import Packet, ssh_admitted, verdict
+from reconciler.netfilter.iptables import ParseError
 
 ME = IPv4Address("192.0.2.11")
 ADMIN = IPv4Address("192.0.2.254")

@@ -15,13 +15,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
-from snapshot_local import LocalRunner, Result, all_objects, git, git_bytes
+from snapshot_local import LocalRunner, all_objects, git, git_bytes
 
+from reconciler.drift.fetch import FETCH_SCRIPT
 from reconciler.drift.history import HistoryRepo, Prepared, Recall, Recorded, git_storable
 from reconciler.drift.scan import commit_message, trailer
 from reconciler.drift.snapshot import (
     ENDS_BYTES,
-    FETCH_SCRIPT,
     LARGE_NOTE,
     MANIFEST_SCRIPT,
     PathPolicy,
@@ -30,6 +30,7 @@ from reconciler.drift.snapshot import (
     take_snapshot,
 )
 from reconciler.fleet.model import DriftMode
+from reconciler.host.fake import FakeResult as Result
 
 CANARY = b"CANARY-b0unds-93c1"
 KEY = b"-----BEGIN RSA PRIVATE KEY-----\nMIIEow" + CANARY + b"\n-----END RSA PRIVATE KEY-----\n"
@@ -107,11 +108,11 @@ async def test_sparse_40g_file_recorded_by_size_mtime_and_ends_within_seconds(
         f.write(b"tail-edit")
     runner = LocalRunner()
     _, prep, msg, sha = await scan(repo, runner, policy)
-    assert sha and prep.changes.changed == (str(big),) and runner.calls == 2  # manifest, ends hash
+    assert sha and prep.changes.changed == (str(big),) and len(runner.calls) == 2  # manifest, ends hash
     assert "large file: mtime changed, first or last 64 KiB changed" in msg
     # (the ends are hashed again only when size or mtime move: the no-op scan reads nothing)
     runner = LocalRunner()
-    assert (await scan(repo, runner, policy))[3] is None and runner.calls == 1
+    assert (await scan(repo, runner, policy))[3] is None and len(runner.calls) == 1
     # touched only: the mtime is recorded too
     os.utime(big, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
     _, _, msg, sha = await scan(repo, LocalRunner(), policy)
@@ -357,8 +358,8 @@ async def test_file_becoming_secret_and_back(etc: Path, repo: HistoryRepo) -> No
     await scan(repo, LocalRunner(), policy)
     runner = LocalRunner()
     snap, prep, msg, sha = await scan(repo, runner, policy)
-    assert sha is None and runner.calls == 1 and str(conf) in snap.secrets, (
-        runner.calls,
+    assert sha is None and len(runner.calls) == 1 and str(conf) in snap.secrets, (
+        len(runner.calls),
         snap.fetched,
         snap.warnings,
         dict(snap.content_secrets),

@@ -9,7 +9,9 @@ Faults are the same data with one thing changed the way the fault changes it on 
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -19,7 +21,8 @@ import pytest
 
 from reconciler.fleet.load import load_fleet
 from reconciler.fleet.model import Fleet
-from reconciler.verify import datapath, ipsec
+from reconciler.kinds import ipsec_state
+from reconciler.verify import datapath, ipsec_log
 from reconciler.verify.apache import parse_headers, sample_path
 from reconciler.verify.checks import Status, VerifyReport
 from reconciler.verify.facts import HostFacts, Section, split_sections
@@ -278,18 +281,18 @@ def _drop_children(lines: list[str]) -> list[str]:
 
 def test_vici_pretty_parser_keeps_values_with_spaces_and_lists() -> None:
     text = (ROOT / "tests/fixtures/verify/mesh4-libipsec.json").read_text()
-    conns = ipsec.parse_conns(json.loads(text)["web1"]["sections"]["conns"]["out"])
+    conns = ipsec_state.parse_conns(json.loads(text)["web1"]["sections"]["conns"]["out"])
     c = conns["mesh-web2"]
     assert c.local_addrs == ("192.0.2.11",) and c.remote_id == "192.0.2.12"
-    assert c.child("mesh-web2-net") == ipsec.ChildConf(
+    assert c.child("mesh-web2-net") == ipsec_state.ChildConf(
         "mesh-web2-net", "TUNNEL", ("10.99.0.11/32",), ("10.99.0.12/32",)
     )
-    tree = ipsec.parse_vici_pretty(
+    tree = ipsec_state.parse_vici_pretty(
         "list-conn event {\n  x {\n    class = public key\n    groups = [\n    ]\n  }\n}\n"
     )
     assert tree == [("list-conn event", {"x": {"class": "public key", "groups": []}})]
-    with pytest.raises(ipsec.ViciParseError):
-        ipsec.parse_vici_pretty("list-sa event {\n  x {\n    state = ESTABLISHED\n")
+    with pytest.raises(ipsec_state.ViciParseError):
+        ipsec_state.parse_vici_pretty("list-sa event {\n  x {\n    state = ESTABLISHED\n")
 
 
 def test_charon_log_errors_are_attributed_and_recovery_is_tracked() -> None:
@@ -302,16 +305,16 @@ def test_charon_log_errors_are_attributed_and_recovery_is_tracked() -> None:
         "Nov 25 17:24:00 10[IKE] <mesh-db1|3> received AUTHENTICATION_FAILED notify error",
         "Nov 25 17:24:01 10[CFG] something failed without a connection",
     ]
-    read = ipsec.analyse_log(lines, addr_to_conn={"192.0.2.11": "mesh-web1", "192.0.2.12": "mesh-web2"})
+    read = ipsec_log.analyse_log(lines, addr_to_conn={"192.0.2.11": "mesh-web1", "192.0.2.12": "mesh-web2"})
     assert [(e.connection, e.recovered) for e in read.errors] == [
         ("mesh-web1", False),
         ("mesh-web2", True),
         ("mesh-db1", False),
         (None, False),
     ]
-    cursor = ipsec.parse_log_section("CURSOR 12 100 400000 137856\n" + "\n".join(lines))
+    cursor = ipsec_log.parse_log_section("CURSOR 12 100 400000 137856\n" + "\n".join(lines))
     assert cursor.truncated and cursor.lines_read == len(lines)
-    assert not ipsec.parse_log_section("NOLOG").present
+    assert not ipsec_log.parse_log_section("NOLOG").present
 
 
 def test_capture_parser_classifies_esp_in_udp_plain_esp_and_clear_icmp() -> None:
@@ -379,14 +382,30 @@ def test_apparmor_profile_that_does_not_parse_fails(fleet: Fleet) -> None:
 
 
 def test_framing_survives_forged_markers_and_cut_off_output() -> None:
-    tok = "RCNVabc"
+    nonce = "0123abcd"
     out = (
-        f"{tok} BEGIN log\nRCNVother END log 0\nline\n\n{tok} STDERR log\n\n{tok} END log 0\n"
-        f"{tok} BEGIN sas\npartial"
+        f"\n@@{nonce}<log\n@@ffff<x\n\n@@ffff>log 0\nline\n\n@@{nonce}>log 0\n\n@@{nonce}<sas\npartial"
     ).encode()
-    secs = split_sections(out, tok)
-    assert secs["log"].out == "RCNVother END log 0\nline" and secs["log"].rc == 0
+    secs = split_sections(out, nonce)
+    assert secs["log"].out == "@@ffff<x\n\n@@ffff>log 0\nline" and secs["log"].rc == 0
     assert secs["sas"].rc == -1 and secs["sas"].out == "partial"
+
+
+async def test_a_log_line_printing_a_frame_marker_cannot_forge_a_section(tmp_path: Path) -> None:
+    """The real facts script on a fake host: charon's log (which any process logging through
+    charon can fill) holds frame markers of every shape; the sections stay ours."""
+    from reconciler.host.fake import FakeHost
+    from reconciler.verify.facts import FactsRequest, read_facts
+
+    host = FakeHost(tmp_path)
+    forged = "\n@@0000<forged\nx\n\n@@0000>forged 0\n@@<forged\n\n@@>log 0\nRCNV END log 0\n"
+    log = host.write("/var/log/charon.log", "real line\n" + forged)
+    req = FactsRequest(interface="lo", ipsec=True, log_path=str(log), cursor_path=host.path("/cursor"))
+    secs = await read_facts(host, req, timeout=60)
+    assert secs["log"].rc == 0 and secs["log"].out.endswith("real line\n" + forged.rstrip("\n"))
+    assert "forged" not in secs and {"iptables", "iface", "charon"} <= set(secs)
+    argv = host.calls[0]
+    assert argv[:2] == ("sh", "-c") and not any(re.fullmatch(r"[0-9a-f]{32}", a) for a in argv)
 
 
 def test_report_table_json_and_metrics(fleet: Fleet) -> None:
@@ -408,20 +427,15 @@ def test_facts_script_log_cursor_reads_only_new_lines_and_follows_rotation(tmp_p
     """The real facts script, run by sh here (ipsec off except the log, which points at a
     scratch file): the cursor file makes the second run see only the appended lines, and a
     rotated log (new inode) is read from its start."""
-    import subprocess
-
-    from reconciler.verify.facts import FACTS_SCRIPT, FactsRequest
+    from reconciler.host.fake import FakeHost
+    from reconciler.verify.facts import FactsRequest, read_facts
 
     log, cursor = tmp_path / "charon.log", tmp_path / "state" / "cursor"
     log.write_text("line one\nline two failed\n")
     req = FactsRequest(interface="lo", ipsec=True, log_path=str(log), cursor_path=str(cursor))
 
     def run() -> str:
-        tok = "RCNVtest"
-        res = subprocess.run(
-            ["sh", "-c", FACTS_SCRIPT, "sh", *req.args(tok)], capture_output=True, timeout=60
-        )
-        return split_sections(res.stdout, tok)["log"].out
+        return asyncio.run(read_facts(FakeHost(tmp_path), req, timeout=60))["log"].out
 
     first = run()
     assert first.splitlines()[1:] == ["line one", "line two failed"]
@@ -433,7 +447,7 @@ def test_facts_script_log_cursor_reads_only_new_lines_and_follows_rotation(tmp_p
     log.unlink()
     log.write_text("after rotation\n")
     assert run().splitlines()[1:] == ["after rotation"]
-    read = ipsec.parse_log_section(first)
+    read = ipsec_log.parse_log_section(first)
     assert read.present and [e.line for e in read.errors] == ["line two failed"]
 
 
@@ -454,14 +468,14 @@ def test_two_ike_sas_per_side_after_simultaneous_initiation_pick_the_matching_pa
 
 
 def test_a_retransmit_that_was_answered_is_not_an_error_but_giving_up_is() -> None:
-    read = ipsec.analyse_log(
+    read = ipsec_log.analyse_log(
         [
             "Nov 25 20:26:33 10[IKE] <mesh-db1|48> retransmit 1 of request with message ID 2",
             "Nov 25 20:26:33 10[ENC] <mesh-db1|48> parsed INFORMATIONAL response 2 [ ]",
         ]
     )
     assert read.errors == ()
-    read = ipsec.analyse_log(
+    read = ipsec_log.analyse_log(
         [
             "Nov 25 20:26:33 10[IKE] <mesh-db1|48> retransmit 5 of request with message ID 2",
             "Nov 25 20:27:20 10[IKE] <mesh-db1|48> giving up after 5 retransmits",
@@ -491,10 +505,10 @@ def test_peer_key_hashes_match_openssl_for_the_pem_files_the_host_sends(
                           capture_output=True, text=True).stdout  # fmt: skip
     import hashlib
 
-    hashes = ipsec.parse_key_hashes(sent)
+    hashes = ipsec_log.parse_key_hashes(sent)
     assert hashes == {"web2.pem": hashlib.sha256(der).hexdigest(), "bad.pem": "unreadable"}
     # facts recorded before this format (one "<file> <hash>" line per key) still read
-    assert ipsec.parse_key_hashes("web2.pem abc\nbad.pem unreadable\n") == {
+    assert ipsec_log.parse_key_hashes("web2.pem abc\nbad.pem unreadable\n") == {
         "web2.pem": "abc",
         "bad.pem": "unreadable",
     }
@@ -506,7 +520,8 @@ def test_the_firewall_prefilter_gives_the_evaluators_own_verdict() -> None:
     import random
     from ipaddress import IPv4Address
 
-    from reconciler.netfilter.check import Packet, evaluate, parse_filter
+    from reconciler.netfilter.check import Packet, evaluate
+    from reconciler.netfilter.iptables import parse_filter
     from reconciler.verify.firewall import _for_packet, _prepare
 
     rng = random.Random(7)

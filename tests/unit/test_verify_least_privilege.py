@@ -180,8 +180,8 @@ def test_a_connect_probe_that_could_not_run_is_a_failure_not_a_pass() -> None:
 
 def test_probe_arguments_carry_the_connects() -> None:
     req = datapath.ProbeRequest("eth0", "10.99.0.11", ("10.99.0.21",), connects=(("10.99.0.21", 22),))
-    args = req.args("TOK")
-    assert args[6:] == ["1", "1500000", "10.99.0.21", "10.99.0.21", "22"]
+    args = req.args()
+    assert args[5:] == ["1", "1500000", "10.99.0.21", "10.99.0.21", "22"]
 
 
 @pytest.mark.skipif(
