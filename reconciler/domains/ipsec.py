@@ -39,8 +39,6 @@ def check_mesh(fleet: Fleet, host: Host | None = None) -> None:
     stack = fleet.stack_of(host) if host is not None else mesh.backend
     if mesh.datapath is Datapath.LIBIPSEC and stack is not IpsecBackend.STRONGSWAN:
         raise RenderError("mesh.datapath: libipsec is a strongSwan datapath; racoon needs datapath kernel")
-    if stack is IpsecBackend.RACOON and mesh.mode is not MeshMode.IPIP:
-        raise RenderError("racoon builds the seed's transport-mode IP-IP mesh: it needs mesh.mode ipip")
     if mesh.datapath is Datapath.LIBIPSEC and mesh.mode is not MeshMode.TUNNEL:
         raise RenderError(
             "mesh.datapath: libipsec has no transport mode, so it cannot protect IP-IP (mesh.mode ipip); "

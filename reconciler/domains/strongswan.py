@@ -30,6 +30,12 @@ LOG_CONF = "/etc/strongswan.d/charon-reconciler-log.conf"
 # does not include, so charon and the engine's own `swanctl --load-all` never read it)
 SWANCTL_CLIENT_CONF = "/etc/strongswan.d/reconciler/swanctl-client.conf"
 CHARON_LOG = "/var/log/charon.log"
+# charon keeps its log open: copytruncate rotates it in place (charon never reopens or creates
+# it, which Debian's AppArmor profile of charon would not let it do), weekly, 8 kept
+LOGROTATE_CONF = "/etc/logrotate.d/reconciler-charon"
+# the log exists (0640) before charon starts: charon's AppArmor profile lets it write the file
+# (the local override below), creating it may still be refused on enforcing hosts
+_ENSURE_LOG = f"[ -e {CHARON_LOG} ] || (umask 027; : >> {CHARON_LOG})"
 # Debian's AppArmor profile of charon (enforcing) lets it write no log file: its local override
 # (the profile's own extension point) adds the one charon log this domain configures.
 CHARON_PROFILE = "usr.lib.ipsec.charon"
@@ -58,7 +64,8 @@ STATUS = ("sh", "-c", 'test -s /run/charon.pid && kill -0 "$(cat /run/charon.pid
 # The vici socket can take seconds to appear (30 s at most: an emulated guest is slow).
 _WAIT_VICI = f"i=0; while [ ! -S {CHARON_VICI} ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done"
 _START_SCRIPT = (
-    f"setsid -f {CHARON} </dev/null >/dev/null 2>&1 && {_WAIT_VICI}; swanctl --load-all --noprompt >/dev/null"
+    f"{_ENSURE_LOG}; setsid -f {CHARON} </dev/null >/dev/null 2>&1 && {_WAIT_VICI}; "
+    "swanctl --load-all --noprompt >/dev/null"
 )
 _STOP_SCRIPT = (
     f'[ -s {CHARON_PID} ] || exit 0; kill "$(cat {CHARON_PID})" 2>/dev/null; '
@@ -72,7 +79,7 @@ _LOAD_AFTER_START = (
     "swanctl --load-all --noprompt >/dev/null"
 )
 _RESTART_SCRIPT = (
-    f"if [ -d /run/systemd/system ]; then systemctl restart {SYSTEMD_UNIT}.service || exit; "
+    f"{_ENSURE_LOG}; if [ -d /run/systemd/system ]; then systemctl restart {SYSTEMD_UNIT}.service || exit; "
     f"{_LOAD_AFTER_START}; exit; fi; "
     f"{_STOP_SCRIPT}; {_START_SCRIPT}"
 )
@@ -205,6 +212,20 @@ def log_conf(fleet: Fleet, host: Host) -> str:
     )
 
 
+def logrotate_conf(fleet: Fleet, host: Host) -> str:
+    return _header(fleet, host, "rotation of charon's log") + (
+        f"{CHARON_LOG} {{\n"
+        "    weekly\n"
+        "    rotate 8\n"
+        "    compress\n"
+        "    delaycompress\n"
+        "    missingok\n"
+        "    notifempty\n"
+        "    copytruncate\n"
+        "}\n"
+    )
+
+
 def swanctl_client_conf(fleet: Fleet, host: Host) -> str:
     """Read by reconciler only (STRONGSWAN_CONF for its swanctl listings), never by charon."""
     return _header(fleet, host, "settings for reconciler's own swanctl listings") + (
@@ -289,6 +310,10 @@ def render(fleet: Fleet, host: Host, ready: tuple[tuple[Host, str], ...]) -> Fra
                 needs_package="strongswan-charon",
             )
         )
+    # read by logrotate when it is installed (harmless otherwise: logrotate.d ships with base)
+    files.append(
+        FileResource(path=LOGROTATE_CONF, content=logrotate_conf(fleet, host).encode(), domain=Domain.IPSEC)
+    )
     files.append(
         FileResource(
             path=SWANCTL_CLIENT_CONF, content=swanctl_client_conf(fleet, host).encode(), domain=Domain.IPSEC

@@ -497,8 +497,8 @@ class Checker:
                     self.err(
                         x.doc,
                         ("unset_headers", i),
-                        "Apache cannot remove its own Server header (mod_headers runs before Apache sets it): "
-                        "it is already reduced to 'Server: Apache' by the ServerTokens Prod this site gets",
+                        "Apache cannot remove its own Server header (it is set after mod_headers runs): "
+                        "use ServerTokens (this site gets ServerTokens Prod: 'Server: Apache')",
                     )
             for fld in ("mounts", "unmounts"):
                 for i, mount in enumerate(getattr(s, fld)):
@@ -838,7 +838,12 @@ class Checker:
             want = "racoon" if stack is m.IpsecBackend.RACOON else "pem"
             if key.format != want:
                 need = "a racoon ': PUB 0s...' line" if want == "racoon" else "a PEM public key"
-                self.at(file, f"{host} runs {stack.value}, which needs {need}")
+                who = (
+                    f"backend {stack.value}"
+                    if hosts[host].ipsec is None
+                    else f"{host} (ipsec: {stack.value})"
+                )
+                self.at(file, f"{who} needs {need}")
                 continue
             weak, warn = weaknesses(key)
             if peers is None:
