@@ -83,6 +83,7 @@ def merge(host: str, fragments: list[tuple[str, Fragment]], warnings: tuple[str,
         initiate=tuple(sorted({x for f in frags for x in f.initiate})),
         absent=_absent(frags, paths),
         requires=tuple(x for f in frags for x in f.requires),
+        expects=tuple(x for f in frags for x in f.expects if x.path not in paths),
     )
 
 

@@ -306,9 +306,9 @@ def probe_for(desired: Desired) -> Probe:
         else:
             guarded.setdefault(lk.path, (rule, False))
             users[rule.user] = None
-    for ab in desired.absent:
-        if ab.path not in hashed and ab.path not in guarded:
-            unhashed[ab.path] = None
+    for path in (*(a.path for a in desired.absent), *(e.path for e in desired.expects)):
+        if path not in hashed and path not in guarded:
+            unhashed[path] = None
     for p in hashed:
         unhashed.pop(p, None)
     for p in guarded:

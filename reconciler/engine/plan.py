@@ -309,6 +309,12 @@ def plan_host(
 
     pkg_actions = _plan_packages(desired.packages, observed)
     actions += pkg_actions
+    if not any(a.kind is ActionKind.INSTALL_PACKAGE for a in pkg_actions):
+        # a package being installed may ship it: then the apply's validation judges it
+        for ex in desired.expects:
+            live = observed.files.get(ex.path)
+            if live is not None and not live.exists and not live.refused:
+                errors.append(ex.reason)
     # the simulated state: what is installed once the package actions ran
     deps = _Packages.after(desired, observed, pkg_actions)
     files = deps.keep(desired.files, "file", lambda f: f.path, errors)

@@ -179,6 +179,16 @@ class Absent:
 
 
 @dataclass(frozen=True)
+class Expected:
+    """A path the host's packages must provide for a rendered file to mean anything (the
+    packaged AppArmor profile a local override extends). Missing while no package is being
+    installed: a plan error naming ``reason``, nothing applied on the host."""
+
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class Requirement:
     """Packages a part of the host cannot work without (``what``: "ipsec: racoon"). When the
     host's apt has no install candidate for one that is not installed, the plan refuses the
@@ -219,6 +229,7 @@ class Fragment:
     owned_dirs: tuple[str, ...] = ()
     absent: tuple[Absent, ...] = ()  # paths that must not exist
     requires: tuple[Requirement, ...] = ()
+    expects: tuple[Expected, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -241,6 +252,7 @@ class Desired:
     initiate: tuple[str, ...] = ()  # CHILD_SA names this host starts (see Fragment.initiate)
     absent: tuple[Absent, ...] = ()  # see Fragment.absent
     requires: tuple[Requirement, ...] = ()
+    expects: tuple[Expected, ...] = ()
 
     def handler(self, name: str) -> Handler:
         for h in self.handlers:
