@@ -21,10 +21,10 @@ from reconciler.errors import FleetInvalid, Problem, RenderError
 from reconciler.fleet.load import load_fleet
 from reconciler.fleet.model import Fleet, Topology
 
-# validate renders every host while the mesh has at most this many links (a host of a full
+# validate renders every host while the mesh has at most this many links (~63 hosts in a full
 # mesh renders a connection per peer: n*(n-1) connections in all); above it, one host per set
 # of roles and IPsec stack (what decides which sites, files, templates and stack it renders)
-RENDER_ALL_LINKS = 20_000
+RENDER_ALL_LINKS = 2_000
 _LOCATED = re.compile(r"\A(?P<file>[^\s:]+):(?P<line>[0-9]+): (?P<message>.*)\Z", re.DOTALL)
 
 
