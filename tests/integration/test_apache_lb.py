@@ -1,3 +1,4 @@
+# ruff: noqa: E501 - XML, JSP and curl lines are long
 """mod_jk load balancing served live: an ``lb`` worker over two real Tomcat 10 backends.
 
 One lab host (web1) runs the site from the fleet (Apache + mod_jk, applied by the reconciler,
