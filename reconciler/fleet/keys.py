@@ -55,7 +55,8 @@ def parse_public_key(data: bytes) -> PublicKey:
     raise KeyFileError("not a PEM public key (-----BEGIN PUBLIC KEY-----) nor a racoon ': PUB 0s...' line")
 
 
-def _racoon(b64: str) -> PublicKey:
+def _rfc3110(b64: str) -> tuple[int, int]:
+    """(exponent, modulus) of the base64 RFC 3110 key of a ': PUB 0s' line."""
     try:
         raw = base64.b64decode(b64, validate=True)
     except (binascii.Error, ValueError):
@@ -68,8 +69,11 @@ def _racoon(b64: str) -> PublicKey:
         elen, rest = int.from_bytes(raw[1:3], "big"), raw[3:]
     if elen == 0 or len(rest) <= elen:
         raise KeyFileError("the ': PUB 0s' key is malformed (RFC 3110)")
-    exponent = int.from_bytes(rest[:elen], "big")
-    modulus = int.from_bytes(rest[elen:], "big")
+    return int.from_bytes(rest[:elen], "big"), int.from_bytes(rest[elen:], "big")
+
+
+def _racoon(b64: str) -> PublicKey:
+    exponent, modulus = _rfc3110(b64)
     return PublicKey("racoon", f": PUB 0s{b64}", "rsa", modulus.bit_length(), exponent)
 
 
@@ -119,15 +123,7 @@ def racoon_to_pem(text: str) -> str:
     m = _RACOON.fullmatch(text.strip())
     if m is None:
         raise KeyFileError("not a racoon ': PUB 0s...' line")
-    raw = base64.b64decode(m.group(1))
-    if raw[0] != 0:
-        elen, rest = raw[0], raw[1:]
-    else:
-        elen, rest = int.from_bytes(raw[1:3], "big"), raw[3:]
-    if elen == 0 or len(rest) <= elen:
-        raise KeyFileError("the ': PUB 0s' key is malformed (RFC 3110)")
-    e = int.from_bytes(rest[:elen], "big")
-    n = int.from_bytes(rest[elen:], "big")
+    e, n = _rfc3110(m.group(1))
     try:
         key = rsa.RSAPublicNumbers(e, n).public_key()
     except ValueError as exc:
