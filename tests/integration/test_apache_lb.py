@@ -129,8 +129,9 @@ def lb_lab(lab_factory: Any, tmp_path: Path) -> Iterator[tuple[Fleet, Lab]]:
 def wait_ajp(lab: Lab, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        listening = sh(lab, "ss -ltnH")
-        if all(f"127.0.0.1:{port}" in listening for _, port in BACKENDS):
+        # Tomcat logs "Server startup in" once its connectors are started
+        started = sh(lab, "grep -l 'Server startup in' /srv/tc1/logs/out.log /srv/tc2/logs/out.log")
+        if all(f"/srv/{route}/logs/out.log" in started for route, _ in BACKENDS):
             return
         time.sleep(1)
     logs = sh(lab, "tail -n 30 /srv/tc1/logs/out.log /srv/tc2/logs/out.log")
