@@ -14,6 +14,9 @@ APT_PACKAGES=(
   tomcat10
   # the VM lab tier (docs/LAB.md): QEMU guests booting a Debian 12 image built with mmdebstrap
   qemu-system-x86 qemu-utils ipxe-qemu mmdebstrap e2fsprogs
+  # the operator's view (#19): promtool checks /metrics; a headless browser loads the status
+  # pages; podman builds and runs the image from a local debootstrap base (no registry)
+  prometheus chromium chromium-driver podman buildah runc debootstrap fonts-dejavu-core
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -143,6 +143,11 @@ class ApplyResult:
             f"{o.action.kind} {o.action.resource}" for o in self.outcomes if o.status in ("failed", "skipped")
         )
 
+    def change_counts(self) -> tuple[int, int]:
+        """(changes that landed, changes planned), reloads not counted."""
+        changes = [o for o in self.outcomes if o.action.kind is not ActionKind.RELOAD]
+        return sum(1 for o in changes if o.status == "done"), len(changes)
+
     @property
     def partial(self) -> bool:
         """Some changes applied, others failed or were held back (independent ones still ran)."""
@@ -441,15 +446,18 @@ async def _packages(run: _Run) -> None:
         return
     conn = await run.conn()
     failed: dict[str, str] = {}
-    for kind, verb in ((ActionKind.INSTALL_PACKAGE, "install"), (ActionKind.PURGE_PACKAGE, "purge")):
+    # purges first: a package the fleet purges may be what blocks an install (a conflict)
+    for kind, verb in ((ActionKind.PURGE_PACKAGE, "purge"), (ActionKind.INSTALL_PACKAGE, "install")):
         group: dict[str, int] = {}
+        allow: set[str] = set()
         for i in idx:
             target = run.plan.actions[i].target
             if run.plan.actions[i].kind is kind and isinstance(target, Package):
                 group[target.name] = i
+                allow.update(target.replaces)
         if not group:
             continue
-        result = await packaging.apt(conn, verb, list(group))
+        result = await packaging.apt(conn, verb, list(group), allow_removal=sorted(allow))
         if result.transient and result.lock is not None:
             run.transient.append(result.lock.message())
         why = dict(result.failed)

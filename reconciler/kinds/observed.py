@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from reconciler.engine.identity import SeenIdentity
+from reconciler.kinds.aptsim import AptSimulation
 
 
 @dataclass(frozen=True)
@@ -110,3 +111,6 @@ class Observed:
     candidates: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     unknown_users: frozenset[str] = frozenset()
     unknown_groups: frozenset[str] = frozenset()
+    # apt's solution for the planned package transaction (``apt-get -s``), asked only when the
+    # plan has package actions (reconciler.kinds.aptsim); None: not asked
+    apt: AptSimulation | None = None

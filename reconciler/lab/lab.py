@@ -11,9 +11,9 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from reconciler.lab import cleanup, host, lock, network, procs, vm_lab
+from reconciler.lab import aptproxy, cleanup, host, lock, network, procs, vm_lab
 from reconciler.lab.init_script import INIT_SCRIPT
-from reconciler.lab.model import LabError, LabFleet, LabHost, LabHostSpec, LabInfo
+from reconciler.lab.model import BRIDGE_ADDRESS, LabError, LabFleet, LabHost, LabHostSpec, LabInfo
 from reconciler.lab.state import (
     HostRecord,
     LabState,
@@ -219,6 +219,7 @@ class Lab:
         state.iptables_rules = network.allow_forward(prefix)
         state.neigh_limits = network.raise_neigh_table(len(specs))
         state.save()
+        proxy = package_path(d, [d / "hosts" / s.name / "upper" for s in specs])
         t_net = time.monotonic()
 
         popens = []
@@ -248,6 +249,10 @@ class Lab:
         with ThreadPoolExecutor(max_workers=min(32, len(specs))) as pool:
             for fut in [pool.submit(ready, i) for i in range(len(specs))]:
                 fut.result()
+        try:
+            aptproxy.wait_listening(proxy)
+        except RuntimeError as err:  # the hosts work without it: only new packages cannot be fetched
+            log.warning("lab.package_path.unavailable", prefix=prefix, error=str(err))
 
         known = "".join(f"{s.address} {host_keys[s.name]}\n" for s in specs)
         atomic_write(d / "known_hosts", known, 0o644)
@@ -382,6 +387,17 @@ class Lab:
         if state is None:
             raise LabError(f"no lab with prefix {prefix}")
         return Lab(_info_from_state(state), owned=False)
+
+
+def package_path(d: Path, roots: Sequence[Path]) -> aptproxy.Starting:
+    """The hosts' package path: the lab's apt proxy on the bridge address (stopped with the lab:
+    its pid file in the lab directory is on its command line) and the apt drop-in in each host
+    root (``roots``: the hosts' overlay upper layers). Wait for it with
+    ``aptproxy.wait_listening`` (after the hosts started: it costs no bring-up time)."""
+    starting = aptproxy.spawn(str(BRIDGE_ADDRESS), d / "aptproxy.pid")
+    for root in roots:
+        aptproxy.write_dropin(root, str(BRIDGE_ADDRESS))
+    return starting
 
 
 def _which(tool: str) -> bool:
