@@ -10,6 +10,8 @@ APT_PACKAGES=(
   libstrongswan-standard-plugins libstrongswan-extra-plugins libcharon-extra-plugins
   apache2 libapache2-mod-jk apparmor apparmor-utils
   iputils-ping tcpdump curl dpkg-dev python3-venv sqlite3 iptables-persistent debconf-utils ifupdown sudo strace gnupg openssl
+  # a real Tomcat (AJP) behind mod_jk's lb worker on lab hosts (they overlay this machine's root)
+  tomcat10
   # the VM lab tier (docs/LAB.md): QEMU guests booting a Debian 12 image built with mmdebstrap
   qemu-system-x86 qemu-utils ipxe-qemu mmdebstrap e2fsprogs
   # the operator's view (#19): promtool checks /metrics; a headless browser loads the status

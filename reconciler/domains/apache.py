@@ -32,7 +32,15 @@ from dataclasses import dataclass
 from reconciler.domains.packages import APACHE_STATUS
 from reconciler.errors import RenderError
 from reconciler.fleet.model import Fleet, Host, JkWorker, Site
-from reconciler.kinds.resources import Domain, FileResource, Fragment, Handler, LinkResource, Validator
+from reconciler.kinds.resources import (
+    Absent,
+    Domain,
+    FileResource,
+    Fragment,
+    Handler,
+    LinkResource,
+    Validator,
+)
 
 APACHE_DIR = "/etc/apache2"
 HANDLER = "apache2"
@@ -76,10 +84,25 @@ MODULES: dict[str, ApacheModule] = {
     )
 }
 
-# The seed's baseline ("jk headers expires ssl deflate rewrite are enabled"): rewrite is kept
-# enabled for every site as the seed had it; ssl only when TLS is declared; the others when a
-# site uses them.
-BASE_MODULES = ("authz_core", "rewrite")
+# The modules every site needs; ssl only when TLS is declared; the others when a site uses
+# them. (The seed enabled rewrite everywhere; no site directive needs it, so it is no longer
+# enabled, and a link an earlier apply made is pruned as having left the fleet.)
+BASE_MODULES = ("authz_core",)
+# Debian defaults a host's sites replace (their own compression policy; their own vhosts):
+# Debian's global deflate.conf compresses text/html, text/plain, ... for every vhost whatever
+# the sites declare, and its default site answers for any unknown Host.
+REPLACED_DEFAULTS = (
+    (
+        f"{APACHE_DIR}/mods-enabled/deflate.conf",
+        "Debian's global compression list: each site declares its own",
+    ),
+    (
+        f"{APACHE_DIR}/sites-enabled/000-default.conf",
+        "Debian's default site: the fleet's sites own this host",
+    ),
+)
+# modules whose Debian .conf is not enabled with them (REPLACED_DEFAULTS)
+NO_CONF = frozenset({"deflate"})
 
 
 def sites_of(fleet: Fleet, host: Host) -> tuple[Site, ...]:
@@ -149,7 +172,7 @@ def _module_links(names: tuple[str, ...]) -> list[LinkResource]:
     links: list[LinkResource] = []
     for name in names:
         mod = MODULES[name]
-        exts = ("load", "conf") if mod.has_conf else ("load",)
+        exts = ("load", "conf") if mod.has_conf and name not in NO_CONF else ("load",)
         for ext in exts:
             links.append(
                 LinkResource(
@@ -178,6 +201,9 @@ def workers_of(sites: tuple[Site, ...]) -> tuple[JkWorker, ...]:
                     f"which the site does not declare (declared: {', '.join(sorted(declared)) or 'none'})"
                 )
         for w in site.workers:
+            for member in w.members:
+                if member not in declared:
+                    raise RenderError(f"{_where(site)}: lb worker {w.name}: unknown member {member!r}")
             _word(site, w.name, "workers.name")
             _word(site, w.host, f"workers[{w.name}].host")
             _word(site, w.type, f"workers[{w.name}].type")
@@ -191,17 +217,32 @@ def workers_of(sites: tuple[Site, ...]) -> tuple[JkWorker, ...]:
 
 
 def render_workers(workers: tuple[JkWorker, ...]) -> str:
+    """``worker.list`` names what JkMount may use: every lb worker and every ajp13 worker that
+    is no lb member (members are reached through their balancer only)."""
+    members = {m for w in workers if w.type == "lb" for m in w.members}
+    listed = [w.name for w in workers if w.name not in members]
     lines = [
         "# Managed by reconciler: mod_jk workers of this host's sites; local changes are reverted.",
-        f"worker.list={','.join(w.name for w in workers)}",
+        f"worker.list={','.join(listed)}",
     ]
     for w in workers:
+        if w.type == "lb":
+            lines += [
+                "",
+                f"worker.{w.name}.type=lb",
+                f"worker.{w.name}.balance_workers={','.join(w.members)}",
+                f"worker.{w.name}.sticky_session={'true' if w.sticky_session else 'false'}",
+            ]
+            continue
         lines += [
             "",
             f"worker.{w.name}.type={w.type}",
             f"worker.{w.name}.host={w.host}",
             f"worker.{w.name}.port={w.port}",
         ]
+        if w.name in members:
+            # the route is the member's name: Tomcat's jvmRoute must match it for sticky sessions
+            lines += [f"worker.{w.name}.lbfactor={w.lbfactor}", f"worker.{w.name}.route={w.name}"]
     return "\n".join(lines) + "\n"
 
 
@@ -394,4 +435,5 @@ def render(fleet: Fleet, host: Host) -> Fragment:
         files=tuple(sorted(files, key=lambda f: f.path)),
         links=tuple(sorted(links, key=lambda lk: lk.path)),
         handlers=(handler(),),
+        absent=tuple(Absent(path, Domain.APACHE, why, HANDLER) for path, why in REPLACED_DEFAULTS),
     )

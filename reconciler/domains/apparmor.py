@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from reconciler.errors import RenderError
 from reconciler.fleet.model import AppArmorProfile, Fleet, Host, MovedDirectory
-from reconciler.kinds.resources import Domain, FileResource, Fragment, Handler, Validator
+from reconciler.kinds.resources import Domain, Expected, FileResource, Fragment, Handler, Validator
 
 APPARMOR_DIR = "/etc/apparmor.d"
 PACKAGE = "apparmor"
@@ -105,8 +105,19 @@ def handler_for(profile: AppArmorProfile) -> Handler:
 def render(fleet: Fleet, host: Host) -> Fragment:
     files: list[FileResource] = []
     handlers: list[Handler] = []
+    expects: list[Expected] = []
     for profile in profiles_of(fleet, host):
         name = handler_name(profile)
+        if profile.content is None:
+            where = profile.source_file or f"AppArmor profile {profile.name}"
+            expects.append(
+                Expected(
+                    profile_path(profile),
+                    f"{where}: a local override for {profile_path(profile)}, which no installed package "
+                    "ships on this host: install the package that ships the profile (role packages), "
+                    "or declare the full profile (content:)",
+                )
+            )
         if profile.content is not None:
             text = profile.content if profile.content.endswith("\n") else profile.content + "\n"
             files.append(
@@ -133,4 +144,5 @@ def render(fleet: Fleet, host: Host) -> Fragment:
     return Fragment(
         files=tuple(sorted(files, key=lambda f: f.path)),
         handlers=tuple(sorted(handlers, key=lambda h: h.name)),
+        expects=tuple(expects),
     )

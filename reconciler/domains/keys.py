@@ -3,7 +3,7 @@
 A host makes its key pair itself (``KeyPair``: argv lists run on the host, no shell); the
 private key never leaves it and is never rendered. ``reconciler keys collect`` reads the public
 half back into the fleet repo (``keys/<host>.pub``), from where ``Fleet.public_keys`` gives it to
-the peers. A peer whose key is not known yet, or not in the form the backend needs, is
+the peers. A peer whose key is not known yet, or not in the form its stack makes, is
 ``Pending`` (not an error): the rest of the host still renders.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from reconciler.fleet.keys import KeyFileError, pem_to_racoon, racoon_to_pem
 from reconciler.fleet.model import Fleet, Host, IpsecBackend
 from reconciler.kinds.resources import Domain, KeyPair, Pending
 
@@ -43,12 +44,16 @@ def racoon_peer_key(name: str) -> str:
     return f"{RACOON_PEERS_DIR}/{name}.pub"
 
 
-def strongswan_keypair(host: Host) -> KeyPair:
-    """EC P-384 key made with openssl on the host. The private key is written to a temporary
-    name first (openssl creates it 0600) and renamed last, so a crash never leaves a half key
-    at the path whose existence means "this host has its key"."""
+def strongswan_keypair(host: Host, *, rsa: bool = False) -> KeyPair:
+    """EC P-384 key made with openssl on the host (RSA 4096 with ``rsa``: a host with racoon
+    peers, which know only RSA keys). The private key is written to a temporary name first
+    (openssl creates it 0600) and renamed last, so a crash never leaves a half key at the path
+    whose existence means "this host has its key"."""
     private = swanctl_private_key(host)
     staged = f"{SWANCTL_DIR}/.{host.name}.key.new"
+    algorithm = (
+        ("RSA", "-pkeyopt", "rsa_keygen_bits:4096") if rsa else ("EC", "-pkeyopt", "ec_paramgen_curve:P-384")
+    )
     return KeyPair(
         name="strongswan",
         private_path=private,
@@ -56,7 +61,7 @@ def strongswan_keypair(host: Host) -> KeyPair:
         generate=(
             ("install", "-d", "-m", "0700", SWANCTL_PRIVATE_DIR),
             ("install", "-d", "-m", "0755", SWANCTL_PUBKEY_DIR),
-            ("openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-384", "-out", staged),
+            ("openssl", "genpkey", "-algorithm", *algorithm, "-out", staged),
             ("openssl", "pkey", "-in", staged, "-pubout", "-out", swanctl_public_key(host.name)),
             ("chmod", "0600", staged),
             ("mv", "-f", staged, private),
@@ -113,8 +118,21 @@ class PeerKeys:
     pending: tuple[Pending, ...]
 
 
+def key_for(consumer: IpsecBackend, text: str) -> str:
+    """The peer's key in the form the ``consumer`` stack reads: a racoon host's RSA key as PEM
+    for swanctl, a strongSwan host's RSA PEM as a ': PUB 0s' line for racoon (KeyFileError when
+    it has no such form: an EC key for racoon)."""
+    key = normalise_key(text)
+    if consumer is IpsecBackend.STRONGSWAN and _RACOON_PUBLIC.match(key):
+        return racoon_to_pem(key)
+    if consumer is IpsecBackend.RACOON and _PEM_PUBLIC.match(key):
+        return pem_to_racoon(key)
+    return key
+
+
 def peer_keys(fleet: Fleet, host: Host) -> PeerKeys:
     ready: list[tuple[Host, str]] = []
+    consumer = fleet.stack_of(host)
     pending: list[Pending] = []
     for peer in fleet.peers_of(host):
         text = fleet.public_keys.get(peer.name)
@@ -131,11 +149,18 @@ def peer_keys(fleet: Fleet, host: Host) -> PeerKeys:
                 )
             )
             continue
-        problem = key_problem(fleet.mesh.backend, text)
+        problem = key_problem(fleet.stack_of(peer), text)
+        if problem is None:
+            try:
+                usable = key_for(consumer, text)
+            except KeyFileError as exc:
+                problem = (
+                    f"{exc} ({host.name} runs racoon; {peer.name} makes an RSA key when it has racoon peers)"
+                )
         if problem is not None:
             pending.append(
                 Pending(domain=Domain.IPSEC, subject=subject, reason=f"keys/{peer.name}.pub {problem}")
             )
             continue
-        ready.append((peer, normalise_key(text)))
+        ready.append((peer, usable))
     return PeerKeys(ready=tuple(ready), pending=tuple(pending))

@@ -11,14 +11,15 @@
 - ``/etc/racoon/peers/<peer>.pub``: the peer's ``: PUB 0s...`` line.
 
 racoon and ipsec-tools are not packaged in Debian 12: these files are rendered and checked by
-tests only. Only peers with a usable key get SPD entries (a ``require`` policy without a key
+tests only (ipsec-tools is not packaged in Debian 12: the plan refuses such a host, see
+reconciler.domains.ipsec). Only peers with a usable key get SPD entries (a ``require`` policy without a key
 would only black-hole the traffic).
 """
 
 from __future__ import annotations
 
 from reconciler.domains.keys import RACOON_PEERS_DIR, RACOON_PRIVATE_KEY, racoon_keypair, racoon_peer_key
-from reconciler.fleet.model import Fleet, Host, MeshMode
+from reconciler.fleet.model import Fleet, Host, IpsecBackend, MeshMode
 from reconciler.kinds.resources import Domain, FileResource, Fragment, Handler, Service
 
 SETKEY_CONF = "/etc/ipsec-tools.conf"
@@ -43,7 +44,8 @@ def spd_entries(fleet: Fleet, host: Host, peer: Host) -> tuple[str, str]:
     if fleet.mesh.mode is MeshMode.IPIP:
         local, remote = str(host.public_address), str(peer.public_address)
         out_rule = in_rule = "esp/transport//require"
-        if fleet.mesh.racoon.use_ah:
+        # AH only between racoon hosts: strongSwan has no ESP+AH bundles
+        if fleet.mesh.racoon.use_ah and fleet.stack_of(peer) is IpsecBackend.RACOON:
             out_rule = in_rule = "esp/transport//require ah/transport//require"
     else:
         local, remote = f"{host.internal_address}/32", f"{peer.internal_address}/32"

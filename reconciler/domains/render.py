@@ -7,7 +7,7 @@ from collections.abc import Callable
 from reconciler.domains import apache, apparmor, files, firewall, ipsec, packages, tunnels
 from reconciler.errors import RenderError
 from reconciler.fleet.model import Fleet, Host
-from reconciler.kinds.resources import Desired, Fragment, Handler, Package, Service
+from reconciler.kinds.resources import Absent, Desired, Fragment, Handler, Package, Service
 
 DomainRenderer = Callable[[Fleet, Host], Fragment]
 
@@ -81,4 +81,16 @@ def merge(host: str, fragments: list[tuple[str, Fragment]], warnings: tuple[str,
             sorted((x for f in frags for x in f.addresses), key=lambda x: (x.interface, x.address))
         ),
         initiate=tuple(sorted({x for f in frags for x in f.initiate})),
+        absent=_absent(frags, paths),
+        requires=tuple(x for f in frags for x in f.requires),
+        expects=tuple(x for f in frags for x in f.expects if x.path not in paths),
     )
+
+
+def _absent(frags: list[Fragment], rendered: dict[str, str]) -> tuple[Absent, ...]:
+    """Paths that must not exist, each once; a path some domain renders is never absent."""
+    out: dict[str, Absent] = {}
+    for a in (x for f in frags for x in f.absent):
+        if a.path not in rendered:
+            out.setdefault(a.path, a)
+    return tuple(out[p] for p in sorted(out))

@@ -16,7 +16,8 @@ public addresses (``id``), which become the subjects of the raw keys.
 from __future__ import annotations
 
 from reconciler.domains.keys import SWANCTL_DIR, strongswan_keypair, swanctl_public_key
-from reconciler.fleet.model import Datapath, Fleet, Host, MeshMode
+from reconciler.fleet.crypto import racoon_esp_proposal, racoon_ike_proposal
+from reconciler.fleet.model import Datapath, Fleet, Host, IpsecBackend, MeshMode
 from reconciler.kinds.resources import Domain, FileResource, Fragment, Handler, Service, Validator
 
 CONF_DIR = f"{SWANCTL_DIR}/conf.d"
@@ -29,6 +30,12 @@ LOG_CONF = "/etc/strongswan.d/charon-reconciler-log.conf"
 # does not include, so charon and the engine's own `swanctl --load-all` never read it)
 SWANCTL_CLIENT_CONF = "/etc/strongswan.d/reconciler/swanctl-client.conf"
 CHARON_LOG = "/var/log/charon.log"
+# charon keeps its log open: copytruncate rotates it in place (charon never reopens or creates
+# it, which Debian's AppArmor profile of charon would not let it do), weekly, 8 kept
+LOGROTATE_CONF = "/etc/logrotate.d/reconciler-charon"
+# the log exists (0640) before charon starts: charon's AppArmor profile lets it write the file
+# (the local override below), creating it may still be refused on enforcing hosts
+_ENSURE_LOG = f"[ -e {CHARON_LOG} ] || (umask 027; : >> {CHARON_LOG})"
 # Debian's AppArmor profile of charon (enforcing) lets it write no log file: its local override
 # (the profile's own extension point) adds the one charon log this domain configures.
 CHARON_PROFILE = "usr.lib.ipsec.charon"
@@ -57,7 +64,8 @@ STATUS = ("sh", "-c", 'test -s /run/charon.pid && kill -0 "$(cat /run/charon.pid
 # The vici socket can take seconds to appear (30 s at most: an emulated guest is slow).
 _WAIT_VICI = f"i=0; while [ ! -S {CHARON_VICI} ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done"
 _START_SCRIPT = (
-    f"setsid -f {CHARON} </dev/null >/dev/null 2>&1 && {_WAIT_VICI}; swanctl --load-all --noprompt >/dev/null"
+    f"{_ENSURE_LOG}; setsid -f {CHARON} </dev/null >/dev/null 2>&1 && {_WAIT_VICI}; "
+    "swanctl --load-all --noprompt >/dev/null"
 )
 _STOP_SCRIPT = (
     f'[ -s {CHARON_PID} ] || exit 0; kill "$(cat {CHARON_PID})" 2>/dev/null; '
@@ -71,10 +79,15 @@ _LOAD_AFTER_START = (
     "swanctl --load-all --noprompt >/dev/null"
 )
 _RESTART_SCRIPT = (
-    f"if [ -d /run/systemd/system ]; then systemctl restart {SYSTEMD_UNIT}.service || exit; "
+    f"{_ENSURE_LOG}; if [ -d /run/systemd/system ]; then systemctl restart {SYSTEMD_UNIT}.service || exit; "
     f"{_LOAD_AFTER_START}; exit; fi; "
     f"{_STOP_SCRIPT}; {_START_SCRIPT}"
 )
+
+
+def has_racoon_peers(fleet: Fleet, host: Host) -> bool:
+    """racoon peers read only RSA keys: such a host makes an RSA key pair instead of EC."""
+    return any(fleet.stack_of(p) is IpsecBackend.RACOON for p in fleet.peers_of(host))
 
 
 def connection_name(peer: Host) -> str:
@@ -103,14 +116,29 @@ def connection_conf(fleet: Fleet, host: Host, peer: Host) -> str:
     mesh = fleet.mesh
     life = mesh.lifetimes
     libipsec = mesh.datapath is Datapath.LIBIPSEC
+    ikev1 = fleet.stack_of(peer) is IpsecBackend.RACOON
+    if ikev1:
+        # racoon speaks IKEv1 only: its one proposal (semantic checked that the fleet's
+        # strongSwan proposals allow it), transport mode over everything between the public
+        # addresses (racoon's SPD: "any"), no AH (strongSwan has no ESP+AH bundles)
+        ike_proposals: tuple[str, ...] = (racoon_ike_proposal(mesh.racoon),)
+        esp_proposals: tuple[str, ...] = (racoon_esp_proposal(mesh.racoon),)
+        ike_rekey = mesh.racoon.lifetime_hours * 3600
+    else:
+        ike_proposals, esp_proposals, ike_rekey = (
+            mesh.ike_proposals,
+            mesh.esp_proposals,
+            life.ike_rekey_seconds,
+        )
     lines = [
         "connections {",
         f"    {connection_name(peer)} {{",
-        "        version = 2",
+        f"        version = {1 if ikev1 else 2}",
+        *(["        aggressive = yes"] if ikev1 and mesh.racoon.exchange_mode == "aggressive" else []),
         f"        local_addrs = {host.public_address}",
         f"        remote_addrs = {peer.public_address}",
-        f"        proposals = {','.join(mesh.ike_proposals)}",
-        f"        rekey_time = {life.ike_rekey_seconds}s",
+        f"        proposals = {','.join(ike_proposals)}",
+        f"        rekey_time = {ike_rekey}s",
         f"        dpd_delay = {mesh.dpd_seconds}s",
         "        mobike = no",
         *(["        keyingtries = 0"] if libipsec and initiates(host, peer) else []),
@@ -128,7 +156,9 @@ def connection_conf(fleet: Fleet, host: Host, peer: Host) -> str:
         f"            {child_name(fleet, peer)} {{",
     ]
     child: list[str] = []
-    if mesh.mode is MeshMode.IPIP:
+    if ikev1:
+        child += ["mode = transport", "local_ts = dynamic", "remote_ts = dynamic"]
+    elif mesh.mode is MeshMode.IPIP:
         # transport mode protecting only IP-IP (protocol 4) between the public addresses
         child += ["mode = transport", "local_ts = dynamic[ipencap]", "remote_ts = dynamic[ipencap]"]
     else:
@@ -137,7 +167,7 @@ def connection_conf(fleet: Fleet, host: Host, peer: Host) -> str:
             f"local_ts = {host.internal_address}/32",
             f"remote_ts = {peer.internal_address}/32",
         ]
-    child.append(f"esp_proposals = {','.join(mesh.esp_proposals)}")
+    child.append(f"esp_proposals = {','.join(esp_proposals)}")
     child.append(f"rekey_time = {life.child_rekey_seconds}s")
     child.append(f"life_time = {life.child_rekey_seconds * 11 // 10}s")
     if life.child_rekey_bytes > 0:
@@ -154,7 +184,8 @@ def connection_conf(fleet: Fleet, host: Host, peer: Host) -> str:
         child += ["start_action = none"]
     lines += [f"                {c}" for c in child]
     lines += ["            }", "        }", "    }", "}"]
-    what = f"IKEv2 connection to {peer.name} (mode {mesh.mode.value}, datapath {mesh.datapath.value})"
+    version = "IKEv1 (the peer runs racoon)" if ikev1 else "IKEv2"
+    what = f"{version} connection to {peer.name} (mode {mesh.mode.value}, datapath {mesh.datapath.value})"
     return _header(fleet, host, what) + "\n".join(lines) + "\n"
 
 
@@ -177,6 +208,20 @@ def log_conf(fleet: Fleet, host: Host) -> str:
         "            flush_line = yes\n"
         "        }\n"
         "    }\n"
+        "}\n"
+    )
+
+
+def logrotate_conf(fleet: Fleet, host: Host) -> str:
+    return _header(fleet, host, "rotation of charon's log") + (
+        f"{CHARON_LOG} {{\n"
+        "    weekly\n"
+        "    rotate 8\n"
+        "    compress\n"
+        "    delaycompress\n"
+        "    missingok\n"
+        "    notifempty\n"
+        "    copytruncate\n"
         "}\n"
     )
 
@@ -265,6 +310,10 @@ def render(fleet: Fleet, host: Host, ready: tuple[tuple[Host, str], ...]) -> Fra
                 needs_package="strongswan-charon",
             )
         )
+    # read by logrotate when it is installed (harmless otherwise: logrotate.d ships with base)
+    files.append(
+        FileResource(path=LOGROTATE_CONF, content=logrotate_conf(fleet, host).encode(), domain=Domain.IPSEC)
+    )
     files.append(
         FileResource(
             path=SWANCTL_CLIENT_CONF, content=swanctl_client_conf(fleet, host).encode(), domain=Domain.IPSEC
@@ -281,7 +330,7 @@ def render(fleet: Fleet, host: Host, ready: tuple[tuple[Host, str], ...]) -> Fra
     )
     return Fragment(
         files=tuple(sorted(files, key=lambda f: f.path)),
-        keypairs=(strongswan_keypair(host),),
+        keypairs=(strongswan_keypair(host, rsa=has_racoon_peers(fleet, host)),),
         handlers=handlers(),
         services=(charon_service(),),
         owned_dirs=(CONF_DIR,),

@@ -263,6 +263,8 @@ async def apply_host(
             if run.stopped is None:
                 phase = "key pairs"
                 await _keypairs(run)
+                phase = "old stack stopped before the swap"
+                await _stop_replaced(run)
                 phase = "services down before the swap"
                 await _start_down(run)
                 phase = "files"
@@ -1416,6 +1418,23 @@ async def _reloads(run: _Run) -> None:
             run.fail(Reason.SERVICE_FAILED, msg)
         else:
             run.fail(Reason.RELOAD_BROKE_SERVICE, msg)
+
+
+async def _stop_replaced(run: _Run) -> None:
+    """Services this host no longer runs (the old IPsec stack) stop before the new stack's
+    files go live: the old and the new stack never hold the host's policies at once, and the
+    gap between them is this apply's swap."""
+    idx = run.indices({ActionKind.STOP_SERVICE})
+    if not idx:
+        return
+    conn = await run.conn()
+    for i in idx:
+        s = run.plan.actions[i].target
+        assert isinstance(s, Service)
+        outcome = await packaging.stop_service(conn, s, run.plan.init_system)
+        run.mark(i, "done" if outcome.ok else "failed", outcome.message)
+        if not outcome.ok:
+            run.messages.append(f"service {s.name}: {outcome.message}")
 
 
 async def _services(run: _Run) -> None:

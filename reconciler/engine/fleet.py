@@ -28,7 +28,7 @@ from reconciler.engine.apply import ApplyResult, apply_host
 from reconciler.engine.identity import claim_for
 from reconciler.engine.observe import observe_host
 from reconciler.engine.plan import ActionKind, HostPlan, plan_host
-from reconciler.errors import Failure, IdentityMismatch, Reason, ReconcilerError, RenderError
+from reconciler.errors import Failure, IdentityMismatch, Reason, ReconcilerError, RenderError, Terminal
 from reconciler.fleet.model import Fleet
 from reconciler.host.connection import Connection
 from reconciler.host.script import Pool
@@ -277,8 +277,10 @@ async def _plan_one(
     if plan.refusal:
         target = getattr(conn, "target", None)
         address = getattr(target, "address", None) or str(fleet.host(name).public_address)
-        refused = IdentityMismatch(f"{name} ({address}) {plan.refusal}")
-        log.warning("plan.identity_refused", host=name, reason=plan.refusal)
+        refused: Terminal = IdentityMismatch(f"{name} ({address}) {plan.refusal}")
+        if plan.refused_requirement:
+            refused = Terminal(f"{name} ({address}): {plan.refusal}", reason=Reason.REFUSED)
+        log.warning("plan.refused", host=name, reason=plan.refusal)
         return HostOutcome(
             name,
             ERROR,

@@ -212,6 +212,32 @@ svc_pid() {
   printf 'status %s\n' "$_st"
   svc_rc "$1"
 }
+# a service that must NOT run (the old stack of a host that switched): its pid file only,
+# with builtins (no systemctl process on every observation of every host)
+svc_gone() {
+  _st=1
+  if [ -s "$1" ] && read -r _p < "$1"; then
+    case $_p in ''|*[!0-9]*) ;; *) kill -0 "$_p" 2>/dev/null && _st=0 ;; esac
+  fi
+  printf 'status %s\n' "$_st"
+}
+# dpkg-query, its answer kept in $_DPKG for apt_cand
+dpkg_q() {
+  _DPKG=$(dpkg-query -W -f='${Package}\t${db:Status-Abbrev}\t${Version}\n' -- "$@"); _rc=$?
+  printf '%s\n' "$_DPKG"
+  return "$_rc"
+}
+# the install candidate of each package that dpkg_q did not find installed ("" = none)
+apt_cand() {
+  for _p do
+    case "
+$_DPKG" in *"
+$_p	ii"*) continue ;; esac
+    _c=$(apt-cache policy -- "$_p" 2>/dev/null | sed -n 's/^ *Candidate: *//p' | head -n 1)
+    [ "$_c" = "(none)" ] && _c=
+    printf '%s\t%s\n' "$_p" "$_c"
+  done
+}
 swanctl_q() { if [ -n "${SW:-}" ]; then STRONGSWAN_CONF=$SW swanctl "$@"; else swanctl "$@"; fi; }
 PID1=unknown; read -r PID1 < /proc/1/comm 2>/dev/null || PID1=unknown
 """.replace("@FIND_FMT@", FIND_FMT).replace("@MAX_LINES@", str(MAX_LINES))
@@ -277,6 +303,9 @@ def probe_for(desired: Desired) -> Probe:
         else:
             guarded.setdefault(lk.path, (rule, False))
             users[rule.user] = None
+    for path in (*(a.path for a in desired.absent), *(e.path for e in desired.expects)):
+        if path not in hashed and path not in guarded:
+            unhashed[path] = None
     for p in hashed:
         unhashed.pop(p, None)
     for p in guarded:
@@ -312,7 +341,9 @@ def wanted_for(desired: Desired) -> Wanted:
         links=bool(desired.tunnels or desired.addresses),
         kernel=bool(desired.tunnels),
         ipsec=any(h.name in IPSEC_HANDLERS for h in desired.handlers),
-        packages=tuple(needed_packages(desired)),
+        packages=tuple(
+            sorted({*needed_packages(desired), *(p for r in desired.requires for p in r.packages)})
+        ),
     )
 
 
@@ -376,11 +407,14 @@ def build_script(
         b.add("frame kernel kernel_facts")
     if want.packages:
         pkgs = b.refs(list(want.packages))
-        b.add(
-            f"frame dpkg dpkg-query -W -f='${{Package}}\\t${{db:Status-Abbrev}}\\t${{Version}}\\n' -- {pkgs}"
-        )
+        b.add(f"frame dpkg dpkg_q {pkgs}")
+        required = sorted({p for r in desired.requires for p in r.packages})
+        if required:
+            b.add(f"frame aptcand apt_cand {b.refs(required)}")
     for i, s in enumerate(desired.services):
-        if s.pid_file:
+        if not s.running and s.pid_file:
+            b.add(f"frame svc.{i} svc_gone {b.ref(s.pid_file)}")
+        elif s.pid_file:
             b.add(f"frame svc.{i} svc_pid {b.ref(s.name)} {b.ref(s.pid_file)}")
         else:
             b.add(f"frame svc.{i} svc_probe {b.ref(s.name)} {b.refs(list(s.status))}".rstrip())
@@ -750,6 +784,13 @@ def parse_observation(host: str, desired: Desired, sections: Mapping[str, Sectio
         dpkg = body("dpkg", "dpkg-query", ok=(0, 1))
         if dpkg is not None:
             packages = parse_dpkg(dpkg, names)
+    candidates: dict[str, str] = {}
+    if names and any(r.packages for r in desired.requires):
+        cand = body("aptcand", "apt-cache policy", required=False)
+        for line in (cand or "").splitlines():
+            name, _, version = line.partition("\t")
+            if name:
+                candidates[name] = version.strip()
 
     services: dict[str, ServiceState] = {}
     for i, s in enumerate(desired.services):
@@ -765,6 +806,7 @@ def parse_observation(host: str, desired: Desired, sections: Mapping[str, Sectio
         links=links,
         ipsec=ipsec,
         packages=MappingProxyType(packages),
+        candidates=MappingProxyType(candidates),
         services=MappingProxyType(services),
         init_system=init_system,
         inventory=inventory,

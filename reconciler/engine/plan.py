@@ -76,6 +76,7 @@ class ActionKind(StrEnum):
     ADD_ADDRESS = "add-address"
     RELOAD = "reload"
     START_SERVICE = "start-service"
+    STOP_SERVICE = "stop-service"
     ENABLE_SERVICE = "enable-service"
     RECORD_INVENTORY = "record-inventory"
     INITIATE_CHILD = "initiate-child"
@@ -94,7 +95,7 @@ ADD_KINDS = frozenset(
         ActionKind.ADD_ADDRESS,
     }
 )
-DESTROY_KINDS = frozenset({ActionKind.DELETE, ActionKind.PURGE_PACKAGE})
+DESTROY_KINDS = frozenset({ActionKind.DELETE, ActionKind.PURGE_PACKAGE, ActionKind.STOP_SERVICE})
 # what the file phase of apply handles (staged, validated, swapped in one go)
 FILE_KINDS = frozenset(
     {
@@ -123,6 +124,7 @@ _KIND_ORDER = {
     ActionKind.CREATE_TUNNEL: 7,
     ActionKind.RECREATE_TUNNEL: 7,
     ActionKind.ADD_ADDRESS: 7,
+    ActionKind.STOP_SERVICE: 7,
     ActionKind.START_SERVICE: 8,
     ActionKind.ENABLE_SERVICE: 8,
     ActionKind.RECORD_INVENTORY: 9,
@@ -182,6 +184,8 @@ class HostPlan:
     # another one, why nothing is planned (the plan then has no action)
     identity: HostIdentity | None = None
     refusal: str = ""
+    # the refusal is a Requirement the host cannot meet (not an identity mismatch)
+    refused_requirement: bool = False
 
     @property
     def changed(self) -> bool:
@@ -292,10 +296,29 @@ def plan_host(
             refusal=verdict.message,
         )
 
+    unmet = unmet_requirements(desired, observed)
+    if unmet:
+        return HostPlan(
+            host=desired.host,
+            warnings=tuple(warnings),
+            errors=tuple(errors),
+            init_system=observed.init_system,
+            observed=observed,
+            identity=identity,
+            refusal=unmet,
+            refused_requirement=True,
+        )
+
     pkg_actions = _plan_packages(desired.packages, observed)
     if observed.apt is not None and pkg_actions:
         pkg_actions = _apt_solution(pkg_actions, desired, observed.apt, errors, warnings)
     actions += pkg_actions
+    if not any(a.kind is ActionKind.INSTALL_PACKAGE for a in pkg_actions):
+        # a package being installed may ship it: then the apply's validation judges it
+        for ex in desired.expects:
+            live = observed.files.get(ex.path)
+            if live is not None and not live.exists and not live.refused:
+                errors.append(ex.reason)
     # the simulated state: what is installed once the package actions ran
     deps = _Packages.after(desired, observed, pkg_actions)
     files = deps.keep(desired.files, "file", lambda f: f.path, errors)
@@ -310,6 +333,7 @@ def plan_host(
     actions += _plan_links(links, observed)
     prune_inventory = verdict is None or verdict.prune_inventory
     actions += _plan_prune(desired, observed, use_inventory=prune_inventory)
+    actions += _plan_absent(desired, observed, already={a.path for a in actions if a.path})
     if not prune_inventory:
         warnings += _unpruned(desired, observed)
     t_actions, t_skipped = _plan_tunnels(desired.tunnels, observed)
@@ -842,6 +866,40 @@ def _plan_prune(desired: Desired, observed: Observed, *, use_inventory: bool = T
     return out
 
 
+def unmet_requirements(desired: Desired, observed: Observed) -> str:
+    """Why the host cannot be reconciled at all ("" when it can): a Requirement whose package
+    is not installed and has no install candidate in the host's apt (its own sources)."""
+    for req in desired.requires:
+        missing = [p for p in req.packages if p in observed.candidates and not observed.candidates[p]]
+        if missing:
+            return (
+                f"{req.what} cannot run on this host: apt has no install candidate for "
+                f"{', '.join(missing)} (apt-cache policy on the host; e.g. racoon and ipsec-tools are "
+                "not packaged in Debian 12); nothing on this host was changed: choose another stack "
+                "for it, or add an apt source that ships them"
+            )
+    return ""
+
+
+def _plan_absent(desired: Desired, observed: Observed, *, already: set[str]) -> list[Action]:
+    """Paths that must not exist and do (another stack's configuration, a replaced default)."""
+    out: list[Action] = []
+    for ab in desired.absent:
+        live = observed.files.get(ab.path)
+        if ab.path in already or live is None or not (live.exists or live.refused):
+            continue
+        if live.refused:
+            reason = f"{ab.reason}, but not deleted: {live.refused}"
+            out.append(
+                Action(ActionKind.REFUSED, f"file {ab.path}", ab.domain, reason, "", ab.path, ab.handler)
+            )
+        elif live.kind != "dir":
+            out.append(
+                Action(ActionKind.DELETE, f"file {ab.path}", ab.domain, ab.reason, "", ab.path, ab.handler)
+            )
+    return out
+
+
 def _owner_of(path: str, desired: Desired) -> tuple[str | None, Domain]:
     """The handler and domain responsible for a pruned path: the handler whose validated tree
     holds it, else a desired file in the same directory."""
@@ -967,6 +1025,18 @@ def _plan_services(services: tuple[Service, ...], observed: Observed) -> list[Ac
     out: list[Action] = []
     for s in services:
         if not s.running:
+            live = observed.services.get(s.name)
+            if live is not None and live.running:
+                out.append(
+                    Action(
+                        ActionKind.STOP_SERVICE,
+                        f"service {s.name}",
+                        s.domain,
+                        "running, but this host's configuration replaced it (stopped before the new "
+                        "files go live)",
+                        target=s,
+                    )
+                )
             continue
         state = observed.services.get(s.name)
         if state is not None and state.running:

@@ -59,6 +59,7 @@ def host(d: Mapping[str, Any], file: str) -> m.Host:
         legacy_crypto=bool(d.get("legacy_crypto", False)),
         source_file=file,
         public_address_v6=v6_address(d.get("public_address_v6")),
+        ipsec=m.IpsecBackend(d["ipsec"]) if "ipsec" in d else None,
         site=d.get("site"),
     )
 
@@ -192,6 +193,9 @@ def site(d: Mapping[str, Any], file: str) -> m.Site:
                 host=w.get("host", "127.0.0.1"),
                 port=w.get("port", 8009),
                 type=w.get("type", "ajp13"),
+                lbfactor=w.get("lbfactor", 1),
+                members=_t(w, "members"),
+                sticky_session=bool(w.get("sticky_session", True)),
             )
             for w in d.get("workers") or ()
         ),

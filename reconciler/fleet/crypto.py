@@ -183,3 +183,59 @@ def check_racoon(r: RacoonProposal) -> list[Finding]:
         if value in _WEAK_KE:
             out.append(Finding("weak", _WEAK_KE[value], name))
     return out
+
+
+# ---------------------------------------------------------------- racoon <-> strongSwan (IKEv1)
+# A link between a racoon host and a strongSwan host is IKEv1 with racoon's one proposal,
+# written in strongSwan's words; the strongSwan end accepts it only when one of the fleet's
+# strongSwan proposals allows every algorithm of it (``common_proposal``).
+
+_SWAN_ENC = {
+    "aes 128": "aes128",
+    "aes 192": "aes192",
+    "aes 256": "aes256",
+    "camellia 128": "camellia128",
+    "camellia 192": "camellia192",
+    "camellia 256": "camellia256",
+    "3des": "3des",
+    "des": "des",
+    "cast128": "cast128",
+    "blowfish": "blowfish128",
+}
+_SWAN_AUTH = {
+    "hmac_sha256": "sha256",
+    "hmac_sha384": "sha384",
+    "hmac_sha512": "sha512",
+    "hmac_sha1": "sha1",
+    "hmac_md5": "md5",
+}
+_SYNONYMS = {"sha2_256": "sha256", "sha2_384": "sha384", "sha2_512": "sha512", "sha": "sha1"}
+
+
+def racoon_ike_proposal(r: RacoonProposal) -> str:
+    """racoon's phase 1 proposal in strongSwan's words (IKEv1: the hash is also the PRF)."""
+    return f"{_SWAN_ENC[r.encryption_algorithm]}-{r.hash_algorithm}-{r.dh_group}"
+
+
+def racoon_esp_proposal(r: RacoonProposal) -> str:
+    """racoon's phase 2 (``sainfo``) proposal in strongSwan's words, PFS group included."""
+    return f"{_SWAN_ENC[r.sa_encryption_algorithm]}-{_SWAN_AUTH[r.sa_authentication_algorithm]}-{r.pfs_group}"
+
+
+def _tokens(text: str) -> set[str]:
+    return {_SYNONYMS.get(t, t) for t in text.split("-")}
+
+
+def accepts(proposal: str, wanted: str, *, ike: bool) -> bool:
+    """Whether the strongSwan ``proposal`` allows every algorithm of the single ``wanted`` one
+    (encryption, integrity, key exchange; in IKE the PRF, if listed, must match the hash)."""
+    have = _tokens(proposal)
+    enc, integ, ke = wanted.split("-")
+    if enc not in have or integ not in have or ke not in have:
+        return False
+    prfs = {t for t in have if t.startswith("prf")}
+    return not (ike and prfs and f"prf{integ}" not in prfs)
+
+
+def common_proposal(offered: tuple[str, ...], wanted: str, *, ike: bool) -> bool:
+    return any(accepts(p, wanted, ike=ike) for p in offered)

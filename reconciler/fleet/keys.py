@@ -55,7 +55,8 @@ def parse_public_key(data: bytes) -> PublicKey:
     raise KeyFileError("not a PEM public key (-----BEGIN PUBLIC KEY-----) nor a racoon ': PUB 0s...' line")
 
 
-def _racoon(b64: str) -> PublicKey:
+def _rfc3110(b64: str) -> tuple[int, int]:
+    """(exponent, modulus) of the base64 RFC 3110 key of a ': PUB 0s' line."""
     try:
         raw = base64.b64decode(b64, validate=True)
     except (binascii.Error, ValueError):
@@ -68,8 +69,11 @@ def _racoon(b64: str) -> PublicKey:
         elen, rest = int.from_bytes(raw[1:3], "big"), raw[3:]
     if elen == 0 or len(rest) <= elen:
         raise KeyFileError("the ': PUB 0s' key is malformed (RFC 3110)")
-    exponent = int.from_bytes(rest[:elen], "big")
-    modulus = int.from_bytes(rest[elen:], "big")
+    return int.from_bytes(rest[:elen], "big"), int.from_bytes(rest[elen:], "big")
+
+
+def _racoon(b64: str) -> PublicKey:
+    exponent, modulus = _rfc3110(b64)
     return PublicKey("racoon", f": PUB 0s{b64}", "rsa", modulus.bit_length(), exponent)
 
 
@@ -104,3 +108,39 @@ def weaknesses(key: PublicKey) -> tuple[list[str], list[str]]:
     elif key.exponent is not None and (key.exponent < 3 or key.exponent % 2 == 0):
         weak.append(f"RSA public exponent {key.exponent} is invalid")
     return weak, warn
+
+
+# ---------------------------------------------------------------- one RSA key, both forms
+# A link between a racoon host and a strongSwan host (IKEv1) needs each end's key in the
+# other's form: racoon reads ": PUB 0s..." (RFC 3110), swanctl reads PEM. Only RSA keys have
+# both forms (racoon knows no EC keys).
+
+
+def racoon_to_pem(text: str) -> str:
+    """The PEM ``PUBLIC KEY`` of a racoon ``: PUB 0s...`` line (KeyFileError if malformed)."""
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    m = _RACOON.fullmatch(text.strip())
+    if m is None:
+        raise KeyFileError("not a racoon ': PUB 0s...' line")
+    e, n = _rfc3110(m.group(1))
+    try:
+        key = rsa.RSAPublicNumbers(e, n).public_key()
+    except ValueError as exc:
+        raise KeyFileError(f"the ': PUB 0s' key is not a usable RSA key: {exc}") from None
+    return key.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo).decode("ascii")
+
+
+def pem_to_racoon(text: str) -> str:
+    """The racoon ``: PUB 0s...`` line of an RSA PEM public key (KeyFileError for other keys)."""
+    try:
+        key = load_pem_public_key(text.encode("ascii"))
+    except (ValueError, UnsupportedAlgorithm):
+        raise KeyFileError("the PEM public key cannot be read") from None
+    if not isinstance(key, rsa.RSAPublicKey):
+        raise KeyFileError("is not an RSA key: racoon (IKEv1 plain_rsa) can use only RSA keys")
+    nums = key.public_numbers()
+    e = nums.e.to_bytes((nums.e.bit_length() + 7) // 8, "big")
+    n = nums.n.to_bytes((nums.n.bit_length() + 7) // 8, "big")
+    head = bytes([len(e)]) if len(e) < 256 else b"\x00" + len(e).to_bytes(2, "big")
+    return ": PUB 0s" + base64.b64encode(head + e + n).decode("ascii") + "\n"

@@ -86,6 +86,8 @@ class Host:
     # the host's public IPv6 address, if it has one: role ports whose sources name this host
     # admit it in rules.v6, and the management-SSH lockout check covers it
     public_address_v6: IPv6Address | None = None
+    # the host's IPsec stack (``ipsec:``); None: the fleet's ``mesh.backend``
+    ipsec: IpsecBackend | None = None
     site: str | None = None  # the data centre / site (informational)
 
 
@@ -188,10 +190,16 @@ class AppArmorProfile:
 
 @dataclass(frozen=True)
 class JkWorker:
+    """An ``ajp13`` worker (host, port), or an ``lb`` worker balancing over ``members`` (names
+    of ajp13 workers of the same site, each with its ``lbfactor``)."""
+
     name: str
     host: str = "127.0.0.1"
     port: int = 8009
     type: str = "ajp13"
+    lbfactor: int = 1  # an ajp13 worker's share when it is a member of an lb worker
+    members: tuple[str, ...] = ()  # lb only
+    sticky_session: bool = True  # lb only: a session (JSESSIONID route) stays on its member
 
 
 @dataclass(frozen=True)
@@ -380,6 +388,10 @@ class Fleet:
 
     def roles_of(self, host: Host) -> tuple[Role, ...]:
         return tuple(self.roles[r] for r in host.roles)
+
+    def stack_of(self, host: Host) -> IpsecBackend:
+        """The host's IPsec stack: its own ``ipsec:``, else the fleet's ``mesh.backend``."""
+        return host.ipsec or self.mesh.backend
 
     def peers_of(self, host: Host) -> tuple[Host, ...]:
         """The hosts this host has an IPsec link with, sorted by name."""

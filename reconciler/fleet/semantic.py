@@ -58,6 +58,8 @@ class Checker:
     def __init__(self, src: Sources) -> None:
         self.src = src
         self.problems: list[Problem] = []
+        # hosts whose legacy_crypto allowed something ("*": the fleet-wide proposals, every host)
+        self.legacy_used: set[str] = set()
 
     # -- reporting
 
@@ -104,6 +106,7 @@ class Checker:
         if settings is not None and mesh is not None:
             peers = self.check_mesh(mesh, hosts_by)
             public_keys = self.check_keys(mesh, hosts_by, peers)
+            self.check_legacy_unused(hosts)
         if settings is None or any(p.severity == "error" for p in self.problems):
             return None
         name, mesh_, firewall, drift, notifications = settings
@@ -501,6 +504,15 @@ class Checker:
                 if w.name in workers:
                     self.err(x.doc, ("workers", i, "name"), f"worker {w.name!r} is declared twice")
                 workers.add(w.name)
+            self.check_lb_workers(x, s)
+            for i, h in enumerate(s.unset_headers):
+                if h.lower() == "server":
+                    self.err(
+                        x.doc,
+                        ("unset_headers", i),
+                        "Apache cannot remove its own Server header (it is set after mod_headers runs): "
+                        "use ServerTokens (this site gets ServerTokens Prod: 'Server: Apache')",
+                    )
             for fld in ("mounts", "unmounts"):
                 for i, mount in enumerate(getattr(s, fld)):
                     if mount.worker not in workers:
@@ -514,6 +526,27 @@ class Checker:
                     self.err(x.doc, ("header_location",), f"not a valid regular expression: {exc}")
             if s.tls is not None and s.tls.port == s.port:
                 self.err(x.doc, ("tls", "port"), f"tls.port {s.tls.port} is also the plain HTTP port")
+
+    def check_lb_workers(self, x: _Located, s: m.Site) -> None:
+        """lb workers balance over ajp13 workers of the same site; ajp13 ones have no members."""
+        by_name = {w.name: w for w in s.workers}
+        for i, w in enumerate(s.workers):
+            if w.type != "lb":
+                if w.members or "sticky_session" in x.doc.data["workers"][i]:
+                    self.err(
+                        x.doc, ("workers", i, "type"), "members and sticky_session belong to an lb worker"
+                    )
+                continue
+            if not w.members:
+                self.err(x.doc, ("workers", i), "an lb worker needs members (ajp13 workers of this site)")
+            for j, name in enumerate(w.members):
+                member = by_name.get(name)
+                if member is None:
+                    self.err(x.doc, ("workers", i, "members", j), f"unknown worker {name!r}{_known(by_name)}")
+                elif member.type != "ajp13":
+                    self.err(
+                        x.doc, ("workers", i, "members", j), f"{name!r} is an lb worker: members are ajp13"
+                    )
 
     def check_profiles(self, profiles: list[_Located]) -> None:
         for x in profiles:
@@ -545,6 +578,13 @@ class Checker:
                 )
             if f.template is not None and f.template not in self.src.templates:
                 self.err(x.doc, ("template",), f"template {f.template!r} not found in the repo")
+            if f.content is not None and ("{{" in f.content or "{%" in f.content):
+                self.warn(
+                    x.doc,
+                    ("content",),
+                    "inline content holds '{{' or '{%': it is written literally (only `template:` files "
+                    "are rendered by Jinja2); move it to templates/ and use template:",
+                )
             if f.secret and f.content is not None:
                 self.warn(x.doc, ("secret",), "secret: true but the content is in the fleet repo in clear")
             if f.link_target is not None and (f.validate or x.doc.data.get("mode") is not None):
@@ -595,6 +635,7 @@ class Checker:
             self.err(
                 doc, ("mesh", "datapath"), "datapath libipsec has no transport mode: it needs mode: tunnel"
             )
+        self.check_host_stacks(mesh, hosts)
         if mesh.backend is m.IpsecBackend.RACOON:
             if mesh.mode is not m.MeshMode.IPIP:
                 self.err(
@@ -612,8 +653,8 @@ class Checker:
             for k in ("ike_proposals", "esp_proposals"):
                 if k in md:
                     self.warn(doc, ("mesh", k), f"{k} is ignored with backend racoon (see mesh.racoon)")
-        elif "racoon" in md:
-            self.warn(doc, ("mesh", "racoon"), "mesh.racoon is ignored with backend strongswan")
+        elif "racoon" in md and not any(h.ipsec is m.IpsecBackend.RACOON for h in hosts.values()):
+            self.warn(doc, ("mesh", "racoon"), "mesh.racoon is ignored: no host runs racoon")
         # links
         # peers per host; None for a full mesh (every host is every other host's peer: never
         # enumerate the n*(n-1)/2 pairs, 50 million for 10,000 hosts)
@@ -648,7 +689,98 @@ class Checker:
             if not seen:
                 self.warn(doc, ("mesh", "topology"), "topology links with no links: no host talks IPsec")
         self.check_crypto(mesh, hosts, peers)
+        self.check_mixed_links(mesh, hosts, peers)
         return peers
+
+    def host_doc(self, name: str) -> YamlDocument | None:
+        return next((d for d in self.src.docs.get("Host", ()) if d.data.get("name") == name), None)
+
+    def check_host_stacks(self, mesh: m.Mesh, hosts: Mapping[str, m.Host]) -> None:
+        """A host's own ``ipsec:`` against what the fleet's mesh can do."""
+        if mesh.backend is m.IpsecBackend.RACOON:
+            return  # the fleet-wide checks below say it once
+        for h in hosts.values():
+            if h.ipsec is not m.IpsecBackend.RACOON:
+                continue
+            doc = self.host_doc(h.name)
+            if doc is None:
+                continue
+            if mesh.mode is not m.MeshMode.IPIP:
+                self.err(
+                    doc,
+                    ("ipsec",),
+                    "racoon builds the seed's transport-mode IP-IP mesh: it needs mesh.mode ipip",
+                )
+            if mesh.datapath is not m.Datapath.KERNEL:
+                self.err(doc, ("ipsec",), "racoon needs mesh.datapath kernel (libipsec is strongSwan's)")
+            self.warn(
+                doc, ("ipsec",), "racoon speaks only IKEv1 (deprecated by RFC 8247; racoon is unmaintained)"
+            )
+
+    def check_mixed_links(
+        self, mesh: m.Mesh, hosts: Mapping[str, m.Host], peers: dict[str, set[str]] | None
+    ) -> None:
+        """A link between a racoon host and a strongSwan host is IKEv1 with racoon's proposal:
+        one of the fleet's strongSwan proposals must allow it (IKE and ESP), or the link can
+        never come up. Reported once per racoon host, naming both ends' files."""
+        doc = self.src.fleet
+        assert doc is not None
+
+        def stack(h: m.Host) -> m.IpsecBackend:
+            return h.ipsec or mesh.backend
+
+        racoon_hosts = sorted(n for n, h in hosts.items() if stack(h) is m.IpsecBackend.RACOON)
+        if not racoon_hosts or len(racoon_hosts) == len(hosts):
+            return
+        ike = crypto.racoon_ike_proposal(mesh.racoon)
+        esp = crypto.racoon_esp_proposal(mesh.racoon)
+        missing = []
+        if not crypto.common_proposal(mesh.ike_proposals, ike, ike=True):
+            missing.append(
+                f"no IKE proposal in common: racoon offers {ike} (mesh.racoon), the strongSwan end "
+                f"accepts {', '.join(mesh.ike_proposals)} (mesh.ike_proposals)"
+            )
+        if not crypto.common_proposal(mesh.esp_proposals, esp, ike=False):
+            missing.append(
+                f"no ESP proposal in common: racoon offers {esp} (mesh.racoon sa_*, pfs_group), the "
+                f"strongSwan end accepts {', '.join(mesh.esp_proposals)} (mesh.esp_proposals)"
+            )
+        if not missing:
+            return
+        fix = f"add {ike} to mesh.ike_proposals and {esp} to mesh.esp_proposals, or change mesh.racoon"
+        for name in racoon_hosts:
+            linked = sorted(hosts) if peers is None else sorted(peers.get(name, ()))
+            others = [
+                p for p in linked if p != name and p in hosts and stack(hosts[p]) is m.IpsecBackend.STRONGSWAN
+            ]
+            if not others:
+                continue
+            rdoc = self.host_doc(name)
+            odoc = self.host_doc(others[0])
+            more = f" (and {len(others) - 1} more strongSwan peers)" if len(others) > 1 else ""
+            where = f"{odoc.file}" if odoc is not None else others[0]
+            msg = (
+                f"link {name} (racoon) - {others[0]} (strongswan, {where}){more} is IKEv1: "
+                + "; ".join(missing)
+                + f": {fix}"
+            )
+            if rdoc is not None:
+                self.err(rdoc, ("ipsec",) if "ipsec" in rdoc.data else ("name",), msg)
+            else:
+                self.err(doc, ("mesh",), msg)
+
+    def check_legacy_unused(self, hosts: list[_Located]) -> None:
+        """``legacy_crypto: true`` that nothing needs: a hatch left open for no reason."""
+        if "*" in self.legacy_used:
+            return
+        for x in hosts:
+            if x.obj.legacy_crypto and x.obj.name not in self.legacy_used:
+                self.warn(
+                    x.doc,
+                    ("legacy_crypto",),
+                    "legacy_crypto: true, but no proposal or key on this host's links is deprecated: "
+                    "remove it (it would silently allow weak crypto added later)",
+                )
 
     def legacy_block(self, hosts: Mapping[str, m.Host], names: Iterable[str]) -> list[str]:
         """The hosts among ``names`` that are NOT marked legacy_crypto."""
@@ -664,6 +796,7 @@ class Checker:
                 f"(not: {listed})",
             )
         else:
+            self.legacy_used.add("*")
             self.warn(doc, path, f"{message} (allowed: every host on the link is legacy_crypto)")
 
     @staticmethod
@@ -678,7 +811,8 @@ class Checker:
         doc = self.src.fleet
         assert doc is not None
         blockers = self.legacy_block(hosts, self.linked_hosts(hosts, peers))
-        if mesh.backend is m.IpsecBackend.STRONGSWAN:
+        stacks = {h.ipsec or mesh.backend for h in hosts.values()} or {mesh.backend}
+        if m.IpsecBackend.STRONGSWAN in stacks:
             for key, ike in (("ike_proposals", True), ("esp_proposals", False)):
                 for i, proposal in enumerate(getattr(mesh, key)):
                     path: Path = ("mesh", key, i) if key in doc.data["mesh"] else ("mesh",)
@@ -690,7 +824,7 @@ class Checker:
                             self.judge(doc, path, msg, blockers)
                         else:
                             self.warn(doc, path, msg)
-        else:
+        if m.IpsecBackend.RACOON in stacks:
             for f in crypto.check_racoon(mesh.racoon):
                 path = ("mesh", "racoon", f.field)
                 if f.level == "weak":
@@ -703,7 +837,6 @@ class Checker:
     ) -> dict[str, str]:
         everyone = self.legacy_block(hosts, hosts) if peers is None else []
         out: dict[str, str] = {}
-        want = "racoon" if mesh.backend is m.IpsecBackend.RACOON else "pem"
         for host, (file, data) in sorted(self.src.keys.items()):
             if host not in hosts:
                 if host not in self.src.broken.get("Host", set()):
@@ -714,9 +847,16 @@ class Checker:
             except KeyFileError as exc:
                 self.at(file, str(exc))
                 continue
+            stack = hosts[host].ipsec or mesh.backend
+            want = "racoon" if stack is m.IpsecBackend.RACOON else "pem"
             if key.format != want:
                 need = "a racoon ': PUB 0s...' line" if want == "racoon" else "a PEM public key"
-                self.at(file, f"backend {mesh.backend.value} needs {need}")
+                who = (
+                    f"backend {stack.value}"
+                    if hosts[host].ipsec is None
+                    else f"{host} (ipsec: {stack.value})"
+                )
+                self.at(file, f"{who} needs {need}")
                 continue
             weak, warn = weaknesses(key)
             if peers is None:
@@ -731,6 +871,9 @@ class Checker:
                         f"(not: {', '.join(blockers[:5])})",
                     )
                 else:
+                    self.legacy_used.update(
+                        {host, *(peers or {}).get(host, ())} if peers is not None else {"*"}
+                    )
                     self.at(file, f"{msg} (allowed: legacy_crypto)", severity="warning")
             for msg in warn:
                 self.at(file, msg, severity="warning")

@@ -106,6 +106,9 @@ class Observed:
     # /etc/reconciler/identity as the observation saw it (None: not observed); see reconciler.engine.identity
     identity: SeenIdentity | None = None
     # declared non-root owners/groups the host does not know (plan refuses those files)
+    # packages a Requirement names that are not installed: apt's install candidate, "" = none
+    # (apt-cache policy; observed only for those, so the no-op path runs no apt-cache)
+    candidates: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     unknown_users: frozenset[str] = frozenset()
     unknown_groups: frozenset[str] = frozenset()
     # apt's solution for the planned package transaction (``apt-get -s``), asked only when the

@@ -563,3 +563,22 @@ async def start_service(conn: Runner, s: Service, init_system: str) -> ServiceRu
         body = tail.stdout.decode(errors="replace").strip() or "(empty or missing)"
         msg += f"\nlast lines of {s.log_path}:\n{body}"
     return ServiceRun(False, msg)
+
+
+async def stop_service(conn: Runner, s: Service, init_system: str) -> ServiceRun:
+    """Stop a service this host no longer runs (the old IPsec stack): ``systemctl disable
+    --now`` under systemd (a unit that does not exist is fine), then ``Service.stop``; stopped
+    means its status probe fails afterwards."""
+    name = check_service_name(s.name)
+    notes: list[str] = []
+    if init_system == "systemd":
+        res = await conn.run(["systemctl", "disable", "--now", "--", name], timeout=SERVICE_TIMEOUT)
+        notes.append(f"systemctl disable --now {name}: exit {res.exit_status}")
+    if s.stop:
+        res = await conn.run(list(s.stop), timeout=SERVICE_TIMEOUT)
+        notes.append(f"stopped ({shlex.join(s.stop)}: exit {res.exit_status})")
+    if s.status:
+        probe = await conn.run(list(s.status), timeout=30)
+        if probe.exit_status == 0:
+            return ServiceRun(False, f"{name} still runs after the stop; " + "; ".join(notes))
+    return ServiceRun(True, "; ".join(notes) or f"{name} stopped")

@@ -169,6 +169,38 @@ class Service:
 
 
 @dataclass(frozen=True)
+class Absent:
+    """A path that must not exist: another IPsec stack's configuration on a host that switched
+    stacks, a Debian default a site replaces (the global deflate.conf, the default site). The
+    plan deletes it when it exists (with ``reason``), in the file transaction of ``handler``."""
+
+    path: str
+    domain: Domain
+    reason: str
+    handler: str | None = None
+
+
+@dataclass(frozen=True)
+class Expected:
+    """A path the host's packages must provide for a rendered file to mean anything (the
+    packaged AppArmor profile a local override extends). Missing while no package is being
+    installed: a plan error naming ``reason``, nothing applied on the host."""
+
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """Packages a part of the host cannot work without (``what``: "ipsec: racoon"). When the
+    host's apt has no install candidate for one that is not installed, the plan refuses the
+    whole host, before anything on it is touched (reconciler.engine.plan)."""
+
+    what: str
+    packages: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Pending:
     """Something that cannot be rendered yet, with the reason (e.g. a peer's key unknown)."""
 
@@ -197,6 +229,9 @@ class Fragment:
     # absolute directories whose files the domain fully owns: files there that are not
     # rendered are pruned (e.g. /etc/swanctl/conf.d)
     owned_dirs: tuple[str, ...] = ()
+    absent: tuple[Absent, ...] = ()  # paths that must not exist
+    requires: tuple[Requirement, ...] = ()
+    expects: tuple[Expected, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -217,6 +252,9 @@ class Desired:
     warnings: tuple[str, ...] = field(default=())
     addresses: tuple[Address, ...] = ()
     initiate: tuple[str, ...] = ()  # CHILD_SA names this host starts (see Fragment.initiate)
+    absent: tuple[Absent, ...] = ()  # see Fragment.absent
+    requires: tuple[Requirement, ...] = ()
+    expects: tuple[Expected, ...] = ()
 
     def handler(self, name: str) -> Handler:
         for h in self.handlers:

@@ -36,7 +36,7 @@ from services_fleets import example_fleet, motd_file, mysqld_profile, shop_site 
 from services_golden import render_services  # noqa: E402
 
 from reconciler.domains import apache, apparmor  # noqa: E402
-from reconciler.fleet.model import AppArmorProfile, Fleet, Site, TlsSpec  # noqa: E402
+from reconciler.fleet.model import AppArmorProfile, Fleet, JkWorker, Site, TlsSpec  # noqa: E402
 from reconciler.kinds.resources import Desired, Validator  # noqa: E402
 from tests.skip_policy import skip_kernel_feature  # noqa: E402
 
@@ -143,6 +143,27 @@ def test_rendered_example_sites_pass_apache2ctl(tmp_path: Path) -> None:
         result = apache_check(render_services(fleet, fleet.host(host)), tmp_path / host)
         assert result.returncode == 0, result.stderr + result.stdout
         assert "Syntax OK" in result.stderr + result.stdout
+
+
+def test_an_lb_worker_over_two_members_passes_apache2ctl_and_mod_jk_reads_it(tmp_path: Path) -> None:
+    """The tree with an lb worker passes a real apache2ctl -t. (mod_jk reads workers.properties
+    only when Apache starts, not under -t: checked here by experiment, a bogus worker type and an
+    unknown member still give Syntax OK; so validate and render check the members themselves,
+    and tests/integration/test_apache_lb.py proves the file live with two Tomcats.)"""
+    need("apache2ctl")
+    lb = shop_site(
+        workers=(
+            JkWorker(name="shop", type="lb", members=("tc1", "tc2"), sticky_session=True),
+            JkWorker(name="tc1", port=8010, lbfactor=2),
+            JkWorker(name="tc2", port=8011),
+        )
+    )
+    desired = web(example_fleet(sites=(lb,)))
+    props = next(f.content.decode() for f in desired.files if f.path.endswith("workers.properties"))
+    assert "worker.list=shop\n" in props
+    assert "worker.shop.balance_workers=tc1,tc2" in props and "worker.tc1.lbfactor=2" in props
+    result = apache_check(desired, tmp_path / "ok")
+    assert result.returncode == 0 and "Syntax OK" in result.stderr + result.stdout, result.stderr
 
 
 def test_modules_never_enabled_are_enabled_with_their_dependencies(tmp_path: Path) -> None:

@@ -271,7 +271,7 @@ def test_cut_short_output_is_an_error_not_an_empty_state() -> None:
 
 def test_only_the_sections_the_desired_needs_are_run() -> None:
     plain, _ = build_script(Desired(host="h1", files=(FileResource("/etc/a", b"", Domain.FILES),)))
-    for probe in ("iptables-save", "ip -d -j addr", "ip xfrm", "swanctl", "kernel_facts", "dpkg-query"):
+    for probe in ("iptables-save", "ip -d -j addr", "ip xfrm", "swanctl", "kernel_facts", "dpkg_q"):
         assert f"frame {probe}" not in plain and probe not in plain.split("PID1=unknown")[-1]
     full, _ = build_script(
         Desired(
@@ -289,7 +289,7 @@ def test_only_the_sections_the_desired_needs_are_run() -> None:
         "ip xfrm",
         "swanctl_q --list-sas",
         "kernel_facts",
-        "dpkg-query",
+        "dpkg_q",
     ):
         assert probe in tail, probe
     # a missing optional section is not an error when the Desired does not need it

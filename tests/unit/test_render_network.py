@@ -163,7 +163,8 @@ def test_handlers_reload_swanctl_and_restart_for_plugin_changes() -> None:
     by_path = {f.path: f.handler for f in d.files}
     assert by_path["/etc/strongswan.d/charon/kernel-libipsec.conf"] == "charon-restart"
     assert by_path["/etc/swanctl/conf.d/mesh-web2.conf"] == "charon"
-    (svc,) = d.services
+    racoon, svc = d.services  # racoon stopped if a switch left it running, and charon
+    assert (racoon.name, racoon.running) == ("racoon", False)
     assert svc.name == "strongswan-starter"
     assert svc.status[:2] == ("sh", "-c") and "charon.pid" in svc.status[2]
     assert "/usr/lib/ipsec/charon" in " ".join(svc.start)

@@ -111,9 +111,11 @@ def test_seed_apache_article_is_in_the_rendered_site() -> None:
     text = "\n".join(f.content.decode() for f in desired.files if f.path.startswith("/etc/apache2/"))
     missing = [d for d in SEED_DIRECTIVES if not re.search(rf"^\s*{d}\s*$", text, re.MULTILINE)]
     assert not missing, f"seed directives missing from the rendered Apache tree: {missing}"
-    # the seed's modules: "jk headers expires ssl deflate rewrite" (ssl only with TLS)
+    # the seed's modules: "jk headers expires ssl deflate rewrite" (ssl only with TLS; rewrite
+    # only if something needs it: nothing does)
     enabled = {lk.path.rsplit("/", 1)[1] for lk in desired.links if "/mods-enabled/" in lk.path}
-    for mod in ("jk", "headers", "expires", "deflate", "rewrite"):
+    assert "rewrite.load" not in enabled and "deflate.conf" not in enabled
+    for mod in ("jk", "headers", "expires", "deflate"):
         assert f"{mod}.load" in enabled, mod
     assert "ssl.load" not in enabled
     assert "/etc/apache2/sites-enabled/shop.conf" in {lk.path for lk in desired.links}

@@ -68,13 +68,17 @@ def test_tls_enables_ssl_with_its_dependencies_and_renders_a_second_vhost() -> N
 def test_without_tls_no_ssl_and_deflate_brings_filter() -> None:
     mods = enabled(web())
     assert "ssl.load" not in mods
-    assert {"deflate.load", "deflate.conf", "filter.load"} <= mods
+    assert {"deflate.load", "filter.load"} <= mods
+    # Debian's global compression list is off: the site's own list decides what is compressed
+    assert "deflate.conf" not in mods
+    absent = {a.path for a in web().absent}
+    assert absent == {"/etc/apache2/mods-enabled/deflate.conf", "/etc/apache2/sites-enabled/000-default.conf"}
 
 
 def test_features_off_means_modules_off() -> None:
     bare = shop_site(workers=(), mounts=(), unmounts=(), compression=(), expires=(), unset_headers=())
     d = web(bare)
-    assert enabled(d) == {"authz_core.load", "rewrite.load"}
+    assert enabled(d) == {"authz_core.load"}
     assert not any(f.path.endswith(("jk.conf", "workers.properties")) for f in d.files)
     site = text(d, "/shop.conf")
     for word in ("JkMount", "DEFLATE", "Expires", "Header"):

@@ -30,7 +30,10 @@ def bad_repo(tmp_path: Path) -> Path:
 def test_valid_fleet_exit_0_and_summary(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["validate", str(EXAMPLE)]) == 0
     out, err = capsys.readouterr()
-    assert out == "fleet example: 4 hosts, 6 links, 2 roles, 1 site, 1 AppArmor profile, 1 managed file\n"
+    assert out == (
+        "fleet example: 4 hosts, 6 links, 2 roles, 1 site, 1 AppArmor profile, 1 managed file; "
+        "every host rendered\n"
+    )
     assert err == ID_NOTE + "\n"
 
 
