@@ -54,18 +54,7 @@ from typing import cast
 from reconciler.engine import deadman
 from reconciler.engine.identity import IDENTITY_PATH, format_identity
 from reconciler.engine.observe import observe_host, parse_read_back, read_back
-from reconciler.engine.plan import (
-    FILE_KINDS,
-    INTERRUPTED,
-    INVENTORY_PATH,
-    SETTLING_KINDS,
-    Action,
-    ActionKind,
-    HostPlan,
-    inventory_json,
-    plan_host,
-    tunnel_addresses,
-)
+from reconciler.engine.plan import INTERRUPTED, INVENTORY_PATH, inventory_json, plan_host, tunnel_addresses
 from reconciler.errors import Failure, Reason, ReconcilerError, pick_failure
 from reconciler.host import pathsafe
 from reconciler.host.connection import Connection
@@ -73,7 +62,16 @@ from reconciler.host.pathsafe import STRICT, Batch, Rule, Status, rule_of
 from reconciler.host.script import Conn, Pool
 from reconciler.host.script import Result as _Result
 from reconciler.kinds import packaging
+from reconciler.kinds.actions import (
+    FILE_KINDS,
+    FILES_ONLY_KINDS,
+    SETTLING_KINDS,
+    Action,
+    ActionKind,
+    HostPlan,
+)
 from reconciler.kinds.observed import FileState, Observed
+from reconciler.kinds.registry import KINDS
 from reconciler.kinds.resources import (
     Address,
     Desired,
@@ -268,6 +266,9 @@ async def apply_host(
             await _addresses(run)
             phase = "reloads"
             await _reloads(run)
+            for kind in KINDS:
+                phase = kind.name
+                await kind.apply(run)
             phase = "services"
             await _services(run)
             phase = "ipsec children"
@@ -358,9 +359,7 @@ def _failure(run: _Run, outcomes: tuple[ActionOutcome, ...], converged: bool) ->
 
 # Actions whose whole effect is the content, mode or owner of declared files (no handler
 # reload, no service, no firewall, no package: those come with their own actions).
-SCOPED_REOBSERVE_KINDS = frozenset(
-    {ActionKind.CREATE, ActionKind.UPDATE, ActionKind.CHMOD, ActionKind.CHOWN, ActionKind.RECORD_INVENTORY}
-)
+SCOPED_REOBSERVE_KINDS = FILES_ONLY_KINDS
 
 
 def reobserve_scope(plan: HostPlan, desired: Desired, outcomes: Iterable[ActionOutcome]) -> Desired | None:

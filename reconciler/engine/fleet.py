@@ -27,10 +27,11 @@ from reconciler.engine import deadman
 from reconciler.engine.apply import ApplyResult, apply_host
 from reconciler.engine.identity import claim_for
 from reconciler.engine.observe import observe_host
-from reconciler.engine.plan import HostPlan, plan_host
+from reconciler.engine.plan import plan_host
 from reconciler.errors import Failure, IdentityMismatch, Reason, ReconcilerError, RenderError
 from reconciler.fleet.model import Fleet
 from reconciler.host.connection import Connection
+from reconciler.kinds.actions import HostPlan
 from reconciler.kinds.resources import Desired
 from reconciler.log import get_logger
 

@@ -61,6 +61,7 @@ from reconciler.kinds.observed import (
     XfrmPolicy,
 )
 from reconciler.kinds.packaging import needed_packages
+from reconciler.kinds.registry import KINDS
 from reconciler.kinds.resources import Desired
 from reconciler.log import get_logger
 from reconciler.netfilter.iptables import IptablesParseError, canonical_iptables
@@ -387,6 +388,9 @@ def build_script(
             b.add(f"frame svc.{i} svc_pid {b.ref(s.name)} {b.ref(s.pid_file)}")
         else:
             b.add(f"frame svc.{i} svc_probe {b.ref(s.name)} {b.refs(list(s.status))}".rstrip())
+    for kind in KINDS:
+        if kind.wanted(desired):
+            kind.probe(desired, b)
     return b.script(PRELUDE), b.args
 
 
@@ -838,7 +842,7 @@ def parse_observation(host: str, desired: Desired, sections: Mapping[str, Sectio
         if text is not None:
             services[s.name] = parse_service(s.name, text)
 
-    return Observed(
+    observed = Observed(
         host=host,
         files=MappingProxyType(dict(sorted(files.items()))),
         iptables=iptables,
@@ -850,12 +854,15 @@ def parse_observation(host: str, desired: Desired, sections: Mapping[str, Sectio
         init_system=init_system,
         inventory=inventory,
         kernel=MappingProxyType(kernel),
-        errors=tuple(errors),
         pending_reloads=pending,
         identity=identity,
         unknown_users=unknown_users,
         unknown_groups=unknown_groups,
     )
+    for kind in KINDS:
+        if kind.wanted(desired):
+            observed = kind.parse(desired, body, observed)
+    return replace(observed, errors=tuple(errors))
 
 
 # the only messages find/sha256sum give for a path that is not there

@@ -30,12 +30,13 @@ import difflib
 import json
 import posixpath
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
-from enum import StrEnum
+from dataclasses import replace
 from typing import TypeVar
 
 from reconciler.engine.identity import IDENTITY_PATH, HostIdentity, Judgement, Verdict, judge
+from reconciler.kinds.actions import Action, ActionKind, HostPlan
 from reconciler.kinds.observed import FileState, IptablesState, LinkState, Observed
+from reconciler.kinds.registry import KINDS
 from reconciler.kinds.resources import (
     Address,
     Desired,
@@ -56,171 +57,6 @@ _R = TypeVar("_R", FileResource, LinkResource, KeyPair, Service)
 INVENTORY_PATH = "/var/lib/reconciler/inventory.json"
 SECRET_DIFF = "(secret: content hidden)"  # noqa: S105 (a label, not a secret)
 TEMP_MARKER = ".reconciler-"  # staged temps are "<dir>/.<name>.reconciler-<random>"
-
-
-class ActionKind(StrEnum):
-    INSTALL_PACKAGE = "install-package"
-    PURGE_PACKAGE = "purge-package"
-    RESTORE_FIREWALL = "restore-firewall"
-    GENERATE_KEYPAIR = "generate-keypair"
-    CREATE = "create"
-    UPDATE = "update"
-    CHMOD = "chmod"
-    CHOWN = "chown"
-    RELINK = "relink"
-    DELETE = "delete"
-    CREATE_TUNNEL = "create-tunnel"
-    RECREATE_TUNNEL = "recreate-tunnel"
-    ADD_ADDRESS = "add-address"
-    RELOAD = "reload"
-    START_SERVICE = "start-service"
-    ENABLE_SERVICE = "enable-service"
-    RECORD_INVENTORY = "record-inventory"
-    INITIATE_CHILD = "initiate-child"
-    RECORD_IDENTITY = "record-identity"
-    # a change the reconciler will not make: the path's directories are not safe (a link,
-    # another user's), or its owner is unknown; apply reports it as failed, does nothing
-    REFUSED = "refused"
-
-
-ADD_KINDS = frozenset(
-    {
-        ActionKind.CREATE,
-        ActionKind.CREATE_TUNNEL,
-        ActionKind.GENERATE_KEYPAIR,
-        ActionKind.INSTALL_PACKAGE,
-        ActionKind.ADD_ADDRESS,
-    }
-)
-DESTROY_KINDS = frozenset({ActionKind.DELETE, ActionKind.PURGE_PACKAGE})
-# what the file phase of apply handles (staged, validated, swapped in one go)
-FILE_KINDS = frozenset(
-    {
-        ActionKind.CREATE,
-        ActionKind.UPDATE,
-        ActionKind.CHMOD,
-        ActionKind.CHOWN,
-        ActionKind.RELINK,
-        ActionKind.DELETE,
-    }
-)
-
-# order of kinds inside one domain
-_KIND_ORDER = {
-    ActionKind.INSTALL_PACKAGE: 0,
-    ActionKind.PURGE_PACKAGE: 1,
-    ActionKind.RESTORE_FIREWALL: 2,
-    ActionKind.GENERATE_KEYPAIR: 3,
-    ActionKind.CREATE: 4,
-    ActionKind.UPDATE: 4,
-    ActionKind.RELINK: 4,
-    ActionKind.CHMOD: 5,
-    ActionKind.CHOWN: 5,
-    ActionKind.REFUSED: 5,
-    ActionKind.DELETE: 6,
-    ActionKind.CREATE_TUNNEL: 7,
-    ActionKind.RECREATE_TUNNEL: 7,
-    ActionKind.ADD_ADDRESS: 7,
-    ActionKind.START_SERVICE: 8,
-    ActionKind.ENABLE_SERVICE: 8,
-    ActionKind.RECORD_INVENTORY: 9,
-    ActionKind.INITIATE_CHILD: 9,
-    ActionKind.RECORD_IDENTITY: 10,
-}
-# actions whose effect settles after apply returns (a peer must answer): they do not count
-# against "converged" when the host is observed again right after the apply
-SETTLING_KINDS = frozenset({ActionKind.INITIATE_CHILD})
-
-Resource = (
-    FileResource | LinkResource | KeyPair | FirewallRuleset | Tunnel | Address | Package | Service | None
-)
-
-
-@dataclass(frozen=True)
-class Action:
-    kind: ActionKind
-    resource: str  # "file /etc/motd", "firewall", "tunnel tun-web2", "handler apache2", ...
-    domain: Domain
-    reason: str
-    diff: str = ""  # unified diff; SECRET_DIFF for secret files; "" when nothing to show
-    path: str | None = None  # for file-like actions
-    handler: str | None = None  # the handler reloaded because of this action
-    target: Resource = field(default=None, compare=False, repr=False)  # what apply needs
-    # planned as if this package were installed: it is installed first, in the same apply
-    after_package: str | None = None
-
-    def as_dict(self) -> dict[str, object]:
-        return {
-            "kind": str(self.kind),
-            "resource": self.resource,
-            "domain": self.domain.name.lower(),
-            "reason": self.reason,
-            "diff": self.diff,
-            "path": self.path,
-            "handler": self.handler,
-            "after_package": self.after_package,
-        }
-
-
-@dataclass(frozen=True)
-class HostPlan:
-    host: str
-    actions: tuple[Action, ...] = ()
-    pending: tuple[Pending, ...] = ()  # cannot be done yet (e.g. a peer key unknown): listed, not errors
-    skipped: tuple[Pending, ...] = ()  # cannot be done on this host (e.g. no ipip in the kernel)
-    warnings: tuple[str, ...] = ()
-    errors: tuple[str, ...] = ()  # parts of the observation that failed
-    inventory: tuple[str, ...] = ()  # managed paths to record after a successful apply
-    noop_reason: str = ""  # why there is nothing to do (when ``actions`` is empty)
-    init_system: str = "unknown"  # from the observation: how apply starts services
-    # the observation this plan was made from (apply re-observes only what it touched, see
-    # reconciler.engine.apply.reobserve_scope); not part of the plan's value
-    observed: Observed | None = field(default=None, compare=False, repr=False)
-    # the identity this fleet claims on the host (None: not checked) and, when the host claims
-    # another one, why nothing is planned (the plan then has no action)
-    identity: HostIdentity | None = None
-    refusal: str = ""
-
-    @property
-    def changed(self) -> bool:
-        return bool(self.actions)
-
-    def counts(self) -> dict[str, int]:
-        out = {"add": 0, "change": 0, "destroy": 0, "reload": 0}
-        for a in self.actions:
-            out[bucket(a.kind)] += 1
-        return out
-
-    def reloads(self) -> tuple[str, ...]:
-        return tuple(a.handler for a in self.actions if a.kind is ActionKind.RELOAD and a.handler)
-
-    def as_dict(self) -> dict[str, object]:
-        return {
-            "host": self.host,
-            "changed": self.changed,
-            "counts": self.counts(),
-            "actions": [a.as_dict() for a in self.actions],
-            "pending": [_pending_dict(p) for p in self.pending],
-            "skipped": [_pending_dict(p) for p in self.skipped],
-            "warnings": list(self.warnings),
-            "errors": list(self.errors),
-            "noop_reason": self.noop_reason,
-            "refusal": self.refusal,
-        }
-
-
-def bucket(kind: ActionKind) -> str:
-    if kind is ActionKind.RELOAD:
-        return "reload"
-    if kind in ADD_KINDS:
-        return "add"
-    if kind in DESTROY_KINDS:
-        return "destroy"
-    return "change"
-
-
-def _pending_dict(p: Pending) -> dict[str, str]:
-    return {"domain": p.domain.name.lower(), "subject": p.subject, "reason": p.reason}
 
 
 # ---------------------------------------------------------------- diffs
@@ -314,9 +150,11 @@ def plan_host(
     actions += _plan_addresses(desired.addresses, observed)
     actions += _plan_services(services, observed)
     actions += _plan_initiate(desired, observed)
+    for kind in KINDS:
+        actions += kind.plan(desired, observed)
 
     actions = [deps.annotate(a, desired) for a in actions]
-    actions.sort(key=lambda a: (int(a.domain), _KIND_ORDER.get(a.kind, 9), a.resource))
+    actions.sort(key=lambda a: (int(a.domain), a.kind.order, a.resource))
     actions = _insert_reloads(actions, desired)
     actions = _interrupted_reloads(actions, desired, observed)
     if verdict is not None and verdict.record and identity is not None:
@@ -984,23 +822,3 @@ def _sha256(data: bytes) -> str:
     import hashlib
 
     return hashlib.sha256(data).hexdigest()
-
-
-def summary_counts(plans: Iterable[HostPlan]) -> dict[str, int]:
-    total = {"add": 0, "change": 0, "destroy": 0, "reload": 0, "hosts": 0}
-    for p in plans:
-        c = p.counts()
-        for k in ("add", "change", "destroy", "reload"):
-            total[k] += c[k]
-        total["hosts"] += 1
-    return total
-
-
-def summary_line(plans: Iterable[HostPlan]) -> str:
-    """ "Plan: 3 to add, 2 to change, 1 to destroy, 1 reload on 4 hosts"."""
-    t = summary_counts(plans)
-    reloads = f"{t['reload']} reload" + ("s" if t["reload"] != 1 else "")
-    hosts = f"{t['hosts']} host" + ("s" if t["hosts"] != 1 else "")
-    return (
-        f"Plan: {t['add']} to add, {t['change']} to change, {t['destroy']} to destroy, {reloads} on {hosts}"
-    )

@@ -107,3 +107,6 @@ class Observed:
     # declared non-root owners/groups the host does not know (plan refuses those files)
     unknown_users: frozenset[str] = frozenset()
     unknown_groups: frozenset[str] = frozenset()
+    # live kernel parameters the Desired declares (reconciler.kinds.sysctl): key -> value as
+    # ``sysctl`` prints it; a key the kernel does not have is absent; None: not observed
+    sysctl: Mapping[str, str] | None = None

@@ -18,6 +18,7 @@ from enum import IntEnum
 class Domain(IntEnum):
     PACKAGES = 0
     FIREWALL = 10
+    SYSCTL = 15  # kernel parameters (forwarding, rp_filter...) before tunnels and IPsec
     KEYS = 20
     IPSEC = 30
     TUNNELS = 40
@@ -167,6 +168,17 @@ class Service:
 
 
 @dataclass(frozen=True)
+class SysctlSetting:
+    """A kernel parameter that must have this value (``reconciler.kinds.sysctl``): written to a
+    drop-in under /etc/sysctl.d (a FileResource) and loaded from it."""
+
+    key: str  # dotted, e.g. "net.ipv4.ip_forward" (validated by the fleet schema)
+    value: str  # as the kernel prints it; runs of whitespace compare equal
+    domain: Domain = Domain.SYSCTL
+    handler: str | None = None  # the handler that loads the drop-in
+
+
+@dataclass(frozen=True)
 class Pending:
     """Something that cannot be rendered yet, with the reason (e.g. a peer's key unknown)."""
 
@@ -195,6 +207,7 @@ class Fragment:
     # absolute directories whose files the domain fully owns: files there that are not
     # rendered are pruned (e.g. /etc/swanctl/conf.d)
     owned_dirs: tuple[str, ...] = ()
+    sysctl: tuple[SysctlSetting, ...] = ()  # kernel parameters (reconciler.kinds.sysctl)
 
 
 @dataclass(frozen=True)
@@ -215,6 +228,7 @@ class Desired:
     warnings: tuple[str, ...] = field(default=())
     addresses: tuple[Address, ...] = ()
     initiate: tuple[str, ...] = ()  # CHILD_SA names this host starts (see Fragment.initiate)
+    sysctl: tuple[SysctlSetting, ...] = ()  # kernel parameters, sorted by key
 
     def handler(self, name: str) -> Handler:
         for h in self.handlers:

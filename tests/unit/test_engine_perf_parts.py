@@ -18,8 +18,9 @@ import pytest
 from reconciler.engine import apply as apply_mod
 from reconciler.engine.apply import APACHE_GRACEFUL, apply_host
 from reconciler.engine.observe import build_script, new_nonce, observe_host
-from reconciler.engine.plan import INTERRUPTED, ActionKind, plan_host
+from reconciler.engine.plan import INTERRUPTED, plan_host
 from reconciler.host.connection import ConnectionLost, ConnectionPool, SshTarget
+from reconciler.kinds.actions import ActionKind
 from reconciler.kinds.observed import FileState, Observed
 from reconciler.kinds.resources import Desired, Domain, FileResource, Handler, Service, Validator
 

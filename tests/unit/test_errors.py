@@ -15,7 +15,6 @@ from reconciler.daemon.loop import Target
 from reconciler.engine import apply as apply_mod
 from reconciler.engine import fleet as engine
 from reconciler.engine.apply import ActionOutcome, ApplyResult, _failure, _Run
-from reconciler.engine.plan import Action, ActionKind, HostPlan
 from reconciler.errors import (
     Failure,
     FleetInvalid,
@@ -31,6 +30,7 @@ from reconciler.errors import (
 )
 from reconciler.fleet.load import load_fleet
 from reconciler.host.connection import AuthRefused, CommandTimeout, ConnectFailed, ConnectionLost
+from reconciler.kinds.actions import Action, ActionKind, HostPlan
 from reconciler.kinds.resources import Desired, Domain, Package, Service
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "fleet-repo-example"

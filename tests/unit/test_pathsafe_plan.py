@@ -23,11 +23,12 @@ from reconciler.engine.observe import (
     parse_ids,
     probe_for,
 )
-from reconciler.engine.plan import ActionKind, plan_host
+from reconciler.engine.plan import plan_host
 from reconciler.engine.planview import _Paint, render_host_plan
 from reconciler.errors import FleetInvalid, Reason
 from reconciler.fleet.load import load_fleet_files, read_tree
 from reconciler.host.connection import ConnectionPool, SshTarget
+from reconciler.kinds.actions import ActionKind
 from reconciler.kinds.observed import FileState, Observed
 from reconciler.kinds.resources import Desired, Domain, FileResource, Handler, KeyPair, LinkResource
 

@@ -22,8 +22,9 @@ from reconciler.engine.apply import (
     staged_path,
 )
 from reconciler.engine.fleet import CHANGES, ERROR, IN_SYNC, FleetResult, HostOutcome
-from reconciler.engine.plan import ActionKind, plan_host
+from reconciler.engine.plan import plan_host
 from reconciler.engine.planview import render_plan, to_json, use_color
+from reconciler.kinds.actions import ActionKind
 from reconciler.kinds.observed import Observed
 from reconciler.kinds.resources import Desired, Domain, FileResource, Handler, LinkResource, Validator
 

@@ -1,0 +1,45 @@
+"""What a kind of resource provides to the engine (see ``reconciler.kinds.registry``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from reconciler.host.script import Conn, ScriptBuilder
+from reconciler.kinds.actions import Action, ActionKind, HostPlan
+from reconciler.kinds.observed import Observed
+from reconciler.kinds.resources import Desired
+
+
+class SectionReader(Protocol):
+    """The text of one section of the observation (``frame <id> ...``), or None when it is
+    missing, cut short or failed (the reason is then in ``Observed.errors``)."""
+
+    def __call__(
+        self, sid: str, what: str, *, required: bool = True, ok: tuple[int, ...] = (0,)
+    ) -> str | None: ...
+
+
+class ApplyRun(Protocol):
+    """What a kind's ``apply`` sees of one host's apply (``reconciler.engine.apply``)."""
+
+    @property
+    def plan(self) -> HostPlan: ...
+    @property
+    def reloaded(self) -> list[str]: ...
+    @property
+    def failed_handlers(self) -> set[str]: ...
+
+    def indices(self, kinds: frozenset[ActionKind] | set[ActionKind]) -> list[int]: ...
+    def mark(self, idx: int, status: str, message: str = "") -> None: ...
+    async def conn(self) -> Conn: ...
+
+
+class Kind(Protocol):
+    name: str
+
+    def wanted(self, desired: Desired) -> bool: ...
+    def probe(self, desired: Desired, b: ScriptBuilder) -> None: ...
+    def parse(self, desired: Desired, read: SectionReader, observed: Observed) -> Observed: ...
+    def plan(self, desired: Desired, observed: Observed) -> Sequence[Action]: ...
+    async def apply(self, run: ApplyRun) -> None: ...
