@@ -46,7 +46,7 @@ import posixpath
 import secrets
 import shlex
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import cast
@@ -71,7 +71,7 @@ from reconciler.kinds.actions import (
     HostPlan,
 )
 from reconciler.kinds.observed import FileState, Observed
-from reconciler.kinds.registry import KINDS
+from reconciler.kinds.registry import KINDS, probe_for
 from reconciler.kinds.resources import (
     Address,
     Desired,
@@ -1153,97 +1153,6 @@ async def _addresses(run: _Run) -> None:
 # ---------------------------------------------------------------- reloads and services
 
 
-# Apache: ``apache2ctl graceful`` returns 0 once it has SIGNALLED the master; the master then
-# re-reads the configuration and replaces its children with a new generation. If the master
-# cannot take the new configuration (a failure -t cannot see: a port it cannot bind, a file
-# that vanished, a module that fails at init) it exits, or keeps the old generation serving.
-# So after the command: the master of the pid file must still be alive (same PID) and at least
-# one child it started AFTER the reload must exist. The children are read from
-# /proc/PID/task/PID/children (or /proc/*/stat when the kernel lacks it).
-_APACHE_PROCS = r"""
-kids() {
-  if [ -r "/proc/$1/task/$1/children" ]; then k=; read -r k < "/proc/$1/task/$1/children"; echo $k
-  else
-    for f in /proc/[0-9]*/stat; do
-      read -r p c s pp rest < "$f" 2>/dev/null && [ "$pp" = "$1" ] && echo "$p"
-    done
-  fi
-}
-alive() {
-  st=; read -r _p _c st _r < "/proc/$1/stat" 2>/dev/null
-  kill -0 "$1" 2>/dev/null && [ -n "$st" ] && [ "$st" != Z ]
-}
-"""
-# $1 pid file, $2 seconds to wait, then the reload argv.
-APACHE_GRACEFUL = (
-    "set -u\n"
-    + _APACHE_PROCS
-    + r"""
-pidfile=$1; wait=$2; shift 2
-read -r master < "$pidfile" 2>/dev/null || master=
-before=" $( [ -n "$master" ] && kids "$master" | tr '\n' ' ') "
-out=$("$@" 2>&1); rc=$?
-printf '%s\n' "$out"
-[ $rc -eq 0 ] || exit $rc
-[ -n "$master" ] || { echo "@@PROBE no pid file $pidfile before the reload"; exit 0; }
-i=0; max=$(( wait * 10 ))
-while [ $i -lt $max ]; do
-  if ! alive "$master"; then
-    echo "@@PROBE-FAIL the master (pid $master) died after the reload"; exit 71
-  fi
-  for k in $(kids "$master"); do
-    case $before in
-      *" $k "*) ;;
-      *)
-        # a new child may also be idle-server maintenance racing the signal: the master must
-        # still be alive a moment later (a config it cannot take kills it within milliseconds)
-        j=0
-        while [ $j -lt 10 ]; do
-          sleep 0.1; j=$((j+1))
-          if ! alive "$master"; then
-            echo "@@PROBE-FAIL the master (pid $master) died after the reload"; exit 71
-          fi
-        done
-        echo "@@PROBE new worker generation (pid $k) under master $master"; exit 0;;
-    esac
-  done
-  sleep 0.1; i=$((i+1))
-done
-echo "@@PROBE-FAIL no new worker generation under master $master within ${wait}s:" \
-  "the old configuration keeps serving"
-exit 72
-"""
-)
-# After a START: the master of the pid file is alive with at least one child (a serving
-# generation), and still alive a second later (a config it cannot take kills it at once).
-# $1 pid file, $2 seconds to wait.
-APACHE_SERVING = (
-    "set -u\n"
-    + _APACHE_PROCS
-    + r"""
-pidfile=$1; wait=$2
-i=0; max=$(( wait * 10 ))
-while [ $i -lt $max ]; do
-  master=; read -r master < "$pidfile" 2>/dev/null
-  if [ -n "$master" ] && alive "$master" && [ -n "$(kids "$master")" ]; then
-    sleep 1
-    if alive "$master" && [ -n "$(kids "$master")" ]; then
-      echo "@@PROBE master $master serving with worker(s) $(kids "$master" | tr '\n' ' ')"; exit 0
-    fi
-  fi
-  sleep 0.1; i=$((i+1))
-done
-echo "@@PROBE-FAIL no live master with workers from $pidfile within ${wait}s"
-exit 72
-"""
-)
-APACHE_PID_FILE = "/var/run/apache2/apache2.pid"
-
-
-def _is_apache_graceful(argv: Sequence[str]) -> bool:
-    return bool(argv) and posixpath.basename(argv[0]) == "apache2ctl" and "graceful" in argv[1:]
-
-
 @dataclass(frozen=True)
 class _Reload:
     """What reloading one handler did."""
@@ -1273,16 +1182,12 @@ async def _start_and_prove(run: _Run, handler: str, service: Service) -> _Reload
     started = await packaging.start_service(conn, service, run.plan.init_system)
     if not started.ok:
         return _Reload(False, started.message, started=True)
-    h = run.desired.handler(handler)
-    if _is_apache_graceful(h.reload):
-        res = await conn.run_script(
-            APACHE_SERVING, args=(APACHE_PID_FILE, f"{PROBE_WAIT:g}"), timeout=DEFAULT_TIMEOUT + PROBE_WAIT
-        )
-        text = _text(res)[-2000:]
-        if res.exit_status != 0:
-            detail = text.split("@@PROBE-FAIL", 1)[-1].strip()
-            return _Reload(False, f"{service.name} started, but {detail}", started=True)
-        return _Reload(True, f"{started.message}; {text.replace('@@PROBE ', 'probe: ')}", started=True)
+    probe = probe_for(run.desired.handler(handler))
+    if probe is not None:
+        ok, text = await probe.prove_started(conn, timeout=DEFAULT_TIMEOUT)
+        if not ok:
+            return _Reload(False, f"{service.name} started, but {text}", started=True)
+        return _Reload(True, f"{started.message}; {text}", started=True)
     return _Reload(True, started.message, started=True)
 
 
@@ -1299,18 +1204,11 @@ async def _reload_once(run: _Run, handler: str) -> _Reload:
             return await _start_and_prove(run, handler, service)
     if not h.reload:
         return _Reload(True, "")
-    if _is_apache_graceful(h.reload):
-        # probe after reload: the new configuration must be live, not just signalled
-        res = await conn.run_script(
-            APACHE_GRACEFUL,
-            args=(APACHE_PID_FILE, f"{PROBE_WAIT:g}", *h.reload),
-            timeout=DEFAULT_TIMEOUT + PROBE_WAIT,
-        )
-        text = _text(res)[-2000:]
-        if res.exit_status in (71, 72):
-            detail = text.split("@@PROBE-FAIL", 1)[-1].strip()
-            return _Reload(False, f"{shlex.join(h.reload)} returned 0, but {detail}")
-        return _Reload(res.exit_status == 0, text.replace("@@PROBE ", "probe: "))
+    proof = probe_for(h)
+    if proof is not None:
+        # the handler's own proof: the new configuration must be live, not just signalled
+        ok, text = await proof.reload_proven(conn, h.reload, timeout=DEFAULT_TIMEOUT)
+        return _Reload(ok, text)
     res = await conn.run(h.reload, timeout=DEFAULT_TIMEOUT)
     return _Reload(res.exit_status == 0, _text(res)[-2000:])
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from reconciler.host.script import Conn, ScriptBuilder
+from reconciler.host.script import Conn, Runner, ScriptBuilder
 from reconciler.kinds.actions import Action, ActionKind, HostPlan
 from reconciler.kinds.observed import Observed
-from reconciler.kinds.resources import Desired
+from reconciler.kinds.resources import Desired, Handler
 
 
 class SectionReader(Protocol):
@@ -43,3 +43,16 @@ class Kind(Protocol):
     def parse(self, desired: Desired, read: SectionReader, observed: Observed) -> Observed: ...
     def plan(self, desired: Desired, observed: Observed) -> Sequence[Action]: ...
     async def apply(self, run: ApplyRun) -> None: ...
+
+
+class ReloadProbe(Protocol):
+    """A handler's own proof that a reload or a start took (e.g. Apache's new worker
+    generation): the engine runs it instead of the bare reload command."""
+
+    name: str
+
+    def handles(self, h: Handler) -> bool: ...
+    async def reload_proven(
+        self, conn: Runner, argv: Sequence[str], *, timeout: float
+    ) -> tuple[bool, str]: ...
+    async def prove_started(self, conn: Runner, *, timeout: float) -> tuple[bool, str]: ...

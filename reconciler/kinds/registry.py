@@ -19,8 +19,16 @@ docs/ARCHITECTURE.md, "How to add a kind", with ``reconciler.kinds.sysctl`` as t
 
 from __future__ import annotations
 
-from reconciler.kinds import sysctl
-from reconciler.kinds.kind import Kind
+from reconciler.kinds import apache, sysctl
+from reconciler.kinds.kind import Kind, ReloadProbe
+from reconciler.kinds.resources import Handler
 
 # The registered kinds, in the order their probes run and their apply steps follow the reloads.
 KINDS: tuple[Kind, ...] = (sysctl.KIND,)
+
+# Handlers' own reload/start proofs (a handler without one: its reload command's exit status).
+PROBES: tuple[ReloadProbe, ...] = (apache.PROBE,)
+
+
+def probe_for(h: Handler) -> ReloadProbe | None:
+    return next((p for p in PROBES if p.handles(h)), None)

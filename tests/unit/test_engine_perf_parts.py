@@ -16,11 +16,13 @@ from pathlib import Path
 import pytest
 
 from reconciler.engine import apply as apply_mod
-from reconciler.engine.apply import APACHE_GRACEFUL, apply_host
+from reconciler.engine.apply import apply_host
 from reconciler.engine.observe import build_script, new_nonce, observe_host
 from reconciler.engine.plan import INTERRUPTED, plan_host
 from reconciler.host.connection import ConnectionLost, ConnectionPool, SshTarget
+from reconciler.kinds import apache as apache_kind
 from reconciler.kinds.actions import ActionKind
+from reconciler.kinds.apache import APACHE_GRACEFUL
 from reconciler.kinds.observed import FileState, Observed
 from reconciler.kinds.resources import Desired, Domain, FileResource, Handler, Service, Validator
 
@@ -295,9 +297,9 @@ def test_apache_graceful_probe(tmp_path: Path, mode: str, reload: str, rc: int, 
 
 
 def test_apache_graceful_is_recognised() -> None:
-    assert apply_mod._is_apache_graceful(("apache2ctl", "graceful"))
-    assert apply_mod._is_apache_graceful(("/usr/sbin/apache2ctl", "-k", "graceful"))
-    assert not apply_mod._is_apache_graceful(("service", "apache2", "reload"))
+    assert apache_kind.is_graceful(("apache2ctl", "graceful"))
+    assert apache_kind.is_graceful(("/usr/sbin/apache2ctl", "-k", "graceful"))
+    assert not apache_kind.is_graceful(("service", "apache2", "reload"))
     assert sys.version_info >= (3, 11)
 
 

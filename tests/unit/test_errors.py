@@ -12,7 +12,6 @@ import pytest
 
 from reconciler.daemon import daemon
 from reconciler.daemon.loop import Target
-from reconciler.engine import apply as apply_mod
 from reconciler.engine import fleet as engine
 from reconciler.engine.apply import ActionOutcome, ApplyResult, _failure, _Run
 from reconciler.errors import (
@@ -30,6 +29,7 @@ from reconciler.errors import (
 )
 from reconciler.fleet.load import load_fleet
 from reconciler.host.connection import AuthRefused, CommandTimeout, ConnectFailed, ConnectionLost
+from reconciler.kinds import apache as apache_kind
 from reconciler.kinds.actions import Action, ActionKind, HostPlan
 from reconciler.kinds.resources import Desired, Domain, Package, Service
 
@@ -282,4 +282,4 @@ def test_apply_result_as_dict_shows_the_reason() -> None:
     r = ApplyResult("web1", False, failure=Failure(Reason.VALIDATION_FAILED, "x"))
     assert r.as_dict()["failure"] == {"reason": "validation-failed", "terminal": True}
     assert dataclasses.replace(r, ok=True, failure=None).as_dict()["failure"] is None
-    assert apply_mod.APACHE_SERVING.startswith("set -u")
+    assert apache_kind.APACHE_SERVING.startswith("set -u")
