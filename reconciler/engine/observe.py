@@ -50,6 +50,7 @@ from reconciler.errors import Reason, Transient
 from reconciler.host.connection import CommandResult, Connection
 from reconciler.host.pathsafe import HELPER, PERL, STRICT, Batch, Rule, all_ancestors, refusal, rule_of
 from reconciler.host.script import ScriptBuilder, token
+from reconciler.kinds.ipsec import runs_ipsec
 from reconciler.kinds.observed import (
     FileState,
     IpsecState,
@@ -75,8 +76,6 @@ PENDING_RELOADS_PATH = "/var/lib/reconciler/pending-reloads"
 CONTENT_LIMIT = 4 * 1024 * 1024  # larger files are compared by hash only (no diff)
 KERNEL_MODULES = ("ipip", "esp4", "ah4", "xfrm_user", "vxlan", "tun")
 NO_IPV6 = "reconciler-no-ipv6"  # the ip6tables section's answer on a kernel without IPv6
-# handlers whose presence means the host runs IPsec: observe charon/swanctl and xfrm policies
-IPSEC_HANDLERS = frozenset({"charon", "charon-restart", "racoon", "setkey"})
 
 # the observation's file record: find -printf, 7 NUL-terminated fields (parse_find_records); the
 # path-safety helper prints the same records (kind "R": refused, the reason in the 6th field)
@@ -315,7 +314,7 @@ def wanted_for(desired: Desired) -> Wanted:
         ip6tables=desired.firewall is not None and desired.firewall.rules_v6 is not None,
         links=bool(desired.tunnels or desired.addresses),
         kernel=bool(desired.tunnels),
-        ipsec=any(h.name in IPSEC_HANDLERS for h in desired.handlers),
+        ipsec=runs_ipsec(desired),
         packages=tuple(needed_packages(desired)),
     )
 

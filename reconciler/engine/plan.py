@@ -29,16 +29,16 @@ from __future__ import annotations
 import difflib
 import json
 import posixpath
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import TypeVar
 
 from reconciler.engine.identity import IDENTITY_PATH, HostIdentity, Judgement, Verdict, judge
+from reconciler.kinds import ipsec, tunnels
 from reconciler.kinds.actions import Action, ActionKind, HostPlan
-from reconciler.kinds.observed import FileState, IptablesState, LinkState, Observed
+from reconciler.kinds.observed import FileState, IptablesState, Observed
 from reconciler.kinds.registry import KINDS
 from reconciler.kinds.resources import (
-    Address,
     Desired,
     Domain,
     FileResource,
@@ -48,7 +48,6 @@ from reconciler.kinds.resources import (
     Package,
     Pending,
     Service,
-    Tunnel,
 )
 from reconciler.netfilter.iptables import canonical_iptables
 
@@ -144,12 +143,12 @@ def plan_host(
     actions += _plan_prune(desired, observed, use_inventory=prune_inventory)
     if not prune_inventory:
         warnings += _unpruned(desired, observed)
-    t_actions, t_skipped = _plan_tunnels(desired.tunnels, observed)
+    t_actions, t_skipped = tunnels.plan_tunnels(desired.tunnels, observed)
     actions += t_actions
     skipped += t_skipped
-    actions += _plan_addresses(desired.addresses, observed)
+    actions += tunnels.plan_addresses(desired.addresses, observed)
     actions += _plan_services(services, observed)
-    actions += _plan_initiate(desired, observed)
+    actions += ipsec.plan_initiate(desired, observed)
     for kind in KINDS:
         actions += kind.plan(desired, observed)
 
@@ -642,77 +641,6 @@ def _owner_of(path: str, desired: Desired) -> tuple[str | None, Domain]:
     return None, Domain.FILES
 
 
-def tunnel_addresses(t: Tunnel) -> tuple[str, ...]:
-    local = t.address if "/" in t.address else f"{t.address}/32"
-    peer = t.peer_address if "/" in t.peer_address else f"{t.peer_address}/32"
-    return (f"{local} peer {peer}",)
-
-
-def _plan_tunnels(tunnels: tuple[Tunnel, ...], observed: Observed) -> tuple[list[Action], list[Pending]]:
-    out: list[Action] = []
-    skipped: list[Pending] = []
-    if not tunnels:
-        return out, skipped
-    if observed.kernel.get("ipip") is False:
-        for t in tunnels:
-            skipped.append(
-                Pending(
-                    t.domain,
-                    f"tunnel {t.name}",
-                    "skipped: this kernel has no ipip module (ip link add type ipip: Unknown device type); "
-                    "load or build the 'ipip' kernel module",
-                )
-            )
-        return out, skipped
-    links: Mapping[str, LinkState] = {lk.name: lk for lk in observed.links}
-    for t in tunnels:
-        live = links.get(t.name)
-        res = f"tunnel {t.name}"
-        if live is None:
-            out.append(
-                Action(
-                    ActionKind.CREATE_TUNNEL,
-                    res,
-                    t.domain,
-                    f"missing (ipip {t.local} -> {t.remote}, {t.address} peer {t.peer_address}, to {t.peer})",
-                    target=t,
-                )
-            )
-            continue
-        problems = []
-        if live.kind != "ipip":
-            problems.append(f"is of kind {live.kind}")
-        if live.local != t.local or live.remote != t.remote:
-            problems.append(f"endpoints {live.local} -> {live.remote}, want {t.local} -> {t.remote}")
-        if tuple(sorted(live.addresses)) != tunnel_addresses(t):
-            problems.append(f"addresses {', '.join(live.addresses) or 'none'}, want {tunnel_addresses(t)[0]}")
-        if not live.up:
-            problems.append("is down")
-        if problems:
-            out.append(Action(ActionKind.RECREATE_TUNNEL, res, t.domain, "; ".join(problems), target=t))
-    return out, skipped
-
-
-def _plan_addresses(addresses: tuple[Address, ...], observed: Observed) -> list[Action]:
-    out: list[Action] = []
-    links = {lk.name: lk for lk in observed.links}
-    for a in addresses:
-        live = links.get(a.interface)
-        have = {x.split()[0] for x in live.addresses} if live is not None else set()
-        if a.address not in have:
-            where = a.interface if live is not None else f"{a.interface} (interface not observed)"
-            out.append(
-                Action(
-                    ActionKind.ADD_ADDRESS,
-                    f"address {a.address} on {a.interface}",
-                    a.domain,
-                    f"missing on {where}",
-                    target=a,
-                )
-            )
-    return out
-
-
 def _plan_services(services: tuple[Service, ...], observed: Observed) -> list[Action]:
     out: list[Action] = []
     for s in services:
@@ -736,26 +664,6 @@ def _plan_services(services: tuple[Service, ...], observed: Observed) -> list[Ac
             reason += ", not enabled at boot"
         out.append(Action(ActionKind.START_SERVICE, f"service {s.name}", s.domain, reason, target=s))
     return out
-
-
-def _plan_initiate(desired: Desired, observed: Observed) -> list[Action]:
-    """Children this host starts that are not up: start them again. Without trap policies
-    (libipsec) a child whose first attempt failed (e.g. the peer had not loaded its config
-    yet and answered NO_PROPOSAL_CHOSEN) is never retried by charon itself. Only when charon
-    runs: a charon started by this apply initiates them on its own."""
-    if not desired.initiate or not observed.ipsec.daemon_running:
-        return []
-    up = set(observed.ipsec.installed_children)
-    return [
-        Action(
-            ActionKind.INITIATE_CHILD,
-            f"ipsec child {name}",
-            Domain.SERVICES,
-            "not established; this host is the pair's initiator (no trap policies with libipsec)",
-        )
-        for name in desired.initiate
-        if name not in up
-    ]
 
 
 def _insert_reloads(actions: list[Action], desired: Desired) -> list[Action]:

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from reconciler.engine import apply as apply_mod
+from reconciler.engine import finish as finish_mod
+from reconciler.engine import transaction as transaction_mod
 from reconciler.engine.apply import apply_host
 from reconciler.engine.observe import build_script, new_nonce, observe_host
 from reconciler.engine.plan import INTERRUPTED, plan_host
@@ -108,8 +110,9 @@ def test_plan_reloads_handlers_left_in_the_journal() -> None:
 def local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     if os.geteuid() != 0:
         pytest.skip("apply chowns files to root: run as root")
-    monkeypatch.setattr(apply_mod, "INVENTORY_PATH", str(tmp_path / "state/inventory.json"))
-    monkeypatch.setattr(apply_mod, "PENDING_RELOADS_PATH", str(tmp_path / "state/pending-reloads"))
+    monkeypatch.setattr(finish_mod, "INVENTORY_PATH", str(tmp_path / "state/inventory.json"))
+    monkeypatch.setattr(finish_mod, "PENDING_RELOADS_PATH", str(tmp_path / "state/pending-reloads"))
+    monkeypatch.setattr(transaction_mod, "PENDING_RELOADS_PATH", str(tmp_path / "state/pending-reloads"))
     yield tmp_path
 
 

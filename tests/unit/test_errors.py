@@ -13,7 +13,8 @@ import pytest
 from reconciler.daemon import daemon
 from reconciler.daemon.loop import Target
 from reconciler.engine import fleet as engine
-from reconciler.engine.apply import ActionOutcome, ApplyResult, _failure, _Run
+from reconciler.engine.apply import ApplyResult, _failure
+from reconciler.engine.run import ActionOutcome, HostRun
 from reconciler.errors import (
     Failure,
     FleetInvalid,
@@ -98,12 +99,12 @@ def test_the_first_terminal_failure_decides() -> None:
 # ---------------------------------------------------------------- apply: _failure
 
 
-def _run(actions: list[Action], *, services: tuple[Service, ...] = ()) -> _Run:
+def _run(actions: list[Action], *, services: tuple[Service, ...] = ()) -> HostRun:
     plan = HostPlan("web1", tuple(actions))
-    return _Run(None, "web1", plan, Desired(host="web1", services=services), "tok")  # type: ignore[arg-type]
+    return HostRun(None, "web1", plan, Desired(host="web1", services=services), "tok")  # type: ignore[arg-type]
 
 
-def _outcomes(run: _Run, statuses: list[str]) -> tuple[ActionOutcome, ...]:
+def _outcomes(run: HostRun, statuses: list[str]) -> tuple[ActionOutcome, ...]:
     for i, st in enumerate(statuses):
         run.mark(i, st, f"{st} here")
     return tuple(run.outcomes[i] for i in range(len(statuses)))

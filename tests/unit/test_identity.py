@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.engine.apply import FINISH
+from reconciler.engine.finish import FINISH
 from reconciler.engine.identity import (
     FORMAT,
     HostIdentity,
