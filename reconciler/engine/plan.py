@@ -26,7 +26,6 @@ its paths are listed in a warning and left alone; owned directories are still pr
 
 from __future__ import annotations
 
-import difflib
 import json
 import posixpath
 from collections.abc import Callable, Iterable
@@ -34,67 +33,30 @@ from dataclasses import replace
 from typing import TypeVar
 
 from reconciler.engine.identity import IDENTITY_PATH, HostIdentity, Judgement, Verdict, judge
-from reconciler.kinds import ipsec, tunnels
+from reconciler.kinds import files as file_kind
+from reconciler.kinds import firewall, ipsec, tunnels
+from reconciler.kinds import keypairs as keypair_kind
 from reconciler.kinds.actions import Action, ActionKind, HostPlan
-from reconciler.kinds.observed import FileState, IptablesState, Observed
+from reconciler.kinds.observed import Observed
 from reconciler.kinds.registry import KINDS
 from reconciler.kinds.resources import (
     Desired,
     Domain,
     FileResource,
-    FirewallRuleset,
     KeyPair,
     LinkResource,
     Package,
     Pending,
     Service,
 )
-from reconciler.netfilter.iptables import canonical_iptables
 
 _R = TypeVar("_R", FileResource, LinkResource, KeyPair, Service)
 
 INVENTORY_PATH = "/var/lib/reconciler/inventory.json"
-SECRET_DIFF = "(secret: content hidden)"  # noqa: S105 (a label, not a secret)
 TEMP_MARKER = ".reconciler-"  # staged temps are "<dir>/.<name>.reconciler-<random>"
 
 
 # ---------------------------------------------------------------- diffs
-
-
-def text_diff(old: bytes | None, new: bytes | None, path: str) -> str:
-    """A unified diff of two contents ("" when equal); binary content is not shown."""
-    if old == new:
-        return ""
-    try:
-        old_text = (old or b"").decode("utf-8")
-        new_text = (new or b"").decode("utf-8")
-    except UnicodeDecodeError:
-        return "(binary content differs)"
-    lines = difflib.unified_diff(
-        old_text.splitlines(keepends=True),
-        new_text.splitlines(keepends=True),
-        fromfile=f"{path} (live)" if old is not None else "/dev/null",
-        tofile=f"{path} (desired)" if new is not None else "/dev/null",
-    )
-    out = []
-    for line in lines:
-        out.append(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n")
-    return "".join(out)
-
-
-def iptables_text(state: IptablesState, tables: Iterable[str] | None = None) -> str:
-    """Canonical text of a ruleset (the tables given, or all), as compared by the plan."""
-    out: list[str] = []
-    names = sorted(state.tables) if tables is None else list(tables)
-    for name in names:
-        if name not in state.tables:
-            continue
-        policies, rules = state.tables[name]
-        out.append(f"*{name}")
-        out.extend(f":{chain} {policy}" for chain, policy in policies)
-        out.extend(rules)
-        out.append("COMMIT")
-    return "\n".join(out) + ("\n" if out else "")
 
 
 # ---------------------------------------------------------------- planning
@@ -135,10 +97,10 @@ def plan_host(
     services = deps.keep(desired.services, "service", lambda sv: sv.name, errors)
     if desired.firewall is not None:
         declared = frozenset(f.path for f in desired.files)
-        actions += _plan_firewall(desired.firewall, observed, declared=declared, warnings=warnings)
-    actions += _plan_keypairs(keypairs, observed, warnings)
-    actions += _plan_files(files, observed)
-    actions += _plan_links(links, observed)
+        actions += firewall.plan_firewall(desired.firewall, observed, declared=declared, warnings=warnings)
+    actions += keypair_kind.plan_keypairs(keypairs, observed, warnings)
+    actions += file_kind.plan_files(files, observed)
+    actions += file_kind.plan_links(links, observed)
     prune_inventory = verdict is None or verdict.prune_inventory
     actions += _plan_prune(desired, observed, use_inventory=prune_inventory)
     if not prune_inventory:
@@ -358,221 +320,6 @@ def _validator_names(a: Action, desired: Desired) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _plan_firewall(
-    fw: FirewallRuleset,
-    observed: Observed,
-    *,
-    declared: frozenset[str] = frozenset(),
-    warnings: list[str] | None = None,
-) -> list[Action]:
-    """One ``restore-firewall`` action when the live IPv4 or IPv6 ruleset differs (both are
-    loaded together under one dead-man switch); otherwise the persistent files, unless they are
-    declared files of their own (``declared``)."""
-    if fw.rules_v6 is not None and observed.kernel.get("ipv6") is False:
-        if warnings is not None:
-            warnings.append(
-                "firewall: the kernel has no IPv6 (no /proc/net/if_inet6): rules.v6 is not loaded"
-            )
-        fw = replace(fw, rules_v6=None)
-    diffs: list[str] = []
-    reasons: list[str] = []
-    for label, want_rules, live in (
-        ("iptables", fw.rules_v4, observed.iptables),
-        ("ip6tables", fw.rules_v6, observed.ip6tables),
-    ):
-        if want_rules is None:
-            continue
-        want = canonical_iptables(want_rules)
-        tables = sorted(want.tables)
-        live_text = "" if live is None else iptables_text(live, tables)
-        want_text = iptables_text(want, tables)
-        if live_text == want_text:
-            continue
-        family = "IPv6" if label == "ip6tables" else "IPv4"
-        reasons.append(
-            f"the live {family} ruleset could not be read"
-            if live is None
-            else f"the live {family} netfilter ruleset differs"
-        )
-        diffs.append(
-            "".join(
-                difflib.unified_diff(
-                    live_text.splitlines(keepends=True),
-                    want_text.splitlines(keepends=True),
-                    fromfile=f"{label} (live)",
-                    tofile=f"{label} (desired)",
-                )
-            )
-        )
-    if diffs:
-        return [
-            Action(
-                ActionKind.RESTORE_FIREWALL,
-                "firewall",
-                fw.domain,
-                "; ".join(reasons) + "; applied under a dead-man rollback",
-                diff="".join(diffs),
-                path=fw.persistent_path,
-                target=fw,
-            )
-        ]  # the persistent files are written after the live rules are confirmed
-    out: list[Action] = []
-    persistent = [(fw.persistent_path, fw.rules_v4)]
-    if fw.rules_v6 is not None:
-        persistent.append((fw.persistent_path_v6, fw.rules_v6))
-    for path, text in persistent:
-        state = observed.files.get(path)
-        if state is not None and path not in declared:
-            file_res = FileResource(path=path, content=text.encode(), domain=fw.domain, mode=0o640)
-            out += _plan_file(file_res, state)
-    return out
-
-
-def _plan_keypairs(keypairs: tuple[KeyPair, ...], observed: Observed, warnings: list[str]) -> list[Action]:
-    out: list[Action] = []
-    for kp in keypairs:
-        priv = observed.files.get(kp.private_path)
-        pub = observed.files.get(kp.public_path)
-        bad = next((st for st in (priv, pub) if st is not None and st.refused), None)
-        if bad is not None:
-            out.append(
-                Action(
-                    ActionKind.REFUSED,
-                    f"keypair {kp.name}",
-                    kp.domain,
-                    refused_reason(bad),
-                    path=kp.private_path,
-                    handler=kp.handler,
-                    target=kp,
-                )
-            )
-        elif priv is None or not priv.exists:
-            out.append(
-                Action(
-                    ActionKind.GENERATE_KEYPAIR,
-                    f"keypair {kp.name}",
-                    kp.domain,
-                    f"no private key at {kp.private_path}: generate it on the host (never copied off)",
-                    path=kp.private_path,
-                    handler=kp.handler,
-                    target=kp,
-                )
-            )
-        elif pub is not None and not pub.exists:
-            warnings.append(
-                f"keypair {kp.name}: private key present but {kp.public_path} is missing; "
-                "not regenerating (peers trust the current key); restore the public key by hand"
-            )
-    return out
-
-
-def _plan_files(files: tuple[FileResource, ...], observed: Observed) -> list[Action]:
-    out: list[Action] = []
-    for f in files:
-        state = observed.files.get(f.path) or FileState(path=f.path, exists=False)
-        unknown = []
-        if f.owner in observed.unknown_users:
-            unknown.append(f"no user {f.owner}")
-        if f.group in observed.unknown_groups:
-            unknown.append(f"no group {f.group}")
-        if unknown and not state.refused:
-            why = f"{' and '.join(unknown)} on this host (owner {f.owner}:{f.group}); nothing changed"
-            out.append(Action(ActionKind.REFUSED, f"file {f.path}", f.domain, why, "", f.path, f.handler, f))
-            continue
-        out += _plan_file(f, state)
-    return out
-
-
-def refused_reason(state: FileState) -> str:
-    """The reason shown for a refused path: what is wrong, and that nothing went through it."""
-    return f"refused: {state.refused}; nothing read or changed through it"
-
-
-def _plan_file(f: FileResource, state: FileState) -> list[Action]:
-    res = f"file {f.path}"
-    if state.refused:
-        return [Action(ActionKind.REFUSED, res, f.domain, refused_reason(state), "", f.path, f.handler, f)]
-    if not state.exists:
-        diff = SECRET_DIFF if f.secret else text_diff(None, f.content, f.path)
-        return [Action(ActionKind.CREATE, res, f.domain, "missing", diff, f.path, f.handler, f)]
-    if state.kind != "file":
-        if state.kind == "dir":
-            reason = "a directory is in the way (not replaced automatically)"
-            return [Action(ActionKind.UPDATE, res, f.domain, reason, "", f.path, f.handler, f)]
-        diff = SECRET_DIFF if f.secret else text_diff(None, f.content, f.path)
-        reason = f"is a {state.kind}, should be a regular file"
-        return [Action(ActionKind.UPDATE, res, f.domain, reason, diff, f.path, f.handler, f)]
-    if state.sha256 != _sha256(f.content):
-        if f.secret:
-            diff = SECRET_DIFF
-        elif state.content is not None:
-            diff = text_diff(state.content, f.content, f.path)
-        else:
-            diff = "(content differs; live content not fetched)"
-        return [Action(ActionKind.UPDATE, res, f.domain, "content differs", diff, f.path, f.handler, f)]
-    out: list[Action] = []
-    if state.mode is not None and state.mode != f.mode:
-        out.append(
-            Action(
-                ActionKind.CHMOD,
-                res,
-                f.domain,
-                f"mode {state.mode:04o} should be {f.mode:04o}",
-                "",
-                f.path,
-                f.handler,
-                f,
-            )
-        )
-    if (state.owner is not None and state.owner != f.owner) or (
-        state.group is not None and state.group != f.group
-    ):
-        out.append(
-            Action(
-                ActionKind.CHOWN,
-                res,
-                f.domain,
-                f"owner {state.owner}:{state.group} should be {f.owner}:{f.group}",
-                "",
-                f.path,
-                f.handler,
-                f,
-            )
-        )
-    return out
-
-
-def _plan_links(links: tuple[LinkResource, ...], observed: Observed) -> list[Action]:
-    out: list[Action] = []
-    for lk in links:
-        state = observed.files.get(lk.path) or FileState(path=lk.path, exists=False)
-        res = f"link {lk.path}"
-        if state.refused:
-            reason = refused_reason(state)
-            out.append(Action(ActionKind.REFUSED, res, lk.domain, reason, "", lk.path, lk.handler, lk))
-        elif not state.exists:
-            out.append(
-                Action(
-                    ActionKind.CREATE,
-                    res,
-                    lk.domain,
-                    f"missing (-> {lk.target})",
-                    "",
-                    lk.path,
-                    lk.handler,
-                    lk,
-                )
-            )
-        elif state.kind != "link" or state.link_target != lk.target:
-            was = f"-> {state.link_target}" if state.kind == "link" else f"a {state.kind}"
-            if state.kind == "dir":
-                reason = f"a directory is in the way of the link -> {lk.target} (not replaced automatically)"
-            else:
-                reason = f"is {was}, should be -> {lk.target}"
-            out.append(Action(ActionKind.RELINK, res, lk.domain, reason, "", lk.path, lk.handler, lk))
-    return out
-
-
 def _under(path: str, directory: str) -> bool:
     d = directory.rstrip("/") + "/"
     return path.startswith(d)
@@ -724,9 +471,3 @@ def _interrupted_reloads(actions: list[Action], desired: Desired, observed: Obse
         pos = sum(1 for a in out if int(a.domain) <= int(domain))
         out.insert(pos, Action(ActionKind.RELOAD, f"handler {name}", domain, INTERRUPTED, handler=name))
     return out
-
-
-def _sha256(data: bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(data).hexdigest()
