@@ -22,13 +22,20 @@ ENV PATH=/opt/reconciler/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 
+# Optional: a CA bundle for pip behind a TLS-inspecting proxy (e.g. /etc/ssl/certs/ca-certificates.crt).
+ARG PIP_CERT=""
+# The dependencies first, from pyproject.toml alone (a stub package): this layer is rebuilt only
+# when the dependencies change, not on every change of the code.
+COPY pyproject.toml README.md /src/
+RUN if [ -z "$PIP_CERT" ]; then unset PIP_CERT; fi \
+    && mkdir -p /src/reconciler && touch /src/reconciler/__init__.py \
+    && pip install --no-cache-dir --disable-pip-version-check /src && pip uninstall -q -y reconciler \
+    && rm -rf /src
 COPY pyproject.toml README.md /src/
 COPY schemas /src/schemas
 COPY reconciler /src/reconciler
-# Optional: a CA bundle for pip behind a TLS-inspecting proxy (e.g. /etc/ssl/certs/ca-certificates.crt).
-ARG PIP_CERT=""
 RUN if [ -z "$PIP_CERT" ]; then unset PIP_CERT; fi \
-    && pip install --no-cache-dir --disable-pip-version-check /src && rm -rf /src
+    && pip install --no-cache-dir --disable-pip-version-check --no-deps /src && rm -rf /src
 
 RUN useradd --system --uid 10001 --user-group --home-dir /var/lib/reconciler --shell /usr/sbin/nologin reconciler \
     && install -d -m 0700 -o reconciler -g reconciler /var/lib/reconciler /var/lib/reconciler-history

@@ -34,6 +34,7 @@ class Reason(StrEnum):
     TIMEOUT = "timeout"  # a command did not finish in time
     CONNECTION_LOST = "connection-lost"  # the connection dropped mid-command
     DPKG_LOCKED = "dpkg-locked"  # another process holds the dpkg lock
+    HOST_LOCKED = "host-locked"  # another apply holds the host's apply lock (engine/hostlock.py)
     OBSERVE_INCOMPLETE = "observe-incomplete"  # part of the observation failed: nothing applied
     PACKAGE_FAILED = "package-failed"  # apt/dpkg failed (a mirror may be down)
     SERVICE_FAILED = "service-failed"  # a declared service did not start

@@ -12,6 +12,9 @@ APT_PACKAGES=(
   iputils-ping tcpdump curl dpkg-dev python3-venv sqlite3 iptables-persistent debconf-utils ifupdown sudo strace gnupg openssl
   # the VM lab tier (docs/LAB.md): QEMU guests booting a Debian 12 image built with mmdebstrap
   qemu-system-x86 qemu-utils ipxe-qemu mmdebstrap e2fsprogs
+  # the operator's view (#19): promtool checks /metrics; a headless browser loads the status
+  # pages; podman builds and runs the image from a local debootstrap base (no registry)
+  prometheus chromium chromium-driver podman buildah runc debootstrap fonts-dejavu-core
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -105,6 +105,25 @@ MUTATIONS: tuple[Mutation, ...] = (
         (Edit(PY, r"\bnow\s*\+\s*self\.lease_seconds\b", "now", function="_claim"),),
         ("tests/unit/test_outbox_lease.py",),
     ),
+    Mutation(
+        "apt-any-removal-allowed",
+        "a package removal apt wants that no role purges or replaces is refused at plan time",
+        (
+            Edit(
+                PY,
+                r"return tuple\(c for c in \w+\.removals if [^\n]*\)",
+                "return ()",
+                function="refused_removals",
+            ),
+        ),
+        ("tests/unit/test_aptsim.py",),
+    ),
+    Mutation(
+        "lab-apt-proxy-any-host",
+        "the lab's apt proxy forwards only to the machine's own mirror hosts",
+        (Edit(PY, r'\(url\.hostname or ""\) not in self\.allow', "False", function="_serve"),),
+        ("tests/unit/test_lab_aptproxy.py",),
+    ),
 )
 
 

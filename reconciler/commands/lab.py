@@ -21,7 +21,8 @@ def register(sub: Any) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="N hosts named lab1..labN at 192.0.2.11.. (default 3)",
+        help="N hosts named lab1..labN at 198.18.0.11.. (default 3, at most 4000; with --vm "
+        "at most 200, at 192.0.2.11..)",
     )
     src.add_argument(
         "--fleet",
@@ -42,7 +43,7 @@ def register(sub: Any) -> None:
         type=float,
         default=600.0,
         metavar="SECONDS",
-        help="how long to wait for another lab to free 192.0.2.0/24 (default 600)",
+        help="how long to wait for another lab to free the machine-wide lab lock (default 600)",
     )
     up.add_argument("--json", action="store_true", help="print the lab's info as JSON")
 
@@ -113,6 +114,8 @@ def _up(args: argparse.Namespace) -> int:
     from reconciler.errors import ReconcilerError
     from reconciler.fleet.load import load_fleet
     from reconciler.lab import Lab, LabError, LabFleet, LabHostSpec, specs_from_fleet
+    from reconciler.lab.lab import MAX_HOSTS
+    from reconciler.lab.model import big_address
 
     made_for: LabFleet | None = None  # `--lab` later refuses a fleet the lab was not made for
     if args.fleet is not None:
@@ -127,10 +130,14 @@ def _up(args: argparse.Namespace) -> int:
         made_for = LabFleet.of(fleet)
     else:
         n = 3 if args.hosts is None else args.hosts
-        if not 1 <= n <= 200:
-            print("reconciler lab: --hosts must be between 1 and 200", file=sys.stderr)
+        most = 200 if args.vm else MAX_HOSTS
+        if not 1 <= n <= most:
+            print(f"reconciler lab: --hosts must be between 1 and {most}", file=sys.stderr)
             return 2
-        specs = [LabHostSpec(name=f"lab{i + 1}", address=f"192.0.2.{11 + i}") for i in range(n)]
+        if args.vm:  # the VM tier's bridge network is the documentation /24
+            specs = [LabHostSpec(name=f"lab{i + 1}", address=f"192.0.2.{11 + i}") for i in range(n)]
+        else:
+            specs = [LabHostSpec(name=f"lab{i + 1}", address=big_address(i)) for i in range(n)]
 
     def progress(msg: str) -> None:
         print(f"reconciler lab: {msg}", file=sys.stderr, flush=True)
@@ -149,7 +156,11 @@ def _up(args: argparse.Namespace) -> int:
             f"bridge {info.bridge} 192.0.2.254 in network namespace {info.ssh_netns})"
         )
     else:
-        print(f"lab {info.prefix} is up ({len(info.hosts)} hosts, bridge {info.bridge} 192.0.2.254)")
+        took = lab.timings.get("build", 0)
+        print(
+            f"lab {info.prefix} is up ({len(info.hosts)} hosts in {took:.1f} s, "
+            f"bridge {info.bridge} 192.0.2.254 and 198.19.255.254)"
+        )
     print(f"made for: {_made_for(info)}")
     for h in info.hosts:
         print(f"  {h.name:<20} {h.address:<15} netns {h.netns}")

@@ -6,7 +6,8 @@ plan:  observe every selected host and print what apply would change (per host, 
        are still planned).
 apply: the same plan, then (after confirmation on a terminal, or with --yes) applies it to the
        hosts concurrently and prints per-host results. Exit 0 when every host is applied and
-       verified (or was in sync), 1 otherwise.
+       verified (or was in sync), 3 when some hosts were only partly applied (some changes
+       landed, others failed or were held back) and none failed outright, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -288,4 +289,4 @@ def run_apply(args: argparse.Namespace) -> int:
         else:
             sys.stdout.write("\n" + render_apply(result, color=color))
     code = final.exit_code()
-    return 1 if code else 0
+    return code if code in (0, 3) else 1

@@ -68,6 +68,8 @@ class HostVerify:
     datapath_probe: bool
     batch_hosts: int
     seconds: float
+    # every check, short (name, peer, status, cause): the status page's per-link colours
+    checks: tuple[dict[str, Any], ...] = ()
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -79,8 +81,11 @@ class HostVerify:
             "datapath_probe": self.datapath_probe,
             "batch_hosts": self.batch_hosts,
             "seconds": round(self.seconds, 3),
+            "checks": list(self.checks),
         }
 
+
+MAX_CHECKS_SHOWN = 400
 
 Listener = Callable[[str, HostVerify], None]
 VerifyFn = Callable[..., Awaitable[VerifyReport]]  # reconciler.verify.verify_fleet's signature
@@ -191,6 +196,10 @@ class AfterApplyVerifier:
                 datapath_probe=batch.datapath,
                 batch_hosts=len(hosts),
                 seconds=seconds,
+                checks=tuple(
+                    {"name": c.name, "peer": c.peer, "status": c.status.value, "cause": c.cause[:300]}
+                    for c in checks[:MAX_CHECKS_SHOWN]
+                ),
             )
             self.results[host] = result
             self._on_result(host, result)

@@ -135,12 +135,24 @@ class SmtpConfig:
 
 
 @dataclass(frozen=True)
+class ShardConfig:
+    """Sharding over the replicas of a StatefulSet (reconciler/daemon/shard.py, docs/DEPLOY.md)."""
+
+    replicas: int = 1  # N; 1 = not sharded
+    name: str = ""  # this replica's name, "<base>-<ordinal>" (the pod name); required when N > 1
+    # a peer's base URL; {name} and {ordinal} are replaced: http://{name}.reconciler:8080
+    peer_url: str = ""
+    peer_timeout: float = 5.0  # one peer request at most
+
+
+@dataclass(frozen=True)
 class Config:
     source: SourceConfig = field(default_factory=SourceConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     ssh: SshConfig = field(default_factory=SshConfig)
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
     render: RenderLimits = field(default_factory=RenderLimits)
+    shard: ShardConfig = field(default_factory=ShardConfig)
     state_dir: Path = Path("/var/lib/reconciler")
     history_repo: Path | None = None  # default: <state_dir>/history
     concurrency: int = 50  # hosts reconciled at once
@@ -367,6 +379,12 @@ _SMTP: dict[str, Parser] = {
     "to": _parse_list,
     "timeout": parse_duration,
 }
+_SHARD: dict[str, Parser] = {
+    "replicas": lambda v, w: _parse_int(v, w, 1, 1000),
+    "name": _parse_str,
+    "peer_url": _parse_str,
+    "peer_timeout": _positive_duration,
+}
 _TOP: dict[str, Parser] = {
     "state_dir": _parse_path,
     "history_repo": _parse_opt_path,
@@ -386,6 +404,7 @@ _SECTIONS: dict[str, tuple[dict[str, Parser], type[Any]]] = {
     "ssh": (_SSH, SshConfig),
     "smtp": (_SMTP, SmtpConfig),
     "render": (_RENDER, RenderLimits),
+    "shard": (_SHARD, ShardConfig),
 }
 SECRET_KEYS = frozenset(
     {

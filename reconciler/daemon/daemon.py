@@ -21,6 +21,7 @@ import asyncio
 import fcntl
 import importlib
 import os
+import resource
 import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -33,7 +34,9 @@ from reconciler.daemon.after_apply import AfterApplyVerifier, HostVerify
 from reconciler.daemon.config import Config, RunMode, redact_url
 from reconciler.daemon.loop import ALL, Backoff, HostFailure, Outcome, ReconcileLoop, ReconcileStep, Target
 from reconciler.daemon.metrics import DaemonMetrics
+from reconciler.daemon.records import DriftSeen, add_drift, plan_record
 from reconciler.daemon.server import HttpServer
+from reconciler.daemon.shard import PeerClient, Shard, merge_status
 from reconciler.daemon.source import (
     FleetLoader,
     FleetSource,
@@ -42,6 +45,7 @@ from reconciler.daemon.source import (
     RollbackRefused,
     default_loader,
 )
+from reconciler.daemon.statuspage.mesh import pair_state
 from reconciler.daemon.store import HostState, Store
 from reconciler.domains.bounded_render import RenderAborted, RenderRejected, RenderWorker
 from reconciler.errors import Failure, Reason, ReconcilerError, RenderError, Terminal
@@ -51,6 +55,7 @@ from reconciler.log import get_logger
 log = get_logger(__name__)
 
 OUTBOX_INTERVAL = 5.0
+MESH_MAX_LINKS = 2000  # /status lists the mesh's pairs up to this many
 SMTP_USER_VAR = "RECONCILER_SMTP_USERNAME"
 SMTP_PASSWORD_VAR = "RECONCILER_SMTP_PASSWORD"  # noqa: S105 (a variable name, not a value)
 
@@ -65,7 +70,7 @@ class MailOutbox(Protocol):
     def counts(self) -> Any: ...
 
 
-DriftStep = Callable[[str, Target, Any], Awaitable[int]]
+DriftStep = Callable[[str, Target, Any], Awaitable[Any]]  # a count or a drift.scan.DriftFinding
 
 
 class StateDirLocked(Terminal):
@@ -166,6 +171,7 @@ class _Pools:
 class EngineStep:
     outcome: Outcome
     domains: frozenset[Domain] = frozenset()  # what the apply changed (for verify after apply)
+    plan: dict[str, Any] | None = None  # the plan as the status page shows it (records.plan_record)
 
 
 async def engine_step(
@@ -182,8 +188,9 @@ async def engine_step(
     ``adopt``: take the host over when it claims another fleet or host name (config ``adopt``);
     otherwise that is a Terminal refusal (reason ``identity-mismatch``)."""
     engine = importlib.import_module("reconciler.engine.fleet")
-    # no diff contents: the daemon shows none (drift mails come from the /etc history)
-    kwargs: dict[str, Any] = {"apply": apply, "fetch_diffs": False, "adopt": adopt}
+    # diffs for the status page's last plan: read only when something differs (a second round
+    # trip on a reconcile that changes something; the no-op path is unchanged)
+    kwargs: dict[str, Any] = {"apply": apply, "fetch_diffs": True, "adopt": adopt}
     if firewall_window is not None:
         kwargs["firewall_window"] = firewall_window
     result = await engine.reconcile_fleet(target.fleet, [host], pool, **kwargs)
@@ -193,11 +200,15 @@ async def engine_step(
         raise failure.error()
     if out.status == engine.CHANGES:
         n = len(out.plan.actions) if out.plan is not None else 0
-        return EngineStep(Outcome(applied=False, reason=f"plan mode: {n} change(s) pending"))
+        reason = f"plan mode: {n} change(s) pending"
+        record = plan_record(out.plan, commit=target.commit, applied=False, summary=reason)
+        return EngineStep(Outcome(applied=False, reason=reason), plan=record)
     if out.status == engine.APPLIED and out.result is not None:
         n = out.result.changed()
         domains = frozenset(o.action.domain for o in out.result.outcomes if o.status == "done")
-        return EngineStep(Outcome(applied=True, reason=f"applied {n} change(s)", changes=n), domains)
+        reason = f"applied {n} change(s)"
+        record = plan_record(out.plan, commit=target.commit, applied=True, summary=reason)
+        return EngineStep(Outcome(applied=True, reason=reason, changes=n), domains, record)
     reason = out.plan.noop_reason if out.plan is not None and out.plan.noop_reason else "in sync"
     return EngineStep(Outcome(applied=True, reason=reason))
 
@@ -261,7 +272,10 @@ class Daemon:
             on_result=self._on_verified,
             on_error=lambda host: self.metrics.verify_runs.inc(1, "error"),
         )
-        self.server = HttpServer(config.server, self, self.metrics)
+        self.shard = Shard.from_config(config.shard)
+        self._peers = PeerClient(self.shard, config.server.read_token)
+        self._forwards: set[asyncio.Task[dict[str, int | str]]] = set()
+        self.server = HttpServer(config.server, self, self.metrics, shard=self)
         self._stop = asyncio.Event()
         self._mail_wakeup = asyncio.Event()
         self._started = time.time()
@@ -400,7 +414,7 @@ class Daemon:
         gone = self.store.mark_removed_except(set(hosts), st.good)
         if gone:
             self.store.add_event("hosts-removed", ", ".join(gone), commit=st.good)
-        return Target(st.good, st.fleet, hosts)
+        return Target(st.good, st.fleet, self.shard.owned(hosts))  # sharded: only this replica's
 
     async def _render_commit(self, commit: str, fleet: Any) -> Refusal | None:
         """Render every host of a candidate commit in the render worker, before it may become
@@ -475,15 +489,13 @@ class Daemon:
             found = 0
             scan = self._drift is not None and ("drift" in reasons or host not in self._scanned_once)
             if scan and self._drift is not None:
-                found = await self._drift(host, target, pool)
+                started = time.monotonic()
+                found = self._record_drift(host, target, await self._drift(host, target, pool))
+                self.metrics.phase_duration.observe(time.monotonic() - started, "drift_scan")
                 self._scanned_once.add(host)
-                self.metrics.drift_scans.inc()
-                if found:
-                    self.metrics.drift.inc(found, host)
-                    self.store.add_event("drift", f"{found} drifted path(s)", host=host, commit=target.commit)
-                    self._mail_wakeup.set()
                 if reasons <= {"drift"} and self._drift_report_only(target):
                     return Outcome(applied=True, reason="drift scan (report mode)", drift=found)
+            started = time.monotonic()
             if self._custom_step is not None:
                 outcome = await self._custom_step(host, target, reasons) or Outcome()
             else:
@@ -495,10 +507,16 @@ class Daemon:
                     adopt=host in self.config.adopt,
                 )
                 outcome = step.outcome
+                if step.plan is not None:
+                    self.store.set_record(host, "plan", step.plan)
                 if outcome.changes:
+                    self.metrics.applied_changes.inc(outcome.changes, host)
                     self.store.add_event("applied", outcome.reason, host=host, commit=target.commit)
                     if self.config.mode is RunMode.APPLY:
                         self.verifier.add(host, target, step.domains)
+            self.metrics.phase_duration.observe(time.monotonic() - started, "engine")
+            if outcome.applied and self.config.mode is RunMode.APPLY:
+                self.metrics.last_apply.set(time.time(), host)
             return replace(outcome, drift=found) if found else outcome
         finally:
             if pool is not None:
@@ -510,16 +528,28 @@ class Daemon:
             return 0
         pool = await self._pools.acquire(target)
         try:
-            found = await self._drift(host, target, pool)
+            found = self._record_drift(host, target, await self._drift(host, target, pool))
         finally:
             await self._pools.release(target)
         self._scanned_once.add(host)
-        self.metrics.drift_scans.inc()
-        if found:
-            self.metrics.drift.inc(found, host)
-            self.store.add_event("drift", f"{found} drifted path(s)", host=host, commit=target.commit)
-            self._mail_wakeup.set()
         return found
+
+    def _record_drift(self, host: str, target: Target, result: Any) -> int:
+        """One scan's hand edits: metrics, a "drift" event and the host's drift log. Changes the
+        fleet made are "applied" events (the engine step), never counted here."""
+        seen = DriftSeen.of(result)
+        self.metrics.drift_scans.inc()
+        if seen.history_commit:
+            self._mail_wakeup.set()  # the scan may have queued a mail (also for our own changes)
+        if not seen.count:
+            return 0
+        self.metrics.drift.inc(seen.count, host)
+        self.metrics.drift_events.inc(1, host)
+        self.store.add_event("drift", seen.message(), host=host, commit=target.commit)
+        previous = self.store.record(host, "drift")
+        entry = seen.as_json(time.time(), target.commit)
+        self.store.set_record(host, "drift", add_drift(previous[1] if previous else None, entry))
+        return seen.count
 
     # ------------------------------------------------------------ failures
 
@@ -559,6 +589,8 @@ class Daemon:
     def _on_verified(self, host: str, result: HostVerify) -> None:
         """A batch of reconciler.daemon.after_apply proved ``host`` live (or not): metrics and events."""
         self.metrics.verify_runs.inc(1, "ok" if result.ok else "failed")
+        self.metrics.phase_duration.observe(result.seconds, "verify")
+        self.store.set_record(host, "verify", result.as_json())
         for status in ("pass", "fail", "skip"):
             self.metrics.verify_checks.set(float(result.counts.get(status, 0)), host, status)
         if not result.ok:
@@ -584,7 +616,9 @@ class Daemon:
     def sync(self, hosts: Sequence[str]) -> tuple[int, list[str]]:
         target = self.loop.target
         if hosts and target is not None:
-            unknown = [h for h in hosts if h not in target.hosts]
+            fleet = self.source.fleet
+            known = set(fleet.host_names()) if fleet is not None else set(target.hosts)
+            unknown = [h for h in hosts if h not in known]  # another replica's host: its sync
             if unknown:
                 return 0, unknown
         self.loop.request_fetch(then=tuple(hosts) or (ALL,), force=True, reason="sync")
@@ -635,11 +669,100 @@ class Daemon:
                 "last_rollback": self.store.get_json("source.rollback"),
             },
             "queue": {"depth": self.loop.hosts.depth, "in_flight": list(self.loop.hosts.in_flight)},
+            **({"scope": "local", "shard": self.shard.describe()} if self.shard.sharded else {}),
             "hosts": hosts,
             "events": [e.as_json() for e in self.store.events(limit=50)],
             "outbox": outbox,
             "verify": {h: v.as_json() for h, v in sorted(self.verifier.results.items()) if h in names},
+            "mesh": self._mesh(target),
         }
+
+    def _mesh(self, target: Target | None) -> dict[str, Any]:
+        """The mesh picture's data: hosts with their site, linked pairs with their state."""
+        if target is None:
+            return {"hosts": [], "links": []}
+        fleet = target.fleet
+        pairs = fleet.link_pairs()
+        if len(pairs) > MESH_MAX_LINKS:  # a picture of that many edges says nothing: counts only
+            return {"hosts": [], "links": [], "links_omitted": len(pairs)}
+        checks: dict[str, list[dict[str, Any]]] = {}
+        for name in target.hosts:
+            live = self.verifier.results.get(name)
+            stored = self.store.record(name, "verify") if live is None else None
+            checks[name] = (
+                list(live.checks)
+                if live is not None
+                else list((stored[1] if stored else {}).get("checks", []))
+            )
+        keys = set(getattr(fleet, "public_keys", {}) or {})
+        hosts = [
+            {"name": h.name, "site": str(getattr(h, "site", None) or getattr(h, "location", None) or "")}
+            for h in fleet.hosts
+        ]
+        links = [{"a": a, "b": b, "state": pair_state(a, b, keys, checks)} for a, b in pairs]
+        return {"hosts": hosts, "links": links}
+
+    async def host_page(self, name: str) -> dict[str, Any] | None:
+        """Everything the host page shows (None: not a host of the fleet or of the store)."""
+        row = next((h for h in self.status()["hosts"] if h["name"] == name), None)
+        if row is None:
+            return None
+        out = dict(row)
+        plan = self.store.record(name, "plan")
+        out["plan"], out["plan_at"] = (plan[1], plan[0]) if plan else (None, None)
+        live = self.verifier.results.get(name)
+        stored = self.store.record(name, "verify")
+        out["verify"] = live.as_json() if live is not None else (stored[1] if stored else None)
+        drift = self.store.record(name, "drift")
+        out["drift"] = drift[1] if drift else []
+        out["events"] = [e.as_json() for e in self.store.events(limit=30, host=name)]
+        out["last_apply_at"] = self.metrics.last_apply.value(name) or None
+        out["last_mail"] = self._last_mail(name)
+        for key in ("applied", "attempted"):
+            commit = str(row.get(f"{key}_commit") or "")
+            out[f"{key}_info"] = await self.source.commit_summary(commit) if commit else {}
+        return out
+
+    def _last_mail(self, host: str) -> dict[str, str] | None:
+        """The newest mail about ``host`` (subject and status only: bodies may quote diffs)."""
+        messages = getattr(self.outbox, "messages", None)
+        if messages is None:
+            return None
+        try:
+            found = [m for m in messages() if f":{host}:" in m[0]]
+        except Exception:  # the outbox is advisory here
+            return None
+        return {"subject": found[-1][2], "status": found[-1][1]} if found else None
+
+    async def commits_page(self) -> dict[str, Any]:
+        by_commit: dict[str, list[str]] = {}
+        for h in self.status()["hosts"]:
+            by_commit.setdefault(str(h.get("applied_commit") or ""), []).append(str(h["name"]))
+        running = []
+        for commit, names in sorted(by_commit.items(), key=lambda kv: -len(kv[1])):
+            info = await self.source.commit_summary(commit) if commit else {}
+            running.append({"commit": commit, "subject": info.get("subject", ""), "hosts": names})
+        rejected = [{"commit": c, "reason": r, "at": a} for c, r, a in self.store.rejected_commits()]
+        return {"running": running, "rejected": rejected}
+
+    # ------------------------------------------------------------ shard (reconciler/daemon/shard.py)
+
+    @property
+    def sharded(self) -> bool:
+        return self.shard.sharded
+
+    async def fleet_status(self) -> dict[str, Any]:
+        """This replica's status merged with its peers': every host of the fleet, with its owner."""
+        local = self.status()
+        peers = await self._peers.statuses()
+        fleet = self.source.fleet
+        names = list(fleet.host_names()) if fleet is not None else [h["name"] for h in local["hosts"]]
+        return merge_status(self.shard, local, peers, names)
+
+    def forward_hook(self, provider: str, headers: Any, body: bytes) -> None:
+        task = asyncio.get_running_loop().create_task(self._peers.forward_hook(provider, headers, body))
+        self._forwards.add(task)
+        task.add_done_callback(self._forwards.discard)  # forward_hook logs its own failures
 
     # ------------------------------------------------------------ lifecycle
 
@@ -673,7 +796,7 @@ class Daemon:
                 self._reject(self.source.rejection)
             if self.source.good and self.source.fleet is not None:
                 fleet = self.source.fleet
-                self.loop.seed(Target(self.source.good, fleet, tuple(fleet.host_names())))
+                self.loop.seed(Target(self.source.good, fleet, self.shard.owned(fleet.host_names())))
             self.loop.start()
         except Exception:  # a bug: a daemon without its loop must not look alive
             log.exception("daemon start-up failed")
@@ -709,6 +832,8 @@ class Daemon:
             await self.loop.stop(self.config.shutdown_grace)
             await self.verifier.close()
             await self.server.stop()
+            await asyncio.gather(*self._forwards, return_exceptions=True)
+            await self._peers.close()
             mail_task.cancel()
             await asyncio.gather(mail_task, return_exceptions=True)
             await self._pools.close_all()
@@ -729,6 +854,15 @@ def _indent(text: str) -> str:
     return "\n".join(f"  {line}" if line else "" for line in text.splitlines())
 
 
+def _raise_fd_limit() -> None:
+    """One socket per host: a 1,000-host fleet passes systemd's default soft limit of 1,024 open
+    files; take the hard limit (the soft one is only a default)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def run_daemon(config: Config) -> int:
+    _raise_fd_limit()
     daemon = Daemon(config)
     return asyncio.run(daemon.run())

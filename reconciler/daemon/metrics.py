@@ -1,180 +1,101 @@
-"""A small Prometheus registry rendered in the text exposition format (version 0.0.4).
+"""The daemon's Prometheus metrics, on the standard client library (``prometheus_client``).
 
-prometheus_client is not a dependency; counters, gauges and histograms with labels are all the
-daemon needs. Label values are escaped as the format requires. Never put a secret in a label.
+Each ``DaemonMetrics`` has its own ``CollectorRegistry`` (two daemons in one test process do not
+share counters). Labels stay low-cardinality: a result, a reason, a queue, a phase, a host; never
+a file path, a commit or a secret. Gauges that mirror live state (hosts by state, queue depth,
+the outbox) are computed at scrape time from callbacks. The exposition is the text format 0.0.4
+(``CONTENT_TYPE``), checked in tests with the client's own parser and ``promtool check metrics``.
 """
 
 from __future__ import annotations
 
-import math
-import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+import prometheus_client
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import Counter as _PCounter
+from prometheus_client import Gauge as _PGauge
+from prometheus_client import Histogram as _PHistogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+# The *_created samples double every counter for no use here (and promtool counts them as series).
+prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # what generate_latest writes
 DEFAULT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+PHASES = ("drift_scan", "engine", "verify")  # the phases of one host's reconcile, timed apart
 
 LabelValues = tuple[str, ...]
+Samples = Callable[[], Iterable[tuple[LabelValues, float]]]
 
 
-def _escape_label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+class Counter:
+    """A counter with positional label values: ``inc(amount, *labels)``."""
 
-
-def _escape_help(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-def _fmt(value: float) -> str:
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if math.isnan(value):
-        return "NaN"
-    if value == int(value) and abs(value) < 1e15:
-        return str(int(value))
-    return repr(value)
-
-
-def _labels(names: Sequence[str], values: Sequence[str], extra: tuple[str, str] | None = None) -> str:
-    pairs = [f'{n}="{_escape_label(v)}"' for n, v in zip(names, values, strict=True)]
-    if extra is not None:
-        pairs.append(f'{extra[0]}="{_escape_label(extra[1])}"')
-    return "{" + ",".join(pairs) + "}" if pairs else ""
-
-
-class _Metric:
-    kind = ""
-
-    def __init__(self, name: str, help_text: str, labelnames: Sequence[str] = ()) -> None:
-        self.name = name
-        self.help = help_text
-        self.labelnames = tuple(labelnames)
-        self._lock = threading.Lock()
-
-    def _key(self, labels: Sequence[str]) -> LabelValues:
-        if len(labels) != len(self.labelnames):
-            raise ValueError(f"{self.name}: expected labels {self.labelnames}")
-        return tuple(str(v) for v in labels)
-
-    def header(self) -> list[str]:
-        return [f"# HELP {self.name} {_escape_help(self.help)}", f"# TYPE {self.name} {self.kind}"]
-
-    def samples(self) -> list[str]:
-        raise NotImplementedError
-
-
-class Counter(_Metric):
-    kind = "counter"
-
-    def __init__(self, name: str, help_text: str, labelnames: Sequence[str] = ()) -> None:
-        super().__init__(name, help_text, labelnames)
-        self._values: dict[LabelValues, float] = {}
-        if not self.labelnames:
-            self._values[()] = 0.0
+    def __init__(self, registry: CollectorRegistry, name: str, help_text: str, labels: Sequence[str] = ()):
+        base = name.removesuffix("_total")
+        self._metric = _PCounter(base, help_text, tuple(labels), registry=registry)
+        self._labelled = bool(labels)
 
     def inc(self, amount: float = 1.0, *labels: str) -> None:
-        if amount < 0:
-            raise ValueError("a counter only goes up")
-        key = self._key(labels)
-        with self._lock:
-            self._values[key] = self._values.get(key, 0.0) + amount
+        (self._metric.labels(*labels) if self._labelled else self._metric).inc(amount)
 
     def value(self, *labels: str) -> float:
-        return self._values.get(self._key(labels), 0.0)
-
-    def samples(self) -> list[str]:
-        with self._lock:
-            items = sorted(self._values.items())
-        return [f"{self.name}{_labels(self.labelnames, k)} {_fmt(v)}" for k, v in items]
+        child = self._metric.labels(*labels) if self._labelled else self._metric
+        return float(child._value.get())
 
 
-class Gauge(_Metric):
-    kind = "gauge"
-
-    def __init__(
-        self,
-        name: str,
-        help_text: str,
-        labelnames: Sequence[str] = (),
-        *,
-        collect: Callable[[], Iterable[tuple[LabelValues, float]]] | None = None,
-    ) -> None:
-        super().__init__(name, help_text, labelnames)
-        self._values: dict[LabelValues, float] = {}
-        self._collect = collect  # computed at scrape time (e.g. queue depth, host states)
+class Gauge:
+    def __init__(self, registry: CollectorRegistry, name: str, help_text: str, labels: Sequence[str] = ()):
+        self._metric = _PGauge(name, help_text, tuple(labels), registry=registry)
+        self._labelled = bool(labels)
 
     def set(self, value: float, *labels: str) -> None:
-        key = self._key(labels)
-        with self._lock:
-            self._values[key] = float(value)
+        (self._metric.labels(*labels) if self._labelled else self._metric).set(value)
 
     def value(self, *labels: str) -> float:
-        return self._values.get(self._key(labels), 0.0)
-
-    def samples(self) -> list[str]:
-        if self._collect is not None:
-            items = sorted((self._key(k), float(v)) for k, v in self._collect())
-        else:
-            with self._lock:
-                items = sorted(self._values.items())
-        return [f"{self.name}{_labels(self.labelnames, k)} {_fmt(v)}" for k, v in items]
+        child = self._metric.labels(*labels) if self._labelled else self._metric
+        return float(child._value.get())
 
 
-class Histogram(_Metric):
-    kind = "histogram"
-
+class Histogram:
     def __init__(
         self,
+        registry: CollectorRegistry,
         name: str,
         help_text: str,
-        labelnames: Sequence[str] = (),
+        labels: Sequence[str] = (),
         buckets: Sequence[float] = DEFAULT_BUCKETS,
-    ) -> None:
-        super().__init__(name, help_text, labelnames)
-        self.buckets = tuple(sorted(buckets)) + (math.inf,)
-        self._counts: dict[LabelValues, list[int]] = {}
-        self._sums: dict[LabelValues, float] = {}
+    ):
+        self._metric = _PHistogram(name, help_text, tuple(labels), registry=registry, buckets=tuple(buckets))
+        self._labelled = bool(labels)
 
     def observe(self, value: float, *labels: str) -> None:
-        key = self._key(labels)
-        with self._lock:
-            counts = self._counts.setdefault(key, [0] * len(self.buckets))
-            for i, bound in enumerate(self.buckets):
-                if value <= bound:
-                    counts[i] += 1
-            self._sums[key] = self._sums.get(key, 0.0) + value
+        (self._metric.labels(*labels) if self._labelled else self._metric).observe(value)
 
     def count(self, *labels: str) -> int:
-        counts = self._counts.get(self._key(labels))
-        return counts[-1] if counts else 0
-
-    def samples(self) -> list[str]:
-        out: list[str] = []
-        with self._lock:
-            items = sorted((k, list(v), self._sums[k]) for k, v in self._counts.items())
-        for key, counts, total in items:
-            for bound, n in zip(self.buckets, counts, strict=True):
-                le = _labels(self.labelnames, key, ("le", _fmt(bound)))
-                out.append(f"{self.name}_bucket{le} {n}")
-            out.append(f"{self.name}_sum{_labels(self.labelnames, key)} {_fmt(total)}")
-            out.append(f"{self.name}_count{_labels(self.labelnames, key)} {counts[-1]}")
-        return out
+        for metric in self._metric.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_count") and tuple(sample.labels.values()) == labels:
+                    return int(sample.value)
+        return 0
 
 
-class Registry:
-    def __init__(self) -> None:
-        self._metrics: list[_Metric] = []
+class _LiveGauge(Collector):
+    """A gauge family computed at scrape time."""
 
-    def register(self, metric: _Metric) -> None:
-        if any(m.name == metric.name for m in self._metrics):
-            raise ValueError(f"metric {metric.name} registered twice")
-        self._metrics.append(metric)
+    def __init__(self, name: str, help_text: str, labels: Sequence[str], samples: Samples) -> None:
+        self._name, self._help, self._labels, self._samples = name, help_text, list(labels), samples
 
-    def render(self) -> str:
-        lines: list[str] = []
-        for metric in self._metrics:
-            lines.extend(metric.header())
-            lines.extend(metric.samples())
-        return "\n".join(lines) + "\n"
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(self._name, self._help, labels=self._labels)
+        for values, value in sorted(self._samples()):
+            family.add_metric([str(v) for v in values], float(value))
+        yield family
+
+    def describe(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(self._name, self._help, labels=self._labels)
 
 
 class DaemonMetrics:
@@ -183,88 +104,111 @@ class DaemonMetrics:
     def __init__(
         self,
         *,
-        host_states: Callable[[], Iterable[tuple[LabelValues, float]]] = lambda: (),
-        queue_depth: Callable[[], Iterable[tuple[LabelValues, float]]] = lambda: (),
-        in_flight: Callable[[], Iterable[tuple[LabelValues, float]]] = lambda: (),
-        outbox: Callable[[], Iterable[tuple[LabelValues, float]]] = lambda: (),
+        host_states: Samples = lambda: (),
+        queue_depth: Samples = lambda: (),
+        in_flight: Samples = lambda: (),
+        outbox: Samples = lambda: (),
     ) -> None:
-        self.registry = Registry()
+        r = self.registry = CollectorRegistry(auto_describe=True)
         self.reconcile_duration = Histogram(
-            "reconciler_reconcile_duration_seconds", "Time to reconcile one host.", ("result",)
+            r, "reconciler_reconcile_duration_seconds", "Time to reconcile one host.", ("result",)
         )
-        self.reconciles = Counter("reconciler_reconciles_total", "Host reconciles by result.", ("result",))
-        self.host_states = Gauge(
-            "reconciler_hosts",
-            "Hosts by state (Ready, Reconciling, Stalled, Retrying, Removed, Unknown).",
-            ("state",),
-            collect=host_states,
+        self.phase_duration = Histogram(
+            r,
+            "reconciler_phase_duration_seconds",
+            "Time spent in one phase of a host's reconcile (drift_scan, engine, verify).",
+            ("phase",),
+        )
+        self.reconciles = Counter(r, "reconciler_reconciles_total", "Host reconciles by result.", ("result",))
+        r.register(
+            _LiveGauge(
+                "reconciler_hosts",
+                "Hosts by state (Ready, Reconciling, Stalled, Retrying, Removed, Unknown).",
+                ("state",),
+                host_states,
+            )
         )
         self.host_failures = Counter(
+            r,
             "reconciler_host_failures_total",
             "Failed host reconciles by typed reason and class (terminal: stalled; transient: retried).",
             ("reason", "class"),
         )
         self.stalls = Counter(
+            r,
             "reconciler_stalls_total",
             "Hosts stalled on a commit by a terminal failure, by reason (each is mailed once).",
             ("reason",),
         )
-        self.drift = Counter("reconciler_drift_total", "Drift findings per host.", ("host",))
-        self.drift_scans = Counter("reconciler_drift_scans_total", "Drift scans run.")
-        self.queue_depth = Gauge(
-            "reconciler_queue_depth", "Work items waiting (per queue).", ("queue",), collect=queue_depth
+        self.drift = Counter(
+            r,
+            "reconciler_drift_total",
+            "Drifted paths found per host (hand edits, never our own).",
+            ("host",),
         )
-        self.in_flight = Gauge(
-            "reconciler_in_flight", "Work items being processed (per queue).", ("queue",), collect=in_flight
+        self.drift_events = Counter(
+            r, "reconciler_drift_events_total", "Drift scans that found hand edits, per host.", ("host",)
         )
-        self.outbox = Gauge(
-            "reconciler_mail_outbox",
-            "Mail in the durable outbox by status (pending, sent).",
-            ("status",),
-            collect=outbox,
+        self.applied_changes = Counter(
+            r, "reconciler_applied_changes_total", "Changes the fleet made on a host (not drift).", ("host",)
+        )
+        self.last_apply = Gauge(
+            r,
+            "reconciler_last_successful_apply_timestamp_seconds",
+            "Unix time of the last reconcile of a host that ended in sync with the fleet.",
+            ("host",),
+        )
+        self.drift_scans = Counter(r, "reconciler_drift_scans_total", "Drift scans run.")
+        r.register(
+            _LiveGauge("reconciler_queue_depth", "Work items waiting (per queue).", ("queue",), queue_depth)
+        )
+        r.register(
+            _LiveGauge(
+                "reconciler_in_flight", "Work items being processed (per queue).", ("queue",), in_flight
+            )
+        )
+        r.register(
+            _LiveGauge(
+                "reconciler_mail_outbox",
+                "Mail in the durable outbox by status (pending, sent).",
+                ("status",),
+                outbox,
+            )
+        )
+        r.register(
+            _LiveGauge(
+                "reconciler_mail_outbox_pending",
+                "Mails waiting in the outbox to be delivered.",
+                (),
+                lambda: [((), v) for k, v in outbox() if k == ("pending",)] or [((), 0.0)],
+            )
         )
         self.fetches = Counter(
-            "reconciler_source_fetches_total", "Fleet repo fetches by result.", ("result",)
+            r, "reconciler_source_fetches_total", "Fleet repo fetches by result.", ("result",)
         )
         self.rejected = Counter(
-            "reconciler_source_rejected_commits_total", "Commits refused (unsigned, invalid).", ("reason",)
+            r, "reconciler_source_rejected_commits_total", "Commits refused (unsigned, invalid).", ("reason",)
         )
         self.webhooks = Counter(
+            r,
             "reconciler_webhook_requests_total",
             "Webhook deliveries by provider and result.",
             ("provider", "result"),
         )
         self.push_to_converged = Histogram(
+            r,
             "reconciler_commit_to_converged_seconds",
             "From the first fetch that saw a commit until every host is Ready on it.",
         )
         self.verify_runs = Counter(
-            "reconciler_verify_runs_total", "Live verifications after an apply, by result.", ("result",)
+            r, "reconciler_verify_runs_total", "Live verifications after an apply, by result.", ("result",)
         )
         self.verify_checks = Gauge(
+            r,
             "reconciler_verify_checks",
             "Live checks at a host's last verify after an apply, by status (pass, fail, skip).",
             ("host", "status"),
         )
-        for metric in (
-            self.verify_runs,
-            self.verify_checks,
-            self.reconcile_duration,
-            self.reconciles,
-            self.host_failures,
-            self.stalls,
-            self.host_states,
-            self.drift,
-            self.drift_scans,
-            self.queue_depth,
-            self.in_flight,
-            self.outbox,
-            self.fetches,
-            self.rejected,
-            self.webhooks,
-            self.push_to_converged,
-        ):
-            self.registry.register(metric)
 
     def render(self) -> str:
-        return self.registry.render()
+        return generate_latest(self.registry).decode()

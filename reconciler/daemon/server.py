@@ -32,7 +32,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import html
 import json
 import re
 import time
@@ -45,6 +44,8 @@ from aiohttp import web
 
 from reconciler.daemon.config import Secret, ServerConfig
 from reconciler.daemon.metrics import CONTENT_TYPE, DaemonMetrics
+from reconciler.daemon.shard import FORWARDED_HEADER
+from reconciler.daemon.statuspage import render_commits, render_host, render_overview
 from reconciler.log import get_logger
 
 log = get_logger(__name__)
@@ -69,9 +70,28 @@ class DaemonView(Protocol):
 
     def status(self) -> dict[str, Any]: ...
 
+    async def host_page(self, name: str) -> dict[str, Any] | None:
+        """What the host page shows (None: no such host)."""
+        ...
+
+    async def commits_page(self) -> dict[str, Any]:
+        """Which commit each host runs, refused commits."""
+        ...
+
     async def rollback(self, commit: str, requested_by: str) -> tuple[bool, dict[str, Any]]:
         """Move the applied commit back to ``commit`` if allowed; (done, details or reason)."""
         ...
+
+
+class ShardView(Protocol):
+    """A sharded daemon (reconciler/daemon/shard.py): the whole fleet's status, webhooks sent on."""
+
+    @property
+    def sharded(self) -> bool: ...
+
+    async def fleet_status(self) -> dict[str, Any]: ...
+
+    def forward_hook(self, provider: str, headers: Any, body: bytes) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -199,7 +219,10 @@ def _json(data: Any, status: int = 200) -> web.Response:
 
 
 class HttpServer:
-    def __init__(self, config: ServerConfig, view: DaemonView, metrics: DaemonMetrics) -> None:
+    def __init__(
+        self, config: ServerConfig, view: DaemonView, metrics: DaemonMetrics, shard: ShardView | None = None
+    ) -> None:
+        self.shard = shard
         self.config = config
         self.view = view
         self.metrics = metrics
@@ -217,6 +240,8 @@ class HttpServer:
         app.router.add_get("/metrics", self.metrics_page)
         app.router.add_get("/status", self.status)
         app.router.add_get("/", self.index)
+        app.router.add_get("/hosts/{name}", self.host_page)
+        app.router.add_get("/commits", self.commits_page)
         return app
 
     async def start(self) -> None:
@@ -266,6 +291,8 @@ class HttpServer:
             return _json({"status": "duplicate delivery ignored"}, status=200)
         self.metrics.webhooks.inc(1, provider, "accepted")
         self.view.push_hint(provider)
+        if self.shard is not None and self.shard.sharded and FORWARDED_HEADER not in request.headers:
+            self.shard.forward_hook(provider, request.headers, body)  # the other replicas fetch too
         return _json({"status": "fetch queued"}, status=202)
 
     # ------------------------------------------------------------ sync
@@ -355,85 +382,47 @@ class HttpServer:
         refused = self._refuse_read(request)
         if refused is not None:
             return refused
+        if self.shard is not None and self.shard.sharded and request.query.get("scope") != "local":
+            return _json(await self.shard.fleet_status())  # every replica's hosts, with their owner
         return _json(self.view.status())
 
     async def index(self, request: web.Request) -> web.Response:
         refused = self._refuse_read(request)
         if refused is not None:
             return refused
-        page = render_status_page(self.view.status())
-        return web.Response(
-            text=page,
-            content_type="text/html",
-            headers={
-                "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'",
-                "X-Content-Type-Options": "nosniff",
-                "Cache-Control": "no-store",
-            },
-        )
+        sharded = self.shard is not None and self.shard.sharded
+        status = await self.shard.fleet_status() if self.shard is not None and sharded else self.view.status()
+        return _page(render_overview(status))
+
+    async def host_page(self, request: web.Request) -> web.Response:
+        refused = self._refuse_read(request)
+        if refused is not None:
+            return refused
+        name = request.match_info["name"]
+        host = await self.view.host_page(name) if _HOST_NAME.match(name) else None
+        if host is None:
+            return web.Response(text="no such host\n", status=404)
+        return _page(render_host(self.view.status(), host))
+
+    async def commits_page(self, request: web.Request) -> web.Response:
+        refused = self._refuse_read(request)
+        if refused is not None:
+            return refused
+        return _page(render_commits(self.view.status(), await self.view.commits_page()))
 
 
-def _e(value: object) -> str:
-    return html.escape("" if value is None else str(value), quote=True)
+_HOST_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+CSP = "default-src 'none'; style-src 'unsafe-inline'"
 
 
-def _when(ts: object) -> str:
-    if not isinstance(ts, int | float) or not ts:
-        return ""
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
-
-
-def render_status_page(status: dict[str, Any]) -> str:
-    """A small HTML page; every value is escaped."""
-    src = status.get("source", {})
-    rows = []
-    for h in status.get("hosts", []):
-        state = str(h.get("state", ""))
-        rows.append(
-            "<tr>"
-            f"<td>{_e(h.get('name'))}</td>"
-            f'<td class="{_e(state.lower())}">{_e(state)}</td>'
-            f"<td><code>{_e(str(h.get('applied_commit', ''))[:12])}</code></td>"
-            f"<td><code>{_e(str(h.get('attempted_commit', ''))[:12])}</code></td>"
-            f"<td>{_e(_when(h.get('last_drift_at')))}</td>"
-            f"<td>{_e(h.get('reason'))}</td>"
-            "</tr>"
-        )
-    events = []
-    for ev in status.get("events", [])[:30]:
-        events.append(
-            "<tr>"
-            f"<td>{_e(_when(ev.get('at')))}</td><td>{_e(ev.get('kind'))}</td><td>{_e(ev.get('host'))}</td>"
-            f"<td><code>{_e(str(ev.get('commit', ''))[:12])}</code></td><td>{_e(ev.get('message'))}</td>"
-            "</tr>"
-        )
-    rejection = src.get("rejection")
-    rejected = (
-        f"<p class=stalled>Refused commit <code>{_e(str(rejection.get('commit', ''))[:12])}</code> "
-        f"({_e(rejection.get('kind'))}): {_e(rejection.get('reason'))}</p>"
-        if isinstance(rejection, dict)
-        else ""
-    )
-    rollback = src.get("last_rollback")
-    if isinstance(rollback, dict):
-        rejected += (
-            f"<p>Last rollback: to <code>{_e(str(rollback.get('commit', ''))[:12])}</code> from "
-            f"<code>{_e(str(rollback.get('previous', ''))[:12])}</code>, allowed by {_e(rollback.get('by'))} "
-            f"at {_e(_when(rollback.get('at')))}.</p>"
-        )
-    return (
-        "<!doctype html><html><head><meta charset=utf-8><title>reconciler</title>"
-        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}"
-        ".ready{color:#070}.stalled{color:#a00}.reconciling{color:#a60}</style></head><body>"
-        "<h1>reconciler</h1>"
-        f"<p>Fleet repo <code>{_e(src.get('url'))}</code> branch <code>{_e(src.get('branch'))}</code>: "
-        f"head <code>{_e(str(src.get('head', ''))[:12])}</code>, "
-        f"applying <code>{_e(str(src.get('good', ''))[:12])}</code>. "
-        f"Mode {_e(status.get('mode'))}. Queue depth {_e(status.get('queue', {}).get('depth'))}.</p>"
-        f"{rejected}"
-        "<h2>Hosts</h2><table><tr><th>host</th><th>state</th><th>applied</th><th>attempted</th>"
-        "<th>last drift</th><th>reason</th></tr>" + "".join(rows) + "</table>"
-        "<h2>Recent drift and errors</h2><table><tr><th>when</th><th>kind</th><th>host</th>"
-        "<th>commit</th><th>message</th></tr>" + "".join(events) + "</table></body></html>\n"
+def _page(text: str) -> web.Response:
+    """An HTML page under the strict policy: no script, no external asset, inline styles only."""
+    return web.Response(
+        text=text,
+        content_type="text/html",
+        headers={
+            "Content-Security-Policy": CSP,
+            "X-Content-Type-Options": "nosniff",
+            "Cache-Control": "no-store",
+        },
     )

@@ -194,6 +194,9 @@ class GitResult:
     stderr: bytes
 
 
+_COMMIT_ID = re.compile(r"^[0-9a-f]{7,64}$")
+
+
 class Git:
     """Runs git with argv lists in an isolated environment (no global/system config)."""
 
@@ -718,6 +721,30 @@ class FleetSource:
             if not any(c in bad for c in history):
                 return candidate, rejection
         return self._good, rejection
+
+    async def commit_summary(self, commit: str) -> dict[str, str]:
+        """Subject, author and signature (as the trust check found it) of a fetched commit, for
+        the status page; {} if the mirror does not have it."""
+        if not _COMMIT_ID.match(commit):
+            return {}
+        config: list[tuple[str, str]] = []
+        if self.config.verify is VerifyMode.SSH and self.config.allowed_signers is not None:
+            config.append(("gpg.ssh.allowedSignersFile", str(self.config.allowed_signers)))
+        res = await self._git.run(
+            ["log", "-1", "--format=%s%x00%an <%ae>%x00%GS%x00%GK", commit, "--"],
+            config=config,
+            env={"GNUPGHOME": str(self._gnupg_home)},
+            timeout=10,
+        )
+        if res.code != 0:
+            return {}
+        fields = res.stdout.decode("utf-8", "replace").strip().split("\0")
+        subject, author, who, key = (fields + ["", "", ""])[:4]
+        verdict = self._verified.get(commit)
+        signer = ""
+        if self.config.verify is not VerifyMode.NONE and verdict is not None and verdict.ok:
+            signer = f"{who or 'a trusted key'} ({self.config.verify.value} key {key})" if key else who
+        return {"subject": subject[:200], "author": author[:200], "signer": signer[:300]}
 
     async def verify_commit(self, commit: str) -> Verdict:
         cached = self._verified.get(commit)

@@ -104,6 +104,13 @@ CREATE TABLE IF NOT EXISTS events (
     message TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS events_host ON events(host, id);
+CREATE TABLE IF NOT EXISTS host_records (
+    host TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    at REAL NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (host, kind)
+);
 CREATE TABLE IF NOT EXISTS rejected_commits (
     commit_id TEXT PRIMARY KEY,
     reason TEXT NOT NULL,
@@ -317,6 +324,33 @@ class Store:
                     [(n, HostState.REMOVED.value) for n in ok],
                 )
         return ok, refused
+
+    # ------------------------------------------------------------ what the status page shows
+
+    def set_record(self, host: str, kind: str, data: Any) -> None:
+        """The last ``kind`` record of a host (``plan``, ``verify``...): JSON, replaced whole.
+        Callers keep it small and free of secrets (no file contents but the plan's diffs, which
+        the engine already masks for secret files)."""
+        text = json.dumps(data, sort_keys=True, default=str)
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO host_records(host, kind, at, data) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT(host, kind) DO UPDATE SET at = excluded.at, data = excluded.data",
+                (host, kind, self._clock(), text),
+            )
+
+    def record(self, host: str, kind: str) -> tuple[float, Any] | None:
+        row = self._db.execute(
+            "SELECT at, data FROM host_records WHERE host = ? AND kind = ?", (host, kind)
+        ).fetchone()
+        return (float(row[0]), json.loads(row[1])) if row else None
+
+    def rejected_commits(self, limit: int = 50) -> list[tuple[str, str, float]]:
+        """(commit, reason, at) of refused commits, newest first."""
+        rows = self._db.execute(
+            "SELECT commit_id, reason, at FROM rejected_commits ORDER BY at DESC LIMIT ?", (limit,)
+        )
+        return [(str(c), str(r), float(a)) for c, r, a in rows]
 
     # ------------------------------------------------------------ source
 

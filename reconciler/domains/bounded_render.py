@@ -19,6 +19,7 @@ line). The worker's answers are unpickled with an allow-list of classes (the res
 from __future__ import annotations
 
 import asyncio
+import enum
 import io
 import os
 import pickle
@@ -68,6 +69,21 @@ _ALLOWED = {
 }
 
 
+def _enum_member(cls: Any, name: Any) -> Any:
+    """How some Python builds (Debian 12's 3.11.2) pickle an enum member: ``getattr(Enum, NAME)``.
+    Only a member of an allowed enum, never a general attribute lookup (that would let a
+    subverted worker reach any callable)."""
+    if (
+        isinstance(cls, type)
+        and issubclass(cls, enum.Enum)
+        and _ALLOWED.get(cls.__name__) is cls
+        and isinstance(name, str)
+        and name in cls.__members__
+    ):
+        return cls[name]
+    raise pickle.UnpicklingError("the render worker sent a forbidden attribute lookup")
+
+
 class _AnswerUnpickler(pickle.Unpickler):
     """Only the resource dataclasses and enums of reconciler.kinds.resources, and builtin data."""
 
@@ -76,6 +92,8 @@ class _AnswerUnpickler(pickle.Unpickler):
             return _ALLOWED[name]
         if module == "builtins" and name in ("frozenset", "set"):
             return frozenset if name == "frozenset" else set
+        if module == "builtins" and name == "getattr":
+            return _enum_member
         raise pickle.UnpicklingError(f"the render worker sent a forbidden type {module}.{name}")
 
 

@@ -86,18 +86,30 @@ def render(fleet: Fleet, host: Host) -> Fragment:
     roles = fleet.roles_of(host)
     purged = {p for r in roles for p in r.purge_packages}
     wanted = list(implicit_packages(fleet, host)) + [p for r in roles for p in r.packages]
-    packages = [Package(name=p) for p in dict.fromkeys(wanted) if p not in purged]
+    # a role's ``replaces`` lets apt remove those packages to install that role's packages
+    replaces: dict[str, set[str]] = {}
+    for r in roles:
+        for p in r.packages:
+            replaces.setdefault(p, set()).update(r.replaces)
+    packages = [
+        Package(name=p, replaces=tuple(sorted(replaces.get(p, ()))))
+        for p in dict.fromkeys(wanted)
+        if p not in purged
+    ]
     packages += [Package(name=p, state="purged") for p in sorted(purged)]
 
     services: list[Service] = []
     if any(r.sites for r in roles):
         services.append(apache_service())
     declared = [s for r in roles for s in r.services]
+    tied = {name: pkg for r in roles for name, pkg in r.service_packages}
     installed = {p.name for p in packages if p.state == "present"}
     for name in dict.fromkeys(declared):
         if name == "apache2" and any(s.name == "apache2" for s in services):
             continue
-        services.append(generic_service(name, package=name if name in installed else None))
+        # the package that brings it: declared ({name, package}), else a package of the same name
+        package = tied.get(name) or (name if name in installed else None)
+        services.append(generic_service(name, package=package))
     return Fragment(
         packages=tuple(sorted(packages, key=lambda p: p.name)),
         services=tuple(sorted(services, key=lambda s: s.name)),

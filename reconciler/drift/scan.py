@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import posixpath
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -134,6 +135,31 @@ def classify_managed(desired: Desired | None, snap: Snapshot, policy: PathPolicy
             continue
         e = snap.entries.get(f.path)
         out[f.path] = _file_reason(e, f.content, f.mode, f.owner, f.group)
+    # what the engine writes besides files and links: the firewall's persistent rules (their
+    # content is the ruleset) and the key pairs made on the host (any content: never copied off)
+    fw = desired.firewall
+    persistent = [] if fw is None else [(fw.persistent_path, fw.rules_v4)]
+    if fw is not None and fw.rules_v6 is not None:
+        persistent.append((fw.persistent_path_v6, fw.rules_v6))
+    for path, rules in persistent:
+        if under_roots(path, policy.roots) and not policy.excluded(path):
+            e = snap.entries.get(path)
+            out[path] = (
+                "missing"
+                if e is None
+                else None
+                if e.kind == "file" and e.sha256 == hashlib.sha256(rules.encode()).hexdigest()
+                else "differs from the fleet's firewall"
+            )
+    for kp in desired.keypairs:
+        for path in (kp.private_path, kp.public_path):
+            if under_roots(path, policy.roots) and not policy.excluded(path):
+                e = snap.entries.get(path)
+                out[path] = (
+                    None
+                    if e is not None and e.kind == "file"
+                    else "missing (the key pair is made on the host)"
+                )
     for lk in desired.links:
         if not under_roots(lk.path, policy.roots) or policy.excluded(lk.path):
             continue
@@ -146,6 +172,15 @@ def classify_managed(desired: Desired | None, snap: Snapshot, policy: PathPolicy
             out[lk.path] = f"points to {e.target}, the fleet says {lk.target}"
         else:
             out[lk.path] = None
+    # the directories the engine made for them (e.g. /etc/reconciler, a drop-in directory)
+    for path in [*out, *(posixpath.join(d, ".") for d in desired.owned_dirs), IDENTITY_PATH]:
+        parent = posixpath.dirname(path)
+        while parent not in out and under_roots(parent, policy.roots) and parent not in policy.roots:
+            e = snap.entries.get(parent)
+            if e is None or e.kind != "dir":
+                break
+            out[parent] = None
+            parent = posixpath.dirname(parent)
     return out
 
 
@@ -526,12 +561,13 @@ def make_daemon_step(
     *,
     enforce: Callable[[Any, Any], EnforceCallback] | None = None,
     render: Callable[[Fleet, Any], Desired] | None = None,
-) -> Callable[[str, Any, Any], Awaitable[int]]:
-    """An adapter for ``reconciler.daemon.daemon.Daemon(drift=...)``: ``(host, target, pool) -> number
-    of drifted paths``. ``enforce(target, pool)`` may build the engine's callback; ``render``
-    gives a host's Desired (the daemon's: its render worker's results, never rendered here)."""
+) -> Callable[[str, Any, Any], Awaitable[DriftFinding]]:
+    """An adapter for ``reconciler.daemon.daemon.Daemon(drift=...)``: ``(host, target, pool) ->
+    DriftFinding`` (the hand-edited paths). ``enforce(target, pool)`` may build the engine's
+    callback; ``render`` gives a host's Desired (the daemon's: its render worker's results, never
+    rendered here)."""
 
-    async def step(host: str, target: Any, pool: Any) -> int:
+    async def step(host: str, target: Any, pool: Any) -> DriftFinding:
         scanner = DriftScanner(
             target.fleet,
             history,
@@ -543,9 +579,21 @@ def make_daemon_step(
         )
         conn = await pool.get(host)
         res = await scanner.scan_host(conn)
-        return len(res.drift) + len(res.managed_drift)
+        # drift is what changed by hand since the last snapshot: a managed file that differs
+        # only because the fleet moved on (a new commit not applied yet) is the fleet's change,
+        # and what the reconciler itself applied is "now as the fleet wants it" (not drift)
+        return DriftFinding(len(res.drift), res.commit or "", tuple(display_path(p) for p in res.drift[:20]))
 
     return step
+
+
+@dataclass(frozen=True)
+class DriftFinding:
+    """What one daemon scan found: hand-edited paths (never the reconciler's own changes)."""
+
+    count: int
+    history_commit: str = ""  # the /etc history commit that recorded them ("" = none made)
+    paths: tuple[str, ...] = ()  # the first few, display form
 
 
 def engine_enforcer(fleet: Fleet, pool: Any) -> EnforceCallback:

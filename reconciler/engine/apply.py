@@ -53,6 +53,7 @@ from typing import cast
 
 from reconciler.engine import deadman
 from reconciler.engine.finish import finish_phase
+from reconciler.engine.hostlock import Holder, host_lock
 from reconciler.engine.observe import observe_host
 from reconciler.engine.plan import plan_host
 from reconciler.engine.reloads import reloads_phase, services_phase, start_down
@@ -112,6 +113,11 @@ class ApplyResult:
             f"{o.action.kind} {o.action.resource}" for o in self.outcomes if o.status in ("failed", "skipped")
         )
 
+    def change_counts(self) -> tuple[int, int]:
+        """(changes that landed, changes planned), reloads not counted."""
+        changes = [o for o in self.outcomes if o.action.kind is not ActionKind.RELOAD]
+        return sum(1 for o in changes if o.status == "done"), len(changes)
+
     @property
     def partial(self) -> bool:
         """Some changes applied, others failed or were held back (independent ones still ran)."""
@@ -154,33 +160,35 @@ async def apply_host(
     run = HostRun(conn_pool, host, plan, desired, secrets.token_hex(6))
     phase = "start"
     try:
-        phase = "packages"
-        await _packages(run)
-        phase = "firewall"
-        await _firewall(run, firewall_window)
-        if run.stopped is None:
-            phase = "key pairs"
-            await _keypairs(run)
-            phase = "services down before the swap"
-            await start_down(run)
-            phase = "files"
-            await files_phase(run)
-            if FAULT_AFTER_SWAP is not None:
-                await FAULT_AFTER_SWAP(host)
-            phase = "tunnels"
-            await tunnels.apply_tunnels(run)
-            await tunnels.apply_addresses(run)
-            phase = "reloads"
-            await reloads_phase(run)
-            for kind in KINDS:
-                phase = kind.name
-                await kind.apply(run)
-            phase = "services"
-            await services_phase(run)
-            phase = "ipsec children"
-            await ipsec.apply_initiate(run)
-            phase = "finish"
-            await finish_phase(run)
+        phase = "host lock"
+        async with host_lock(cast(Holder, await run.conn()), host):
+            phase = "packages"
+            await _packages(run)
+            phase = "firewall"
+            await _firewall(run, firewall_window)
+            if run.stopped is None:
+                phase = "key pairs"
+                await _keypairs(run)
+                phase = "services down before the swap"
+                await start_down(run)
+                phase = "files"
+                await files_phase(run)
+                if FAULT_AFTER_SWAP is not None:
+                    await FAULT_AFTER_SWAP(host)
+                phase = "tunnels"
+                await tunnels.apply_tunnels(run)
+                await tunnels.apply_addresses(run)
+                phase = "reloads"
+                await reloads_phase(run)
+                for kind in KINDS:
+                    phase = kind.name
+                    await kind.apply(run)
+                phase = "services"
+                await services_phase(run)
+                phase = "ipsec children"
+                await ipsec.apply_initiate(run)
+                phase = "finish"
+                await finish_phase(run)
     except ReconcilerError as err:
         run.stopped = f"{phase}: {err}"
         run.fail(err.reason, f"apply stopped during {phase}: {err}")
@@ -296,15 +304,18 @@ async def _packages(run: HostRun) -> None:
         return
     conn = await run.conn()
     failed: dict[str, str] = {}
-    for kind, verb in ((ActionKind.INSTALL_PACKAGE, "install"), (ActionKind.PURGE_PACKAGE, "purge")):
+    # purges first: a package the fleet purges may be what blocks an install (a conflict)
+    for kind, verb in ((ActionKind.PURGE_PACKAGE, "purge"), (ActionKind.INSTALL_PACKAGE, "install")):
         group: dict[str, int] = {}
+        allow: set[str] = set()
         for i in idx:
             target = run.plan.actions[i].target
             if run.plan.actions[i].kind is kind and isinstance(target, Package):
                 group[target.name] = i
+                allow.update(target.replaces)
         if not group:
             continue
-        result = await packaging.apt(conn, verb, list(group))
+        result = await packaging.apt(conn, verb, list(group), allow_removal=sorted(allow))
         if result.transient and result.lock is not None:
             run.transient.append(result.lock.message())
         why = dict(result.failed)

@@ -31,8 +31,9 @@ from reconciler.engine.plan import plan_host
 from reconciler.errors import Failure, IdentityMismatch, Reason, ReconcilerError, RenderError
 from reconciler.fleet.model import Fleet
 from reconciler.host.connection import Connection
-from reconciler.kinds.actions import HostPlan
-from reconciler.kinds.resources import Desired
+from reconciler.kinds import aptsim
+from reconciler.kinds.actions import ActionKind, HostPlan
+from reconciler.kinds.resources import Desired, Package
 from reconciler.log import get_logger
 
 log = get_logger(__name__)
@@ -43,6 +44,10 @@ CHANGES = "changes"  # plan: changes pending
 APPLIED = "applied"  # apply: done and verified
 FAILED = "failed"  # apply: something failed (see result)
 ERROR = "error"  # could not render / connect / observe
+PARTLY_APPLIED = (
+    "partly applied"  # an outcome word (HostOutcome.outcome), not a status: FAILED with changes landed
+)
+EXIT_PARTIAL = 3  # apply: some hosts partly applied (and none failed outright)
 
 Progress = Callable[["HostOutcome"], None]
 # hosts that may be taken over from another fleet / host name: True (all), False or names
@@ -102,8 +107,27 @@ class HostOutcome:
     # why the host failed (status ERROR or FAILED), typed: terminal or transient by its reason
     failure: Failure | None = None
 
+    @property
+    def partial(self) -> bool:
+        """Failed, but some of its changes landed (the others failed or were held back)."""
+        return self.status == FAILED and self.result is not None and self.result.partial
+
+    @property
+    def outcome(self) -> str:
+        """The word a user reads: applied, partly applied, failed, in sync, changes, error."""
+        if self.partial:
+            return PARTLY_APPLIED
+        return {IN_SYNC: "in sync"}.get(self.status, self.status)
+
     def as_dict(self) -> dict[str, object]:
-        out: dict[str, object] = {"host": self.host, "status": self.status, "seconds": round(self.seconds, 3)}
+        out: dict[str, object] = {
+            "host": self.host,
+            "status": self.status,
+            "outcome": self.outcome,
+            "seconds": round(self.seconds, 3),
+        }
+        if self.partial and self.result is not None:
+            out["changes_applied"], out["changes_total"] = self.result.change_counts()
         if self.error:
             out["error"] = self.error
         if self.failure is not None:
@@ -126,9 +150,12 @@ class FleetResult:
         return [h.plan for h in self.hosts if h.plan is not None]
 
     def exit_code(self) -> int:
-        """0 in sync / applied, 1 any error or failure, 2 changes pending (plan)."""
-        if any(h.status in (ERROR, FAILED) for h in self.hosts):
+        """0 in sync / applied, 1 any error or failure, 3 some hosts only partly applied (apply;
+        no host failed outright), 2 changes pending (plan)."""
+        if any(h.status == ERROR or (h.status == FAILED and not h.partial) for h in self.hosts):
             return 1
+        if any(h.partial for h in self.hosts):
+            return EXIT_PARTIAL
         if any(h.status == CHANGES for h in self.hosts):
             return 2
         return 0
@@ -221,6 +248,12 @@ async def _plan_one(
             conn = RecordingConnection(conn, records)
         observed = await observe_host(cast(Connection, conn), desired, fetch_diffs=fetch_diffs)
         plan = plan_host(desired, observed, claim_for(fleet, name), adopt=_adopts(adopt, name))
+        if not plan.refusal and not plan.errors and _package_names(plan) != ((), ()):
+            # packages change: ask apt for its solution (one read-only round trip), plan again
+            installs, purges = _package_names(plan)
+            sim = await aptsim.simulate(conn, installs, purges)
+            observed = replace(observed, apt=sim)
+            plan = plan_host(desired, observed, claim_for(fleet, name), adopt=_adopts(adopt, name))
     except ReconcilerError as err:
         return HostOutcome(
             name,
@@ -270,6 +303,15 @@ async def _plan_one(
     return HostOutcome(name, status, plan, desired, seconds=time.monotonic() - started)
 
 
+def _package_names(plan: HostPlan) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The packages the plan installs and purges."""
+    names: dict[ActionKind, list[str]] = {ActionKind.INSTALL_PACKAGE: [], ActionKind.PURGE_PACKAGE: []}
+    for a in plan.actions:
+        if a.kind in names and isinstance(a.target, Package):
+            names[a.kind].append(a.target.name)
+    return tuple(names[ActionKind.INSTALL_PACKAGE]), tuple(names[ActionKind.PURGE_PACKAGE])
+
+
 async def plan_fleet(
     fleet: Fleet,
     hosts: Iterable[str] | None,
@@ -316,10 +358,13 @@ async def _apply_one(outcome: HostOutcome, pool: Any, firewall_window: float) ->
     status = APPLIED if result.ok else FAILED
     error = None if result.ok else "; ".join(result.messages[-3:]) or "apply failed"
     if result.partial:
-        error = (
-            f"partially applied: {len(result.applied())} change(s) applied, "
-            f"{len(result.not_applied())} not applied; {error}"
+        done, total = result.change_counts()
+        failed = "; ".join(
+            f"{o.action.kind} {o.action.resource}: {o.message.splitlines()[0] if o.message else o.status}"
+            for o in result.outcomes
+            if o.status == "failed"
         )
+        error = f"partly applied: {done} of {total} changes; failed: {failed or 'see messages'}; {error}"
     failure: Failure | None = None
     if not result.ok:
         # the apply's typed reason, with the user-facing summary as its message

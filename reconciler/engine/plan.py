@@ -33,10 +33,11 @@ from dataclasses import replace
 from typing import TypeVar
 
 from reconciler.engine.identity import IDENTITY_PATH, HostIdentity, Judgement, Verdict, judge
+from reconciler.kinds import aptsim, firewall, ipsec, tunnels
 from reconciler.kinds import files as file_kind
-from reconciler.kinds import firewall, ipsec, tunnels
 from reconciler.kinds import keypairs as keypair_kind
 from reconciler.kinds.actions import Action, ActionKind, HostPlan
+from reconciler.kinds.aptsim import AptSimulation
 from reconciler.kinds.observed import Observed
 from reconciler.kinds.registry import KINDS
 from reconciler.kinds.resources import (
@@ -88,6 +89,8 @@ def plan_host(
         )
 
     pkg_actions = _plan_packages(desired.packages, observed)
+    if observed.apt is not None and pkg_actions:
+        pkg_actions = _apt_solution(pkg_actions, desired, observed.apt, errors, warnings)
     actions += pkg_actions
     # the simulated state: what is installed once the package actions ran
     deps = _Packages.after(desired, observed, pkg_actions)
@@ -109,7 +112,7 @@ def plan_host(
     actions += t_actions
     skipped += t_skipped
     actions += tunnels.plan_addresses(desired.addresses, observed)
-    actions += _plan_services(services, observed)
+    actions += _plan_services(_known_services(services, observed, errors), observed)
     actions += ipsec.plan_initiate(desired, observed)
     for kind in KINDS:
         actions += kind.plan(desired, observed)
@@ -240,6 +243,62 @@ def _plan_packages(packages: tuple[Package, ...], observed: Observed) -> list[Ac
                     target=p,
                 )
             )
+    return out
+
+
+def _apt_solution(
+    pkg_actions: list[Action], desired: Desired, sim: AptSimulation, errors: list[str], warnings: list[str]
+) -> list[Action]:
+    """What apt says the package actions imply (``apt-get -s``): shown on the actions; a removal
+    that no role purges or ``replaces`` is a plan error with apt's line (nothing is applied)."""
+    purged = {p.name for p in desired.packages if p.state == "purged"}
+    replacing: dict[str, str] = {}  # replaced package -> the package that replaces it
+    for a in pkg_actions:
+        if a.kind is ActionKind.INSTALL_PACKAGE and isinstance(a.target, Package):
+            for r in a.target.replaces:
+                replacing.setdefault(r, a.target.name)
+    for c in aptsim.refused_removals(sim, purged | set(replacing)):
+        errors.append(
+            f"packages: apt would remove {c.package} ({c.old_version}) to carry out the package changes "
+            f"(apt-get -s: Remv {c.package}); no role purges it or lists it in replaces: not applied "
+            f"(add `replaces: [{c.package}]` to the role whose package needs it, or purge it)"
+        )
+    for name, line in sim.not_found:
+        warnings.append(
+            f"package {name}: {line} (the apply runs apt-get update first; if it is still "
+            "not found, it fails alone and the rest of the host is applied)"
+        )
+    for line in sim.errors:
+        warnings.append(f"packages: apt-get -s: {line} (the apply installs package by package)")
+    removed = {c.package.split(":")[0]: c for c in sim.removals}
+    declared = {a.target.name for a in pkg_actions if isinstance(a.target, Package)}
+    deps = [c.package for c in sim.installs if c.package.split(":")[0] not in declared]
+    versions = {c.package.split(":")[0]: c for c in (*sim.installs, *sim.upgrades)}
+    out: list[Action] = []
+    first_install = True
+    for a in pkg_actions:
+        if not isinstance(a.target, Package):
+            out.append(a)
+            continue
+        notes: list[str] = []
+        name = a.target.name
+        if name in versions and versions[name].version:
+            notes.append(f"version {versions[name].version}")
+        if a.kind is ActionKind.INSTALL_PACKAGE:
+            gone = [r for r, by in replacing.items() if by == name and r in removed]
+            if gone:
+                notes.append(f"apt removes {', '.join(gone)} (replaces)")
+            if first_install:
+                first_install = False
+                if deps:
+                    notes.append(
+                        f"apt also installs {len(deps)} dependencies ({', '.join(deps[:8])}"
+                        + (", ..." if len(deps) > 8 else "")
+                        + ")"
+                    )
+                if sim.upgrades:
+                    notes.append("apt upgrades " + ", ".join(c.line() for c in sim.upgrades))
+        out.append(replace(a, reason=f"{a.reason}; {'; '.join(notes)}") if notes else a)
     return out
 
 
@@ -386,6 +445,34 @@ def _owner_of(path: str, desired: Desired) -> tuple[str | None, Domain]:
     if best is not None:
         return best.handler, best.domain
     return None, Domain.FILES
+
+
+def _known_services(
+    services: tuple[Service, ...], observed: Observed, errors: list[str]
+) -> tuple[Service, ...]:
+    """Drop (as a plan error) a role service started through ``service NAME start`` that no
+    package is tied to and that the host does not know (no init script, no unit): starting it
+    could only fail ("NAME: unrecognized service"). A service tied to a package being installed
+    is planned as if the package were there (``_Packages``)."""
+    out: list[Service] = []
+    for s in services:
+        state = observed.services.get(s.name)
+        unknown = (
+            s.needs_package is None
+            and s.start == ("service", s.name, "start")
+            and observed.init_system in ("sysv", "systemd")
+            and state is not None
+            and not state.running
+            and state.enabled is None
+        )
+        if unknown:
+            errors.append(
+                f"service {s.name}: the host has no init script or unit for it and no package is tied to "
+                f"it; not planned (name the package that brings it: {{name: {s.name}, package: PACKAGE}})"
+            )
+            continue
+        out.append(s)
+    return tuple(out)
 
 
 def _plan_services(services: tuple[Service, ...], observed: Observed) -> list[Action]:

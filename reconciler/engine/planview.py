@@ -120,7 +120,8 @@ def _errors_suffix(result: FleetResult) -> str:
 def render_apply(result: FleetResult, *, color: bool = False) -> str:
     paint = _Paint(color)
     lines: list[str] = []
-    applied = failed = in_sync = errors = 0
+    applied = failed = in_sync = errors = partial = 0
+    partial_done = partial_total = 0
     for o in result.hosts:
         if o.status == IN_SYNC:
             in_sync += 1
@@ -137,6 +138,11 @@ def render_apply(result: FleetResult, *, color: bool = False) -> str:
         if o.status == APPLIED:
             applied += 1
             verdict = paint("applied", GREEN) + (", verified in sync" if r.converged else "")
+        elif o.partial:
+            partial += 1
+            done, total = r.change_counts()
+            partial_done, partial_total = partial_done + done, partial_total + total
+            verdict = paint("PARTLY APPLIED", YELLOW, BOLD) + f" ({done} of {total} changes)"
         else:
             failed += 1
             verdict = paint("FAILED", RED, BOLD) + (" (firewall rolled back)" if r.rolled_back else "")
@@ -153,9 +159,11 @@ def render_apply(result: FleetResult, *, color: bool = False) -> str:
             for i, ml in enumerate(m.splitlines()):
                 lines.append(("  " if i == 0 else "    ") + ml)
     lines.append("")
+    part = f"{partial} partly applied ({partial_done} of {partial_total} changes), " if partial else ""
     lines.append(
         paint(
-            f"Apply: {applied} applied, {failed} failed, {in_sync} in sync, {errors} unreachable or in error",
+            f"Apply: {applied} applied, {part}{failed} failed, {in_sync} in sync, "
+            f"{errors} unreachable or in error",
             BOLD,
         )
     )

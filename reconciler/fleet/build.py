@@ -59,6 +59,7 @@ def host(d: Mapping[str, Any], file: str) -> m.Host:
         legacy_crypto=bool(d.get("legacy_crypto", False)),
         source_file=file,
         public_address_v6=v6_address(d.get("public_address_v6")),
+        site=d.get("site"),
     )
 
 
@@ -151,7 +152,11 @@ def role(d: Mapping[str, Any], file: str) -> m.Role:
         name=d["name"],
         packages=_t(d, "packages"),
         purge_packages=_t(d, "purge_packages"),
-        services=_t(d, "services"),
+        services=tuple(s if isinstance(s, str) else s["name"] for s in d.get("services") or ()),
+        service_packages=tuple(
+            (s["name"], s["package"]) for s in d.get("services") or () if not isinstance(s, str)
+        ),
+        replaces=_t(d, "replaces"),
         ports=tuple(
             m.ServicePort(
                 port=p["port"],

@@ -86,6 +86,7 @@ class Host:
     # the host's public IPv6 address, if it has one: role ports whose sources name this host
     # admit it in rules.v6, and the management-SSH lockout check covers it
     public_address_v6: IPv6Address | None = None
+    site: str | None = None  # the data centre / site (informational)
 
 
 # ---------------------------------------------------------------- mesh
@@ -287,6 +288,11 @@ class Role:
     packages: tuple[str, ...] = ()
     purge_packages: tuple[str, ...] = ()  # removed only because the fleet says so
     services: tuple[str, ...] = ()  # must be enabled and running
+    # service name -> the package that brings it (``{name: mariadb, package: mariadb-server}``)
+    service_packages: tuple[tuple[str, str], ...] = ()
+    # installed packages apt may remove to install this role's packages (chrony replaces
+    # systemd-timesyncd); any other removal apt wants is refused at plan time
+    replaces: tuple[str, ...] = ()
     ports: tuple[ServicePort, ...] = ()  # opened in the firewall
     sites: tuple[str, ...] = ()  # Site names
     apparmor: tuple[str, ...] = ()  # AppArmorProfile names

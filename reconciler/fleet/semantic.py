@@ -399,6 +399,19 @@ class Checker:
             for i, p in enumerate(r.purge_packages):
                 if p in both:
                     self.err(x.doc, ("purge_packages", i), f"{p!r} is both installed and purged")
+            for i, p in enumerate(r.replaces):
+                if p in r.packages:
+                    self.err(x.doc, ("replaces", i), f"{p!r} is both installed and replaced")
+            names = [n for n in r.services]
+            for i, n in enumerate(names):
+                if n in names[:i]:
+                    self.err(x.doc, ("services", i), f"service {n!r} is listed twice")
+            for n, pkg in r.service_packages:
+                if pkg in r.purge_packages:
+                    i = names.index(n)
+                    self.err(
+                        x.doc, ("services", i), f"service {n!r} needs package {pkg!r}, which the role purges"
+                    )
 
     def check_sysctl(self, hosts: list[_Located], roles_by: Mapping[str, m.Role]) -> None:
         """Two roles of one host must not set one kernel parameter to different values."""

@@ -28,7 +28,7 @@ import random
 import shlex
 import signal
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -287,6 +287,41 @@ class Connection:
         ``args`` (positional parameters $1...) or on stdin (``stdin_after``)."""
         return await self.run(["sh", "-c", script, "sh", *args], stdin=stdin_after, timeout=timeout)
 
+    @contextlib.asynccontextmanager
+    async def hold(
+        self, argv: Sequence[str], *, limit: float, first_line_within: float
+    ) -> AsyncIterator[bytes]:
+        """Run argv and keep it running for the duration of the ``async with`` block (a lock
+        held by a remote process); yields the first line it prints (read within
+        ``first_line_within`` s, else CommandTimeout). Leaving the block closes its stdin: the
+        command sees EOF and ends. The host ends it after ``limit`` s in any case, and sshd ends
+        it when the connection drops (a crashed reconciler holds nothing)."""
+        full = (*self._prefix, "timeout", "-k", f"{_KILL_GRACE:g}", f"{limit:.3f}", *argv)
+        try:
+            proc = await self._conn.create_process(shlex.join(full), encoding=None)
+        except asyncssh.ChannelOpenError as err:
+            raise ConnectionLost(f"host {self.target.where()}: cannot open a channel: {err.reason}") from None
+        except (OSError, asyncssh.Error) as err:
+            raise ConnectionLost(f"host {self.target.where()}: connection lost: {_reason(err)}") from None
+        try:
+            try:
+                async with asyncio.timeout(first_line_within):
+                    line = await proc.stdout.readline()
+            except TimeoutError:
+                raise CommandTimeout(
+                    f"host {self.target.where()}: {argv[0]} did not answer within {first_line_within:g} s"
+                ) from None
+            except (OSError, asyncssh.Error) as err:
+                raise ConnectionLost(f"host {self.target.where()}: connection lost: {_reason(err)}") from None
+            yield _as_bytes(line)
+        finally:
+            with contextlib.suppress(OSError, asyncssh.Error):
+                proc.stdin.write_eof()
+            with contextlib.suppress(OSError, asyncssh.Error, TimeoutError):
+                async with asyncio.timeout(_KILL_GRACE + _CLIENT_SLACK):
+                    await proc.wait()
+            proc.close()
+
     async def _exec(self, command: str, stdin: bytes | None, limit: float, *, label: str) -> CommandResult:
         started = time.monotonic()
         async with self._sem:
@@ -400,6 +435,30 @@ class LocalConnection(Connection):
                     f"host {self.host} (local): command {argv[0]} timed out after {limit:g} s (terminated)"
                 ) from None
         return CommandResult(int(proc.returncode or 0), out, err_out)
+
+    @contextlib.asynccontextmanager
+    async def hold(
+        self, argv: Sequence[str], *, limit: float, first_line_within: float
+    ) -> AsyncIterator[bytes]:
+        full = (*self._prefix, "timeout", "-k", f"{_KILL_GRACE:g}", f"{limit:.3f}", *argv)
+        proc = await asyncio.create_subprocess_exec(
+            *full, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, start_new_session=True
+        )
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            try:
+                line = await asyncio.wait_for(proc.stdout.readline(), first_line_within)
+            except TimeoutError:
+                raise CommandTimeout(
+                    f"host {self.host} (local): {argv[0]} did not answer within {first_line_within:g} s"
+                ) from None
+            yield line
+        finally:
+            proc.stdin.close()
+            try:
+                await asyncio.wait_for(proc.wait(), _KILL_GRACE + _CLIENT_SLACK)
+            except TimeoutError:
+                await _kill_group(proc)
 
     async def close(self) -> None:
         self._closed = True

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from reconciler.engine.identity import SeenIdentity
+from reconciler.kinds.aptsim import AptSimulation
 
 
 @dataclass(frozen=True)
@@ -110,3 +111,6 @@ class Observed:
     # live kernel parameters the Desired declares (reconciler.kinds.sysctl): key -> value as
     # ``sysctl`` prints it; a key the kernel does not have is absent; None: not observed
     sysctl: Mapping[str, str] | None = None
+    # apt's solution for the planned package transaction (``apt-get -s``), asked only when the
+    # plan has package actions (reconciler.kinds.aptsim); None: not asked
+    apt: AptSimulation | None = None

@@ -8,9 +8,11 @@ apt-get runs non-interactively (``DEBIAN_FRONTEND=noninteractive``, ``--force-co
 --force-confold``, ``--no-install-recommends``), under ``timeout``, and never waits for the
 dpkg lock (``-o DPkg::Lock::Timeout=0``): a lock held by another process (an unattended upgrade,
 an admin's apt-get) is reported with that process's pid and retried later. ``apt-get update``
-runs only when a planned package has no install candidate. Installing never removes a package
-(``--no-remove``); a purge is refused when apt would remove any package the fleet did not name.
-Nothing here ever runs ``autoremove``.
+runs only when a planned package has no install candidate (one still without a candidate fails
+alone, with apt's own line). Installing removes only the packages the fleet allows (a role's
+``replaces``, checked against ``apt-get -s`` on the host; else ``--no-remove``); a purge is
+refused when apt would remove any package the fleet did not name. A failed transaction is
+retried package by package. Nothing here ever runs ``autoremove``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import re
 import shlex
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from reconciler.host.script import Result as _Result
 from reconciler.host.script import Runner
@@ -102,7 +104,10 @@ def parse_lock(text: str) -> LockHolder | None:
 
 APT_SCRIPT = r"""
 set -u
-verb=$1; t_apt=$2; t_update=$3; shift 3
+verb=$1; t_apt=$2; t_update=$3; nallow=$4; shift 4
+# the packages apt may remove to install these (a role's replaces), then the package names
+allow=""; i=0
+while [ $i -lt "$nallow" ]; do allow="$allow $1"; shift; i=$((i+1)); done
 DEBIAN_FRONTEND=noninteractive; export DEBIAN_FRONTEND
 APT_LISTCHANGES_FRONTEND=none; export APT_LISTCHANGES_FRONTEND
 LC_ALL=C; export LC_ALL
@@ -143,14 +148,34 @@ if [ "$verb" = install ]; then
   if [ $need_update = 1 ]; then
     echo "@@APT update"
     timeout -k 10 "$t_update" apt-get -q -o DPkg::Lock::Timeout=0 update >"$log" 2>&1; rc=$?
-    if [ $rc != 0 ]; then echo "@@APT update-failed $rc"; tail_log; status "$@"; exit 0; fi
-    bad=0
-    for p do if no_candidate "$p"; then echo "@@APT no-candidate $p"; bad=1; fi; done
-    if [ $bad = 1 ]; then status "$@"; exit 0; fi
+    if [ $rc != 0 ]; then echo "@@APT update-failed $rc"; tail_log; fi
+    # a package still without a candidate fails alone, with apt's own line; the others go on
+    for p do
+      shift
+      if no_candidate "$p"; then
+        echo "@@APT no-candidate $p"
+        e=$(apt-get -s -q -o Debug::NoLocking=1 install -- "$p" 2>&1 | grep '^E: ' | head -n 1)
+        echo "@@ERR $p ${e:-E: Package '$p' has no installation candidate}"
+      else set -- "$@" "$p"; fi
+    done
+    [ $# -gt 0 ] || exit 0
+  fi
+  noremove=--no-remove
+  if [ -n "$allow" ]; then
+    # removals only of packages the fleet allows (replaces), checked again against apt's solution
+    sim=$(apt-get -s -q -o Debug::NoLocking=1 --no-install-recommends install -- "$@" 2>&1)
+    extra=0
+    for r in $(printf '%s\n' "$sim" | sed -n 's/^\(Purg\|Remv\) \([^ ]*\).*/\2/p'); do
+      ok=0
+      for a in $allow; do if [ "$r" = "$a" ] || [ "${r%%:*}" = "$a" ]; then ok=1; fi; done
+      if [ $ok = 0 ]; then echo "@@APT would-remove $r"; extra=1; fi
+    done
+    if [ $extra = 1 ]; then status "$@"; exit 0; fi
+    noremove=
   fi
   timeout -k 30 "$t_apt" apt-get -y -q -o DPkg::Lock::Timeout=0 \
     -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
-    --no-install-recommends --no-remove install -- "$@" >"$log" 2>&1
+    --no-install-recommends $noremove install -- "$@" >"$log" 2>&1
   report $? "$@"
 else
   # a purge never takes anything the fleet did not name with it
@@ -184,6 +209,7 @@ class AptRun:
     lock: LockHolder | None = None  # dpkg was locked: nothing ran; retry later
     updated: bool = False  # apt-get update ran (a package had no candidate)
     output_tail: str = ""  # the last lines of apt/dpkg output when something failed
+    retried: tuple[str, ...] = ()  # installed alone after the whole transaction failed
 
     @property
     def transient(self) -> bool:
@@ -195,6 +221,8 @@ class AptRun:
                 " (after apt-get update)" if self.updated else ""
             )
         head = f"apt-get {self.verb} {' '.join(self.names)} failed"
+        if self.retried:
+            head += f"; tried alone: {' '.join(self.retried)}"
         if self.lock is not None:
             head = f"apt-get {self.verb} {' '.join(self.names)} not run: {self.lock.message()}"
         lines = [head]
@@ -235,6 +263,7 @@ def parse_apt_output(verb: str, names: Sequence[str], text: str) -> AptRun:
     states: dict[str, str] = {}
     failed_reason = ""
     no_candidate: list[str] = []
+    apt_lines: dict[str, str] = {}  # package -> apt's own E: line about it
     would_remove: list[str] = []
     updated = False
     tail: list[str] = []
@@ -250,6 +279,10 @@ def parse_apt_output(verb: str, names: Sequence[str], text: str) -> AptRun:
             continue
         if line == "@@LOG":
             in_log = True
+        elif line.startswith("@@ERR "):
+            parts = line.split(" ", 2)
+            if len(parts) == 3:
+                apt_lines[parts[1]] = parts[2]
         elif line.startswith("@@PKG "):
             parts = line.split(" ", 2)
             if len(parts) == 3:
@@ -280,6 +313,9 @@ def parse_apt_output(verb: str, names: Sequence[str], text: str) -> AptRun:
             elif word[0] == "flocked":
                 flocked = LockHolder(word[1] if len(word) > 1 else "/var/lib/dpkg/lock-frontend")
     output = "\n".join(tail).strip()
+    e_lines = [ln for ln in tail if ln.startswith("E: ")]
+    if e_lines and failed_reason.startswith(f"apt-get {verb} failed"):
+        failed_reason += ": " + e_lines[0]
     lock = flocked or (parse_lock(output) if not ran_ok else None)
     done: list[str] = []
     failed: list[tuple[str, str]] = []
@@ -291,16 +327,14 @@ def parse_apt_output(verb: str, names: Sequence[str], text: str) -> AptRun:
         if lock is not None:
             why = lock.message()
         elif name in no_candidate:
-            why = "no installation candidate, even after apt-get update (check the host's apt sources)"
+            why = apt_lines.get(name) or "no installation candidate"
+            why += " (after apt-get update; check the package name and the host's apt sources)"
         elif would_remove:
             why = (
                 "not purged: apt would also remove "
                 + ", ".join(would_remove)
-                + " (not named by the fleet; purge them explicitly if that is wanted)"
+                + " (not named by the fleet; purge them explicitly or list them in the role's replaces)"
             )
-        elif no_candidate:
-            why = "not installed: other packages of this run have no installation candidate ("
-            why += ", ".join(no_candidate) + ")"
         else:
             now = _state_words(st) if st else "state unknown"
             why = f"{failed_reason or 'apt-get did not finish'}; now {now}"
@@ -324,16 +358,59 @@ async def apt(
     *,
     timeout: float = INSTALL_TIMEOUT,
     update_timeout: float = UPDATE_TIMEOUT,
+    allow_removal: Iterable[str] = (),
 ) -> AptRun:
-    """Run ``apt-get install`` or ``apt-get purge`` for ``names`` in one round trip."""
+    """Run ``apt-get install`` or ``apt-get purge`` for ``names`` in one round trip.
+
+    ``allow_removal``: packages apt may remove to install these (a role's ``replaces``; any
+    other removal still aborts). When the whole install transaction fails, each package that
+    did not install is tried alone (one more round trip each), so one bad package blocks only
+    itself and what depends on it."""
+    run = await _apt_once(conn, verb, names, timeout, update_timeout, allow_removal)
+    transaction_failed = [n for n, why in run.failed if why.startswith(f"apt-get {verb} failed")]
+    if verb != "install" or len(run.names) < 2 or not transaction_failed or run.lock is not None:
+        return run
+    done = list(run.done)
+    failed = dict(run.failed)
+    tails: list[str] = [run.output_tail] if run.output_tail else []
+    for name in transaction_failed:
+        alone = await _apt_once(conn, verb, [name], timeout, update_timeout, allow_removal)
+        if alone.ok:
+            done.append(name)
+            failed.pop(name, None)
+        else:
+            failed[name] = dict(alone.failed).get(name, failed[name])
+            if alone.output_tail:
+                tails.append(alone.output_tail)
+        if alone.lock is not None:
+            break
+    return replace(
+        run,
+        ok=not failed,
+        done=tuple(n for n in run.names if n in done),
+        failed=tuple((n, failed[n]) for n in run.names if n in failed),
+        retried=tuple(transaction_failed),
+        output_tail="\n".join(tails[-2:]) if failed else "",
+    )
+
+
+async def _apt_once(
+    conn: Runner,
+    verb: str,
+    names: Iterable[str],
+    timeout: float,
+    update_timeout: float,
+    allow_removal: Iterable[str],
+) -> AptRun:
     if verb not in ("install", "purge"):
         raise ValueError(f"unknown apt verb {verb!r}")
     pkgs = [check_package_name(n) for n in names]
+    allow = [check_package_name(n) for n in allow_removal] if verb == "install" else []
     if not pkgs:
         return AptRun(verb, (), True)
     res = await conn.run_script(
         APT_SCRIPT,
-        args=(verb, str(int(timeout)), str(int(update_timeout)), *pkgs),
+        args=(verb, str(int(timeout)), str(int(update_timeout)), str(len(allow)), *allow, *pkgs),
         timeout=timeout + update_timeout + 120,
     )
     text = res.stdout.decode(errors="replace")

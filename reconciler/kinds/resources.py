@@ -144,6 +144,8 @@ class Package:
     name: str
     state: str = "present"  # "present" or "purged"
     domain: Domain = Domain.PACKAGES
+    # installed packages apt may remove to install this one (a role's ``replaces``)
+    replaces: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

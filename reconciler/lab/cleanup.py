@@ -13,7 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from reconciler.lab import network, procs
+from reconciler.lab import limits, network, procs
 from reconciler.lab.model import LabError
 from reconciler.lab.state import LAB_ROOT, known_prefixes, lab_dir, load_state
 from reconciler.log import get_logger
@@ -114,6 +114,7 @@ def down_prefix(prefix: str, *, release_lock: bool = True) -> list[str]:
     network.remove_forward(prefix, state.iptables_rules if state else [])
     if state is not None and state.neigh_limits:
         network.restore_neigh_table(state.neigh_limits)
+        limits.restore(state.neigh_limits)
     for mnt in mounts_of(prefix):
         subprocess.run(["umount", "-l", mnt], capture_output=True, check=False)
     if d.exists():

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from reconciler.lab import procs
 from reconciler.lab.init_script import SSHD_CONFIG
-from reconciler.lab.model import LAB_NETWORK, LAB_NETWORK_V6, LabError
+from reconciler.lab.model import LAB_NETWORK_V6, LabError, network_of
 from reconciler.lab.state import atomic_write
 
 CLEAN_ENV = {
@@ -71,7 +71,7 @@ def spawn(
         "ip", "netns", "exec", netns,
         "unshare", "--mount", "--uts", "--ipc", "--pid", "--fork", "--kill-child",
         "--propagation", "private",
-        "sh", str(init_path), str(hdir), name, f"{address}/{LAB_NETWORK.prefixlen}", peer, tag,
+        "sh", str(init_path), str(hdir), name, f"{address}/{network_of(address)[0].prefixlen}", peer, tag,
         f"{address_v6}/{LAB_NETWORK_V6.prefixlen}" if address_v6 else "",
     ]  # fmt: skip
     with open(hdir / "console.log", "ab") as console:

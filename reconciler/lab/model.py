@@ -12,14 +12,46 @@ from reconciler.errors import ReconcilerError
 
 LAB_NETWORK = ipaddress.IPv4Network("192.0.2.0/24")
 BRIDGE_ADDRESS = ipaddress.IPv4Address("192.0.2.254")
+# big labs (``lab up --hosts N``): RFC 2544's benchmarking block, never routed, room for
+# 131,000 hosts; the bridge holds its last usable address. The documentation /24 above stays
+# for fleets that name 192.0.2.x addresses (the example fleet, ``lab up --fleet``).
+BIG_NETWORK = ipaddress.IPv4Network("198.18.0.0/15")
+BIG_BRIDGE_ADDRESS = ipaddress.IPv4Address("198.19.255.254")
+# (network, the bridge's address on it): every address a lab host may take is in one of these
+LAB_NETWORKS = ((LAB_NETWORK, BRIDGE_ADDRESS), (BIG_NETWORK, BIG_BRIDGE_ADDRESS))
+NETS = LAB_NETWORKS
+# the first host address of a ``--hosts N`` lab: lab1 = 198.18.0.11, lab2 = 198.18.0.12, ...
+BIG_FIRST_HOST = 11
 # IPv6 of the lab hosts (a documentation prefix, RFC 3849): on the bridge only, between the hosts;
 # the root namespace takes no IPv6 part in the lab and no host has an IPv6 route out
 LAB_NETWORK_V6 = ipaddress.IPv6Network("2001:db8::/64")
 
 
+def network_of(address: str) -> tuple[ipaddress.IPv4Network, ipaddress.IPv4Address]:
+    """The lab network holding ``address`` and the bridge's address on it (LabError if none)."""
+    addr = ipaddress.IPv4Address(address)
+    for net, bridge in LAB_NETWORKS:
+        if addr in net:
+            return net, bridge
+    raise LabError(f"address {address} must be in {' or '.join(str(n) for n, _ in LAB_NETWORKS)}")
+
+
+def big_address(index: int) -> str:
+    """The address of the ``index``-th (from 0) host of a ``--hosts N`` lab."""
+    addr = BIG_NETWORK.network_address + BIG_FIRST_HOST + index
+    if addr >= BIG_BRIDGE_ADDRESS:
+        raise LabError(f"a lab has room for {int(BIG_BRIDGE_ADDRESS) - int(addr) + index} hosts")
+    return str(addr)
+
+
 def default_v6(address: str) -> str:
     """A lab host's IPv6 address unless the fleet gives one: 192.0.2.N -> 2001:db8::N (N in
-    decimal digits, read as hex: 192.0.2.11 -> 2001:db8::11), unique within the lab."""
+    decimal digits, read as hex: 192.0.2.11 -> 2001:db8::11); 198.18.0.0 + K ->
+    2001:db8::1:0:0 + K (198.18.0.11 -> 2001:db8::1:0:b). Unique within the lab."""
+    addr = ipaddress.IPv4Address(address)
+    if addr in BIG_NETWORK:
+        offset = int(addr) - int(BIG_NETWORK.network_address)
+        return str(ipaddress.IPv6Address(int(LAB_NETWORK_V6.network_address) + (1 << 32) + offset))
     last = address.rsplit(".", 1)[-1]
     return str(ipaddress.IPv6Address(f"2001:db8::{last}"))
 
@@ -47,15 +79,15 @@ class LabHostSpec:
             addr = ipaddress.IPv4Address(self.address)
         except ValueError as exc:
             raise LabError(f"lab host {self.name}: address {self.address!r} is not IPv4") from exc
-        if addr not in LAB_NETWORK or addr in (
-            BRIDGE_ADDRESS,
-            LAB_NETWORK.network_address,
-            LAB_NETWORK.broadcast_address,
-        ):
-            raise LabError(
-                f"lab host {self.name}: address {self.address} must be in {LAB_NETWORK} "
-                f"(not .0, .254 or .255)"
-            )
+        nets = " or ".join(
+            f"{n} (not {n.network_address}, {b} or {n.broadcast_address})" for n, b in LAB_NETWORKS
+        )
+        try:
+            net, bridge = network_of(self.address)
+        except LabError:
+            raise LabError(f"lab host {self.name}: address {self.address} must be in {nets}") from None
+        if addr in (bridge, net.network_address, net.broadcast_address):
+            raise LabError(f"lab host {self.name}: address {self.address} must be in {nets}")
         if not self.address_v6:
             object.__setattr__(self, "address_v6", default_v6(self.address))
         try:

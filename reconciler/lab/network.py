@@ -13,20 +13,45 @@ Every name starts with the lab's prefix; removal touches only recorded or prefix
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
-from reconciler.lab.model import BRIDGE_ADDRESS, LAB_NETWORK, LabError
+from reconciler.lab.model import BRIDGE_ADDRESS, LAB_NETWORKS, LabError, network_of
 from reconciler.lab.state import PREFIX_RE
 from reconciler.log import get_logger
 
 log = get_logger(__name__)
 
 
-def bridge_name(prefix: str) -> str:
-    return f"{prefix}br"
+# a Linux bridge has at most 1024 ports (BR_MAX_PORTS); past this many hosts the lab adds a
+# bridge, joined to the first one by a veth pair (one broadcast domain, a star: no loop)
+# (``RECONCILER_LAB_PORTS_PER_BRIDGE`` lowers it: tests build a many-bridge lab from a few hosts)
+PORTS_PER_BRIDGE = 1000
+
+
+def ports_per_bridge() -> int:
+    try:
+        return max(1, min(PORTS_PER_BRIDGE, int(os.environ.get("RECONCILER_LAB_PORTS_PER_BRIDGE", ""))))
+    except ValueError:
+        return PORTS_PER_BRIDGE
+
+
+def bridge_name(prefix: str, index: int = 0) -> str:
+    """The lab's first bridge (holding the lab's addresses) is ``<prefix>br``; extra bridges
+    for big labs are ``<prefix>b<k>``."""
+    return f"{prefix}br" if index == 0 else f"{prefix}b{index}"
+
+
+def bridges_needed(hosts: int, ports_per_bridge: int = PORTS_PER_BRIDGE) -> int:
+    return max(1, -(-hosts // ports_per_bridge))
+
+
+def uplink_names(prefix: str, index: int) -> tuple[str, str]:
+    """The veth pair joining bridge ``index`` (>0) to the first bridge: (first side, its side)."""
+    return f"{prefix}x{index}", f"{prefix}y{index}"
 
 
 def veth_name(prefix: str, index: int) -> str:
@@ -66,12 +91,14 @@ def _set_sysctl(path: str, value: str) -> None:
 
 
 def address_in_use() -> str | None:
-    """The interface that already holds 192.0.2.254 in the root namespace, if any."""
+    """'ADDRESS on IFACE' when a bridge address of the lab (192.0.2.254, 198.19.255.254) is
+    already on an interface of the root namespace that is not a lab's, else None."""
+    bridges = {str(b) for _, b in LAB_NETWORKS}
     out = _run(["ip", "-o", "-4", "addr", "show"]).stdout.decode()
     for line in out.splitlines():
         parts = line.split()
-        if len(parts) >= 4 and parts[3].split("/")[0] == str(BRIDGE_ADDRESS) and not _is_lab_link(parts[1]):
-            return parts[1]
+        if len(parts) >= 4 and parts[3].split("/")[0] in bridges and not _is_lab_link(parts[1]):
+            return f"{parts[3].split('/')[0]} on {parts[1]}"
     return None
 
 
@@ -81,61 +108,87 @@ def address_in_use() -> str | None:
 VOID_ADDRESS = "192.0.2.250"
 
 
-def create(prefix: str, hosts: Sequence[tuple[str, int, str]]) -> None:
-    """Create the bridge, and for each (host name, index, address) a netns, a veth pair and a
-    /32 route in the root namespace."""
+def create_lines(
+    prefix: str, hosts: Sequence[tuple[str, int, str]], ports_per_bridge: int = PORTS_PER_BRIDGE
+) -> tuple[list[str], list[str]]:
+    """The two ``ip -batch`` scripts that build a lab's network (pure, for tests): first the
+    bridges, their uplinks and every netns and veth pair; then (after IPv6 is turned off on the
+    root-namespace side) everything enslaved and up, and the routes."""
+    n_bridges = bridges_needed(len(hosts), ports_per_bridge)
     br = bridge_name(prefix)
     # noprefixroute + one /32 route per host: the machine's own uplink may sit on 192.0.2.0/24
     # too (it does on the project machine), and a /24 route on the bridge would lose to it;
     # /32 routes win, so traffic for a lab host never leaves through the uplink.
-    lines = [
-        f"link add {br} type bridge",
-        f"addr add {BRIDGE_ADDRESS}/{LAB_NETWORK.prefixlen} dev {br} noprefixroute",
-    ]
+    first = [f"link add {bridge_name(prefix, k)} type bridge" for k in range(n_bridges)]
+    first += [f"addr add {b}/{n.prefixlen} dev {br} noprefixroute" for n, b in LAB_NETWORKS]
+    for k in range(1, n_bridges):
+        a, b = uplink_names(prefix, k)
+        first.append(f"link add {a} type veth peer name {b}")
     for host, i, _ in hosts:
         ns = netns_name(prefix, host)
-        lines += [
+        first += [
             f"netns add {ns}",
             f"link add {veth_name(prefix, i)} type veth peer name {peer_name(prefix, i)} netns {ns}",
         ]
-    ip_batch(lines)
-    _set_sysctl(f"/proc/sys/net/ipv6/conf/{br}/disable_ipv6", "1")
+    second = []
+    for k in range(1, n_bridges):
+        a, b = uplink_names(prefix, k)
+        second += [f"link set {a} master {br} up", f"link set {b} master {bridge_name(prefix, k)} up"]
     for _, i, _ in hosts:
-        _set_sysctl(f"/proc/sys/net/ipv6/conf/{veth_name(prefix, i)}/disable_ipv6", "1")
-    ip_batch(
-        [f"link set {veth_name(prefix, i)} master {br} up" for _, i, _ in hosts]
-        + [f"link set {br} up"]
-        + [f"route replace {addr}/32 dev {br} src {BRIDGE_ADDRESS}" for _, _, addr in hosts]
-        + [f"route replace {VOID_ADDRESS}/32 dev {br} src {BRIDGE_ADDRESS}"]
-    )
+        master = bridge_name(prefix, i // ports_per_bridge)
+        second.append(f"link set {veth_name(prefix, i)} master {master} up")
+    second += [f"link set {bridge_name(prefix, k)} up" for k in range(n_bridges)]
+    second += [f"route replace {addr}/32 dev {br} src {network_of(addr)[1]}" for _, _, addr in hosts]
+    second.append(f"route replace {VOID_ADDRESS}/32 dev {br} src {BRIDGE_ADDRESS}")
+    return first, second
+
+
+def create(prefix: str, hosts: Sequence[tuple[str, int, str]]) -> None:
+    """Create the bridge(s), and for each (host name, index, address) a netns, a veth pair and a
+    /32 route in the root namespace."""
+    first, second = create_lines(prefix, hosts, ports_per_bridge())
+    ip_batch(first)
+    for name in [line.split()[2] for line in first if line.startswith("link add ")]:
+        _set_sysctl(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "1")
+    ip_batch(second)
 
 
 def reserved_addresses() -> dict[str, str]:
-    """Addresses of 192.0.2.0/24 the machine itself uses outside any lab (its own addresses,
-    gateways): a lab host must not take them. Maps address -> what uses it."""
+    """Addresses of the lab networks (192.0.2.0/24, 198.18.0.0/15) the machine itself uses
+    outside any lab (its own addresses, gateways): a lab host must not take them. Maps address
+    -> what uses it."""
     found: dict[str, str] = {}
     out = _run(["ip", "-o", "-4", "addr", "show"]).stdout.decode()
     for line in out.splitlines():
         parts = line.split()
         if len(parts) >= 4 and not _is_lab_link(parts[1]):
             addr = parts[3].split("/")[0]
-            if ipaddress.IPv4Address(addr) in LAB_NETWORK:
+            if _in_lab_networks(addr):
                 found[addr] = f"address of {parts[1]}"
     routes = _run(["ip", "-4", "route", "show", "table", "all"], check=False).stdout.decode()
     for line in routes.splitlines():
         words = line.split()
         if "via" in words:
             gw = words[words.index("via") + 1]
-            try:
-                if ipaddress.IPv4Address(gw) in LAB_NETWORK:
-                    found[gw] = "a gateway of the machine"
-            except ValueError:
-                continue
+            if _in_lab_networks(gw):
+                found[gw] = "a gateway of the machine"
     return found
 
 
+def _in_lab_networks(address: str) -> bool:
+    try:
+        addr = ipaddress.IPv4Address(address)
+    except ValueError:
+        return False
+    return any(addr in net for net, _ in LAB_NETWORKS)
+
+
+# the root-namespace links of a lab: bridges (br, b<k>), host veths (h<n>), bridge uplinks (x<k>, y<k>)
+_LINK_KINDS = r"(br|[hbxy]\d+)"
+
+
 def _is_lab_link(name: str) -> bool:
-    return re.match(r"^rcl[a-z0-9]{1,5}?(br|h\d+)(@.*)?$", name) is not None
+    return re.match(rf"^rcl[a-z0-9]{{1,5}}?{_LINK_KINDS}(@.*)?$", name) is not None
 
 
 # ------------------------------------------------------------------ root firewall
@@ -231,7 +284,7 @@ def netns_of(prefix: str) -> list[str]:
 
 
 def links_of(prefix: str) -> list[str]:
-    pat = re.compile(rf"^{re.escape(prefix)}(br|h\d+)$")
+    pat = re.compile(rf"^{re.escape(prefix)}{_LINK_KINDS}$")
     return [n for n in list_links() if pat.match(n)]
 
 
@@ -242,7 +295,7 @@ def all_prefixes_in_kernel() -> set[str]:
         if "-" in ns and PREFIX_RE.match(head):
             found.add(head)
     for link in list_links():
-        m = re.match(r"^(rcl[a-z0-9]{1,5}?)(br|h\d+)$", link)
+        m = re.match(rf"^(rcl[a-z0-9]{{1,5}}?){_LINK_KINDS}$", link)
         if m and PREFIX_RE.match(m.group(1)):
             found.add(m.group(1))
     return found
@@ -254,8 +307,9 @@ def remove(prefix: str, netns: Sequence[str] = ()) -> None:
     names = sorted(set(netns) | set(netns_of(prefix)))
     links = links_of(prefix)
     lines = [f"netns del {n}" for n in names]
-    lines += [f"link del {link}" for link in links if not link.endswith("br")]
-    lines += [f"link del {link}" for link in links if link.endswith("br")]
+    bridge = re.compile(rf"^{re.escape(prefix)}(br|b\d+)$")
+    lines += [f"link del {link}" for link in links if not bridge.match(link)]
+    lines += [f"link del {link}" for link in links if bridge.match(link)]
     if lines:
         ip_batch(lines, force=True)
 

@@ -96,3 +96,36 @@ def test_names_and_notes_in_the_message_are_one_line_each() -> None:
     msg.encode("utf-8")  # no raw surrogate left
     shown = HostDrift("web1", new=(bad,), drift=(bad,)).as_dict()
     assert shown["new"] == ["/etc/x\\xff\\nDrift: no"] and shown["drift"] == shown["new"]
+
+
+def test_the_engines_own_writes_are_in_line() -> None:
+    """The firewall's persistent rules and the key pair the apply made are the fleet's, not drift
+    (they were counted as hand edits after every first converge); a changed ruleset is drift."""
+    from reconciler.kinds.resources import FirewallRuleset, KeyPair
+
+    rules = "*filter\n:INPUT DROP [0:0]\nCOMMIT\n"
+    desired = Desired(
+        host="web1",
+        firewall=FirewallRuleset(rules_v4=rules, rules_v6=rules),
+        keypairs=(KeyPair("strongswan", "/etc/swanctl/private/k.pem", "/etc/swanctl/pubkey/self.pub", ()),),
+    )
+    entries = {
+        "/etc/iptables/rules.v4": entry("/etc/iptables/rules.v4", rules.encode()),
+        "/etc/iptables/rules.v6": entry("/etc/iptables/rules.v6", b"*filter\nCOMMIT\n"),
+        "/etc/swanctl/private/k.pem": entry("/etc/swanctl/private/k.pem", b"secret", 0o600),
+    }
+    got = classify_managed(desired, Snapshot("web1", ("/etc",), MappingProxyType(entries)), POLICY)
+    assert got["/etc/iptables/rules.v4"] is None and got["/etc/swanctl/private/k.pem"] is None
+    assert got["/etc/iptables/rules.v6"] == "differs from the fleet's firewall"
+    assert got["/etc/swanctl/pubkey/self.pub"] == "missing (the key pair is made on the host)"
+
+
+def test_the_directories_the_engine_made_are_in_line() -> None:
+    conf = FileResource("/etc/strongswan.d/reconciler/a.conf", b"a\n", Domain.FILES)
+    desired = Desired(host="web1", files=(conf,), owned_dirs=("/etc/apache2/reconciler",))
+    dirs = ("/etc/strongswan.d", "/etc/strongswan.d/reconciler", "/etc/reconciler", "/etc/apache2/reconciler")
+    d = {p: Entry(p, "dir", 0o755, "root", "root") for p in dirs}
+    got = classify_managed(desired, Snapshot("web1", ("/etc",), MappingProxyType(d)), POLICY)
+    assert got["/etc/strongswan.d/reconciler"] is None and got["/etc/strongswan.d"] is None
+    assert got["/etc/reconciler"] is None and got["/etc/apache2/reconciler"] is None
+    assert "/etc" not in got

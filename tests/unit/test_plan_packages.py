@@ -307,7 +307,11 @@ def test_postinst_failure_names_the_package_its_state_and_the_dpkg_output() -> N
     assert not run.ok and run.lock is None and not run.transient
     assert run.done == ("rcl-hello",)
     assert run.failed == (
-        ("rcl-broken", "apt-get install failed (exit 100); now half-configured (a maintainer script failed)"),
+        (
+            "rcl-broken",
+            "apt-get install failed (exit 100): E: Sub-process /usr/bin/dpkg returned an error code (1); "
+            "now half-configured (a maintainer script failed)",
+        ),
     )
     text = run.summary()
     assert "rcl-broken: apt-get install failed" in text
@@ -338,9 +342,13 @@ def test_lock_held_by_another_process_is_transient_with_its_pid() -> None:
 
 
 def test_no_candidate_after_update_and_refused_purge() -> None:
-    run = parse_apt_output("install", ["nope"], "@@APT update\n@@APT no-candidate nope\n@@PKG nope missing\n")
+    run = parse_apt_output(
+        "install",
+        ["nope"],
+        "@@APT update\n@@APT no-candidate nope\n@@ERR nope E: Unable to locate package nope\n",
+    )
     assert run.updated and not run.ok
-    assert "no installation candidate, even after apt-get update" in run.failed[0][1]
+    assert run.failed[0][1].startswith("E: Unable to locate package nope (after apt-get update")
     purge = parse_apt_output("purge", ["libfoo"], "@@APT would-remove apache2\n@@PKG libfoo ii \n")
     assert not purge.ok
     assert "apt would also remove apache2" in purge.failed[0][1]

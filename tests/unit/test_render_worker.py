@@ -266,3 +266,25 @@ def test_the_worker_runs_the_same_package_as_its_parent(tmp_path: Path) -> None:
     )
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "etc" / "motd").exists()
+
+
+class _ByGetattr:
+    """Pickles as ``getattr(cls, name)``: how Debian 12's Python 3.11.2 pickles an enum member."""
+
+    def __init__(self, cls: object, name: str) -> None:
+        self.cls, self.name = cls, name
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (getattr, (self.cls, self.name))
+
+
+def test_enum_members_pickled_by_getattr_are_accepted_and_nothing_else() -> None:
+    """Found by running the image (Debian's python3): every commit was refused as 'forbidden type
+    builtins.getattr'. Only a member of an allowed enum is looked up."""
+    from reconciler.kinds.resources import Desired, Domain
+
+    assert _decode(pickle.dumps(("ok", "web1", _ByGetattr(Domain, "FILES"))))[2] is Domain.FILES
+    hostile = ((Desired, "__init__"), (Domain, "__class__"), (Domain, "NOPE"), (object, "__subclasses__"))
+    for cls, name in hostile:
+        with pytest.raises(pickle.UnpicklingError):
+            _decode(pickle.dumps(("ok", "web1", _ByGetattr(cls, name))))

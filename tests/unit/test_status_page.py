@@ -31,6 +31,11 @@ class RefusedView(FakeView):
         status["events"][0]["message"] = f"drift: {ATTACK}"
         return status
 
+    async def commits_page(self) -> dict[str, Any]:
+        page = await super().commits_page()
+        page["rejected"][0]["reason"] = f"invalid: name: {ATTACK} is not a valid host name"
+        return page
+
 
 async def test_the_refused_commit_reason_is_escaped_on_the_status_page() -> None:
     cfg = ServerConfig(listen="127.0.0.1", port=0, webhook_secret=Secret(SECRET))
@@ -46,3 +51,21 @@ async def test_the_refused_commit_reason_is_escaped_on_the_status_page() -> None
     assert f"name: {ESCAPED} is not a valid host name" in page  # ...with its reason escaped
     assert page.count(ESCAPED) == 3, page  # and the host reason and the event message too
     assert "<img" not in page.lower()
+
+
+async def test_reasons_are_escaped_on_the_commits_and_host_pages() -> None:
+    cfg = ServerConfig(listen="127.0.0.1", port=0, webhook_secret=Secret(SECRET))
+    server = HttpServer(cfg, RefusedView(), DaemonMetrics())
+    await server.start()
+    pages = {}
+    try:
+        async with aiohttp.ClientSession() as s:
+            for path in ("/commits", "/hosts/web1"):
+                async with s.get(f"http://127.0.0.1:{server.port}{path}") as r:
+                    assert r.status == 200
+                    pages[path] = await r.text()
+    finally:
+        await server.stop()
+    assert f"name: {ESCAPED} is not a valid host name" in pages["/commits"]
+    assert f"apply failed: {ESCAPED}" in pages["/hosts/web1"]
+    assert all("<img" not in page.lower() for page in pages.values()), pages

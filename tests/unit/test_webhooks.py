@@ -67,7 +67,29 @@ class FakeView:
             "events": [
                 {"at": time.time(), "kind": "drift", "host": "web1", "commit": "", "message": "<b>x</b>"}
             ],
+            "mesh": {
+                "hosts": [{"name": "db1", "site": ""}, {"name": "web1", "site": ""}],
+                "links": [{"a": "db1", "b": "web1", "state": "down"}],
+            },
         }
+
+    async def host_page(self, name: str) -> dict[str, Any] | None:
+        row = next((h for h in self.status()["hosts"] if h["name"] == name), None)
+        if row is None:
+            return None
+        diff = "--- a/etc/motd\n+++ b/etc/motd\n+<script>alert(2)</script>\n"
+        plan = {"summary": "applied 1 change(s)", "commit": "a" * 40, "applied": True,
+                "actions": [{"kind": "change", "resource": "file /etc/motd", "reason": "content",
+                             "diff": diff}],
+                "pending": [], "skipped": [], "warnings": []}  # fmt: skip
+        return {**row, "plan": plan, "plan_at": time.time(), "verify": None, "drift": [], "events": [],
+                "last_mail": None, "applied_info": {"subject": "<i>subject</i>", "signer": "ops"},
+                "attempted_info": {}}  # fmt: skip
+
+    async def commits_page(self) -> dict[str, Any]:
+        return {"running": [{"commit": "a" * 40, "subject": "fleet", "hosts": self.hosts}],
+                "rejected": [{"commit": "b" * 40, "reason": "unsigned: <u>no</u>",
+                              "at": time.time()}]}  # fmt: skip
 
 
 @pytest.fixture
@@ -209,8 +231,8 @@ async def test_health_ready_metrics_status_page(served: Any) -> None:
     async with s.get(f"{base}/metrics") as r:
         assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
         text = await r.text()
-    assert 'reconciler_webhook_requests_total{provider="github",result="accepted"} 1' in text
-    assert 'reconciler_reconcile_duration_seconds_bucket{result="ok",le="0.5"} 1' in text
+    assert 'reconciler_webhook_requests_total{provider="github",result="accepted"} 1.0' in text
+    assert 'reconciler_reconcile_duration_seconds_bucket{le="0.5",result="ok"} 1.0' in text
     assert "# TYPE reconciler_hosts gauge" in text
     async with s.get(f"{base}/status") as r:
         data = await r.json()
@@ -220,6 +242,18 @@ async def test_health_ready_metrics_status_page(served: Any) -> None:
         assert "default-src 'none'" in r.headers["Content-Security-Policy"]
     assert "<script>alert(1)</script>" not in page and "&lt;script&gt;" in page
     assert "<b>x</b>" not in page and "Stalled" in page
+    assert 'data-state="down"' in page and "<svg" in page
+    async with s.get(f"{base}/hosts/web1") as r:
+        host = await r.text()
+        assert r.status == 200 and "default-src 'none'" in r.headers["Content-Security-Policy"]
+    assert "<script>alert(2)</script>" not in host and "+&lt;script&gt;alert(2)" in host
+    assert "<i>subject</i>" not in host and "signed by ops" in host
+    for bad in ("/hosts/nosuch", "/hosts/..%2Fetc", "/hosts/%3Cscript%3E"):
+        async with s.get(base + bad) as r:
+            assert r.status == 404 and "<script>" not in await r.text()
+    async with s.get(f"{base}/commits") as r:
+        commits = await r.text()
+    assert "<u>no</u>" not in commits and "unsigned: &lt;u&gt;no" in commits
 
 
 async def test_sync_endpoint_needs_the_token(served: Any) -> None:
