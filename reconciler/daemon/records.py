@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from reconciler.engine.plan import HostPlan
+from reconciler.kinds.actions import HostPlan
 
 MAX_DIFF = 6000
 MAX_ACTIONS = 200

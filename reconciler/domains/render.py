@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from reconciler.domains import apache, apparmor, files, firewall, ipsec, packages, tunnels
+from reconciler.domains import apache, apparmor, files, firewall, ipsec, packages, sysctl, tunnels
 from reconciler.errors import RenderError
 from reconciler.fleet.model import Fleet, Host
 from reconciler.kinds.resources import Absent, Desired, Fragment, Handler, Package, Service
@@ -20,6 +20,7 @@ DOMAINS: tuple[tuple[str, DomainRenderer], ...] = (
     ("apparmor", apparmor.render),
     ("apache", apache.render),
     ("files", files.render),
+    ("sysctl", sysctl.render),
 )
 
 
@@ -84,6 +85,7 @@ def merge(host: str, fragments: list[tuple[str, Fragment]], warnings: tuple[str,
         absent=_absent(frags, paths),
         requires=tuple(x for f in frags for x in f.requires),
         expects=tuple(x for f in frags for x in f.expects if x.path not in paths),
+        sysctl=tuple(sorted((x for f in frags for x in f.sysctl), key=lambda x: x.key)),
     )
 
 

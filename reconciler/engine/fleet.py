@@ -27,12 +27,13 @@ from reconciler.engine import deadman
 from reconciler.engine.apply import ApplyResult, apply_host
 from reconciler.engine.identity import claim_for
 from reconciler.engine.observe import observe_host
-from reconciler.engine.plan import ActionKind, HostPlan, plan_host
+from reconciler.engine.plan import plan_host
 from reconciler.errors import Failure, IdentityMismatch, Reason, ReconcilerError, RenderError, Terminal
 from reconciler.fleet.model import Fleet
 from reconciler.host.connection import Connection
 from reconciler.host.script import Pool
 from reconciler.kinds import aptsim
+from reconciler.kinds.actions import ActionKind, HostPlan
 from reconciler.kinds.resources import Desired, Package
 from reconciler.log import get_logger
 

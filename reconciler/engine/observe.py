@@ -58,6 +58,7 @@ from reconciler.host.script import (
     token,
 )
 from reconciler.host.state import INVENTORY_PATH, PENDING_RELOADS_PATH
+from reconciler.kinds.ipsec import runs_ipsec
 from reconciler.kinds.ipsec_state import ViciParseError, loaded_conns, up_names
 from reconciler.kinds.observed import (
     FileState,
@@ -70,6 +71,7 @@ from reconciler.kinds.observed import (
     XfrmPolicy,
 )
 from reconciler.kinds.packaging import needed_packages
+from reconciler.kinds.registry import KINDS
 from reconciler.kinds.resources import Desired
 from reconciler.log import get_logger
 from reconciler.netfilter.iptables import IptablesParseError, canonical_iptables
@@ -79,8 +81,6 @@ log = get_logger(__name__)
 CONTENT_LIMIT = 4 * 1024 * 1024  # larger files are compared by hash only (no diff)
 KERNEL_MODULES = ("ipip", "esp4", "ah4", "xfrm_user", "vxlan", "tun")
 NO_IPV6 = "reconciler-no-ipv6"  # the ip6tables section's answer on a kernel without IPv6
-# handlers whose presence means the host runs IPsec: observe charon/swanctl and xfrm policies
-IPSEC_HANDLERS = frozenset({"charon", "charon-restart", "racoon", "setkey"})
 
 # the observation's file record: find -printf, 7 NUL-terminated fields (parse_find_records); the
 # path-safety helper prints the same records (kind "R": refused, the reason in the 6th field)
@@ -340,7 +340,7 @@ def wanted_for(desired: Desired) -> Wanted:
         ip6tables=desired.firewall is not None and desired.firewall.rules_v6 is not None,
         links=bool(desired.tunnels or desired.addresses),
         kernel=bool(desired.tunnels),
-        ipsec=any(h.name in IPSEC_HANDLERS for h in desired.handlers),
+        ipsec=runs_ipsec(desired),
         packages=tuple(
             sorted({*needed_packages(desired), *(p for r in desired.requires for p in r.packages)})
         ),
@@ -418,6 +418,9 @@ def build_script(
             b.add(f"frame svc.{i} svc_pid {b.ref(s.name)} {b.ref(s.pid_file)}")
         else:
             b.add(f"frame svc.{i} svc_probe {b.ref(s.name)} {b.refs(list(s.status))}".rstrip())
+    for kind in KINDS:
+        if kind.wanted(desired):
+            kind.probe(desired, b)
     return b.script(PRELUDE), b.args
 
 
@@ -798,7 +801,7 @@ def parse_observation(host: str, desired: Desired, sections: Mapping[str, Sectio
         if text is not None:
             services[s.name] = parse_service(s.name, text)
 
-    return Observed(
+    observed = Observed(
         host=host,
         files=MappingProxyType(dict(sorted(files.items()))),
         iptables=iptables,
@@ -811,12 +814,15 @@ def parse_observation(host: str, desired: Desired, sections: Mapping[str, Sectio
         init_system=init_system,
         inventory=inventory,
         kernel=MappingProxyType(kernel),
-        errors=tuple(errors),
         pending_reloads=pending,
         identity=identity,
         unknown_users=unknown_users,
         unknown_groups=unknown_groups,
     )
+    for kind in KINDS:
+        if kind.wanted(desired):
+            observed = kind.parse(desired, body, observed)
+    return replace(observed, errors=tuple(errors))
 
 
 # the only messages find/sha256sum give for a path that is not there

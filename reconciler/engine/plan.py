@@ -26,246 +26,38 @@ its paths are listed in a warning and left alone; owned directories are still pr
 
 from __future__ import annotations
 
-import difflib
 import json
 import posixpath
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
-from enum import StrEnum
+from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import TypeVar
 
 from reconciler.engine.identity import IDENTITY_PATH, HostIdentity, Judgement, Verdict, judge
 from reconciler.host.state import INVENTORY_PATH
-from reconciler.kinds import aptsim
+from reconciler.kinds import aptsim, firewall, ipsec, tunnels
+from reconciler.kinds import files as file_kind
+from reconciler.kinds import keypairs as keypair_kind
+from reconciler.kinds.actions import Action, ActionKind, HostPlan
 from reconciler.kinds.aptsim import AptSimulation
-from reconciler.kinds.observed import FileState, IptablesState, LinkState, Observed
+from reconciler.kinds.observed import Observed
+from reconciler.kinds.registry import KINDS
 from reconciler.kinds.resources import (
-    Address,
     Desired,
     Domain,
     FileResource,
-    FirewallRuleset,
     KeyPair,
     LinkResource,
     Package,
     Pending,
     Service,
-    Tunnel,
 )
-from reconciler.netfilter.iptables import canonical_iptables
 
 _R = TypeVar("_R", FileResource, LinkResource, KeyPair, Service)
 
-SECRET_DIFF = "(secret: content hidden)"  # noqa: S105 (a label, not a secret)
 TEMP_MARKER = ".reconciler-"  # staged temps are "<dir>/.<name>.reconciler-<random>"
 
 
-class ActionKind(StrEnum):
-    INSTALL_PACKAGE = "install-package"
-    PURGE_PACKAGE = "purge-package"
-    RESTORE_FIREWALL = "restore-firewall"
-    GENERATE_KEYPAIR = "generate-keypair"
-    CREATE = "create"
-    UPDATE = "update"
-    CHMOD = "chmod"
-    CHOWN = "chown"
-    RELINK = "relink"
-    DELETE = "delete"
-    CREATE_TUNNEL = "create-tunnel"
-    RECREATE_TUNNEL = "recreate-tunnel"
-    ADD_ADDRESS = "add-address"
-    RELOAD = "reload"
-    START_SERVICE = "start-service"
-    STOP_SERVICE = "stop-service"
-    ENABLE_SERVICE = "enable-service"
-    RECORD_INVENTORY = "record-inventory"
-    INITIATE_CHILD = "initiate-child"
-    RECORD_IDENTITY = "record-identity"
-    # a change the reconciler will not make: the path's directories are not safe (a link,
-    # another user's), or its owner is unknown; apply reports it as failed, does nothing
-    REFUSED = "refused"
-
-
-ADD_KINDS = frozenset(
-    {
-        ActionKind.CREATE,
-        ActionKind.CREATE_TUNNEL,
-        ActionKind.GENERATE_KEYPAIR,
-        ActionKind.INSTALL_PACKAGE,
-        ActionKind.ADD_ADDRESS,
-    }
-)
-DESTROY_KINDS = frozenset({ActionKind.DELETE, ActionKind.PURGE_PACKAGE, ActionKind.STOP_SERVICE})
-# what the file phase of apply handles (staged, validated, swapped in one go)
-FILE_KINDS = frozenset(
-    {
-        ActionKind.CREATE,
-        ActionKind.UPDATE,
-        ActionKind.CHMOD,
-        ActionKind.CHOWN,
-        ActionKind.RELINK,
-        ActionKind.DELETE,
-    }
-)
-
-# order of kinds inside one domain
-_KIND_ORDER = {
-    ActionKind.INSTALL_PACKAGE: 0,
-    ActionKind.PURGE_PACKAGE: 1,
-    ActionKind.RESTORE_FIREWALL: 2,
-    ActionKind.GENERATE_KEYPAIR: 3,
-    ActionKind.CREATE: 4,
-    ActionKind.UPDATE: 4,
-    ActionKind.RELINK: 4,
-    ActionKind.CHMOD: 5,
-    ActionKind.CHOWN: 5,
-    ActionKind.REFUSED: 5,
-    ActionKind.DELETE: 6,
-    ActionKind.CREATE_TUNNEL: 7,
-    ActionKind.RECREATE_TUNNEL: 7,
-    ActionKind.ADD_ADDRESS: 7,
-    ActionKind.STOP_SERVICE: 7,
-    ActionKind.START_SERVICE: 8,
-    ActionKind.ENABLE_SERVICE: 8,
-    ActionKind.RECORD_INVENTORY: 9,
-    ActionKind.INITIATE_CHILD: 9,
-    ActionKind.RECORD_IDENTITY: 10,
-}
-# actions whose effect settles after apply returns (a peer must answer): they do not count
-# against "converged" when the host is observed again right after the apply
-SETTLING_KINDS = frozenset({ActionKind.INITIATE_CHILD})
-
-Resource = (
-    FileResource | LinkResource | KeyPair | FirewallRuleset | Tunnel | Address | Package | Service | None
-)
-
-
-@dataclass(frozen=True)
-class Action:
-    kind: ActionKind
-    resource: str  # "file /etc/motd", "firewall", "tunnel tun-web2", "handler apache2", ...
-    domain: Domain
-    reason: str
-    diff: str = ""  # unified diff; SECRET_DIFF for secret files; "" when nothing to show
-    path: str | None = None  # for file-like actions
-    handler: str | None = None  # the handler reloaded because of this action
-    target: Resource = field(default=None, compare=False, repr=False)  # what apply needs
-    # planned as if this package were installed: it is installed first, in the same apply
-    after_package: str | None = None
-
-    def as_dict(self) -> dict[str, object]:
-        return {
-            "kind": str(self.kind),
-            "resource": self.resource,
-            "domain": self.domain.name.lower(),
-            "reason": self.reason,
-            "diff": self.diff,
-            "path": self.path,
-            "handler": self.handler,
-            "after_package": self.after_package,
-        }
-
-
-@dataclass(frozen=True)
-class HostPlan:
-    host: str
-    actions: tuple[Action, ...] = ()
-    pending: tuple[Pending, ...] = ()  # cannot be done yet (e.g. a peer key unknown): listed, not errors
-    skipped: tuple[Pending, ...] = ()  # cannot be done on this host (e.g. no ipip in the kernel)
-    warnings: tuple[str, ...] = ()
-    errors: tuple[str, ...] = ()  # parts of the observation that failed
-    inventory: tuple[str, ...] = ()  # managed paths to record after a successful apply
-    noop_reason: str = ""  # why there is nothing to do (when ``actions`` is empty)
-    init_system: str = "unknown"  # from the observation: how apply starts services
-    # the observation this plan was made from (apply re-observes only what it touched, see
-    # reconciler.engine.apply.reobserve_scope); not part of the plan's value
-    observed: Observed | None = field(default=None, compare=False, repr=False)
-    # the identity this fleet claims on the host (None: not checked) and, when the host claims
-    # another one, why nothing is planned (the plan then has no action)
-    identity: HostIdentity | None = None
-    refusal: str = ""
-    # the refusal is a Requirement the host cannot meet (not an identity mismatch)
-    refused_requirement: bool = False
-
-    @property
-    def changed(self) -> bool:
-        return bool(self.actions)
-
-    def counts(self) -> dict[str, int]:
-        out = {"add": 0, "change": 0, "destroy": 0, "reload": 0}
-        for a in self.actions:
-            out[bucket(a.kind)] += 1
-        return out
-
-    def reloads(self) -> tuple[str, ...]:
-        return tuple(a.handler for a in self.actions if a.kind is ActionKind.RELOAD and a.handler)
-
-    def as_dict(self) -> dict[str, object]:
-        return {
-            "host": self.host,
-            "changed": self.changed,
-            "counts": self.counts(),
-            "actions": [a.as_dict() for a in self.actions],
-            "pending": [_pending_dict(p) for p in self.pending],
-            "skipped": [_pending_dict(p) for p in self.skipped],
-            "warnings": list(self.warnings),
-            "errors": list(self.errors),
-            "noop_reason": self.noop_reason,
-            "refusal": self.refusal,
-        }
-
-
-def bucket(kind: ActionKind) -> str:
-    if kind is ActionKind.RELOAD:
-        return "reload"
-    if kind in ADD_KINDS:
-        return "add"
-    if kind in DESTROY_KINDS:
-        return "destroy"
-    return "change"
-
-
-def _pending_dict(p: Pending) -> dict[str, str]:
-    return {"domain": p.domain.name.lower(), "subject": p.subject, "reason": p.reason}
-
-
 # ---------------------------------------------------------------- diffs
-
-
-def text_diff(old: bytes | None, new: bytes | None, path: str) -> str:
-    """A unified diff of two contents ("" when equal); binary content is not shown."""
-    if old == new:
-        return ""
-    try:
-        old_text = (old or b"").decode("utf-8")
-        new_text = (new or b"").decode("utf-8")
-    except UnicodeDecodeError:
-        return "(binary content differs)"
-    lines = difflib.unified_diff(
-        old_text.splitlines(keepends=True),
-        new_text.splitlines(keepends=True),
-        fromfile=f"{path} (live)" if old is not None else "/dev/null",
-        tofile=f"{path} (desired)" if new is not None else "/dev/null",
-    )
-    out = []
-    for line in lines:
-        out.append(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n")
-    return "".join(out)
-
-
-def iptables_text(state: IptablesState, tables: Iterable[str] | None = None) -> str:
-    """Canonical text of a ruleset (the tables given, or all), as compared by the plan."""
-    out: list[str] = []
-    names = sorted(state.tables) if tables is None else list(tables)
-    for name in names:
-        if name not in state.tables:
-            continue
-        policies, rules = state.tables[name]
-        out.append(f"*{name}")
-        out.extend(f":{chain} {policy}" for chain, policy in policies)
-        out.extend(rules)
-        out.append("COMMIT")
-    return "\n".join(out) + ("\n" if out else "")
 
 
 # ---------------------------------------------------------------- planning
@@ -327,24 +119,26 @@ def plan_host(
     services = deps.keep(desired.services, "service", lambda sv: sv.name, errors)
     if desired.firewall is not None:
         declared = frozenset(f.path for f in desired.files)
-        actions += _plan_firewall(desired.firewall, observed, declared=declared, warnings=warnings)
-    actions += _plan_keypairs(keypairs, observed, warnings)
-    actions += _plan_files(files, observed)
-    actions += _plan_links(links, observed)
+        actions += firewall.plan_firewall(desired.firewall, observed, declared=declared, warnings=warnings)
+    actions += keypair_kind.plan_keypairs(keypairs, observed, warnings)
+    actions += file_kind.plan_files(files, observed)
+    actions += file_kind.plan_links(links, observed)
     prune_inventory = verdict is None or verdict.prune_inventory
     actions += _plan_prune(desired, observed, use_inventory=prune_inventory)
     actions += _plan_absent(desired, observed, already={a.path for a in actions if a.path})
     if not prune_inventory:
         warnings += _unpruned(desired, observed)
-    t_actions, t_skipped = _plan_tunnels(desired.tunnels, observed)
+    t_actions, t_skipped = tunnels.plan_tunnels(desired.tunnels, observed)
     actions += t_actions
     skipped += t_skipped
-    actions += _plan_addresses(desired.addresses, observed)
+    actions += tunnels.plan_addresses(desired.addresses, observed)
     actions += _plan_services(_known_services(services, observed, errors), observed)
-    actions += _plan_initiate(desired, observed)
+    actions += ipsec.plan_initiate(desired, observed)
+    for kind in KINDS:
+        actions += kind.plan(desired, observed)
 
     actions = [deps.annotate(a, desired) for a in actions]
-    actions.sort(key=lambda a: (int(a.domain), _KIND_ORDER.get(a.kind, 9), a.resource))
+    actions.sort(key=lambda a: (int(a.domain), a.kind.order, a.resource))
     actions = _insert_reloads(actions, desired)
     actions = _interrupted_reloads(actions, desired, observed)
     if verdict is not None and verdict.record and identity is not None:
@@ -605,221 +399,6 @@ def _validator_names(a: Action, desired: Desired) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _plan_firewall(
-    fw: FirewallRuleset,
-    observed: Observed,
-    *,
-    declared: frozenset[str] = frozenset(),
-    warnings: list[str] | None = None,
-) -> list[Action]:
-    """One ``restore-firewall`` action when the live IPv4 or IPv6 ruleset differs (both are
-    loaded together under one dead-man switch); otherwise the persistent files, unless they are
-    declared files of their own (``declared``)."""
-    if fw.rules_v6 is not None and observed.kernel.get("ipv6") is False:
-        if warnings is not None:
-            warnings.append(
-                "firewall: the kernel has no IPv6 (no /proc/net/if_inet6): rules.v6 is not loaded"
-            )
-        fw = replace(fw, rules_v6=None)
-    diffs: list[str] = []
-    reasons: list[str] = []
-    for label, want_rules, live in (
-        ("iptables", fw.rules_v4, observed.iptables),
-        ("ip6tables", fw.rules_v6, observed.ip6tables),
-    ):
-        if want_rules is None:
-            continue
-        want = canonical_iptables(want_rules)
-        tables = sorted(want.tables)
-        live_text = "" if live is None else iptables_text(live, tables)
-        want_text = iptables_text(want, tables)
-        if live_text == want_text:
-            continue
-        family = "IPv6" if label == "ip6tables" else "IPv4"
-        reasons.append(
-            f"the live {family} ruleset could not be read"
-            if live is None
-            else f"the live {family} netfilter ruleset differs"
-        )
-        diffs.append(
-            "".join(
-                difflib.unified_diff(
-                    live_text.splitlines(keepends=True),
-                    want_text.splitlines(keepends=True),
-                    fromfile=f"{label} (live)",
-                    tofile=f"{label} (desired)",
-                )
-            )
-        )
-    if diffs:
-        return [
-            Action(
-                ActionKind.RESTORE_FIREWALL,
-                "firewall",
-                fw.domain,
-                "; ".join(reasons) + "; applied under a dead-man rollback",
-                diff="".join(diffs),
-                path=fw.persistent_path,
-                target=fw,
-            )
-        ]  # the persistent files are written after the live rules are confirmed
-    out: list[Action] = []
-    persistent = [(fw.persistent_path, fw.rules_v4)]
-    if fw.rules_v6 is not None:
-        persistent.append((fw.persistent_path_v6, fw.rules_v6))
-    for path, text in persistent:
-        state = observed.files.get(path)
-        if state is not None and path not in declared:
-            file_res = FileResource(path=path, content=text.encode(), domain=fw.domain, mode=0o640)
-            out += _plan_file(file_res, state)
-    return out
-
-
-def _plan_keypairs(keypairs: tuple[KeyPair, ...], observed: Observed, warnings: list[str]) -> list[Action]:
-    out: list[Action] = []
-    for kp in keypairs:
-        priv = observed.files.get(kp.private_path)
-        pub = observed.files.get(kp.public_path)
-        bad = next((st for st in (priv, pub) if st is not None and st.refused), None)
-        if bad is not None:
-            out.append(
-                Action(
-                    ActionKind.REFUSED,
-                    f"keypair {kp.name}",
-                    kp.domain,
-                    refused_reason(bad),
-                    path=kp.private_path,
-                    handler=kp.handler,
-                    target=kp,
-                )
-            )
-        elif priv is None or not priv.exists:
-            out.append(
-                Action(
-                    ActionKind.GENERATE_KEYPAIR,
-                    f"keypair {kp.name}",
-                    kp.domain,
-                    f"no private key at {kp.private_path}: generate it on the host (never copied off)",
-                    path=kp.private_path,
-                    handler=kp.handler,
-                    target=kp,
-                )
-            )
-        elif pub is not None and not pub.exists:
-            warnings.append(
-                f"keypair {kp.name}: private key present but {kp.public_path} is missing; "
-                "not regenerating (peers trust the current key); restore the public key by hand"
-            )
-    return out
-
-
-def _plan_files(files: tuple[FileResource, ...], observed: Observed) -> list[Action]:
-    out: list[Action] = []
-    for f in files:
-        state = observed.files.get(f.path) or FileState(path=f.path, exists=False)
-        unknown = []
-        if f.owner in observed.unknown_users:
-            unknown.append(f"no user {f.owner}")
-        if f.group in observed.unknown_groups:
-            unknown.append(f"no group {f.group}")
-        if unknown and not state.refused:
-            why = f"{' and '.join(unknown)} on this host (owner {f.owner}:{f.group}); nothing changed"
-            out.append(Action(ActionKind.REFUSED, f"file {f.path}", f.domain, why, "", f.path, f.handler, f))
-            continue
-        out += _plan_file(f, state)
-    return out
-
-
-def refused_reason(state: FileState) -> str:
-    """The reason shown for a refused path: what is wrong, and that nothing went through it."""
-    return f"refused: {state.refused}; nothing read or changed through it"
-
-
-def _plan_file(f: FileResource, state: FileState) -> list[Action]:
-    res = f"file {f.path}"
-    if state.refused:
-        return [Action(ActionKind.REFUSED, res, f.domain, refused_reason(state), "", f.path, f.handler, f)]
-    if not state.exists:
-        diff = SECRET_DIFF if f.secret else text_diff(None, f.content, f.path)
-        return [Action(ActionKind.CREATE, res, f.domain, "missing", diff, f.path, f.handler, f)]
-    if state.kind != "file":
-        if state.kind == "dir":
-            reason = "a directory is in the way (not replaced automatically)"
-            return [Action(ActionKind.UPDATE, res, f.domain, reason, "", f.path, f.handler, f)]
-        diff = SECRET_DIFF if f.secret else text_diff(None, f.content, f.path)
-        reason = f"is a {state.kind}, should be a regular file"
-        return [Action(ActionKind.UPDATE, res, f.domain, reason, diff, f.path, f.handler, f)]
-    if state.sha256 != _sha256(f.content):
-        if f.secret:
-            diff = SECRET_DIFF
-        elif state.content is not None:
-            diff = text_diff(state.content, f.content, f.path)
-        else:
-            diff = "(content differs; live content not fetched)"
-        return [Action(ActionKind.UPDATE, res, f.domain, "content differs", diff, f.path, f.handler, f)]
-    out: list[Action] = []
-    if state.mode is not None and state.mode != f.mode:
-        out.append(
-            Action(
-                ActionKind.CHMOD,
-                res,
-                f.domain,
-                f"mode {state.mode:04o} should be {f.mode:04o}",
-                "",
-                f.path,
-                f.handler,
-                f,
-            )
-        )
-    if (state.owner is not None and state.owner != f.owner) or (
-        state.group is not None and state.group != f.group
-    ):
-        out.append(
-            Action(
-                ActionKind.CHOWN,
-                res,
-                f.domain,
-                f"owner {state.owner}:{state.group} should be {f.owner}:{f.group}",
-                "",
-                f.path,
-                f.handler,
-                f,
-            )
-        )
-    return out
-
-
-def _plan_links(links: tuple[LinkResource, ...], observed: Observed) -> list[Action]:
-    out: list[Action] = []
-    for lk in links:
-        state = observed.files.get(lk.path) or FileState(path=lk.path, exists=False)
-        res = f"link {lk.path}"
-        if state.refused:
-            reason = refused_reason(state)
-            out.append(Action(ActionKind.REFUSED, res, lk.domain, reason, "", lk.path, lk.handler, lk))
-        elif not state.exists:
-            out.append(
-                Action(
-                    ActionKind.CREATE,
-                    res,
-                    lk.domain,
-                    f"missing (-> {lk.target})",
-                    "",
-                    lk.path,
-                    lk.handler,
-                    lk,
-                )
-            )
-        elif state.kind != "link" or state.link_target != lk.target:
-            was = f"-> {state.link_target}" if state.kind == "link" else f"a {state.kind}"
-            if state.kind == "dir":
-                reason = f"a directory is in the way of the link -> {lk.target} (not replaced automatically)"
-            else:
-                reason = f"is {was}, should be -> {lk.target}"
-            out.append(Action(ActionKind.RELINK, res, lk.domain, reason, "", lk.path, lk.handler, lk))
-    return out
-
-
 def _under(path: str, directory: str) -> bool:
     d = directory.rstrip("/") + "/"
     return path.startswith(d)
@@ -922,77 +501,6 @@ def _owner_of(path: str, desired: Desired) -> tuple[str | None, Domain]:
     return None, Domain.FILES
 
 
-def tunnel_addresses(t: Tunnel) -> tuple[str, ...]:
-    local = t.address if "/" in t.address else f"{t.address}/32"
-    peer = t.peer_address if "/" in t.peer_address else f"{t.peer_address}/32"
-    return (f"{local} peer {peer}",)
-
-
-def _plan_tunnels(tunnels: tuple[Tunnel, ...], observed: Observed) -> tuple[list[Action], list[Pending]]:
-    out: list[Action] = []
-    skipped: list[Pending] = []
-    if not tunnels:
-        return out, skipped
-    if observed.kernel.get("ipip") is False:
-        for t in tunnels:
-            skipped.append(
-                Pending(
-                    t.domain,
-                    f"tunnel {t.name}",
-                    "skipped: this kernel has no ipip module (ip link add type ipip: Unknown device type); "
-                    "load or build the 'ipip' kernel module",
-                )
-            )
-        return out, skipped
-    links: Mapping[str, LinkState] = {lk.name: lk for lk in observed.links}
-    for t in tunnels:
-        live = links.get(t.name)
-        res = f"tunnel {t.name}"
-        if live is None:
-            out.append(
-                Action(
-                    ActionKind.CREATE_TUNNEL,
-                    res,
-                    t.domain,
-                    f"missing (ipip {t.local} -> {t.remote}, {t.address} peer {t.peer_address}, to {t.peer})",
-                    target=t,
-                )
-            )
-            continue
-        problems = []
-        if live.kind != "ipip":
-            problems.append(f"is of kind {live.kind}")
-        if live.local != t.local or live.remote != t.remote:
-            problems.append(f"endpoints {live.local} -> {live.remote}, want {t.local} -> {t.remote}")
-        if tuple(sorted(live.addresses)) != tunnel_addresses(t):
-            problems.append(f"addresses {', '.join(live.addresses) or 'none'}, want {tunnel_addresses(t)[0]}")
-        if not live.up:
-            problems.append("is down")
-        if problems:
-            out.append(Action(ActionKind.RECREATE_TUNNEL, res, t.domain, "; ".join(problems), target=t))
-    return out, skipped
-
-
-def _plan_addresses(addresses: tuple[Address, ...], observed: Observed) -> list[Action]:
-    out: list[Action] = []
-    links = {lk.name: lk for lk in observed.links}
-    for a in addresses:
-        live = links.get(a.interface)
-        have = {x.split()[0] for x in live.addresses} if live is not None else set()
-        if a.address not in have:
-            where = a.interface if live is not None else f"{a.interface} (interface not observed)"
-            out.append(
-                Action(
-                    ActionKind.ADD_ADDRESS,
-                    f"address {a.address} on {a.interface}",
-                    a.domain,
-                    f"missing on {where}",
-                    target=a,
-                )
-            )
-    return out
-
-
 def _known_services(
     services: tuple[Service, ...], observed: Observed, errors: list[str]
 ) -> tuple[Service, ...]:
@@ -1058,26 +566,6 @@ def _plan_services(services: tuple[Service, ...], observed: Observed) -> list[Ac
     return out
 
 
-def _plan_initiate(desired: Desired, observed: Observed) -> list[Action]:
-    """Children this host starts that are not up: start them again. Without trap policies
-    (libipsec) a child whose first attempt failed (e.g. the peer had not loaded its config
-    yet and answered NO_PROPOSAL_CHOSEN) is never retried by charon itself. Only when charon
-    runs: a charon started by this apply initiates them on its own."""
-    if not desired.initiate or not observed.ipsec.daemon_running:
-        return []
-    up = set(observed.ipsec.installed_children)
-    return [
-        Action(
-            ActionKind.INITIATE_CHILD,
-            f"ipsec child {name}",
-            Domain.SERVICES,
-            "not established; this host is the pair's initiator (no trap policies with libipsec)",
-        )
-        for name in desired.initiate
-        if name not in up
-    ]
-
-
 def _insert_reloads(actions: list[Action], desired: Desired) -> list[Action]:
     """A reload per affected handler, right after the last action that touches it."""
     last: dict[str, int] = {}
@@ -1136,29 +624,3 @@ def _interrupted_reloads(actions: list[Action], desired: Desired, observed: Obse
         pos = sum(1 for a in out if int(a.domain) <= int(domain))
         out.insert(pos, Action(ActionKind.RELOAD, f"handler {name}", domain, INTERRUPTED, handler=name))
     return out
-
-
-def _sha256(data: bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(data).hexdigest()
-
-
-def summary_counts(plans: Iterable[HostPlan]) -> dict[str, int]:
-    total = {"add": 0, "change": 0, "destroy": 0, "reload": 0, "hosts": 0}
-    for p in plans:
-        c = p.counts()
-        for k in ("add", "change", "destroy", "reload"):
-            total[k] += c[k]
-        total["hosts"] += 1
-    return total
-
-
-def summary_line(plans: Iterable[HostPlan]) -> str:
-    """ "Plan: 3 to add, 2 to change, 1 to destroy, 1 reload on 4 hosts"."""
-    t = summary_counts(plans)
-    reloads = f"{t['reload']} reload" + ("s" if t["reload"] != 1 else "")
-    hosts = f"{t['hosts']} host" + ("s" if t["hosts"] != 1 else "")
-    return (
-        f"Plan: {t['add']} to add, {t['change']} to change, {t['destroy']} to destroy, {reloads} on {hosts}"
-    )

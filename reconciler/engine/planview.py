@@ -7,7 +7,7 @@ import os
 from typing import TextIO
 
 from reconciler.engine.fleet import APPLIED, CHANGES, ERROR, FAILED, IN_SYNC, FleetResult, HostOutcome
-from reconciler.engine.plan import ActionKind, HostPlan, bucket, summary_counts, summary_line
+from reconciler.kinds.actions import ActionKind, HostPlan, bucket, summary_counts, summary_line
 
 RESET = "\x1b[0m"
 BOLD = "\x1b[1m"

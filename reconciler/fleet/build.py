@@ -173,6 +173,7 @@ def role(d: Mapping[str, Any], file: str) -> m.Role:
         apparmor=_t(d, "apparmor"),
         files=_t(d, "files"),
         source_file=file,
+        sysctl=tuple(sorted((str(k), str(v)) for k, v in (d.get("sysctl") or {}).items())),
     )
 
 

@@ -306,6 +306,8 @@ class Role:
     apparmor: tuple[str, ...] = ()  # AppArmorProfile names
     files: tuple[str, ...] = ()  # ManagedFile names
     source_file: str = ""
+    # kernel parameters, (key, value) sorted by key (reconciler.kinds.sysctl)
+    sysctl: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)

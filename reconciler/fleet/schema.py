@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from collections.abc import Iterable, Mapping
 from functools import cache
 from importlib import resources
@@ -118,6 +119,14 @@ def _problems(doc: YamlDocument, err: ValidationError) -> Iterable[Problem]:
     v = err.validator
     inst = err.instance
     sch: Any = err.schema if isinstance(err.schema, dict) else {}
+    if v == "additionalProperties" and isinstance(inst, dict) and sch.get("patternProperties"):
+        # a mapping whose keys follow a pattern (Role.sysctl): say what a key must look like
+        patterns = [re.compile(p) for p in sch["patternProperties"]]
+        for extra in sorted(k for k in inst if not any(p.search(k) for p in patterns)):
+            yield doc.problem(
+                (*path, extra), f"{short(extra)} is not a valid key: {sch['description']}", key=True
+            )
+        return
     if v == "additionalProperties" and isinstance(inst, dict):
         known = sorted(sch.get("properties", {}))
         for extra in sorted(k for k in inst if k not in sch.get("properties", {})):

@@ -96,6 +96,7 @@ class Checker:
         mesh = settings[1] if settings else None
         self.check_hosts(hosts, roles_by, mesh.internal_network if mesh else self.fallback_network())
         self.check_roles(roles, sites_by, profiles_by, files_by)
+        self.check_sysctl(hosts, roles_by)
         roles_by = self.resolve_port_sources(roles, roles_by, hosts_by)
         self.check_sites(sites)
         self.check_profiles(profiles)
@@ -414,6 +415,22 @@ class Checker:
                     self.err(
                         x.doc, ("services", i), f"service {n!r} needs package {pkg!r}, which the role purges"
                     )
+
+    def check_sysctl(self, hosts: list[_Located], roles_by: Mapping[str, m.Role]) -> None:
+        """Two roles of one host must not set one kernel parameter to different values."""
+        for x in hosts:
+            h: m.Host = x.obj
+            seen: dict[str, tuple[str, str]] = {}  # key -> (value, role)
+            for i, name in enumerate(h.roles):
+                role = roles_by.get(name)
+                for key, value in role.sysctl if role is not None else ():
+                    first = seen.setdefault(key, (value, name))
+                    if first[0] != value:
+                        self.err(
+                            x.doc,
+                            ("roles", i),
+                            f"sysctl {key}: role {name} sets {value!r}, role {first[1]} sets {first[0]!r}",
+                        )
 
     def resolve_port_sources(
         self, roles: list[_Located], roles_by: Mapping[str, m.Role], hosts: Mapping[str, m.Host]

@@ -111,6 +111,9 @@ class Observed:
     candidates: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     unknown_users: frozenset[str] = frozenset()
     unknown_groups: frozenset[str] = frozenset()
+    # live kernel parameters the Desired declares (reconciler.kinds.sysctl): key -> value as
+    # ``sysctl`` prints it; a key the kernel does not have is absent; None: not observed
+    sysctl: Mapping[str, str] | None = None
     # apt's solution for the planned package transaction (``apt-get -s``), asked only when the
     # plan has package actions (reconciler.kinds.aptsim); None: not asked
     apt: AptSimulation | None = None

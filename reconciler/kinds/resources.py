@@ -18,6 +18,7 @@ from enum import IntEnum
 class Domain(IntEnum):
     PACKAGES = 0
     FIREWALL = 10
+    SYSCTL = 15  # kernel parameters (forwarding, rp_filter...) before tunnels and IPsec
     KEYS = 20
     IPSEC = 30
     TUNNELS = 40
@@ -201,6 +202,17 @@ class Requirement:
 
 
 @dataclass(frozen=True)
+class SysctlSetting:
+    """A kernel parameter that must have this value (``reconciler.kinds.sysctl``): written to a
+    drop-in under /etc/sysctl.d (a FileResource) and loaded from it."""
+
+    key: str  # dotted, e.g. "net.ipv4.ip_forward" (validated by the fleet schema)
+    value: str  # as the kernel prints it; runs of whitespace compare equal
+    domain: Domain = Domain.SYSCTL
+    handler: str | None = None  # the handler that loads the drop-in
+
+
+@dataclass(frozen=True)
 class Pending:
     """Something that cannot be rendered yet, with the reason (e.g. a peer's key unknown)."""
 
@@ -232,6 +244,7 @@ class Fragment:
     absent: tuple[Absent, ...] = ()  # paths that must not exist
     requires: tuple[Requirement, ...] = ()
     expects: tuple[Expected, ...] = ()
+    sysctl: tuple[SysctlSetting, ...] = ()  # kernel parameters (reconciler.kinds.sysctl)
 
 
 @dataclass(frozen=True)
@@ -255,6 +268,7 @@ class Desired:
     absent: tuple[Absent, ...] = ()  # see Fragment.absent
     requires: tuple[Requirement, ...] = ()
     expects: tuple[Expected, ...] = ()
+    sysctl: tuple[SysctlSetting, ...] = ()  # kernel parameters, sorted by key
 
     def handler(self, name: str) -> Handler:
         for h in self.handlers:

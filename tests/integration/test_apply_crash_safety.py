@@ -21,8 +21,9 @@ from reconciler.domains import apache
 from reconciler.engine import apply as apply_mod
 from reconciler.engine.apply import apply_host
 from reconciler.engine.observe import observe_host
-from reconciler.engine.plan import INTERRUPTED, ActionKind, HostPlan, plan_host
+from reconciler.engine.plan import INTERRUPTED, plan_host
 from reconciler.host.connection import ConnectionLost, ConnectionPool, SshTarget
+from reconciler.kinds.actions import ActionKind, HostPlan
 from reconciler.kinds.resources import Desired, Domain, FileResource, Handler, Validator
 from reconciler.lab import Lab, LabHostSpec
 

@@ -14,9 +14,10 @@ import pytest
 
 from reconciler.engine.apply import apply_host
 from reconciler.engine.observe import observe_host
-from reconciler.engine.plan import ActionKind, plan_host
+from reconciler.engine.plan import plan_host
 from reconciler.errors import Reason
 from reconciler.host.connection import ConnectionPool, SshTarget
+from reconciler.kinds.actions import ActionKind
 from reconciler.kinds.resources import Desired, Domain, FileResource, FirewallRuleset, Handler, Validator
 from reconciler.lab import Lab, LabHostSpec
 

@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 
 from reconciler.engine.fleet import APPLIED, FAILED, IN_SYNC, HostOutcome, reconcile_fleet
-from reconciler.engine.plan import ActionKind
 from reconciler.errors import Reason
 from reconciler.fleet.load import load_fleet
 from reconciler.host.connection import ConnectionPool, targets_for
+from reconciler.kinds.actions import ActionKind
 from reconciler.lab import Lab, LabHostSpec
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]

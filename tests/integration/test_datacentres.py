@@ -41,11 +41,11 @@ from reconciler.engine.fleet import (
     plan_fleet,
     reconcile_fleet,
 )
-from reconciler.engine.plan import ActionKind
 from reconciler.engine.planview import render_apply, render_plan
 from reconciler.fleet.load import load_fleet
 from reconciler.fleet.model import Fleet
 from reconciler.host.connection import ConnectionPool, targets_for
+from reconciler.kinds.actions import ActionKind
 from reconciler.lab import Lab, aptproxy, specs_from_fleet
 from reconciler.verify import VerifyOptions, VerifyReport, verify_fleet
 

@@ -31,9 +31,9 @@ from typing import Any
 import pytest
 
 from reconciler.commands.render import render_hosts
-from reconciler.engine.plan import iptables_text
 from reconciler.fleet.load import load_fleet
 from reconciler.fleet.model import Fleet
+from reconciler.kinds.firewall import iptables_text
 from reconciler.lab import Lab, specs_from_fleet
 from reconciler.netfilter.iptables import canonical_iptables
 from reconciler.verify import Status

@@ -82,7 +82,8 @@ def desired(**over: Any) -> Desired:
     fields: dict[str, Any] = dict(
         host="o1",
         files=(
-            FileResource(f"{D}/conf.d/a.conf", b"a\n", Domain.FILES),
+            # a file of the IPsec domain: observe looks at IPsec (charon, swanctl, xfrm)
+            FileResource(f"{D}/conf.d/a.conf", b"a\n", Domain.IPSEC),
             FileResource(f"{D}/differs", b"new\n", Domain.FILES),
             FileResource(f"{D}/missing", b"x\n", Domain.FILES),
             FileResource(f"{D}/same", b"same\n", Domain.FILES),
@@ -94,7 +95,7 @@ def desired(**over: Any) -> Desired:
         packages=(Package("openssh-server"), Package("reconciler-no-such-package")),
         services=(Service("sshd", status=("sh", "-c", "kill -0 1")), Service("apache2")),
         owned_dirs=(f"{D}/conf.d",),
-        # these make observe look at IPsec (charon, swanctl, xfrm), links and kernel facts
+        # these make observe look at links and kernel facts
         handlers=(Handler("charon"),),
         tunnels=(Tunnel("tun-o2", "192.0.2.41", "192.0.2.42", "10.99.1.1", "10.99.1.2", "o2"),),
     )

@@ -28,10 +28,11 @@ import pytest
 from reconciler.domains.render import render_host
 from reconciler.engine.apply import ApplyResult, apply_host
 from reconciler.engine.observe import observe_host
-from reconciler.engine.plan import ActionKind, HostPlan, plan_host
+from reconciler.engine.plan import plan_host
 from reconciler.engine.planview import _Paint, render_host_plan
 from reconciler.fleet.model import FirewallPolicy, Fleet, Host, ManagedFile, Mesh, Role
 from reconciler.host.connection import ConnectionPool, SshTarget
+from reconciler.kinds.actions import ActionKind, HostPlan
 from reconciler.kinds.resources import Desired, Domain, FileResource, Package
 from reconciler.lab import Lab, LabHostSpec
 

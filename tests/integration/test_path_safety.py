@@ -25,10 +25,12 @@ from typing import Any
 import pytest
 
 from reconciler.engine import apply as apply_mod
+from reconciler.engine import transaction as transaction_mod
 from reconciler.engine.apply import ApplyResult, apply_host
 from reconciler.engine.observe import observe_host
-from reconciler.engine.plan import INTERRUPTED, ActionKind, HostPlan, plan_host
+from reconciler.engine.plan import INTERRUPTED, plan_host
 from reconciler.host.connection import ConnectionLost, ConnectionPool, SshTarget
+from reconciler.kinds.actions import ActionKind, HostPlan
 from reconciler.kinds.resources import Desired, Domain, FileResource, Handler, Validator
 from reconciler.lab import Lab, LabHostSpec
 
@@ -218,13 +220,13 @@ def reset_app(lab: Lab) -> None:
 
 
 async def with_hook(hook: Callable[[str], Awaitable[None]], desired: Desired, lab: Lab) -> ApplyResult:
-    apply_mod.FAULT_BEFORE_SWAP = hook
+    transaction_mod.FAULT_BEFORE_SWAP = hook
     try:
         async with pool_for(lab) as pool:
             plan = await plan_of(pool, desired)
             return await apply_host(pool, HOST, plan, desired)
     finally:
-        apply_mod.FAULT_BEFORE_SWAP = None
+        transaction_mod.FAULT_BEFORE_SWAP = None
 
 
 async def test_link_swapped_into_the_target_before_a_chown(lab: Lab) -> None:

@@ -14,9 +14,10 @@ from typing import Any
 from reconciler.engine import apply as apply_mod
 from reconciler.engine.apply import ActionOutcome, ApplyResult
 from reconciler.engine.fleet import APPLIED, EXIT_PARTIAL, FAILED, IN_SYNC, FleetResult, HostOutcome
-from reconciler.engine.plan import Action, ActionKind, HostPlan, plan_host
+from reconciler.engine.plan import plan_host
 from reconciler.engine.planview import render_apply
 from reconciler.kinds import packaging
+from reconciler.kinds.actions import Action, ActionKind, HostPlan
 from reconciler.kinds.aptsim import AptSimulation, parse_simulation, refused_removals
 from reconciler.kinds.observed import Observed, PackageState, ServiceState
 from reconciler.kinds.resources import Desired, Domain, Package, Service
@@ -271,7 +272,7 @@ def test_apply_purges_before_it_installs_and_passes_the_allowed_removals() -> No
             ("install", ("chrony",)): "@@APT ok\n@@PKG chrony ii \n",
         }
     )
-    run = apply_mod._Run(_Pool(host), "h1", HostPlan(host="h1", actions=actions), Desired(host="h1"), "t")  # type: ignore[arg-type]
+    run = apply_mod.HostRun(_Pool(host), "h1", HostPlan(host="h1", actions=actions), Desired(host="h1"), "t")  # type: ignore[arg-type]
     asyncio.run(apply_mod._packages(run))
     assert host.calls == [("purge", (), ("ntp",)), ("install", ("systemd-timesyncd",), ("chrony",))]
     assert {o.status for o in run.outcomes.values()} == {"done"}

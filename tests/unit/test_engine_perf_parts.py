@@ -16,11 +16,16 @@ from pathlib import Path
 import pytest
 
 from reconciler.engine import apply as apply_mod
-from reconciler.engine.apply import APACHE_GRACEFUL, apply_host
+from reconciler.engine import finish as finish_mod
+from reconciler.engine import transaction as transaction_mod
+from reconciler.engine.apply import apply_host
 from reconciler.engine.observe import build_script, observe_host
-from reconciler.engine.plan import INTERRUPTED, ActionKind, plan_host
+from reconciler.engine.plan import INTERRUPTED, plan_host
 from reconciler.host.connection import ConnectionLost, ConnectionPool, SshTarget
 from reconciler.host.script import new_nonce
+from reconciler.kinds import apache as apache_kind
+from reconciler.kinds.actions import ActionKind
+from reconciler.kinds.apache import APACHE_GRACEFUL
 from reconciler.kinds.observed import FileState, Observed
 from reconciler.kinds.resources import Desired, Domain, FileResource, Handler, Service, Validator
 
@@ -106,8 +111,9 @@ def test_plan_reloads_handlers_left_in_the_journal() -> None:
 def local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     if os.geteuid() != 0:
         pytest.skip("apply chowns files to root: run as root")
-    monkeypatch.setattr(apply_mod, "INVENTORY_PATH", str(tmp_path / "state/inventory.json"))
-    monkeypatch.setattr(apply_mod, "PENDING_RELOADS_PATH", str(tmp_path / "state/pending-reloads"))
+    monkeypatch.setattr(finish_mod, "INVENTORY_PATH", str(tmp_path / "state/inventory.json"))
+    monkeypatch.setattr(finish_mod, "PENDING_RELOADS_PATH", str(tmp_path / "state/pending-reloads"))
+    monkeypatch.setattr(transaction_mod, "PENDING_RELOADS_PATH", str(tmp_path / "state/pending-reloads"))
     yield tmp_path
 
 
@@ -295,9 +301,9 @@ def test_apache_graceful_probe(tmp_path: Path, mode: str, reload: str, rc: int, 
 
 
 def test_apache_graceful_is_recognised() -> None:
-    assert apply_mod._is_apache_graceful(("apache2ctl", "graceful"))
-    assert apply_mod._is_apache_graceful(("/usr/sbin/apache2ctl", "-k", "graceful"))
-    assert not apply_mod._is_apache_graceful(("service", "apache2", "reload"))
+    assert apache_kind.is_graceful(("apache2ctl", "graceful"))
+    assert apache_kind.is_graceful(("/usr/sbin/apache2ctl", "-k", "graceful"))
+    assert not apache_kind.is_graceful(("service", "apache2", "reload"))
     assert sys.version_info >= (3, 11)
 
 

@@ -12,10 +12,9 @@ import pytest
 
 from reconciler.daemon import daemon
 from reconciler.daemon.loop import Target
-from reconciler.engine import apply as apply_mod
 from reconciler.engine import fleet as engine
-from reconciler.engine.apply import ActionOutcome, ApplyResult, _failure, _Run
-from reconciler.engine.plan import Action, ActionKind, HostPlan
+from reconciler.engine.apply import ApplyResult, _failure
+from reconciler.engine.run import ActionOutcome, HostRun
 from reconciler.errors import (
     Failure,
     FleetInvalid,
@@ -31,6 +30,8 @@ from reconciler.errors import (
 )
 from reconciler.fleet.load import load_fleet
 from reconciler.host.connection import AuthRefused, CommandTimeout, ConnectFailed, ConnectionLost
+from reconciler.kinds import apache as apache_kind
+from reconciler.kinds.actions import Action, ActionKind, HostPlan
 from reconciler.kinds.resources import Desired, Domain, Package, Service
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "fleet-repo-example"
@@ -98,12 +99,12 @@ def test_the_first_terminal_failure_decides() -> None:
 # ---------------------------------------------------------------- apply: _failure
 
 
-def _run(actions: list[Action], *, services: tuple[Service, ...] = ()) -> _Run:
+def _run(actions: list[Action], *, services: tuple[Service, ...] = ()) -> HostRun:
     plan = HostPlan("web1", tuple(actions))
-    return _Run(None, "web1", plan, Desired(host="web1", services=services), "tok")  # type: ignore[arg-type]
+    return HostRun(None, "web1", plan, Desired(host="web1", services=services), "tok")  # type: ignore[arg-type]
 
 
-def _outcomes(run: _Run, statuses: list[str]) -> tuple[ActionOutcome, ...]:
+def _outcomes(run: HostRun, statuses: list[str]) -> tuple[ActionOutcome, ...]:
     for i, st in enumerate(statuses):
         run.mark(i, st, f"{st} here")
     return tuple(run.outcomes[i] for i in range(len(statuses)))
@@ -282,4 +283,4 @@ def test_apply_result_as_dict_shows_the_reason() -> None:
     r = ApplyResult("web1", False, failure=Failure(Reason.VALIDATION_FAILED, "x"))
     assert r.as_dict()["failure"] == {"reason": "validation-failed", "terminal": True}
     assert dataclasses.replace(r, ok=True, failure=None).as_dict()["failure"] is None
-    assert apply_mod.APACHE_SERVING.startswith("set -u")
+    assert apache_kind.APACHE_SERVING.startswith("set -u")

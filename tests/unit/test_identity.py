@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.engine.apply import FINISH
+from reconciler.engine.finish import FINISH
 from reconciler.engine.identity import (
     FORMAT,
     HostIdentity,
@@ -30,8 +30,9 @@ from reconciler.engine.identity import (
     parse_section,
 )
 from reconciler.engine.observe import PRELUDE, build_script
-from reconciler.engine.plan import ActionKind, plan_host
+from reconciler.engine.plan import plan_host
 from reconciler.host.script import ScriptBuilder, new_nonce, split_sections
+from reconciler.kinds.actions import ActionKind
 from reconciler.kinds.observed import FileState, Observed
 from reconciler.kinds.resources import Desired, Domain, FileResource
 

@@ -279,6 +279,7 @@ def test_only_the_sections_the_desired_needs_are_run() -> None:
             firewall=FirewallRuleset("*filter\nCOMMIT\n"),
             tunnels=(Tunnel("t1", "192.0.2.1", "192.0.2.2", "10.99.0.1", "10.99.0.2", "h2"),),
             handlers=(Handler("charon"),),
+            initiate=("h1-h2",),
             packages=(Package("apache2"),),
         )
     )
@@ -328,6 +329,7 @@ def test_parse_observation_from_recorded_sections() -> None:
         services=(Service("charon", status=("true",)),),
         firewall=FirewallRuleset("*filter\nCOMMIT\n"),
         handlers=(Handler("charon"),),
+        initiate=("h1-h2",),
         tunnels=(Tunnel("t1", "192.0.2.1", "192.0.2.2", "10.99.0.1", "10.99.0.2", "h2"),),
     )
     secs = split_sections(
@@ -376,7 +378,9 @@ def test_swanctl_failure_while_charon_runs_is_reported() -> None:
         _err("conns", "plugin 'x': failed to load\nconnecting to 'unix:///var/run/charon.vici' failed\n"),
         nonce=NONCE,
     )
-    obs = parse_observation("h1", Desired(host="h1", handlers=(Handler("charon"),)), secs)
+    obs = parse_observation(
+        "h1", Desired(host="h1", handlers=(Handler("charon"),), initiate=("h1-h2",)), secs
+    )
     assert any("connecting to" in e and "swanctl --list-conns" in e for e in obs.errors)
 
 

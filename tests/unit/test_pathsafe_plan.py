@@ -12,15 +12,17 @@ from types import MappingProxyType
 import pytest
 
 from reconciler.domains.render import render_host
-from reconciler.engine import apply as apply_mod
+from reconciler.engine import finish as finish_mod
+from reconciler.engine import transaction as transaction_mod
 from reconciler.engine.apply import apply_host
 from reconciler.engine.observe import build_script, judged, observe_host, owned_states, parse_ids, probe_for
-from reconciler.engine.plan import ActionKind, plan_host
+from reconciler.engine.plan import plan_host
 from reconciler.engine.planview import _Paint, render_host_plan
 from reconciler.errors import FleetInvalid, Reason
 from reconciler.fleet.load import load_fleet_files, read_tree
 from reconciler.host.connection import ConnectionPool, SshTarget
 from reconciler.host.script import Section
+from reconciler.kinds.actions import ActionKind
 from reconciler.kinds.observed import FileState, Observed
 from reconciler.kinds.resources import Desired, Domain, FileResource, Handler, KeyPair, LinkResource
 
@@ -178,8 +180,9 @@ def test_controlled_dir_errors(owner: str, extra: str, message: str) -> None:
 def local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     if os.geteuid() != 0:
         pytest.skip("apply chowns files: run as root")
-    monkeypatch.setattr(apply_mod, "INVENTORY_PATH", str(tmp_path / "state/inventory.json"))
-    monkeypatch.setattr(apply_mod, "PENDING_RELOADS_PATH", str(tmp_path / "state/pending-reloads"))
+    monkeypatch.setattr(finish_mod, "INVENTORY_PATH", str(tmp_path / "state/inventory.json"))
+    monkeypatch.setattr(finish_mod, "PENDING_RELOADS_PATH", str(tmp_path / "state/pending-reloads"))
+    monkeypatch.setattr(transaction_mod, "PENDING_RELOADS_PATH", str(tmp_path / "state/pending-reloads"))
     os.chmod(tmp_path, 0o755)
     return tmp_path
 

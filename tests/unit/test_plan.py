@@ -5,14 +5,9 @@ from __future__ import annotations
 import hashlib
 from types import MappingProxyType
 
-from reconciler.engine.plan import (
-    INVENTORY_PATH,
-    SECRET_DIFF,
-    ActionKind,
-    managed_paths,
-    plan_host,
-    summary_line,
-)
+from reconciler.engine.plan import INVENTORY_PATH, managed_paths, plan_host
+from reconciler.kinds.actions import ActionKind, summary_line
+from reconciler.kinds.files import SECRET_DIFF
 from reconciler.kinds.observed import FileState, LinkState, Observed, ServiceState
 from reconciler.kinds.resources import (
     Address,

@@ -11,19 +11,13 @@ from typing import Any
 
 import pytest
 
-from reconciler.engine.apply import (
-    ActionOutcome,
-    _quote_with_tree,
-    _Run,
-    _stage_ops,
-    _validator_cmd,
-    backup_path,
-    reobserve_scope,
-    staged_path,
-)
 from reconciler.engine.fleet import CHANGES, ERROR, IN_SYNC, FleetResult, HostOutcome
-from reconciler.engine.plan import ActionKind, plan_host
+from reconciler.engine.plan import plan_host
 from reconciler.engine.planview import render_plan, to_json, use_color
+from reconciler.engine.run import ActionOutcome, HostRun, backup_path, reobserve_scope, staged_path
+from reconciler.engine.transaction import _stage_ops
+from reconciler.engine.validate import _quote_with_tree, _validator_cmd
+from reconciler.kinds.actions import ActionKind
 from reconciler.kinds.observed import Observed
 from reconciler.kinds.resources import Desired, Domain, FileResource, Handler, LinkResource, Validator
 
@@ -69,7 +63,7 @@ def test_staging_makes_dotfile_temps_with_owner_and_mode_and_links(tmp_path: Any
         links=(LinkResource(f"{x}/link.conf", "../y/target.conf", Domain.FILES),),
     )
     plan = plan_host(d, Observed(host="h"))
-    run = _Run(pool=None, host="h", plan=plan, desired=d, token="abc123")  # type: ignore[arg-type]
+    run = HostRun(pool=None, host="h", plan=plan, desired=d, token="abc123")  # type: ignore[arg-type]
     idx = [i for i, a in enumerate(plan.actions) if a.path in (f"{x}/secret.key", f"{x}/link.conf")]
     b = pathsafe.Batch()
     b.token("abc123")

@@ -8,8 +8,9 @@ from dataclasses import replace
 from network_fleets import example_fleet
 
 from reconciler.domains.render import render_host
-from reconciler.engine.plan import SETTLING_KINDS, ActionKind, plan_host
+from reconciler.engine.plan import plan_host
 from reconciler.fleet.model import Datapath, MeshMode
+from reconciler.kinds.actions import SETTLING_KINDS, ActionKind
 from reconciler.kinds.observed import IpsecState, Observed
 
 

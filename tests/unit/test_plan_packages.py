@@ -10,8 +10,9 @@ from types import MappingProxyType
 from reconciler.domains import packages as packages_domain
 from reconciler.domains.render import render_host
 from reconciler.engine.observe import parse_service
-from reconciler.engine.plan import ActionKind, plan_host
+from reconciler.engine.plan import plan_host
 from reconciler.fleet.model import FirewallPolicy, Fleet, Host, ManagedFile, Mesh, Role
+from reconciler.kinds.actions import ActionKind
 from reconciler.kinds.observed import FileState, Observed, PackageState, ServiceState
 from reconciler.kinds.packaging import needed_packages, parse_apt_output, parse_lock
 from reconciler.kinds.resources import (

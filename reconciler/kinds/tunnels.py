@@ -1,0 +1,150 @@
+"""Kind ``tunnel`` (IP-IP interfaces) and ``address`` (an address on an interface): the diff
+against the observed links and the change scripts. The observation of ``ip -d -j addr`` and the
+kernel's modules is still part of ``reconciler.engine.observe`` (its framing is being unified).
+A kernel without ipip is a skip with the reason, never a failure."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from reconciler.host.script import Result
+from reconciler.kinds.actions import Action, ActionKind
+from reconciler.kinds.kind import ApplyRun
+from reconciler.kinds.observed import LinkState, Observed
+from reconciler.kinds.resources import Address, Pending, Tunnel
+
+
+def _text(res: Result) -> str:
+    return (res.stderr + res.stdout).decode(errors="replace").strip()
+
+
+def tunnel_addresses(t: Tunnel) -> tuple[str, ...]:
+    local = t.address if "/" in t.address else f"{t.address}/32"
+    peer = t.peer_address if "/" in t.peer_address else f"{t.peer_address}/32"
+    return (f"{local} peer {peer}",)
+
+
+def plan_tunnels(tunnels: tuple[Tunnel, ...], observed: Observed) -> tuple[list[Action], list[Pending]]:
+    out: list[Action] = []
+    skipped: list[Pending] = []
+    if not tunnels:
+        return out, skipped
+    if observed.kernel.get("ipip") is False:
+        for t in tunnels:
+            skipped.append(
+                Pending(
+                    t.domain,
+                    f"tunnel {t.name}",
+                    "skipped: this kernel has no ipip module (ip link add type ipip: Unknown device type); "
+                    "load or build the 'ipip' kernel module",
+                )
+            )
+        return out, skipped
+    links: Mapping[str, LinkState] = {lk.name: lk for lk in observed.links}
+    for t in tunnels:
+        live = links.get(t.name)
+        res = f"tunnel {t.name}"
+        if live is None:
+            out.append(
+                Action(
+                    ActionKind.CREATE_TUNNEL,
+                    res,
+                    t.domain,
+                    f"missing (ipip {t.local} -> {t.remote}, {t.address} peer {t.peer_address}, to {t.peer})",
+                    target=t,
+                )
+            )
+            continue
+        problems = []
+        if live.kind != "ipip":
+            problems.append(f"is of kind {live.kind}")
+        if live.local != t.local or live.remote != t.remote:
+            problems.append(f"endpoints {live.local} -> {live.remote}, want {t.local} -> {t.remote}")
+        if tuple(sorted(live.addresses)) != tunnel_addresses(t):
+            problems.append(f"addresses {', '.join(live.addresses) or 'none'}, want {tunnel_addresses(t)[0]}")
+        if not live.up:
+            problems.append("is down")
+        if problems:
+            out.append(Action(ActionKind.RECREATE_TUNNEL, res, t.domain, "; ".join(problems), target=t))
+    return out, skipped
+
+
+def plan_addresses(addresses: tuple[Address, ...], observed: Observed) -> list[Action]:
+    out: list[Action] = []
+    links = {lk.name: lk for lk in observed.links}
+    for a in addresses:
+        live = links.get(a.interface)
+        have = {x.split()[0] for x in live.addresses} if live is not None else set()
+        if a.address not in have:
+            where = a.interface if live is not None else f"{a.interface} (interface not observed)"
+            out.append(
+                Action(
+                    ActionKind.ADD_ADDRESS,
+                    f"address {a.address} on {a.interface}",
+                    a.domain,
+                    f"missing on {where}",
+                    target=a,
+                )
+            )
+    return out
+
+
+TUNNEL_SCRIPT = r"""
+# $1 name $2 local $3 remote $4 address $5 peer $6 recreate(0|1)
+n=$1
+if [ "$6" = 1 ]; then ip link del "$n" 2>/dev/null; fi
+if ! out=$(ip link add "$n" type ipip local "$2" remote "$3" 2>&1); then
+  case "$out" in
+    *"Unknown device type"*|*"No such device"*) echo "@@NOIPIP $out"; exit 0;;
+  esac
+  echo "@@FAIL ip link add: $out"; exit 0
+fi
+ip addr add "$4" peer "$5" dev "$n" 2>&1 || { echo "@@FAIL ip addr add"; exit 0; }
+ip link set "$n" up 2>&1 || { echo "@@FAIL ip link set up"; exit 0; }
+echo "@@OK"
+"""
+
+
+async def apply_tunnels(run: ApplyRun) -> None:
+    idx = run.indices({ActionKind.CREATE_TUNNEL, ActionKind.RECREATE_TUNNEL})
+    if not idx:
+        return
+    conn = await run.conn()
+    for i in idx:
+        a = run.plan.actions[i]
+        t = a.target
+        assert isinstance(t, Tunnel)
+        local_addr, _, peer = tunnel_addresses(t)[0].partition(" peer ")
+        recreate = "1" if a.kind is ActionKind.RECREATE_TUNNEL else "0"
+        res = await conn.run_script(
+            TUNNEL_SCRIPT, args=(t.name, t.local, t.remote, local_addr, peer, recreate), timeout=30
+        )
+        out = res.stdout.decode(errors="replace")
+        if "@@OK" in out:
+            run.mark(i, "done")
+        elif "@@NOIPIP" in out:
+            msg = (
+                f"tunnel {t.name} skipped: the kernel has no ipip module "
+                f"(ip link add type ipip: {out.split('@@NOIPIP', 1)[1].strip()})"
+            )
+            run.mark(i, "n/a", msg)
+            run.messages.append(msg)
+        else:
+            run.mark(i, "failed", out.strip() or _text(res))
+            run.messages.append(f"tunnel {t.name}: {out.strip() or _text(res)}")
+
+
+async def apply_addresses(run: ApplyRun) -> None:
+    idx = run.indices({ActionKind.ADD_ADDRESS})
+    if not idx:
+        return
+    conn = await run.conn()
+    for i in idx:
+        a = run.plan.actions[i].target
+        assert isinstance(a, Address)
+        res = await conn.run(["ip", "addr", "replace", a.address, "dev", a.interface], timeout=30)
+        if res.exit_status == 0:
+            run.mark(i, "done")
+        else:
+            run.mark(i, "failed", _text(res))
+            run.messages.append(f"address {a.address} on {a.interface}: {_text(res)}")
