@@ -11,9 +11,10 @@ from pathlib import Path
 from types import MappingProxyType
 
 from reconciler.domains.render import render_host
-from reconciler.engine.observe import build_script, new_nonce, parse_observation, split_sections
+from reconciler.engine.observe import build_script, parse_observation
 from reconciler.engine.plan import ActionKind, plan_host
 from reconciler.fleet.load import load_fleet_files, read_tree
+from reconciler.host.script import new_nonce, split_sections
 from reconciler.kinds.observed import FileState, Observed, PackageState, ServiceState
 from reconciler.kinds.resources import Desired
 
