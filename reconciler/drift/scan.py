@@ -168,6 +168,12 @@ def classify_managed(desired: Desired | None, snap: Snapshot, policy: PathPolicy
             out[lk.path] = f"points to {e.target}, the fleet says {lk.target}"
         else:
             out[lk.path] = None
+    # paths the fleet removes (a retired IPsec stack's configuration, Debian's global
+    # deflate.conf and default site when sites own their defaults): gone is in line
+    for gone in desired.absent:
+        if under_roots(gone.path, policy.roots) and not policy.excluded(gone.path):
+            e = snap.entries.get(gone.path)
+            out[gone.path] = None if e is None else f"exists ({gone.reason}: the fleet removes it)"
     # the directories the engine made for them (e.g. /etc/reconciler, a drop-in directory)
     for path in [*out, *(posixpath.join(d, ".") for d in desired.owned_dirs), IDENTITY_PATH]:
         parent = posixpath.dirname(path)

@@ -30,6 +30,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiosmtpd.controller import Controller
+from prometheus_client.parser import text_string_to_metric_families
 from test_daemon import (  # the same harness (tests/e2e is on sys.path: pytest's rootdir import)
     EXAMPLE,
     GIT_ENV,
@@ -119,14 +120,16 @@ def ssh_open(w: World, host: str) -> bool:
 
 
 async def metric_values(w: World, name: str) -> dict[str, float]:
-    """``{labels: value}`` of one metric family from /metrics."""
+    """``{labels: value}`` of one metric family from /metrics, parsed by prometheus_client's own
+    parser; labels as ``{a="x",b="y"}`` sorted by name (the exposition's order is the client's)."""
     async with aiohttp.ClientSession() as s, s.get(w.base + "/metrics") as r:
         text = await r.text()
     out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            labels = line[len(name) :].rsplit(" ", 1)[0]
-            out[labels] = float(line.rsplit(" ", 1)[1])
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+                out["{" + labels + "}" if labels else ""] = sample.value
     return out
 
 
@@ -226,7 +229,7 @@ async def _apache_broken_at_reload(fw: World) -> None:
 
     await wait_for(looked_again, "more fetches and a drift scan of both hosts", timeout=40)
     assert await metric_values(fw, "reconciler_host_failures_total") == failures0
-    assert failures0['{reason="reload-broke-service",class="terminal"}'] == 1, failures0
+    assert failures0['{class="terminal",reason="reload-broke-service"}'] == 1, failures0
     assert (await metric_values(fw, "reconciler_stalls_total"))['{reason="reload-broke-service"}'] == 1
     assert apache_master(fw) == master  # never restarted again
     assert http_code(fw) != "000"
@@ -257,6 +260,13 @@ async def test_new_commit_clears_the_apache_stall(fw: World) -> None:
 async def test_lockout_is_rolled_back_once_stalls_and_mails_once(fw: World) -> None:
     fleet_file = fw.work / "fleet.yaml"
     original = fleet_file.read_text()
+    try:
+        await _lockout(fw, fleet_file, original)
+    finally:
+        fleet_file.write_text(original)  # the next test's commit carries the fix, even after a failure
+
+
+async def _lockout(fw: World, fleet_file: Any, original: str) -> None:
     # the daemon connects from 192.0.2.254: without it, management SSH is cut (render admits
     # SSH from the declared sources, it cannot know where the daemon connects from)
     fleet_file.write_text(original.replace("[192.0.2.254/32, 198.51.100.0/24]", "[198.51.100.0/24]"))
@@ -302,7 +312,7 @@ async def test_lockout_is_rolled_back_once_stalls_and_mails_once(fw: World) -> N
         assert all(ok for t, ok in probes[h] if t > closed[-1])  # open ever since
         assert sum(1 for t, ok in probes[h] if t > closed[-1]) >= 20
     failures = await metric_values(fw, "reconciler_host_failures_total")
-    assert failures['{reason="firewall-rolled-back",class="terminal"}'] == len(HOSTS), failures
+    assert failures['{class="terminal",reason="firewall-rolled-back"}'] == len(HOSTS), failures
     for h in HOSTS:
         await wait_for(lambda h=h: _true(len(stall_mails(fw, h, bad)) >= 1), f"{h}'s stall mail", timeout=30)
         mails = stall_mails(fw, h, bad)

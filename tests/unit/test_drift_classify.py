@@ -129,3 +129,17 @@ def test_the_directories_the_engine_made_are_in_line() -> None:
     assert got["/etc/strongswan.d/reconciler"] is None and got["/etc/strongswan.d"] is None
     assert got["/etc/reconciler"] is None and got["/etc/apache2/reconciler"] is None
     assert "/etc" not in got
+
+
+def test_what_the_fleet_removes_is_in_line_once_gone() -> None:
+    """Debian's global deflate.conf and default site, removed by the apply when sites own their
+    defaults, were counted as hand edits ("2 removed", drift) after the first converge."""
+    from reconciler.kinds.resources import Absent
+
+    gone = Absent("/etc/apache2/mods-enabled/deflate.conf", Domain.APACHE, "sites own compression")
+    back = Absent("/etc/apache2/sites-enabled/000-default.conf", Domain.APACHE, "sites own the defaults")
+    desired = Desired(host="web1", absent=(gone, back))
+    entries = {back.path: Entry(back.path, "link", 0o777, "root", "root", target="../sites-available/x")}
+    got = classify_managed(desired, Snapshot("web1", ("/etc",), MappingProxyType(entries)), POLICY)
+    assert got[gone.path] is None
+    assert got[back.path] == "exists (sites own the defaults: the fleet removes it)"
