@@ -16,6 +16,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from reconciler.lab import procs
 from reconciler.lab.model import LabError
@@ -36,9 +37,10 @@ class Owner:
 
 
 @contextlib.contextmanager
-def _flocked(timeout: float = 60.0) -> Iterator[None]:
-    ensure_root()
-    fd = os.open(LAB_ROOT / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+def flocked(path: Path, timeout: float, *, poll: float, held: str = "held") -> Iterator[None]:
+    """An exclusive flock on ``path`` (created 0600), polled every ``poll`` s for up to
+    ``timeout`` s, else LabError ("PATH: <held> for more than N s"). Closing releases it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -47,11 +49,18 @@ def _flocked(timeout: float = 60.0) -> Iterator[None]:
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise LabError(f"{LAB_ROOT / '.lock'}: held for more than {timeout:.0f}s") from None
-                time.sleep(0.05)
+                    raise LabError(f"{path}: {held} for more than {timeout:.0f}s") from None
+                time.sleep(poll)
         yield
     finally:
         os.close(fd)  # closing releases the flock
+
+
+@contextlib.contextmanager
+def _flocked(timeout: float = 60.0) -> Iterator[None]:
+    ensure_root()
+    with flocked(LAB_ROOT / ".lock", timeout, poll=0.05):
+        yield
 
 
 def read_owner() -> Owner | None:

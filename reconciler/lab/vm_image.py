@@ -20,7 +20,6 @@ guest gets a tiny config disk (``vm_guest.config_disk``) that the oneshot unit
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -28,10 +27,11 @@ import shlex
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from reconciler.lab.lock import flocked
 from reconciler.lab.model import LabError
 from reconciler.lab.state import atomic_write
 from reconciler.log import get_logger
@@ -244,24 +244,6 @@ def missing_tools() -> list[str]:
     return [t for t in BUILD_TOOLS if shutil.which(t) is None]
 
 
-@contextlib.contextmanager
-def _flocked(path: Path, timeout: float) -> Iterator[None]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise LabError(f"{path}: another image build held it for {timeout:.0f}s") from None
-                time.sleep(1.0)
-        yield
-    finally:
-        os.close(fd)
-
-
 def ensure_image(
     root: Path | None = None,
     *,
@@ -275,7 +257,7 @@ def ensure_image(
     images = root / "images"
     images.mkdir(parents=True, exist_ok=True, mode=0o755)
     final = images / key
-    with _flocked(images / f".{key}.lock", BUILD_TIMEOUT):
+    with flocked(images / f".{key}.lock", BUILD_TIMEOUT, poll=1.0, held="another image build held it"):
         img = _image_at(final)
         if img is not None and not rebuild:
             return img
