@@ -74,7 +74,10 @@ def sh(lab: Lab, host: str, script: str) -> str:
 STATE = (
     "find /etc /var/lib/reconciler /srv -xdev \\( -type f -o -type l \\) "
     "-printf '%p %m %u %g %T@ %s %l\\n' 2>/dev/null | sort; "
-    "iptables-save | grep -v '^#'; ip -o link; ip -o addr; ps -eo comm= | sort"
+    "iptables-save | grep -v '^#'; ip -o link; ip -o addr; "
+    # the processes on the host, less this snapshot's own pipeline: a child forked for `sort`
+    # shows as `sh` until it execs, which made two snapshots of an idle host differ
+    "ps -eo pid=,ppid=,comm= | awk -v me=$$ '$1 != me && $2 != me {print $3}' | sort"
 )
 
 
