@@ -30,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from reconciler.domains.packages import APACHE_STATUS
+from reconciler.domains.role_items import items_of_roles
 from reconciler.errors import RenderError
 from reconciler.fleet.model import Fleet, Host, JkWorker, Site
 from reconciler.kinds.resources import (
@@ -107,13 +108,7 @@ NO_CONF = frozenset({"deflate"})
 
 def sites_of(fleet: Fleet, host: Host) -> tuple[Site, ...]:
     """The sites of the host's roles, each once, sorted by name."""
-    names: set[str] = set()
-    for role in fleet.roles_of(host):
-        names.update(role.sites)
-    missing = sorted(n for n in names if n not in fleet.sites)
-    if missing:
-        raise RenderError(f"host {host.name}: roles name unknown sites: {', '.join(missing)}")
-    return tuple(fleet.sites[n] for n in sorted(names))
+    return items_of_roles(fleet, host, lambda role: role.sites, fleet.sites, "sites")
 
 
 # ---------------------------------------------------------------- values that reach the config

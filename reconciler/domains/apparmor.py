@@ -15,6 +15,7 @@ replaces the profile in the kernel with ``apparmor_parser -r`` only where AppArm
 
 from __future__ import annotations
 
+from reconciler.domains.role_items import items_of_roles
 from reconciler.errors import RenderError
 from reconciler.fleet.model import AppArmorProfile, Fleet, Host, MovedDirectory
 from reconciler.kinds.resources import Domain, Expected, FileResource, Fragment, Handler, Validator
@@ -25,13 +26,7 @@ PACKAGE = "apparmor"
 
 def profiles_of(fleet: Fleet, host: Host) -> tuple[AppArmorProfile, ...]:
     """The AppArmor profiles of the host's roles, each once, sorted by name."""
-    names: set[str] = set()
-    for role in fleet.roles_of(host):
-        names.update(role.apparmor)
-    missing = sorted(n for n in names if n not in fleet.apparmor)
-    if missing:
-        raise RenderError(f"host {host.name}: roles name unknown AppArmor profiles: {', '.join(missing)}")
-    return tuple(fleet.apparmor[n] for n in sorted(names))
+    return items_of_roles(fleet, host, lambda role: role.apparmor, fleet.apparmor, "AppArmor profiles")
 
 
 def handler_name(profile: AppArmorProfile) -> str:

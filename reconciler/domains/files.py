@@ -12,6 +12,7 @@ swap and reloads each service once per apply.
 
 from __future__ import annotations
 
+from reconciler.domains.role_items import items_of_roles
 from reconciler.domains.templating import render_template
 from reconciler.errors import RenderError
 from reconciler.fleet.model import Fleet, Host, ManagedFile
@@ -20,13 +21,7 @@ from reconciler.kinds.resources import Domain, FileResource, Fragment, Handler, 
 
 def files_of(fleet: Fleet, host: Host) -> tuple[ManagedFile, ...]:
     """The managed files of the host's roles, each once, sorted by name."""
-    names: set[str] = set()
-    for role in fleet.roles_of(host):
-        names.update(role.files)
-    missing = sorted(n for n in names if n not in fleet.files)
-    if missing:
-        raise RenderError(f"host {host.name}: roles name unknown managed files: {', '.join(missing)}")
-    return tuple(fleet.files[n] for n in sorted(names))
+    return items_of_roles(fleet, host, lambda role: role.files, fleet.files, "managed files")
 
 
 def _where(mf: ManagedFile) -> str:

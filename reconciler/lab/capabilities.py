@@ -73,66 +73,17 @@ def _probe_in_netns(ns: str) -> dict[str, Capability]:
         "ipip", ok, "`ip link add type ipip` works" if ok else f"`ip link add type ipip`: {msg}"
     )
 
-    ok, msg = _run(
-        [
-            "ip",
-            "-n",
-            ns,
-            "xfrm",
-            "state",
-            "add",
-            "src",
-            "192.0.2.1",
-            "dst",
-            "192.0.2.2",
-            "proto",
-            "esp",
-            "spi",
-            "0x100",
-            "mode",
-            "transport",
-            "enc",
-            "cbc(aes)",
-            ESP_KEY,
-            "auth",
-            "hmac(sha256)",
-            AUTH_KEY,
-        ]
-    )
-    out["kernel_esp"] = Capability(
-        "kernel_esp",
-        ok,
-        "`ip xfrm state add proto esp` works" if ok else f"`ip xfrm state add proto esp`: {msg}",
-    )
-
-    ok, msg = _run(
-        [
-            "ip",
-            "-n",
-            ns,
-            "xfrm",
-            "state",
-            "add",
-            "src",
-            "192.0.2.1",
-            "dst",
-            "192.0.2.2",
-            "proto",
-            "ah",
-            "spi",
-            "0x101",
-            "mode",
-            "transport",
-            "auth",
-            "hmac(sha256)",
-            AUTH_KEY,
-        ]
-    )
-    out["kernel_ah"] = Capability(
-        "kernel_ah",
-        ok,
-        "`ip xfrm state add proto ah` works" if ok else f"`ip xfrm state add proto ah`: {msg}",
-    )
+    for proto, spi, algs in (
+        ("esp", "0x100", ["enc", "cbc(aes)", ESP_KEY, "auth", "hmac(sha256)", AUTH_KEY]),
+        ("ah", "0x101", ["auth", "hmac(sha256)", AUTH_KEY]),
+    ):
+        ok, msg = _run(
+            ["ip", "-n", ns, "xfrm", "state", "add", "src", "192.0.2.1", "dst", "192.0.2.2"]
+            + ["proto", proto, "spi", spi, "mode", "transport", *algs]
+        )
+        tried = f"`ip xfrm state add proto {proto}`"
+        name = f"kernel_{proto}"
+        out[name] = Capability(name, ok, f"{tried} works" if ok else f"{tried}: {msg}")
 
     ok, msg = _run(
         [
