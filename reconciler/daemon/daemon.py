@@ -18,27 +18,26 @@ kill the render worker, stop taking work, let in-flight reconciles finish within
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import os
-import resource
 import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import replace
 from typing import Any
 
 from reconciler import __version__, usecases
 from reconciler.daemon import mail as mails
 from reconciler.daemon.after_apply import AfterApplyVerifier, HostVerify
 from reconciler.daemon.config import Config, RunMode
+from reconciler.daemon.engine_step import engine_step
 from reconciler.daemon.loop import ALL, Backoff, HostFailure, Outcome, ReconcileLoop, ReconcileStep, Target
 from reconciler.daemon.mail import AdminMail
 from reconciler.daemon.metrics import DaemonMetrics
 from reconciler.daemon.pools import Pools
-from reconciler.daemon.records import DriftSeen, add_drift, plan_record
+from reconciler.daemon.process import lock_state_dir, raise_fd_limit
+from reconciler.daemon.records import DriftSeen, add_drift
 from reconciler.daemon.server import HttpServer
-from reconciler.daemon.shard import PeerClient, Shard, merge_status
+from reconciler.daemon.shard import PeerClient, Shard
 from reconciler.daemon.source import (
     FleetLoader,
     FleetSource,
@@ -47,88 +46,28 @@ from reconciler.daemon.source import (
     RollbackRefused,
     default_loader,
 )
-from reconciler.daemon.statuspage.mesh import pair_state
+from reconciler.daemon.status import DaemonStatus
 from reconciler.daemon.store import HostState, Store
 from reconciler.domains.bounded_render import RenderAborted, RenderRejected, RenderWorker
 from reconciler.drift.scan import DriftFinding
 from reconciler.drift.snapshot import display_path
 from reconciler.engine import fleet as engine
-from reconciler.engine.deadman import DEFAULT_WINDOW
-from reconciler.errors import Failure, Reason, ReconcilerError, RenderError, Terminal
+from reconciler.errors import ReconcilerError, RenderError
 from reconciler.fleet.model import Fleet
 from reconciler.gitrepo import redact_url
 from reconciler.host.connection import ConnectionPool
-from reconciler.kinds.resources import Domain
 from reconciler.log import get_logger
 from reconciler.notify.outbox import Outbox
 
 log = get_logger(__name__)
 
-MESH_MAX_LINKS = 2000  # /status lists the mesh's pairs up to this many
 
 DriftStep = Callable[[str, Target, ConnectionPool], Awaitable[DriftFinding | int]]
 
 
-class StateDirLocked(Terminal):
-    pass
+class Daemon(DaemonStatus):
+    """The daemon: its parts, the loop's callbacks, the write side of the HTTP API, the lifecycle."""
 
-
-def _lock_state_dir(state_dir: Path) -> int:
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(state_dir / "daemon.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise StateDirLocked(f"{state_dir}: another reconciler daemon uses this state directory") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    return fd
-
-
-@dataclass(frozen=True)
-class EngineStep:
-    outcome: Outcome
-    domains: frozenset[Domain] = frozenset()  # what the apply changed (for verify after apply)
-    plan: dict[str, Any] | None = None  # the plan as the status page shows it (records.plan_record)
-
-
-async def engine_step(
-    host: str,
-    target: Target,
-    pool: ConnectionPool,
-    *,
-    apply: bool,
-    firewall_window: float = DEFAULT_WINDOW,
-    adopt: bool = False,
-) -> EngineStep:
-    """One host through reconciler.engine.fleet.reconcile_fleet. A failed host raises the error its
-    outcome's typed failure stands for (Terminal or Transient by its reason; loop.py acts on it).
-    ``adopt``: take the host over when it claims another fleet or host name (config ``adopt``);
-    otherwise that is a Terminal refusal (reason ``identity-mismatch``)."""
-    out = await usecases.reconcile_host(
-        target.fleet, host, pool, apply=apply, adopt=adopt, firewall_window=firewall_window,
-        fetch_diffs=True,  # for the status page's last plan: read only when something differs
-    )  # fmt: skip
-    if out.status in (engine.ERROR, engine.FAILED):
-        failure = out.failure or Failure(Reason.FAILED, out.error or out.status)
-        raise failure.error()
-    if out.status == engine.CHANGES:
-        n = len(out.plan.actions) if out.plan is not None else 0
-        reason = f"plan mode: {n} change(s) pending"
-        record = plan_record(out.plan, commit=target.commit, applied=False, summary=reason)
-        return EngineStep(Outcome(applied=False, reason=reason), plan=record)
-    if out.status == engine.APPLIED and out.result is not None:
-        n = out.result.changed()
-        domains = frozenset(o.action.domain for o in out.result.outcomes if o.status == "done")
-        reason = f"applied {n} change(s)"
-        record = plan_record(out.plan, commit=target.commit, applied=True, summary=reason)
-        return EngineStep(Outcome(applied=True, reason=reason, changes=n), domains, record)
-    reason = out.plan.noop_reason if out.plan is not None and out.plan.noop_reason else "in sync"
-    return EngineStep(Outcome(applied=True, reason=reason))
-
-
-class Daemon:
     def __init__(
         self,
         config: Config,
@@ -141,7 +80,7 @@ class Daemon:
     ) -> None:
         self.config = config
         self.state_dir = config.state_dir
-        self._lock_fd = _lock_state_dir(self.state_dir)
+        self._lock_fd = lock_state_dir(self.state_dir)
         self.store = Store(self.state_dir / "state.db")
         self.renderer = RenderWorker(config.render)
         self.source = FleetSource(
@@ -251,9 +190,6 @@ class Daemon:
     def mail(self, key: str, subject: str, body: str) -> bool:
         """Queue one mail to the admins under an idempotency key; False if known or no mail."""
         return self.admin_mail.send(key, subject, body)
-
-    def _outbox_counts(self) -> list[tuple[tuple[str, ...], float]]:
-        return self.admin_mail.counts()
 
     # ------------------------------------------------------------ source
 
@@ -464,146 +400,6 @@ class Daemon:
         self.loop.request_fetch(then=tuple(hosts) or (ALL,), force=True, reason="sync")
         return (len(hosts) or (len(target.hosts) if target else 0)), []
 
-    def ready(self) -> bool:
-        return self.loop.first_refresh_done.is_set()
-
-    def status(self) -> dict[str, Any]:
-        target = self.loop.target
-        rows = {h.name: h.as_json() for h in self.store.hosts()}
-        names = list(target.hosts) if target is not None else sorted(rows)
-        hosts = []
-        for name in names:
-            row = rows.get(name) or {"name": name, "state": HostState.UNKNOWN.value, "reason": "", "code": "",
-                                     "applied_commit": "", "attempted_commit": "", "last_drift_at": None,
-                                     "drift_count": 0, "removed_commit": ""}  # fmt: skip
-            if row["state"] == HostState.REMOVED.value:  # back in the fleet, not reconciled yet
-                row.update(state=HostState.UNKNOWN.value, reason="", removed_commit="")
-            row.update(self.loop.host_info(name))
-            hosts.append(row)
-        # hosts that left the fleet stay visible until acknowledged (reconciler sync --forget)
-        for name in sorted(set(rows) - set(names)):
-            if rows[name]["state"] == HostState.REMOVED.value:
-                hosts.append({**rows[name], "failures": 0, "waiting_for_new_commit": False,
-                              "retry_scheduled": False})  # fmt: skip
-        rejection = self.source.rejection
-        outbox = dict((k[0], v) for k, v in self._outbox_counts())
-        return {
-            "version": __version__,
-            "mode": self.config.mode.value,
-            "ready": self.ready(),
-            "started_at": self._started,
-            "source": {
-                "url": redact_url(self.config.source.url),
-                "branch": self.config.source.branch,
-                "verify": self.config.source.verify.value,
-                "head": self.source.head or self.store.get_meta("source.head"),
-                "good": self.source.good,
-                "rejection": None
-                if rejection is None
-                else {
-                    "commit": rejection.commit,
-                    "kind": rejection.kind,
-                    "reason": rejection.reason,
-                    "good": rejection.good or self.source.good,
-                },
-                "last_rollback": self.store.get_json("source.rollback"),
-            },
-            "queue": {"depth": self.loop.hosts.depth, "in_flight": list(self.loop.hosts.in_flight)},
-            **({"scope": "local", "shard": self.shard.describe()} if self.shard.sharded else {}),
-            "hosts": hosts,
-            "events": [e.as_json() for e in self.store.events(limit=50)],
-            "outbox": outbox,
-            "verify": {h: v.as_json() for h, v in sorted(self.verifier.results.items()) if h in names},
-            "mesh": self._mesh(target),
-        }
-
-    def _mesh(self, target: Target | None) -> dict[str, Any]:
-        """The mesh picture's data: hosts with their site, linked pairs with their state."""
-        if target is None:
-            return {"hosts": [], "links": []}
-        fleet = target.fleet
-        pairs = fleet.link_pairs()
-        if len(pairs) > MESH_MAX_LINKS:  # a picture of that many edges says nothing: counts only
-            return {"hosts": [], "links": [], "links_omitted": len(pairs)}
-        checks: dict[str, list[dict[str, Any]]] = {}
-        for name in target.hosts:
-            live = self.verifier.results.get(name)
-            stored = self.store.record(name, "verify") if live is None else None
-            checks[name] = (
-                list(live.checks)
-                if live is not None
-                else list((stored[1] if stored else {}).get("checks", []))
-            )
-        keys = set(getattr(fleet, "public_keys", {}) or {})
-        hosts = [
-            {"name": h.name, "site": str(getattr(h, "site", None) or getattr(h, "location", None) or "")}
-            for h in fleet.hosts
-        ]
-        links = [{"a": a, "b": b, "state": pair_state(a, b, keys, checks)} for a, b in pairs]
-        return {"hosts": hosts, "links": links}
-
-    async def host_page(self, name: str) -> dict[str, Any] | None:
-        """Everything the host page shows (None: not a host of the fleet or of the store)."""
-        row = next((h for h in self.status()["hosts"] if h["name"] == name), None)
-        if row is None:
-            return None
-        out = dict(row)
-        plan = self.store.record(name, "plan")
-        out["plan"], out["plan_at"] = (plan[1], plan[0]) if plan else (None, None)
-        live = self.verifier.results.get(name)
-        stored = self.store.record(name, "verify")
-        out["verify"] = live.as_json() if live is not None else (stored[1] if stored else None)
-        drift = self.store.record(name, "drift")
-        out["drift"] = drift[1] if drift else []
-        out["events"] = [e.as_json() for e in self.store.events(limit=30, host=name)]
-        out["last_apply_at"] = self.metrics.last_apply.value(name) or None
-        out["last_mail"] = self._last_mail(name)
-        for key in ("applied", "attempted"):
-            commit = str(row.get(f"{key}_commit") or "")
-            out[f"{key}_info"] = await self.source.commit_summary(commit) if commit else {}
-        return out
-
-    def _last_mail(self, host: str) -> dict[str, str] | None:
-        """The newest mail about ``host`` (subject and status only: bodies may quote diffs)."""
-        messages = getattr(self.outbox, "messages", None)
-        if messages is None:
-            return None
-        try:
-            found = [m for m in messages() if f":{host}:" in m[0]]
-        except Exception:  # the outbox is advisory here
-            return None
-        return {"subject": found[-1][2], "status": found[-1][1]} if found else None
-
-    async def commits_page(self) -> dict[str, Any]:
-        by_commit: dict[str, list[str]] = {}
-        for h in self.status()["hosts"]:
-            by_commit.setdefault(str(h.get("applied_commit") or ""), []).append(str(h["name"]))
-        running = []
-        for commit, names in sorted(by_commit.items(), key=lambda kv: -len(kv[1])):
-            info = await self.source.commit_summary(commit) if commit else {}
-            running.append({"commit": commit, "subject": info.get("subject", ""), "hosts": names})
-        rejected = [{"commit": c, "reason": r, "at": a} for c, r, a in self.store.rejected_commits()]
-        return {"running": running, "rejected": rejected}
-
-    # ------------------------------------------------------------ shard (reconciler/daemon/shard.py)
-
-    @property
-    def sharded(self) -> bool:
-        return self.shard.sharded
-
-    async def fleet_status(self) -> dict[str, Any]:
-        """This replica's status merged with its peers': every host of the fleet, with its owner."""
-        local = self.status()
-        peers = await self._peers.statuses()
-        fleet = self.source.fleet
-        names = list(fleet.host_names()) if fleet is not None else [h["name"] for h in local["hosts"]]
-        return merge_status(self.shard, local, peers, names)
-
-    def forward_hook(self, provider: str, headers: Any, body: bytes) -> None:
-        task = asyncio.get_running_loop().create_task(self._peers.forward_hook(provider, headers, body))
-        self._forwards.add(task)
-        task.add_done_callback(self._forwards.discard)  # forward_hook logs its own failures
-
     # ------------------------------------------------------------ lifecycle
 
     def request_stop(self) -> None:
@@ -690,15 +486,7 @@ class Daemon:
             self._lock_fd = -1
 
 
-def _raise_fd_limit() -> None:
-    """One socket per host: a 1,000-host fleet passes systemd's default soft limit of 1,024 open
-    files; take the hard limit (the soft one is only a default)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
 def run_daemon(config: Config) -> int:
-    _raise_fd_limit()
+    raise_fd_limit()
     daemon = Daemon(config)
     return asyncio.run(daemon.run())

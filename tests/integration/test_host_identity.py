@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from reconciler.cli import main
-from reconciler.daemon.daemon import engine_step
+from reconciler.daemon.engine_step import engine_step
 from reconciler.daemon.loop import Target
 from reconciler.engine.fleet import ERROR, reconcile_fleet
 from reconciler.engine.identity import HostIdentity, derived_fleet_id, parse_identity

@@ -1,4 +1,4 @@
-"""One daemon per state directory (daemon/daemon.py, ``daemon.lock``): a second process is
+"""One daemon per state directory (daemon/process.py, ``daemon.lock``): a second process is
 refused while the first holds the lock, and the lock is free again once that process is gone
 (a crash included: the kernel drops a flock with the process)."""
 
@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.daemon.daemon import StateDirLocked, _lock_state_dir
+from reconciler.daemon.process import StateDirLocked, lock_state_dir
 
 HOLDER = """
 import sys, time
 from pathlib import Path
-from reconciler.daemon.daemon import _lock_state_dir
-_lock_state_dir(Path(sys.argv[1]))
+from reconciler.daemon.process import lock_state_dir
+lock_state_dir(Path(sys.argv[1]))
 print("locked", flush=True)
 time.sleep(120)
 """
@@ -34,14 +34,14 @@ def test_a_second_daemon_on_the_same_state_dir_is_refused_until_the_first_is_gon
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
         assert (state / "daemon.lock").read_text().strip() == str(holder.pid)
         with pytest.raises(StateDirLocked, match="another reconciler daemon uses this state directory"):
-            _lock_state_dir(state)
+            lock_state_dir(state)
     finally:
         holder.kill()  # a crash: no clean-up code runs
         holder.wait(timeout=10)
     deadline = time.monotonic() + 5
     while True:
         try:
-            fd = _lock_state_dir(state)
+            fd = lock_state_dir(state)
             break
         except StateDirLocked:
             if time.monotonic() > deadline:

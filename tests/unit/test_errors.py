@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from reconciler.daemon import daemon
+from reconciler.daemon import engine_step
 from reconciler.daemon.loop import Target
 from reconciler.engine import fleet as engine
 from reconciler.engine.apply import ApplyResult, _failure
@@ -272,11 +272,11 @@ async def test_engine_step_raises_the_typed_error(reason: Reason, monkeypatch: p
 
     monkeypatch.setattr(engine, "reconcile_fleet", fake)
     with pytest.raises(ReconcilerError) as info:
-        await daemon.engine_step("web1", Target("c1", None, ("web1",)), None, apply=True)
+        await engine_step.engine_step("web1", Target("c1", None, ("web1",)), None, apply=True)
     assert info.value.reason is reason
     assert isinstance(info.value, Terminal) is reason.terminal
     assert str(info.value) == message
-    assert not hasattr(daemon, "classify_engine_error")
+    assert not hasattr(engine_step, "classify_engine_error")
 
 
 def test_apply_result_as_dict_shows_the_reason() -> None:
