@@ -1,4 +1,4 @@
-"""SSH connections to fleet hosts: the only module that imports asyncssh.
+"""Connections to fleet hosts, cached per host: the pool every stage reaches hosts through.
 
 Guarantees (see docs/ENGINE-CONNECTIONS.md):
 
@@ -17,36 +17,54 @@ Guarantees (see docs/ENGINE-CONNECTIONS.md):
 - Commands are argv lists quoted with ``shlex.join``; scripts run as ``sh -c SCRIPT sh ARGS``
   so user data only travels as positional arguments or on stdin. A non-root user gets
   ``sudo -n --`` in front.
+
+The pool lives here; one SSH connection in ssh.py, the local machine in local.py, whom to dial
+in targets.py, which host keys to trust in host_keys.py. Their names are importable from here.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import random
-import shlex
-import signal
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Mapping
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any
 
 import asyncssh
 
-from reconciler.errors import HostKeyRefused, Reason, Terminal, Transient
+from reconciler.errors import HostKeyRefused, Terminal, Transient
 from reconciler.host import netns
+from reconciler.host.host_keys import known_hosts_for
+from reconciler.host.local import LocalConnection
+from reconciler.host.ssh import (
+    AuthRefused,
+    CommandResult,
+    CommandTimeout,
+    ConnectFailed,
+    Connection,
+    ConnectionLost,
+    ssh_reason,
+)
+from reconciler.host.targets import SshTarget, targets_for
 from reconciler.log import get_logger
+
+__all__ = [
+    "AuthRefused",
+    "CommandResult",
+    "CommandTimeout",
+    "ConnectFailed",
+    "Connection",
+    "ConnectionLost",
+    "ConnectionPool",
+    "LocalConnection",
+    "SshTarget",
+    "known_hosts_for",
+    "targets_for",
+]
 
 log = get_logger(__name__)
 
-# Host side: seconds between TERM and KILL for a timed-out command. Client side: extra seconds
-# to wait for the host's answer before abandoning the channel.
-_KILL_GRACE = 2.0
-_CLIENT_SLACK = 3.0
-_MAX_COMMAND = 120_000
 
 # Fast algorithms OpenSSH 9.x offers (asyncssh computes AES-GCM in one C call per packet;
 # chacha20-poly1305 needs two). Host keys stay strictly checked: these only order the choice.
@@ -57,451 +75,6 @@ _ENCRYPTION_ALGS = (
     "chacha20-poly1305@openssh.com",
     "aes128-ctr",
 )
-
-
-class AuthRefused(Terminal):
-    """The host refused our credentials (wrong user, key not authorised, sudo needs a password)."""
-
-    reason = Reason.AUTH_REFUSED
-
-
-class ConnectFailed(Transient):
-    """The host could not be reached (refused, reset, unreachable, timed out, dropped)."""
-
-    reason = Reason.UNREACHABLE
-
-
-class CommandTimeout(Transient):
-    """A command did not finish within its timeout; it was terminated on the host."""
-
-    reason = Reason.TIMEOUT
-
-
-class ConnectionLost(Transient):
-    """The connection dropped while a command ran."""
-
-    reason = Reason.CONNECTION_LOST
-
-
-@dataclass(frozen=True)
-class SshTarget:
-    host: str  # fleet host name (used in messages)
-    address: str  # what we connect to
-    port: int = 22
-    user: str = "root"
-    host_keys: tuple[str, ...] = ()  # from the fleet ("ssh-ed25519 AAAA...")
-    known_hosts: str | None = None  # path of a known_hosts file, e.g. the lab's
-    client_keys: tuple[str, ...] = ()  # private key paths; empty = asyncssh defaults/agent
-    local: bool = False  # the machine the reconciler runs on: no SSH (LocalConnection)
-    netns: str | None = None  # reach the host from inside this network namespace (the lab's VMs)
-
-    def where(self) -> str:
-        return f"{self.host} ({self.address}:{self.port})"
-
-
-@dataclass(frozen=True)
-class CommandResult:
-    exit_status: int  # negative signal number if killed by a signal
-    stdout: bytes
-    stderr: bytes
-
-    @property
-    def ok(self) -> bool:
-        return self.exit_status == 0
-
-
-class _Fleet(Protocol):  # the part of reconciler.fleet.model.Fleet we read
-    @property
-    def hosts(self) -> Sequence[Any]: ...
-
-
-def targets_for(
-    fleet: _Fleet,
-    *,
-    known_hosts: str | None,
-    client_keys: Sequence[str],
-    address_override: Mapping[str, str] | None = None,
-    local_hosts: Sequence[str] = (),
-    netns: str | None = None,
-) -> dict[str, SshTarget]:
-    """One SshTarget per fleet host: fleet address/port/user/host keys, plus the run-time
-    known_hosts file and client keys. ``address_override`` maps host name -> address to dial;
-    hosts in ``local_hosts`` are the machine the reconciler runs on (no SSH); ``netns``: dial
-    every host from inside that network namespace (``/run/netns/NAME``, the lab's VM network)."""
-    override = dict(address_override or {})
-    out: dict[str, SshTarget] = {}
-    for h in fleet.hosts:
-        out[h.name] = SshTarget(
-            host=h.name,
-            address=override.get(h.name, str(h.public_address)),
-            port=int(h.ssh.port),
-            user=str(h.ssh.user),
-            host_keys=tuple(h.ssh.host_keys),
-            known_hosts=known_hosts,
-            client_keys=tuple(client_keys),
-            local=h.name in local_hosts,
-            netns=netns or None,
-        )
-    return out
-
-
-# ---------------------------------------------------------------- host keys
-
-
-def _host_pattern(address: str, port: int) -> str:
-    return address if port == 22 else f"[{address}]:{port}"
-
-
-def known_hosts_for(target: SshTarget) -> asyncssh.SSHKnownHosts:
-    """The trusted keys of one target as an asyncssh known-hosts object (never None).
-
-    Raises HostKeyRefused when no key at all is known for the host (we never trust on first use).
-    """
-    if not target.host_keys and target.known_hosts is not None:
-        known = _known_hosts_file(target)
-        keys, ca_keys, *_ = known.match(target.address, target.address, target.port)
-        if not keys and not ca_keys:
-            raise HostKeyRefused(
-                f"host {target.where()}: no trusted host key (none in the fleet, none in "
-                f"{target.known_hosts}); refusing to connect"
-            )
-        return known
-    lines: list[str] = []
-    pattern = _host_pattern(target.address, target.port)
-    for key in target.host_keys:
-        key = key.strip()
-        if not key or "\n" in key or "\r" in key or "\0" in key:
-            raise HostKeyRefused(f"host {target.where()}: malformed host key in the fleet")
-        lines.append(f"{pattern} {key}")
-    if target.known_hosts is not None:
-        try:
-            lines.append(Path(target.known_hosts).read_text(encoding="utf-8"))
-        except OSError as err:
-            raise HostKeyRefused(
-                f"host {target.where()}: cannot read known_hosts file {target.known_hosts}: {err.strerror}"
-            ) from None
-    try:
-        known = asyncssh.import_known_hosts("\n".join(lines) + "\n")
-    except (ValueError, asyncssh.KeyImportError) as err:
-        raise HostKeyRefused(f"host {target.where()}: cannot parse trusted host keys: {err}") from None
-    keys, ca_keys, *_ = known.match(target.address, target.address, target.port)
-    if not keys and not ca_keys:
-        raise HostKeyRefused(
-            f"host {target.where()}: no trusted host key (none in the fleet, none in "
-            f"{target.known_hosts or 'any known_hosts file'}); refusing to connect"
-        )
-    return known
-
-
-_KNOWN_CACHE: dict[tuple[str, int, int, int], asyncssh.SSHKnownHosts] = {}
-
-
-def _known_hosts_file(target: SshTarget) -> asyncssh.SSHKnownHosts:
-    """A known_hosts file parsed once per content version (path, inode, size, mtime), not once
-    per host: a 100-host fleet shares one lab known_hosts file."""
-    assert target.known_hosts is not None
-    try:
-        st = os.stat(target.known_hosts)
-        key = (target.known_hosts, st.st_ino, st.st_size, st.st_mtime_ns)
-        known = _KNOWN_CACHE.get(key)
-        if known is not None:
-            return known
-        text = Path(target.known_hosts).read_text(encoding="utf-8")
-    except OSError as err:
-        raise HostKeyRefused(
-            f"host {target.where()}: cannot read known_hosts file {target.known_hosts}: {err.strerror}"
-        ) from None
-    try:
-        known = asyncssh.import_known_hosts(text + "\n")
-    except (ValueError, asyncssh.KeyImportError) as err:
-        raise HostKeyRefused(f"host {target.where()}: cannot parse trusted host keys: {err}") from None
-    if len(_KNOWN_CACHE) > 16:
-        _KNOWN_CACHE.clear()
-    _KNOWN_CACHE[key] = known
-    return known
-
-
-# ---------------------------------------------------------------- connections
-
-
-class Connection:
-    """One open SSH connection to one host."""
-
-    def __init__(
-        self,
-        target: SshTarget,
-        conn: asyncssh.SSHClientConnection,
-        *,
-        semaphore: asyncio.Semaphore,
-        command_timeout: float,
-        on_close: Any = None,
-        time_scale: float = 1.0,
-    ) -> None:
-        self._conn = conn
-        self._setup(target, semaphore, command_timeout, on_close, time_scale, as_root=target.user == "root")
-
-    def _setup(
-        self,
-        target: SshTarget,
-        semaphore: asyncio.Semaphore,
-        command_timeout: float,
-        on_close: Any,
-        time_scale: float,
-        *,
-        as_root: bool,
-    ) -> None:
-        self.host = target.host
-        self.target = target
-        self._sem = semaphore
-        self._command_timeout = command_timeout
-        self._time_scale = time_scale
-        self._on_close = on_close
-        self._prefix: tuple[str, ...] = () if as_root else ("sudo", "-n", "--")
-
-    @property
-    def closed(self) -> bool:
-        return bool(self._conn.is_closed())
-
-    async def run(
-        self, argv: Sequence[str], *, stdin: bytes | None = None, timeout: float | None = None
-    ) -> CommandResult:
-        """Run argv on the host (quoted with shlex.join; ``sudo -n --`` for a non-root user).
-
-        The host enforces the timeout too (coreutils ``timeout -k``: TERM, then KILL, to the
-        command's whole process group), because OpenSSH refuses channel signals for root
-        sessions. A non-zero exit is returned, not raised. Raises CommandTimeout / ConnectionLost.
-        """
-        if not argv:
-            raise ValueError("empty argv")
-        # an explicit per-command timeout is sized for a normal host: slow hosts scale it
-        limit = self._command_timeout if timeout is None else timeout * self._time_scale
-        if limit <= 0:
-            raise ValueError("timeout must be positive")
-        full = (*self._prefix, "timeout", "-k", f"{_KILL_GRACE:g}", f"{limit:.3f}", *argv)
-        command = shlex.join(full)
-        if len(command) > _MAX_COMMAND:
-            # sshd hands the command to the login shell as ONE argument (Linux: 128 KiB max)
-            raise Terminal(
-                f"host {self.target.where()}: command {argv[0]} is {len(command)} bytes long, "
-                f"over the {_MAX_COMMAND} bytes a remote command line can hold; send data on stdin"
-            )
-        return await self._exec(command, stdin, limit, label=argv[0])
-
-    async def run_script(
-        self,
-        script: str,
-        *,
-        args: Sequence[str] = (),
-        stdin_after: bytes | None = None,
-        timeout: float | None = None,
-    ) -> CommandResult:
-        """Run our own POSIX sh script as ``sh -c SCRIPT sh ARGS...``; user data goes only in
-        ``args`` (positional parameters $1...) or on stdin (``stdin_after``)."""
-        return await self.run(["sh", "-c", script, "sh", *args], stdin=stdin_after, timeout=timeout)
-
-    @contextlib.asynccontextmanager
-    async def hold(
-        self, argv: Sequence[str], *, limit: float, first_line_within: float
-    ) -> AsyncIterator[bytes]:
-        """Run argv and keep it running for the duration of the ``async with`` block (a lock
-        held by a remote process); yields the first line it prints (read within
-        ``first_line_within`` s, else CommandTimeout). Leaving the block closes its stdin: the
-        command sees EOF and ends. The host ends it after ``limit`` s in any case, and sshd ends
-        it when the connection drops (a crashed reconciler holds nothing)."""
-        full = (*self._prefix, "timeout", "-k", f"{_KILL_GRACE:g}", f"{limit:.3f}", *argv)
-        try:
-            proc = await self._conn.create_process(shlex.join(full), encoding=None)
-        except asyncssh.ChannelOpenError as err:
-            raise ConnectionLost(f"host {self.target.where()}: cannot open a channel: {err.reason}") from None
-        except (OSError, asyncssh.Error) as err:
-            raise ConnectionLost(f"host {self.target.where()}: connection lost: {_reason(err)}") from None
-        try:
-            try:
-                async with asyncio.timeout(first_line_within):
-                    line = await proc.stdout.readline()
-            except TimeoutError:
-                raise CommandTimeout(
-                    f"host {self.target.where()}: {argv[0]} did not answer within {first_line_within:g} s"
-                ) from None
-            except (OSError, asyncssh.Error) as err:
-                raise ConnectionLost(f"host {self.target.where()}: connection lost: {_reason(err)}") from None
-            yield _as_bytes(line)
-        finally:
-            with contextlib.suppress(OSError, asyncssh.Error):
-                proc.stdin.write_eof()
-            with contextlib.suppress(OSError, asyncssh.Error, TimeoutError):
-                async with asyncio.timeout(_KILL_GRACE + _CLIENT_SLACK):
-                    await proc.wait()
-            proc.close()
-
-    async def _exec(self, command: str, stdin: bytes | None, limit: float, *, label: str) -> CommandResult:
-        started = time.monotonic()
-        async with self._sem:
-            try:
-                proc = await self._conn.create_process(command, encoding=None)
-            except asyncssh.ChannelOpenError as err:
-                raise ConnectionLost(
-                    f"host {self.target.where()}: cannot open a channel: {err.reason}"
-                ) from None
-            except (OSError, asyncssh.Error) as err:
-                raise ConnectionLost(f"host {self.target.where()}: connection lost: {_reason(err)}") from None
-            try:
-                # The host kills the command at ``limit`` (and KILLs it _KILL_GRACE later); the
-                # client waits a little longer for that exit, then gives up on the channel.
-                async with asyncio.timeout(limit + _KILL_GRACE + _CLIENT_SLACK):
-                    if stdin:
-                        proc.stdin.write(stdin)
-                    proc.stdin.write_eof()
-                    completed = await proc.wait()
-            except TimeoutError:
-                raise CommandTimeout(
-                    f"host {self.target.where()}: command {label} timed out after {limit:g} s "
-                    "(no answer from the host)"
-                ) from None
-            except (OSError, asyncssh.Error) as err:
-                raise ConnectionLost(f"host {self.target.where()}: connection lost: {_reason(err)}") from None
-            finally:
-                proc.close()
-        status = completed.returncode
-        if status is None:
-            raise ConnectionLost(f"host {self.target.where()}: connection lost while {label} ran")
-        if status in (124, 137) and time.monotonic() - started >= limit - 0.05:
-            raise CommandTimeout(
-                f"host {self.target.where()}: command {label} timed out after {limit:g} s "
-                "(terminated on the host)"
-            )
-        return CommandResult(
-            exit_status=int(status),
-            stdout=_as_bytes(completed.stdout),
-            stderr=_as_bytes(completed.stderr),
-        )
-
-    async def close(self) -> None:
-        self._conn.close()
-        try:
-            await self._conn.wait_closed()
-        except (OSError, asyncssh.Error):
-            pass
-        if self._on_close is not None:
-            self._on_close(self)
-            self._on_close = None
-
-
-class LocalConnection(Connection):
-    """The machine the reconciler runs on, with the Connection interface and no SSH.
-
-    argv is executed directly (no shell); ``sudo -n --`` when not running as root; the
-    command runs in its own session and its whole process group is killed on timeout.
-    """
-
-    def __init__(
-        self,
-        target: SshTarget,
-        *,
-        semaphore: asyncio.Semaphore,
-        command_timeout: float,
-        on_close: Any = None,
-        time_scale: float = 1.0,
-    ) -> None:
-        self._setup(target, semaphore, command_timeout, on_close, time_scale, as_root=os.geteuid() == 0)
-        self._closed = False
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    async def run(
-        self, argv: Sequence[str], *, stdin: bytes | None = None, timeout: float | None = None
-    ) -> CommandResult:
-        if not argv:
-            raise ValueError("empty argv")
-        if self._closed:
-            raise ConnectionLost(f"host {self.host} (local): connection closed")
-        # an explicit per-command timeout is sized for a normal host: slow hosts scale it
-        limit = self._command_timeout if timeout is None else timeout * self._time_scale
-        if limit <= 0:
-            raise ValueError("timeout must be positive")
-        async with self._sem:
-            try:
-                proc = await asyncio.create_subprocess_exec(
-                    *self._prefix,
-                    *argv,
-                    stdin=asyncio.subprocess.PIPE,
-                    stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.PIPE,
-                    start_new_session=True,
-                )
-            except OSError as err:
-                return CommandResult(127, b"", f"{argv[0]}: {err.strerror}\n".encode())
-            try:
-                out, err_out = await asyncio.wait_for(proc.communicate(stdin or b""), limit)
-            except TimeoutError:
-                await _kill_group(proc)
-                raise CommandTimeout(
-                    f"host {self.host} (local): command {argv[0]} timed out after {limit:g} s (terminated)"
-                ) from None
-        return CommandResult(int(proc.returncode or 0), out, err_out)
-
-    @contextlib.asynccontextmanager
-    async def hold(
-        self, argv: Sequence[str], *, limit: float, first_line_within: float
-    ) -> AsyncIterator[bytes]:
-        full = (*self._prefix, "timeout", "-k", f"{_KILL_GRACE:g}", f"{limit:.3f}", *argv)
-        proc = await asyncio.create_subprocess_exec(
-            *full, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, start_new_session=True
-        )
-        assert proc.stdin is not None and proc.stdout is not None
-        try:
-            try:
-                line = await asyncio.wait_for(proc.stdout.readline(), first_line_within)
-            except TimeoutError:
-                raise CommandTimeout(
-                    f"host {self.host} (local): {argv[0]} did not answer within {first_line_within:g} s"
-                ) from None
-            yield line
-        finally:
-            proc.stdin.close()
-            try:
-                await asyncio.wait_for(proc.wait(), _KILL_GRACE + _CLIENT_SLACK)
-            except TimeoutError:
-                await _kill_group(proc)
-
-    async def close(self) -> None:
-        self._closed = True
-        if self._on_close is not None:
-            self._on_close(self)
-            self._on_close = None
-
-
-async def _kill_group(proc: asyncio.subprocess.Process) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            await asyncio.wait_for(proc.wait(), _KILL_GRACE)
-            break
-        except TimeoutError:
-            continue
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)  # children left in the group
-
-
-def _as_bytes(data: object) -> bytes:
-    if data is None:
-        return b""
-    if isinstance(data, bytes):
-        return data
-    return str(data).encode()
-
-
-def _reason(err: BaseException) -> str:
-    if isinstance(err, asyncssh.DisconnectError):
-        return err.reason or type(err).__name__
-    if isinstance(err, OSError) and err.strerror:
-        return err.strerror
-    return str(err) or type(err).__name__
 
 
 class ConnectionPool:
@@ -673,11 +246,11 @@ class ConnectionPool:
             raise ConnectFailed(
                 f"host {target.where()}: connect timed out or dropped after {self.connect_timeout:g} s"
                 if isinstance(err, TimeoutError)
-                else f"host {target.where()}: connection lost during connect: {_reason(err)}"
+                else f"host {target.where()}: connection lost during connect: {ssh_reason(err)}"
             ) from None
         except asyncssh.DisconnectError as err:
             raise ConnectFailed(
-                f"host {target.where()}: disconnected during connect: {_reason(err)}"
+                f"host {target.where()}: disconnected during connect: {ssh_reason(err)}"
             ) from None
         except OSError as err:
-            raise ConnectFailed(f"host {target.where()}: cannot connect: {_reason(err)}") from None
+            raise ConnectFailed(f"host {target.where()}: cannot connect: {ssh_reason(err)}") from None
