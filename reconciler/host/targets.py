@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from ipaddress import IPv4Address
 from typing import Protocol
-
-from reconciler.fleet.model import Host
 
 
 @dataclass(frozen=True)
@@ -26,9 +25,27 @@ class SshTarget:
         return f"{self.host} ({self.address}:{self.port})"
 
 
-class _Fleet(Protocol):  # the part of reconciler.fleet.model.Fleet we read
+class _SshSpec(Protocol):  # the part of reconciler.fleet.model.SshSpec we read
     @property
-    def hosts(self) -> Sequence[Host]: ...
+    def user(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def host_keys(self) -> Sequence[str]: ...
+
+
+class _Host(Protocol):  # the part of reconciler.fleet.model.Host we read
+    @property
+    def name(self) -> str: ...
+    @property
+    def public_address(self) -> IPv4Address: ...
+    @property
+    def ssh(self) -> _SshSpec: ...
+
+
+class _Fleet(Protocol):  # the part of reconciler.fleet.model.Fleet we read (host/ imports no fleet/)
+    @property
+    def hosts(self) -> Sequence[_Host]: ...
 
 
 def targets_for(
