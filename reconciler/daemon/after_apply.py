@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from reconciler import usecases
-from reconciler.daemon.loop import Target
+from reconciler.daemon.step import Target
 from reconciler.host.connection import ConnectionPool
 from reconciler.kinds.resources import Domain
 from reconciler.log import get_logger

@@ -30,11 +30,12 @@ from reconciler.daemon import mail as mails
 from reconciler.daemon.after_apply import AfterApplyVerifier, HostVerify
 from reconciler.daemon.config import Config, RunMode
 from reconciler.daemon.engine_step import engine_step
-from reconciler.daemon.loop import ALL, Backoff, HostFailure, Outcome, ReconcileLoop, ReconcileStep, Target
+from reconciler.daemon.loop import ALL, ReconcileLoop
 from reconciler.daemon.mail import AdminMail
 from reconciler.daemon.metrics import DaemonMetrics
 from reconciler.daemon.pools import Pools
 from reconciler.daemon.process import lock_state_dir, raise_fd_limit
+from reconciler.daemon.queue import Backoff
 from reconciler.daemon.records import DriftSeen, add_drift
 from reconciler.daemon.server import HttpServer
 from reconciler.daemon.shard import PeerClient, Shard
@@ -47,6 +48,7 @@ from reconciler.daemon.source import (
     default_loader,
 )
 from reconciler.daemon.status import DaemonStatus
+from reconciler.daemon.step import HostFailure, Outcome, ReconcileStep, Target
 from reconciler.daemon.store import HostState, Store
 from reconciler.domains.bounded_render import RenderAborted, RenderRejected, RenderWorker
 from reconciler.drift.scan import DriftFinding

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from reconciler import usecases
-from reconciler.daemon.loop import Outcome, Target
 from reconciler.daemon.records import plan_record
+from reconciler.daemon.step import Outcome, Target
 from reconciler.engine import fleet as engine
 from reconciler.engine.deadman import DEFAULT_WINDOW
 from reconciler.errors import Failure, Reason

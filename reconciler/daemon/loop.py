@@ -28,71 +28,29 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import Any
 
-from reconciler.daemon.queue import Backoff as Backoff
-from reconciler.daemon.queue import KeyedQueue as KeyedQueue
-from reconciler.daemon.store import HostState, Store
+from reconciler.daemon.host_record import HostRecord
+from reconciler.daemon.queue import Backoff, KeyedQueue
+from reconciler.daemon.step import (
+    HostFailure,
+    Outcome,
+    ReconcileStep,
+    RefreshStep,
+    ScanStep,
+    Target,
+    user_message,
+)
+from reconciler.daemon.store import Store
 from reconciler.errors import Failure, Reason, ReconcilerError, Terminal
-from reconciler.fleet.model import Fleet
 from reconciler.log import get_logger
 
 log = get_logger(__name__)
 
 ALL = "*"
 SOURCE_KEY = ":source"  # not a valid host name
-
-
-@dataclass(frozen=True)
-class Target:
-    """What hosts converge to: a verified, loaded commit."""
-
-    commit: str
-    fleet: Fleet
-    hosts: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What the reconcile step reports for one host."""
-
-    applied: bool = True  # False: observed/planned only (plan mode), nothing was changed
-    reason: str = ""  # short human summary ("no changes", "3 changes applied")
-    drift: int = 0  # drift findings in this pass
-    changes: int = 0  # changes applied in this pass
-
-
-ReconcileStep = Callable[[str, Target, frozenset[str]], Awaitable[Outcome | None]]
-RefreshStep = Callable[[], Awaitable[Target | None]]
-ScanStep = Callable[[str, Target], Awaitable[int]]  # drift scan only (a stalled host): findings
-
-
-@dataclass(frozen=True)
-class HostFailure:
-    """One failed reconcile, as the loop hands it to ``on_failure``."""
-
-    host: str
-    commit: str
-    failure: Failure
-    retry_in: float | None  # seconds until the retry; None when terminal (stalled)
-    failures: int  # consecutive failures of this host
-
-    @property
-    def terminal(self) -> bool:
-        return self.retry_in is None
-
-
-@dataclass
-class _HostRecord:
-    failures: int = 0
-    failed_commit: str = ""
-    retry: asyncio.TimerHandle | None = None
-    retry_reasons: set[str] = field(default_factory=set)
-    terminal_commit: str = ""
-    terminal_reason: Reason | None = None
-    converged_commit: str = ""
 
 
 class ReconcileLoop:
@@ -126,7 +84,7 @@ class ReconcileLoop:
         self._scan = scan
         self.hosts = KeyedQueue("hosts")
         self.source = KeyedQueue("source")
-        self._records: dict[str, _HostRecord] = {}
+        self._records: dict[str, HostRecord] = {}
         self._target: Target | None = None
         self._target_seen_at = 0.0
         self._target_converged = False
@@ -167,16 +125,11 @@ class ReconcileLoop:
             return None
         return rec.terminal_reason
 
-    def _record(self, host: str) -> _HostRecord:
+    def _record(self, host: str) -> HostRecord:
         """The host's retry state; a new one starts from the store's (a stall survives a restart)."""
         rec = self._records.get(host)
         if rec is None:
-            rec = self._records[host] = _HostRecord()
-            if self._store is not None:
-                st = self._store.host(host)
-                code = _reason(st.code)
-                if st.state is HostState.STALLED and code is not None and code.terminal:
-                    rec.terminal_commit, rec.terminal_reason = st.attempted_commit, code
+            rec = self._records[host] = HostRecord.restored(host, self._store)
         return rec
 
     def seed(self, target: Target) -> None:
@@ -213,30 +166,21 @@ class ReconcileLoop:
         rec = self._record(host)
         commit = self._target.commit
         if force:
-            self._clear_retry(rec)
-            rec.terminal_commit, rec.terminal_reason = "", None
+            rec.clear_retry()
+            rec.clear_stall()
             return True
         if rec.terminal_commit:
             if rec.terminal_commit == commit:
                 # a terminal failure waits for a new commit; a drift tick only scans
                 return reason == "drift" and self._scan is not None
-            rec.terminal_commit, rec.terminal_reason = "", None
+            rec.clear_stall()
         if rec.retry is not None:
             if rec.failed_commit == commit:
                 rec.retry_reasons.add(reason)  # the backoff timer will bring it back
                 return False
-            self._clear_retry(rec)  # a new commit: retry now
+            rec.clear_retry()  # a new commit: retry now
             rec.failures = 0
         return True
-
-    @staticmethod
-    def _clear_retry(rec: _HostRecord) -> None:
-        if rec.retry is not None:
-            rec.retry.cancel()
-            rec.retry = None
-        rec.retry_reasons.clear()
-
-    # ------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -278,7 +222,7 @@ class ReconcileLoop:
         self._stopping = True
         log.info("shutdown", in_flight=list(self.hosts.in_flight), grace=grace)
         for rec in self._records.values():
-            self._clear_retry(rec)
+            rec.clear_retry()
         if self._source_retry is not None:
             self._source_retry.cancel()
         for timer in self._timers:
@@ -345,7 +289,7 @@ class ReconcileLoop:
         changed = self._target is None or target.commit != self._target.commit
         if changed or (self._target is not None and target.hosts != self._target.hosts):
             for gone in set(self._records) - set(target.hosts):
-                self._clear_retry(self._records.pop(gone))
+                self._records.pop(gone).clear_retry()
                 self.hosts.discard(gone)
         self._target = target
         if changed:
@@ -354,7 +298,7 @@ class ReconcileLoop:
             log.info("new target", commit=target.commit, hosts=len(target.hosts))
         # Level-triggered: every host not yet converged on the target is looked at.
         behind = [
-            h for h in target.hosts if self._records.get(h, _HostRecord()).converged_commit != target.commit
+            h for h in target.hosts if self._records.get(h, HostRecord()).converged_commit != target.commit
         ]
         self.request(behind, "commit")
         if then:
@@ -372,7 +316,7 @@ class ReconcileLoop:
         else:
             log.error("fetch failed", error=type(exc).__name__, retry_in=round(delay, 2), exc_info=exc)
         if self._store is not None:
-            self._store.add_event("fetch-failed", _user_message(exc))
+            self._store.add_event("fetch-failed", user_message(exc))
         if not self._stopping:
             if self._source_retry is not None:
                 self._source_retry.cancel()
@@ -435,7 +379,7 @@ class ReconcileLoop:
             rec.failures += 1
             rec.failed_commit = target.commit
             delay = self._backoff.delay(rec.failures)
-            message = _user_message(exc)
+            message = user_message(exc)
             failure = Failure.of(exc)
             if isinstance(exc, ReconcilerError):
                 log.warning(
@@ -464,14 +408,14 @@ class ReconcileLoop:
             self._result(host, "transient", started)
             # A follow-up for the same commit waits for the backoff; a new commit goes now.
             if self._target is not None and self._target.commit != target.commit:
-                self._clear_retry(rec)
+                rec.clear_retry()
                 rec.failures = 0
                 return True
             return False
         rec.failures = 0
         rec.failed_commit = ""
-        rec.terminal_commit, rec.terminal_reason = "", None
-        self._clear_retry(rec)
+        rec.clear_stall()
+        rec.clear_retry()
         # Looked at on this commit (applied, or only planned in plan mode): nothing more to do
         # until a new commit, a drift tick or an explicit resync.
         rec.converged_commit = target.commit
@@ -486,7 +430,7 @@ class ReconcileLoop:
         self._check_converged(target)
         return True
 
-    async def _scan_stalled(self, host: str, target: Target, rec: _HostRecord) -> bool:
+    async def _scan_stalled(self, host: str, target: Target, rec: HostRecord) -> bool:
         """A drift tick on a host stalled on this commit: the drift scan only, never the apply;
         the host stays Stalled."""
         assert self._scan is not None
@@ -496,7 +440,7 @@ class ReconcileLoop:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.warning("drift scan of a stalled host failed", host=host, error=_user_message(exc))
+            log.warning("drift scan of a stalled host failed", host=host, error=user_message(exc))
             self._result(host, "scan-failed", started)
             return True
         if found and self._store is not None:
@@ -515,8 +459,8 @@ class ReconcileLoop:
         rec = self._records.get(host)
         return rec.converged_commit if rec is not None else ""
 
-    def _schedule_retry(self, host: str, rec: _HostRecord, delay: float, reasons: frozenset[str]) -> None:
-        self._clear_retry(rec)
+    def _schedule_retry(self, host: str, rec: HostRecord, delay: float, reasons: frozenset[str]) -> None:
+        rec.clear_retry()
         rec.retry_reasons = set(reasons) | {"retry"}
 
         def fire() -> None:
@@ -542,19 +486,3 @@ class ReconcileLoop:
             log.info("converged", commit=target.commit, seconds=round(elapsed, 3))
             if self._on_converged is not None:
                 self._on_converged(target.commit, elapsed)
-
-
-def _reason(code: str) -> Reason | None:
-    try:
-        return Reason(code)
-    except ValueError:
-        return None
-
-
-def _user_message(exc: BaseException) -> str:
-    """The message shown in status and events: ours are user-facing; others only by type."""
-    if isinstance(exc, ReconcilerError):
-        return str(exc) or type(exc).__name__
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    return f"internal error ({type(exc).__name__}); see the daemon log"

@@ -10,8 +10,8 @@ import time
 from collections.abc import Callable
 
 from reconciler.daemon.config import Config, SourceConfig
-from reconciler.daemon.loop import HostFailure
 from reconciler.daemon.source import Rejection, Rollback
+from reconciler.daemon.step import HostFailure
 from reconciler.fleet.model import Fleet, SmtpSecurity, SmtpSettings
 from reconciler.gitrepo import redact_url
 from reconciler.log import get_logger

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from reconciler.daemon.config import Config
-from reconciler.daemon.loop import Target
+from reconciler.daemon.step import Target
 from reconciler.fleet.model import Fleet
 from reconciler.host.connection import ConnectionPool, SshTarget, targets_for
 

@@ -13,12 +13,13 @@ from typing import Any
 from reconciler import __version__
 from reconciler.daemon.after_apply import AfterApplyVerifier
 from reconciler.daemon.config import Config
-from reconciler.daemon.loop import ReconcileLoop, Target
+from reconciler.daemon.loop import ReconcileLoop
 from reconciler.daemon.mail import AdminMail
 from reconciler.daemon.metrics import DaemonMetrics
 from reconciler.daemon.shard import PeerClient, Shard, merge_status
 from reconciler.daemon.source import FleetSource
 from reconciler.daemon.statuspage.mesh import pair_state
+from reconciler.daemon.step import Target
 from reconciler.daemon.store import HostState, Store
 from reconciler.gitrepo import redact_url
 from reconciler.notify.outbox import Outbox

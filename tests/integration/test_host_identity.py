@@ -17,7 +17,7 @@ import pytest
 
 from reconciler.cli import main
 from reconciler.daemon.engine_step import engine_step
-from reconciler.daemon.loop import Target
+from reconciler.daemon.step import Target
 from reconciler.engine.fleet import ERROR, reconcile_fleet
 from reconciler.engine.identity import HostIdentity, derived_fleet_id, parse_identity
 from reconciler.errors import Reason, Terminal

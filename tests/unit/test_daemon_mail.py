@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from reconciler.daemon import mail
 from reconciler.daemon.config import SourceConfig
-from reconciler.daemon.loop import HostFailure
 from reconciler.daemon.source import Rejection, Rollback
+from reconciler.daemon.step import HostFailure
 from reconciler.errors import Failure, Reason
 
 SOURCE = SourceConfig(url="https://deploy:t0ken-canary@git.example.org/fleet.git", branch="prod")

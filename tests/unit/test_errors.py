@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from reconciler.daemon import engine_step
-from reconciler.daemon.loop import Target
+from reconciler.daemon.step import Target
 from reconciler.engine import fleet as engine
 from reconciler.engine.apply import ApplyResult, _failure
 from reconciler.engine.run import ActionOutcome, HostRun

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.daemon.loop import ALL, Backoff, HostFailure, KeyedQueue, Outcome, ReconcileLoop, Target
+from reconciler.daemon.loop import ALL, ReconcileLoop
+from reconciler.daemon.queue import Backoff, KeyedQueue
+from reconciler.daemon.step import HostFailure, Outcome, Target
 from reconciler.daemon.store import HostState, Store
 from reconciler.errors import FleetInvalid, Problem, Reason, Terminal, Transient
 
