@@ -13,8 +13,9 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from reconciler.commands import Subcommands
 from reconciler.errors import FleetInvalid, ReconcilerError
 
 if TYPE_CHECKING:
@@ -32,7 +33,7 @@ def default_state_dir() -> Path:
     return Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "reconciler"
 
 
-def register(sub: Any) -> None:
+def register(sub: Subcommands) -> None:
     from reconciler.commands.plan import add_connection_args
 
     p = sub.add_parser("drift", help="snapshot hosts into the /etc history, mail drift and AppArmor denials")

@@ -19,8 +19,8 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
+from reconciler.commands import Subcommands
 from reconciler.commands.plan import Reach, add_connection_args, load, make_pool, reach_from_args
 from reconciler.engine.identity import IDENTITY_PATH, SeenIdentity, Verdict, claim_for, judge, parse_section
 from reconciler.errors import FleetInvalid, ReconcilerError
@@ -32,7 +32,7 @@ from reconciler.kinds.resources import Desired
 MAX_KEY_BYTES = 16 * 1024
 
 
-def register(sub: Any) -> None:
+def register(sub: Subcommands) -> None:
     p = sub.add_parser("keys", help="manage the hosts' IPsec public keys")
     ksub = p.add_subparsers(dest="keys_command", metavar="ACTION")
     ksub.required = True

@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from reconciler.commands import Subcommands
 
-def register(sub: Any) -> None:
+
+def register(sub: Subcommands) -> None:
     p = sub.add_parser("lab", help="local test hosts: network namespaces or QEMU guests (up, status, down)")
     lab_sub = p.add_subparsers(dest="lab_command", metavar="ACTION")
     lab_sub.required = True

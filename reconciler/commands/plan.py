@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from reconciler.commands import Subcommands
 from reconciler.commands.bounds import add_render_args, limits_from_args, load_and_render
 from reconciler.errors import FleetInvalid, ReconcilerError
 
@@ -139,7 +140,7 @@ def make_pool(fleet: Fleet, reach: Reach, args: argparse.Namespace) -> Connectio
     )
 
 
-def register(sub: Any) -> None:
+def register(sub: Subcommands) -> None:
     p = sub.add_parser("plan", help="show what apply would change on each host (changes nothing)")
     add_connection_args(p)
     add_adopt_arg(p, "plan the takeover of")

@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from reconciler.commands import Subcommands
 from reconciler.commands.bounds import add_render_args, limits_from_args, load_and_render
 from reconciler.errors import FleetInvalid, ReconcilerError, RenderError
 from reconciler.fleet.model import Fleet, frozen_map
@@ -35,7 +36,7 @@ from reconciler.kinds.resources import Desired
 MAX_KEY_BYTES = 64 * 1024
 
 
-def register(sub: Any) -> None:
+def register(sub: Subcommands) -> None:
     p = sub.add_parser(
         "render",
         help="render hosts' desired files into a directory (no SSH)",

@@ -22,11 +22,12 @@ import sys
 from typing import Any
 
 from reconciler import log as logsetup
+from reconciler.commands import Subcommands
 from reconciler.daemon.config import ConfigError, load_config, require_runnable
 from reconciler.errors import ReconcilerError
 
 
-def register(sub: Any) -> None:
+def register(sub: Subcommands) -> None:
     p = sub.add_parser(
         "run",
         help="run the reconciler daemon (webhooks, polling, drift schedule)",

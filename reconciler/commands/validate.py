@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from reconciler.commands import Subcommands
 from reconciler.commands.bounds import RenderRefused, add_render_args, limits_from_args, load_and_render
 from reconciler.domains.bounded_render import RenderResults
 from reconciler.engine.identity import fleet_id
@@ -28,7 +29,7 @@ RENDER_ALL_LINKS = 2_000
 _LOCATED = re.compile(r"\A(?P<file>[^\s:]+):(?P<line>[0-9]+): (?P<message>.*)\Z", re.DOTALL)
 
 
-def register(sub: Any) -> None:
+def register(sub: Subcommands) -> None:
     p = sub.add_parser(
         "validate",
         help="check a fleet repo (YAML safety, JSON Schema, cross-references, crypto policy)",

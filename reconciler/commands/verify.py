@@ -14,10 +14,11 @@ import asyncio
 import sys
 from typing import Any
 
+from reconciler.commands import Subcommands
 from reconciler.errors import ReconcilerError
 
 
-def register(sub: Any) -> None:
+def register(sub: Subcommands) -> None:
     from reconciler.commands.plan import add_connection_args
 
     p = sub.add_parser("verify", help="check that the mesh, firewall, sites and profiles really work")

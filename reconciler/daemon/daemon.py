@@ -49,7 +49,7 @@ from reconciler.daemon.source import (
 )
 from reconciler.daemon.status import DaemonStatus
 from reconciler.daemon.step import HostFailure, Outcome, ReconcileStep, Target
-from reconciler.daemon.store import HostState, Store
+from reconciler.daemon.store import HostState, JsonObject, Store
 from reconciler.domains.bounded_render import RenderAborted, RenderRejected, RenderWorker
 from reconciler.drift.scan import DriftFinding
 from reconciler.drift.snapshot import display_path
@@ -250,7 +250,7 @@ class Daemon(DaemonStatus):
             self.store.add_event("rollback-refused", f"{exc} (asked by {requested_by})", commit=commit)
             return False, {"reason": str(exc)}
         at = time.time()
-        record = {"commit": done.commit, "previous": done.previous, "head": done.head,
+        record: JsonObject = {"commit": done.commit, "previous": done.previous, "head": done.head,
                   "by": requested_by, "at": at}  # fmt: skip
         self.store.set_meta("source.good", done.commit)
         self.store.set_json("source.rollback", record)
@@ -320,7 +320,7 @@ class Daemon(DaemonStatus):
         self._scanned_once.add(host)
         return found
 
-    def _record_drift(self, host: str, target: Target, result: Any) -> int:
+    def _record_drift(self, host: str, target: Target, result: DriftFinding | int) -> int:
         """One scan's hand edits: metrics, a "drift" event and the host's drift log. Changes the
         fleet made are "applied" events (the engine step), never counted here."""
         seen = DriftSeen.of(result)

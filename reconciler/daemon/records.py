@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from reconciler.daemon.store import JsonObject, JsonValue
+from reconciler.drift.scan import DriftFinding
 from reconciler.kinds.actions import HostPlan
 
 MAX_DIFF = 6000
@@ -26,7 +28,7 @@ class DriftSeen:
     paths: tuple[str, ...] = ()
 
     @classmethod
-    def of(cls, found: Any) -> DriftSeen:
+    def of(cls, found: DriftFinding | int) -> DriftSeen:
         if isinstance(found, int):
             return cls(found)
         return cls(int(found.count), str(found.history_commit or ""), tuple(found.paths))
@@ -40,7 +42,7 @@ class DriftSeen:
             else f"{self.count} path(s) edited by hand{where}"
         )
 
-    def as_json(self, at: float, commit: str) -> dict[str, Any]:
+    def as_json(self, at: float, commit: str) -> JsonObject:
         return {"at": at, "count": self.count, "history_commit": self.history_commit,
                 "paths": list(self.paths), "fleet_commit": commit}  # fmt: skip
 
@@ -67,5 +69,8 @@ def plan_record(plan: HostPlan | None, *, commit: str, applied: bool, summary: s
     }
 
 
-def add_drift(log: list[dict[str, Any]] | None, entry: dict[str, Any]) -> list[dict[str, Any]]:
-    return ([entry] + list(log or []))[:MAX_DRIFT_LOG]
+def add_drift(log: JsonValue, entry: JsonObject) -> list[JsonValue]:
+    """The drift log with ``entry`` first (``log``: the stored one, a list or nothing yet)."""
+    out: list[JsonValue] = [entry]
+    out += log if isinstance(log, list) else []
+    return out[:MAX_DRIFT_LOG]

@@ -36,9 +36,9 @@ import json
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeAlias
 
 from aiohttp import web
 
@@ -52,6 +52,10 @@ log = get_logger(__name__)
 
 DELIVERY_MEMORY = 4096
 PROVIDERS = ("github", "gitea", "gitlab")
+
+
+# A request's headers (aiohttp's CIMultiDictProxy: lookups ignore case; tests pass a dict).
+Headers: TypeAlias = Mapping[str, str]
 
 
 class DaemonView(Protocol):
@@ -91,7 +95,7 @@ class ShardView(Protocol):
 
     async def fleet_status(self) -> dict[str, Any]: ...
 
-    def forward_hook(self, provider: str, headers: Any, body: bytes) -> None: ...
+    def forward_hook(self, provider: str, headers: Headers, body: bytes) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -104,7 +108,7 @@ def _hmac_hex(secret: Secret, body: bytes) -> str:
     return hmac.new(secret.reveal().encode(), body, hashlib.sha256).hexdigest()
 
 
-def check_github(headers: Any, body: bytes, secret: Secret) -> AuthResult:
+def check_github(headers: Headers, body: bytes, secret: Secret) -> AuthResult:
     sig = headers.get("X-Hub-Signature-256")
     if sig is None:
         if headers.get("X-Hub-Signature") is not None:
@@ -116,7 +120,7 @@ def check_github(headers: Any, body: bytes, secret: Secret) -> AuthResult:
     return AuthResult(True)
 
 
-def check_gitea(headers: Any, body: bytes, secret: Secret) -> AuthResult:
+def check_gitea(headers: Headers, body: bytes, secret: Secret) -> AuthResult:
     sig = headers.get("X-Gitea-Signature")
     if sig is None:
         return AuthResult(False, "missing X-Gitea-Signature")
@@ -126,7 +130,7 @@ def check_gitea(headers: Any, body: bytes, secret: Secret) -> AuthResult:
     return AuthResult(True)
 
 
-def check_gitlab(headers: Any, body: bytes, token: Secret) -> AuthResult:
+def check_gitlab(headers: Headers, body: bytes, token: Secret) -> AuthResult:
     given = headers.get("X-Gitlab-Token")
     if given is None:
         return AuthResult(False, "missing X-Gitlab-Token")
@@ -139,7 +143,7 @@ _COMMIT = re.compile(r"^[0-9a-f]{7,64}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
-def given_credential(headers: Any) -> str:
+def given_credential(headers: Headers) -> str:
     """The bearer token, or the password of HTTP Basic authentication ("" if neither)."""
     header = str(headers.get("Authorization", ""))
     scheme, _, value = header.partition(" ")
@@ -162,7 +166,7 @@ def token_matches(given: str, tokens: Sequence[Secret]) -> bool:
     return bool(given) and ok
 
 
-def delivery_id(provider: str, headers: Any) -> str | None:
+def delivery_id(provider: str, headers: Headers) -> str | None:
     names = {
         "github": ("X-GitHub-Delivery",),
         "gitea": ("X-Gitea-Delivery", "X-GitHub-Delivery"),

@@ -16,11 +16,12 @@ from reconciler.daemon.config import Config
 from reconciler.daemon.loop import ReconcileLoop
 from reconciler.daemon.mail import AdminMail
 from reconciler.daemon.metrics import DaemonMetrics
+from reconciler.daemon.server import Headers
 from reconciler.daemon.shard import PeerClient, Shard, merge_status
 from reconciler.daemon.source import FleetSource
 from reconciler.daemon.statuspage.mesh import pair_state
 from reconciler.daemon.step import Target
-from reconciler.daemon.store import HostState, Store
+from reconciler.daemon.store import HostState, JsonObject, JsonValue, Store
 from reconciler.gitrepo import redact_url
 from reconciler.notify.outbox import Outbox
 
@@ -111,11 +112,7 @@ class DaemonStatus:
         for name in target.hosts:
             live = self.verifier.results.get(name)
             stored = self.store.record(name, "verify") if live is None else None
-            checks[name] = (
-                list(live.checks)
-                if live is not None
-                else list((stored[1] if stored else {}).get("checks", []))
-            )
+            checks[name] = list(live.checks) if live is not None else _stored_checks(stored)
         keys = set(getattr(fleet, "public_keys", {}) or {})
         hosts = [
             {"name": h.name, "site": str(getattr(h, "site", None) or getattr(h, "location", None) or "")}
@@ -181,7 +178,14 @@ class DaemonStatus:
         names = list(fleet.host_names()) if fleet is not None else [h["name"] for h in local["hosts"]]
         return merge_status(self.shard, local, peers, names)
 
-    def forward_hook(self, provider: str, headers: Any, body: bytes) -> None:
+    def forward_hook(self, provider: str, headers: Headers, body: bytes) -> None:
         task = asyncio.get_running_loop().create_task(self._peers.forward_hook(provider, headers, body))
         self._forwards.add(task)
         task.add_done_callback(self._forwards.discard)  # forward_hook logs its own failures
+
+
+def _stored_checks(stored: tuple[float, JsonValue] | None) -> list[JsonObject]:
+    """The checks of a verify record kept in the store (what after_apply.HostVerify.as_json wrote)."""
+    data = stored[1] if stored is not None else None
+    checks = data.get("checks") if isinstance(data, dict) else None
+    return [c for c in checks if isinstance(c, dict)] if isinstance(checks, list) else []

@@ -11,12 +11,16 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
+
+# What the store keeps as JSON (status records, meta values): what json.loads returns.
+JsonValue: TypeAlias = str | int | float | bool | None | list["JsonValue"] | dict[str, "JsonValue"]
+JsonObject: TypeAlias = dict[str, JsonValue]
 
 SCHEMA_VERSION = 2  # 2: hosts.code (the typed failure reason), hosts.removed_commit
 MAX_EVENTS = 5000  # the events log keeps this many rows
@@ -126,7 +130,7 @@ def _cut(text: str) -> str:
 class Store:
     """Durable daemon state. ``Store(path)`` creates or opens the database."""
 
-    def __init__(self, path: Path | str, *, clock: Any = time.time) -> None:
+    def __init__(self, path: Path | str, *, clock: Callable[[], float] = time.time) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._clock = clock
@@ -208,11 +212,11 @@ class Store:
                 (key, value),
             )
 
-    def get_json(self, key: str) -> Any:
+    def get_json(self, key: str) -> JsonValue:
         raw = self.get_meta(key)
         return json.loads(raw) if raw else None
 
-    def set_json(self, key: str, value: Any) -> None:
+    def set_json(self, key: str, value: JsonValue) -> None:
         self.set_meta(key, json.dumps(value, sort_keys=True))
 
     # ------------------------------------------------------------ hosts
@@ -327,7 +331,7 @@ class Store:
 
     # ------------------------------------------------------------ what the status page shows
 
-    def set_record(self, host: str, kind: str, data: Any) -> None:
+    def set_record(self, host: str, kind: str, data: JsonValue) -> None:
         """The last ``kind`` record of a host (``plan``, ``verify``...): JSON, replaced whole.
         Callers keep it small and free of secrets (no file contents but the plan's diffs, which
         the engine already masks for secret files)."""
@@ -339,7 +343,7 @@ class Store:
                 (host, kind, self._clock(), text),
             )
 
-    def record(self, host: str, kind: str) -> tuple[float, Any] | None:
+    def record(self, host: str, kind: str) -> tuple[float, JsonValue] | None:
         row = self._db.execute(
             "SELECT at, data FROM host_records WHERE host = ? AND kind = ?", (host, kind)
         ).fetchone()

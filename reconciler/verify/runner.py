@@ -15,7 +15,6 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv6Address, IPv6Network
-from typing import Any
 
 from reconciler.domains import apparmor as apparmor_domain
 from reconciler.domains.firewall_access import port_access
@@ -24,10 +23,11 @@ from reconciler.domains.strongswan import child_name, connection_name
 from reconciler.domains.tunnels import tunnel_name
 from reconciler.errors import ReconcilerError
 from reconciler.fleet.model import Datapath, Fleet, Host, IpsecBackend, MeshMode, MeshTrust
+from reconciler.host.script import Pool
 from reconciler.log import get_logger
 from reconciler.verify import apache, apparmor, datapath, firewall, firewall6, ipsec, ipsec_log, reach
 from reconciler.verify.checks import Check, VerifyReport, failed, skipped
-from reconciler.verify.facts import FactsRequest, HostFacts, read_facts
+from reconciler.verify.facts import FactsRequest, HostFacts, Sections, read_facts
 
 log = get_logger(__name__)
 
@@ -94,10 +94,10 @@ def reach_expects(fleet: Fleet, target: Host, source: Host) -> list[reach.Expect
 
 
 async def gather_host(
-    fleet: Fleet, host: Host, pool: Any, *, selected: bool, options: VerifyOptions
+    fleet: Fleet, host: Host, pool: Pool, *, selected: bool, options: VerifyOptions
 ) -> HostFacts:
     """Probe (if selected) then read facts; never raises: errors land in the HostFacts."""
-    probe: dict[str, Any] = {}
+    probe: Sections = {}
     probe_error: str | None = None
     started = time.monotonic()
     try:
@@ -306,7 +306,7 @@ def _pair_checks(
 
 
 async def verify_fleet(
-    fleet: Fleet, hosts: Iterable[str] | None, pool: Any, *, options: VerifyOptions | None = None
+    fleet: Fleet, hosts: Iterable[str] | None, pool: Pool, *, options: VerifyOptions | None = None
 ) -> VerifyReport:
     """Verify the selected hosts (all when ``hosts`` is empty/None) against their peers."""
     opts = options or VerifyOptions()
