@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import NamedTuple
 
-from reconciler.engine.identity import HostIdentity
+from reconciler.host.identity import HostIdentity
 from reconciler.kinds.observed import Observed
 from reconciler.kinds.resources import (
     Address,

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from reconciler.engine.identity import SeenIdentity
+from reconciler.host.identity import SeenIdentity
 from reconciler.kinds.aptsim import AptSimulation
 
 
@@ -103,7 +103,7 @@ class Observed:
     # handlers whose new files went live but whose reload never ran (an apply interrupted between
     # swap and reload: /var/lib/reconciler/pending-reloads); plan reloads those still desired
     pending_reloads: tuple[str, ...] = ()
-    # /etc/reconciler/identity as the observation saw it (None: not observed); see reconciler.engine.identity
+    # /etc/reconciler/identity as the observation saw it (None: not observed); see reconciler.host.identity
     identity: SeenIdentity | None = None
     # declared non-root owners/groups the host does not know (plan refuses those files)
     # packages a Requirement names that are not installed: apt's install candidate, "" = none
