@@ -74,7 +74,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "known-hosts-no-key-accepted",
         "a host with no trusted key is refused before any connection",
-        (Edit(PY, r"if not (\w+) and not (\w+)\s*:", "if False:", function="known_hosts_for"),),
+        (Edit(PY, r"if not (\w+) and not (\w+)\s*:", "if False:", function="_matching"),),
         ("tests/unit/test_host_keys.py",),
     ),
     Mutation(

@@ -26,14 +26,7 @@ def known_hosts_for(target: SshTarget) -> asyncssh.SSHKnownHosts:
     Raises HostKeyRefused when no key at all is known for the host (we never trust on first use).
     """
     if not target.host_keys and target.known_hosts is not None:
-        known = _known_hosts_file(target)
-        keys, ca_keys, *_ = known.match(target.address, target.address, target.port)
-        if not keys and not ca_keys:
-            raise HostKeyRefused(
-                f"host {target.where()}: no trusted host key (none in the fleet, none in "
-                f"{target.known_hosts}); refusing to connect"
-            )
-        return known
+        return _matching(target, _known_hosts_file(target), str(target.known_hosts))
     lines: list[str] = []
     pattern = _host_pattern(target.address, target.port)
     for key in target.host_keys:
@@ -45,20 +38,33 @@ def known_hosts_for(target: SshTarget) -> asyncssh.SSHKnownHosts:
         try:
             lines.append(Path(target.known_hosts).read_text(encoding="utf-8"))
         except OSError as err:
-            raise HostKeyRefused(
-                f"host {target.where()}: cannot read known_hosts file {target.known_hosts}: {err.strerror}"
-            ) from None
-    try:
-        known = asyncssh.import_known_hosts("\n".join(lines) + "\n")
-    except (ValueError, asyncssh.KeyImportError) as err:
-        raise HostKeyRefused(f"host {target.where()}: cannot parse trusted host keys: {err}") from None
+            raise _unreadable(target, err) from None
+    known = _import(target, "\n".join(lines) + "\n")
+    return _matching(target, known, target.known_hosts or "any known_hosts file")
+
+
+def _matching(target: SshTarget, known: asyncssh.SSHKnownHosts, searched: str) -> asyncssh.SSHKnownHosts:
+    """``known`` if it holds a key (or CA key) for the target; else refused (no trust on first use)."""
     keys, ca_keys, *_ = known.match(target.address, target.address, target.port)
     if not keys and not ca_keys:
         raise HostKeyRefused(
             f"host {target.where()}: no trusted host key (none in the fleet, none in "
-            f"{target.known_hosts or 'any known_hosts file'}); refusing to connect"
+            f"{searched}); refusing to connect"
         )
     return known
+
+
+def _import(target: SshTarget, text: str) -> asyncssh.SSHKnownHosts:
+    try:
+        return asyncssh.import_known_hosts(text)
+    except (ValueError, asyncssh.KeyImportError) as err:
+        raise HostKeyRefused(f"host {target.where()}: cannot parse trusted host keys: {err}") from None
+
+
+def _unreadable(target: SshTarget, err: OSError) -> HostKeyRefused:
+    return HostKeyRefused(
+        f"host {target.where()}: cannot read known_hosts file {target.known_hosts}: {err.strerror}"
+    )
 
 
 _KNOWN_CACHE: dict[tuple[str, int, int, int], asyncssh.SSHKnownHosts] = {}
@@ -76,17 +82,9 @@ def _known_hosts_file(target: SshTarget) -> asyncssh.SSHKnownHosts:
             return known
         text = Path(target.known_hosts).read_text(encoding="utf-8")
     except OSError as err:
-        raise HostKeyRefused(
-            f"host {target.where()}: cannot read known_hosts file {target.known_hosts}: {err.strerror}"
-        ) from None
-    try:
-        known = asyncssh.import_known_hosts(text + "\n")
-    except (ValueError, asyncssh.KeyImportError) as err:
-        raise HostKeyRefused(f"host {target.where()}: cannot parse trusted host keys: {err}") from None
+        raise _unreadable(target, err) from None
+    known = _import(target, text + "\n")
     if len(_KNOWN_CACHE) > 16:
         _KNOWN_CACHE.clear()
     _KNOWN_CACHE[key] = known
     return known
-
-
-# ---------------------------------------------------------------- connections

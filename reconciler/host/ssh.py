@@ -27,16 +27,6 @@ KILL_GRACE = 2.0
 CLIENT_SLACK = 3.0
 _MAX_COMMAND = 120_000
 
-# Fast algorithms OpenSSH 9.x offers (asyncssh computes AES-GCM in one C call per packet;
-# chacha20-poly1305 needs two). Host keys stay strictly checked: these only order the choice.
-_KEX_ALGS = ("curve25519-sha256", "curve25519-sha256@libssh.org", "ecdh-sha2-nistp256")
-_ENCRYPTION_ALGS = (
-    "aes128-gcm@openssh.com",
-    "aes256-gcm@openssh.com",
-    "chacha20-poly1305@openssh.com",
-    "aes128-ctr",
-)
-
 
 class AuthRefused(Terminal):
     """The host refused our credentials (wrong user, key not authorised, sudo needs a password)."""
