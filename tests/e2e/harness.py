@@ -176,6 +176,41 @@ def fleet_repo(
     return FleetRepo(work, remote, key, allowed)
 
 
+def lab_daemon_settings(
+    repo: FleetRepo,
+    lab: Lab,
+    *,
+    port: int,
+    smtp_port: int,
+    state: Path,
+    webhook_secret: str,
+    sync_token: str,
+) -> dict[str, str]:
+    """The settings of a daemon on a lab: it fetches ``repo``'s remote (every commit signed by
+    its key), reaches the lab's hosts with their known keys, listens on loopback ``port``, mails
+    to aiosmtpd on ``smtp_port``."""
+    info = lab.info
+    return {
+        "RECONCILER_SOURCE_URL": f"file://{repo.remote}",
+        "RECONCILER_SOURCE_POLL_INTERVAL": "2s",
+        "RECONCILER_SOURCE_VERIFY": "ssh",
+        "RECONCILER_SOURCE_ALLOWED_SIGNERS": str(repo.allowed_signers),
+        "RECONCILER_SERVER_LISTEN": "127.0.0.1",
+        "RECONCILER_SERVER_PORT": str(port),
+        "RECONCILER_SERVER_WEBHOOK_SECRET": webhook_secret,
+        "RECONCILER_SERVER_SYNC_TOKEN": sync_token,
+        "RECONCILER_SSH_KNOWN_HOSTS": str(info.known_hosts),
+        "RECONCILER_SSH_IDENTITY": str(info.client_key),
+        "RECONCILER_SMTP_HOST": "127.0.0.1",
+        "RECONCILER_SMTP_PORT": str(smtp_port),
+        "RECONCILER_SMTP_TO": "ops@example.com",
+        "RECONCILER_STATE_DIR": str(state),
+        "RECONCILER_SHUTDOWN_GRACE": "20s",
+        "RECONCILER_BACKOFF_BASE": "1s",
+        "RECONCILER_LOG_LEVEL": "INFO",
+    }
+
+
 @contextmanager
 def smtp_server(handler: Any) -> Iterator[int]:
     """aiosmtpd on a free loopback port with ``handler``; yields the port."""
@@ -243,32 +278,18 @@ class World:
         return f"http://127.0.0.1:{self.port}"
 
     def env(self, **extra: str) -> dict[str, str]:
-        info = self.lab.info
         return clean_env(
             {
-                "RECONCILER_SOURCE_URL": f"file://{self.remote}",
+                **lab_daemon_settings(
+                    self.repo, self.lab, port=self.port, smtp_port=self.smtp_port, state=self.state,
+                    webhook_secret=WEBHOOK_SECRET, sync_token=SYNC_TOKEN,
+                ),
                 "RECONCILER_SOURCE_BRANCH": "main",
-                "RECONCILER_SOURCE_POLL_INTERVAL": "2s",
-                "RECONCILER_SOURCE_VERIFY": "ssh",
-                "RECONCILER_SOURCE_ALLOWED_SIGNERS": str(self.allowed_signers),
-                "RECONCILER_SERVER_LISTEN": "127.0.0.1",
-                "RECONCILER_SERVER_PORT": str(self.port),
-                "RECONCILER_SERVER_WEBHOOK_SECRET": WEBHOOK_SECRET,
-                "RECONCILER_SERVER_SYNC_TOKEN": SYNC_TOKEN,
-                "RECONCILER_SSH_KNOWN_HOSTS": str(info.known_hosts),
-                "RECONCILER_SSH_IDENTITY": str(info.client_key),
-                "RECONCILER_SMTP_HOST": "127.0.0.1",
-                "RECONCILER_SMTP_PORT": str(self.smtp_port),
-                "RECONCILER_SMTP_TO": "ops@example.com",
-                "RECONCILER_STATE_DIR": str(self.state),
                 "RECONCILER_DRIFT_INTERVAL": f"{DRIFT_PERIOD}s",
-                "RECONCILER_SHUTDOWN_GRACE": "20s",
-                "RECONCILER_BACKOFF_BASE": "1s",
                 "RECONCILER_BACKOFF_MAX": "10s",
-                "RECONCILER_LOG_LEVEL": "INFO",
                 **extra,
             }
-        )
+        )  # fmt: skip
 
     def start(self, **extra: str) -> None:
         assert self.proc is None or self.proc.poll() is not None
@@ -302,18 +323,23 @@ def lab_world(
     """A lab made for the fleet, the signed repo with one pushed commit, aiosmtpd; no daemon yet
     (``World.start``). Everything is stopped and the lab taken down on exit, even on failure."""
     repo = fleet_repo(tmp, drop_hosts=drop_hosts, libipsec=libipsec)
-    lab = lab_factory(specs_from_fleet(load_fleet(repo.work)), lock_timeout=1800)
     inbox = Inbox()
-    w: World | None = None
+    with fleet_lab(lab_factory, repo) as lab, smtp_server(inbox) as smtp_port:
+        w = World(tmp, lab, repo, inbox, smtp_port, free_port(), tmp / "state")
+        w.commit(first_commit)
+        w.push()
+        try:
+            yield w
+        finally:
+            kill_daemon(w.proc)
+
+
+@contextmanager
+def fleet_lab(lab_factory: Any, repo: FleetRepo) -> Iterator[Lab]:
+    """A lab made for the repo's fleet (waits for the machine's one lab), always taken down."""
+    lab = lab_factory(specs_from_fleet(load_fleet(repo.work)), lock_timeout=1800)
     try:
-        with smtp_server(inbox) as smtp_port:
-            w = World(tmp, lab, repo, inbox, smtp_port, free_port(), tmp / "state")
-            w.commit(first_commit)
-            w.push()
-            try:
-                yield w
-            finally:
-                kill_daemon(w.proc)
+        yield lab
     finally:
         lab.down()
 

@@ -26,16 +26,17 @@ from typing import Any
 
 import pytest
 
-from reconciler.fleet.load import load_fleet
-from reconciler.lab import Lab, specs_from_fleet
+from reconciler.lab import Lab
 from tests.e2e.harness import (
     FleetRepo,
     clean_env,
+    fleet_lab,
     fleet_repo,
     free_port,
     git,
     http_get,
     kill_daemon,
+    lab_daemon_settings,
     post_webhook,
     sample_value,
     smtp_server,
@@ -80,32 +81,18 @@ class World:
         self.extra: dict[str, str] = {}
 
     def env(self) -> dict[str, str]:
-        info = self.lab.info
         return clean_env(
             {
-                "RECONCILER_SOURCE_URL": f"file://{self.repo.remote}",
-                "RECONCILER_SOURCE_POLL_INTERVAL": "2s",
-                "RECONCILER_SOURCE_VERIFY": "ssh",
-                "RECONCILER_SOURCE_ALLOWED_SIGNERS": str(self.repo.allowed_signers),
-                "RECONCILER_SERVER_LISTEN": "127.0.0.1",
-                "RECONCILER_SERVER_PORT": str(self.port),
-                "RECONCILER_SERVER_WEBHOOK_SECRET": WEBHOOK_SECRET,
-                "RECONCILER_SERVER_SYNC_TOKEN": SYNC_TOKEN,
-                "RECONCILER_SSH_KNOWN_HOSTS": str(info.known_hosts),
-                "RECONCILER_SSH_IDENTITY": str(info.client_key),
-                "RECONCILER_SMTP_HOST": "127.0.0.1",
-                "RECONCILER_SMTP_PORT": str(self.smtp_port),
-                "RECONCILER_SMTP_TO": "ops@example.com",
-                "RECONCILER_STATE_DIR": str(self.tmp / "state"),
+                **lab_daemon_settings(
+                    self.repo, self.lab, port=self.port, smtp_port=self.smtp_port, state=self.tmp / "state",
+                    webhook_secret=WEBHOOK_SECRET, sync_token=SYNC_TOKEN,
+                ),
                 "RECONCILER_DRIFT_INTERVAL": "0",
-                "RECONCILER_SHUTDOWN_GRACE": "20s",
-                "RECONCILER_BACKOFF_BASE": "1s",
                 "RECONCILER_BACKOFF_MAX": "5s",
                 "RECONCILER_RENDER_TIMEOUT": f"{RENDER_TIMEOUT:g}s",
-                "RECONCILER_LOG_LEVEL": "INFO",
                 **self.extra,
             }
-        )
+        )  # fmt: skip
 
     # ---------------------------------------------------------------- process
 
@@ -210,17 +197,13 @@ class World:
 def world(lab_factory: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     tmp = tmp_path_factory.mktemp("trust")
     repo = fleet_repo(tmp, drop_hosts=("web2", "db2"))  # two hosts are enough for this story
-    lab = lab_factory(specs_from_fleet(load_fleet(repo.work)), lock_timeout=1800)
     inbox = Inbox()
-    try:
-        with smtp_server(inbox) as smtp:
-            w = World(tmp, lab, repo, smtp, inbox)
-            try:
-                yield w
-            finally:
-                kill_daemon(w.proc)
-    finally:
-        lab.down()
+    with fleet_lab(lab_factory, repo) as lab, smtp_server(inbox) as smtp:
+        w = World(tmp, lab, repo, smtp, inbox)
+        try:
+            yield w
+        finally:
+            kill_daemon(w.proc)
 
 
 COMMITS: dict[str, str] = {}
