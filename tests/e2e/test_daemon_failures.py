@@ -293,7 +293,7 @@ async def test_removed_host_is_shown_until_forgotten(fw: World) -> None:
 
     async def removed() -> bool:
         rows = {h["name"]: h for h in (await get_json(fw))["hosts"]}
-        return rows.get("db1", {}).get("state") == "Removed" and rows["web1"]["applied_commit"] == head
+        return bool(rows.get("db1", {}).get("state") == "Removed" and rows["web1"]["applied_commit"] == head)
 
     await wait_for(removed, "db1 Removed and web1 on the new commit", timeout=STALL_TIMEOUT)
     db1 = await host_row(fw, "db1")

@@ -289,7 +289,7 @@ def test_an_overlapping_apply_waits_for_the_host_lock(world: World) -> None:
 
         def locked(st: dict[str, Any]) -> bool:
             row = next(h for h in st["hosts"] if h["name"] == host)
-            return row["code"] == "host-locked"
+            return bool(row["code"] == "host-locked")
 
         st = asyncio.run(until(world, k, locked, "owner sees the lock", timeout=60))
         assert holder.poll() is None  # still held while the owner was refused
