@@ -410,14 +410,20 @@ async def wait_fetches(w: World, n: int, timeout: float = 60) -> None:
 # ---------------------------------------------------------------- keys and the mesh
 
 
-def collect_keys(w: World) -> str:
-    """The real ``reconciler keys collect`` against the lab: each host's public key (made by the
-    apply) into the repo's keys/; returns its output (it commits nothing)."""
-    res = subprocess.run(
-        [sys.executable, "-m", "reconciler", "keys", "collect", str(w.work),
+def run_keys_collect(w: World, *hosts: str) -> subprocess.CompletedProcess[bytes]:
+    """The real ``reconciler keys collect`` against the lab (all hosts, or ``hosts``)."""
+    only = [arg for h in hosts for arg in ("--host", h)]
+    return subprocess.run(
+        [sys.executable, "-m", "reconciler", "keys", "collect", str(w.work), *only,
          "--known-hosts", str(w.lab.info.known_hosts), "--identity", str(w.lab.info.client_key)],
         capture_output=True, timeout=120, env=clean_env({"NO_COLOR": "1"}),
     )  # fmt: skip
+
+
+def collect_keys(w: World) -> str:
+    """``reconciler keys collect``: each host's public key (made by the apply) into the repo's
+    keys/; returns its output (it commits nothing)."""
+    res = run_keys_collect(w)
     out = res.stdout.decode() + res.stderr.decode()
     assert res.returncode == 0, out
     names = load_fleet(w.work).host_names()

@@ -21,6 +21,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from reconciler.domains.render import render_host
+from reconciler.fleet.load import load_fleet
 from tests.e2e.harness import (
     DRIFT_PERIOD,
     FETCHED,
@@ -34,6 +36,7 @@ from tests.e2e.harness import (
     lab_world,
     mesh_links,
     metric,
+    run_keys_collect,
     send_webhook,
     wait_converged,
     wait_fetches,
@@ -139,6 +142,28 @@ def assert_all_passed(host: str, v: dict[str, Any], peers: list[str], *, probe: 
     return sorted({f"{c['name']}: {c['cause'][:60]}" for c in others})
 
 
+async def refuses_a_private_key_served_as_public(w: World, host: str) -> None:
+    """A hostile (or broken) host serves its PRIVATE key where its public key belongs: `keys
+    collect` refuses it by name, writes nothing into the repo and never prints the key."""
+    fleet = load_fleet(w.work)
+    kp = render_host(fleet, next(h for h in fleet.hosts if h.name == host)).keypairs[0]
+    public = w.lab.exec(host, ["cat", kp.public_path])
+    private = w.lab.exec(host, ["cat", kp.private_path])
+    assert public.returncode == 0 and private.returncode == 0 and b"PRIVATE KEY" in private.stdout
+    assert w.lab.exec(host, ["cp", kp.private_path, kp.public_path]).returncode == 0
+    try:
+        res = run_keys_collect(w, host)
+    finally:  # the host's own public key back, byte for byte
+        put = w.lab.exec(host, ["sh", "-c", 'cat > "$1"', "sh", kp.public_path], input=public.stdout)
+        assert put.returncode == 0, put.stderr
+    out = res.stdout.decode() + res.stderr.decode()
+    assert res.returncode == 1 and "looks like a PRIVATE key" in out and host in out, out
+    assert not (w.work / "keys" / f"{host}.pub").exists()
+    body = [ln for ln in private.stdout.decode().splitlines() if ln and not ln.startswith("-----")]
+    assert body and not any(ln in out for ln in body)  # no line of the key in the output
+    assert w.lab.exec(host, ["cat", kp.public_path]).stdout == public.stdout
+
+
 async def test_collected_keys_bring_the_mesh_up(world: World) -> None:
     """The admin's path to a mesh: the first converge made each host's key pair (no peer is
     configured yet: every link waits for keys); `reconciler keys collect` reads the public keys
@@ -147,6 +172,7 @@ async def test_collected_keys_bring_the_mesh_up(world: World) -> None:
     opened) makes the daemon verify with the datapath probe: ESP over the mesh, every pair."""
     links = await mesh_links(world)
     assert links and {link["state"] for link in links} == {"pending-keys"}, links
+    await refuses_a_private_key_served_as_public(world, "web2")
     out = collect_keys(world)
     assert out.count("wrote keys/") == 4, out
     keyed = world.commit("keys: public keys collected from the hosts")
