@@ -18,8 +18,6 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
-import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -29,23 +27,9 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiosmtpd.controller import Controller
 from prometheus_client.parser import text_string_to_metric_families
-from test_daemon import (  # the same harness (tests/e2e is on sys.path: pytest's rootdir import)
-    EXAMPLE,
-    GIT_ENV,
-    Inbox,
-    World,
-    free_port,
-    get_json,
-    git,
-    send_webhook,
-    wait_converged,
-    wait_ready,
-)
 
-from reconciler.fleet.load import load_fleet
-from reconciler.lab import specs_from_fleet
+from tests.e2e.harness import World, get_json, git, lab_world, send_webhook, wait_converged, wait_ready
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -55,38 +39,9 @@ STALL_TIMEOUT = 120.0
 
 @pytest.fixture(scope="module")
 def fw(lab_factory: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    tmp = tmp_path_factory.mktemp("e2e-failures")
-    work = tmp / "work"
-    shutil.copytree(EXAMPLE, work)
-    for gone in ("db2", "web2"):  # two hosts are enough: a web host and a db host
-        (work / "hosts" / f"{gone}.yaml").unlink()
-    lab = lab_factory(specs_from_fleet(load_fleet(work)), lock_timeout=1800)
-    key = tmp / "admin_key"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-    kt, blob = (tmp / "admin_key.pub").read_text().split()[:2]
-    allowed = tmp / "allowed_signers"
-    allowed.write_text(f'ops@example.com namespaces="git" {kt} {blob}\n')
-    remote = tmp / "fleet.git"
-    subprocess.run(
-        ["git", "init", "-q", "--bare", "-b", "main", str(remote)], check=True, env={**os.environ, **GIT_ENV}
-    )
-    git(work, "init", "-q", "-b", "main")
-    git(work, "remote", "add", "origin", str(remote))
-    inbox = Inbox()
-    smtp_port = free_port()
-    controller = Controller(inbox, hostname="127.0.0.1", port=smtp_port)
-    controller.start()
-    w = World(tmp, lab, work, remote, key, allowed, inbox, smtp_port, free_port(), tmp / "state")
-    w.commit("initial fleet")
-    w.push()
-    try:
+    # two hosts are enough: a web host and a db host
+    with lab_world(lab_factory, tmp_path_factory.mktemp("e2e-failures"), drop_hosts=("db2", "web2")) as w:
         yield w
-    finally:
-        if w.proc is not None and w.proc.poll() is None:
-            w.proc.kill()
-            w.proc.wait()
-        controller.stop()
-        lab.down()
 
 
 def address(w: World, host: str) -> str:
@@ -338,7 +293,7 @@ async def test_removed_host_is_shown_until_forgotten(fw: World) -> None:
 
     async def removed() -> bool:
         rows = {h["name"]: h for h in (await get_json(fw))["hosts"]}
-        return rows.get("db1", {}).get("state") == "Removed" and rows["web1"]["applied_commit"] == head
+        return bool(rows.get("db1", {}).get("state") == "Removed" and rows["web1"]["applied_commit"] == head)
 
     await wait_for(removed, "db1 Removed and web1 on the new commit", timeout=STALL_TIMEOUT)
     db1 = await host_row(fw, "db1")

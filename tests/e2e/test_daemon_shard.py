@@ -8,15 +8,10 @@ per-pod names). One module, one 6-host lab, tests in order, each from the state 
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import hashlib
-import hmac
 import json
-import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,6 +23,7 @@ import pytest
 
 from reconciler.daemon.shard import owner_of
 from reconciler.lab import Lab, LabHostSpec
+from tests.e2e.harness import clean_env, fleet_repo, git, spawn_daemon, webhook_headers
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -35,14 +31,6 @@ SECRET = "shard-webhook-canary-51e0"
 READ = "shard-read-canary-0c3f"
 HOSTS = [f"s{i}" for i in range(1, 7)]
 NAMES = [f"reconciler-{k}" for k in range(3)]
-GIT_ENV = {
-    "GIT_CONFIG_NOSYSTEM": "1",
-    "GIT_CONFIG_GLOBAL": os.devnull,
-    "GIT_AUTHOR_NAME": "Admin",
-    "GIT_AUTHOR_EMAIL": "ops@example.com",
-    "GIT_COMMITTER_NAME": "Admin",
-    "GIT_COMMITTER_EMAIL": "ops@example.com",
-}
 FLEET = """apiVersion: reconciler/v1
 kind: Fleet
 name: sharded
@@ -51,17 +39,6 @@ mesh: {internal_network: 10.99.0.0/24, topology: links, links: []}
 firewall: {management_sources: [192.0.2.254/32], management_port: 22}
 drift: {paths: [/etc/motd], interval_seconds: 3600, mode: enforce}
 """
-
-
-def _die_with_parent() -> None:
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def git(repo: Path, *args: str) -> str:
-    out = subprocess.run(
-        ["git", "-C", str(repo), *args], check=True, capture_output=True, env={**os.environ, **GIT_ENV}
-    )
-    return out.stdout.decode().strip()
 
 
 def free_port() -> int:
@@ -95,8 +72,7 @@ class World:
 
     def start(self, k: int, replicas: int = 3) -> None:
         info = self.lab.info
-        env = {key: v for key, v in os.environ.items() if not key.startswith("RECONCILER_")}
-        env.update({
+        env = clean_env({
             "RECONCILER_SOURCE_URL": f"file://{self.remote}",
             "RECONCILER_SOURCE_POLL_INTERVAL": "10m",  # only webhooks (sent on by peers) bring pushes
             "RECONCILER_SERVER_LISTEN": f"127.0.0.1{k}",
@@ -116,11 +92,7 @@ class World:
         })  # fmt: skip
         log = self.tmp / f"replica-{k}-{len(self.logs)}.log"
         self.logs.append(log)
-        with open(log, "wb") as out:
-            self.procs[k] = subprocess.Popen(
-                [sys.executable, "-m", "reconciler", "run"], env=env, stdout=out, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
-            )  # fmt: skip
+        self.procs[k] = spawn_daemon(env, log)
 
     def kill(self, k: int, sig: int = signal.SIGKILL) -> None:
         p = self.procs.pop(k)
@@ -141,7 +113,8 @@ class World:
 @pytest.fixture(scope="module")
 def world(lab_factory: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     tmp = tmp_path_factory.mktemp("shard")
-    work = tmp / "work"
+    repo = fleet_repo(tmp, source=None)  # unsigned pushes: these replicas verify no signature
+    work, remote = repo.work, repo.remote
     for d in ("hosts", "roles", "files", "templates"):
         (work / d).mkdir(parents=True)
     (work / "fleet.yaml").write_text(FLEET)
@@ -157,12 +130,6 @@ def world(lab_factory: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         "apiVersion: reconciler/v1\nkind: ManagedFile\nname: motd\npath: /etc/motd\n"
         'template: templates/motd.j2\nmode: "0644"\nowner: root\ngroup: root\n'
     )
-    remote = tmp / "fleet.git"
-    subprocess.run(
-        ["git", "init", "-q", "--bare", "-b", "main", str(remote)], check=True, env={**os.environ, **GIT_ENV}
-    )
-    git(work, "init", "-q", "-b", "main")
-    git(work, "remote", "add", "origin", str(remote))
     lab = lab_factory(
         [LabHostSpec(h, f"192.0.2.{30 + i}") for i, h in enumerate(HOSTS, 1)], lock_timeout=1800
     )
@@ -218,9 +185,7 @@ def on(commit: str, hosts: list[str]) -> Any:
 
 async def webhook(w: World, k: int) -> int:
     body = json.dumps({"ref": "refs/heads/main"}).encode()
-    sig = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
-    headers = {"X-Hub-Signature-256": sig, "X-GitHub-Delivery": f"d-{time.time_ns()}",
-               "X-GitHub-Event": "push", "Content-Type": "application/json"}  # fmt: skip
+    headers = {**webhook_headers(body, f"d-{time.time_ns()}", SECRET), "X-GitHub-Event": "push"}
     async with (
         aiohttp.ClientSession() as s,
         s.post(f"{w.url(k)}/hooks/github", data=body, headers=headers) as r,
@@ -324,7 +289,7 @@ def test_an_overlapping_apply_waits_for_the_host_lock(world: World) -> None:
 
         def locked(st: dict[str, Any]) -> bool:
             row = next(h for h in st["hosts"] if h["name"] == host)
-            return row["code"] == "host-locked"
+            return bool(row["code"] == "host-locked")
 
         st = asyncio.run(until(world, k, locked, "owner sees the lock", timeout=60))
         assert holder.poll() is None  # still held while the owner was refused

@@ -8,51 +8,32 @@ a restart that sends no mail twice. Runs in seconds and needs no root.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
-import os
-import shutil
-import signal
-import socket
 import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiosmtpd.controller import Controller
 
-ROOT = Path(__file__).resolve().parents[2]
-EXAMPLE = ROOT / "fleet-repo-example"
+from tests.e2e.harness import (
+    FETCHED,
+    clean_env,
+    fleet_repo,
+    free_port,
+    git,
+    http_get,
+    kill_daemon,
+    post_webhook,
+    sample_value,
+    smtp_server,
+    spawn_daemon,
+    stop_daemon,
+    wait_while_running,
+)
+
 SECRET = "src-e2e-webhook-canary-9e1"
-GIT_ENV = {
-    "GIT_CONFIG_NOSYSTEM": "1",
-    "GIT_CONFIG_GLOBAL": os.devnull,
-    "GIT_AUTHOR_NAME": "Admin",
-    "GIT_AUTHOR_EMAIL": "ops@example.com",
-    "GIT_COMMITTER_NAME": "Admin",
-    "GIT_COMMITTER_EMAIL": "ops@example.com",
-}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def git(repo: Path, *args: str) -> str:
-    env = {**os.environ, **GIT_ENV}
-    return (
-        subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, env=env)
-        .stdout.decode()
-        .strip()
-    )
 
 
 class Inbox:
@@ -68,9 +49,6 @@ class Inbox:
         return "250 OK"
 
 
-FETCHED = 'reconciler_source_fetches_total{result="ok"}'
-
-
 class Daemon:
     def __init__(self, tmp: Path, env: dict[str, str]) -> None:
         self.tmp, self.env = tmp, env
@@ -81,34 +59,21 @@ class Daemon:
     def start(self) -> None:
         log = self.tmp / f"daemon-{len(self.logs)}.log"
         self.logs.append(log)
-        with open(log, "wb") as f:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "reconciler", "run"], env=self.env, stdout=f, stderr=subprocess.STDOUT
-            )
+        self.proc = spawn_daemon(self.env, log)
         self.wait(lambda: self.get("/readyz")[0] == 200, "ready")
 
     def stop(self) -> int:
         assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=30)
+        return stop_daemon(self.proc, timeout=30)
 
     def get(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:  # noqa: S310
-                return r.status, r.read().decode()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read().decode()
-        except OSError:
-            return 0, ""
+        return http_get(f"http://127.0.0.1:{self.port}{path}")
 
     def metric(self, sample: str) -> float:
         """One sample of /metrics, e.g. ``reconciler_source_fetches_total{result="ok"}`` (0 if absent)."""
         code, text = self.get("/metrics")
         assert code == 200, text
-        for line in text.splitlines():
-            if line.rsplit(" ", 1)[0] == sample:
-                return float(line.rsplit(" ", 1)[1])
-        return 0.0
+        return sample_value(text, sample)
 
     def wait_fetches(self, n: int) -> None:
         """Positive evidence that the daemon looked again: ``n`` more successful fetches."""
@@ -122,27 +87,10 @@ class Daemon:
         return data
 
     def hook(self, body: bytes, delivery: str, secret: str = SECRET) -> int:
-        sig = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-        req = urllib.request.Request(  # noqa: S310
-            f"http://127.0.0.1:{self.port}/hooks/github",
-            data=body,
-            headers={"X-Hub-Signature-256": sig, "X-GitHub-Delivery": delivery},
-            method="POST",
-        )
-        try:
-            with urllib.request.urlopen(req, timeout=5) as r:  # noqa: S310
-                return int(r.status)
-        except urllib.error.HTTPError as e:
-            return int(e.code)
+        return post_webhook(f"http://127.0.0.1:{self.port}/hooks/github", body, delivery, secret)
 
     def wait(self, cond: Any, what: str, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc is not None and self.proc.poll() is None, self.text()[-2000:]
-            if cond():
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {what}\n{self.text()[-3000:]}")
+        wait_while_running(self.proc, cond, what, timeout, self.text)
 
     def text(self) -> str:
         return "".join(p.read_text(errors="replace") for p in self.logs)
@@ -151,46 +99,31 @@ class Daemon:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, Path, Path, Inbox]]:
     tmp = tmp_path_factory.mktemp("src-e2e")
-    work = tmp / "work"
-    shutil.copytree(EXAMPLE, work)
-    key = tmp / "admin"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-    kt, blob = (tmp / "admin.pub").read_text().split()[:2]
-    (tmp / "allowed").write_text(f'ops@example.com namespaces="git" {kt} {blob}\n')
-    remote = tmp / "fleet.git"
-    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(remote)], check=True)
-    git(work, "init", "-q", "-b", "main")
-    git(work, "remote", "add", "origin", str(remote))
+    repo = fleet_repo(tmp)
     inbox = Inbox()
-    smtp_port = free_port()
-    controller = Controller(inbox, hostname="127.0.0.1", port=smtp_port)
-    controller.start()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RECONCILER_")}
-    env.update(
-        {
-            "RECONCILER_SOURCE_URL": f"file://{remote}",
-            "RECONCILER_SOURCE_POLL_INTERVAL": "1s",
-            "RECONCILER_SOURCE_VERIFY": "ssh",
-            "RECONCILER_SOURCE_ALLOWED_SIGNERS": str(tmp / "allowed"),
-            "RECONCILER_SERVER_PORT": str(free_port()),
-            "RECONCILER_SERVER_WEBHOOK_SECRET": SECRET,
-            "RECONCILER_SMTP_HOST": "127.0.0.1",
-            "RECONCILER_SMTP_PORT": str(smtp_port),
-            "RECONCILER_STATE_DIR": str(tmp / "state"),
-            "RECONCILER_SSH_KNOWN_HOSTS": str(tmp / "empty_known_hosts"),
-            "RECONCILER_DRIFT_INTERVAL": "0",
-            "RECONCILER_LOG_LEVEL": "INFO",
-        }
-    )
     (tmp / "empty_known_hosts").write_text("")
-    daemon = Daemon(tmp, env)
-    try:
-        yield daemon, work, key, inbox
-    finally:
-        if daemon.proc is not None and daemon.proc.poll() is None:
-            daemon.proc.kill()
-            daemon.proc.wait()
-        controller.stop()
+    with smtp_server(inbox) as smtp_port:
+        env = clean_env(
+            {
+                "RECONCILER_SOURCE_URL": f"file://{repo.remote}",
+                "RECONCILER_SOURCE_POLL_INTERVAL": "1s",
+                "RECONCILER_SOURCE_VERIFY": "ssh",
+                "RECONCILER_SOURCE_ALLOWED_SIGNERS": str(repo.allowed_signers),
+                "RECONCILER_SERVER_PORT": str(free_port()),
+                "RECONCILER_SERVER_WEBHOOK_SECRET": SECRET,
+                "RECONCILER_SMTP_HOST": "127.0.0.1",
+                "RECONCILER_SMTP_PORT": str(smtp_port),
+                "RECONCILER_STATE_DIR": str(tmp / "state"),
+                "RECONCILER_SSH_KNOWN_HOSTS": str(tmp / "empty_known_hosts"),
+                "RECONCILER_DRIFT_INTERVAL": "0",
+                "RECONCILER_LOG_LEVEL": "INFO",
+            }
+        )
+        daemon = Daemon(tmp, env)
+        try:
+            yield daemon, repo.work, repo.signing_key, inbox
+        finally:
+            kill_daemon(daemon.proc)
 
 
 def commit(work: Path, key: Path | None, message: str) -> str:

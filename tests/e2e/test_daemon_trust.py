@@ -15,65 +15,44 @@ Every "nothing happened" is asserted after positive evidence that the daemon saw
 from __future__ import annotations
 
 import base64
-import ctypes
-import hashlib
-import hmac
 import json
-import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiosmtpd.controller import Controller
 
-from reconciler.fleet.load import load_fleet
-from reconciler.lab import Lab, specs_from_fleet
+from reconciler.lab import Lab
+from tests.e2e.harness import (
+    FleetRepo,
+    clean_env,
+    fleet_lab,
+    fleet_repo,
+    free_port,
+    git,
+    http_get,
+    kill_daemon,
+    lab_daemon_settings,
+    post_webhook,
+    sample_value,
+    smtp_server,
+    spawn_daemon,
+    wait_while_running,
+)
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.timeout(2400)]
 
-ROOT = Path(__file__).resolve().parents[2]
-EXAMPLE = ROOT / "fleet-repo-example"
 WEBHOOK_SECRET = "trust-e2e-webhook-canary-5b1"
 SYNC_TOKEN = "trust-e2e-sync-canary-a42"
 READ_TOKEN = "trust-e2e-read-canary-0d7"
 METRICS_TOKEN = "trust-e2e-metrics-canary-93e"
 BRIDGE = "192.0.2.254"  # the machine's address on the lab bridge: not loopback
 RENDER_TIMEOUT = 3.0
-GIT_ENV = {
-    "GIT_CONFIG_NOSYSTEM": "1",
-    "GIT_CONFIG_GLOBAL": os.devnull,
-    "GIT_AUTHOR_NAME": "Admin",
-    "GIT_AUTHOR_EMAIL": "ops@example.com",
-    "GIT_COMMITTER_NAME": "Admin",
-    "GIT_COMMITTER_EMAIL": "ops@example.com",
-}
 HANG = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}\n"
-
-
-def _die_with_parent() -> None:
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def git(repo: Path, *args: str) -> str:
-    out = subprocess.run(
-        ["git", "-C", str(repo), *args], check=True, capture_output=True, env={**os.environ, **GIT_ENV}
-    )
-    return out.stdout.decode().strip()
 
 
 class Inbox:
@@ -91,11 +70,9 @@ class Inbox:
 
 
 class World:
-    def __init__(
-        self, tmp: Path, lab: Lab, work: Path, remote: Path, key: Path, allowed: Path, smtp: int, inbox: Inbox
-    ) -> None:
-        self.tmp, self.lab, self.work, self.remote, self.key = tmp, lab, work, remote, key
-        self.allowed, self.smtp_port, self.inbox = allowed, smtp, inbox
+    def __init__(self, tmp: Path, lab: Lab, repo: FleetRepo, smtp: int, inbox: Inbox) -> None:
+        self.tmp, self.lab, self.repo, self.work = tmp, lab, repo, repo.work
+        self.smtp_port, self.inbox = smtp, inbox
         self.port = free_port()
         self.host = "127.0.0.1"
         self.token = ""
@@ -104,34 +81,18 @@ class World:
         self.extra: dict[str, str] = {}
 
     def env(self) -> dict[str, str]:
-        info = self.lab.info
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RECONCILER_")}
-        env.update(
+        return clean_env(
             {
-                "RECONCILER_SOURCE_URL": f"file://{self.remote}",
-                "RECONCILER_SOURCE_POLL_INTERVAL": "2s",
-                "RECONCILER_SOURCE_VERIFY": "ssh",
-                "RECONCILER_SOURCE_ALLOWED_SIGNERS": str(self.allowed),
-                "RECONCILER_SERVER_LISTEN": "127.0.0.1",
-                "RECONCILER_SERVER_PORT": str(self.port),
-                "RECONCILER_SERVER_WEBHOOK_SECRET": WEBHOOK_SECRET,
-                "RECONCILER_SERVER_SYNC_TOKEN": SYNC_TOKEN,
-                "RECONCILER_SSH_KNOWN_HOSTS": str(info.known_hosts),
-                "RECONCILER_SSH_IDENTITY": str(info.client_key),
-                "RECONCILER_SMTP_HOST": "127.0.0.1",
-                "RECONCILER_SMTP_PORT": str(self.smtp_port),
-                "RECONCILER_SMTP_TO": "ops@example.com",
-                "RECONCILER_STATE_DIR": str(self.tmp / "state"),
+                **lab_daemon_settings(
+                    self.repo, self.lab, port=self.port, smtp_port=self.smtp_port, state=self.tmp / "state",
+                    webhook_secret=WEBHOOK_SECRET, sync_token=SYNC_TOKEN,
+                ),
                 "RECONCILER_DRIFT_INTERVAL": "0",
-                "RECONCILER_SHUTDOWN_GRACE": "20s",
-                "RECONCILER_BACKOFF_BASE": "1s",
                 "RECONCILER_BACKOFF_MAX": "5s",
                 "RECONCILER_RENDER_TIMEOUT": f"{RENDER_TIMEOUT:g}s",
-                "RECONCILER_LOG_LEVEL": "INFO",
+                **self.extra,
             }
-        )
-        env.update(self.extra)
-        return env
+        )  # fmt: skip
 
     # ---------------------------------------------------------------- process
 
@@ -144,11 +105,7 @@ class World:
         log = self.tmp / f"daemon-{len(self.logs)}.log"
         self.logs.append(log)
         t0 = time.monotonic()
-        with open(log, "wb") as f:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "reconciler", "run"], env=self.env(), stdout=f,
-                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
-            )  # fmt: skip
+        self.proc = spawn_daemon(self.env(), log)
         self.wait(lambda: self.get("/healthz")[0] == 200, "/healthz", timeout=30)
         return time.monotonic() - t0
 
@@ -163,13 +120,7 @@ class World:
         return "".join(p.read_text(errors="replace") for p in self.logs if p.exists())
 
     def wait(self, cond: Callable[[], object], what: str, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc is not None and self.proc.poll() is None, self.text()[-3000:]
-            if cond():
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {what}\n{self.text()[-3000:]}")
+        wait_while_running(self.proc, cond, what, timeout, self.text)
 
     # ---------------------------------------------------------------- HTTP
 
@@ -177,14 +128,7 @@ class World:
         hdrs = dict(headers or {})
         if auth and self.token and "Authorization" not in hdrs:
             hdrs["Authorization"] = f"Bearer {self.token}"
-        req = urllib.request.Request(f"http://{self.host}:{self.port}{path}", headers=hdrs)  # noqa: S310
-        try:
-            with urllib.request.urlopen(req, timeout=5) as r:  # noqa: S310
-                return r.status, r.read().decode()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read().decode()
-        except OSError:
-            return 0, ""
+        return http_get(f"http://{self.host}:{self.port}{path}", hdrs)
 
     def status(self) -> dict[str, Any]:
         code, text = self.get("/status")
@@ -198,40 +142,19 @@ class World:
     def metric(self, sample: str) -> float:
         code, text = self.get("/metrics")
         assert code == 200
-        for line in text.splitlines():
-            if line.rsplit(" ", 1)[0] == sample:
-                return float(line.rsplit(" ", 1)[1])
-        return 0.0
+        return sample_value(text, sample)
 
     def hook(self, delivery: str) -> int:
         body = json.dumps({"ref": "refs/heads/main"}).encode()
-        sig = "sha256=" + hmac.new(WEBHOOK_SECRET.encode(), body, hashlib.sha256).hexdigest()
-        headers = {
-            "X-Hub-Signature-256": sig,
-            "X-GitHub-Delivery": delivery,
-            "Content-Type": "application/json",
-        }
-        req = urllib.request.Request(  # noqa: S310
-            f"http://{self.host}:{self.port}/hooks/github", data=body, method="POST", headers=headers
-        )
-        try:
-            with urllib.request.urlopen(req, timeout=5) as r:  # noqa: S310
-                return int(r.status)
-        except urllib.error.HTTPError as e:
-            return int(e.code)
+        return post_webhook(f"http://{self.host}:{self.port}/hooks/github", body, delivery, WEBHOOK_SECRET)
 
     # ---------------------------------------------------------------- git
 
     def commit(self, message: str, *, sign: bool = True) -> str:
-        git(self.work, "add", "-A")
-        args = ["commit", "-q", "-m", message]
-        if sign:
-            args = ["-c", "gpg.format=ssh", "-c", f"user.signingkey={self.key}", *args, "-S"]
-        git(self.work, *args)
-        return git(self.work, "rev-parse", "HEAD")
+        return self.repo.commit(message, sign=sign)
 
     def push(self, ref: str = "HEAD", *, force: bool = False) -> None:
-        git(self.work, "push", "-q", *(["--force"] if force else []), "origin", f"{ref}:main")
+        self.repo.push(ref, force=force)
 
     def motd(self, text: str) -> None:
         (self.work / "templates" / "motd.j2").write_text(text)
@@ -273,34 +196,14 @@ class World:
 @pytest.fixture(scope="module")
 def world(lab_factory: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     tmp = tmp_path_factory.mktemp("trust")
-    work = tmp / "work"
-    shutil.copytree(EXAMPLE, work)
-    for extra in ("web2", "db2"):  # two hosts are enough for this story
-        (work / "hosts" / f"{extra}.yaml").unlink()
-    lab = lab_factory(specs_from_fleet(load_fleet(work)), lock_timeout=1800)
-    key = tmp / "admin_key"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-    kt, blob = (tmp / "admin_key.pub").read_text().split()[:2]
-    allowed = tmp / "allowed_signers"
-    allowed.write_text(f'ops@example.com namespaces="git" {kt} {blob}\n')
-    remote = tmp / "fleet.git"
-    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(remote)], check=True,
-                   env={**os.environ, **GIT_ENV})  # fmt: skip
-    git(work, "init", "-q", "-b", "main")
-    git(work, "remote", "add", "origin", str(remote))
+    repo = fleet_repo(tmp, drop_hosts=("web2", "db2"))  # two hosts are enough for this story
     inbox = Inbox()
-    smtp = free_port()
-    controller = Controller(inbox, hostname="127.0.0.1", port=smtp)
-    controller.start()
-    w = World(tmp, lab, work, remote, key, allowed, smtp, inbox)
-    try:
-        yield w
-    finally:
-        if w.proc is not None and w.proc.poll() is None:
-            w.proc.kill()
-            w.proc.wait()
-        controller.stop()
-        lab.down()
+    with fleet_lab(lab_factory, repo) as lab, smtp_server(inbox) as smtp:
+        w = World(tmp, lab, repo, smtp, inbox)
+        try:
+            yield w
+        finally:
+            kill_daemon(w.proc)
 
 
 COMMITS: dict[str, str] = {}

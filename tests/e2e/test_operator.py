@@ -22,56 +22,32 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiosmtpd.controller import Controller
 from prometheus_client.parser import text_string_to_metric_families
 
-from reconciler.domains.render import render_host
 from reconciler.fleet.load import load_fleet
-from reconciler.lab import specs_from_fleet
-from tests.e2e.test_daemon import EXAMPLE, Inbox, World, free_port, get_json, git, wait_converged, wait_ready
+from tests.e2e.harness import (
+    World,
+    collect_keys,
+    free_port,
+    get_json,
+    git,
+    lab_world,
+    mesh_links,
+    wait_converged,
+    wait_mesh_up,
+    wait_ready,
+)
 from tests.e2e.webdriver import Browser, browser_missing
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.timeout(1800)]
 
-MESH_TIMEOUT = 240.0
-
 
 @pytest.fixture(scope="module")
 def op(lab_factory: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    # no IP-IP, no kernel ESP here: tunnel mode over libipsec
     tmp = tmp_path_factory.mktemp("operator")
-    work = tmp / "work"
-    shutil.copytree(EXAMPLE, work)
-    fleet_yaml = work / "fleet.yaml"  # no IP-IP, no kernel ESP here: tunnel mode over libipsec
-    text = fleet_yaml.read_text()
-    fleet_yaml.write_text(
-        text.replace("mode: ipip ", "mode: tunnel ").replace("datapath: kernel", "datapath: libipsec")
-    )
-    fleet = load_fleet(work)
-    lab = lab_factory(specs_from_fleet(fleet), lock_timeout=1800)
-    key = tmp / "admin_key"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "ops", "-f", str(key)], check=True)
-    kt, blob = (tmp / "admin_key.pub").read_text().split()[:2]
-    allowed = tmp / "allowed_signers"
-    allowed.write_text(f'ops@example.com namespaces="git" {kt} {blob}\n')
-    remote = tmp / "fleet.git"
-    git(tmp, "init", "-q", "--bare", "-b", "main", str(remote))
-    git(work, "init", "-q", "-b", "main")
-    git(work, "remote", "add", "origin", str(remote))
-    inbox = Inbox()
-    smtp_port = free_port()
-    controller = Controller(inbox, hostname="127.0.0.1", port=smtp_port)
-    controller.start()
-    w = World(tmp, lab, work, remote, key, allowed, inbox, smtp_port, free_port(), tmp / "state")
-    w.commit("example fleet, lab variant")
-    w.push()
-    try:
+    with lab_world(lab_factory, tmp, libipsec=True, first_commit="example fleet, lab variant") as w:
         yield w
-    finally:
-        if w.proc is not None and w.proc.poll() is None:
-            w.proc.kill()
-            w.proc.wait()
-        controller.stop()
-        lab.down()
 
 
 @pytest.fixture(scope="module")
@@ -84,44 +60,6 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browser]:
         yield b
     finally:
         b.close()
-
-
-def collect_keys(w: World) -> None:
-    """What `reconciler keys collect` does, through the lab: each host's public key into keys/."""
-    fleet = load_fleet(w.work)
-    for host in fleet.hosts:
-        kp = render_host(fleet, host).keypairs[0]
-        res = w.lab.exec(host.name, ["cat", kp.public_path])
-        assert res.returncode == 0, res.stderr
-        (w.work / "keys" / f"{host.name}.pub").write_bytes(res.stdout)
-
-
-async def mesh_links(w: World) -> list[dict[str, Any]]:
-    links: list[dict[str, Any]] = (await get_json(w))["mesh"]["links"]
-    return links
-
-
-async def wait_mesh_up(w: World) -> list[dict[str, Any]]:
-    """Every pair up by the daemon's own verify after apply. A pair whose first attempt met a
-    peer that had not loaded its keys yet comes up on a later reconcile: a motd push makes
-    one (and its verify) if the first round is not all green."""
-    deadline = time.monotonic() + MESH_TIMEOUT
-    nudged = 0
-    links: list[dict[str, Any]] = []
-    while time.monotonic() < deadline:
-        links = await mesh_links(w)
-        if links and all(link["state"] == "up" for link in links):
-            return links
-        if time.monotonic() > deadline - MESH_TIMEOUT + 60 * (nudged + 1) and nudged < 2:
-            nudged += 1
-            (w.work / "templates" / "motd.j2").write_text(
-                (w.work / "templates" / "motd.j2").read_text() + f"\n{{# nudge {nudged} #}}\n"
-            )
-            head = w.commit(f"motd: reconcile again ({nudged})")
-            w.push()
-            await wait_converged(w, head)
-        await asyncio.sleep(1)
-    raise AssertionError(f"mesh not up: {links}\n" + w.all_logs()[-3000:])
 
 
 async def test_converge_collect_keys_mesh_verified(op: World) -> None:
