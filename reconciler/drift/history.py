@@ -212,8 +212,9 @@ class HistoryRepo:
 
     async def commit(self, prep: Prepared, message: str) -> CommitInfo | None:
         """Record ``prep`` as one commit, or return None if HEAD already holds exactly this tree
-        (idempotent: a retried scan never makes a second commit). Raises HistoryError."""
-        self.check_locks()
+        (idempotent: a retried scan never makes a second commit). Raises HistoryError. Lock files
+        are checked under ``self._lock`` only: outside it, a sibling host's commit in flight holds
+        HEAD.lock for a moment, and that lock is not stale (seen at 300 hosts)."""
         if not prep.changes and prep.previous:
             # nothing differs from what HEAD held when the scan read it: same tree, no git work
             if await self.recorded(prep.host) == dict(prep.previous):

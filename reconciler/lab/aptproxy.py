@@ -2,7 +2,9 @@
 
 Lab hosts have no route out; their apt sources are the machine's own (they overlay its root). The
 lab writes an ``Acquire::http::Proxy`` drop-in into each host (``dropin_text``) that points at this
-proxy, which listens on the lab bridge's address and fetches through the machine. It forwards
+proxy, which listens on the lab bridge's address(es) and fetches through the machine: one per lab
+network the hosts are on (192.0.2.254 for 192.0.2.0/24 hosts, 198.19.255.254 for the big labs'
+198.18.0.0/15 hosts; ``listen_addresses``), each host's drop-in naming its own. It forwards
 only to the mirror hosts of the machine's own apt sources (``mirror_hosts``): ``GET
 http://MIRROR/...`` for plain-HTTP sources and ``CONNECT MIRROR:443`` for HTTPS ones; anything
 else is refused (403). Downloaded ``.deb`` files are cached on the machine (``pool/`` paths are
@@ -100,16 +102,25 @@ def write_dropin(root: Path, address: str, port: int = PORT) -> Path:
     return path
 
 
+def listen_addresses(address: str | Sequence[str]) -> tuple[str, ...]:
+    """``address`` (one, or several: the proxy listens on each), as a non-empty tuple."""
+    found = (address,) if isinstance(address, str) else tuple(dict.fromkeys(address))
+    if not found:
+        raise ValueError("the apt proxy needs an address to listen on")
+    return found
+
+
 @dataclass(frozen=True)
 class ProxyHandle:
     pid: int
     start_time: int | None
-    address: str
+    address: str  # the first of ``addresses``
     port: int
+    addresses: tuple[str, ...] = ()
 
 
 def start(
-    address: str,
+    address: str | Sequence[str],
     pidfile: Path,
     *,
     port: int = PORT,
@@ -129,7 +140,7 @@ def start(
 
 
 def spawn(
-    address: str,
+    address: str | Sequence[str],
     pidfile: Path,
     *,
     port: int = PORT,
@@ -141,10 +152,14 @@ def spawn(
     """Start the proxy process and return at once (``wait_listening`` waits for it): the lab
     starts it before its hosts and waits after them, so it costs no bring-up time. ``netns``:
     listen inside that network namespace (a VM lab's guests reach ``address`` there), while the
-    proxy itself, and every fetch, stays in the machine's namespace."""
+    proxy itself, and every fetch, stays in the machine's namespace. Several addresses: it
+    listens on each (one per lab network the hosts are on)."""
+    addresses = listen_addresses(address)
     hosts = tuple(allow) if allow is not None else mirror_hosts()
     cache_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
-    argv = [sys.executable, "-m", "reconciler.lab.aptproxy", "--listen", address, "--port", str(port)]
+    argv = [sys.executable, "-m", "reconciler.lab.aptproxy", "--port", str(port)]
+    for a in addresses:
+        argv += ["--listen", a]
     argv += ["--pidfile", str(pidfile), "--cache", str(cache_dir)]
     up = upstream or upstream_proxy()  # ``upstream``: a proxy to go through (else the machine's apt's)
     if up:
@@ -156,15 +171,16 @@ def spawn(
     log_path = pidfile.with_suffix(".log")
     with open(log_path, "ab") as out:
         p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
-    return Starting(p, pidfile, address, port)
+    return Starting(p, pidfile, addresses[0], port, addresses)
 
 
 @dataclass(frozen=True)
 class Starting:
     process: subprocess.Popen[bytes]
     pidfile: Path
-    address: str
+    address: str  # the first of ``addresses``
     port: int
+    addresses: tuple[str, ...] = ()
 
 
 def wait_listening(s: Starting, timeout: float = 10.0) -> ProxyHandle:
@@ -176,10 +192,11 @@ def wait_listening(s: Starting, timeout: float = 10.0) -> ProxyHandle:
                 f"the lab's apt proxy exited ({p.returncode}): see {s.pidfile.with_suffix('.log')}"
             )
         if s.pidfile.exists() and s.pidfile.read_text().strip() == str(p.pid):
-            return ProxyHandle(p.pid, procs.start_time(p.pid), s.address, s.port)
+            return ProxyHandle(p.pid, procs.start_time(p.pid), s.address, s.port, s.addresses or (s.address,))
         time.sleep(0.02)
     p.kill()
-    raise RuntimeError(f"the lab's apt proxy did not listen on {s.address}:{s.port} in {timeout:.0f} s")
+    where = ", ".join(f"{a}:{s.port}" for a in s.addresses or (s.address,))
+    raise RuntimeError(f"the lab's apt proxy did not listen on {where} in {timeout:.0f} s")
 
 
 def stop(handle: ProxyHandle) -> None:
@@ -331,24 +348,31 @@ def listening_socket(address: str, port: int, netns: str | None = None) -> socke
 
 async def _main(args: argparse.Namespace) -> None:
     proxy = _Proxy(args.allow or (), Path(args.cache), args.upstream)
-    sock = listening_socket(args.listen, args.port, args.netns)
-    server = await asyncio.start_server(proxy.handle, sock=sock, limit=MAX_HEAD * 2)
+    servers = [
+        await asyncio.start_server(
+            proxy.handle, sock=listening_socket(address, args.port, args.netns), limit=MAX_HEAD * 2
+        )
+        for address in listen_addresses(args.listen)
+    ]  # every socket listens before the pid file says so
     pidfile = Path(args.pidfile)
     tmp = pidfile.with_name(f".{pidfile.name}.tmp")
     tmp.write_text(f"{os.getpid()}\n")
     tmp.rename(pidfile)
-    log.info("aptproxy.listening", address=args.listen, port=args.port, mirrors=args.allow)
+    log.info("aptproxy.listening", addresses=args.listen, port=args.port, mirrors=args.allow)
     stop_event = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop_event.set)
-    async with server:
+    try:
         await stop_event.wait()
+    finally:
+        for server in servers:
+            server.close()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python3 -m reconciler.lab.aptproxy")
-    p.add_argument("--listen", required=True)
+    p.add_argument("--listen", required=True, action="append", help="an address to listen on (repeatable)")
     p.add_argument("--port", type=int, default=PORT)
     p.add_argument("--pidfile", required=True)
     p.add_argument("--cache", default=str(CACHE_DIR))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from reconciler.lab import aptproxy, cleanup, host, limits, lock, network, procs, vm_lab
 from reconciler.lab.init_script import INIT_SCRIPT
-from reconciler.lab.model import BRIDGE_ADDRESS, LabError, LabFleet, LabHost, LabHostSpec, LabInfo
+from reconciler.lab.model import LabError, LabFleet, LabHost, LabHostSpec, LabInfo, network_of
 from reconciler.lab.state import (
     HostRecord,
     LabState,
@@ -223,7 +223,7 @@ class Lab:
         state.neigh_limits = network.raise_neigh_table(len(specs))
         state.neigh_limits.update(limits.raise_for(len(specs)))
         state.save()
-        proxy = package_path(d, [d / "hosts" / s.name / "upper" for s in specs])
+        proxy = package_path(d, [(d / "hosts" / s.name / "upper", s.address) for s in specs])
         t_net = time.monotonic()
 
         popens = []
@@ -393,14 +393,23 @@ class Lab:
         return Lab(_info_from_state(state), owned=False)
 
 
-def package_path(d: Path, roots: Sequence[Path]) -> aptproxy.Starting:
-    """The hosts' package path: the lab's apt proxy on the bridge address (stopped with the lab:
-    its pid file in the lab directory is on its command line) and the apt drop-in in each host
-    root (``roots``: the hosts' overlay upper layers). Wait for it with
-    ``aptproxy.wait_listening`` (after the hosts started: it costs no bring-up time)."""
-    starting = aptproxy.spawn(str(BRIDGE_ADDRESS), d / "aptproxy.pid")
-    for root in roots:
-        aptproxy.write_dropin(root, str(BRIDGE_ADDRESS))
+def proxy_addresses(host_addresses: Sequence[str]) -> dict[str, str]:
+    """Each lab host address -> the address of the lab's apt proxy that host reaches: the bridge's
+    address on the host's own lab network (192.0.2.254 for 192.0.2.0/24, 198.19.255.254 for a
+    big lab's 198.18.0.0/15; a host has a route to its own network only). Pure."""
+    return {a: str(network_of(a)[1]) for a in host_addresses}
+
+
+def package_path(d: Path, hosts: Sequence[tuple[Path, str]]) -> aptproxy.Starting:
+    """The hosts' package path: the lab's apt proxy on the bridge address of each lab network the
+    hosts are on (stopped with the lab: its pid file in the lab directory is on its command line)
+    and the apt drop-in in each host root naming its own network's (``hosts``: (overlay upper
+    layer, host address)). Wait for it with ``aptproxy.wait_listening`` (after the hosts started:
+    it costs no bring-up time)."""
+    via = proxy_addresses([address for _, address in hosts])
+    starting = aptproxy.spawn(sorted(set(via.values())), d / "aptproxy.pid")
+    for root, address in hosts:
+        aptproxy.write_dropin(root, via[address])
     return starting
 
 

@@ -399,3 +399,28 @@ def test_lock_waits_for_a_live_lab_and_breaks_a_dead_ones(lab_factory: LabFactor
         mine = lab.info.prefix
         lab.down()
         assert_gone(mine)
+
+
+def test_hosts_on_both_lab_networks_reach_the_apt_proxy_their_apt_names(lab_factory: LabFactory) -> None:
+    """A big lab's host (198.18.0.0/15, `lab up --hosts N`) next to a documentation-range one:
+    apt in each reads a proxy on its own network's bridge address and reaches the lab's proxy
+    there (a foreign host is refused by it: no network needed). Before, only 192.0.2.254 was
+    served and a 198.18 host had no route to it."""
+    _release_labs_of_this_process()
+    lab = lab_factory([LabHostSpec("big1", "198.18.0.11"), LabHostSpec("doc1", "192.0.2.41")])
+    try:
+        for name, bridge in (("big1", "198.19.255.254"), ("doc1", "192.0.2.254")):
+            seen = lab.exec(name, ["apt-config", "shell", "P", "Acquire::http::Proxy"]).stdout.decode()
+            assert seen.strip() == f"P='http://{bridge}:3142/'", (name, seen)
+            client = (
+                "import socket,sys\n"
+                "s=socket.create_connection((sys.argv[1],3142),timeout=10)\n"
+                "s.sendall(b'GET http://evil.example/x HTTP/1.1\\r\\n\\r\\n')\n"
+                "sys.stdout.buffer.write(s.recv(4096))\n"
+            )
+            out = lab.exec(name, ["python3", "-c", client, bridge]).stdout
+            assert out.startswith(b"HTTP/1.1 403") and b"reconciler lab apt proxy" in out, (name, out)
+    finally:
+        mine = lab.info.prefix
+        lab.down()
+        assert_gone(mine)

@@ -192,3 +192,25 @@ async def test_the_mail_diff_is_capped_with_a_note(tmp_path: Path, tree: Path) -
     assert capped.startswith(full[:200_000])
     assert capped.endswith("\n[diff truncated at 200000 bytes; see the history repo]\n")
     assert len(capped) < 200_100
+
+
+async def test_a_siblings_commit_in_flight_is_waited_for_not_called_stale(tmp_path: Path, tree: Path) -> None:
+    """Many hosts record at once (the daemon at 300 hosts): while one commit holds the repo (and
+    git's HEAD.lock for a moment), another host's commit waits for it instead of failing."""
+    repo = HistoryRepo.open(tmp_path / "hist", tmp_path / "state")
+    runner = LocalRunner()
+    await record(repo, runner, policy_for(tree))
+    (tree / "hosts").write_text("changed\n")
+    held = repo._lock  # noqa: SLF001 - the sibling's commit holding the repo
+    await held.acquire()
+    (repo.path / "HEAD.lock").write_text("")  # its update-ref in flight
+    waiting = asyncio.ensure_future(record(repo, runner, policy_for(tree)))
+    for _ in range(200):  # until the second commit waits on the repo lock (its blobs written)
+        await asyncio.sleep(0.01)
+        if held._waiters:  # noqa: SLF001
+            break
+    assert held._waiters and not waiting.done()  # noqa: SLF001
+    (repo.path / "HEAD.lock").unlink()  # the sibling's commit ends
+    held.release()
+    _, (_, info) = await waiting
+    assert info is not None

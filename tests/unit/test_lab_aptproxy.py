@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.lab import aptproxy
+from reconciler.lab.lab import proxy_addresses
 
 DEB = b"!<arch>\nnot really a deb\n" * 100
 
@@ -174,4 +175,56 @@ def test_in_a_netns_it_listens_there_and_fetches_from_the_machines(tmp_path: Pat
         if handle is not None:
             aptproxy.stop(handle)
         subprocess.run(["ip", "netns", "del", ns], check=False)
+        mirror.shutdown()
+
+
+def test_each_host_gets_the_proxy_on_its_own_lab_network() -> None:
+    """A big lab's hosts (198.18.0.0/15) have a route to their own network only: their drop-in
+    names the bridge's address there, not 192.0.2.254 (the bug: big labs could not install)."""
+    via = proxy_addresses(["192.0.2.11", "198.18.0.11", "198.19.3.7"])
+    assert via == {
+        "192.0.2.11": "192.0.2.254",
+        "198.18.0.11": "198.19.255.254",
+        "198.19.3.7": "198.19.255.254",
+    }
+    assert aptproxy.listen_addresses(sorted(set(via.values()))) == ("192.0.2.254", "198.19.255.254")
+    assert aptproxy.listen_addresses("192.0.2.254") == ("192.0.2.254",)
+    with pytest.raises(ValueError):
+        aptproxy.listen_addresses([])
+    assert 'Proxy "http://198.19.255.254:3142/";' in aptproxy.dropin_text(via["198.18.0.11"])
+
+
+def test_one_proxy_listens_on_every_address_it_is_given(tmp_path: Path) -> None:
+    """Both lab networks at once (a fleet lab with hosts on both): one process, two sockets,
+    and the same mirror-only policy on each."""
+    mirror = ThreadingHTTPServer(("127.0.0.1", 0), _Mirror)
+    threading.Thread(target=mirror.serve_forever, daemon=True).start()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    _Mirror.seen = []
+    handle = aptproxy.start(
+        ["127.0.0.1", "127.0.0.2"],
+        tmp_path / "aptproxy.pid",
+        port=port,
+        allow=["deb.debian.org"],
+        cache_dir=tmp_path / "cache",
+        upstream=f"http://127.0.0.1:{mirror.server_address[1]}",
+    )
+    try:
+        assert handle.addresses == ("127.0.0.1", "127.0.0.2")
+        url = "http://deb.debian.org/debian/pool/main/t/tree/tree_2.1.0-1_amd64.deb"
+        for address in handle.addresses:
+            with socket.create_connection((address, port), timeout=10) as c:
+                c.sendall(f"GET {url} HTTP/1.1\r\n\r\n".encode())
+                out = b""
+                while chunk := c.recv(65536):
+                    out += chunk
+            assert out.split(b" ", 2)[1] == b"200" and out.endswith(DEB)
+            with socket.create_connection((address, port), timeout=10) as c:
+                c.sendall(b"GET http://evil.example/x HTTP/1.1\r\n\r\n")
+                assert c.recv(100).startswith(b"HTTP/1.1 403")
+        assert len(_Mirror.seen) == 1  # the second address got the cached copy
+    finally:
+        aptproxy.stop(handle)
         mirror.shutdown()
