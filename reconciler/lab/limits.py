@@ -12,6 +12,7 @@ lab's state so that ``lab down`` restores the old value unless someone changed i
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 from reconciler.log import get_logger
@@ -33,9 +34,12 @@ def wanted(hosts: int) -> dict[str, int]:
     }
 
 
-def raise_for(hosts: int, root: Path = SYSCTL_ROOT) -> dict[str, list[int]]:
+def raise_values(values: dict[str, int], root: Path, event: str) -> dict[str, list[int]]:
+    """Raise each kernel limit under ``root`` to its value in ``values`` (never lower one);
+    ``{key: [old, new]}`` for the keys changed. A key that cannot be read or written is left
+    alone (logged): the lab still comes up, and says which limit it could not raise."""
     changed: dict[str, list[int]] = {}
-    for key, new in wanted(hosts).items():
+    for key, new in values.items():
         path = root / key
         try:
             old = int(path.read_text().split()[0])
@@ -46,19 +50,20 @@ def raise_for(hosts: int, root: Path = SYSCTL_ROOT) -> dict[str, list[int]]:
         try:
             path.write_text(f"{new}\n")
         except OSError as err:
-            log.warning("lab.limit.raise_failed", key=key, error=str(err))
+            log.warning(f"{event}.raise_failed", key=key, error=str(err))
             continue
         changed[key] = [old, new]
     if changed:
-        log.info("lab.limits.raised", hosts=hosts, **{k: v[1] for k, v in changed.items()})
+        log.info(f"{event}.raised", **{k: v[1] for k, v in changed.items()})
     return changed
 
 
-def restore(recorded: dict[str, list[int]], root: Path = SYSCTL_ROOT) -> None:
-    """Put back what ``raise_for`` changed (keys with a '/'; the neighbour keys are
-    ``network.restore_neigh_table``'s), unless someone changed it since."""
+def restore_values(recorded: dict[str, list[int]], keys: Iterable[str], root: Path) -> None:
+    """Put back the old value of each of ``keys`` that ``raise_values`` changed, unless someone
+    changed it since."""
+    wanted_keys = set(keys)
     for key, (old, new) in recorded.items():
-        if "/" not in key or key not in wanted(BIG_LAB + 1):
+        if key not in wanted_keys:
             continue
         path = root / key
         try:
@@ -66,3 +71,13 @@ def restore(recorded: dict[str, list[int]], root: Path = SYSCTL_ROOT) -> None:
                 path.write_text(f"{old}\n")
         except (OSError, ValueError, IndexError):
             pass
+
+
+def raise_for(hosts: int, root: Path = SYSCTL_ROOT) -> dict[str, list[int]]:
+    return raise_values(wanted(hosts), root, "lab.limits")
+
+
+def restore(recorded: dict[str, list[int]], root: Path = SYSCTL_ROOT) -> None:
+    """Put back what ``raise_for`` changed (keys with a '/'; the neighbour keys are
+    ``network.restore_neigh_table``'s), unless someone changed it since."""
+    restore_values(recorded, wanted(BIG_LAB + 1), root)

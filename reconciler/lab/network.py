@@ -19,6 +19,7 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
+from reconciler.lab import limits
 from reconciler.lab.model import BRIDGE_ADDRESS, LAB_NETWORKS, LabError, network_of
 from reconciler.lab.state import PREFIX_RE
 from reconciler.log import get_logger
@@ -336,35 +337,9 @@ def raise_neigh_table(hosts: int, root: Path = NEIGH_DIR) -> dict[str, list[int]
     and retransmits into the void; UdpSndbufErrors grows). Only ever raises the limits; returns
     ``{key: [old, new]}`` for the keys changed, so lab down can put the old values back."""
     need = neigh_entries_needed(hosts)
-    changed: dict[str, list[int]] = {}
-    for key in NEIGH_KEYS:
-        path = root / key
-        try:
-            old = int(path.read_text().strip())
-        except (OSError, ValueError):
-            continue
-        new = need if key == "gc_thresh2" else 2 * need
-        if old >= new:
-            continue
-        try:
-            path.write_text(f"{new}\n")
-        except OSError as err:
-            log.warning("lab.neigh.raise_failed", key=key, error=str(err))
-            continue
-        changed[key] = [old, new]
-    if changed:
-        log.info("lab.neigh.raised", hosts=hosts, **{k: v[1] for k, v in changed.items()})
-    return changed
+    return limits.raise_values({"gc_thresh2": need, "gc_thresh3": 2 * need}, root, "lab.neigh")
 
 
 def restore_neigh_table(recorded: dict[str, list[int]], root: Path = NEIGH_DIR) -> None:
     """Put back the limits ``raise_neigh_table`` changed, unless someone changed them since."""
-    for key, (old, new) in recorded.items():
-        if key not in NEIGH_KEYS:
-            continue
-        path = root / key
-        try:
-            if int(path.read_text().strip()) == new:
-                path.write_text(f"{old}\n")
-        except (OSError, ValueError):
-            pass
+    limits.restore_values(recorded, NEIGH_KEYS, root)
