@@ -31,7 +31,7 @@ from reconciler.engine.plan import plan_host
 from reconciler.errors import Failure, IdentityMismatch, Reason, ReconcilerError, RenderError, Terminal
 from reconciler.fleet.model import Fleet
 from reconciler.host.connection import Connection
-from reconciler.host.script import Pool
+from reconciler.host.script import Conn, Pool, Result
 from reconciler.kinds import aptsim
 from reconciler.kinds.actions import ActionKind, HostPlan
 from reconciler.kinds.resources import Desired, Package
@@ -67,14 +67,14 @@ class CommandRecord:
 class RecordingConnection:
     """Wraps a Connection and records every command (used in plan mode, and by tests)."""
 
-    def __init__(self, conn: Any, log_: list[CommandRecord]) -> None:
+    def __init__(self, conn: Conn, log_: list[CommandRecord]) -> None:
         self._conn = conn
         self.host: str = conn.host
         self.records = log_
 
     async def run(
         self, argv: Sequence[str], *, stdin: bytes | None = None, timeout: float | None = None
-    ) -> Any:
+    ) -> Result:
         self.records.append(CommandRecord(self.host, "run", " ".join(argv), (), len(stdin or b"")))
         return await self._conn.run(argv, stdin=stdin, timeout=timeout)
 
@@ -85,7 +85,7 @@ class RecordingConnection:
         args: Sequence[str] = (),
         stdin_after: bytes | None = None,
         timeout: float | None = None,
-    ) -> Any:
+    ) -> Result:
         self.records.append(CommandRecord(self.host, "script", script, tuple(args), len(stdin_after or b"")))
         return await self._conn.run_script(script, args=args, stdin_after=stdin_after, timeout=timeout)
 

@@ -6,9 +6,12 @@ import ipaddress
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from reconciler.errors import ReconcilerError
+
+if TYPE_CHECKING:
+    from reconciler.fleet.model import Fleet
 
 LAB_NETWORK = ipaddress.IPv4Network("192.0.2.0/24")
 BRIDGE_ADDRESS = ipaddress.IPv4Address("192.0.2.254")
@@ -125,8 +128,7 @@ class LabFleet:
     id: str
 
     @classmethod
-    def of(cls, fleet: Any) -> LabFleet:
-        """``fleet`` is a ``reconciler.fleet.model.Fleet``."""
+    def of(cls, fleet: Fleet) -> LabFleet:
         from reconciler.engine.identity import fleet_id
 
         return cls(name=str(fleet.name), id=fleet_id(fleet))
