@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
-from reconciler.domains.strongswan import SWANCTL_CLIENT_CONF
 from reconciler.host.script import ScriptBuilder
 from reconciler.kinds.actions import Action, ActionKind
 from reconciler.kinds.ipsec_state import ViciParseError, loaded_conns, up_names
@@ -71,6 +70,13 @@ async def apply_initiate(run: ApplyRun) -> None:
 
 
 # ---------------------------------------------------------------- observation
+
+# settings for reconciler's own swanctl listings (observe, verify): no crypto plugin loaded
+# (listing connections and SAs needs none; swanctl loads every plugin by default, ~10 ms a call)
+# (under /etc/strongswan.d, which Debian's AppArmor profile of swanctl lets it read (found on
+# AppArmor-enforcing guests: /etc/reconciler was denied); in a subdirectory that strongswan.conf
+# does not include, so charon and the engine's own `swanctl --load-all` never read it)
+SWANCTL_CLIENT_CONF = "/etc/strongswan.d/reconciler/swanctl-client.conf"
 
 SHELL = r"""charon_state() {
   if [ -r /run/charon.pid ]; then
