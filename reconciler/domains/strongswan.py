@@ -18,17 +18,12 @@ from __future__ import annotations
 from reconciler.domains.keys import SWANCTL_DIR, strongswan_keypair, swanctl_public_key
 from reconciler.fleet.crypto import racoon_esp_proposal, racoon_ike_proposal
 from reconciler.fleet.model import Datapath, Fleet, Host, IpsecBackend, MeshMode
+from reconciler.kinds.ipsec import SWANCTL_CLIENT_CONF as SWANCTL_CLIENT_CONF  # observe's swanctl reads it
 from reconciler.kinds.resources import Domain, FileResource, Fragment, Handler, Service, Validator
 
 CONF_DIR = f"{SWANCTL_DIR}/conf.d"
 LIBIPSEC_CONF = "/etc/strongswan.d/charon/kernel-libipsec.conf"
 LOG_CONF = "/etc/strongswan.d/charon-reconciler-log.conf"
-# settings for reconciler's own swanctl listings (observe, verify): no crypto plugin loaded
-# (listing connections and SAs needs none; swanctl loads every plugin by default, ~10 ms a call)
-# (under /etc/strongswan.d, which Debian's AppArmor profile of swanctl lets it read (found on
-# AppArmor-enforcing guests: /etc/reconciler was denied); in a subdirectory that strongswan.conf
-# does not include, so charon and the engine's own `swanctl --load-all` never read it)
-SWANCTL_CLIENT_CONF = "/etc/strongswan.d/reconciler/swanctl-client.conf"
 CHARON_LOG = "/var/log/charon.log"
 # charon keeps its log open: copytruncate rotates it in place (charon never reopens or creates
 # it, which Debian's AppArmor profile of charon would not let it do), weekly, 8 kept

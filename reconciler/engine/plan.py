@@ -34,13 +34,11 @@ from typing import TypeVar
 
 from reconciler.engine.identity import IDENTITY_PATH, HostIdentity, Judgement, Verdict, judge
 from reconciler.host.state import INVENTORY_PATH
-from reconciler.kinds import aptsim, firewall, ipsec, tunnels
-from reconciler.kinds import files as file_kind
-from reconciler.kinds import keypairs as keypair_kind
 from reconciler.kinds.actions import Action, ActionKind, HostPlan
-from reconciler.kinds.aptsim import AptSimulation
+from reconciler.kinds.kind import PlanStep
 from reconciler.kinds.observed import Observed
-from reconciler.kinds.registry import KINDS
+from reconciler.kinds.packages import unmet_requirements
+from reconciler.kinds.registry import KINDS, PACKAGES
 from reconciler.kinds.resources import (
     Desired,
     Domain,
@@ -55,9 +53,6 @@ from reconciler.kinds.resources import (
 _R = TypeVar("_R", FileResource, LinkResource, KeyPair, Service)
 
 TEMP_MARKER = ".reconciler-"  # staged temps are "<dir>/.<name>.reconciler-<random>"
-
-
-# ---------------------------------------------------------------- diffs
 
 
 # ---------------------------------------------------------------- planning
@@ -101,9 +96,9 @@ def plan_host(
             refused_requirement=True,
         )
 
-    pkg_actions = _plan_packages(desired.packages, observed)
-    if observed.apt is not None and pkg_actions:
-        pkg_actions = _apt_solution(pkg_actions, desired, observed.apt, errors, warnings)
+    # packages first: the simulated state (what is installed once they ran) decides the rest
+    step = PlanStep(desired, desired, observed, errors, warnings, skipped)
+    pkg_actions = list(PACKAGES.plan(step))
     actions += pkg_actions
     if not any(a.kind is ActionKind.INSTALL_PACKAGE for a in pkg_actions):
         # a package being installed may ship it: then the apply's validation judges it
@@ -111,31 +106,23 @@ def plan_host(
             live = observed.files.get(ex.path)
             if live is not None and not live.exists and not live.refused:
                 errors.append(ex.reason)
-    # the simulated state: what is installed once the package actions ran
     deps = _Packages.after(desired, observed, pkg_actions)
-    files = deps.keep(desired.files, "file", lambda f: f.path, errors)
-    links = deps.keep(desired.links, "link", lambda lk: lk.path, errors)
-    keypairs = deps.keep(desired.keypairs, "keypair", lambda k: k.name, errors)
-    services = deps.keep(desired.services, "service", lambda sv: sv.name, errors)
-    if desired.firewall is not None:
-        declared = frozenset(f.path for f in desired.files)
-        actions += firewall.plan_firewall(desired.firewall, observed, declared=declared, warnings=warnings)
-    actions += keypair_kind.plan_keypairs(keypairs, observed, warnings)
-    actions += file_kind.plan_files(files, observed)
-    actions += file_kind.plan_links(links, observed)
+    kept = replace(
+        desired,
+        files=deps.keep(desired.files, "file", lambda f: f.path, errors),
+        links=deps.keep(desired.links, "link", lambda lk: lk.path, errors),
+        keypairs=deps.keep(desired.keypairs, "keypair", lambda k: k.name, errors),
+        services=deps.keep(desired.services, "service", lambda sv: sv.name, errors),
+    )
+    step = replace(step, kept=kept)
+    for kind in KINDS:
+        if kind is not PACKAGES:
+            actions += kind.plan(step)
     prune_inventory = verdict is None or verdict.prune_inventory
     actions += _plan_prune(desired, observed, use_inventory=prune_inventory)
     actions += _plan_absent(desired, observed, already={a.path for a in actions if a.path})
     if not prune_inventory:
         warnings += _unpruned(desired, observed)
-    t_actions, t_skipped = tunnels.plan_tunnels(desired.tunnels, observed)
-    actions += t_actions
-    skipped += t_skipped
-    actions += tunnels.plan_addresses(desired.addresses, observed)
-    actions += _plan_services(_known_services(services, observed, errors), observed)
-    actions += ipsec.plan_initiate(desired, observed)
-    for kind in KINDS:
-        actions += kind.plan(desired, observed)
 
     actions = [deps.annotate(a, desired) for a in actions]
     actions.sort(key=lambda a: (int(a.domain), a.kind.order, a.resource))
@@ -241,85 +228,6 @@ def _noop_reason(desired: Desired, observed: Observed, skipped: list[Pending]) -
     if observed.errors:
         text += f"; but {len(observed.errors)} parts could not be observed"
     return text
-
-
-def _plan_packages(packages: tuple[Package, ...], observed: Observed) -> list[Action]:
-    out: list[Action] = []
-    for p in packages:
-        state = observed.packages.get(p.name)
-        if state is None:
-            continue  # not observed: nothing known, nothing planned
-        if p.state == "present" and not state.installed:
-            out.append(
-                Action(ActionKind.INSTALL_PACKAGE, f"package {p.name}", p.domain, "not installed", target=p)
-            )
-        elif p.state == "purged" and state.installed:
-            out.append(
-                Action(
-                    ActionKind.PURGE_PACKAGE,
-                    f"package {p.name}",
-                    p.domain,
-                    "installed, but the fleet purges it",
-                    target=p,
-                )
-            )
-    return out
-
-
-def _apt_solution(
-    pkg_actions: list[Action], desired: Desired, sim: AptSimulation, errors: list[str], warnings: list[str]
-) -> list[Action]:
-    """What apt says the package actions imply (``apt-get -s``): shown on the actions; a removal
-    that no role purges or ``replaces`` is a plan error with apt's line (nothing is applied)."""
-    purged = {p.name for p in desired.packages if p.state == "purged"}
-    replacing: dict[str, str] = {}  # replaced package -> the package that replaces it
-    for a in pkg_actions:
-        if a.kind is ActionKind.INSTALL_PACKAGE and isinstance(a.target, Package):
-            for r in a.target.replaces:
-                replacing.setdefault(r, a.target.name)
-    for c in aptsim.refused_removals(sim, purged | set(replacing)):
-        errors.append(
-            f"packages: apt would remove {c.package} ({c.old_version}) to carry out the package changes "
-            f"(apt-get -s: Remv {c.package}); no role purges it or lists it in replaces: not applied "
-            f"(add `replaces: [{c.package}]` to the role whose package needs it, or purge it)"
-        )
-    for name, line in sim.not_found:
-        warnings.append(
-            f"package {name}: {line} (the apply runs apt-get update first; if it is still "
-            "not found, it fails alone and the rest of the host is applied)"
-        )
-    for line in sim.errors:
-        warnings.append(f"packages: apt-get -s: {line} (the apply installs package by package)")
-    removed = {c.package.split(":")[0]: c for c in sim.removals}
-    declared = {a.target.name for a in pkg_actions if isinstance(a.target, Package)}
-    deps = [c.package for c in sim.installs if c.package.split(":")[0] not in declared]
-    versions = {c.package.split(":")[0]: c for c in (*sim.installs, *sim.upgrades)}
-    out: list[Action] = []
-    first_install = True
-    for a in pkg_actions:
-        if not isinstance(a.target, Package):
-            out.append(a)
-            continue
-        notes: list[str] = []
-        name = a.target.name
-        if name in versions and versions[name].version:
-            notes.append(f"version {versions[name].version}")
-        if a.kind is ActionKind.INSTALL_PACKAGE:
-            gone = [r for r, by in replacing.items() if by == name and r in removed]
-            if gone:
-                notes.append(f"apt removes {', '.join(gone)} (replaces)")
-            if first_install:
-                first_install = False
-                if deps:
-                    notes.append(
-                        f"apt also installs {len(deps)} dependencies ({', '.join(deps[:8])}"
-                        + (", ..." if len(deps) > 8 else "")
-                        + ")"
-                    )
-                if sim.upgrades:
-                    notes.append("apt upgrades " + ", ".join(c.line() for c in sim.upgrades))
-        out.append(replace(a, reason=f"{a.reason}; {'; '.join(notes)}") if notes else a)
-    return out
 
 
 class _Packages:
@@ -445,21 +353,6 @@ def _plan_prune(desired: Desired, observed: Observed, *, use_inventory: bool = T
     return out
 
 
-def unmet_requirements(desired: Desired, observed: Observed) -> str:
-    """Why the host cannot be reconciled at all ("" when it can): a Requirement whose package
-    is not installed and has no install candidate in the host's apt (its own sources)."""
-    for req in desired.requires:
-        missing = [p for p in req.packages if p in observed.candidates and not observed.candidates[p]]
-        if missing:
-            return (
-                f"{req.what} cannot run on this host: apt has no install candidate for "
-                f"{', '.join(missing)} (apt-cache policy on the host; e.g. racoon and ipsec-tools are "
-                "not packaged in Debian 12); nothing on this host was changed: choose another stack "
-                "for it, or add an apt source that ships them"
-            )
-    return ""
-
-
 def _plan_absent(desired: Desired, observed: Observed, *, already: set[str]) -> list[Action]:
     """Paths that must not exist and do (another stack's configuration, a replaced default)."""
     out: list[Action] = []
@@ -499,71 +392,6 @@ def _owner_of(path: str, desired: Desired) -> tuple[str | None, Domain]:
     if best is not None:
         return best.handler, best.domain
     return None, Domain.FILES
-
-
-def _known_services(
-    services: tuple[Service, ...], observed: Observed, errors: list[str]
-) -> tuple[Service, ...]:
-    """Drop (as a plan error) a role service started through ``service NAME start`` that no
-    package is tied to and that the host does not know (no init script, no unit): starting it
-    could only fail ("NAME: unrecognized service"). A service tied to a package being installed
-    is planned as if the package were there (``_Packages``)."""
-    out: list[Service] = []
-    for s in services:
-        state = observed.services.get(s.name)
-        unknown = (
-            s.needs_package is None
-            and s.start == ("service", s.name, "start")
-            and observed.init_system in ("sysv", "systemd")
-            and state is not None
-            and not state.running
-            and state.enabled is None
-        )
-        if unknown:
-            errors.append(
-                f"service {s.name}: the host has no init script or unit for it and no package is tied to "
-                f"it; not planned (name the package that brings it: {{name: {s.name}, package: PACKAGE}})"
-            )
-            continue
-        out.append(s)
-    return tuple(out)
-
-
-def _plan_services(services: tuple[Service, ...], observed: Observed) -> list[Action]:
-    out: list[Action] = []
-    for s in services:
-        if not s.running:
-            live = observed.services.get(s.name)
-            if live is not None and live.running:
-                out.append(
-                    Action(
-                        ActionKind.STOP_SERVICE,
-                        f"service {s.name}",
-                        s.domain,
-                        "running, but this host's configuration replaced it (stopped before the new "
-                        "files go live)",
-                        target=s,
-                    )
-                )
-            continue
-        state = observed.services.get(s.name)
-        if state is not None and state.running:
-            if s.enabled and state.enabled is False:
-                out.append(
-                    Action(
-                        ActionKind.ENABLE_SERVICE,
-                        f"service {s.name}",
-                        s.domain,
-                        "running, but not enabled at boot",
-                        target=s,
-                    )
-                )
-            continue
-        reason = "not running" if state is not None else "not observed running"
-        if s.enabled and state is not None and state.enabled is False:
-            reason += ", not enabled at boot"
-        out.append(Action(ActionKind.START_SERVICE, f"service {s.name}", s.domain, reason, target=s))
-    return out
 
 
 def _insert_reloads(actions: list[Action], desired: Desired) -> list[Action]:

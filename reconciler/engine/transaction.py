@@ -9,7 +9,6 @@ from __future__ import annotations
 import posixpath
 from collections.abc import Awaitable, Callable
 
-from reconciler.engine.observe import parse_read_back, read_back
 from reconciler.engine.run import (
     PENDING_RELOADS_PATH,
     ActionOutcome,
@@ -28,6 +27,7 @@ from reconciler.kinds.actions import (
     FILE_KINDS,
     ActionKind,
 )
+from reconciler.kinds.filestate import parse_read_back, read_back
 from reconciler.kinds.resources import (
     FileResource,
     LinkResource,

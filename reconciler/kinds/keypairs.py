@@ -4,8 +4,11 @@ regeneration (peers trust the current key)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from reconciler.kinds.actions import Action, ActionKind
 from reconciler.kinds.files import refused_reason
+from reconciler.kinds.kind import BaseKind, PlanStep
 from reconciler.kinds.observed import Observed
 from reconciler.kinds.resources import KeyPair
 
@@ -46,3 +49,16 @@ def plan_keypairs(keypairs: tuple[KeyPair, ...], observed: Observed, warnings: l
                 "not regenerating (peers trust the current key); restore the public key by hand"
             )
     return out
+
+
+class KeyPairsKind(BaseKind):
+    """Observed with the declared files (``reconciler.kinds.files``: the private key is stated,
+    never hashed); only its diff is its own."""
+
+    name = "keypairs"
+
+    def plan(self, step: PlanStep) -> Sequence[Action]:
+        return plan_keypairs(step.kept.keypairs, step.observed, step.warnings)
+
+
+KIND = KeyPairsKind()

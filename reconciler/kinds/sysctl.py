@@ -23,7 +23,7 @@ from types import MappingProxyType
 
 from reconciler.host.script import ScriptBuilder
 from reconciler.kinds.actions import Action, ActionKind
-from reconciler.kinds.kind import ApplyRun, SectionReader
+from reconciler.kinds.kind import ApplyRun, PlanStep, SectionReader
 from reconciler.kinds.observed import Observed
 from reconciler.kinds.resources import Desired, Handler, SysctlSetting
 
@@ -91,6 +91,7 @@ def diff(settings: Sequence[SysctlSetting], live: Mapping[str, str] | None) -> l
 
 class SysctlKind:
     name = "sysctl"
+    shell = ""
 
     def wanted(self, desired: Desired) -> bool:
         return bool(desired.sysctl)
@@ -106,8 +107,8 @@ class SysctlKind:
             return observed
         return replace(observed, sysctl=MappingProxyType(parse(text)))
 
-    def plan(self, desired: Desired, observed: Observed) -> Sequence[Action]:
-        return diff(desired.sysctl, observed.sysctl)
+    def plan(self, step: PlanStep) -> Sequence[Action]:
+        return diff(step.desired.sysctl, step.observed.sysctl)
 
     async def apply(self, run: ApplyRun) -> None:
         """The values are set by the handler's reload (``sysctl -p`` of the swapped drop-in)."""

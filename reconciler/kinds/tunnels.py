@@ -1,17 +1,22 @@
 """Kind ``tunnel`` (IP-IP interfaces) and ``address`` (an address on an interface): the diff
-against the observed links and the change scripts. The observation of ``ip -d -j addr`` and the
-kernel's modules is still part of ``reconciler.engine.observe`` (its framing is being unified).
-A kernel without ipip is a skip with the reason, never a failure."""
+against the observed links and the change scripts. Observed by ``ip -d -j addr show`` (kind
+``links``, with tunnels or addresses) and the kernel's module facts (kind ``kernel``, with
+tunnels: ``/sys/module``, ``modinfo``, ``/dev/net/tun``). A kernel without ipip is a skip with
+the reason, never a failure."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from types import MappingProxyType
+from typing import Any
 
-from reconciler.host.script import Result
+from reconciler.host.script import Result, ScriptBuilder, token
 from reconciler.kinds.actions import Action, ActionKind
-from reconciler.kinds.kind import ApplyRun
+from reconciler.kinds.kind import ApplyRun, BaseKind, PlanStep, SectionReader
 from reconciler.kinds.observed import LinkState, Observed
-from reconciler.kinds.resources import Address, Pending, Tunnel
+from reconciler.kinds.resources import Address, Desired, Pending, Tunnel
 
 
 def _text(res: Result) -> str:
@@ -148,3 +153,112 @@ async def apply_addresses(run: ApplyRun) -> None:
         else:
             run.mark(i, "failed", _text(res))
             run.messages.append(f"address {a.address} on {a.interface}: {_text(res)}")
+
+
+# ---------------------------------------------------------------- observation
+
+KERNEL_MODULES = ("ipip", "esp4", "ah4", "xfrm_user", "vxlan", "tun")
+
+KERNEL_SHELL = r"""kernel_facts() {
+  for m in $KMODS; do
+    if [ -d "/sys/module/$m" ]; then echo "$m loaded"
+    elif modinfo -n "$m" >/dev/null 2>&1; then echo "$m module"
+    else echo "$m absent"; fi
+  done
+  if [ -c /dev/net/tun ]; then echo "devtun present"; else echo "devtun absent"; fi
+}
+"""
+
+
+def parse_links(data: str) -> tuple[LinkState, ...]:
+    """``ip -d -j addr show``: every interface with kind, tunnel endpoints, IPv4 addresses."""
+    items: list[Any] = json.loads(data) if data.strip() else []
+    out: list[LinkState] = []
+    for item in items:
+        if not isinstance(item, dict) or "ifname" not in item:
+            continue
+        info = item.get("linkinfo") or {}
+        kind = str(info.get("info_kind") or item.get("link_type") or "unknown")
+        idata = info.get("info_data") or {}
+        addrs = []
+        for a in item.get("addr_info") or []:
+            if a.get("family") != "inet" or "local" not in a:
+                continue
+            plen = a.get("prefixlen", 32)
+            if a.get("address") and a.get("address") != a["local"]:
+                addrs.append(f"{a['local']}/32 peer {a['address']}/{plen}")
+            else:
+                addrs.append(f"{a['local']}/{plen}")
+        local = idata.get("local")
+        remote = idata.get("remote")
+        out.append(
+            LinkState(
+                name=str(item["ifname"]),
+                kind=kind,
+                local=str(local) if local and local != "any" else None,
+                remote=str(remote) if remote and remote != "any" else None,
+                addresses=tuple(sorted(addrs)),
+                up="UP" in (item.get("flags") or []),
+            )
+        )
+    return tuple(out)
+
+
+def parse_kernel(text: str) -> dict[str, bool]:
+    out: dict[str, bool] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2:
+            out[parts[0]] = parts[1] in ("loaded", "module", "present")
+    # the names the plan asks for
+    facts = {"ipip": out.get("ipip", False), "esp": out.get("esp4", False), "ah": out.get("ah4", False)}
+    facts.update({"xfrm": out.get("xfrm_user", False), "vxlan": out.get("vxlan", False)})
+    facts["tun"] = out.get("tun", False) or out.get("devtun", False)
+    return facts
+
+
+class LinksKind(BaseKind):
+    name = "links"
+
+    def wanted(self, desired: Desired) -> bool:
+        return bool(desired.tunnels or desired.addresses)
+
+    def probe(self, desired: Desired, b: ScriptBuilder) -> None:
+        b.add("frame addr ip -d -j addr show")
+
+    def parse(self, desired: Desired, read: SectionReader, observed: Observed) -> Observed:
+        addr = read("addr", "ip addr")
+        if addr is None:
+            return observed
+        try:
+            return replace(observed, links=parse_links(addr))
+        except (json.JSONDecodeError, TypeError, AttributeError) as err:
+            read.error(f"ip addr: unparsable JSON: {err}")
+            return observed
+
+    def plan(self, step: PlanStep) -> Sequence[Action]:
+        actions, skipped = plan_tunnels(step.desired.tunnels, step.observed)
+        step.skipped.extend(skipped)
+        return [*actions, *plan_addresses(step.desired.addresses, step.observed)]
+
+
+class KernelKind(BaseKind):
+    """Facts the tunnels' plan reads (module loaded or loadable, ``/dev/net/tun``)."""
+
+    name = "kernel"
+    shell = KERNEL_SHELL
+
+    def wanted(self, desired: Desired) -> bool:
+        return bool(desired.tunnels)
+
+    def probe(self, desired: Desired, b: ScriptBuilder) -> None:
+        b.add(f"KMODS='{' '.join(token(m) for m in KERNEL_MODULES)}'")
+        b.add("frame kernel kernel_facts")
+
+    def parse(self, desired: Desired, read: SectionReader, observed: Observed) -> Observed:
+        facts = parse_kernel(read("kernel", "kernel facts", required=False) or "")
+        return replace(observed, kernel=MappingProxyType({**facts, **observed.kernel}))
+
+
+LINKS = LinksKind()
+KERNEL = KernelKind()

@@ -12,10 +12,11 @@ from types import MappingProxyType
 from test_observe_parse import NONCE, _framed
 
 from reconciler.engine.deadman import _confirm_outcome
-from reconciler.engine.observe import NO_IPV6, build_script, parse_observation
+from reconciler.engine.observe import build_script, parse_observation
 from reconciler.engine.plan import managed_paths, plan_host
 from reconciler.host.script import split_sections
 from reconciler.kinds.actions import ActionKind
+from reconciler.kinds.firewall import NO_IPV6
 from reconciler.kinds.observed import FileState, Observed
 from reconciler.kinds.resources import Desired, FirewallRuleset
 from reconciler.netfilter.check import Packet, verdict

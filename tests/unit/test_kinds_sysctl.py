@@ -10,13 +10,15 @@ from types import MappingProxyType
 import pytest
 
 from reconciler.domains.render import render_host
-from reconciler.engine.observe import Section, build_script, parse_observation
+from reconciler.engine.observe import build_script, parse_observation
 from reconciler.engine.plan import plan_host
 from reconciler.errors import FleetInvalid
 from reconciler.fleet.load import load_fleet_files, read_tree
 from reconciler.fleet.model import Fleet
+from reconciler.host.script import Section
 from reconciler.kinds import sysctl
 from reconciler.kinds.actions import FILE_KINDS, ActionKind
+from reconciler.kinds.kind import PlanStep
 from reconciler.kinds.observed import Observed
 from reconciler.kinds.registry import KINDS
 from reconciler.kinds.resources import Desired, SysctlSetting
@@ -154,7 +156,7 @@ def test_not_observed_plans_nothing_and_reports_why() -> None:
     d = desired({"net.ipv4.ip_forward": "0"})
     obs = observed_from(d, b"", None)
     assert obs.sysctl is None and any("sysctl: no answer" in e for e in obs.errors)
-    assert sysctl.KIND.plan(d, obs) == []
+    assert sysctl.KIND.plan(PlanStep(d, d, obs, [], [], [])) == []
     missing = observed_from(d, b"sh: sysctl: not found", 127)
     assert missing.sysctl is None and any("sysctl: exit 127" in e for e in missing.errors)
 
@@ -166,7 +168,7 @@ def test_in_sync_is_a_noop() -> None:
         sysctl=MappingProxyType({"net.ipv4.ip_forward": "0"}),
         files=MappingProxyType({}),
     )
-    assert sysctl.KIND.plan(d, obs) == []
+    assert sysctl.KIND.plan(PlanStep(d, d, obs, [], [], [])) == []
 
 
 # ---------------------------------------------------------------- traits and registry
@@ -177,4 +179,6 @@ def test_every_kind_has_traits_and_the_registry_lists_sysctl() -> None:
         assert k.bucket in ("add", "change", "destroy", "reload") and isinstance(k.order, int)
     assert ActionKind.SET_SYSCTL not in FILE_KINDS and ActionKind.UPDATE in FILE_KINDS
     assert ActionKind.INITIATE_CHILD.settles and not ActionKind.SET_SYSCTL.settles
-    assert [k.name for k in KINDS] == ["sysctl"]
+    names = [k.name for k in KINDS]
+    assert names[0] == "files" and names[-1] == "sysctl" and len(set(names)) == len(names)
+    assert {"firewall", "keypairs", "links", "ipsec", "kernel", "packages", "services"} <= set(names)

@@ -12,22 +12,16 @@ import pytest
 from reconciler.engine.observe import (
     build_script,
     content_wanted,
-    file_states,
-    parse_charon,
-    parse_dpkg,
-    parse_find_records,
     parse_inventory,
-    parse_kernel,
-    parse_links,
     parse_observation,
     parse_pending_reloads,
-    parse_service,
-    parse_sha256,
-    parse_xfrm_policies,
 )
 from reconciler.host.connection import Connection, SshTarget
 from reconciler.host.script import Section, new_nonce, split_sections
+from reconciler.kinds.filestate import file_states, parse_find_records, parse_sha256
+from reconciler.kinds.ipsec import parse_charon, parse_xfrm_policies
 from reconciler.kinds.ipsec_state import ViciParseError, loaded_conns, up_names
+from reconciler.kinds.packages import parse_dpkg
 from reconciler.kinds.resources import (
     Desired,
     Domain,
@@ -40,6 +34,8 @@ from reconciler.kinds.resources import (
     Service,
     Tunnel,
 )
+from reconciler.kinds.services import parse_service
+from reconciler.kinds.tunnels import parse_kernel, parse_links
 
 # Recorded on a lab host (strongSwan 5.9.8, kernel-libipsec), `swanctl --list-conns --pretty`
 # (abridged: the keys observe does not read are left out).

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.engine.observe import FIND_FMT, parse_find_records, parse_sha256
 from reconciler.host import pathsafe
 from reconciler.host.pathsafe import STRICT, Batch, Rule, Status
 from reconciler.host.script import split_sections
+from reconciler.kinds.filestate import FIND_FMT, parse_find_records, parse_sha256
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the helper chowns files: run as root")
 

@@ -15,7 +15,7 @@ from reconciler.domains.render import render_host
 from reconciler.engine import finish as finish_mod
 from reconciler.engine import transaction as transaction_mod
 from reconciler.engine.apply import apply_host
-from reconciler.engine.observe import build_script, judged, observe_host, owned_states, parse_ids, probe_for
+from reconciler.engine.observe import build_script, observe_host
 from reconciler.engine.plan import plan_host
 from reconciler.engine.planview import _Paint, render_host_plan
 from reconciler.errors import FleetInvalid, Reason
@@ -23,6 +23,8 @@ from reconciler.fleet.load import load_fleet_files, read_tree
 from reconciler.host.connection import ConnectionPool, SshTarget
 from reconciler.host.script import Section
 from reconciler.kinds.actions import ActionKind
+from reconciler.kinds.files import parse_ids, probe_for
+from reconciler.kinds.filestate import judged, owned_states
 from reconciler.kinds.observed import FileState, Observed
 from reconciler.kinds.resources import Desired, Domain, FileResource, Handler, KeyPair, LinkResource
 

@@ -9,7 +9,6 @@ from types import MappingProxyType
 
 from reconciler.domains import packages as packages_domain
 from reconciler.domains.render import render_host
-from reconciler.engine.observe import parse_service
 from reconciler.engine.plan import plan_host
 from reconciler.fleet.model import FirewallPolicy, Fleet, Host, ManagedFile, Mesh, Role
 from reconciler.kinds.actions import ActionKind
@@ -25,6 +24,7 @@ from reconciler.kinds.resources import (
     Service,
     Validator,
 )
+from reconciler.kinds.services import parse_service
 
 SITE = b"<VirtualHost *:80>\n  ServerName shop.example.com\n</VirtualHost>\n"
 APACHE = Handler(
