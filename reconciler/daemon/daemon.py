@@ -39,14 +39,8 @@ from reconciler.daemon.queue import Backoff
 from reconciler.daemon.records import DriftSeen, add_drift
 from reconciler.daemon.server import HttpServer
 from reconciler.daemon.shard import PeerClient, Shard
-from reconciler.daemon.source import (
-    FleetLoader,
-    FleetSource,
-    Refusal,
-    Rejection,
-    RollbackRefused,
-    default_loader,
-)
+from reconciler.daemon.source import FleetLoader, FleetSource, default_loader
+from reconciler.daemon.source_types import Refusal, Rejection, RollbackRefused
 from reconciler.daemon.status import DaemonStatus
 from reconciler.daemon.step import HostFailure, Outcome, ReconcileStep, Target
 from reconciler.daemon.store import HostState, JsonObject, Store

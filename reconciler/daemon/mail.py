@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 
 from reconciler.daemon.config import Config, SourceConfig
-from reconciler.daemon.source import Rejection, Rollback
+from reconciler.daemon.source_types import Rejection, Rollback
 from reconciler.daemon.step import HostFailure
 from reconciler.fleet.model import Fleet, SmtpSecurity, SmtpSettings
 from reconciler.gitrepo import redact_url

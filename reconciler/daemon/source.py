@@ -32,8 +32,8 @@ import asyncio
 import re
 import shlex
 import urllib.parse
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from reconciler.daemon.config import SourceConfig, VerifyMode
@@ -41,8 +41,18 @@ from reconciler.daemon.signatures import SourceConfigError as SourceConfigError
 from reconciler.daemon.signatures import Verdict as Verdict
 from reconciler.daemon.signatures import build_keyring, verify_signature
 from reconciler.daemon.signatures import check_allowed_signers as check_allowed_signers
+from reconciler.daemon.source_types import (
+    Refusal,
+    Rejection,
+    Rollback,
+    RollbackRefused,
+    SourceError,
+    SourceState,
+    SourceTrustError,
+    Vet,
+)
 from reconciler.daemon.tree import files_from_tar
-from reconciler.errors import FleetInvalid, Problem, Terminal, Transient
+from reconciler.errors import FleetInvalid, Problem
 from reconciler.fleet.load import load_fleet_files
 from reconciler.fleet.model import Fleet
 from reconciler.gitrepo import (
@@ -62,64 +72,6 @@ MAX_ARCHIVE_BYTES = 64 << 20
 MAX_VERIFY = 2000  # commits verified in one refresh at most
 FleetLoader = Callable[[Mapping[str, bytes]], Fleet]
 _HEX = re.compile(r"^[0-9a-f]{7,64}$")
-
-
-class SourceError(Transient):
-    """git failed (network, server, timeout): retried with backoff."""
-
-
-class SourceTrustError(Terminal):
-    """A move of the good commit that trust does not allow (a bug if it is ever raised)."""
-
-
-@dataclass(frozen=True)
-class Rejection:
-    """A commit that will not be applied, and why. ``kind`` is a stable word for mail keys."""
-
-    commit: str  # the refused head
-    # unsigned | bad-signature | untrusted-key | wrong-signature-kind | rollback | invalid-fleet
-    # | render-limit | bad-config
-    kind: str
-    reason: str  # one line for status and mail; names the offending commit
-    good: str = ""  # the commit hosts stay on
-
-    @property
-    def key(self) -> str:
-        """The idempotency key: one mail per bad commit and reason."""
-        return f"source:{self.commit}:{self.kind}"
-
-
-@dataclass(frozen=True)
-class SourceState:
-    head: str  # the branch head as fetched ("" if never fetched)
-    good: str  # the commit hosts converge to ("" if none yet)
-    fleet: Fleet | None  # the fleet loaded at ``good`` (None if none yet)
-    rejection: Rejection | None  # why ``head`` is not used, if it is not
-    changed: bool  # ``good`` moved in this refresh
-
-
-@dataclass(frozen=True)
-class Refusal:
-    """Why a verified commit cannot be used (its fleet does not load, or the vet hook refused)."""
-
-    kind: str
-    reason: str
-
-
-Vet = Callable[[str, Fleet], Awaitable[Refusal | None]]
-
-
-class RollbackRefused(Terminal):
-    """An explicit rollback that is not allowed (not on the branch, does not verify...)."""
-
-
-@dataclass(frozen=True)
-class Rollback:
-    """An admin moved the good commit back on purpose."""
-
-    commit: str  # the new good commit (older than the previous one)
-    previous: str  # the good commit before
-    head: str  # the fetched branch head at that moment
 
 
 _COMMIT_ID = re.compile(r"^[0-9a-f]{7,64}$")

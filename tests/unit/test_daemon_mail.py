@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from reconciler.daemon import mail
 from reconciler.daemon.config import SourceConfig
-from reconciler.daemon.source import Rejection, Rollback
+from reconciler.daemon.source_types import Rejection, Rollback
 from reconciler.daemon.step import HostFailure
 from reconciler.errors import Failure, Reason
 

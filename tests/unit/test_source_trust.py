@@ -13,7 +13,8 @@ import pytest
 from test_source import Repo, fake_loader, git, keys  # noqa: F401 (keys: a fixture)
 
 from reconciler.daemon.config import SourceConfig, VerifyMode
-from reconciler.daemon.source import GOOD_REF, FleetSource, Refusal, RollbackRefused
+from reconciler.daemon.source import GOOD_REF, FleetSource
+from reconciler.daemon.source_types import Refusal, RollbackRefused
 
 
 class Counting:
