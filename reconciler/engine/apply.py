@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import posixpath
 import secrets
-import shlex
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -57,11 +56,11 @@ from reconciler.engine.hostlock import Holder, host_lock
 from reconciler.engine.observe import observe_host
 from reconciler.engine.plan import plan_host
 from reconciler.engine.reloads import reloads_phase, services_phase, start_down, stop_replaced
-from reconciler.engine.run import DEFAULT_TIMEOUT, ActionOutcome, HostRun, q, reobserve_scope
+from reconciler.engine.run import DEFAULT_TIMEOUT, ActionOutcome, HostRun, reobserve_scope, result_text
 from reconciler.engine.transaction import files_phase
 from reconciler.errors import Failure, Reason, ReconcilerError, pick_failure
 from reconciler.host.connection import Connection
-from reconciler.host.script import Pool
+from reconciler.host.script import Pool, ScriptBuilder, prelude, run_framed, said
 from reconciler.kinds import ipsec, packaging, tunnels
 from reconciler.kinds.actions import (
     SETTLING_KINDS,
@@ -400,28 +399,30 @@ async def _keypairs(run: HostRun) -> None:
     idx = run.indices({ActionKind.GENERATE_KEYPAIR})
     if not idx:
         return
-    lines = ["set -u", "umask 077", "log=$(mktemp) || exit 9"]
+    b = ScriptBuilder()
+    b.add("set -u")
+    b.add("umask 077")
+    b.add("log=$(mktemp) || exit 9")
     for i in idx:
         kp = run.plan.actions[i].target
         assert isinstance(kp, KeyPair)
-        cmds = " && ".join(shlex.join(argv) for argv in kp.generate) or "true"
-        log_file = '"$log"'
-        lines += [
-            f"if [ -e {q(kp.private_path)} ]; then echo '@@K {i} exists'",
-            f"elif mkdir -p {q(posixpath.dirname(kp.private_path))} {q(posixpath.dirname(kp.public_path))} "
-            f"&& ( {cmds} ) >{log_file} 2>&1 && [ -e {q(kp.private_path)} ]; then",
-            f"  chmod 0644 {q(kp.public_path)} 2>/dev/null; echo '@@K {i} ok'",
-            f"else echo '@@K {i} failed'; cat {log_file} 2>/dev/null; fi",
-        ]
-    lines.append('rm -f "$log"')
+        priv, pub = b.ref(kp.private_path), b.ref(kp.public_path)
+        dirs = b.refs([posixpath.dirname(kp.private_path), posixpath.dirname(kp.public_path)])
+        cmds = " && ".join(b.refs(list(argv)) for argv in kp.generate) or "true"
+        b.add(f"if [ -e {priv} ]; then say {i} exists")
+        b.add(f'elif mkdir -p {dirs} && ( {cmds} ) >"$log" 2>&1 && [ -e {priv} ]; then')
+        b.add(f"  chmod 0644 {pub} 2>/dev/null; say {i} ok")
+        b.add(f'else say {i} failed; frame keylog.{i} cat "$log"; fi')
+    b.add('rm -f "$log"')
     conn = await run.conn()
-    res = await conn.run_script("\n".join(lines) + "\n", timeout=DEFAULT_TIMEOUT)
-    out = res.stdout.decode(errors="replace")
+    framed = await run_framed(conn, b.script(prelude()), b.args, timeout=DEFAULT_TIMEOUT)
+    done = {w[0] for w in (line.split() for line in said(framed.sections)) if w[1:] in (["ok"], ["exists"])}
     for i in idx:
-        if f"@@K {i} ok" in out or f"@@K {i} exists" in out:
+        if str(i) in done:
             run.mark(i, "done", "key pair generated on the host (private key never read)")
         else:
-            detail = out.split(f"@@K {i} failed", 1)[-1].split("@@K ", 1)[0].strip()
+            keylog = framed.sections.get(f"keylog.{i}")
+            detail = keylog.text.strip() if keylog is not None else result_text(framed.result)
             run.mark(i, "failed", f"key generation failed: {detail[-1000:]}")
             run.messages.append(f"{run.plan.actions[i].resource}: key generation failed: {detail[-1000:]}")
             h = run.plan.actions[i].handler

@@ -11,6 +11,7 @@ from reconciler.engine.plan import INTERRUPTED, inventory_json
 from reconciler.engine.run import PENDING_RELOADS_PATH, HostRun, action_rule, new_batch, result_text
 from reconciler.host import pathsafe
 from reconciler.host.pathsafe import Rule, rule_of
+from reconciler.host.script import prelude, run_framed, said
 from reconciler.host.state import INVENTORY_PATH
 from reconciler.kinds.actions import (
     FILE_KINDS,
@@ -25,15 +26,17 @@ log = get_logger(__name__)
 # the journal alone, nothing to clear it), "--", backups to remove. stdin: the inventory.
 # The identity is written after the inventory and never without it (a new identity over an
 # old inventory would let the next plan prune another fleet's paths).
-FINISH = r"""
+FINISH = (
+    prelude(keep_stdin=True)
+    + r"""
 set -u
 inv=$1; tmpsfx=$2; j=$3; idp=$4; idc=$5; shift 6
 if [ "${1:-}" = - ]; then shift
-elif [ "${1:-}" = -- ]; then rm -f "$j" || echo "@@J cannot clear $j"
+elif [ "${1:-}" = -- ]; then rm -f "$j" || say J cannot clear "$j"
 else
   mkdir -p "${j%/*}"; t="${j%/*}/.pending-reloads.reconciler-$tmpsfx"; : > "$t"
   while [ $# -gt 0 ] && [ "$1" != -- ]; do printf '%s\n' "$1" >> "$t"; shift; done
-  mv -f "$t" "$j" || echo "@@J cannot write $j"
+  mv -f "$t" "$j" || say J cannot write "$j"
 fi
 [ "${1:-}" = -- ] && shift
 # leftovers (.NAME.reconciler-*: this run's backups, temps and backups of interrupted runs):
@@ -42,19 +45,20 @@ fi
 # directories another user controls
 while [ $# -gt 0 ] && [ "$1" != -- ]; do rm -f -- "$1"/.*.reconciler-* 2>/dev/null; shift; done
 [ "${1:-}" = -- ] && shift
-if [ $# -gt 0 ]; then h=$1; shift; perl -e "$h" -- args "$@" || echo "@@C cannot remove leftovers"; fi
+if [ $# -gt 0 ]; then h=$1; shift; perl -e "$h" -- args "$@" || say C cannot remove leftovers; fi
 if [ -n "$inv" ]; then
   d=${inv%/*}; t="$d/.inventory.json.reconciler-$tmpsfx"
-  if mkdir -p "$d" && cat > "$t" && mv -f "$t" "$inv"; then echo "@@INV ok"
-  else rm -f "$t"; echo "@@INV failed"; idp=; fi
+  if mkdir -p "$d" && cat > "$t" && mv -f "$t" "$inv"; then say INV ok
+  else rm -f "$t"; say INV failed; idp=; fi
 fi
 if [ -n "$idp" ]; then
   d=${idp%/*}; t="$d/.identity.reconciler-$tmpsfx"
   if mkdir -p "$d" && printf '%s' "$idc" > "$t" && chmod 0644 "$t" && mv -fT "$t" "$idp"
-  then echo "@@ID ok"
-  else rm -f "$t"; echo "@@ID failed"; fi
+  then say ID ok
+  else rm -f "$t"; say ID failed; fi
 fi
 """
+)
 
 
 def _leftover_args(run: HostRun) -> list[str]:
@@ -109,18 +113,18 @@ async def finish_phase(run: HostRun) -> None:
             "--", *journal, "--", *leftovers)  # fmt: skip
     run.finished = True
     conn = await run.conn()
-    res = await conn.run_script(
+    framed = await run_framed(
+        conn,
         FINISH,
-        args=args,
-        stdin_after=inventory_json(run.plan.inventory) if write_inventory else None,
+        args,
+        stdin_after=inventory_json(run.plan.inventory) if write_inventory else b"",
         timeout=60,
     )
-    out = res.stdout.decode(errors="replace")
-    for tag in ("@@J ", "@@C "):
-        if tag in out:
-            run.messages.append(out.split(tag, 1)[1].splitlines()[0])
+    res = framed.result
+    lines = said(framed.sections)
+    run.messages += [line.split(" ", 1)[1] for line in lines if line.startswith(("J ", "C "))]
     if identity is not None:
-        written = "@@ID ok" in out
+        written = "ID ok" in lines
         for i in ident:
             run.mark(
                 i, "done" if written else "failed", "" if written else f"not written: {result_text(res)}"
@@ -129,7 +133,7 @@ async def finish_phase(run: HostRun) -> None:
             run.messages.append(f"could not record the host identity {IDENTITY_PATH}: {result_text(res)}")
     if not write_inventory:
         return
-    ok = "@@INV ok" in out
+    ok = "INV ok" in lines
     for i in record:
         run.mark(i, "done" if ok else "failed", "" if ok else result_text(res))
     if not ok:

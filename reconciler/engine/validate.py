@@ -12,10 +12,10 @@ from reconciler.engine.run import (
     VALIDATE_DIR,
     HostRun,
     action_rule,
-    q,
     result_text,
     staged_path,
 )
+from reconciler.host.script import ScriptBuilder, prelude, run_framed, said
 from reconciler.kinds.actions import (
     ActionKind,
 )
@@ -62,22 +62,21 @@ def _subst(text: str, *, path: str | None, tree: str | None) -> str:
     return text
 
 
-def _validator_cmd(v: Validator, *, path: str | None, tree_var: bool) -> str:
-    """A shell command line for one validator: every argument quoted; ``{tree}`` becomes the
-    (quoted) value of the script variable ``$tree``."""
+def _validator_cmd(b: ScriptBuilder, v: Validator, *, path: str | None) -> str:
+    """A shell command line for one validator: every argument a reference to a positional
+    argument; ``{tree}`` becomes the (quoted) value of the script variable ``$tree``."""
     marker = "\x00TREE\x00"
     parts = []
     for k, val in v.env:
-        parts.append(_quote_with_tree(f"{k}={_subst(val, path=path, tree=marker)}", marker))
-    argv = [_quote_with_tree(_subst(a, path=path, tree=marker), marker) for a in v.argv]
+        parts.append(_ref_with_tree(b, f"{k}={_subst(val, path=path, tree=marker)}", marker))
+    argv = [_ref_with_tree(b, _subst(a, path=path, tree=marker), marker) for a in v.argv]
     env = ("env " + " ".join(parts) + " ") if parts else ""
-    del tree_var
     return env + " ".join(argv)
 
 
-def _quote_with_tree(text: str, marker: str) -> str:
+def _ref_with_tree(b: ScriptBuilder, text: str, marker: str) -> str:
     pieces = text.split(marker)
-    return '"$tree"'.join(q(p) if p else "" for p in pieces) or "''"
+    return '"$tree"'.join(b.ref(p) if p else "" for p in pieces) or "''"
 
 
 def needs_validation(run: HostRun, idx: list[int]) -> bool:
@@ -103,24 +102,25 @@ async def validate_changes(run: HostRun, idx: list[int]) -> list[CheckFailure]:
     actions = run.plan.actions
     changed = [i for i in idx if actions[i].kind in (ActionKind.CREATE, ActionKind.UPDATE, ActionKind.RELINK)]
     changed += [i for i in idx if actions[i].kind is ActionKind.DELETE]
-    lines = ["set -u", "rc_all=0"]
+    # each validator is the function v_<n> (a subshell, stdout and stderr together), run as
+    # section v.<n> of the one framing: its output cannot forge a frame (the nonce is on stdin);
+    # one whose command is not installed says "skip <n>". Paths and argv are positional
+    # arguments (``b.ref``), passed on to each function with "$@".
+    b = ScriptBuilder()
+    b.add("set -u")
     labels: list[str] = []
     owners: list[tuple[str | None, int | None]] = []
-    mark = f"@@V-{run.token} "  # a validator's own output cannot forge it (random per apply)
 
     def add(label: str, body: list[str], needs: str | None, owner: tuple[str | None, int | None]) -> None:
         n = len(labels)
         labels.append(label)
         owners.append(owner)
-        guard = f"command -v {q(needs)} >/dev/null 2>&1" if needs else "true"
-        lines.append(f"if {guard}; then")
-        lines.append("  out=$( {")
-        lines.extend("    " + b for b in body)
-        lines.append("  } 2>&1 ); rc=$?")
-        lines.append(f"  echo '{mark}{n}' $rc; printf '%s\\n' \"$out\"")
-        lines.append("else")
-        lines.append(f"  echo '{mark}{n} skip'")
-        lines.append("fi")
+        guard = f"command -v {b.ref(needs)} >/dev/null 2>&1" if needs else "true"
+        b.add(f"v_{n}() (")
+        for line in body:
+            b.add("  " + line)
+        b.add(") 2>&1")
+        b.add(f'if {guard}; then frame v.{n} v_{n} "$@"; else say skip {n}; fi')
 
     # the files' own validators, on the staged file
     for i in changed:
@@ -130,7 +130,7 @@ async def validate_changes(run: HostRun, idx: list[int]) -> list[CheckFailure]:
                 sp = validated_source(run, i)
                 add(
                     f"{t.path}: {' '.join(v.argv)}",
-                    [_validator_cmd(v, path=sp, tree_var=False)],
+                    [_validator_cmd(b, v, path=sp)],
                     v.needs_command,
                     (None, i),
                 )
@@ -146,58 +146,56 @@ async def validate_changes(run: HostRun, idx: list[int]) -> list[CheckFailure]:
             if v.tree_root:
                 root = v.tree_root.rstrip("/") or "/"
                 body.append("tmpd=$(mktemp -d /tmp/.reconciler-tree.XXXXXX) || exit 90")
-                body.append(f'tree="$tmpd"/{q(posixpath.basename(root) or "root")}')
-                body.append(f'cp -a {q(root)} "$tree" 2>/dev/null || mkdir -p "$tree"')
+                body.append(f'tree="$tmpd"/{b.ref(posixpath.basename(root) or "root")}')
+                body.append(f'cp -a {b.ref(root)} "$tree" 2>/dev/null || mkdir -p "$tree"')
                 for i in changed:
                     a = actions[i]
                     if not a.path or not a.path.startswith(root + "/"):
                         continue
                     rel = a.path[len(root) + 1 :]
-                    dst = f'"$tree"/{q(rel)}'
+                    dst = f'"$tree"/{b.ref(rel)}'
                     body.append(f'mkdir -p "$(dirname {dst})"')
                     if a.kind is ActionKind.DELETE:
                         body.append(f"rm -f {dst}")
                     elif isinstance(a.target, LinkResource):
                         lt = a.target.target
                         if lt.startswith(root + "/"):
-                            lt_cmd = f'"$tree"/{q(lt[len(root) + 1 :])}'
+                            lt_cmd = f'"$tree"/{b.ref(lt[len(root) + 1 :])}'
                         else:
-                            lt_cmd = q(lt)
+                            lt_cmd = b.ref(lt)
                         body.append(f"rm -f {dst}; ln -s {lt_cmd} {dst}")
                     else:
-                        body.append(f"rm -f {dst}; cp -p {q(validated_source(run, i))} {dst}")
+                        body.append(f"rm -f {dst}; cp -p {b.ref(validated_source(run, i))} {dst}")
                 # drop staged temps copied from the live tree: the copy must hold what will be live
                 body.append("find \"$tree\" -name '.*.reconciler-*' -exec rm -f {} + 2>/dev/null")
-                body.append(f"( cd / && {_validator_cmd(v, path=None, tree_var=True)} ); vrc=$?")
+                body.append(f"( cd / && {_validator_cmd(b, v, path=None)} ); vrc=$?")
                 body.append('rm -rf "$tmpd"; exit $vrc')
                 body = ["("] + ["  " + b for b in body] + [")"]
             else:
-                body.append(f"cd / && {_validator_cmd(v, path=None, tree_var=False)}")
+                body.append(f"cd / && {_validator_cmd(b, v, path=None)}")
             add(f"{name}: {' '.join(v.argv)}", body, v.needs_command, (name, None))
     if not labels:
         return []
     if any(validated_source(run, i).startswith(VALIDATE_DIR + "/") for i in changed):
-        lines.append(f"rm -rf -- {q(posixpath.join(VALIDATE_DIR, run.token))}")
+        b.add(f"rm -rf -- {b.ref(posixpath.join(VALIDATE_DIR, run.token))}")
     conn = await run.conn()
-    res = await conn.run_script("\n".join(lines) + "\n", timeout=DEFAULT_TIMEOUT)
-    out = res.stdout.decode(errors="replace")
+    framed = await run_framed(conn, b.script(prelude()), b.args, timeout=DEFAULT_TIMEOUT)
+    res = framed.result
     problems: list[CheckFailure] = []
-    chunks = out.split(mark)[1:]
+    skipped = {
+        int(w[1]) for w in (line.split() for line in said(framed.sections)) if w[1:2] and w[1].isdigit()
+    }
     seen = set()
-    for chunk in chunks:
-        head, _, body_text = chunk.partition("\n")
-        parts = head.split()
-        if len(parts) < 2 or not parts[0].isdigit():
-            continue
-        n = int(parts[0])
-        seen.add(n)
-        if n >= len(labels):
-            continue
-        if parts[1] == "skip":
-            run.messages.append(f"validator skipped ({labels[n]}): its command is not installed")
-        elif parts[1] != "0":
-            message = f"{labels[n]} (exit {parts[1]}):\n{body_text.strip()[-3000:]}"
-            problems.append(CheckFailure(labels[n], message, handler=owners[n][0], action=owners[n][1]))
+    for n, label in enumerate(labels):
+        sec = framed.sections.get(f"v.{n}")
+        if n in skipped:
+            seen.add(n)
+            run.messages.append(f"validator skipped ({label}): its command is not installed")
+        elif sec is not None and sec.exit_status is not None:
+            seen.add(n)
+            if sec.exit_status != 0:
+                message = f"{label} (exit {sec.exit_status}):\n{sec.text.strip()[-3000:]}"
+                problems.append(CheckFailure(label, message, handler=owners[n][0], action=owners[n][1]))
     if len(seen) < len(labels):
         problems.append(
             CheckFailure(

@@ -12,7 +12,7 @@ from dataclasses import replace
 from types import MappingProxyType
 from typing import Any
 
-from reconciler.host.script import Result, ScriptBuilder, token
+from reconciler.host.script import Framed, Result, ScriptBuilder, prelude, run_framed, said, token
 from reconciler.kinds.actions import Action, ActionKind
 from reconciler.kinds.kind import ApplyRun, BaseKind, PlanStep, SectionReader
 from reconciler.kinds.observed import LinkState, Observed
@@ -94,20 +94,29 @@ def plan_addresses(addresses: tuple[Address, ...], observed: Observed) -> list[A
     return out
 
 
-TUNNEL_SCRIPT = r"""
-# $1 name $2 local $3 remote $4 address $5 peer $6 recreate(0|1)
+TUNNEL_SCRIPT = (
+    prelude()
+    + r"""
+# $1 name $2 local $3 remote $4 address $5 peer $6 recreate(0|1); says OK, NOIPIP or FAIL (why)
 n=$1
 if [ "$6" = 1 ]; then ip link del "$n" 2>/dev/null; fi
 if ! out=$(ip link add "$n" type ipip local "$2" remote "$3" 2>&1); then
   case "$out" in
-    *"Unknown device type"*|*"No such device"*) echo "@@NOIPIP $out"; exit 0;;
+    *"Unknown device type"*|*"No such device"*) say NOIPIP "$out"; exit 0;;
   esac
-  echo "@@FAIL ip link add: $out"; exit 0
+  say FAIL "ip link add: $out"; exit 0
 fi
-ip addr add "$4" peer "$5" dev "$n" 2>&1 || { echo "@@FAIL ip addr add"; exit 0; }
-ip link set "$n" up 2>&1 || { echo "@@FAIL ip link set up"; exit 0; }
-echo "@@OK"
+out=$(ip addr add "$4" peer "$5" dev "$n" 2>&1) || { say FAIL "ip addr add: $out"; exit 0; }
+out=$(ip link set "$n" up 2>&1) || { say FAIL "ip link set up: $out"; exit 0; }
+say OK
 """
+)
+
+
+def tunnel_outcome(framed: Framed) -> tuple[str, str]:
+    """What the tunnel script said last: (OK | NOIPIP | FAIL | "", why)."""
+    tag, _, why = (said(framed.sections) or [""])[-1].partition(" ")
+    return tag, why.strip()
 
 
 async def apply_tunnels(run: ApplyRun) -> None:
@@ -121,22 +130,20 @@ async def apply_tunnels(run: ApplyRun) -> None:
         assert isinstance(t, Tunnel)
         local_addr, _, peer = tunnel_addresses(t)[0].partition(" peer ")
         recreate = "1" if a.kind is ActionKind.RECREATE_TUNNEL else "0"
-        res = await conn.run_script(
-            TUNNEL_SCRIPT, args=(t.name, t.local, t.remote, local_addr, peer, recreate), timeout=30
+        framed = await run_framed(
+            conn, TUNNEL_SCRIPT, (t.name, t.local, t.remote, local_addr, peer, recreate), timeout=30
         )
-        out = res.stdout.decode(errors="replace")
-        if "@@OK" in out:
+        tag, why = tunnel_outcome(framed)
+        if tag == "OK":
             run.mark(i, "done")
-        elif "@@NOIPIP" in out:
-            msg = (
-                f"tunnel {t.name} skipped: the kernel has no ipip module "
-                f"(ip link add type ipip: {out.split('@@NOIPIP', 1)[1].strip()})"
-            )
+        elif tag == "NOIPIP":
+            msg = f"tunnel {t.name} skipped: the kernel has no ipip module (ip link add type ipip: {why})"
             run.mark(i, "n/a", msg)
             run.messages.append(msg)
         else:
-            run.mark(i, "failed", out.strip() or _text(res))
-            run.messages.append(f"tunnel {t.name}: {out.strip() or _text(res)}")
+            why = why or _text(framed.result)
+            run.mark(i, "failed", why)
+            run.messages.append(f"tunnel {t.name}: {why}")
 
 
 async def apply_addresses(run: ApplyRun) -> None:

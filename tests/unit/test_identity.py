@@ -4,7 +4,9 @@ what is pruned), and the finish script that writes it (real sh)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -31,7 +33,8 @@ from reconciler.engine.identity import (
 )
 from reconciler.engine.observe import PRELUDE, build_script
 from reconciler.engine.plan import plan_host
-from reconciler.host.script import ScriptBuilder, new_nonce, split_sections
+from reconciler.host.fake import FakeHost
+from reconciler.host.script import ScriptBuilder, new_nonce, run_framed, said, split_sections
 from reconciler.kinds.actions import ActionKind
 from reconciler.kinds.observed import FileState, Observed
 from reconciler.kinds.resources import Desired, Domain, FileResource
@@ -375,7 +378,9 @@ def test_plan_without_a_readable_identity_refuses() -> None:
 # ---------------------------------------------------------------- the finish script (real sh)
 
 
-def _finish(tmp: Path, *, inventory: bool, identity: HostIdentity | None) -> str:
+def _finish(tmp: Path, *, inventory: bool, identity: HostIdentity | None, helper: str = "") -> str:
+    """FINISH on a fake host (real sh): the lines it said. ``helper``: perl code run as the
+    path-safety helper (its output is whatever a hostile path name makes it print)."""
     inv = tmp / "var/lib/reconciler/inventory.json"
     idp = tmp / "etc/reconciler/identity"
     args = [
@@ -387,20 +392,17 @@ def _finish(tmp: Path, *, inventory: bool, identity: HostIdentity | None) -> str
         "--",
         "-",
         "--",
+        *(["--", helper] if helper else []),
     ]
-    res = subprocess.run(
-        ["sh", "-c", FINISH, "sh", *args],
-        input=b'["/etc/motd"]\n',
-        capture_output=True,
-        timeout=30,
-        check=False,
-    )
-    return res.stdout.decode() + res.stderr.decode()
+    run = asyncio.run(run_framed(FakeHost(tmp), FINISH, args, stdin_after=b'["/etc/motd"]\n', timeout=30))
+    assert run.started
+    return "\n".join(said(run.sections))
 
 
 def test_finish_writes_the_identity_after_the_inventory(tmp_path: Path) -> None:
     out = _finish(tmp_path, inventory=True, identity=THIS)
-    assert "@@INV ok" in out and "@@ID ok" in out
+    assert out.splitlines() == ["INV ok", "ID ok"]
+    assert json.loads((tmp_path / "var/lib/reconciler/inventory.json").read_text()) == ["/etc/motd"]
     idp = tmp_path / "etc/reconciler/identity"
     assert parse_identity(idp.read_bytes()) == THIS
     assert idp.stat().st_mode & 0o777 == 0o644
@@ -413,7 +415,7 @@ def test_finish_replaces_a_symlinked_identity_without_touching_its_target(tmp_pa
     idp = tmp_path / "etc/reconciler/identity"
     idp.parent.mkdir(parents=True)
     idp.symlink_to(target)
-    assert "@@ID ok" in _finish(tmp_path, inventory=False, identity=THIS)
+    assert _finish(tmp_path, inventory=False, identity=THIS) == "ID ok"
     assert not idp.is_symlink() and parse_identity(idp.read_bytes()) == THIS
     assert target.read_text() == "not yours\n"
 
@@ -423,7 +425,24 @@ def test_finish_never_writes_the_identity_without_the_inventory(tmp_path: Path) 
     (tmp_path / "var/lib").mkdir(parents=True)
     (tmp_path / "var/lib/reconciler").write_text("a file where the directory should be\n")
     out = _finish(tmp_path, inventory=True, identity=THIS)
-    assert "@@INV failed" in out and "@@ID" not in out
+    assert out == "INV failed"
+    assert not (tmp_path / "etc/reconciler/identity").exists()
+
+
+def test_finish_output_that_prints_markers_does_not_forge_a_success(tmp_path: Path) -> None:
+    """The leftover-removal helper prints paths (a user can name a file anything): its output
+    with the old markers, or new-style ones with a guessed nonce, is not what FINISH said."""
+    (tmp_path / "var/lib").mkdir(parents=True)
+    (tmp_path / "var/lib/reconciler").write_text("a file where the directory should be\n")
+    guessed = "0" * 32
+    forge = (
+        r'open(my $f, ">", "helper-ran"); print "\n\@\@INV ok\n\@\@ID ok\n\@\@J x\n"; '
+        rf'print "\n\@\@{guessed}<say.1\nINV ok\n\@\@{guessed}>say.1 0\n"; '
+        r'print "\n\@\@-<say.7\nID ok\n\@\@->say.7 0\n"; exit 0'
+    )
+    out = _finish(tmp_path, inventory=True, identity=THIS, helper=forge)
+    assert (tmp_path / "helper-ran").exists()  # the forging output was printed
+    assert out == "INV failed"
     assert not (tmp_path / "etc/reconciler/identity").exists()
 
 

@@ -16,7 +16,8 @@ from reconciler.engine.plan import plan_host
 from reconciler.engine.planview import render_plan, to_json, use_color
 from reconciler.engine.run import ActionOutcome, HostRun, backup_path, reobserve_scope, staged_path
 from reconciler.engine.transaction import _stage_ops
-from reconciler.engine.validate import _quote_with_tree, _validator_cmd
+from reconciler.engine.validate import _ref_with_tree, _validator_cmd
+from reconciler.host.script import ScriptBuilder
 from reconciler.kinds.actions import ActionKind
 from reconciler.kinds.observed import Observed
 from reconciler.kinds.resources import Desired, Domain, FileResource, Handler, LinkResource, Validator
@@ -38,11 +39,13 @@ def test_validator_command_quotes_hostile_values_and_substitutes_tree() -> None:
     v = Validator(
         argv=("printf", "%s|%s|%s\\n", "{path}", "{tree}/apache2.conf", hostile), env=(("T", "{tree}"),)
     )
-    cmd = _validator_cmd(v, path="/etc/a b/.f.reconciler-1", tree_var=True)
+    b = ScriptBuilder()
+    cmd = _validator_cmd(b, v, path="/etc/a b/.f.reconciler-1")
+    assert hostile not in cmd and "/etc/a b" not in cmd  # data only as positional arguments
     script = f'tree="/tmp/t r"; {cmd}; echo "env=$T"'
-    out = subprocess.run(["sh", "-c", script], capture_output=True, check=True, text=True).stdout
+    out = subprocess.run(["sh", "-c", script, "sh", *b.args], capture_output=True, check=True, text=True).stdout
     assert out.splitlines()[0] == f"/etc/a b/.f.reconciler-1|/tmp/t r/apache2.conf|{hostile}"
-    assert _quote_with_tree("\x00TREE\x00", "\x00TREE\x00") == '"$tree"'
+    assert _ref_with_tree(ScriptBuilder(), "\x00TREE\x00", "\x00TREE\x00") == '"$tree"'
 
 
 def test_staging_makes_dotfile_temps_with_owner_and_mode_and_links(tmp_path: Any) -> None:
