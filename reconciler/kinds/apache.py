@@ -14,7 +14,7 @@ import posixpath
 import shlex
 from collections.abc import Sequence
 
-from reconciler.host.script import Runner
+from reconciler.host.script import Framed, Runner, prelude, run_framed, said
 from reconciler.kinds.resources import Handler
 
 PROBE_WAIT = 15.0  # seconds a post-reload probe waits for the new configuration to be live
@@ -41,22 +41,25 @@ alive() {
   kill -0 "$1" 2>/dev/null && [ -n "$st" ] && [ "$st" != Z ]
 }
 """
-# $1 pid file, $2 seconds to wait, then the reload argv.
+# $1 pid file, $2 seconds to wait, then the reload argv. The reload's output is section
+# "reload"; the verdict is the exit status (0, the reload's own, 71 died, 72 no new generation),
+# said as "PROBE why" or "FAIL why".
 APACHE_GRACEFUL = (
-    "set -u\n"
+    prelude()
+    + "set -u\n"
     + _APACHE_PROCS
     + r"""
 pidfile=$1; wait=$2; shift 2
 read -r master < "$pidfile" 2>/dev/null || master=
 before=" $( [ -n "$master" ] && kids "$master" | tr '\n' ' ') "
 out=$("$@" 2>&1); rc=$?
-printf '%s\n' "$out"
+frame reload printf '%s\n' "$out"
 [ $rc -eq 0 ] || exit $rc
-[ -n "$master" ] || { echo "@@PROBE no pid file $pidfile before the reload"; exit 0; }
+[ -n "$master" ] || { say PROBE no pid file "$pidfile" before the reload; exit 0; }
 i=0; max=$(( wait * 10 ))
 while [ $i -lt $max ]; do
   if ! alive "$master"; then
-    echo "@@PROBE-FAIL the master (pid $master) died after the reload"; exit 71
+    say FAIL "the master (pid $master) died after the reload"; exit 71
   fi
   for k in $(kids "$master"); do
     case $before in
@@ -68,24 +71,25 @@ while [ $i -lt $max ]; do
         while [ $j -lt 10 ]; do
           sleep 0.1; j=$((j+1))
           if ! alive "$master"; then
-            echo "@@PROBE-FAIL the master (pid $master) died after the reload"; exit 71
+            say FAIL "the master (pid $master) died after the reload"; exit 71
           fi
         done
-        echo "@@PROBE new worker generation (pid $k) under master $master"; exit 0;;
+        say PROBE "new worker generation (pid $k) under master $master"; exit 0;;
     esac
   done
   sleep 0.1; i=$((i+1))
 done
-echo "@@PROBE-FAIL no new worker generation under master $master within ${wait}s:" \
+say FAIL "no new worker generation under master $master within ${wait}s:" \
   "the old configuration keeps serving"
 exit 72
 """
 )
 # After a START: the master of the pid file is alive with at least one child (a serving
 # generation), and still alive a second later (a config it cannot take kills it at once).
-# $1 pid file, $2 seconds to wait.
+# $1 pid file, $2 seconds to wait; says "PROBE why" (exit 0) or "FAIL why" (exit 72).
 APACHE_SERVING = (
-    "set -u\n"
+    prelude()
+    + "set -u\n"
     + _APACHE_PROCS
     + r"""
 pidfile=$1; wait=$2
@@ -95,12 +99,12 @@ while [ $i -lt $max ]; do
   if [ -n "$master" ] && alive "$master" && [ -n "$(kids "$master")" ]; then
     sleep 1
     if alive "$master" && [ -n "$(kids "$master")" ]; then
-      echo "@@PROBE master $master serving with worker(s) $(kids "$master" | tr '\n' ' ')"; exit 0
+      say PROBE "master $master serving with worker(s) $(kids "$master" | tr '\n' ' ')"; exit 0
     fi
   fi
   sleep 0.1; i=$((i+1))
 done
-echo "@@PROBE-FAIL no live master with workers from $pidfile within ${wait}s"
+say FAIL "no live master with workers from $pidfile within ${wait}s"
 exit 72
 """
 )
@@ -111,8 +115,30 @@ def is_graceful(argv: Sequence[str]) -> bool:
     return bool(argv) and posixpath.basename(argv[0]) == "apache2ctl" and "graceful" in argv[1:]
 
 
-def _text(stdout: bytes, stderr: bytes) -> str:
-    return (stderr + stdout).decode(errors="replace").strip()[-2000:]
+def probe_verdict(framed: Framed, argv: Sequence[str] = ()) -> tuple[bool, str]:
+    """What a framed APACHE_GRACEFUL (``argv``: its reload) or APACHE_SERVING run proved: only
+    the exit status decides; the message is what the script said (the reload's own output
+    cannot forge it)."""
+    rc = framed.result.exit_status
+    lines = said(framed.sections)
+    fail = next((line[5:] for line in lines if line.startswith("FAIL ")), "")
+    reload = framed.sections.get("reload")
+    text = "\n".join(
+        t
+        for t in (
+            framed.stderr_text(),
+            reload.text.strip() if reload is not None else "",
+            *(f"probe: {line[6:]}" for line in lines if line.startswith("PROBE ")),
+        )
+        if t
+    )
+    if not framed.started:
+        raw = (framed.result.stderr + framed.result.stdout).decode(errors="replace").strip()
+        return False, f"the probe did not start (exit {rc}): {raw[-2000:]}"
+    if rc in (71, 72):
+        detail = fail or text[-2000:]
+        return False, f"{shlex.join(argv)} returned 0, but {detail}" if argv else detail
+    return rc == 0, text[-2000:]
 
 
 class ApacheProbe:
@@ -123,24 +149,17 @@ class ApacheProbe:
 
     async def reload_proven(self, conn: Runner, argv: Sequence[str], *, timeout: float) -> tuple[bool, str]:
         """Run the reload, then wait for a new worker generation under the same live master."""
-        res = await conn.run_script(
-            APACHE_GRACEFUL, args=(APACHE_PID_FILE, f"{PROBE_WAIT:g}", *argv), timeout=timeout + PROBE_WAIT
+        framed = await run_framed(
+            conn, APACHE_GRACEFUL, (APACHE_PID_FILE, f"{PROBE_WAIT:g}", *argv), timeout=timeout + PROBE_WAIT
         )
-        text = _text(res.stdout, res.stderr)
-        if res.exit_status in (71, 72):
-            detail = text.split("@@PROBE-FAIL", 1)[-1].strip()
-            return False, f"{shlex.join(argv)} returned 0, but {detail}"
-        return res.exit_status == 0, text.replace("@@PROBE ", "probe: ")
+        return probe_verdict(framed, argv)
 
     async def prove_started(self, conn: Runner, *, timeout: float) -> tuple[bool, str]:
         """After a start: a live master with a serving worker generation that survives a second."""
-        res = await conn.run_script(
-            APACHE_SERVING, args=(APACHE_PID_FILE, f"{PROBE_WAIT:g}"), timeout=timeout + PROBE_WAIT
+        framed = await run_framed(
+            conn, APACHE_SERVING, (APACHE_PID_FILE, f"{PROBE_WAIT:g}"), timeout=timeout + PROBE_WAIT
         )
-        text = _text(res.stdout, res.stderr)
-        if res.exit_status != 0:
-            return False, text.split("@@PROBE-FAIL", 1)[-1].strip()
-        return True, text.replace("@@PROBE ", "probe: ")
+        return probe_verdict(framed)
 
 
 PROBE = ApacheProbe()

@@ -5,6 +5,7 @@ failure holds back only its own handler's changes; the Apache post-reload probe.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
@@ -22,7 +23,8 @@ from reconciler.engine.apply import apply_host
 from reconciler.engine.observe import build_script, observe_host
 from reconciler.engine.plan import INTERRUPTED, plan_host
 from reconciler.host.connection import ConnectionLost, ConnectionPool, SshTarget
-from reconciler.host.script import new_nonce
+from reconciler.host.fake import FakeHost
+from reconciler.host.script import new_nonce, run_framed
 from reconciler.kinds import apache as apache_kind
 from reconciler.kinds.actions import ActionKind
 from reconciler.kinds.apache import APACHE_GRACEFUL
@@ -266,6 +268,8 @@ while kill -0 $keeper 2>/dev/null; do wait $keeper; done
         ("ignore", "usr1", 72, "old configuration keeps serving"),
         ("die", "usr1", 71, "died after the reload"),
         ("ok", "fail", 3, "refused"),
+        # the reload's output prints the old marker and a guessed new-style verdict: still 72
+        ("ignore", "forge", 72, "old configuration keeps serving"),
     ],
 )
 def test_apache_graceful_probe(tmp_path: Path, mode: str, reload: str, rc: int, text: str) -> None:
@@ -282,20 +286,25 @@ def test_apache_graceful_probe(tmp_path: Path, mode: str, reload: str, rc: int, 
             if pidfile.exists() and pidfile.read_text().strip():
                 break
             time.sleep(0.05)
-        argv = (
-            ["sh", "-c", 'kill -USR1 "$(cat "$1")"', "sh", str(pidfile)]
-            if reload == "usr1"
-            else ["sh", "-c", "echo refused >&2; exit 3"]
+        guess = "0" * 32
+        forge = (
+            r"printf '@@PROBE new worker generation (pid 1) under master 2\n';"
+            rf"printf '\n@@{guess}<say.1\nPROBE new worker generation\n@@{guess}>say.1 0\n'"
         )
-        res = subprocess.run(
-            ["sh", "-c", APACHE_GRACEFUL, "sh", str(pidfile), "2", *argv],
-            capture_output=True,
-            timeout=30,
-            check=False,
+        argv = {
+            "usr1": ["sh", "-c", 'kill -USR1 "$(cat "$1")"', "sh", str(pidfile)],
+            "fail": ["sh", "-c", "echo refused >&2; exit 3"],
+            "forge": ["sh", "-c", f'kill -USR1 "$(cat "$1")"; {forge}', "sh", str(pidfile)],
+        }[reload]
+        framed = asyncio.run(
+            run_framed(FakeHost(tmp_path), APACHE_GRACEFUL, (str(pidfile), "2", *argv), timeout=30)
         )
-        out = (res.stdout + res.stderr).decode()
-        assert res.returncode == rc, out
-        assert text in out
+        ok, message = apache_kind.probe_verdict(framed, argv)
+        assert framed.result.exit_status == rc, message
+        assert ok is (rc == 0) and text in message, message
+        if reload == "forge":
+            assert b"@@PROBE new worker" in framed.result.stdout  # the forging text was printed
+            assert "probe:" not in message
     finally:
         os.killpg(starter.pid, 9)
 

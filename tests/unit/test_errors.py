@@ -30,6 +30,7 @@ from reconciler.errors import (
 )
 from reconciler.fleet.load import load_fleet
 from reconciler.host.connection import AuthRefused, CommandTimeout, ConnectFailed, ConnectionLost
+from reconciler.host.script import prelude
 from reconciler.kinds import apache as apache_kind
 from reconciler.kinds.actions import Action, ActionKind, HostPlan
 from reconciler.kinds.resources import Desired, Domain, Package, Service
@@ -283,4 +284,4 @@ def test_apply_result_as_dict_shows_the_reason() -> None:
     r = ApplyResult("web1", False, failure=Failure(Reason.VALIDATION_FAILED, "x"))
     assert r.as_dict()["failure"] == {"reason": "validation-failed", "terminal": True}
     assert dataclasses.replace(r, ok=True, failure=None).as_dict()["failure"] is None
-    assert apache_kind.APACHE_SERVING.startswith("set -u")
+    assert apache_kind.APACHE_SERVING.startswith(prelude())
