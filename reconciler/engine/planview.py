@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import TextIO
 
 from reconciler.engine.fleet import APPLIED, CHANGES, ERROR, FAILED, IN_SYNC, FleetResult, HostOutcome
@@ -39,12 +40,15 @@ class _Paint:
         return "".join(codes) + text + RESET
 
 
+_HUNK_HEADER = re.compile(r"@{2} ")  # a unified diff's "@@ -1,3 +1,4 @@" (not a host marker)
+
+
 def render_diff(diff: str, paint: _Paint, indent: str = "      ") -> list[str]:
     out: list[str] = []
     for line in diff.splitlines():
         if line.startswith(("+++", "---")):
             out.append(indent + paint(line, BOLD))
-        elif line.startswith("@@"):
+        elif _HUNK_HEADER.match(line):
             out.append(indent + paint(line, CYAN))
         elif line.startswith("+"):
             out.append(indent + paint(line, GREEN))

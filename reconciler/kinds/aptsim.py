@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from reconciler.host.script import Runner
+from reconciler.host.script import Runner, Sections, prelude, run_framed
 from reconciler.log import get_logger
 
 log = get_logger(__name__)
@@ -24,12 +24,14 @@ log = get_logger(__name__)
 SIM_TIMEOUT = 120.0
 
 # $1 = how many of the names are installs; the rest are purges (simulated as NAME- with --purge).
-# A name apt cannot locate is dropped and the simulation runs again (at most 8 rounds).
-SIM_SCRIPT = r"""
+# A name apt cannot locate is dropped and the simulation runs again (at most 8 rounds). Each
+# round's output is section sim.<round> of the one framing, its exit status apt's.
+SIM_SCRIPT = (
+    prelude()
+    + r"""
 set -u
 n=$1; shift
-LC_ALL=C; export LC_ALL
-PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin; export PATH
+emit() { printf '%s\n' "$1"; return "$2"; }
 i=0
 for p do
   shift; i=$((i+1))
@@ -39,9 +41,7 @@ round=0
 while [ $# -gt 0 ] && [ $round -lt 8 ]; do
   round=$((round+1))
   out=$(apt-get -s -q -o Debug::NoLocking=1 --purge --no-install-recommends install -- "$@" 2>&1); rc=$?
-  echo "@@SIM $rc"
-  printf '%s\n' "$out"
-  echo "@@ENDSIM"
+  frame "sim.$round" emit "$out" "$rc"
   [ $rc = 0 ] && exit 0
   bad=$(printf '%s\n' "$out" | sed -n \
     -e "s/^E: Unable to locate package \([^ ]*\)$/\1/p" \
@@ -54,6 +54,7 @@ while [ $# -gt 0 ] && [ $round -lt 8 ]; do
   done
 done
 """
+)
 
 _INST = re.compile(r"^Inst (\S+)(?: \[([^\]]*)\])?(?: \((\S+)[^)]*\))?")
 _REMOVE = re.compile(r"^(Remv|Purg) (\S+)(?: \[([^\]]*)\])?")
@@ -99,25 +100,19 @@ class AptSimulation:
         return "apt-get -s: " + ", ".join(parts)
 
 
-def parse_simulation(text: str) -> AptSimulation:
-    """Parse ``SIM_SCRIPT``'s output (pure; unit-tested). The last round is apt's solution;
-    every round's "cannot find" lines are kept."""
+def parse_simulation(sections: Sections, raw: str = "") -> AptSimulation:
+    """Parse ``SIM_SCRIPT``'s sections ``sim.<round>`` (pure; unit-tested). The last round is
+    apt's solution; every round's "cannot find" lines are kept. ``raw``: the script's whole
+    output, for the error when no round ran."""
+    n = len("sim.")
+    keys = sorted((k for k in sections if k.startswith("sim.") and k[n:].isdigit()), key=lambda k: int(k[n:]))
     rounds: list[tuple[int, list[str]]] = []
-    current: list[str] | None = None
-    for line in text.splitlines():
-        if line.startswith("@@SIM "):
-            try:
-                rc = int(line[6:].strip())
-            except ValueError:
-                rc = -1
-            current = []
-            rounds.append((rc, current))
-        elif line == "@@ENDSIM":
-            current = None
-        elif current is not None:
-            current.append(line.rstrip("\r"))
+    for k in keys:
+        sec = sections[k]
+        rc = sec.exit_status if sec.exit_status is not None else -1
+        rounds.append((rc, [line.rstrip("\r") for line in sec.text.splitlines()]))
     if not rounds:
-        return AptSimulation(ran=False, errors=("apt-get -s did not run: " + text.strip()[-300:],))
+        return AptSimulation(ran=False, errors=("apt-get -s did not run: " + raw.strip()[-300:],))
     not_found: dict[str, str] = {}
     for _, lines in rounds:
         for ln in lines:
@@ -166,8 +161,9 @@ async def simulate(conn: Runner, installs: Sequence[str], purges: Sequence[str])
     names = [check_package_name(n) for n in (*installs, *purges)]
     if not names:
         return AptSimulation()
-    res = await conn.run_script(SIM_SCRIPT, args=(str(len(installs)), *names), timeout=SIM_TIMEOUT)
-    sim = parse_simulation(res.stdout.decode(errors="replace"))
+    framed = await run_framed(conn, SIM_SCRIPT, (str(len(installs)), *names), timeout=SIM_TIMEOUT)
+    res = framed.result
+    sim = parse_simulation(framed.sections, (res.stderr + res.stdout).decode(errors="replace"))
     log.info(
         "packages.simulated",
         host=getattr(conn, "host", "?"),

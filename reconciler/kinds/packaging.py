@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
 from reconciler.host.script import Result as _Result
-from reconciler.host.script import Runner
+from reconciler.host.script import Runner, Sections, numbered, prelude, run_framed, said
 from reconciler.kinds.resources import Desired, Service
 from reconciler.log import get_logger
 
@@ -102,7 +102,12 @@ def parse_lock(text: str) -> LockHolder | None:
 # ---------------------------------------------------------------- apt-get
 
 
-APT_SCRIPT = r"""
+# On the one framing: events and package states are said ("APT <event>", "PKG <name>
+# <dpkg status>", "ERR <name> <apt's E: line>"), the tails of apt/dpkg's log are sections
+# log.<n>; apt's output (a package's own maintainer scripts print there) cannot forge them.
+APT_SCRIPT = (
+    prelude()
+    + r"""
 set -u
 verb=$1; t_apt=$2; t_update=$3; nallow=$4; shift 4
 # the packages apt may remove to install these (a role's replaces), then the package names
@@ -110,23 +115,22 @@ allow=""; i=0
 while [ $i -lt "$nallow" ]; do allow="$allow $1"; shift; i=$((i+1)); done
 DEBIAN_FRONTEND=noninteractive; export DEBIAN_FRONTEND
 APT_LISTCHANGES_FRONTEND=none; export APT_LISTCHANGES_FRONTEND
-LC_ALL=C; export LC_ALL
-PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin; export PATH
-log=$(mktemp /tmp/.reconciler-apt.XXXXXX) || { echo "@@APT error cannot create a temp file"; exit 0; }
+log=$(mktemp /tmp/.reconciler-apt.XXXXXX) || { say APT error cannot create a temp file; exit 0; }
 trap 'rm -f "$log"' EXIT
-tail_log() { echo "@@LOG"; tail -n TAIL "$log"; echo "@@ENDLOG"; }
+_logs=0
+tail_log() { _logs=$((_logs + 1)); frame "log.$_logs" tail -n TAIL "$log"; }
 status() {
   for p do
-    if s=$(dpkg-query -W -f='${db:Status-Abbrev}' -- "$p" 2>/dev/null); then echo "@@PKG $p $s"
-    else echo "@@PKG $p missing"; fi
+    if s=$(dpkg-query -W -f='${db:Status-Abbrev}' -- "$p" 2>/dev/null); then say PKG "$p" "$s"
+    else say PKG "$p" missing; fi
   done
 }
 report() {  # $1 = exit status of apt-get (124/137: timed out); then the package names
   rc=$1; shift
   case $rc in
-    0) echo "@@APT ok" ;;
-    124|137) echo "@@APT timeout $rc" ;;
-    *) echo "@@APT failed $rc" ;;
+    0) say APT ok ;;
+    124|137) say APT timeout "$rc" ;;
+    *) say APT failed "$rc" ;;
   esac
   status "$@"
   [ "$rc" = 0 ] || tail_log
@@ -140,22 +144,22 @@ no_candidate() {
 # serialises its apt runs with flock(1) on the same file is only visible to flock itself
 if [ -e /var/lib/dpkg/lock-frontend ] && command -v flock >/dev/null 2>&1; then
   flock -n -E 75 /var/lib/dpkg/lock-frontend true 2>/dev/null
-  if [ $? = 75 ]; then echo "@@APT flocked /var/lib/dpkg/lock-frontend"; status "$@"; exit 0; fi
+  if [ $? = 75 ]; then say APT flocked /var/lib/dpkg/lock-frontend; status "$@"; exit 0; fi
 fi
 if [ "$verb" = install ]; then
   need_update=0
   for p do if no_candidate "$p"; then need_update=1; fi; done
   if [ $need_update = 1 ]; then
-    echo "@@APT update"
+    say APT update
     timeout -k 10 "$t_update" apt-get -q -o DPkg::Lock::Timeout=0 update >"$log" 2>&1; rc=$?
-    if [ $rc != 0 ]; then echo "@@APT update-failed $rc"; tail_log; fi
+    if [ $rc != 0 ]; then say APT update-failed "$rc"; tail_log; fi
     # a package still without a candidate fails alone, with apt's own line; the others go on
     for p do
       shift
       if no_candidate "$p"; then
-        echo "@@APT no-candidate $p"
+        say APT no-candidate "$p"
         e=$(apt-get -s -q -o Debug::NoLocking=1 install -- "$p" 2>&1 | grep '^E: ' | head -n 1)
-        echo "@@ERR $p ${e:-E: Package '$p' has no installation candidate}"
+        say ERR "$p" "${e:-E: Package '$p' has no installation candidate}"
       else set -- "$@" "$p"; fi
     done
     [ $# -gt 0 ] || exit 0
@@ -168,7 +172,7 @@ if [ "$verb" = install ]; then
     for r in $(printf '%s\n' "$sim" | sed -n 's/^\(Purg\|Remv\) \([^ ]*\).*/\2/p'); do
       ok=0
       for a in $allow; do if [ "$r" = "$a" ] || [ "${r%%:*}" = "$a" ]; then ok=1; fi; done
-      if [ $ok = 0 ]; then echo "@@APT would-remove $r"; extra=1; fi
+      if [ $ok = 0 ]; then say APT would-remove "$r"; extra=1; fi
     done
     if [ $extra = 1 ]; then status "$@"; exit 0; fi
     noremove=
@@ -181,13 +185,13 @@ else
   # a purge never takes anything the fleet did not name with it
   sim=$(apt-get -s -q -o DPkg::Lock::Timeout=0 purge -- "$@" 2>&1); rc=$?
   if [ $rc != 0 ]; then
-    printf '%s\n' "$sim" > "$log"; echo "@@APT failed $rc"; status "$@"; tail_log; exit 0
+    printf '%s\n' "$sim" > "$log"; say APT failed "$rc"; status "$@"; tail_log; exit 0
   fi
   extra=0
   for r in $(printf '%s\n' "$sim" | sed -n 's/^\(Purg\|Remv\) \([^ ]*\).*/\2/p'); do
     named=0
     for p do if [ "$r" = "$p" ] || [ "${r%%:*}" = "$p" ]; then named=1; fi; done
-    if [ $named = 0 ]; then echo "@@APT would-remove $r"; extra=1; fi
+    if [ $named = 0 ]; then say APT would-remove "$r"; extra=1; fi
   done
   if [ $extra = 1 ]; then status "$@"; exit 0; fi
   timeout -k 30 "$t_apt" apt-get -y -q -o DPkg::Lock::Timeout=0 \
@@ -195,6 +199,7 @@ else
   report $? "$@"
 fi
 """.replace("TAIL", str(LOG_TAIL))
+)
 
 
 @dataclass(frozen=True)
@@ -258,8 +263,8 @@ def _state_words(abbrev: str) -> str:
     return word
 
 
-def parse_apt_output(verb: str, names: Sequence[str], text: str) -> AptRun:
-    """Parse ``APT_SCRIPT``'s markers (pure; unit-tested)."""
+def parse_apt_output(verb: str, names: Sequence[str], sections: Sections) -> AptRun:
+    """Parse what ``APT_SCRIPT`` said and its log sections (pure; unit-tested)."""
     states: dict[str, str] = {}
     failed_reason = ""
     no_candidate: list[str] = []
@@ -267,28 +272,22 @@ def parse_apt_output(verb: str, names: Sequence[str], text: str) -> AptRun:
     would_remove: list[str] = []
     updated = False
     tail: list[str] = []
-    in_log = False
     ran_ok = False
     flocked: LockHolder | None = None
-    for line in text.splitlines():
-        if in_log:
-            if line == "@@ENDLOG":
-                in_log = False
-            else:
-                tail.append(line.rstrip("\r").split("\r")[-1])  # dpkg's progress: keep the last state
-            continue
-        if line == "@@LOG":
-            in_log = True
-        elif line.startswith("@@ERR "):
+    for log_text in numbered(sections, "log"):
+        # dpkg's progress: keep the last state of a line
+        tail += [line.rstrip("\r").split("\r")[-1] for line in log_text.splitlines()]
+    for line in said(sections):
+        if line.startswith("ERR "):
             parts = line.split(" ", 2)
             if len(parts) == 3:
                 apt_lines[parts[1]] = parts[2]
-        elif line.startswith("@@PKG "):
+        elif line.startswith("PKG "):
             parts = line.split(" ", 2)
             if len(parts) == 3:
                 states[parts[1]] = parts[2]
-        elif line.startswith("@@APT "):
-            word = line[6:].split()
+        elif line.startswith("APT "):
+            word = line[4:].split()
             if not word:
                 continue
             if word[0] == "ok":
@@ -408,14 +407,15 @@ async def _apt_once(
     allow = [check_package_name(n) for n in allow_removal] if verb == "install" else []
     if not pkgs:
         return AptRun(verb, (), True)
-    res = await conn.run_script(
+    framed = await run_framed(
+        conn,
         APT_SCRIPT,
-        args=(verb, str(int(timeout)), str(int(update_timeout)), str(len(allow)), *allow, *pkgs),
+        (verb, str(int(timeout)), str(int(update_timeout)), str(len(allow)), *allow, *pkgs),
         timeout=timeout + update_timeout + 120,
     )
-    text = res.stdout.decode(errors="replace")
-    run = parse_apt_output(verb, pkgs, text)
-    if not any(line.startswith("@@APT ") for line in text.splitlines()):
+    res = framed.result
+    run = parse_apt_output(verb, pkgs, framed.sections)
+    if not any(line.startswith("APT ") for line in said(framed.sections)):
         # the script itself did not run (no sh, killed): report what we have
         detail = (res.stderr + res.stdout).decode(errors="replace").strip()[-1500:]
         run = AptRun(
@@ -439,15 +439,19 @@ async def _apt_once(
 # ---------------------------------------------------------------- services
 
 
-SYSV_ENABLE = r"""
+# says NOINIT, ALREADY, ENABLED or FAILED <update-rc.d's output>
+SYSV_ENABLE = (
+    prelude()
+    + r"""
 set -u
 n=$1
-[ -f "/etc/init.d/$n" ] || { echo "@@NOINIT"; exit 0; }
+[ -f "/etc/init.d/$n" ] || { say NOINIT; exit 0; }
 for f in /etc/rc2.d/S*"$n" /etc/rc3.d/S*"$n" /etc/rc4.d/S*"$n" /etc/rc5.d/S*"$n"; do
-  case ${f##*/} in S[0-9][0-9]"$n") [ -e "$f" ] && { echo "@@ALREADY"; exit 0; } ;; esac
+  case ${f##*/} in S[0-9][0-9]"$n") [ -e "$f" ] && { say ALREADY; exit 0; } ;; esac
 done
-update-rc.d "$n" defaults 2>&1 && echo "@@ENABLED" || echo "@@FAILED"
+if out=$(update-rc.d "$n" defaults 2>&1); then say ENABLED; else say FAILED "$out"; fi
 """
+)
 
 WAIT_STATUS = r"""
 i=0
@@ -456,14 +460,18 @@ while ! "$@" >/dev/null 2>&1; do
 done
 """
 
-WAIT_ACTIVE = r"""
+# the verdict is the exit status; a unit that is not active says its state
+WAIT_ACTIVE = (
+    prelude()
+    + r"""
 i=0
 while :; do
   s=$(systemctl is-active -- "$1" 2>/dev/null)
-  case $s in active) exit 0 ;; activating|reloading) ;; *) echo "$s"; exit 1 ;; esac
-  i=$((i+1)); [ $i -ge 40 ] && { echo "$s"; exit 1; }; sleep 0.25
+  case $s in active) exit 0 ;; activating|reloading) ;; *) say "$s"; exit 1 ;; esac
+  i=$((i+1)); [ $i -ge 40 ] && { say "$s"; exit 1; }; sleep 0.25
 done
 """
+)
 
 
 @dataclass(frozen=True)
@@ -489,15 +497,16 @@ async def enable_service(conn: Runner, s: Service, init_system: str) -> ServiceR
         if res.exit_status != 0:
             return ServiceRun(False, f"systemctl enable {name} failed: {_tail(_text(res))}")
         return ServiceRun(True, f"enabled {name} (systemd)")
-    res = await conn.run_script(SYSV_ENABLE, args=(name,), timeout=SERVICE_TIMEOUT)
-    out = res.stdout.decode(errors="replace")
-    if "@@NOINIT" in out:
+    framed = await run_framed(conn, SYSV_ENABLE, (name,), timeout=SERVICE_TIMEOUT)
+    verdict, _, out = (said(framed.sections) or [""])[-1].partition(" ")
+    if verdict == "NOINIT":
         return ServiceRun(True, f"{name} has no init script: started by its own control command")
-    if "@@ALREADY" in out:
+    if verdict == "ALREADY":
         return ServiceRun(True, f"{name} already enabled in the runlevels")
-    if "@@ENABLED" in out:
+    if verdict == "ENABLED":
         return ServiceRun(True, f"enabled {name} (update-rc.d {name} defaults)")
-    return ServiceRun(False, f"update-rc.d {name} defaults failed: {_tail(_text(res))}")
+    detail = out if verdict == "FAILED" else _text(framed.result)
+    return ServiceRun(False, f"update-rc.d {name} defaults failed: {_tail(detail)}")
 
 
 async def start_service(conn: Runner, s: Service, init_system: str) -> ServiceRun:
@@ -510,8 +519,8 @@ async def start_service(conn: Runner, s: Service, init_system: str) -> ServiceRu
             ["systemctl", "enable", "--now", "--", name] if s.enabled else ["systemctl", "start", "--", name]
         )
         res = await conn.run(argv, timeout=SERVICE_TIMEOUT)
-        probe = await conn.run_script(WAIT_ACTIVE, args=(name,), timeout=SERVICE_TIMEOUT)
-        if res.exit_status == 0 and probe.exit_status == 0:
+        probe = await run_framed(conn, WAIT_ACTIVE, (name,), timeout=SERVICE_TIMEOUT)
+        if res.exit_status == 0 and probe.result.exit_status == 0:
             if s.post_start:
                 post = await conn.run(list(s.post_start), timeout=SERVICE_TIMEOUT)
                 if post.exit_status != 0:
@@ -524,7 +533,7 @@ async def start_service(conn: Runner, s: Service, init_system: str) -> ServiceRu
         journal = await conn.run(
             ["journalctl", "-u", name, "-n", "20", "--no-pager", "-o", "short"], timeout=30
         )
-        state = probe.stdout.decode(errors="replace").strip() or "not active"
+        state = " ".join(said(probe.sections)).strip() or "not active"
         msg = f"{name} failed to start ({' '.join(argv)}: exit {res.exit_status}; is-active: {state})"
         if _text(res):
             msg += f"\n{_tail(_text(res))}"
@@ -547,8 +556,8 @@ async def start_service(conn: Runner, s: Service, init_system: str) -> ServiceRu
     start = list(s.start) if s.start else ["service", name, "start"]
     res = await conn.run(start, timeout=SERVICE_TIMEOUT)
     if res.exit_status == 0 and s.status:
-        probe = await conn.run_script(WAIT_STATUS, args=tuple(s.status), timeout=SERVICE_TIMEOUT)
-        if probe.exit_status == 0:
+        waited = await conn.run_script(WAIT_STATUS, args=tuple(s.status), timeout=SERVICE_TIMEOUT)
+        if waited.exit_status == 0:
             return ServiceRun(True, "; ".join([*notes, f"started ({shlex.join(start)})"]))
         why = f"{name} started ({shlex.join(start)} exit 0) but its status probe still fails"
     elif res.exit_status == 0:

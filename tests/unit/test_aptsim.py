@@ -21,6 +21,7 @@ from reconciler.kinds.actions import Action, ActionKind, HostPlan
 from reconciler.kinds.aptsim import AptSimulation, parse_simulation, refused_removals
 from reconciler.kinds.observed import Observed, PackageState, ServiceState
 from reconciler.kinds.resources import Desired, Domain, Package, Service
+from tests.unit.framed_output import frame_shorthand, sections_of
 
 CHRONY_SIM = """@@SIM 0
 NOTE: This is only a simulation!
@@ -57,7 +58,7 @@ E: Unable to correct problems, you have held broken packages.
 
 
 def test_simulation_lists_installs_upgrades_and_removals() -> None:
-    sim = parse_simulation(CHRONY_SIM)
+    sim = parse_simulation(sections_of(CHRONY_SIM))
     assert sim.ok
     assert [(c.package, c.version) for c in sim.installs] == [
         ("chrony", "4.3-2+deb12u3"),
@@ -71,23 +72,25 @@ def test_simulation_lists_installs_upgrades_and_removals() -> None:
 
 
 def test_simulation_keeps_apts_line_for_a_package_it_cannot_find_and_solves_the_rest() -> None:
-    sim = parse_simulation(NOT_FOUND_SIM)
+    sim = parse_simulation(sections_of(NOT_FOUND_SIM))
     assert sim.ok and sim.not_found == (("nosuchpkg", "E: Unable to locate package nosuchpkg"),)
     assert [c.package for c in sim.installs] == ["tree"]
 
 
 def test_simulation_errors_and_a_script_that_did_not_run() -> None:
-    sim = parse_simulation(BROKEN_SIM)
+    sim = parse_simulation(sections_of(BROKEN_SIM))
     assert not sim.ok and sim.errors == ("E: Unable to correct problems, you have held broken packages.",)
-    dead = parse_simulation("sh: 1: apt-get: not found\n")
+    dead = parse_simulation({}, "sh: 1: apt-get: not found\n")
     assert not dead.ran and not dead.ok and "apt-get: not found" in dead.errors[0]
 
 
 def test_removal_policy_allows_only_purged_or_replaced_packages() -> None:
-    sim = parse_simulation(CHRONY_SIM)
+    sim = parse_simulation(sections_of(CHRONY_SIM))
     assert [c.package for c in refused_removals(sim, [])] == ["systemd-timesyncd"]
     assert refused_removals(sim, ["systemd-timesyncd"]) == ()
-    arch = AptSimulation(removals=parse_simulation("@@SIM 0\nRemv libc6:i386 [2.36]\n@@ENDSIM\n").removals)
+    arch = AptSimulation(
+        removals=parse_simulation(sections_of("@@SIM 0\nRemv libc6:i386 [2.36]\n@@ENDSIM\n")).removals
+    )
     assert refused_removals(arch, ["libc6"]) == ()
 
 
@@ -121,7 +124,7 @@ def _observed(sim: AptSimulation | None) -> Observed:
 
 
 def test_plan_refuses_a_removal_no_role_allows_with_apts_line() -> None:
-    plan = plan_host(_desired(), _observed(parse_simulation(CHRONY_SIM)))
+    plan = plan_host(_desired(), _observed(parse_simulation(sections_of(CHRONY_SIM))))
     assert len(plan.errors) == 1
     err = plan.errors[0]
     assert err.startswith("packages: apt would remove systemd-timesyncd (252.39-1~deb12u2)")
@@ -129,7 +132,9 @@ def test_plan_refuses_a_removal_no_role_allows_with_apts_line() -> None:
 
 
 def test_plan_shows_the_replaced_package_the_dependencies_and_the_upgrades() -> None:
-    plan = plan_host(_desired(replaces=("systemd-timesyncd",)), _observed(parse_simulation(CHRONY_SIM)))
+    plan = plan_host(
+        _desired(replaces=("systemd-timesyncd",)), _observed(parse_simulation(sections_of(CHRONY_SIM)))
+    )
     assert plan.errors == ()
     install = next(a for a in plan.actions if a.kind is ActionKind.INSTALL_PACKAGE)
     assert "version 4.3-2+deb12u3" in install.reason
@@ -139,7 +144,7 @@ def test_plan_shows_the_replaced_package_the_dependencies_and_the_upgrades() -> 
 
 
 def test_a_purge_allows_the_removal_and_no_simulation_means_no_opinion() -> None:
-    plan = plan_host(_desired(purge=True), _observed(parse_simulation(CHRONY_SIM)))
+    plan = plan_host(_desired(purge=True), _observed(parse_simulation(sections_of(CHRONY_SIM))))
     assert plan.errors == ()
     kinds = [a.kind for a in plan.actions if a.domain is Domain.PACKAGES]
     assert ActionKind.PURGE_PACKAGE in kinds and ActionKind.INSTALL_PACKAGE in kinds
@@ -147,7 +152,7 @@ def test_a_purge_allows_the_removal_and_no_simulation_means_no_opinion() -> None
 
 
 def test_a_package_apt_cannot_find_is_a_warning_not_an_error() -> None:
-    sim = parse_simulation(NOT_FOUND_SIM)
+    sim = parse_simulation(sections_of(NOT_FOUND_SIM))
     desired = Desired(host="h1", packages=(Package("nosuchpkg"), Package("tree")))
     observed = Observed(
         host="h1",
@@ -210,7 +215,8 @@ class ScriptedHost:
         verb, nallow = args[0], int(args[3])
         allow, pkgs = tuple(args[4 : 4 + nallow]), tuple(args[4 + nallow :])
         self.calls.append((verb, allow, pkgs))
-        return _Res(stdout=self.answers[(verb, pkgs)].encode())
+        nonce = (stdin_after or b"").split(b"\n", 1)[0].decode()
+        return _Res(stdout=frame_shorthand(self.answers[(verb, pkgs)], nonce))
 
 
 FAILED_TRANSACTION = (

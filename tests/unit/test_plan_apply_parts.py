@@ -43,7 +43,9 @@ def test_validator_command_quotes_hostile_values_and_substitutes_tree() -> None:
     cmd = _validator_cmd(b, v, path="/etc/a b/.f.reconciler-1")
     assert hostile not in cmd and "/etc/a b" not in cmd  # data only as positional arguments
     script = f'tree="/tmp/t r"; {cmd}; echo "env=$T"'
-    out = subprocess.run(["sh", "-c", script, "sh", *b.args], capture_output=True, check=True, text=True).stdout
+    out = subprocess.run(
+        ["sh", "-c", script, "sh", *b.args], capture_output=True, check=True, text=True
+    ).stdout
     assert out.splitlines()[0] == f"/etc/a b/.f.reconciler-1|/tmp/t r/apache2.conf|{hostile}"
     assert _ref_with_tree(ScriptBuilder(), "\x00TREE\x00", "\x00TREE\x00") == '"$tree"'
 

@@ -25,6 +25,7 @@ from reconciler.kinds.resources import (
     Validator,
 )
 from reconciler.kinds.services import parse_service
+from tests.unit.framed_output import sections_of
 
 SITE = b"<VirtualHost *:80>\n  ServerName shop.example.com\n</VirtualHost>\n"
 APACHE = Handler(
@@ -303,7 +304,7 @@ POSTINST_FAIL = "\n".join(
 
 
 def test_postinst_failure_names_the_package_its_state_and_the_dpkg_output() -> None:
-    run = parse_apt_output("install", ["rcl-hello", "rcl-broken"], POSTINST_FAIL)
+    run = parse_apt_output("install", ["rcl-hello", "rcl-broken"], sections_of(POSTINST_FAIL))
     assert not run.ok and run.lock is None and not run.transient
     assert run.done == ("rcl-hello",)
     assert run.failed == (
@@ -325,7 +326,7 @@ def test_lock_held_by_another_process_is_transient_with_its_pid() -> None:
         "E: Unable to acquire the dpkg frontend lock (/var/lib/dpkg/lock-frontend), "
         "is another process using it?\n@@ENDLOG\n"
     )
-    run = parse_apt_output("install", ["rcl-hello"], out)
+    run = parse_apt_output("install", ["rcl-hello"], sections_of(out))
     assert run.transient and run.lock is not None
     assert run.lock.pid == 105 and run.lock.command == "apt-get"
     assert run.failed[0][1] == (
@@ -333,7 +334,7 @@ def test_lock_held_by_another_process_is_transient_with_its_pid() -> None:
         "nothing installed, will retry"
     )
     flocked = parse_apt_output(
-        "install", ["x1"], "@@APT flocked /var/lib/dpkg/lock-frontend\n@@PKG x1 missing\n"
+        "install", ["x1"], sections_of("@@APT flocked /var/lib/dpkg/lock-frontend\n@@PKG x1 missing\n")
     )
     assert flocked.transient and flocked.lock is not None and flocked.lock.pid is None
     lists = parse_lock("E: Could not get lock /var/lib/apt/lists/lock. It is held by process 7 (apt-get)")
@@ -345,14 +346,16 @@ def test_no_candidate_after_update_and_refused_purge() -> None:
     run = parse_apt_output(
         "install",
         ["nope"],
-        "@@APT update\n@@APT no-candidate nope\n@@ERR nope E: Unable to locate package nope\n",
+        sections_of("@@APT update\n@@APT no-candidate nope\n@@ERR nope E: Unable to locate package nope\n"),
     )
     assert run.updated and not run.ok
     assert run.failed[0][1].startswith("E: Unable to locate package nope (after apt-get update")
-    purge = parse_apt_output("purge", ["libfoo"], "@@APT would-remove apache2\n@@PKG libfoo ii \n")
+    purge = parse_apt_output(
+        "purge", ["libfoo"], sections_of("@@APT would-remove apache2\n@@PKG libfoo ii \n")
+    )
     assert not purge.ok
     assert "apt would also remove apache2" in purge.failed[0][1]
-    done = parse_apt_output("purge", ["telnet"], "@@APT ok\n@@PKG telnet pn \n")
+    done = parse_apt_output("purge", ["telnet"], sections_of("@@APT ok\n@@PKG telnet pn \n"))
     assert done.ok and done.done == ("telnet",)
-    ok = parse_apt_output("install", ["a"], "@@APT update\n@@APT ok\n@@PKG a ii \n")
+    ok = parse_apt_output("install", ["a"], sections_of("@@APT update\n@@APT ok\n@@PKG a ii \n"))
     assert ok.ok and ok.updated and "after apt-get update" in ok.summary()
