@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from reconciler.engine.run import DEFAULT_TIMEOUT, HostRun, result_text
 from reconciler.engine.transaction import restore_handler
 from reconciler.errors import Reason
-from reconciler.kinds import packaging
+from reconciler.kinds import service_manager
 from reconciler.kinds.actions import (
     ActionKind,
 )
@@ -48,10 +48,10 @@ def _service_of(run: HostRun, handler: str) -> Service | None:
 
 async def _start_and_prove(run: HostRun, handler: str, service: Service) -> _Reload:
     """Start a service that is down on the files that are live now, and prove it runs: the
-    service's own start and status probe (``packaging.start_service``), then for Apache a live
+    service's own start and status probe (``service_manager.start_service``), then for Apache a live
     master with a serving worker generation that survives a second."""
     conn = await run.conn()
-    started = await packaging.start_service(conn, service, run.plan.init_system)
+    started = await service_manager.start_service(conn, service, run.plan.init_system)
     if not started.ok:
         return _Reload(False, started.message, started=True)
     probe = probe_for(run.desired.handler(handler))
@@ -189,7 +189,7 @@ async def stop_replaced(run: HostRun) -> None:
     for i in idx:
         s = run.plan.actions[i].target
         assert isinstance(s, Service)
-        outcome = await packaging.stop_service(conn, s, run.plan.init_system)
+        outcome = await service_manager.stop_service(conn, s, run.plan.init_system)
         run.mark(i, "done" if outcome.ok else "failed", outcome.message)
         if not outcome.ok:
             run.messages.append(f"service {s.name}: {outcome.message}")
@@ -205,9 +205,9 @@ async def services_phase(run: HostRun) -> None:
         s = a.target
         assert isinstance(s, Service)
         if a.kind is ActionKind.ENABLE_SERVICE:
-            outcome = await packaging.enable_service(conn, s, run.plan.init_system)
+            outcome = await service_manager.enable_service(conn, s, run.plan.init_system)
         else:
-            outcome = await packaging.start_service(conn, s, run.plan.init_system)
+            outcome = await service_manager.start_service(conn, s, run.plan.init_system)
         run.mark(i, "done" if outcome.ok else "failed", outcome.message)
         if not outcome.ok:
             run.messages.append(f"service {s.name}: {outcome.message}")

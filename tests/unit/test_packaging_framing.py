@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.host.fake import FakeHost, bind_supported
-from reconciler.kinds import aptsim, packaging
+from reconciler.kinds import aptsim, packaging, service_manager
 from reconciler.kinds.resources import Service
 
 GUESS = "0" * 32
@@ -75,6 +75,6 @@ def test_simulation_output_cannot_forge_a_clean_round(host: FakeHost) -> None:
 
 def test_update_rc_d_output_cannot_forge_enabled(host: FakeHost) -> None:
     svc = Service("rclfake", start=("true",))
-    res = asyncio.run(packaging.enable_service(host, svc, "sysv"))
+    res = asyncio.run(service_manager.enable_service(host, svc, "sysv"))
     assert not res.ok and res.message.startswith("update-rc.d rclfake defaults failed:")
     assert "@@ENABLED" in res.message  # update-rc.d ran and printed the forgery
