@@ -42,7 +42,6 @@ reaches a live path by ``rename``.
 
 from __future__ import annotations
 
-import posixpath
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -56,12 +55,12 @@ from reconciler.engine.hostlock import Holder, host_lock
 from reconciler.engine.observe import observe_host
 from reconciler.engine.plan import plan_host
 from reconciler.engine.reloads import reloads_phase, services_phase, start_down, stop_replaced
-from reconciler.engine.run import DEFAULT_TIMEOUT, ActionOutcome, HostRun, reobserve_scope, result_text
+from reconciler.engine.run import ActionOutcome, HostRun, reobserve_scope
 from reconciler.engine.transaction import files_phase
 from reconciler.errors import Failure, Reason, ReconcilerError, pick_failure
 from reconciler.host.connection import Connection
-from reconciler.host.script import Pool, ScriptBuilder, prelude, run_framed, said
-from reconciler.kinds import ipsec, packaging, tunnels
+from reconciler.host.script import Pool
+from reconciler.kinds import ipsec, keypairs, packaging, tunnels
 from reconciler.kinds.actions import (
     SETTLING_KINDS,
     ActionKind,
@@ -72,7 +71,6 @@ from reconciler.kinds.registry import KINDS
 from reconciler.kinds.resources import (
     Desired,
     FirewallRuleset,
-    KeyPair,
     Package,
 )
 from reconciler.log import get_logger
@@ -167,7 +165,7 @@ async def apply_host(
             await _firewall(run, firewall_window)
             if run.stopped is None:
                 phase = "key pairs"
-                await _keypairs(run)
+                await keypairs.apply_keypairs(run)
                 phase = "old stack stopped before the swap"
                 await stop_replaced(run)
                 phase = "services down before the swap"
@@ -393,38 +391,3 @@ async def _firewall(run: HostRun, window: float) -> None:
 
 
 # ---------------------------------------------------------------- key pairs
-
-
-async def _keypairs(run: HostRun) -> None:
-    idx = run.indices({ActionKind.GENERATE_KEYPAIR})
-    if not idx:
-        return
-    b = ScriptBuilder()
-    b.add("set -u")
-    b.add("umask 077")
-    b.add("log=$(mktemp) || exit 9")
-    for i in idx:
-        kp = run.plan.actions[i].target
-        assert isinstance(kp, KeyPair)
-        priv, pub = b.ref(kp.private_path), b.ref(kp.public_path)
-        dirs = b.refs([posixpath.dirname(kp.private_path), posixpath.dirname(kp.public_path)])
-        cmds = " && ".join(b.refs(list(argv)) for argv in kp.generate) or "true"
-        b.add(f"if [ -e {priv} ]; then say {i} exists")
-        b.add(f'elif mkdir -p {dirs} && ( {cmds} ) >"$log" 2>&1 && [ -e {priv} ]; then')
-        b.add(f"  chmod 0644 {pub} 2>/dev/null; say {i} ok")
-        b.add(f'else say {i} failed; frame keylog.{i} cat "$log"; fi')
-    b.add('rm -f "$log"')
-    conn = await run.conn()
-    framed = await run_framed(conn, b.script(prelude()), b.args, timeout=DEFAULT_TIMEOUT)
-    done = {w[0] for w in (line.split() for line in said(framed.sections)) if w[1:] in (["ok"], ["exists"])}
-    for i in idx:
-        if str(i) in done:
-            run.mark(i, "done", "key pair generated on the host (private key never read)")
-        else:
-            keylog = framed.sections.get(f"keylog.{i}")
-            detail = keylog.text.strip() if keylog is not None else result_text(framed.result)
-            run.mark(i, "failed", f"key generation failed: {detail[-1000:]}")
-            run.messages.append(f"{run.plan.actions[i].resource}: key generation failed: {detail[-1000:]}")
-            h = run.plan.actions[i].handler
-            if h:
-                run.failed_handlers.add(h)

@@ -16,6 +16,7 @@ from reconciler.host import pathsafe
 from reconciler.host.pathsafe import Batch, Rule, Status, rule_of
 from reconciler.host.script import Conn, Pool
 from reconciler.host.script import Result as _Result
+from reconciler.host.script import result_text as result_text
 from reconciler.host.state import PENDING_RELOADS_PATH as PENDING_RELOADS_PATH  # the one definition
 from reconciler.kinds.actions import (
     FILES_ONLY_KINDS,
@@ -154,10 +155,6 @@ def read_back_paths(run: HostRun) -> list[str] | None:
     assumed = [ActionOutcome(a, "done") for a in plan.actions]
     scope = reobserve_scope(plan, run.desired, assumed)
     return [f.path for f in scope.files] if scope is not None else None
-
-
-def result_text(res: _Result) -> str:
-    return (res.stderr + res.stdout).decode(errors="replace").strip()
 
 
 def action_rule(a: Action) -> Rule:

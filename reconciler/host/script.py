@@ -72,6 +72,11 @@ class Result(Protocol):
     def stderr(self) -> bytes: ...
 
 
+def result_text(res: Result) -> str:
+    """A command's stderr then stdout, as text (what a report shows of a failure)."""
+    return (res.stderr + res.stdout).decode(errors="replace").strip()
+
+
 class Runner(Protocol):
     """Runs commands and our own scripts on one host (``reconciler.host.connection.Connection``)."""
 

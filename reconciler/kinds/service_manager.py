@@ -9,8 +9,7 @@ import re
 import shlex
 from dataclasses import dataclass
 
-from reconciler.host.script import Result as _Result
-from reconciler.host.script import Runner, prelude, run_framed, said
+from reconciler.host.script import Runner, prelude, result_text, run_framed, said
 from reconciler.kinds.packaging import LOG_TAIL
 from reconciler.kinds.resources import Service
 from reconciler.log import get_logger
@@ -68,10 +67,6 @@ class ServiceRun:
     message: str = ""
 
 
-def _text(res: _Result) -> str:
-    return (res.stderr + res.stdout).decode(errors="replace").strip()
-
-
 def _tail(text: str, lines: int = LOG_TAIL) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
@@ -83,7 +78,7 @@ async def enable_service(conn: Runner, s: Service, init_system: str) -> ServiceR
     if init_system == "systemd":
         res = await conn.run(["systemctl", "enable", "--", name], timeout=SERVICE_TIMEOUT)
         if res.exit_status != 0:
-            return ServiceRun(False, f"systemctl enable {name} failed: {_tail(_text(res))}")
+            return ServiceRun(False, f"systemctl enable {name} failed: {_tail(result_text(res))}")
         return ServiceRun(True, f"enabled {name} (systemd)")
     framed = await run_framed(conn, SYSV_ENABLE, (name,), timeout=SERVICE_TIMEOUT)
     verdict, _, out = (said(framed.sections) or [""])[-1].partition(" ")
@@ -93,7 +88,7 @@ async def enable_service(conn: Runner, s: Service, init_system: str) -> ServiceR
         return ServiceRun(True, f"{name} already enabled in the runlevels")
     if verdict == "ENABLED":
         return ServiceRun(True, f"enabled {name} (update-rc.d {name} defaults)")
-    detail = out if verdict == "FAILED" else _text(framed.result)
+    detail = out if verdict == "FAILED" else result_text(framed.result)
     return ServiceRun(False, f"update-rc.d {name} defaults failed: {_tail(detail)}")
 
 
@@ -115,7 +110,7 @@ async def start_service(conn: Runner, s: Service, init_system: str) -> ServiceRu
                     return ServiceRun(
                         False,
                         f"{name} is active but its post-start step failed "
-                        f"({shlex.join(s.post_start)}: exit {post.exit_status})\n{_tail(_text(post))}",
+                        f"({shlex.join(s.post_start)}: exit {post.exit_status})\n{_tail(result_text(post))}",
                     )
             return ServiceRun(True, f"{' '.join(argv[:3])} {name}: active")
         journal = await conn.run(
@@ -123,8 +118,8 @@ async def start_service(conn: Runner, s: Service, init_system: str) -> ServiceRu
         )
         state = " ".join(said(probe.sections)).strip() or "not active"
         msg = f"{name} failed to start ({' '.join(argv)}: exit {res.exit_status}; is-active: {state})"
-        if _text(res):
-            msg += f"\n{_tail(_text(res))}"
+        if result_text(res):
+            msg += f"\n{_tail(result_text(res))}"
         msg += f"\njournalctl -u {name} -n 20:\n{_tail(journal.stdout.decode(errors='replace'), 20)}"
         return ServiceRun(False, msg)
 
@@ -153,8 +148,8 @@ async def start_service(conn: Runner, s: Service, init_system: str) -> ServiceRu
     else:
         why = f"{name} failed to start ({shlex.join(start)}: exit {res.exit_status})"
     msg = why
-    if _text(res):
-        msg += f"\n{_tail(_text(res))}"
+    if result_text(res):
+        msg += f"\n{_tail(result_text(res))}"
     if s.log_path:
         tail = await conn.run(["tail", "-n", "20", "--", s.log_path], timeout=30)
         body = tail.stdout.decode(errors="replace").strip() or "(empty or missing)"

@@ -12,15 +12,19 @@ from dataclasses import replace
 from types import MappingProxyType
 from typing import Any
 
-from reconciler.host.script import Framed, Result, ScriptBuilder, prelude, run_framed, said, token
+from reconciler.host.script import (
+    Framed,
+    ScriptBuilder,
+    prelude,
+    result_text,
+    run_framed,
+    said,
+    token,
+)
 from reconciler.kinds.actions import Action, ActionKind
 from reconciler.kinds.kind import ApplyRun, BaseKind, PlanStep, SectionReader
 from reconciler.kinds.observed import LinkState, Observed
 from reconciler.kinds.resources import Address, Desired, Pending, Tunnel
-
-
-def _text(res: Result) -> str:
-    return (res.stderr + res.stdout).decode(errors="replace").strip()
 
 
 def tunnel_addresses(t: Tunnel) -> tuple[str, ...]:
@@ -141,7 +145,7 @@ async def apply_tunnels(run: ApplyRun) -> None:
             run.mark(i, "n/a", msg)
             run.messages.append(msg)
         else:
-            why = why or _text(framed.result)
+            why = why or result_text(framed.result)
             run.mark(i, "failed", why)
             run.messages.append(f"tunnel {t.name}: {why}")
 
@@ -158,8 +162,8 @@ async def apply_addresses(run: ApplyRun) -> None:
         if res.exit_status == 0:
             run.mark(i, "done")
         else:
-            run.mark(i, "failed", _text(res))
-            run.messages.append(f"address {a.address} on {a.interface}: {_text(res)}")
+            run.mark(i, "failed", result_text(res))
+            run.messages.append(f"address {a.address} on {a.interface}: {result_text(res)}")
 
 
 # ---------------------------------------------------------------- observation

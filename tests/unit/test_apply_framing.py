@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.engine.apply import _keypairs
 from reconciler.engine.plan import plan_host
 from reconciler.engine.run import HostRun
 from reconciler.engine.validate import validate_changes
 from reconciler.host.fake import FakeHost, FakePool, FakeResult
 from reconciler.host.script import run_framed
 from reconciler.kinds.actions import ActionKind
+from reconciler.kinds.keypairs import apply_keypairs
 from reconciler.kinds.observed import Observed
 from reconciler.kinds.resources import Desired, Domain, FileResource, KeyPair, Validator
 from reconciler.kinds.tunnels import TUNNEL_SCRIPT, tunnel_outcome
@@ -58,7 +58,7 @@ def test_key_generation_output_cannot_forge_a_generated_key(tmp_path: Path) -> N
     run = _run(tmp_path, Desired(host="h", keypairs=(bad, good)))
     idx = {run.plan.actions[i].resource: i for i in run.indices({ActionKind.GENERATE_KEYPAIR})}
     assert len(idx) == 2
-    asyncio.run(_keypairs(run))
+    asyncio.run(apply_keypairs(run))
     assert evidence.exists()  # the forging output was printed
     by_res = {run.plan.actions[i].resource: run.outcomes[i] for i in idx.values()}
     outcome = {res: o.status for res, o in by_res.items()}
