@@ -14,6 +14,7 @@ from reconciler.kinds import service_manager
 from reconciler.kinds.actions import (
     ActionKind,
 )
+from reconciler.kinds.kind import planned
 from reconciler.kinds.registry import probe_for
 from reconciler.kinds.resources import (
     Service,
@@ -196,14 +197,11 @@ async def stop_replaced(run: HostRun) -> None:
 
 
 async def services_phase(run: HostRun) -> None:
-    idx = run.indices({ActionKind.START_SERVICE, ActionKind.ENABLE_SERVICE})
-    if not idx:
+    todo = planned(run, {ActionKind.START_SERVICE, ActionKind.ENABLE_SERVICE}, Service)
+    if not todo:
         return
     conn = await run.conn()
-    for i in idx:
-        a = run.plan.actions[i]
-        s = a.target
-        assert isinstance(s, Service)
+    for i, a, s in todo:
         if a.kind is ActionKind.ENABLE_SERVICE:
             outcome = await service_manager.enable_service(conn, s, run.plan.init_system)
         else:

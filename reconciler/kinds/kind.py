@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from reconciler.host.script import Conn, Runner, ScriptBuilder, Section
 from reconciler.kinds.actions import Action, ActionKind, HostPlan
@@ -59,6 +59,19 @@ class ApplyRun(Protocol):
     def indices(self, kinds: frozenset[ActionKind] | set[ActionKind]) -> list[int]: ...
     def mark(self, idx: int, status: str, message: str = "") -> None: ...
     async def conn(self) -> Conn: ...
+
+
+T = TypeVar("T")
+
+
+def planned(run: ApplyRun, kinds: set[ActionKind], target: type[T]) -> list[tuple[int, Action, T]]:
+    """The plan's actions of ``kinds`` with their index and target (each a ``target``)."""
+    out: list[tuple[int, Action, T]] = []
+    for i in run.indices(kinds):
+        a = run.plan.actions[i]
+        assert isinstance(a.target, target), (a.kind, a.target)
+        out.append((i, a, a.target))
+    return out
 
 
 class Kind(Protocol):

@@ -222,8 +222,9 @@ class Pending:
 
 
 @dataclass(frozen=True)
-class Fragment:
-    """What one domain renders for one host."""
+class Resources:
+    """The resources of one host, by kind: what a domain renders (``Fragment``) and what the
+    merge of every domain's fragment holds (``Desired``)."""
 
     files: tuple[FileResource, ...] = ()
     links: tuple[LinkResource, ...] = ()
@@ -248,27 +249,17 @@ class Fragment:
 
 
 @dataclass(frozen=True)
-class Desired:
-    """Everything one host should be, merged from every domain, sorted deterministically."""
+class Fragment(Resources):
+    """What one domain renders for one host."""
 
-    host: str
-    files: tuple[FileResource, ...] = ()
-    links: tuple[LinkResource, ...] = ()
-    keypairs: tuple[KeyPair, ...] = ()
-    handlers: tuple[Handler, ...] = ()
-    firewall: FirewallRuleset | None = None
-    tunnels: tuple[Tunnel, ...] = ()
-    packages: tuple[Package, ...] = ()
-    services: tuple[Service, ...] = ()
-    pending: tuple[Pending, ...] = ()
-    owned_dirs: tuple[str, ...] = ()
-    warnings: tuple[str, ...] = field(default=())
-    addresses: tuple[Address, ...] = ()
-    initiate: tuple[str, ...] = ()  # CHILD_SA names this host starts (see Fragment.initiate)
-    absent: tuple[Absent, ...] = ()  # see Fragment.absent
-    requires: tuple[Requirement, ...] = ()
-    expects: tuple[Expected, ...] = ()
-    sysctl: tuple[SysctlSetting, ...] = ()  # kernel parameters, sorted by key
+
+@dataclass(frozen=True)
+class Desired(Resources):
+    """Everything one host should be, merged from every domain, sorted deterministically
+    (each tuple sorted by its resource's name, path or key)."""
+
+    host: str = field(kw_only=True)
+    warnings: tuple[str, ...] = field(default=(), kw_only=True)
 
     def handler(self, name: str) -> Handler:
         for h in self.handlers:

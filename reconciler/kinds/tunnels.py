@@ -22,7 +22,7 @@ from reconciler.host.script import (
     token,
 )
 from reconciler.kinds.actions import Action, ActionKind
-from reconciler.kinds.kind import ApplyRun, BaseKind, PlanStep, SectionReader
+from reconciler.kinds.kind import ApplyRun, BaseKind, PlanStep, SectionReader, planned
 from reconciler.kinds.observed import LinkState, Observed
 from reconciler.kinds.resources import Address, Desired, Pending, Tunnel
 
@@ -124,14 +124,11 @@ def tunnel_outcome(framed: Framed) -> tuple[str, str]:
 
 
 async def apply_tunnels(run: ApplyRun) -> None:
-    idx = run.indices({ActionKind.CREATE_TUNNEL, ActionKind.RECREATE_TUNNEL})
-    if not idx:
+    todo = planned(run, {ActionKind.CREATE_TUNNEL, ActionKind.RECREATE_TUNNEL}, Tunnel)
+    if not todo:
         return
     conn = await run.conn()
-    for i in idx:
-        a = run.plan.actions[i]
-        t = a.target
-        assert isinstance(t, Tunnel)
+    for i, a, t in todo:
         local_addr, _, peer = tunnel_addresses(t)[0].partition(" peer ")
         recreate = "1" if a.kind is ActionKind.RECREATE_TUNNEL else "0"
         framed = await run_framed(
@@ -151,13 +148,11 @@ async def apply_tunnels(run: ApplyRun) -> None:
 
 
 async def apply_addresses(run: ApplyRun) -> None:
-    idx = run.indices({ActionKind.ADD_ADDRESS})
-    if not idx:
+    todo = planned(run, {ActionKind.ADD_ADDRESS}, Address)
+    if not todo:
         return
     conn = await run.conn()
-    for i in idx:
-        a = run.plan.actions[i].target
-        assert isinstance(a, Address)
+    for i, _, a in todo:
         res = await conn.run(["ip", "addr", "replace", a.address, "dev", a.interface], timeout=30)
         if res.exit_status == 0:
             run.mark(i, "done")
