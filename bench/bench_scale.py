@@ -37,6 +37,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_daemon import GIT_ENV, free_port, git  # noqa: E402
 from bench_engine import measure  # noqa: E402
 from bench_lab import pss_per_host  # noqa: E402
 
@@ -45,29 +46,6 @@ from reconciler.lab.model import big_address  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "scale.md"
 SECRET = "bench-scale-secret"
-GIT_ENV = {
-    "GIT_CONFIG_NOSYSTEM": "1",
-    "GIT_CONFIG_GLOBAL": os.devnull,
-    "GIT_AUTHOR_NAME": "Bench",
-    "GIT_AUTHOR_EMAIL": "bench@example.com",
-    "GIT_COMMITTER_NAME": "Bench",
-    "GIT_COMMITTER_EMAIL": "bench@example.com",
-}
-
-
-def git(repo: Path, *args: str) -> str:
-    out = subprocess.run(
-        ["git", "-C", str(repo), *args], check=True, capture_output=True, env={**os.environ, **GIT_ENV}
-    )
-    return out.stdout.decode().strip()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def make_fleet(work: Path, lab: Lab) -> None:

@@ -72,7 +72,9 @@ def plan_host(
 
     errors: list[str] = list(observed.errors)
     verdict = judge(identity, observed.identity, adopt=adopt) if identity is not None else None
-    if verdict is not None and verdict.verdict is Verdict.REFUSE:
+
+    def refused(reason: str, *, requirement: bool = False) -> HostPlan:
+        """A plan with no actions: the host is left alone, and why."""
         return HostPlan(
             host=desired.host,
             warnings=tuple(warnings),
@@ -80,21 +82,15 @@ def plan_host(
             init_system=observed.init_system,
             observed=observed,
             identity=identity,
-            refusal=verdict.message,
+            refusal=reason,
+            refused_requirement=requirement,
         )
 
+    if verdict is not None and verdict.verdict is Verdict.REFUSE:
+        return refused(verdict.message)
     unmet = unmet_requirements(desired, observed)
     if unmet:
-        return HostPlan(
-            host=desired.host,
-            warnings=tuple(warnings),
-            errors=tuple(errors),
-            init_system=observed.init_system,
-            observed=observed,
-            identity=identity,
-            refusal=unmet,
-            refused_requirement=True,
-        )
+        return refused(unmet, requirement=True)
 
     # packages first: the simulated state (what is installed once they ran) decides the rest
     step = PlanStep(desired, desired, observed, errors, warnings, skipped)
