@@ -233,7 +233,12 @@ class ReconcileLoop:
         self.source.close()
         tasks = [t for t in self._tasks if not t.done()]
         if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=grace)
+            started = time.monotonic()
+            _, pending = await asyncio.wait(tasks, timeout=min(1.0, grace))
+            if pending:  # say what a slow stop waits on
+                log.info("shutdown: waiting", tasks=sorted(t.get_name() for t in pending), grace=grace)
+                left = max(0.0, grace - (time.monotonic() - started))
+                _, pending = await asyncio.wait(pending, timeout=left)
             for task in pending:
                 task.cancel()
             if pending:

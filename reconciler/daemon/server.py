@@ -52,6 +52,7 @@ log = get_logger(__name__)
 
 DELIVERY_MEMORY = 4096
 PROVIDERS = ("github", "gitea", "gitlab")
+SHUTDOWN_TIMEOUT = 5.0  # seconds a request in flight may finish in when the daemon stops
 
 
 # A request's headers (aiohttp's CIMultiDictProxy: lookups ignore case; tests pass a dict).
@@ -249,7 +250,11 @@ class HttpServer:
         return app
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        # On stop, a request still in its handler gets SHUTDOWN_TIMEOUT seconds (aiohttp's default,
+        # 60 s, would hold a SIGTERM up past the loop's own grace).
+        self._runner = web.AppRunner(
+            self.app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.listen, self.config.port, reuse_address=True)
         await site.start()

@@ -277,11 +277,20 @@ class Outbox:
                     sent += 1
                     self._mark_sent(msg_id)
                     log.info("mail sent", key=key)
-        finally:
-            try:
-                await client.quit()
-            except (aiosmtplib.SMTPException, OSError):
-                client.close()
+        except BaseException:
+            # Cancelled (the daemon is stopping) or crashed mid-session: drop the connection. A
+            # QUIT sent inside an unfinished DATA phase is read as message text and its reply
+            # never comes, so a polite end would wait out the SMTP timeout. A message whose
+            # sending was cut stays leased, then queued: sent again later, never lost.
+            client.close()
+            raise
+        try:
+            await client.quit()
+        except (aiosmtplib.SMTPException, OSError):
+            client.close()
+        except BaseException:
+            client.close()
+            raise
         return DeliveryReport(sent=sent, failed=failed, error=last_error)
 
 
