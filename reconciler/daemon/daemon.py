@@ -30,6 +30,8 @@ from reconciler.daemon import mail as mails
 from reconciler.daemon.after_apply import AfterApplyVerifier, HostVerify
 from reconciler.daemon.config import Config, RunMode
 from reconciler.daemon.engine_step import engine_step
+from reconciler.daemon.ipsec_settle import REASON as SETTLE_REASON
+from reconciler.daemon.ipsec_settle import PairSettler
 from reconciler.daemon.loop import ALL, ReconcileLoop
 from reconciler.daemon.mail import AdminMail
 from reconciler.daemon.metrics import DaemonMetrics
@@ -52,6 +54,7 @@ from reconciler.errors import ReconcilerError, RenderError
 from reconciler.fleet.model import Fleet
 from reconciler.gitrepo import redact_url
 from reconciler.host.connection import ConnectionPool
+from reconciler.kinds.resources import Domain
 from reconciler.log import get_logger
 from reconciler.notify.outbox import Outbox
 
@@ -125,6 +128,8 @@ class Daemon(DaemonStatus):
             on_result=self._on_verified,
             on_error=lambda host: self.metrics.verify_runs.inc(1, "error"),
         )
+        # pairs the verify found down: their initiators start them again (libipsec)
+        self.settler = PairSettler(lambda host: self.loop.request([host], SETTLE_REASON, force=True))
         self.shard = Shard.from_config(config.shard)
         self._peers = PeerClient(self.shard, config.server.read_token)
         self._forwards: set[asyncio.Task[dict[str, int | str]]] = set()
@@ -294,6 +299,9 @@ class Daemon(DaemonStatus):
                     self.store.add_event("applied", outcome.reason, host=host, commit=target.commit)
                     if self.config.mode is RunMode.APPLY:
                         self.verifier.add(host, target, step.domains)
+                if SETTLE_REASON in reasons and self.config.mode is RunMode.APPLY:
+                    for verified in self.settler.reverify(host):
+                        self.verifier.add(verified, target, step.domains | {Domain.IPSEC})
             self.metrics.phase_duration.observe(time.monotonic() - started, "engine")
             if outcome.applied and self.config.mode is RunMode.APPLY:
                 self.metrics.last_apply.set(time.time(), host)
@@ -369,6 +377,9 @@ class Daemon(DaemonStatus):
             failed = result.counts.get("fail", 0)
             message = f"{failed} live check(s) failed"
             self.store.add_event("verify-failed", message, host=host, commit=result.commit)
+            target = self.loop.target
+            if target is not None and target.commit == result.commit:
+                self.settler.on_verified(target.fleet, result.commit, host, result.checks)
 
     def _on_result(self, host: str, result: str, seconds: float) -> None:
         self.metrics.reconciles.inc(1, result)
@@ -461,6 +472,7 @@ class Daemon(DaemonStatus):
             await self.renderer.close()  # a render in flight ends now (it is pure: nothing lost)
             startup.cancel()
             await asyncio.gather(startup, return_exceptions=True)
+            self.settler.close()
             await self.loop.stop(self.config.shutdown_grace)
             await self.verifier.close()
             await self.server.stop()
