@@ -168,6 +168,14 @@ class SignedRepo:
         git(self.work, "push", "-q", "origin", "main")
 
 
+def out_of_time(last_push: float) -> bool:
+    """The pushes stop early (the run keeps its rows) when ``$BENCH_STOP_FILE`` exists or the next
+    push would end after ``$BENCH_PUSH_DEADLINE`` (a Unix time; 1.5x the last push as its cost)."""
+    stop_file = os.environ.get("BENCH_STOP_FILE")
+    deadline = float(os.environ.get("BENCH_PUSH_DEADLINE", "inf"))
+    return bool(stop_file and Path(stop_file).exists()) or time.time() + 1.5 * last_push > deadline
+
+
 def daemon_bench(lab: Lab, tmp: Path, pushes: int, traced: int = 0, degree: int = 0) -> dict[str, Any]:
     """``traced``: tracemalloc frame depth in the daemon (0: off; it slows the daemon ~2x and its
     own bookkeeping inflates RSS, so RSS and CPU of a traced run are not the daemon's).
@@ -274,7 +282,8 @@ def daemon_bench(lab: Lab, tmp: Path, pushes: int, traced: int = 0, degree: int 
             result["pss_mb_total"] = sum(pss) / 1024
             result["mem_used_mb"] = float(mem_used_mb())
             print(f"  {n} hosts: PSS per host with charon {result['pss_kb_per_host']:.0f} kB "
-                  f"({result['pss_mb_total']:.0f} MB), memory in use {result['mem_used_mb']:.0f} MB", flush=True)  # fmt: skip
+                  f"({result['pss_mb_total']:.0f} MB), memory in use {result['mem_used_mb']:.0f} MB",
+                  flush=True)  # fmt: skip
         times, verified, cpus, cpus_all, stats, probes = [], [], [], [], [], []
         for i in range(1, pushes + 1):
             before = proc_stats(proc.pid)
@@ -294,9 +303,8 @@ def daemon_bench(lab: Lab, tmp: Path, pushes: int, traced: int = 0, degree: int 
                   f"RSS {after['rss_kb'] / 1024:.1f} MiB, fds {after['fds']:.0f}, "
                   f"tasks {after['tasks']:.0f}, objects {after['gc_objects']:.0f}, "
                   f"traced {probes[-1]['traced_kb']}, {time.strftime('%H:%M:%S')}", flush=True)  # fmt: skip
-            stop_file = os.environ.get("BENCH_STOP_FILE")
-            if stop_file and Path(stop_file).exists() and i < pushes:
-                print(f"  {n} hosts: {stop_file} exists: pushes cut at {i}", flush=True)
+            if i < pushes and out_of_time(max(times[-1], verified[-1])):
+                print(f"  {n} hosts: pushes cut at {i} (BENCH_STOP_FILE or BENCH_PUSH_DEADLINE)", flush=True)
                 break
         if not times:
             return result
@@ -405,8 +413,9 @@ def keys_phase(
         at, st = wait_verified(head, 3600)
         summary = mesh_summary(st)
         print(f"  {n} hosts: nudge {nudges} verified {at - t1:.1f} s: {summary}", flush=True)
-    out.update({"mesh_nudges": float(nudges), "mesh_settled": at - t1, "links_up": float(summary["links"].get("up", 0)),
-                "links": summary["links"], "checks": summary["checks"], "failed_top": summary["failed_top"]})  # fmt: skip
+    out.update({"mesh_nudges": float(nudges), "mesh_settled": at - t1,
+                "links_up": float(summary["links"].get("up", 0)), "links": summary["links"],
+                "checks": summary["checks"], "failed_top": summary["failed_top"]})  # fmt: skip
     return out
 
 
@@ -521,10 +530,10 @@ def main() -> None:
         )
         lines.append("")
     dkeys = ["degree", "pushes", "first", "keys_collect", "keys_converge", "keys_verified", "mesh_nudges",
-             "mesh_settled", "links_up", "pss_kb_per_host", "pss_mb_total", "mem_used_mb", "poll", "push_median",
-             "push_max", "verified_median", "cpu_per_host_ms", "cpu_all_per_host_ms", "rss_kb", "rss_kb_per_host",
-             "fds", "fds_per_host", "threads", "fd_growth", "task_growth", "thread_growth", "object_growth",
-             "rss_growth_kb", "rss_growth_kb_all"]  # fmt: skip
+             "mesh_settled", "links_up", "pss_kb_per_host", "pss_mb_total", "mem_used_mb", "poll",
+             "push_median", "push_max", "verified_median", "cpu_per_host_ms", "cpu_all_per_host_ms", "rss_kb",
+             "rss_kb_per_host", "fds", "fds_per_host", "threads", "fd_growth", "task_growth", "thread_growth",
+             "object_growth", "rss_growth_kb", "rss_growth_kb_all"]  # fmt: skip
     if drows:
         head = [
             f"{d['hosts']} hosts" + (f" (tracemalloc {d['traced']})" if d["traced"] else "") for d in drows
