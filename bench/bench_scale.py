@@ -1,15 +1,19 @@
 """Scaling past one machine's usual lab: 10, 100, 300 and 1,000 hosts (issue #20).
 
-Run as root: ``python bench/bench_scale.py [--sizes 10,100,300,1000] [--files 8] [--pushes 20]
-[--daemon-max 300]``. Per size, one lab (hosts at 198.18.0.11.., RFC 2544's block):
+Run as root: ``python bench/bench_scale.py [--sizes 10,100,300,1000] [--files 8]
+[--daemon HOSTS:PUSHES[:TRACEMALLOC] ...] [--degree 4]``.
+Per size, one lab (hosts at 198.18.0.11.., RFC 2544's block):
 - lab: bring-up until every sshd answers, PSS per idle host, teardown;
 - engine (bench_engine.measure, ``--files`` managed files + a tree validator + a reload per host):
   the floor (one command over a fresh connection per host), no-op plan cold and warm, one drifted
   file per host planned and applied;
-- daemon (up to ``--daemon-max`` hosts): a real ``reconciler run`` on a fleet of the same hosts
-  (``topology: links`` with no IPsec pair: the firewall and one templated file per host), then
-  ``--pushes`` pushes of a one-file change, each by webhook: push to converged, the daemon's CPU
-  per push, its RSS, open fds and threads after each push (growth = leak).
+- daemon (``--daemon HOSTS:PUSHES``): a real ``reconciler run`` on a fleet of the same hosts
+  (``topology: links``: the firewall and one templated file per host; with ``--degree D`` each
+  host has D IPsec peers, strongSwan over libipsec, and the keys phase runs first: first
+  converge, ``reconciler keys collect``, the keys pushed, every pair up by the daemon's verify),
+  then pushes of a one-file change (signed, by webhook): push to converged and to verified, the
+  daemon's CPU per push, its RSS, open fds, threads, tasks, gc objects after each (growth = leak).
+  ``BENCH_PUSH_DEADLINE`` (Unix time) or ``BENCH_STOP_FILE`` cut the pushes short.
 Writes bench/results/scale.md. Big labs load the machine: run it briefly, never leave a lab up.
 """
 
