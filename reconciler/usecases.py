@@ -19,7 +19,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from reconciler.drift.history import BRANCHES_MAIN, HistoryRepo
+from reconciler.drift.history import HistoryRepo
+from reconciler.drift.history_branches import BRANCHES_MAIN
 from reconciler.drift.scan import DriftScanner, EnforceCallback, HostDrift
 from reconciler.engine import fleet as engine
 from reconciler.engine.deadman import DEFAULT_WINDOW

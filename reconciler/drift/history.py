@@ -43,7 +43,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from reconciler.drift.history_branches import HostBranches
+from reconciler.drift.history_branches import BRANCHES_HOST, BRANCHES_MAIN, TRANSPORT_ENV, HostBranches
 from reconciler.drift.history_meta import (  # re-exported: the history's vocabulary
     SECRET_NOTE as SECRET_NOTE,
 )
@@ -98,13 +98,6 @@ ZERO = "0" * 40
 DEFAULT_AUTHOR = ("reconciler", "reconciler@localhost")
 GIT_TIMEOUT = 600.0  # a plumbing command of a large /etc (a disk stall is an error, not a hang)
 MAX_GIT_OUTPUT = 1 << 30
-BRANCHES_MAIN = "main"  # push refs/heads/main (one replica)
-BRANCHES_HOST = "host"  # push refs/heads/hosts/<host>, one branch per host (history_branches.py)
-# the remote's transport: ssh in batch mode, known host keys only
-TRANSPORT_ENV = {
-    "GIT_SSH_COMMAND": "ssh -o BatchMode=yes -o StrictHostKeyChecking=yes -o ConnectTimeout=15",
-    "GIT_SSH_VARIANT": "ssh",
-}
 _LOCK_FILES = ("index.lock", "HEAD.lock", f"{REF}.lock", "packed-refs.lock", "config.lock")
 
 

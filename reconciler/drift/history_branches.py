@@ -51,6 +51,13 @@ from reconciler.log import get_logger
 
 log = get_logger(__name__)
 
+BRANCHES_MAIN = "main"  # push refs/heads/main (one replica)
+BRANCHES_HOST = "host"  # push refs/heads/hosts/<host>, one branch per host (history_branches.py)
+# the remote's transport: ssh in batch mode, known host keys only
+TRANSPORT_ENV = {
+    "GIT_SSH_COMMAND": "ssh -o BatchMode=yes -o StrictHostKeyChecking=yes -o ConnectTimeout=15",
+    "GIT_SSH_VARIANT": "ssh",
+}
 REMOTE_PREFIX = "refs/heads/hosts/"
 SOURCE_PREFIX = "refs/history-mirror/source/"
 TIP_PREFIX = "refs/history-mirror/tip/"

@@ -11,8 +11,8 @@ import pytest
 from snapshot_local import all_objects, git
 
 from reconciler.drift import history_branches
-from reconciler.drift.history import BRANCHES_HOST, HistoryError, HistoryRepo, commit_subject
-from reconciler.drift.history_branches import HostBranches, valid_host_ref
+from reconciler.drift.history import HistoryError, HistoryRepo, commit_subject
+from reconciler.drift.history_branches import BRANCHES_HOST, HostBranches, valid_host_ref
 from reconciler.drift.snapshot import PathPolicy, take_snapshot
 from reconciler.gitrepo import init_bare
 from reconciler.host.fake import FakeHost
