@@ -379,8 +379,10 @@ class HostBranches:
             return
         specs = [f"+{REMOTE_PREFIX}{h}:{FETCHED_PREFIX}{h}" for h in unknown]
         rc, _, err = await self._transport(
-            "fetch", "--quiet", "--no-tags", "--no-write-fetch-head", "--", self.remote, *specs
-        )
+            # no auto gc: it could pack refs while a scan commits (a lock the commit calls stale)
+            "fetch", "--quiet", "--no-tags", "--no-write-fetch-head", "--no-auto-gc",
+            "--", self.remote, *specs,
+        )  # fmt: skip
         if rc != 0:
             raise HistoryError(f"history fetch from {self.shown} failed: {self._why(err)}")
         refs = await self._mirror_refs()
