@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from snapshot_local import all_objects, git
 
+from reconciler import usecases
 from reconciler.drift import history_branches
 from reconciler.drift.history import HistoryError, HistoryRepo, commit_subject
 from reconciler.drift.history_branches import BRANCHES_HOST, HostBranches, valid_host_ref
@@ -291,3 +292,23 @@ async def test_a_branch_contended_past_the_attempts_is_an_error(
         await a.repo.push()
     assert n[0] == history_branches.MAX_ATTEMPTS
     assert len(branch_log(remote, "db1")) == 1  # the uncontended host went through
+
+
+async def test_the_drift_use_case_pushes_host_branches_and_reports_failures(
+    tmp_path: Path, remote: Path
+) -> None:
+    """The daemon's path (usecases.Drift, HistoryPush): host branches, never main; a failure is
+    an event (history-push-failed in the daemon), never an exception."""
+    events: list[str] = []
+    drift = usecases.Drift.open(
+        tmp_path / "state", remote=f"file://{remote}", branches=BRANCHES_HOST, on_push_error=events.append
+    )
+    rep = Replica(tmp_path, "r0", remote)
+    rep.repo = drift.history
+    await rep.record("web1", "one")
+    assert await drift.push() is None and events == []
+    assert remote_branches(remote) == [branch(remote, "web1")]
+    drift.history.remote = f"file://{tmp_path}/gone.git"
+    await rep.record("web1", "two")
+    error = await drift.push()
+    assert error is not None and events == [error] and "gone.git" in error
