@@ -317,7 +317,7 @@ class HostBranches:
         self, sources: Mapping[str, list[SourceCommit]], refs: Mapping[str, str]
     ) -> tuple[list[str], int]:
         remote = await self._remote_tips(set(sources))
-        await self._fetch_unknown(remote)
+        await self._fetch_unknown(remote, set(refs.values()))
         plans: dict[str, tuple[str, str, int]] = {}  # host -> (new tip, last source, new commits)
         objects: dict[str, GitObject] = {}
         for host, srcs in sources.items():
@@ -360,19 +360,18 @@ class HostBranches:
                 tips[host] = sha
         return tips
 
-    async def _fetch_unknown(self, tips: dict[str, str]) -> None:
+    async def _fetch_unknown(self, tips: dict[str, str], known: set[str]) -> None:
         """Fetch the remote tips this repo lacks; ``tips`` then holds what was fetched (a tip
         that moved again since the listing is the newer one: the push is then rejected and
         retried, or builds on it)."""
-        shas = list(tips.values())
-        if not shas:
+        check = {h: sha for h, sha in tips.items() if sha not in known}  # e.g. our own last push
+        if not check:
             return
-        _, out, _ = await self._git(
-            "cat-file", "--batch-check=%(objecttype)", stdin="".join(s + "\n" for s in shas).encode()
-        )
+        stdin = "".join(sha + "\n" for sha in check.values()).encode()
+        _, out, _ = await self._git("cat-file", "--batch-check=%(objecttype)", stdin=stdin)
         unknown = [
             h
-            for (h, _), line in zip(tips.items(), out.decode().splitlines(), strict=True)
+            for (h, _), line in zip(check.items(), out.decode().splitlines(), strict=True)
             if line != "commit"
         ]
         if not unknown:
