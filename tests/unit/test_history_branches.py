@@ -4,7 +4,9 @@ several replicas' history repos (real git) pushing to one bare file:// remote.""
 from __future__ import annotations
 
 import asyncio
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -312,3 +314,33 @@ async def test_the_drift_use_case_pushes_host_branches_and_reports_failures(
     await rep.record("web1", "two")
     error = await drift.push()
     assert error is not None and events == [error] and "gone.git" in error
+
+
+KILLED_MID_PUSH = """
+import asyncio, os, signal, sys
+from pathlib import Path
+from reconciler.drift.history import HistoryRepo
+from reconciler.drift.history_branches import HostBranches
+
+async def die(self, tips):  # the objects are written; the process dies before the push
+    os.kill(os.getpid(), signal.SIGKILL)
+
+HostBranches._push_refs = die
+repo = HistoryRepo.open(Path(sys.argv[1]), Path(sys.argv[2]), remote=sys.argv[3], branches="host")
+asyncio.run(repo.push())
+"""
+
+
+async def test_a_process_killed_between_mirror_and_push(tmp_path: Path, remote: Path) -> None:
+    a = Replica(tmp_path, "r0", remote)
+    await a.record("web1", "one")
+    await a.record("web1", "two")
+    args = [str(a.repo.path), str(tmp_path / "r0" / "state"), a.repo.remote or ""]
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", KILLED_MID_PUSH, *args)
+    assert await proc.wait() == -signal.SIGKILL
+    assert remote_branches(remote) == []
+    await a.repo.push()
+    assert len(branch_log(remote, "web1")) == 2  # each commit once
+    assert git(a.repo.path, "rev-parse", "refs/history-mirror/tip/web1") == git(
+        remote, "rev-parse", branch(remote, "web1")
+    )
