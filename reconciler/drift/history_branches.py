@@ -215,7 +215,7 @@ class HostBranches:
         if refused:
             raise HistoryError(
                 f"history push to {self.shown}: host names that cannot name a branch were not pushed "
-                "(their history stays local): " + ", ".join(repr(h) for h in sorted(refused))
+                "(their history stays local): " + ", ".join(repr(h[:80]) for h in sorted(refused)[:10])
             )
         if pushed:
             log.info("history branches pushed", hosts=len(pushed), commits=commits, remote=self.shown)
@@ -448,7 +448,9 @@ class HostBranches:
             else:
                 other[host] = fields[2]
         if other:
-            return accepted, "; ".join(f"{REMOTE_PREFIX}{h}: {w}" for h, w in sorted(other.items()))
+            return accepted, "; ".join(
+                f"{REMOTE_PREFIX}{h}: {w[:200]}" for h, w in sorted(other.items())[:10]
+            )
         if rc != 0 and not contended:
             return accepted, self._why(err)
         return accepted, None

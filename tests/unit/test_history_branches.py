@@ -344,3 +344,23 @@ async def test_a_process_killed_between_mirror_and_push(tmp_path: Path, remote: 
     assert git(a.repo.path, "rev-parse", "refs/history-mirror/tip/web1") == git(
         remote, "rev-parse", branch(remote, "web1")
     )
+
+
+async def test_a_branch_the_remote_refuses_is_reported_and_the_others_recorded(
+    tmp_path: Path, remote: Path
+) -> None:
+    hook = remote / "hooks" / "update"
+    hook.write_text('#!/bin/sh\n[ "$1" != refs/heads/hosts/db1 ]\n')  # refuses db1's branch only
+    hook.chmod(0o755)
+    a = Replica(tmp_path, "r0", remote)
+    await a.record("web1", "one")
+    await a.record("db1", "one")
+    with pytest.raises(HistoryError, match=r"refs/heads/hosts/db1: \[remote rejected\] \(hook declined\)"):
+        await a.repo.push()
+    assert remote_branches(remote) == [branch(remote, "web1")]
+    assert git(a.repo.path, "for-each-ref", "--format=%(refname)", "refs/history-mirror/tip/").split() == [
+        "refs/history-mirror/tip/web1"
+    ]
+    hook.unlink()
+    await a.repo.push()
+    assert len(branch_log(remote, "web1")) == 1 and len(branch_log(remote, "db1")) == 1
