@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from reconciler.drift.history import HistoryRepo
+from reconciler.drift.history_branches import BRANCHES_MAIN
 from reconciler.drift.scan import DriftScanner, EnforceCallback, HostDrift
 from reconciler.engine import fleet as engine
 from reconciler.engine.deadman import DEFAULT_WINDOW
@@ -164,10 +165,13 @@ class Drift:
         history_dir: Path | None = None,
         *,
         remote: str | None = None,
+        branches: str = BRANCHES_MAIN,
         outbox: Outbox | None = None,
         on_push_error: Callable[[str], None] | None = None,
     ) -> Drift:
-        history = HistoryRepo.open(history_dir or state_dir / "history", state_dir, remote=remote or None)
+        history = HistoryRepo.open(
+            history_dir or state_dir / "history", state_dir, remote=remote or None, branches=branches
+        )
         box = outbox if outbox is not None else Outbox.in_state_dir(state_dir)
         return cls(history, box, state_dir, HistoryPush(history, on_push_error))
 

@@ -43,6 +43,12 @@ def register(sub: Subcommands) -> None:
     )
     p.add_argument("--history", metavar="DIR", help="history git repo (default: STATE/history)")
     p.add_argument("--history-remote", metavar="URL", help="push the history repo here after the scan")
+    p.add_argument(
+        "--history-branches",
+        choices=("main", "host"),
+        default="main",
+        help="push main (default), or one branch per host, refs/heads/hosts/<host> (the sharded daemon's)",
+    )
     p.add_argument("--fleet-commit", metavar="SHA", help="fleet commit in force (default: the repo's HEAD)")
     p.add_argument(
         "--enforce",
@@ -93,7 +99,10 @@ async def _run(args: argparse.Namespace, fleet: Fleet, pool: ConnectionPool) -> 
 
     state = Path(args.state) if args.state else default_state_dir()
     drift = usecases.Drift.open(
-        state, Path(args.history) if args.history else None, remote=args.history_remote
+        state,
+        Path(args.history) if args.history else None,
+        remote=args.history_remote,
+        branches=args.history_branches,
     )
     history, outbox = drift.history, drift.outbox
     assert outbox is not None

@@ -66,6 +66,11 @@ class VerifyMode(StrEnum):
     OPENPGP = "openpgp"  # OpenPGP signatures checked against a keyring of allowed public keys
 
 
+class HistoryBranches(StrEnum):
+    MAIN = "main"  # push the history repo's main (one replica)
+    HOST = "host"  # push one branch per host, refs/heads/hosts/<host> (several replicas, one remote)
+
+
 class RunMode(StrEnum):
     APPLY = "apply"  # converge hosts
     PLAN = "plan"  # observe and plan only; never change a host
@@ -150,6 +155,8 @@ class Config:
     history_repo: Path | None = None  # default: <state_dir>/history
     # push the history repo here after drift scans that recorded something (git URL; "": never)
     history_remote: str = ""
+    # what goes to history_remote; None: host when sharded (shard.replicas > 1), else main
+    history_branches: HistoryBranches | None = None
     concurrency: int = 50  # hosts reconciled at once
     # seconds between drift scans of every host; None = the fleet's drift.interval_seconds; 0 = off
     drift_interval: float | None = None
@@ -166,6 +173,13 @@ class Config:
     @property
     def history_dir(self) -> Path:
         return self.history_repo if self.history_repo is not None else self.state_dir / "history"
+
+    @property
+    def history_push_branches(self) -> HistoryBranches:
+        """``history_branches``, or its default: one branch per host when sharded."""
+        if self.history_branches is not None:
+            return self.history_branches
+        return HistoryBranches.HOST if self.shard.replicas > 1 else HistoryBranches.MAIN
 
     def redacted(self) -> dict[str, Any]:
         """A JSON-able view with every secret replaced by whether it is set."""
@@ -229,6 +243,7 @@ _TOP: dict[str, Parser] = {
     "state_dir": parse_path,
     "history_repo": parse_opt_path,
     "history_remote": lambda v, w: _parse_git_url(parse_str(v, w), w),
+    "history_branches": lambda v, w: None if v is None or v == "" else parse_enum(HistoryBranches, v, w),
     "concurrency": parse_positive_int,
     "drift_interval": lambda v, w: None if v is None or v == "" else parse_duration(v, w),
     "mode": lambda v, w: parse_enum(RunMode, v, w),

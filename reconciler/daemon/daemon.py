@@ -147,6 +147,7 @@ class Daemon(DaemonStatus):
             self.state_dir,
             self.config.history_dir,
             remote=self.config.history_remote or None,
+            branches=self.config.history_push_branches.value,
             outbox=self.outbox,
             on_push_error=self._history_push_failed,
         )

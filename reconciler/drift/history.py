@@ -43,6 +43,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from reconciler.drift.history_branches import BRANCHES_HOST, BRANCHES_MAIN, TRANSPORT_ENV, HostBranches
 from reconciler.drift.history_meta import (  # re-exported: the history's vocabulary
     SECRET_NOTE as SECRET_NOTE,
 )
@@ -125,11 +126,15 @@ class HistoryRepo:
         *,
         author: tuple[str, str] = DEFAULT_AUTHOR,
         remote: str | None = None,
+        branches: str = BRANCHES_MAIN,
     ) -> None:
+        if branches not in (BRANCHES_MAIN, BRANCHES_HOST):
+            raise ValueError(f"history branches: {branches!r} (expected main or host)")
         self.path = path
         self._key = key
         self.author = author
         self.remote = remote
+        self.branches = branches  # what push() sends: main, or one branch per host
         self._lock = asyncio.Lock()
         self._repo = GitRepo(path, env=isolated_env(inherit=False), error=HistoryError)
 
@@ -143,6 +148,7 @@ class HistoryRepo:
         *,
         author: tuple[str, str] = DEFAULT_AUTHOR,
         remote: str | None = None,
+        branches: str = BRANCHES_MAIN,
     ) -> HistoryRepo:
         """Open (or create, mode 0700) the history repo; the hash key lives in ``state_dir``."""
         repo = Path(path)
@@ -158,7 +164,7 @@ class HistoryRepo:
             init_bare(repo, initial_branch=BRANCH, env=isolated_env(inherit=False))
         elif not (repo / "objects").is_dir():
             raise HistoryError(f"{repo} is not a bare git repository")
-        return cls(repo, key, author=author, remote=remote)
+        return cls(repo, key, author=author, remote=remote, branches=branches)
 
     # -- git plumbing
 
@@ -442,15 +448,16 @@ class HistoryRepo:
         return text
 
     async def push(self) -> None:
-        """Push the branch to ``remote`` (ssh: batch mode, known host keys only). Raises
-        HistoryError naming the remote without credentials."""
+        """Push to ``remote`` (ssh: batch mode, known host keys only): ``main``, or with
+        ``branches == "host"`` each host's new commits to its own branch (history_branches.py).
+        Raises HistoryError naming the remote without credentials."""
         if not self.remote:
             return
-        ssh = "ssh -o BatchMode=yes -o StrictHostKeyChecking=yes -o ConnectTimeout=15"
+        if self.branches == BRANCHES_HOST:
+            await HostBranches(self.path, self._git, self.remote, TRANSPORT_ENV).push(await self.head())
+            return
         res = await self._repo.run(
-            ["push", "--quiet", "--", self.remote, f"{REF}:{REF}"],
-            env={"GIT_SSH_COMMAND": ssh, "GIT_SSH_VARIANT": "ssh"},
-            timeout=GIT_TIMEOUT,
+            ["push", "--quiet", "--", self.remote, f"{REF}:{REF}"], env=TRANSPORT_ENV, timeout=GIT_TIMEOUT
         )
         if res.code != 0:
             shown = redact_url(self.remote)

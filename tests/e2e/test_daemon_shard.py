@@ -3,6 +3,7 @@
 Each replica gets what the StatefulSet gives a pod: its name (`reconciler-<k>`), N, and its peers'
 URLs (here `http://127.0.0.1<k>:PORT`: three loopback addresses stand for the headless Service's
 per-pod names). One module, one 6-host lab, tests in order, each from the state the previous left.
+All three push their /etc history to one bare remote: one branch per host (history_branches: host).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class World:
     work: Path
     remote: Path
     port: int
+    history: Path  # the one /etc history remote of all replicas
     procs: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
     logs: list[Path] = field(default_factory=list)
 
@@ -89,6 +91,7 @@ class World:
             "RECONCILER_SHARD_NAME": NAMES[k],
             "RECONCILER_SHARD_PEER_URL": f"http://127.0.0.1{{ordinal}}:{self.port}",
             "RECONCILER_SHARD_PEER_TIMEOUT": "2s",
+            "RECONCILER_HISTORY_REMOTE": f"file://{self.history}",  # one remote, a branch per host
         })  # fmt: skip
         log = self.tmp / f"replica-{k}-{len(self.logs)}.log"
         self.logs.append(log)
@@ -133,7 +136,10 @@ def world(lab_factory: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     lab = lab_factory(
         [LabHostSpec(h, f"192.0.2.{30 + i}") for i, h in enumerate(HOSTS, 1)], lock_timeout=1800
     )
-    w = World(tmp, lab, work, remote, free_port())
+    history = tmp / "etc-history.git"
+    git(tmp, "init", "-q", "--bare", "-b", "main", str(history))
+    git(history, "config", "receive.denyNonFastForwards", "true")  # a forced push would fail
+    w = World(tmp, lab, work, remote, free_port(), history)
     w.push("version 1")
     try:
         yield w
@@ -167,6 +173,31 @@ async def until(w: World, k: int, check: Any, what: str, timeout: float = 120) -
             pass
         await asyncio.sleep(0.2)
     raise AssertionError(f"{what}: {json.dumps(st, indent=1)[:3000]}\n{w.tail()}")
+
+
+def history_tips(w: World) -> dict[str, str]:
+    """The history remote's branches: name -> commit."""
+    out = git(w.history, "for-each-ref", "--format=%(refname) %(objectname)")
+    return dict(line.split() for line in out.splitlines())
+
+
+def history_until(w: World, check: Any, what: str, timeout: float = 60) -> dict[str, str]:
+    deadline = time.monotonic() + timeout
+    while True:
+        tips = history_tips(w)
+        if check(tips):
+            return tips
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: {tips}\n{w.tail()}")
+        time.sleep(0.2)
+
+
+def mirrored(w: World, k: int, host: str) -> str | None:
+    """The branch tip replica ``k`` last pushed for ``host`` (its bookkeeping ref), if any."""
+    repo = w.tmp / f"state-{k}" / "history"
+    args = ["git", f"--git-dir={repo}", "rev-parse", "-q", "--verify", f"refs/history-mirror/tip/{host}"]
+    out = subprocess.run(args, capture_output=True, text=True, check=False)
+    return out.stdout.strip() or None
 
 
 def motd(w: World, host: str) -> str:
@@ -215,6 +246,15 @@ def test_every_host_owned_by_exactly_one_replica(world: World) -> None:
     assert {h["name"] for h in asyncio.run(status(world, 2))["hosts"]} == set(HOSTS)
     for h in HOSTS:
         assert motd(world, h) == f"version 1 on {h}\n"
+    # the /etc history: one branch per fleet host on the one remote, never main, each holding
+    # that host's snapshot only (its first scan ran before its first apply)
+    wanted = {f"refs/heads/hosts/{h}" for h in HOSTS}
+    tips = history_until(world, lambda t: set(t) == wanted, "one history branch per host")
+    for h in HOSTS:
+        tree = git(world.history, "ls-tree", "-r", "--name-only", tips[f"refs/heads/hosts/{h}"]).split()
+        assert tree == [f"hosts/{h}/etc/motd", f"meta/{h}.json"], tree
+        author = git(world.history, "log", "-1", "--format=%an", tips[f"refs/heads/hosts/{h}"])
+        assert author.strip() == "reconciler"
 
 
 def test_a_push_reaches_every_host_once(world: World) -> None:
@@ -253,6 +293,7 @@ def test_a_killed_replica_shows_stale_then_picks_up_its_hosts(world: World) -> N
 
 def test_n_changes_hosts_move_to_the_remaining_replicas(world: World) -> None:
     gone = [h for h in HOSTS if owner_of(h, NAMES) == NAMES[2]]
+    before = history_tips(world)
     world.kill(2, signal.SIGTERM)  # scaled down: the highest ordinal goes
     commit = world.push("version 4")
     for k in (0, 1):  # the StatefulSet's new N reaches the remaining pods (a rolling restart)
@@ -265,6 +306,21 @@ def test_n_changes_hosts_move_to_the_remaining_replicas(world: World) -> None:
     assert all(owners[h] == owner_of(h, NAMES) for h in HOSTS if h not in gone)
     for h in HOSTS:
         assert motd(world, h) == f"version 4 on {h}\n"
+    # the moved hosts' history: their new owner (whose repo never saw them) snapshotted them at
+    # start and continued their branches fast-forward from the gone replica's tips
+    new_owner = {h: NAMES.index(owners[h]) for h in gone}
+    deadline = time.monotonic() + 60
+    while not all(mirrored(world, new_owner[h], h) for h in gone):
+        assert time.monotonic() < deadline, f"moved hosts pushed by their new owner\n{world.tail()}"
+        time.sleep(0.2)
+    tips = history_tips(world)
+    assert set(tips) == {f"refs/heads/hosts/{h}" for h in HOSTS}
+    for h in gone:
+        ref, pushed = f"refs/heads/hosts/{h}", mirrored(world, new_owner[h], h)
+        assert pushed and pushed != before[ref]
+        git(world.history, "merge-base", "--is-ancestor", before[ref], pushed)  # raises if not
+        git(world.history, "merge-base", "--is-ancestor", pushed, tips[ref])
+        assert git(world.history, "show", f"{pushed}:hosts/{h}/etc/motd")
 
 
 def test_an_overlapping_apply_waits_for_the_host_lock(world: World) -> None:

@@ -8,6 +8,7 @@ import pytest
 
 from reconciler.daemon.config import (
     ConfigError,
+    HistoryBranches,
     RunMode,
     Secret,
     SmtpSecurity,
@@ -110,6 +111,16 @@ def test_every_setting_has_an_env_variable() -> None:
     assert env_name("state_dir") == "RECONCILER_STATE_DIR"
 
 
+def test_history_branches_default_to_one_per_host_when_sharded() -> None:
+    assert load_config(None, {}).history_push_branches is HistoryBranches.MAIN
+    sharded = {"RECONCILER_SHARD_REPLICAS": "3", "RECONCILER_SHARD_NAME": "reconciler-0"}
+    assert load_config(None, sharded).history_push_branches is HistoryBranches.HOST
+    chosen = load_config(None, {**sharded, "RECONCILER_HISTORY_BRANCHES": "main"})
+    assert chosen.history_push_branches is HistoryBranches.MAIN
+    one = load_config(None, {"RECONCILER_HISTORY_BRANCHES": "host"})
+    assert one.history_push_branches is HistoryBranches.HOST and one.redacted()["history_branches"] == "host"
+
+
 def test_config_path_from_environment(tmp_path: Path) -> None:
     path = write(tmp_path, "source:\n  url: file:///srv/fleet\n")
     cfg = load_config(None, {"RECONCILER_CONFIG": str(path)})
@@ -166,6 +177,7 @@ def test_url_credentials_are_redacted() -> None:
         ('smtp:\n  sender: "a\\nb"\n', "newline"),
         ("history_remote: --receive-pack=touch /tmp/x\n", "history_remote: expected file://"),
         ("history_remote: ftp://h/x\n", "history_remote: expected file://"),
+        ("history_branches: hosts\n", "history_branches: expected one of main, host"),
     ],
 )
 def test_bad_values_name_the_file_and_field(tmp_path: Path, text: str, message: str) -> None:
