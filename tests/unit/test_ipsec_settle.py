@@ -22,7 +22,8 @@ def fleet(datapath: Datapath) -> Fleet:
 
 
 def check(peer: str, name: str = "ipsec.child", status: str = "fail") -> dict[str, object]:
-    return {"name": name, "peer": peer, "status": status, "cause": "no CHILD_SA without an established IKE SA"}
+    cause = "no CHILD_SA without an established IKE SA"
+    return {"name": name, "peer": peer, "status": status, "cause": cause}
 
 
 def test_the_pairs_initiator_is_named_whichever_side_was_verified() -> None:
